@@ -1,0 +1,283 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, has no `bool` and no implicit padding; each type has a
+//! size assertion beside it so the two sides cannot drift apart.
+//!
+//! # How counting works
+//! The per-packet path touches two places: the socket's own local storage ([`SkState`], found
+//! through `skb->sk` in constant time) and one 64-byte line of the connection table ([`ConnSlot`],
+//! an array indexed by the slot number kept in [`SkState`]). The table is a memory-mapped array:
+//! the agent reads every slot's counters without a system call and writes back, into the same
+//! slot, what it has reported. Slots are handed out by the kernel from a stack of free slot
+//! numbers and given back only by the agent, after it has reported a closed connection's final
+//! counts, so nothing counted is ever thrown away by the kernel.
+#![no_std]
+
+/// Cumulative per-connection counters. Used for the kernel's counts, for what the agent has
+/// reported (its watermark), and for the overflow totals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// L4 payload bytes sent: the advance of the highest sequence number sent (retransmissions
+    /// are not counted twice).
+    pub bytes_out: u64,
+    /// L4 payload bytes received: the advance of the highest sequence number received.
+    pub bytes_in: u64,
+    /// IP bytes sent, headers of every segment included (a GSO skb counts one header per segment).
+    pub wire_bytes_out: u64,
+    /// IP bytes received, headers of every segment included.
+    pub wire_bytes_in: u64,
+    /// TCP segments sent (retransmissions included).
+    pub segments_out: u64,
+    /// TCP segments received.
+    pub segments_in: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 48);
+
+impl Counters {
+    /// Field-wise `self - earlier`, wrapping (counters are monotonic, so this is the delta).
+    #[must_use]
+    pub const fn delta_since(&self, earlier: &Self) -> Self {
+        Self {
+            bytes_out: self.bytes_out.wrapping_sub(earlier.bytes_out),
+            bytes_in: self.bytes_in.wrapping_sub(earlier.bytes_in),
+            wire_bytes_out: self.wire_bytes_out.wrapping_sub(earlier.wire_bytes_out),
+            wire_bytes_in: self.wire_bytes_in.wrapping_sub(earlier.wire_bytes_in),
+            segments_out: self.segments_out.wrapping_sub(earlier.segments_out),
+            segments_in: self.segments_in.wrapping_sub(earlier.segments_in),
+        }
+    }
+
+    /// Field-wise wrapping sum.
+    #[must_use]
+    pub const fn plus(&self, other: &Self) -> Self {
+        Self {
+            bytes_out: self.bytes_out.wrapping_add(other.bytes_out),
+            bytes_in: self.bytes_in.wrapping_add(other.bytes_in),
+            wire_bytes_out: self.wire_bytes_out.wrapping_add(other.wire_bytes_out),
+            wire_bytes_in: self.wire_bytes_in.wrapping_add(other.wire_bytes_in),
+            segments_out: self.segments_out.wrapping_add(other.segments_out),
+            segments_in: self.segments_in.wrapping_add(other.segments_in),
+        }
+    }
+
+    #[must_use]
+    pub const fn is_zero(&self) -> bool {
+        self.bytes_out == 0
+            && self.bytes_in == 0
+            && self.wire_bytes_out == 0
+            && self.wire_bytes_in == 0
+            && self.segments_out == 0
+            && self.segments_in == 0
+    }
+}
+
+/// [`ConnSlot::state`]: the slot is on the free stack.
+pub const SLOT_FREE: u32 = 0;
+/// [`ConnSlot::state`]: a live connection owns the slot.
+pub const SLOT_LIVE: u32 = 1;
+/// [`ConnSlot::state`]: the connection closed; its counters are final. The agent reports them
+/// and gives the slot back.
+pub const SLOT_CLOSED: u32 = 2;
+
+/// [`ConnSlot::role`] and [`SkState::role`]: open before the agent attached.
+pub const ROLE_UNKNOWN: u8 = 0;
+/// The socket was accepted (passive open).
+pub const ROLE_SERVER: u8 = 1;
+/// The socket connected (active open).
+pub const ROLE_CLIENT: u8 = 2;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// One connection's line in the connection table: three 64-byte cache lines, each with one
+/// writer pattern, so the per-packet path touches only the first.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSlot {
+    // Line 1, written by the kernel per packet.
+    /// Cumulative counts since the connection was first seen.
+    pub counters: Counters,
+    /// Generation of the slot, bumped by the agent each time it frees the slot; the socket's
+    /// [`SkState::gen`] must match it for the kernel to write here.
+    pub generation: u32,
+    /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
+    pub state: u32,
+    pub _pad0: u64,
+
+    // Line 2, written by the agent: what it has reported so far.
+    /// Counters the agent has already reported (its watermark): the next delta is
+    /// `counters - reported`. Lives in the kernel so a restarted agent neither repeats nor loses.
+    pub reported: Counters,
+    /// The kernel's socket cookie: unique per connection for the boot.
+    pub cookie: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds at which the agent last saw this slot's counters change.
+    pub last_seen_ns: u64,
+
+    // Line 3, written once by the kernel when the slot is taken.
+    /// `CLOCK_BOOTTIME` nanoseconds at which the connection was first seen.
+    pub first_seen_ns: u64,
+    /// Id of the socket's cgroup v2 (the inode number of its directory).
+    pub cgroup_id: u64,
+    /// Local address; IPv4 in the first four bytes when `family` is [`AF_INET`].
+    pub local_addr: [u8; 16],
+    /// Remote address, as `local_addr`.
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`] (an IPv6 socket may carry v4-mapped addresses).
+    pub family: u16,
+    /// [`ROLE_UNKNOWN`], [`ROLE_SERVER`] or [`ROLE_CLIENT`].
+    pub role: u8,
+    pub _pad1: u8,
+    pub _pad2: u64,
+}
+const _: () = assert!(size_of::<ConnSlot>() == 192);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, reported) == 64);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, first_seen_ns) == 128);
+
+/// `SkState::slot` values that are not slot numbers.
+pub mod slot {
+    /// Seen in the handshake by sock_ops; no slot taken yet (the first packet takes one).
+    pub const UNALLOCATED: u32 = u32::MAX;
+    /// The table was full: this connection's bytes go to the overflow counters.
+    pub const OVERFLOW: u32 = u32::MAX - 1;
+    /// Not counted by configuration (loopback).
+    pub const IGNORED: u32 = u32::MAX - 2;
+}
+
+/// `SkState::flags`: the highest sequence number sent has been seen.
+pub const SK_SND_INIT: u32 = 1;
+/// `SkState::flags`: the highest sequence number received has been seen.
+pub const SK_RCV_INIT: u32 = 2;
+
+/// Per-socket state kept in socket local storage (freed with the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkState {
+    /// Slot number in the connection table, or one of [`slot`]'s values.
+    pub slot: u32,
+    /// Generation of the slot when it was taken.
+    pub generation: u32,
+    /// One past the highest sequence number sent.
+    pub snd_max: u32,
+    /// One past the highest sequence number received.
+    pub rcv_max: u32,
+    /// [`SK_SND_INIT`] | [`SK_RCV_INIT`].
+    pub flags: u32,
+    /// Role as set by sock_ops (0 for connections that predate the agent).
+    pub role: u32,
+}
+const _: () = assert!(size_of::<SkState>() == 24);
+
+impl SkState {
+    /// The state of a socket that has no slot yet.
+    #[must_use]
+    pub const fn new(role: u8) -> Self {
+        Self {
+            slot: slot::UNALLOCATED,
+            generation: 0,
+            snd_max: 0,
+            rcv_max: 0,
+            flags: 0,
+            role: role as u32,
+        }
+    }
+}
+
+/// Key of the map that finds the slot of a connection that predates the agent when the
+/// `sock:inet_sock_set_state` tracepoint says it closed (sock_ops cannot see those closes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<TupleKey>() == 40);
+
+/// Value of that map: where the connection's counts are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotRef {
+    pub slot: u32,
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<SlotRef>() == 8);
+
+/// Indexes of the per-CPU event counters ([`STAT_COUNT`] of them) the kernel keeps for
+/// everything that did not go the normal way. The agent reports them.
+pub mod stat {
+    /// Connections that found the table full: their bytes went to the overflow counters.
+    pub const CONNS_OVERFLOWED: u32 = 0;
+    /// Overflowed connections that have since closed.
+    pub const OVERFLOW_CLOSED: u32 = 1;
+    /// Connections that predate the agent and could not be registered for close tracking.
+    pub const LEGACY_UNTRACKED: u32 = 2;
+    /// Packets whose headers could not be parsed (counted by length into the wire counters only).
+    pub const UNPARSED_PACKETS: u32 = 3;
+    /// Packets of a socket whose slot had been given back (stale generation): counted in overflow.
+    pub const STALE_SLOT: u32 = 4;
+}
+pub const STAT_COUNT: u32 = 8;
+
+/// Runtime settings of the kernel programs, in a one-element array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelConfig {
+    /// Non-zero: connections whose remote address is loopback are not counted.
+    pub exclude_loopback: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<KernelConfig>() == 8);
+
+/// Layout version of the pinned state; an agent refuses to adopt state of another layout.
+pub const STATE_LAYOUT: u32 = 1;
+
+/// The agent's own bookkeeping, kept in a pinned one-element map that no kernel program
+/// touches (bpffs holds no regular files).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentState {
+    /// [`STATE_LAYOUT`] of the agent that created the pinned state.
+    pub layout: u32,
+    /// Non-zero once the free-slot stack is filled and the programs may be attached.
+    pub ready: u32,
+    /// cgroup id (inode) of the directory the programs are attached to.
+    pub cgroup_id: u64,
+    /// Overflow counters already reported.
+    pub overflow_reported: Counters,
+}
+const _: () = assert!(size_of::<AgentState>() == 64);
+
+/// Names of the maps, as the loader and the pins see them.
+pub mod names {
+    pub const CONNS: &str = "CONNS";
+    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    pub const SK_STATE: &str = "SK_STATE";
+    pub const LEGACY: &str = "LEGACY";
+    pub const OVERFLOW: &str = "OVERFLOW";
+    pub const STATS: &str = "STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const AGENT_STATE: &str = "AGENT_STATE";
+    /// Every map, for pinning.
+    pub const ALL: [&str; 8] =
+        [CONNS, FREE_SLOTS, SK_STATE, LEGACY, OVERFLOW, STATS, CONFIG, AGENT_STATE];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{AgentState, ConnSlot, Counters, KernelConfig, SkState, SlotRef, TupleKey};
+    // SAFETY: all are repr(C), Copy, without padding or invalid bit patterns.
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ConnSlot {}
+    unsafe impl aya::Pod for SkState {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for SlotRef {}
+    unsafe impl aya::Pod for KernelConfig {}
+    unsafe impl aya::Pod for AgentState {}
+}

@@ -1,0 +1,85 @@
+//! The maps, shared by all programs. Sizes here are defaults: the agent sets the connection
+//! table's size at load time, and pins every map so that a restarted agent adopts them.
+use agent_common::{AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey};
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    btf_maps::{Array, HashMap, PerCpuArray, Stack},
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::btf_map,
+};
+
+/// Default capacity of the connection table; the agent overrides it (`max_connections`).
+const TABLE: usize = 65536;
+
+/// The connection table, memory-mapped by the agent.
+#[btf_map]
+pub static CONNS: Array<ConnSlot, TABLE, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+/// Free slot numbers. The kernel pops; only the agent pushes (after reporting a closed slot).
+#[btf_map]
+pub static FREE_SLOTS: Stack<u32, TABLE> = Stack::new();
+
+/// Connections that predate the agent, by tuple, so the close tracepoint can find their slot.
+#[btf_map]
+pub static LEGACY: HashMap<TupleKey, SlotRef, TABLE, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// Bytes of connections that found the table full.
+#[btf_map]
+pub static OVERFLOW: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+/// Event counters, indexed by `agent_common::stat`.
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Runtime settings, written by the agent.
+#[btf_map]
+pub static CONFIG: Array<KernelConfig, 1> = Array::new();
+
+/// The agent's bookkeeping (no program uses it; it is here so that it is created and pinned
+/// with the rest).
+#[btf_map]
+pub static AGENT_STATE: Array<AgentState, 1> = Array::new();
+
+/// Socket local storage map definition (BTF-defined; aya-ebpf's own `SkStorage` only takes a
+/// sock_addr context, and the per-packet path has a `bpf_sock`).
+#[repr(C)]
+pub struct SkStorageDef<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+// SAFETY: placeholder pointers patched by the loader, never dereferenced.
+unsafe impl<T> Sync for SkStorageDef<T> {}
+
+/// Per-socket state: the connection's slot and sequence watermarks. Freed with the socket.
+#[btf_map]
+pub static SK_STATE: SkStorageDef<SkState> = SkStorageDef {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// The socket's state; with `init`, created from it when absent.
+#[inline(always)]
+pub fn sk_state<S>(sk: *mut S, init: Option<&SkState>) -> *mut SkState {
+    let map = (&raw const SK_STATE).cast_mut().cast();
+    let (value, flags) = match init {
+        Some(v) => (core::ptr::from_ref(v).cast_mut(), u64::from(BPF_SK_STORAGE_GET_F_CREATE)),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: `sk` is a socket pointer the verifier has typed; the map is a socket storage map.
+    unsafe { bpf_sk_storage_get(map, sk.cast(), value.cast(), flags).cast() }
+}
+
+/// Frees the socket's state now (it would otherwise go with the socket).
+#[inline(always)]
+pub fn sk_state_delete<S>(sk: *mut S) {
+    let map = (&raw const SK_STATE).cast_mut().cast();
+    // SAFETY: as in `sk_state`.
+    unsafe { bpf_sk_storage_delete(map, sk.cast()) };
+}

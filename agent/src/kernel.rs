@@ -1,0 +1,527 @@
+//! The kernel side, from userspace: checks the environment, loads the embedded programs, pins
+//! their maps and links under bpffs, adopts what an earlier agent pinned, and removes it all.
+//!
+//! Pinned layout under the pin directory:
+//! `maps/<NAME>` for every map and `links/<program>` for every attachment. Links keep the
+//! programs attached while no agent runs, so counting never stops across a restart; a new agent
+//! swaps its programs into the existing cgroup links atomically (`BPF_LINK_UPDATE`), so an
+//! upgrade neither double counts nor misses a packet.
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use agent_common::{AgentState, ConnSlot, KernelConfig, STATE_LAYOUT, names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, MapInfo, Stack},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, TracePoint,
+        links::{FdLink, LinkError},
+    },
+};
+use log::{info, warn};
+
+use crate::table::ConnTable;
+
+/// The compiled kernel programs, built by build.rs from agent-ebpf.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outflow"));
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+const TRACEFS_PATH: &str = "/sys/kernel/tracing";
+const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("outflow-agent must run as root (it loads BPF programs and attaches them to a cgroup)")]
+    NotRoot,
+    #[error("no cgroup v2 file system is mounted (looked in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1")]
+    NoCgroup2,
+    #[error("cgroup {0} does not exist: give an existing cgroup v2 directory with --cgroup")]
+    CgroupMissing(PathBuf),
+    #[error("{0} is not a cgroup v2 directory: give a directory under the cgroup2 mount ({1})")]
+    NotCgroup2(PathBuf, PathBuf),
+    #[error("cannot mount {fs} at {path}: {source}")]
+    Mount { fs: &'static str, path: PathBuf, source: io::Error },
+    #[error("{0} is not on a BPF file system: choose a pin_dir under /sys/fs/bpf")]
+    PinDirNotBpffs(PathBuf),
+    #[error("the kernel refused to load the counting programs: {0}. outflow needs Linux 5.10 or later with BTF, cgroup v2 and BPF socket storage")]
+    Load(String),
+    #[error("cannot attach {program}: {reason}")]
+    Attach { program: &'static str, reason: String },
+    #[error("the state pinned in {dir} was made by an incompatible agent ({detail}): run `outflow-agent detach --pin-dir {dir}` first (counting restarts from zero)")]
+    Incompatible { dir: PathBuf, detail: String },
+    #[error("the state pinned in {dir} is attached to another cgroup ({pinned}); run `outflow-agent detach --pin-dir {dir}` first to attach to {wanted}")]
+    OtherCgroup { dir: PathBuf, pinned: String, wanted: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{0}")]
+    Map(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
+    let what = what.into();
+    move |source| KernelError::Io { what, source }
+}
+
+/// What the loader needs to know.
+pub struct LoadSettings<'a> {
+    pub cgroup: &'a Path,
+    pub pin_dir: &'a Path,
+    pub max_connections: u32,
+    pub exclude_loopback: bool,
+}
+
+/// The loaded, attached programs and their maps.
+pub struct Kernel {
+    /// Kept so the maps and programs stay open while the agent runs.
+    ebpf: Ebpf,
+    pub table: ConnTable,
+    /// True when this agent adopted state an earlier agent pinned.
+    pub adopted: bool,
+    pub cgroup_id: u64,
+}
+
+/// The cgroup2 mount point, from /proc/mounts.
+pub fn cgroup2_mount() -> Result<PathBuf, KernelError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(io_err("read /proc/mounts"))?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(path)))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .ok_or(KernelError::NoCgroup2)
+}
+
+/// /proc/mounts escapes spaces and the like as octal.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn statfs_type(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[expect(clippy::unnecessary_cast, reason = "f_type's type differs between libc targets")]
+    Ok(st.f_type as i64)
+}
+
+/// The cgroup id of a cgroup v2 directory: its inode number.
+pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata(dir)?.ino())
+}
+
+/// Resolves and checks the cgroup to attach to.
+pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, KernelError> {
+    let mount = cgroup2_mount()?;
+    let dir = requested.map_or_else(|| mount.clone(), Path::to_path_buf);
+    if !dir.is_dir() {
+        return Err(KernelError::CgroupMissing(dir));
+    }
+    match statfs_type(&dir) {
+        Ok(CGROUP2_SUPER_MAGIC) => Ok(dir),
+        Ok(_) => Err(KernelError::NotCgroup2(dir, mount)),
+        Err(source) => Err(KernelError::Io { what: format!("statfs {}", dir.display()), source }),
+    }
+}
+
+pub fn require_root() -> Result<(), KernelError> {
+    // SAFETY: no arguments, cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(KernelError::NotRoot);
+    }
+    Ok(())
+}
+
+fn mount_fs(fs: &'static str, path: &Path) -> Result<(), KernelError> {
+    let err = |source| KernelError::Mount { fs, path: path.into(), source };
+    fs::create_dir_all(path).map_err(err)?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let fstype = CString::new(fs).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    info!("mounted {fs} at {}", path.display());
+    Ok(())
+}
+
+/// Makes sure the pin directory is on bpffs, mounting /sys/fs/bpf when nothing is mounted there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if statfs_type(&probe).map_err(io_err(format!("statfs {}", probe.display())))? != BPF_FS_MAGIC {
+        let default = Path::new("/sys/fs/bpf");
+        if pin_dir.starts_with(default) && statfs_type(default).ok() != Some(BPF_FS_MAGIC) {
+            mount_fs("bpf", default)?;
+        } else {
+            return Err(KernelError::PinDirNotBpffs(pin_dir.into()));
+        }
+    }
+    for sub in ["maps", "links"] {
+        let d = pin_dir.join(sub);
+        fs::create_dir_all(&d).map_err(io_err(format!("create {}", d.display())))?;
+    }
+    Ok(())
+}
+
+fn ensure_tracefs() -> Result<(), KernelError> {
+    let p = Path::new(TRACEFS_PATH);
+    if statfs_type(p).ok() == Some(TRACEFS_MAGIC) || p.join("events").is_dir() {
+        return Ok(());
+    }
+    mount_fs("tracefs", p)
+}
+
+fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join("maps").join(name)
+}
+
+fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join("links").join(program)
+}
+
+/// Pinned state an earlier agent left: `Some(capacity)` when it is complete and compatible.
+fn inspect_pinned(pin_dir: &Path) -> Result<Option<u32>, KernelError> {
+    let conns = map_pin(pin_dir, names::CONNS);
+    let state = map_pin(pin_dir, names::AGENT_STATE);
+    if !conns.exists() || !state.exists() {
+        return Ok(None);
+    }
+    let incompatible =
+        |detail: String| KernelError::Incompatible { dir: pin_dir.into(), detail };
+    let info = MapInfo::from_pin(&conns).map_err(|e| incompatible(format!("{e}")))?;
+    if info.value_size() as usize != size_of::<ConnSlot>() {
+        return Err(incompatible(format!(
+            "connection slots of {} bytes, this agent uses {}",
+            info.value_size(),
+            size_of::<ConnSlot>()
+        )));
+    }
+    let data = MapData::from_pin(&state).map_err(|e| incompatible(format!("{e}")))?;
+    let arr: Array<MapData, AgentState> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(|e| incompatible(format!("{e}")))?;
+    let st = arr.get(&0, 0).map_err(|e| incompatible(format!("{e}")))?;
+    if st.ready == 0 {
+        // An agent died while setting up: nothing was attached yet, start afresh.
+        return Ok(None);
+    }
+    if st.layout != STATE_LAYOUT {
+        return Err(incompatible(format!("layout {}, this agent uses {STATE_LAYOUT}", st.layout)));
+    }
+    Ok(Some(info.max_entries()))
+}
+
+/// Removes every pinned map (the links must be gone first for them to be freed).
+fn remove_map_pins(pin_dir: &Path) -> Result<(), KernelError> {
+    for name in names::ALL {
+        let p = map_pin(pin_dir, name);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KernelError::Io { what: format!("remove {}", p.display()), source: e }),
+        }
+    }
+    Ok(())
+}
+
+impl Kernel {
+    /// Loads (or adopts) and attaches everything.
+    pub fn open(s: &LoadSettings<'_>) -> Result<Self, KernelError> {
+        require_root()?;
+        ensure_bpffs(s.pin_dir)?;
+        ensure_tracefs()?;
+        let cgroup_id =
+            cgroup_id(s.cgroup).map_err(io_err(format!("stat {}", s.cgroup.display())))?;
+
+        let pinned_capacity = inspect_pinned(s.pin_dir)?;
+        let adopted = pinned_capacity.is_some();
+        if !adopted {
+            // Leftovers of an agent that died before it was ready: start clean.
+            remove_map_pins(s.pin_dir)?;
+        }
+        let capacity = pinned_capacity.unwrap_or(s.max_connections);
+        if capacity != s.max_connections {
+            warn!(
+                "keeping the pinned table's capacity {capacity} (max_connections {} applies after `outflow-agent detach`)",
+                s.max_connections
+            );
+        }
+
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, map_pin(s.pin_dir, n))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(names::CONNS, capacity)
+            .map_max_entries(names::FREE_SLOTS, capacity)
+            .map_max_entries(names::LEGACY, capacity);
+        let mut ebpf = loader.load(PROGRAMS).map_err(|e| KernelError::Load(chain(&e)))?;
+
+        let st = agent_state_map(&mut ebpf)?.get(&0, 0).map_err(map_err("read AGENT_STATE"))?;
+        if adopted && st.cgroup_id != cgroup_id {
+            return Err(KernelError::OtherCgroup {
+                dir: s.pin_dir.into(),
+                pinned: format!("cgroup id {}", st.cgroup_id),
+                wanted: s.cgroup.display().to_string(),
+            });
+        }
+
+        {
+            let map = ebpf.map_mut(names::CONFIG).ok_or_else(|| missing(names::CONFIG))?;
+            let mut config: Array<&mut MapData, KernelConfig> =
+                Array::try_from(map).map_err(map_err("CONFIG"))?;
+            let kc = KernelConfig { exclude_loopback: u32::from(s.exclude_loopback), _pad: 0 };
+            config.set(0, kc, 0).map_err(map_err("write CONFIG"))?;
+        }
+
+        let free: Stack<MapData, u32> = Stack::try_from(
+            ebpf.take_map(names::FREE_SLOTS).ok_or_else(|| missing(names::FREE_SLOTS))?,
+        )
+        .map_err(map_err("FREE_SLOTS"))?;
+        let conns = ebpf.take_map(names::CONNS).ok_or_else(|| missing(names::CONNS))?;
+        let mut table = ConnTable::map(conns, free, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
+        if !adopted {
+            table.fill_free_stack().map_err(|e| KernelError::Map(e.to_string()))?;
+            let st = AgentState { layout: STATE_LAYOUT, ready: 1, cgroup_id, ..AgentState::default() };
+            agent_state_map(&mut ebpf)?.set(0, st, 0).map_err(map_err("write AGENT_STATE"))?;
+        }
+
+        attach_all(&mut ebpf, s.cgroup, s.pin_dir)?;
+        info!(
+            "{} kernel state in {} (table of {capacity} connections), attached to {}",
+            if adopted { "adopted" } else { "created" },
+            s.pin_dir.display(),
+            s.cgroup.display()
+        );
+        Ok(Self { ebpf, table, adopted, cgroup_id })
+    }
+
+    /// Per-CPU sums of the overflow counters and the event counters.
+    pub fn read_overflow(&self) -> Result<(agent_common::Counters, [u64; agent_common::STAT_COUNT as usize]), KernelError> {
+        use aya::maps::PerCpuArray;
+        let m = self.ebpf.map(names::OVERFLOW).ok_or_else(|| missing(names::OVERFLOW))?;
+        let ov: PerCpuArray<&MapData, agent_common::Counters> =
+            PerCpuArray::try_from(m).map_err(map_err("OVERFLOW"))?;
+        let mut total = agent_common::Counters::default();
+        for c in ov.get(&0, 0).map_err(map_err("read OVERFLOW"))?.iter() {
+            total = total.plus(c);
+        }
+        let m = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m).map_err(map_err("STATS"))?;
+        let mut out = [0u64; agent_common::STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = stats.get(&(i as u32), 0).map_err(map_err("read STATS"))?.iter().sum();
+        }
+        Ok((total, out))
+    }
+
+    /// The overflow counters already reported (kept in the pinned state).
+    pub fn overflow_reported(&mut self) -> Result<agent_common::Counters, KernelError> {
+        Ok(agent_state_map(&mut self.ebpf)?.get(&0, 0).map_err(map_err("read AGENT_STATE"))?.overflow_reported)
+    }
+
+    pub fn set_overflow_reported(&mut self, c: agent_common::Counters) -> Result<(), KernelError> {
+        let mut m = agent_state_map(&mut self.ebpf)?;
+        let mut st = m.get(&0, 0).map_err(map_err("read AGENT_STATE"))?;
+        st.overflow_reported = c;
+        m.set(0, st, 0).map_err(map_err("write AGENT_STATE"))
+    }
+}
+
+fn agent_state_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, AgentState>, KernelError> {
+    let m = ebpf.map_mut(names::AGENT_STATE).ok_or_else(|| missing(names::AGENT_STATE))?;
+    Array::try_from(m).map_err(map_err("AGENT_STATE"))
+}
+
+fn missing(name: &str) -> KernelError {
+    KernelError::Map(format!("map {name} missing from the embedded programs"))
+}
+
+fn map_err<E: std::error::Error>(what: &'static str) -> impl FnOnce(E) -> KernelError {
+    move |e| KernelError::Map(format!("{what}: {}", chain(&e)))
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// The programs and where each goes.
+const EGRESS: &str = "count_egress";
+const INGRESS: &str = "count_ingress";
+const SOCK_OPS: &str = "sock_ops";
+const SOCK_CLOSE: &str = "sock_close";
+
+fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), KernelError> {
+    let cg = fs::File::open(cgroup).map_err(io_err(format!("open {}", cgroup.display())))?;
+    let attach_err = |program: &'static str| {
+        move |e: &dyn std::error::Error| KernelError::Attach { program, reason: chain(e) }
+    };
+
+    for (name, kind) in [(EGRESS, CgroupSkbAttachType::Egress), (INGRESS, CgroupSkbAttachType::Ingress)] {
+        let prog: &mut CgroupSkb = program(ebpf, name)?;
+        prog.load().map_err(|e| KernelError::Load(format!("{name}: {}", chain(&e))))?;
+        let pin = link_pin(pin_dir, name);
+        if pin.exists() {
+            replace_in_link(&pin, prog.fd().map_err(|e| attach_err(name)(&e))?.as_fd(), name)?;
+        } else {
+            let id = prog.attach(&cg, kind, CgroupAttachMode::Single).map_err(|e| attach_err(name)(&e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| attach_err(name)(&e))?.try_into().map_err(|e: LinkError| attach_err(name)(&e))?;
+            link.pin(&pin).map_err(|e| attach_err(name)(&e))?;
+        }
+    }
+
+    {
+        let prog: &mut SockOps = program(ebpf, SOCK_OPS)?;
+        prog.load().map_err(|e| KernelError::Load(format!("{SOCK_OPS}: {}", chain(&e))))?;
+        let pin = link_pin(pin_dir, SOCK_OPS);
+        if pin.exists() {
+            replace_in_link(&pin, prog.fd().map_err(|e| attach_err(SOCK_OPS)(&e))?.as_fd(), SOCK_OPS)?;
+        } else {
+            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(|e| attach_err(SOCK_OPS)(&e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| attach_err(SOCK_OPS)(&e))?.try_into().map_err(|e: LinkError| attach_err(SOCK_OPS)(&e))?;
+            link.pin(&pin).map_err(|e| attach_err(SOCK_OPS)(&e))?;
+        }
+    }
+
+    {
+        // Perf-event links cannot swap programs: attach the new one, then drop the old pin
+        // (marking a slot closed twice is harmless), then pin the new one in its place.
+        let prog: &mut TracePoint = program(ebpf, SOCK_CLOSE)?;
+        prog.load().map_err(|e| KernelError::Load(format!("{SOCK_CLOSE}: {}", chain(&e))))?;
+        let id = prog.attach(TRACEPOINT.0, TRACEPOINT.1).map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| attach_err(SOCK_CLOSE)(&e))?.try_into().map_err(|e: LinkError| attach_err(SOCK_CLOSE)(&e))?;
+        let pin = link_pin(pin_dir, SOCK_CLOSE);
+        match fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KernelError::Io { what: format!("remove {}", pin.display()), source: e }),
+        }
+        link.pin(&pin).map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
+    }
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| KernelError::Load(format!("program {name} missing from the embedded object")))?;
+    p.try_into().map_err(|e: aya::programs::ProgramError| KernelError::Load(format!("{name}: {}", chain(&e))))
+}
+
+/// Swaps the program behind a pinned link (`BPF_LINK_UPDATE`): atomic, so no packet is counted
+/// twice or missed.
+fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Result<(), KernelError> {
+    // aya does not expose a pinned link's fd, nor BPF_LINK_UPDATE: both by bpf(2) directly.
+    let fd = bpf_obj_get(pin).map_err(|e| KernelError::Attach { program: name, reason: format!("open pinned link {}: {e}", pin.display()) })?;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = [0u8; 128];
+    let upd = LinkUpdate { link_fd: fd.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    // SAFETY: LinkUpdate is plain data that fits in the buffer.
+    unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<LinkUpdate>(), upd) };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: bpf(2) with a zeroed attr holding the link_update fields.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_ptr(), attr.len()) };
+    if rc != 0 {
+        return Err(KernelError::Attach {
+            program: name,
+            reason: format!("replace the program in {}: {}", pin.display(), io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}
+
+fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u8; 128];
+    // union bpf_attr for BPF_OBJ_GET: __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags.
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: bpf(2) with a valid path pointer that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Removes everything the agent pinned and attached under `pin_dir`. Returns what it removed.
+pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
+    require_root()?;
+    let mut removed = Vec::new();
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KernelError::Io { what: format!("read {}", dir.display()), source: e }),
+        };
+        for entry in entries {
+            let p = entry.map_err(io_err(format!("read {}", dir.display())))?.path();
+            fs::remove_file(&p).map_err(io_err(format!("remove {}", p.display())))?;
+            removed.push(p);
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+    let _ = fs::remove_dir(pin_dir);
+    Ok(removed)
+}

@@ -1,0 +1,246 @@
+//! The connection table, memory-mapped: reading deltas, and giving closed slots back.
+//!
+//! The kernel writes a slot's counters while the agent reads them, so the mapping is only ever
+//! accessed through raw pointers with volatile reads and writes, one aligned field at a time.
+//! Each counter is monotonic, so any snapshot is a valid cumulative value: the delta reported is
+//! `snapshot - reported`, and `reported` (in the slot itself) becomes the snapshot once the
+//! delta is out. A restarted agent therefore continues exactly where the last one stopped.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, AsRawFd},
+    ptr::{self, NonNull},
+};
+
+use agent_common::{AF_INET6, ConnSlot, Counters, SLOT_CLOSED, SLOT_FREE, SLOT_LIVE};
+use aya::maps::{Map, MapData, Stack};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("the connection table is not an array map")]
+    NotArray,
+    #[error("cannot map the connection table into memory: {0}")]
+    Mmap(std::io::Error),
+    #[error("cannot give slot {slot} back to the kernel: {reason}")]
+    Free { slot: u32, reason: String },
+}
+
+/// Who a connection is: written once by the kernel when it took the slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub cookie: u64,
+    pub first_seen_ns: u64,
+    pub cgroup_id: u64,
+    pub local_addr: IpAddr,
+    pub remote_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub role: u8,
+}
+
+/// A slot whose counters moved since the last report, or that closed.
+#[derive(Clone, Debug)]
+pub struct SlotDelta {
+    pub index: u32,
+    pub generation: u32,
+    /// Cumulative counters read now; becomes the slot's `reported` on commit.
+    pub snapshot: Counters,
+    /// `snapshot - reported`.
+    pub delta: Counters,
+    /// The connection is gone: this is its last record, and the slot is freed on commit.
+    pub closed: bool,
+    pub identity: Identity,
+}
+
+pub struct ConnTable {
+    base: NonNull<ConnSlot>,
+    capacity: u32,
+    len_bytes: usize,
+    free: Stack<MapData, u32>,
+    /// Keeps the map's fd open for as long as the mapping lives.
+    _map: Map,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through &self/&mut self.
+unsafe impl Send for ConnTable {}
+
+macro_rules! field {
+    ($base:expr, $field:ident) => {
+        ptr::addr_of_mut!((*$base).$field)
+    };
+}
+
+impl ConnTable {
+    /// Maps the table (an array map created with `BPF_F_MMAPABLE`) into memory.
+    pub fn map(map: Map, free: Stack<MapData, u32>, capacity: u32) -> Result<Self, TableError> {
+        let Map::Array(data) = &map else {
+            return Err(TableError::NotArray);
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len_bytes = (size_of::<ConnSlot>() * capacity as usize).div_ceil(page) * page;
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: a shared read-write mapping of a BPF array map of `capacity` slots.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(TableError::Mmap(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(p.cast::<ConnSlot>()).ok_or(TableError::NotArray)?;
+        Ok(Self { base, capacity, len_bytes, free, _map: map })
+    }
+
+    pub const fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn slot(&self, index: u32) -> *mut ConnSlot {
+        debug_assert!(index < self.capacity);
+        // SAFETY: index < capacity, within the mapping.
+        unsafe { self.base.as_ptr().add(index as usize) }
+    }
+
+    /// Puts every slot on the free stack, slot 0 on top (first use only).
+    pub fn fill_free_stack(&mut self) -> Result<(), TableError> {
+        for index in (0..self.capacity).rev() {
+            self.free
+                .push(index, 0)
+                .map_err(|e| TableError::Free { slot: index, reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Number of slots currently held by connections (live or closed but not yet reported).
+    pub fn in_use(&self) -> u32 {
+        (0..self.capacity)
+            .filter(|&i| {
+                // SAFETY: in-bounds slot pointer; volatile read of an aligned u32.
+                unsafe { ptr::read_volatile(field!(self.slot(i), state)) != SLOT_FREE }
+            })
+            .count() as u32
+    }
+
+    /// Every slot whose counters moved since its last report, and every closed slot.
+    pub fn collect(&self) -> Vec<SlotDelta> {
+        let mut out = Vec::new();
+        for index in 0..self.capacity {
+            let s = self.slot(index);
+            // SAFETY: in-bounds slot pointer; all reads are volatile reads of aligned fields.
+            unsafe {
+                let state = ptr::read_volatile(field!(s, state));
+                if state != SLOT_LIVE && state != SLOT_CLOSED {
+                    continue;
+                }
+                // Read the state before the counters: once CLOSED is seen they are final.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                let snapshot = ptr::read_volatile(field!(s, counters));
+                let reported = ptr::read_volatile(field!(s, reported));
+                let delta = snapshot.delta_since(&reported);
+                let closed = state == SLOT_CLOSED;
+                if delta.is_zero() && !closed {
+                    continue;
+                }
+                out.push(SlotDelta {
+                    index,
+                    generation: ptr::read_volatile(field!(s, generation)),
+                    snapshot,
+                    delta,
+                    closed,
+                    identity: read_identity(s),
+                });
+            }
+        }
+        out
+    }
+
+    /// Records that `deltas` were reported: their snapshots become the watermarks, and closed
+    /// slots go back to the kernel. Call only after the records are out.
+    pub fn commit(&mut self, deltas: &[SlotDelta], now_boot_ns: u64) -> Result<(), TableError> {
+        for d in deltas {
+            let s = self.slot(d.index);
+            // SAFETY: in-bounds slot pointer; volatile writes of aligned fields the kernel does
+            // not write while the slot is live (reported, last_seen) or that it only writes
+            // when taking a free slot (generation, state).
+            unsafe {
+                if ptr::read_volatile(field!(s, generation)) != d.generation {
+                    continue;
+                }
+                ptr::write_volatile(field!(s, reported), d.snapshot);
+                ptr::write_volatile(field!(s, last_seen_ns), now_boot_ns);
+                if d.closed {
+                    // A new generation first, so a late packet of the old socket cannot count
+                    // into the next connection; then free, then hand the slot back.
+                    ptr::write_volatile(field!(s, generation), d.generation.wrapping_add(1));
+                    ptr::write_volatile(field!(s, state), SLOT_FREE);
+                    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+                    self.free
+                        .push(d.index, 0)
+                        .map_err(|e| TableError::Free { slot: d.index, reason: e.to_string() })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// # Safety
+/// `s` points to a slot in the mapping.
+unsafe fn read_identity(s: *mut ConnSlot) -> Identity {
+    // SAFETY: per the function's contract; the identity line is written before the slot goes live.
+    unsafe {
+        let family = ptr::read_volatile(field!(s, family));
+        let local = ptr::read_volatile(field!(s, local_addr));
+        let remote = ptr::read_volatile(field!(s, remote_addr));
+        Identity {
+            cookie: ptr::read_volatile(field!(s, cookie)),
+            first_seen_ns: ptr::read_volatile(field!(s, first_seen_ns)),
+            cgroup_id: ptr::read_volatile(field!(s, cgroup_id)),
+            local_addr: addr(family, local),
+            remote_addr: addr(family, remote),
+            local_port: ptr::read_volatile(field!(s, local_port)),
+            remote_port: ptr::read_volatile(field!(s, remote_port)),
+            role: ptr::read_volatile(field!(s, role)),
+        }
+    }
+}
+
+/// An address as the kernel stored it; v4-mapped IPv6 becomes IPv4.
+fn addr(family: u16, b: [u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        let v6 = Ipv6Addr::from(b);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    } else {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+}
+
+impl Drop for ConnTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_addresses_show_as_ipv4() {
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&[198, 18, 0, 2]);
+        assert_eq!(addr(AF_INET6, b), "198.18.0.2".parse::<IpAddr>().expect("ip"));
+        let v6: Ipv6Addr = "2001:db8::2".parse().expect("ip");
+        assert_eq!(addr(AF_INET6, v6.octets()), IpAddr::V6(v6));
+        assert_eq!(addr(agent_common::AF_INET, [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "10.0.0.1".parse::<IpAddr>().expect("ip"));
+    }
+}
