@@ -151,6 +151,9 @@ pub mod slot {
 pub const SK_SND_INIT: u32 = 1;
 /// `SkState::flags`: the highest sequence number received has been seen.
 pub const SK_RCV_INIT: u32 = 2;
+/// `SkState::flags`: the slot's `cgroup_id` is still to be written (by the first packet: sock_ops
+/// cannot read a socket's cgroup).
+pub const SK_NEED_CGROUP: u32 = 4;
 
 /// Per-socket state kept in socket local storage (freed with the socket).
 #[repr(C)]

@@ -15,12 +15,13 @@ mod packet;
 
 use agent_common::{
     AF_INET, AF_INET6, ConnSlot, Counters, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_RCV_INIT,
-    SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
+    SK_NEED_CGROUP, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
 };
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock,
+        bpf_skb_cgroup_id,
         bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_skb, sock_ops, tracepoint},
@@ -94,10 +95,13 @@ fn count<const EGRESS: bool>(ctx: &SkBuffContext) {
     // SAFETY: non-null socket storage pointer returned by the helper.
     let st = unsafe { &mut *st };
     if st.slot == slot::UNALLOCATED {
-        take_slot(skb, sk, st);
+        take_slot_from_skb(skb, sk, st);
     }
     if st.slot == slot::IGNORED {
         return;
+    }
+    if st.flags & SK_NEED_CGROUP != 0 {
+        set_cgroup(skb, st);
     }
 
     let pkt = packet::parse(skb);
@@ -162,12 +166,27 @@ fn slot_counters(st: &SkState) -> Option<*mut Counters> {
     Some(unsafe { &raw mut (*s).counters })
 }
 
-/// Cold path, once per connection: take a free slot and write the connection's identity.
+/// Who a new connection is, as the slot records it.
+struct NewConn {
+    key: TupleKey,
+    cookie: u64,
+    cgroup_id: u64,
+}
+
+/// A connection seen first by a packet (it predates the agent): its identity from the skb.
 #[inline(never)]
-fn take_slot(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
-    let key = tuple_of(sk);
+fn take_slot_from_skb(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
+    // SAFETY: helpers on the program's own skb.
+    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(skb.cast()), bpf_skb_cgroup_id(skb)) };
+    take_slot(st, &NewConn { key: tuple_of(sk), cookie, cgroup_id });
+}
+
+/// Cold path, once per connection: take a free slot and write the connection's identity.
+#[inline(always)]
+fn take_slot(st: &mut SkState, c: &NewConn) {
+    let key = &c.key;
     let exclude_loopback = CONFIG.get(0).is_some_and(|c| c.exclude_loopback != 0);
-    if exclude_loopback && is_loopback(&key) {
+    if exclude_loopback && is_loopback(key) {
         st.slot = slot::IGNORED;
         return;
     }
@@ -184,12 +203,10 @@ fn take_slot(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
     let generation = s.generation;
     s.counters = Counters::default();
     s.reported = Counters::default();
-    // SAFETY: helpers on the program's own skb.
-    unsafe {
-        s.cookie = bpf_get_socket_cookie(skb.cast());
-        s.cgroup_id = bpf_skb_cgroup_id(skb);
-        s.first_seen_ns = bpf_ktime_get_boot_ns();
-    }
+    s.cookie = c.cookie;
+    s.cgroup_id = c.cgroup_id;
+    // SAFETY: helper without arguments.
+    s.first_seen_ns = unsafe { bpf_ktime_get_boot_ns() };
     s.last_seen_ns = 0;
     s.local_addr = key.local_addr;
     s.remote_addr = key.remote_addr;
@@ -209,9 +226,22 @@ fn take_slot(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
     if st.role == u32::from(ROLE_UNKNOWN) {
         // sock_ops will not see this connection close; the state tracepoint will, by tuple.
         let r = SlotRef { slot: idx, generation };
-        if LEGACY.insert(&key, &r, 0).is_err() {
+        if LEGACY.insert(key, &r, 0).is_err() {
             bump(stat::LEGACY_UNTRACKED);
         }
+    }
+}
+
+/// Once per connection taken by sock_ops: the socket's cgroup, from its first packet.
+#[inline(never)]
+fn set_cgroup(skb: *mut __sk_buff, st: &mut SkState) {
+    st.flags &= !SK_NEED_CGROUP;
+    if st.slot >= slot::IGNORED {
+        return;
+    }
+    if let Some(s) = CONNS.get_ptr_mut(st.slot) {
+        // SAFETY: pointer into the array map; helper on the program's own skb.
+        unsafe { (*s).cgroup_id = bpf_skb_cgroup_id(skb) };
     }
 }
 
@@ -240,14 +270,32 @@ fn tuple_of(sk: *mut bpf_sock) -> TupleKey {
         key.local_port = (*sk).src_port as u16;
         key.remote_port = u16::from_be((*sk).dst_port);
         if family == AF_INET6 {
-            key.local_addr = ip6_bytes(&(*sk).src_ip6);
-            key.remote_addr = ip6_bytes(&(*sk).dst_ip6);
+            // Field by field: the verifier forbids pointer arithmetic on a socket pointer.
+            key.local_addr = ip6_bytes(&[
+                read_field(&raw const (*sk).src_ip6[0]),
+                read_field(&raw const (*sk).src_ip6[1]),
+                read_field(&raw const (*sk).src_ip6[2]),
+                read_field(&raw const (*sk).src_ip6[3]),
+            ]);
+            key.remote_addr = ip6_bytes(&[
+                read_field(&raw const (*sk).dst_ip6[0]),
+                read_field(&raw const (*sk).dst_ip6[1]),
+                read_field(&raw const (*sk).dst_ip6[2]),
+                read_field(&raw const (*sk).dst_ip6[3]),
+            ]);
         } else {
             put4(&mut key.local_addr, (*sk).src_ip4);
             put4(&mut key.remote_addr, (*sk).dst_ip4);
         }
     }
     key
+}
+
+/// One load at a constant offset from a context or socket pointer.
+#[inline(always)]
+unsafe fn read_field(p: *const u32) -> u32 {
+    // SAFETY: the caller passes the address of a readable field.
+    unsafe { core::ptr::read_volatile(p) }
 }
 
 #[inline(always)]
@@ -305,11 +353,17 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
             } else {
                 ROLE_CLIENT
             };
-            // No slot yet: the first counted packet takes one.
             let st = sk_state(sk, Some(&SkState::new(role)));
             if !st.is_null() {
                 // SAFETY: non-null storage pointer.
-                unsafe { (*st).role = u32::from(role) };
+                let st = unsafe { &mut *st };
+                st.role = u32::from(role);
+                if st.slot == slot::UNALLOCATED {
+                    // Take the slot now: no other CPU can count this socket's packets yet
+                    // (until now it was in a handshake state, which the packet path skips).
+                    take_slot(st, &conn_of_ops(&ctx));
+                    st.flags |= SK_NEED_CGROUP;
+                }
             }
             // SAFETY: helper on the program's own context.
             unsafe {
@@ -335,6 +389,46 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Identity of an establishing connection, from the sock_ops context.
+#[inline(always)]
+fn conn_of_ops(ctx: &SockOpsContext) -> NewConn {
+    // SAFETY: fields of the program's context; helpers on it and on its socket.
+    unsafe {
+        let ops = &*ctx.ops;
+        let family = ops.family as u16;
+        let mut key = TupleKey {
+            local_port: ops.local_port as u16,
+            // The context holds the remote port in network order in its upper 16 bits.
+            remote_port: u32::from_be(ops.remote_port) as u16,
+            family,
+            ..TupleKey::default()
+        };
+        if family == AF_INET6 {
+            let o = ctx.ops;
+            key.local_addr = ip6_bytes(&[
+                read_field(&raw const (*o).local_ip6[0]),
+                read_field(&raw const (*o).local_ip6[1]),
+                read_field(&raw const (*o).local_ip6[2]),
+                read_field(&raw const (*o).local_ip6[3]),
+            ]);
+            key.remote_addr = ip6_bytes(&[
+                read_field(&raw const (*o).remote_ip6[0]),
+                read_field(&raw const (*o).remote_ip6[1]),
+                read_field(&raw const (*o).remote_ip6[2]),
+                read_field(&raw const (*o).remote_ip6[3]),
+            ]);
+        } else {
+            put4(&mut key.local_addr, ops.local_ip4);
+            put4(&mut key.remote_addr, ops.remote_ip4);
+        }
+        NewConn {
+            key,
+            cookie: bpf_get_socket_cookie(ctx.ops.cast()),
+            cgroup_id: 0,
+        }
+    }
 }
 
 /// Marks a slot final: the agent reports its counts once more, with `closed`, and frees it.

@@ -50,7 +50,7 @@ pub enum KernelError {
     Mount { fs: &'static str, path: PathBuf, source: io::Error },
     #[error("{0} is not on a BPF file system: choose a pin_dir under /sys/fs/bpf")]
     PinDirNotBpffs(PathBuf),
-    #[error("the kernel refused to load the counting programs: {0}. outflow needs Linux 5.10 or later with BTF, cgroup v2 and BPF socket storage")]
+    #[error("the kernel refused to load the counting programs: {0} (outflow needs Linux 5.15 or later with BTF and cgroup v2; RUST_LOG=debug shows the verifier's log)")]
     Load(String),
     #[error("cannot attach {program}: {reason}")]
     Attach { program: &'static str, reason: String },
@@ -292,7 +292,7 @@ impl Kernel {
             .map_max_entries(names::CONNS, capacity)
             .map_max_entries(names::FREE_SLOTS, capacity)
             .map_max_entries(names::LEGACY, capacity);
-        let mut ebpf = loader.load(PROGRAMS).map_err(|e| KernelError::Load(chain(&e)))?;
+        let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error("maps", &e))?;
 
         let st = agent_state_map(&mut ebpf)?.get(&0, 0).map_err(map_err("read AGENT_STATE"))?;
         if adopted && st.cgroup_id != cgroup_id {
@@ -393,6 +393,24 @@ fn chain(e: &dyn std::error::Error) -> String {
     s.replace('\n', " ")
 }
 
+/// A load failure in one line: the verifier's log goes to the debug log, its last words here.
+fn load_error(what: &str, e: &dyn std::error::Error) -> KernelError {
+    let full = chain(e);
+    let Some((head, log)) = full.split_once("Verifier output:") else {
+        return KernelError::Load(format!("{what}: {full}"));
+    };
+    log::debug!("verifier log of {what}: {log}");
+    let tail: String = log
+        .split(" ; ")
+        .filter(|l| !l.contains("verification time") && !l.trim().is_empty())
+        .last()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    KernelError::Load(format!("{what}: {}; verifier: {}", head.trim().trim_end_matches('.'), tail.trim()))
+}
+
 /// The programs and where each goes.
 const EGRESS: &str = "count_egress";
 const INGRESS: &str = "count_ingress";
@@ -407,7 +425,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
 
     for (name, kind) in [(EGRESS, CgroupSkbAttachType::Egress), (INGRESS, CgroupSkbAttachType::Ingress)] {
         let prog: &mut CgroupSkb = program(ebpf, name)?;
-        prog.load().map_err(|e| KernelError::Load(format!("{name}: {}", chain(&e))))?;
+        prog.load().map_err(|e| load_error(name, &e))?;
         let pin = link_pin(pin_dir, name);
         if pin.exists() {
             replace_in_link(&pin, prog.fd().map_err(|e| attach_err(name)(&e))?.as_fd(), name)?;
@@ -420,7 +438,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
 
     {
         let prog: &mut SockOps = program(ebpf, SOCK_OPS)?;
-        prog.load().map_err(|e| KernelError::Load(format!("{SOCK_OPS}: {}", chain(&e))))?;
+        prog.load().map_err(|e| load_error(SOCK_OPS, &e))?;
         let pin = link_pin(pin_dir, SOCK_OPS);
         if pin.exists() {
             replace_in_link(&pin, prog.fd().map_err(|e| attach_err(SOCK_OPS)(&e))?.as_fd(), SOCK_OPS)?;
@@ -435,7 +453,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
         // Perf-event links cannot swap programs: attach the new one, then drop the old pin
         // (marking a slot closed twice is harmless), then pin the new one in its place.
         let prog: &mut TracePoint = program(ebpf, SOCK_CLOSE)?;
-        prog.load().map_err(|e| KernelError::Load(format!("{SOCK_CLOSE}: {}", chain(&e))))?;
+        prog.load().map_err(|e| load_error(SOCK_CLOSE, &e))?;
         let id = prog.attach(TRACEPOINT.0, TRACEPOINT.1).map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
         let link: FdLink = prog.take_link(id).map_err(|e| attach_err(SOCK_CLOSE)(&e))?.try_into().map_err(|e: LinkError| attach_err(SOCK_CLOSE)(&e))?;
         let pin = link_pin(pin_dir, SOCK_CLOSE);
