@@ -1,0 +1,50 @@
+//! outflow's task runner, `cargo xtask <command>` (aliased in `.cargo/config.toml`).
+//!
+//! It does only what cargo can't: install the toolchain pieces and system tools a fresh
+//! Debian machine lacks (`setup`) and run the kernel tests as root (`test`). Each command
+//! lives in its own module; a new one is a module, a variant of [`Command`] and a match arm.
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "outflow's development tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing outflow needs and is missing.
+    ///
+    /// The nightly toolchain with rust-src, bpf-linker built against that nightly's LLVM, and
+    /// the Debian packages the tests use (iproute2, util-linux, procps, iperf3). Takes about
+    /// a second when all is present.
+    Setup,
+    /// Run `setup`, build the binaries, then `cargo test`; needs root.
+    ///
+    /// Arguments after `--` go to `cargo test`, e.g.
+    /// `cargo xtask test -- -p outflow-tests counts -- --nocapture`.
+    Test(test::Args),
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Setup => {
+            setup::run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test(args) => test::run(&args),
+    }
+}

@@ -1,0 +1,130 @@
+//! `cargo xtask test [-- <cargo test args>]`: the kernel tests, as root.
+//!
+//! Checks for root, runs `setup`, builds the workspace's default members' binaries (the
+//! integration tests start the agent binary), then runs `cargo test` over the default
+//! members with the extra arguments, and exits with `cargo test`'s status.
+//!
+//! The eBPF crate is left out of both on purpose: it is not a default member, builds only
+//! for the bpf target, and reaches the agent through its build script.
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::ExitStatusExt as _,
+    process::{Command, ExitCode, ExitStatus},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Arguments for `cargo test`, after `--`: package selection, test-name filters, and,
+    /// after a second `--`, the test harness's own flags (`-- --nocapture`).
+    #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+    cargo_test_args: Vec<OsString>,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    if !cmd::is_root()? {
+        bail!("kernel tests load BPF programs and create network namespaces: run as root");
+    }
+    let report = setup::run()?;
+
+    let root = cmd::workspace_root();
+    let cargo = |subcommand: &str| {
+        let mut c = Command::new(cmd::cargo());
+        c.arg(subcommand).current_dir(root);
+        // aya-build runs `bpf-linker` from PATH: make sure it is the one setup vouched for.
+        if let Some(dir) = report.bpf_linker.parent()
+            && cmd::find_on_path("bpf-linker").as_ref() != Some(&report.bpf_linker)
+        {
+            let path = env::var_os("PATH").unwrap_or_default();
+            let dirs = std::iter::once(dir.to_owned()).chain(env::split_paths(&path));
+            if let Ok(joined) = env::join_paths(dirs) {
+                c.env("PATH", joined);
+            }
+        }
+        c
+    };
+
+    let mut build = cargo("build");
+    build
+        .arg("--bins")
+        .args(profile_args(&args.cargo_test_args));
+    println!("xtask: {}", cmd::display(&build));
+    cmd::run(&mut build).context("building the binaries the integration tests start")?;
+
+    let mut test = cargo("test");
+    test.args(&args.cargo_test_args);
+    println!("xtask: {}", cmd::display(&test));
+    let status = cmd::status(&mut test)?;
+    Ok(exit_code(status))
+}
+
+/// The build-profile flags among `cargo test`'s own arguments (before any `--`), so the
+/// binaries are built with the profile the tests are built with.
+fn profile_args(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = args.iter().take_while(|a| *a != "--");
+    while let Some(arg) = args.next() {
+        let s = arg.to_string_lossy();
+        if s == "--release" || s == "-r" || s.starts_with("--profile=") {
+            out.push(arg.clone());
+        } else if s == "--profile" {
+            out.push(arg.clone());
+            out.extend(args.next().cloned());
+        }
+    }
+    out
+}
+
+/// `cargo test`'s exit status as ours; a signal becomes 128 + its number, as in a shell.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        (None, Some(signal)) => ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)),
+        (None, None) => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsStr::new).map(OsStr::to_owned).collect()
+    }
+
+    #[test]
+    fn profile_flags_before_the_harness_separator_are_forwarded() {
+        assert_eq!(
+            profile_args(&os(&["-p", "agent", "--release", "x", "--", "--release"])),
+            os(&["--release"])
+        );
+        assert_eq!(
+            profile_args(&os(&["--profile", "bench", "--profile=dev"])),
+            os(&["--profile", "bench", "--profile=dev"])
+        );
+        assert!(profile_args(&os(&["--", "--nocapture"])).is_empty());
+    }
+
+    #[test]
+    fn extra_args_after_the_separator_pass_through_verbatim() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let cli = Cli::parse_from(["xtask", "--", "-p", "x", "filter", "--", "--nocapture"]);
+        assert_eq!(
+            cli.args.cargo_test_args,
+            os(&["-p", "x", "filter", "--", "--nocapture"])
+        );
+        assert!(Cli::parse_from(["xtask"]).args.cargo_test_args.is_empty());
+    }
+}
