@@ -268,8 +268,16 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const AGENT_STATE: &str = "AGENT_STATE";
     /// Every map, for pinning.
-    pub const ALL: [&str; 8] =
-        [CONNS, FREE_SLOTS, SK_STATE, LEGACY, OVERFLOW, STATS, CONFIG, AGENT_STATE];
+    pub const ALL: [&str; 8] = [
+        CONNS,
+        FREE_SLOTS,
+        SK_STATE,
+        LEGACY,
+        OVERFLOW,
+        STATS,
+        CONFIG,
+        AGENT_STATE,
+    ];
 }
 
 #[cfg(feature = "user")]

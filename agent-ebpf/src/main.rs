@@ -14,14 +14,13 @@ mod maps;
 mod packet;
 
 use agent_common::{
-    AF_INET, AF_INET6, ConnSlot, Counters, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_RCV_INIT,
-    SK_NEED_CGROUP, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
+    AF_INET, AF_INET6, ConnSlot, Counters, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_NEED_CGROUP,
+    SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
 };
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock,
-        bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
         bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_skb, sock_ops, tracepoint},
@@ -177,8 +176,16 @@ struct NewConn {
 #[inline(never)]
 fn take_slot_from_skb(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
     // SAFETY: helpers on the program's own skb.
-    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(skb.cast()), bpf_skb_cgroup_id(skb)) };
-    take_slot(st, &NewConn { key: tuple_of(sk), cookie, cgroup_id });
+    let (cookie, cgroup_id) =
+        unsafe { (bpf_get_socket_cookie(skb.cast()), bpf_skb_cgroup_id(skb)) };
+    take_slot(
+        st,
+        &NewConn {
+            key: tuple_of(sk),
+            cookie,
+            cgroup_id,
+        },
+    );
 }
 
 /// Cold path, once per connection: take a free slot and write the connection's identity.
@@ -225,7 +232,10 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
 
     if st.role == u32::from(ROLE_UNKNOWN) {
         // sock_ops will not see this connection close; the state tracepoint will, by tuple.
-        let r = SlotRef { slot: idx, generation };
+        let r = SlotRef {
+            slot: idx,
+            generation,
+        };
         if LEGACY.insert(key, &r, 0).is_err() {
             bump(stat::LEGACY_UNTRACKED);
         }

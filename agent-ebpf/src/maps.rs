@@ -1,6 +1,8 @@
 //! The maps, shared by all programs. Sizes here are defaults: the agent sets the connection
 //! table's size at load time, and pins every map so that a restarted agent adopts them.
-use agent_common::{AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey};
+use agent_common::{
+    AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey,
+};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
     btf_maps::{Array, HashMap, PerCpuArray, Stack},
@@ -69,7 +71,10 @@ pub static SK_STATE: SkStorageDef<SkState> = SkStorageDef {
 pub fn sk_state<S>(sk: *mut S, init: Option<&SkState>) -> *mut SkState {
     let map = (&raw const SK_STATE).cast_mut().cast();
     let (value, flags) = match init {
-        Some(v) => (core::ptr::from_ref(v).cast_mut(), u64::from(BPF_SK_STORAGE_GET_F_CREATE)),
+        Some(v) => (
+            core::ptr::from_ref(v).cast_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        ),
         None => (core::ptr::null_mut(), 0),
     };
     // SAFETY: `sk` is a socket pointer the verifier has typed; the map is a socket storage map.

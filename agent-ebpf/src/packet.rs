@@ -20,8 +20,14 @@ pub struct Packet {
 #[inline(always)]
 pub fn parse(skb: *mut __sk_buff) -> Packet {
     // SAFETY: `skb` is the program's context.
-    let (len, gso_segs, data, data_end) =
-        unsafe { ((*skb).len, (*skb).gso_segs, (*skb).data as usize, (*skb).data_end as usize) };
+    let (len, gso_segs, data, data_end) = unsafe {
+        (
+            (*skb).len,
+            (*skb).gso_segs,
+            (*skb).data as usize,
+            (*skb).data_end as usize,
+        )
+    };
     let segments = if gso_segs > 1 { gso_segs } else { 1 };
     let unparsed = Packet {
         parsed: false,

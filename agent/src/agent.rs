@@ -30,7 +30,10 @@ struct Clock {
 }
 
 fn clock_ns(id: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; these clocks always exist on Linux.
     unsafe { libc::clock_gettime(id, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
@@ -46,7 +49,8 @@ impl Clock {
 
     /// Wall time of a boot-time stamp.
     const fn unix_ms_of(&self, boot_ns: u64) -> u64 {
-        self.unix_ms.saturating_sub(self.boot_ns.saturating_sub(boot_ns) / 1_000_000)
+        self.unix_ms
+            .saturating_sub(self.boot_ns.saturating_sub(boot_ns) / 1_000_000)
     }
 }
 
@@ -75,7 +79,12 @@ impl Agent {
             |_| cgroup.display().to_string(),
             |r| format!("/{}", r.display()),
         );
-        sink.started(&rel, &cfg.pin_dir.display().to_string(), kernel.adopted, kernel.table.capacity())?;
+        sink.started(
+            &rel,
+            &cfg.pin_dir.display().to_string(),
+            kernel.adopted,
+            kernel.table.capacity(),
+        )?;
         Ok(Self {
             kernel,
             cgroups: CgroupNames::new(mount, PathBuf::from(&cgroup)),
@@ -92,7 +101,10 @@ impl Agent {
         let clock = Clock::now();
         let deltas = self.kernel.table.collect();
         for d in &deltas {
-            if self.filter.admits(d.identity.local_port, d.identity.remote_addr) {
+            if self
+                .filter
+                .admits(d.identity.local_port, d.identity.remote_addr)
+            {
                 let r = self.record(d, clock);
                 self.sink.conn(&r)?;
             }
@@ -102,7 +114,10 @@ impl Agent {
         let reported = self.kernel.overflow_reported()?;
         let overflow_delta = overflow.delta_since(&reported);
         if !overflow_delta.is_zero() {
-            self.sink.overflow(&OverflowRecord { ts: clock.unix_ms, counters: overflow_delta.into() })?;
+            self.sink.overflow(&OverflowRecord {
+                ts: clock.unix_ms,
+                counters: overflow_delta.into(),
+            })?;
         }
         let s = StatsRecord {
             conns_overflowed: stats[stat::CONNS_OVERFLOWED as usize],
@@ -131,15 +146,27 @@ impl Agent {
         let id = &d.identity;
         let owner = if id.role == agent_common::ROLE_SERVER {
             let dir = self.cgroups.dir(id.cgroup_id);
-            self.listeners.owner(id.cgroup_id, dir.as_deref(), id.local_port)
+            self.listeners
+                .owner(id.cgroup_id, dir.as_deref(), id.local_port)
         } else {
             None
         };
-        let Counters { bytes_out, bytes_in, wire_bytes_out, wire_bytes_in, segments_out, segments_in } = d.delta;
+        let Counters {
+            bytes_out,
+            bytes_in,
+            wire_bytes_out,
+            wire_bytes_in,
+            segments_out,
+            segments_in,
+        } = d.delta;
         ConnRecord {
             ts: clock.unix_ms,
             conn_id: id.cookie,
-            family: if id.remote_addr.is_ipv4() { "ipv4" } else { "ipv6" },
+            family: if id.remote_addr.is_ipv4() {
+                "ipv4"
+            } else {
+                "ipv6"
+            },
             local_addr: id.local_addr,
             local_port: id.local_port,
             remote_addr: id.remote_addr,

@@ -13,11 +13,17 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/outflow/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -90,9 +96,17 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self::default());
             }
-            Err(source) => return Err(ConfigError::Read { path: path.into(), source }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
         };
-        Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })
     }
 
     /// Parses TOML text; the error is one line that names the field.
@@ -200,10 +214,21 @@ mod tests {
         assert!(e.contains("intreval"), "{e}");
         let e = Config::parse("[filter]\nremote_cidrs = [\"10.0.0.0/33\"]").expect_err("bad cidr");
         assert!(e.contains("line 2"), "{e}");
-        let c = Config { interval: Duration::from_millis(1), ..Config::default() };
+        let c = Config {
+            interval: Duration::from_millis(1),
+            ..Config::default()
+        };
         let e = c.validate().expect_err("too short").to_string();
         assert!(e.contains("`interval`"), "{e}");
-        let c = Config { max_connections: 1, ..Config::default() };
-        assert!(c.validate().expect_err("too small").to_string().contains("`max_connections`"));
+        let c = Config {
+            max_connections: 1,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .expect_err("too small")
+                .to_string()
+                .contains("`max_connections`")
+        );
     }
 }

@@ -24,7 +24,12 @@ impl CgroupNames {
     /// `attach` is the directory the programs are attached to: every counted socket's cgroup is
     /// it or below it.
     pub fn new(mount: PathBuf, attach: PathBuf) -> Self {
-        Self { mount, attach, by_id: HashMap::new(), last_walk: None }
+        Self {
+            mount,
+            attach,
+            by_id: HashMap::new(),
+            last_walk: None,
+        }
     }
 
     /// The path of cgroup `id`, like `/system.slice/inference.service`; `None` if it is gone.
@@ -32,7 +37,10 @@ impl CgroupNames {
         if let Some(p) = self.by_id.get(&id) {
             return Some(p.clone());
         }
-        if self.last_walk.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        if self
+            .last_walk
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return None;
         }
         self.walk();
@@ -43,13 +51,17 @@ impl CgroupNames {
         self.last_walk = Some(Instant::now());
         let mut stack = vec![self.attach.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(meta) = fs::metadata(&dir) else { continue };
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
             let rel = dir.strip_prefix(&self.mount).map_or_else(
                 |_| dir.display().to_string(),
                 |r| format!("/{}", r.display()),
             );
             self.by_id.insert(meta.ino(), rel);
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(e.path());
@@ -79,7 +91,12 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub fn owner(&mut self, cgroup_id: u64, cgroup_dir: Option<&Path>, port: u16) -> Option<Process> {
+    pub fn owner(
+        &mut self,
+        cgroup_id: u64,
+        cgroup_dir: Option<&Path>,
+        port: u16,
+    ) -> Option<Process> {
         if let Some((p, at)) = self.cache.get(&(cgroup_id, port)) {
             if let Some(p) = p
                 && Path::new(&format!("/proc/{}", p.pid)).exists()
@@ -91,7 +108,8 @@ impl Listeners {
             }
         }
         let found = cgroup_dir.and_then(|d| find_listener(d, port));
-        self.cache.insert((cgroup_id, port), (found.clone(), Instant::now()));
+        self.cache
+            .insert((cgroup_id, port), (found.clone(), Instant::now()));
         found
     }
 }
@@ -110,15 +128,22 @@ fn find_listener(cgroup_dir: &Path, port: u16) -> Option<Process> {
         if inodes.is_empty() {
             continue;
         }
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
-            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
             let t = target.to_string_lossy();
             if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']'))
                 && ino.parse::<u64>().is_ok_and(|i| inodes.contains(&i))
             {
                 let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                return Some(Process { pid, comm: comm.trim_end().to_string() });
+                return Some(Process {
+                    pid,
+                    comm: comm.trim_end().to_string(),
+                });
             }
         }
     }
@@ -134,7 +159,9 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
             let f: Vec<&str> = l.split_whitespace().collect();
             let local = f.get(1)?;
             let p = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            (p == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok()).flatten()
+            (p == port && *f.get(3)? == "0A")
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
         })
         .collect()
 }

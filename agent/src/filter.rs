@@ -21,7 +21,8 @@ impl Filter {
         if !self.cfg.local_ports.is_empty() && !self.cfg.local_ports.contains(&local_port) {
             return false;
         }
-        self.cfg.remote_cidrs.is_empty() || self.cfg.remote_cidrs.iter().any(|n| n.contains(&remote))
+        self.cfg.remote_cidrs.is_empty()
+            || self.cfg.remote_cidrs.iter().any(|n| n.contains(&remote))
     }
 }
 
@@ -39,7 +40,10 @@ mod tests {
         assert!(!f.admits(80, ip("127.0.0.1")));
         assert!(!f.admits(80, ip("::1")));
         assert!(f.admits(80, ip("198.18.0.2")));
-        let f = Filter::new(FilterConfig { include_loopback: true, ..FilterConfig::default() });
+        let f = Filter::new(FilterConfig {
+            include_loopback: true,
+            ..FilterConfig::default()
+        });
         assert!(f.admits(80, ip("127.0.0.1")));
     }
 
@@ -47,7 +51,10 @@ mod tests {
     fn ports_and_cidrs_narrow() {
         let f = Filter::new(FilterConfig {
             local_ports: vec![8000],
-            remote_cidrs: vec!["198.18.0.0/24".parse().expect("net"), "2001:db8::/32".parse().expect("net")],
+            remote_cidrs: vec![
+                "198.18.0.0/24".parse().expect("net"),
+                "2001:db8::/32".parse().expect("net"),
+            ],
             include_loopback: false,
         });
         assert!(f.admits(8000, ip("198.18.0.2")));

@@ -8,8 +8,7 @@
 //! upgrade neither double counts nor misses a packet.
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -40,24 +39,43 @@ const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
 pub enum KernelError {
     #[error("outflow-agent must run as root (it loads BPF programs and attaches them to a cgroup)")]
     NotRoot,
-    #[error("no cgroup v2 file system is mounted (looked in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1")]
+    #[error(
+        "no cgroup v2 file system is mounted (looked in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1"
+    )]
     NoCgroup2,
     #[error("cgroup {0} does not exist: give an existing cgroup v2 directory with --cgroup")]
     CgroupMissing(PathBuf),
     #[error("{0} is not a cgroup v2 directory: give a directory under the cgroup2 mount ({1})")]
     NotCgroup2(PathBuf, PathBuf),
     #[error("cannot mount {fs} at {path}: {source}")]
-    Mount { fs: &'static str, path: PathBuf, source: io::Error },
+    Mount {
+        fs: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("{0} is not on a BPF file system: choose a pin_dir under /sys/fs/bpf")]
     PinDirNotBpffs(PathBuf),
-    #[error("the kernel refused to load the counting programs: {0} (outflow needs Linux 5.15 or later with BTF and cgroup v2; RUST_LOG=debug shows the verifier's log)")]
+    #[error(
+        "the kernel refused to load the counting programs: {0} (outflow needs Linux 5.15 or later with BTF and cgroup v2; RUST_LOG=debug shows the verifier's log)"
+    )]
     Load(String),
     #[error("cannot attach {program}: {reason}")]
-    Attach { program: &'static str, reason: String },
-    #[error("the state pinned in {dir} was made by an incompatible agent ({detail}): run `outflow-agent detach --pin-dir {dir}` first (counting restarts from zero)")]
+    Attach {
+        program: &'static str,
+        reason: String,
+    },
+    #[error(
+        "the state pinned in {dir} was made by an incompatible agent ({detail}): run `outflow-agent detach --pin-dir {dir}` first (counting restarts from zero)"
+    )]
     Incompatible { dir: PathBuf, detail: String },
-    #[error("the state pinned in {dir} is attached to another cgroup ({pinned}); run `outflow-agent detach --pin-dir {dir}` first to attach to {wanted}")]
-    OtherCgroup { dir: PathBuf, pinned: String, wanted: String },
+    #[error(
+        "the state pinned in {dir} is attached to another cgroup ({pinned}); run `outflow-agent detach --pin-dir {dir}` first to attach to {wanted}"
+    )]
+    OtherCgroup {
+        dir: PathBuf,
+        pinned: String,
+        wanted: String,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("{0}")]
@@ -127,8 +145,7 @@ fn statfs_type(path: &Path) -> io::Result<i64> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's type differs between libc targets")]
-    Ok(st.f_type as i64)
+    Ok(st.f_type)
 }
 
 /// The cgroup id of a cgroup v2 directory: its inode number.
@@ -147,7 +164,10 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, KernelError> 
     match statfs_type(&dir) {
         Ok(CGROUP2_SUPER_MAGIC) => Ok(dir),
         Ok(_) => Err(KernelError::NotCgroup2(dir, mount)),
-        Err(source) => Err(KernelError::Io { what: format!("statfs {}", dir.display()), source }),
+        Err(source) => Err(KernelError::Io {
+            what: format!("statfs {}", dir.display()),
+            source,
+        }),
     }
 }
 
@@ -160,14 +180,25 @@ pub fn require_root() -> Result<(), KernelError> {
 }
 
 fn mount_fs(fs: &'static str, path: &Path) -> Result<(), KernelError> {
-    let err = |source| KernelError::Mount { fs, path: path.into(), source };
+    let err = |source| KernelError::Mount {
+        fs,
+        path: path.into(),
+        source,
+    };
     fs::create_dir_all(path).map_err(err)?;
     let target = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let fstype = CString::new(fs).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let fstype =
+        CString::new(fs).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     // SAFETY: valid C strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(err(io::Error::last_os_error()));
@@ -222,8 +253,10 @@ fn inspect_pinned(pin_dir: &Path) -> Result<Option<u32>, KernelError> {
     if !conns.exists() || !state.exists() {
         return Ok(None);
     }
-    let incompatible =
-        |detail: String| KernelError::Incompatible { dir: pin_dir.into(), detail };
+    let incompatible = |detail: String| KernelError::Incompatible {
+        dir: pin_dir.into(),
+        detail,
+    };
     let info = MapInfo::from_pin(&conns).map_err(|e| incompatible(format!("{e}")))?;
     if info.value_size() as usize != size_of::<ConnSlot>() {
         return Err(incompatible(format!(
@@ -241,7 +274,10 @@ fn inspect_pinned(pin_dir: &Path) -> Result<Option<u32>, KernelError> {
         return Ok(None);
     }
     if st.layout != STATE_LAYOUT {
-        return Err(incompatible(format!("layout {}, this agent uses {STATE_LAYOUT}", st.layout)));
+        return Err(incompatible(format!(
+            "layout {}, this agent uses {STATE_LAYOUT}",
+            st.layout
+        )));
     }
     Ok(Some(info.max_entries()))
 }
@@ -253,7 +289,12 @@ fn remove_map_pins(pin_dir: &Path) -> Result<(), KernelError> {
         match fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(KernelError::Io { what: format!("remove {}", p.display()), source: e }),
+            Err(e) => {
+                return Err(KernelError::Io {
+                    what: format!("remove {}", p.display()),
+                    source: e,
+                });
+            }
         }
     }
     Ok(())
@@ -283,8 +324,10 @@ impl Kernel {
         }
 
         let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> =
-            names::ALL.iter().map(|n| (*n, map_pin(s.pin_dir, n))).collect();
+        let pins: Vec<(&str, PathBuf)> = names::ALL
+            .iter()
+            .map(|n| (*n, map_pin(s.pin_dir, n)))
+            .collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -294,7 +337,9 @@ impl Kernel {
             .map_max_entries(names::LEGACY, capacity);
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error("maps", &e))?;
 
-        let st = agent_state_map(&mut ebpf)?.get(&0, 0).map_err(map_err("read AGENT_STATE"))?;
+        let st = agent_state_map(&mut ebpf)?
+            .get(&0, 0)
+            .map_err(map_err("read AGENT_STATE"))?;
         if adopted && st.cgroup_id != cgroup_id {
             return Err(KernelError::OtherCgroup {
                 dir: s.pin_dir.into(),
@@ -304,23 +349,41 @@ impl Kernel {
         }
 
         {
-            let map = ebpf.map_mut(names::CONFIG).ok_or_else(|| missing(names::CONFIG))?;
+            let map = ebpf
+                .map_mut(names::CONFIG)
+                .ok_or_else(|| missing(names::CONFIG))?;
             let mut config: Array<&mut MapData, KernelConfig> =
                 Array::try_from(map).map_err(map_err("CONFIG"))?;
-            let kc = KernelConfig { exclude_loopback: u32::from(s.exclude_loopback), _pad: 0 };
+            let kc = KernelConfig {
+                exclude_loopback: u32::from(s.exclude_loopback),
+                _pad: 0,
+            };
             config.set(0, kc, 0).map_err(map_err("write CONFIG"))?;
         }
 
         let free: Stack<MapData, u32> = Stack::try_from(
-            ebpf.take_map(names::FREE_SLOTS).ok_or_else(|| missing(names::FREE_SLOTS))?,
+            ebpf.take_map(names::FREE_SLOTS)
+                .ok_or_else(|| missing(names::FREE_SLOTS))?,
         )
         .map_err(map_err("FREE_SLOTS"))?;
-        let conns = ebpf.take_map(names::CONNS).ok_or_else(|| missing(names::CONNS))?;
-        let mut table = ConnTable::map(conns, free, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
+        let conns = ebpf
+            .take_map(names::CONNS)
+            .ok_or_else(|| missing(names::CONNS))?;
+        let mut table =
+            ConnTable::map(conns, free, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
         if !adopted {
-            table.fill_free_stack().map_err(|e| KernelError::Map(e.to_string()))?;
-            let st = AgentState { layout: STATE_LAYOUT, ready: 1, cgroup_id, ..AgentState::default() };
-            agent_state_map(&mut ebpf)?.set(0, st, 0).map_err(map_err("write AGENT_STATE"))?;
+            table
+                .fill_free_stack()
+                .map_err(|e| KernelError::Map(e.to_string()))?;
+            let st = AgentState {
+                layout: STATE_LAYOUT,
+                ready: 1,
+                cgroup_id,
+                ..AgentState::default()
+            };
+            agent_state_map(&mut ebpf)?
+                .set(0, st, 0)
+                .map_err(map_err("write AGENT_STATE"))?;
         }
 
         attach_all(&mut ebpf, s.cgroup, s.pin_dir)?;
@@ -330,31 +393,58 @@ impl Kernel {
             s.pin_dir.display(),
             s.cgroup.display()
         );
-        Ok(Self { ebpf, table, adopted, cgroup_id })
+        Ok(Self {
+            ebpf,
+            table,
+            adopted,
+            cgroup_id,
+        })
     }
 
     /// Per-CPU sums of the overflow counters and the event counters.
-    pub fn read_overflow(&self) -> Result<(agent_common::Counters, [u64; agent_common::STAT_COUNT as usize]), KernelError> {
+    pub fn read_overflow(
+        &self,
+    ) -> Result<
+        (
+            agent_common::Counters,
+            [u64; agent_common::STAT_COUNT as usize],
+        ),
+        KernelError,
+    > {
         use aya::maps::PerCpuArray;
-        let m = self.ebpf.map(names::OVERFLOW).ok_or_else(|| missing(names::OVERFLOW))?;
+        let m = self
+            .ebpf
+            .map(names::OVERFLOW)
+            .ok_or_else(|| missing(names::OVERFLOW))?;
         let ov: PerCpuArray<&MapData, agent_common::Counters> =
             PerCpuArray::try_from(m).map_err(map_err("OVERFLOW"))?;
         let mut total = agent_common::Counters::default();
         for c in ov.get(&0, 0).map_err(map_err("read OVERFLOW"))?.iter() {
             total = total.plus(c);
         }
-        let m = self.ebpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?;
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m).map_err(map_err("STATS"))?;
+        let m = self
+            .ebpf
+            .map(names::STATS)
+            .ok_or_else(|| missing(names::STATS))?;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(m).map_err(map_err("STATS"))?;
         let mut out = [0u64; agent_common::STAT_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            *slot = stats.get(&(i as u32), 0).map_err(map_err("read STATS"))?.iter().sum();
+            *slot = stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("read STATS"))?
+                .iter()
+                .sum();
         }
         Ok((total, out))
     }
 
     /// The overflow counters already reported (kept in the pinned state).
     pub fn overflow_reported(&mut self) -> Result<agent_common::Counters, KernelError> {
-        Ok(agent_state_map(&mut self.ebpf)?.get(&0, 0).map_err(map_err("read AGENT_STATE"))?.overflow_reported)
+        Ok(agent_state_map(&mut self.ebpf)?
+            .get(&0, 0)
+            .map_err(map_err("read AGENT_STATE"))?
+            .overflow_reported)
     }
 
     pub fn set_overflow_reported(&mut self, c: agent_common::Counters) -> Result<(), KernelError> {
@@ -366,7 +456,9 @@ impl Kernel {
 }
 
 fn agent_state_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, AgentState>, KernelError> {
-    let m = ebpf.map_mut(names::AGENT_STATE).ok_or_else(|| missing(names::AGENT_STATE))?;
+    let m = ebpf
+        .map_mut(names::AGENT_STATE)
+        .ok_or_else(|| missing(names::AGENT_STATE))?;
     Array::try_from(m).map_err(map_err("AGENT_STATE"))
 }
 
@@ -408,7 +500,11 @@ fn load_error(what: &str, e: &dyn std::error::Error) -> KernelError {
         .chars()
         .take(200)
         .collect();
-    KernelError::Load(format!("{what}: {}; verifier: {}", head.trim().trim_end_matches('.'), tail.trim()))
+    KernelError::Load(format!(
+        "{what}: {}; verifier: {}",
+        head.trim().trim_end_matches('.'),
+        tail.trim()
+    ))
 }
 
 /// The programs and where each goes.
@@ -420,18 +516,34 @@ const SOCK_CLOSE: &str = "sock_close";
 fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), KernelError> {
     let cg = fs::File::open(cgroup).map_err(io_err(format!("open {}", cgroup.display())))?;
     let attach_err = |program: &'static str| {
-        move |e: &dyn std::error::Error| KernelError::Attach { program, reason: chain(e) }
+        move |e: &dyn std::error::Error| KernelError::Attach {
+            program,
+            reason: chain(e),
+        }
     };
 
-    for (name, kind) in [(EGRESS, CgroupSkbAttachType::Egress), (INGRESS, CgroupSkbAttachType::Ingress)] {
+    for (name, kind) in [
+        (EGRESS, CgroupSkbAttachType::Egress),
+        (INGRESS, CgroupSkbAttachType::Ingress),
+    ] {
         let prog: &mut CgroupSkb = program(ebpf, name)?;
         prog.load().map_err(|e| load_error(name, &e))?;
         let pin = link_pin(pin_dir, name);
         if pin.exists() {
-            replace_in_link(&pin, prog.fd().map_err(|e| attach_err(name)(&e))?.as_fd(), name)?;
+            replace_in_link(
+                &pin,
+                prog.fd().map_err(|e| attach_err(name)(&e))?.as_fd(),
+                name,
+            )?;
         } else {
-            let id = prog.attach(&cg, kind, CgroupAttachMode::Single).map_err(|e| attach_err(name)(&e))?;
-            let link: FdLink = prog.take_link(id).map_err(|e| attach_err(name)(&e))?.try_into().map_err(|e: LinkError| attach_err(name)(&e))?;
+            let id = prog
+                .attach(&cg, kind, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(name)(&e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| attach_err(name)(&e))?
+                .try_into()
+                .map_err(|e: LinkError| attach_err(name)(&e))?;
             link.pin(&pin).map_err(|e| attach_err(name)(&e))?;
         }
     }
@@ -441,10 +553,20 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
         prog.load().map_err(|e| load_error(SOCK_OPS, &e))?;
         let pin = link_pin(pin_dir, SOCK_OPS);
         if pin.exists() {
-            replace_in_link(&pin, prog.fd().map_err(|e| attach_err(SOCK_OPS)(&e))?.as_fd(), SOCK_OPS)?;
+            replace_in_link(
+                &pin,
+                prog.fd().map_err(|e| attach_err(SOCK_OPS)(&e))?.as_fd(),
+                SOCK_OPS,
+            )?;
         } else {
-            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(|e| attach_err(SOCK_OPS)(&e))?;
-            let link: FdLink = prog.take_link(id).map_err(|e| attach_err(SOCK_OPS)(&e))?.try_into().map_err(|e: LinkError| attach_err(SOCK_OPS)(&e))?;
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(SOCK_OPS)(&e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| attach_err(SOCK_OPS)(&e))?
+                .try_into()
+                .map_err(|e: LinkError| attach_err(SOCK_OPS)(&e))?;
             link.pin(&pin).map_err(|e| attach_err(SOCK_OPS)(&e))?;
         }
     }
@@ -454,13 +576,24 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
         // (marking a slot closed twice is harmless), then pin the new one in its place.
         let prog: &mut TracePoint = program(ebpf, SOCK_CLOSE)?;
         prog.load().map_err(|e| load_error(SOCK_CLOSE, &e))?;
-        let id = prog.attach(TRACEPOINT.0, TRACEPOINT.1).map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
-        let link: FdLink = prog.take_link(id).map_err(|e| attach_err(SOCK_CLOSE)(&e))?.try_into().map_err(|e: LinkError| attach_err(SOCK_CLOSE)(&e))?;
+        let id = prog
+            .attach(TRACEPOINT.0, TRACEPOINT.1)
+            .map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| attach_err(SOCK_CLOSE)(&e))?
+            .try_into()
+            .map_err(|e: LinkError| attach_err(SOCK_CLOSE)(&e))?;
         let pin = link_pin(pin_dir, SOCK_CLOSE);
         match fs::remove_file(&pin) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(KernelError::Io { what: format!("remove {}", pin.display()), source: e }),
+            Err(e) => {
+                return Err(KernelError::Io {
+                    what: format!("remove {}", pin.display()),
+                    source: e,
+                });
+            }
         }
         link.pin(&pin).map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
     }
@@ -471,17 +604,26 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, K
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf
-        .program_mut(name)
-        .ok_or_else(|| KernelError::Load(format!("program {name} missing from the embedded object")))?;
-    p.try_into().map_err(|e: aya::programs::ProgramError| KernelError::Load(format!("{name}: {}", chain(&e))))
+    let p = ebpf.program_mut(name).ok_or_else(|| {
+        KernelError::Load(format!("program {name} missing from the embedded object"))
+    })?;
+    p.try_into().map_err(|e: aya::programs::ProgramError| {
+        KernelError::Load(format!("{name}: {}", chain(&e)))
+    })
 }
 
 /// Swaps the program behind a pinned link (`BPF_LINK_UPDATE`): atomic, so no packet is counted
 /// twice or missed.
-fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Result<(), KernelError> {
+fn replace_in_link(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<(), KernelError> {
     // aya does not expose a pinned link's fd, nor BPF_LINK_UPDATE: both by bpf(2) directly.
-    let fd = bpf_obj_get(pin).map_err(|e| KernelError::Attach { program: name, reason: format!("open pinned link {}: {e}", pin.display()) })?;
+    let fd = bpf_obj_get(pin).map_err(|e| KernelError::Attach {
+        program: name,
+        reason: format!("open pinned link {}: {e}", pin.display()),
+    })?;
     #[repr(C)]
     struct LinkUpdate {
         link_fd: u32,
@@ -490,7 +632,12 @@ fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Resu
         old_prog_fd: u32,
     }
     let mut attr = [0u8; 128];
-    let upd = LinkUpdate { link_fd: fd.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    let upd = LinkUpdate {
+        link_fd: fd.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
     // SAFETY: LinkUpdate is plain data that fits in the buffer.
     unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<LinkUpdate>(), upd) };
     const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -499,7 +646,11 @@ fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Resu
     if rc != 0 {
         return Err(KernelError::Attach {
             program: name,
-            reason: format!("replace the program in {}: {}", pin.display(), io::Error::last_os_error()),
+            reason: format!(
+                "replace the program in {}: {}",
+                pin.display(),
+                io::Error::last_os_error()
+            ),
         });
     }
     Ok(())
@@ -531,10 +682,17 @@ pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(KernelError::Io { what: format!("read {}", dir.display()), source: e }),
+            Err(e) => {
+                return Err(KernelError::Io {
+                    what: format!("read {}", dir.display()),
+                    source: e,
+                });
+            }
         };
         for entry in entries {
-            let p = entry.map_err(io_err(format!("read {}", dir.display())))?.path();
+            let p = entry
+                .map_err(io_err(format!("read {}", dir.display())))?
+                .path();
             fs::remove_file(&p).map_err(io_err(format!("remove {}", p.display())))?;
             removed.push(p);
         }

@@ -144,7 +144,11 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Detach => {
             let removed = kernel::detach(&cfg.pin_dir)?;
-            info!("removed {} pinned objects from {}", removed.len(), cfg.pin_dir.display());
+            info!(
+                "removed {} pinned objects from {}",
+                removed.len(),
+                cfg.pin_dir.display()
+            );
             Ok(())
         }
         Command::Run => {
@@ -177,7 +181,10 @@ async fn run_agent(cfg: Config) -> Result<()> {
     }
     // Report what was counted up to now; the kernel goes on counting for the next agent.
     agent.poll()?;
-    info!("stopped; kernel state stays pinned in {} (outflow-agent detach removes it)", cfg.pin_dir.display());
+    info!(
+        "stopped; kernel state stays pinned in {} (outflow-agent detach removes it)",
+        cfg.pin_dir.display()
+    );
     Ok(())
 }
 
@@ -195,12 +202,11 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let cli = Cli::parse_from([
-            "outflow-agent",
-            "--config",
-            "/nonexistent/definitely.toml",
-        ]);
-        assert!(cli.config().is_err(), "an explicit missing file is an error");
+        let cli = Cli::parse_from(["outflow-agent", "--config", "/nonexistent/definitely.toml"]);
+        assert!(
+            cli.config().is_err(),
+            "an explicit missing file is an error"
+        );
         let cli = Cli::parse_from([
             "outflow-agent",
             "print-config",

@@ -88,15 +88,30 @@ pub const fn role_name(role: u8) -> &'static str {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Tagged<'a> {
-    Started { cgroup: &'a str, pin_dir: &'a str, adopted: bool, capacity: u32 },
+    Started {
+        cgroup: &'a str,
+        pin_dir: &'a str,
+        adopted: bool,
+        capacity: u32,
+    },
     Conn(&'a ConnRecord),
     Overflow(&'a OverflowRecord),
-    Stats { ts: u64, #[serde(flatten)] stats: &'a StatsRecord },
+    Stats {
+        ts: u64,
+        #[serde(flatten)]
+        stats: &'a StatsRecord,
+    },
 }
 
 /// Where records go.
 pub trait Sink {
-    fn started(&mut self, cgroup: &str, pin_dir: &str, adopted: bool, capacity: u32) -> std::io::Result<()>;
+    fn started(
+        &mut self,
+        cgroup: &str,
+        pin_dir: &str,
+        adopted: bool,
+        capacity: u32,
+    ) -> std::io::Result<()>;
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()>;
     fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()>;
     fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()>;
@@ -115,8 +130,19 @@ impl<W: Write> JsonLines<W> {
 }
 
 impl<W: Write> Sink for JsonLines<W> {
-    fn started(&mut self, cgroup: &str, pin_dir: &str, adopted: bool, capacity: u32) -> std::io::Result<()> {
-        self.line(&Tagged::Started { cgroup, pin_dir, adopted, capacity })?;
+    fn started(
+        &mut self,
+        cgroup: &str,
+        pin_dir: &str,
+        adopted: bool,
+        capacity: u32,
+    ) -> std::io::Result<()> {
+        self.line(&Tagged::Started {
+            cgroup,
+            pin_dir,
+            adopted,
+            capacity,
+        })?;
         self.flush()
     }
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
@@ -144,7 +170,13 @@ fn endpoint(a: IpAddr, p: u16) -> String {
 }
 
 impl<W: Write> Sink for Text<W> {
-    fn started(&mut self, cgroup: &str, pin_dir: &str, adopted: bool, capacity: u32) -> std::io::Result<()> {
+    fn started(
+        &mut self,
+        cgroup: &str,
+        pin_dir: &str,
+        adopted: bool,
+        capacity: u32,
+    ) -> std::io::Result<()> {
         writeln!(
             self.0,
             "counting TCP connections in cgroup {cgroup} ({} state in {pin_dir}, table of {capacity})",
@@ -167,7 +199,10 @@ impl<W: Write> Sink for Text<W> {
             r.segments_in,
             if r.closed { " closed" } else { "" },
             r.cgroup.as_deref().unwrap_or("?"),
-            r.comm.as_ref().map(|c| format!("{c}[{}]", r.pid.unwrap_or(0))).unwrap_or_default(),
+            r.comm
+                .as_ref()
+                .map(|c| format!("{c}[{}]", r.pid.unwrap_or(0)))
+                .unwrap_or_default(),
         )
     }
     fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()> {
@@ -175,14 +210,25 @@ impl<W: Write> Sink for Text<W> {
         writeln!(
             self.0,
             "OVERFLOW (table full) out {} B ({} wire, {} segs) in {} B ({} wire, {} segs)",
-            c.bytes_out, c.wire_bytes_out, c.segments_out, c.bytes_in, c.wire_bytes_in, c.segments_in
+            c.bytes_out,
+            c.wire_bytes_out,
+            c.segments_out,
+            c.bytes_in,
+            c.wire_bytes_in,
+            c.segments_in
         )
     }
     fn stats(&mut self, _ts: u64, r: &StatsRecord) -> std::io::Result<()> {
         writeln!(
             self.0,
             "stats: {}/{} slots in use, {} connections overflowed ({} closed), {} untracked closes, {} unparsed packets, {} stale",
-            r.live, r.capacity, r.conns_overflowed, r.overflow_closed, r.legacy_untracked, r.unparsed_packets, r.stale_slot
+            r.live,
+            r.capacity,
+            r.conns_overflowed,
+            r.overflow_closed,
+            r.legacy_untracked,
+            r.unparsed_packets,
+            r.stale_slot
         )
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -94,7 +94,13 @@ impl ConnTable {
             return Err(TableError::Mmap(std::io::Error::last_os_error()));
         }
         let base = NonNull::new(p.cast::<ConnSlot>()).ok_or(TableError::NotArray)?;
-        Ok(Self { base, capacity, len_bytes, free, _map: map })
+        Ok(Self {
+            base,
+            capacity,
+            len_bytes,
+            free,
+            _map: map,
+        })
     }
 
     pub const fn capacity(&self) -> u32 {
@@ -110,9 +116,10 @@ impl ConnTable {
     /// Puts every slot on the free stack, slot 0 on top (first use only).
     pub fn fill_free_stack(&mut self) -> Result<(), TableError> {
         for index in (0..self.capacity).rev() {
-            self.free
-                .push(index, 0)
-                .map_err(|e| TableError::Free { slot: index, reason: e.to_string() })?;
+            self.free.push(index, 0).map_err(|e| TableError::Free {
+                slot: index,
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -180,9 +187,10 @@ impl ConnTable {
                     ptr::write_volatile(field!(s, generation), d.generation.wrapping_add(1));
                     ptr::write_volatile(field!(s, state), SLOT_FREE);
                     std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-                    self.free
-                        .push(d.index, 0)
-                        .map_err(|e| TableError::Free { slot: d.index, reason: e.to_string() })?;
+                    self.free.push(d.index, 0).map_err(|e| TableError::Free {
+                        slot: d.index,
+                        reason: e.to_string(),
+                    })?;
                 }
             }
         }
@@ -238,9 +246,18 @@ mod tests {
         b[10] = 0xff;
         b[11] = 0xff;
         b[12..].copy_from_slice(&[198, 18, 0, 2]);
-        assert_eq!(addr(AF_INET6, b), "198.18.0.2".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            addr(AF_INET6, b),
+            "198.18.0.2".parse::<IpAddr>().expect("ip")
+        );
         let v6: Ipv6Addr = "2001:db8::2".parse().expect("ip");
         assert_eq!(addr(AF_INET6, v6.octets()), IpAddr::V6(v6));
-        assert_eq!(addr(agent_common::AF_INET, [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "10.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            addr(
+                agent_common::AF_INET,
+                [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            ),
+            "10.0.0.1".parse::<IpAddr>().expect("ip")
+        );
     }
 }
