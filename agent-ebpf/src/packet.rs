@@ -3,6 +3,7 @@
 use aya_ebpf::bindings::__sk_buff;
 
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
 
 pub struct Packet {
     /// The IP and TCP headers were read.
@@ -69,11 +70,25 @@ fn headers(data: usize, data_end: usize) -> Option<(u32, u32, u32)> {
             u32::from(vihl & 0x0f) * 4
         }
         6 => {
-            // SAFETY: within the 40 bytes checked above. Extension headers are not walked.
-            if unsafe { *((data + 6) as *const u8) } != IPPROTO_TCP {
-                return None;
+            // SAFETY: within the 40 bytes checked above.
+            match unsafe { *((data + 6) as *const u8) } {
+                IPPROTO_TCP => 40,
+                // One Hop-by-Hop header (IPv6 BIG TCP puts a jumbo option there); other
+                // extension headers are not walked (counted as unparsed).
+                IPPROTO_HOPOPTS => {
+                    let hbh = data + 40;
+                    if hbh + 2 > data_end {
+                        return None;
+                    }
+                    // SAFETY: bounds checked just above.
+                    let (next, len) = unsafe { (*(hbh as *const u8), *((hbh + 1) as *const u8)) };
+                    if next != IPPROTO_TCP {
+                        return None;
+                    }
+                    40 + (u32::from(len) + 1) * 8
+                }
+                _ => return None,
             }
-            40
         }
         _ => return None,
     };
