@@ -1,0 +1,407 @@
+//! Driving the `outflow-agent` binary under test and collecting its JSON records.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::process::{CapturedText, ChildProcess};
+
+/// Environment variable that overrides where the agent binary is.
+pub const AGENT_BIN_ENV: &str = "OUTFLOW_AGENT_BIN";
+/// How long [`Agent::stop`] waits for the agent to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`run_to_completion`] lets the agent run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where bpffs is mounted.
+const BPFFS: &str = "/sys/fs/bpf";
+/// Prefix of the pin directories [`PinDir`] names: `outflow-test-<pid>-<serial>-<tag>`.
+const PIN_PREFIX: &str = "outflow-test-";
+
+/// Path of the agent binary: `$OUTFLOW_AGENT_BIN` if set, else `outflow-agent` in the cargo
+/// target profile directory of the running test (`current_exe()/../../outflow-agent`).
+/// Panics if it does not exist.
+pub fn agent_bin() -> PathBuf {
+    find_agent_bin().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn find_agent_bin() -> Result<PathBuf, String> {
+    let path = match std::env::var_os(AGENT_BIN_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("locating the test executable: {e}"))?;
+            // target/<profile>/deps/<test> -> target/<profile>/outflow-agent
+            exe.parent()
+                .and_then(Path::parent)
+                .ok_or_else(|| {
+                    format!(
+                        "test executable {} has no grandparent directory",
+                        exe.display()
+                    )
+                })?
+                .join("outflow-agent")
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "agent binary {} not found: build it with `cargo build -p outflow-agent` (same profile as the \
+             tests) or set {AGENT_BIN_ENV}",
+            path.display()
+        ))
+    }
+}
+
+/// A running agent (`outflow-agent ... --output json`) whose stdout records are collected.
+/// Killed (SIGKILL) when dropped if still running.
+pub struct Agent {
+    process: ChildProcess,
+    output: Arc<SharedRecords>,
+    stderr: CapturedText,
+}
+
+#[derive(Default)]
+struct SharedRecords {
+    state: Mutex<AgentOutput>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AgentOutput {
+    records: Vec<Value>,
+    bad_lines: Vec<String>,
+    closed: bool,
+}
+
+impl Agent {
+    /// Starts [`agent_bin()`] with `args` (e.g. `["run", "--cgroup", cg.relative_path()]`),
+    /// adding `--output json` unless `args` already choose an output.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_bin(&agent_bin(), args)
+    }
+
+    /// Like [`Agent::start`] with another binary (a stand-in that speaks the same protocol).
+    pub fn start_bin(bin: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new(bin);
+        command.args(args);
+        if !args
+            .iter()
+            .any(|a| *a == "--output" || a.starts_with("--output="))
+        {
+            command.args(["--output", "json"]);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let process = ChildProcess::spawn("outflow-agent", &mut command);
+        let stderr = CapturedText::capture(
+            "outflow-agent",
+            process.take_stderr().expect("stderr of the agent is piped"),
+        );
+        let stdout = process.take_stdout().expect("stdout of the agent is piped");
+        let output = Arc::new(SharedRecords::default());
+        let sink = Arc::clone(&output);
+        thread::Builder::new()
+            .name("agent-stdout".into())
+            .spawn(move || read_records(stdout, &sink))
+            .expect("spawning the agent stdout reader");
+        Self {
+            process,
+            output,
+            stderr,
+        }
+    }
+
+    /// Pid of the agent process.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// What the agent wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// Every record so far, in order.
+    pub fn records(&self) -> Vec<Value> {
+        self.lock().records.clone()
+    }
+
+    /// Waits for the `{"type":"started"}` record and returns it.
+    pub fn wait_started(&self, timeout: Duration) -> Value {
+        let is_started = |r: &Value| r.get("type").and_then(Value::as_str) == Some("started");
+        let records = self.wait_until(timeout, |records| records.iter().any(is_started));
+        records
+            .into_iter()
+            .find(is_started)
+            .expect("wait_until saw a started record")
+    }
+
+    /// Waits until `condition` holds for the records so far and returns them.
+    ///
+    /// Panics, with the agent's stderr, on timeout, if the agent exits (closes stdout) first,
+    /// or if it prints a line that is not JSON.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let failure = if !state.bad_lines.is_empty() {
+                Some(format!(
+                    "the agent printed lines that are not JSON: {:?}",
+                    state.bad_lines
+                ))
+            } else if condition(&state.records) {
+                return state.records.clone();
+            } else if state.closed {
+                Some("the agent closed stdout (exited?) before the condition held".to_owned())
+            } else if Instant::now() >= deadline {
+                Some(format!("the condition did not hold within {timeout:?}"))
+            } else {
+                None
+            };
+            if let Some(failure) = failure {
+                let records = state.records.len();
+                let last: Vec<String> = state
+                    .records
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .rev()
+                    .map(Value::to_string)
+                    .collect();
+                drop(state);
+                let status = self
+                    .process
+                    .try_status()
+                    .map_or_else(|| "running".to_owned(), |s| s.to_string());
+                panic!(
+                    "{failure}; agent {status}, {records} records, the last: {last:#?}\nagent stderr:\n{}",
+                    self.stderr.tail(50)
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Sends SIGTERM, waits for the agent to exit and for its last records, and returns its
+    /// exit status. Panics if it does not exit within 30 s (it is then killed).
+    pub fn stop(&self) -> ExitStatus {
+        self.process.signal(Signal::SIGTERM);
+        let Some(status) = self.process.wait_timeout(STOP_TIMEOUT) else {
+            self.process.kill();
+            panic!(
+                "the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; stderr:\n{}",
+                self.stderr.tail(50)
+            );
+        };
+        self.wait_stdout_closed();
+        status
+    }
+
+    /// Kills the agent (SIGKILL), as a crash would, and returns its exit status.
+    pub fn kill(&self) -> ExitStatus {
+        let status = self.process.kill();
+        self.wait_stdout_closed();
+        status
+    }
+
+    /// After exit, waits for the reader to reach EOF so that [`Agent::records`] is complete.
+    fn wait_stdout_closed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut state = self.lock();
+        while !state.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(state);
+                panic!("the agent exited but its stdout stayed open (a child process holds it?)");
+            }
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentOutput> {
+        self.output
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn read_records(stdout: impl Read, output: &SharedRecords) {
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = lines.next();
+        let mut state = output.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match line {
+            Some(Ok(line)) => match serde_json::from_str::<Value>(&line) {
+                Ok(record) => state.records.push(record),
+                Err(e) => state.bad_lines.push(format!("{line} ({e})")),
+            },
+            Some(Err(e)) => {
+                state.bad_lines.push(format!("<read error: {e}>"));
+                state.closed = true;
+            }
+            None => state.closed = true,
+        }
+        let closed = state.closed;
+        drop(state);
+        output.changed.notify_all();
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Runs [`agent_bin()`] with exactly `args` until it exits (at most 60 s) and returns its
+/// exit status, stdout and stderr: for commands that end by themselves and for bad input.
+pub fn run_to_completion(args: &[&str]) -> (ExitStatus, String, String) {
+    run_bin_to_completion(&agent_bin(), args)
+}
+
+/// Like [`run_to_completion`] with another binary.
+pub fn run_bin_to_completion(bin: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let process = ChildProcess::spawn("outflow-agent", &mut command);
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(process.take_stdout().expect("stdout is piped")));
+    let stderr = read_all(Box::new(process.take_stderr().expect("stderr is piped")));
+    let Some(status) = process.wait_timeout(RUN_TIMEOUT) else {
+        process.kill();
+        panic!(
+            "`{} {}` did not exit within {RUN_TIMEOUT:?}",
+            bin.display(),
+            args.join(" ")
+        );
+    };
+    let stdout = stdout.join().expect("the stdout reader does not panic");
+    let stderr = stderr.join().expect("the stderr reader does not panic");
+    (status, stdout, stderr)
+}
+
+/// A pin directory for one test's agent, unique to this process and test
+/// (`/sys/fs/bpf/outflow-test-<pid>-<serial>-<tag>`). Not created here: the agent creates it.
+///
+/// Dropping it runs `outflow-agent detach --pin-dir DIR` (so nothing stays attached) and
+/// removes whatever is left of the directory.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// Names a new pin directory; `tag` (e.g. the test name) tells them apart.
+    pub fn new(tag: &str) -> Self {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale_pin_dirs);
+        let name = format!(
+            "{PIN_PREFIX}{}-{}-{}",
+            std::process::id(),
+            crate::next_serial(),
+            crate::sanitize_tag(tag, 40)
+        );
+        Self {
+            path: Path::new(BPFFS).join(name),
+        }
+    }
+
+    /// The directory, for `--pin-dir`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory as a string, for `--pin-dir`.
+    pub fn as_arg(&self) -> &str {
+        self.path.to_str().expect("pin dir paths are ASCII")
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // No panics here: this may run while a test is already unwinding.
+        detach_and_remove(&self.path);
+    }
+}
+
+fn detach_and_remove(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    match find_agent_bin() {
+        Ok(bin) => match Command::new(&bin)
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(output) if !output.status.success() => eprintln!(
+                "`outflow-agent detach --pin-dir {}` failed ({}): {}",
+                path.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("running {}: {e}", bin.display()),
+        },
+        Err(e) => eprintln!("cannot detach {}: {e}", path.display()),
+    }
+    // Unpin whatever is left: a pinned link goes away with its last reference.
+    if path.exists()
+        && let Err(e) = std::fs::remove_dir_all(path)
+    {
+        eprintln!("removing pin dir {}: {e}", path.display());
+    }
+}
+
+/// Detaches pin directories left behind by test processes that no longer exist (killed runs).
+fn sweep_stale_pin_dirs() {
+    let Ok(entries) = std::fs::read_dir(BPFFS) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PIN_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !crate::process_exists(pid) {
+            detach_and_remove(&entry.path());
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `outflow-testpeer`: the "inference server" of the integration tests.
+//!
+//! ```text
+//! outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]
+//! ```
+//!
+//! Joins the cgroup DIR, enters the network namespace /run/netns/NAME, listens, prints `ready`,
+//! then serves each connection on its own thread with the protocol of
+//! `outflow_tests::protocol`, printing one JSON `ServerResult` line per finished connection.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use outflow_tests::protocol::{
+    DONE_BYTE, HEADER_LEN, RequestHeader, ServerResult, tcp_info, write_payload,
+};
+use outflow_tests::{cgroup, netns};
+
+const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]";
+
+struct Args {
+    netns: String,
+    cgroup: PathBuf,
+    listen: Vec<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args(std::env::args().skip(1))?;
+
+    // Join the cgroup first so every socket created below belongs to it.
+    cgroup::move_pid(&args.cgroup, std::process::id()).context("joining the cgroup")?;
+    // Still single-threaded: every thread spawned from here on starts in this namespace.
+    netns::enter(&args.netns)?;
+
+    let listeners = args
+        .listen
+        .iter()
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
+        .collect::<Result<Vec<_>>>()?;
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "ready")
+            .and_then(|()| out.flush())
+            .context("writing `ready`")?;
+    }
+
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| thread::spawn(move || accept_loop(&listener)))
+        .collect();
+    for acceptor in acceptors {
+        acceptor
+            .join()
+            .map_err(|_| anyhow::anyhow!("an accept thread panicked"))?;
+    }
+    Ok(())
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args> {
+    match args.next().as_deref() {
+        Some("serve") => {}
+        Some(other) => bail!("unknown command `{other}`\n{USAGE}"),
+        None => bail!("missing command\n{USAGE}"),
+    }
+    let (mut netns, mut cgroup, mut listen) = (None, None, Vec::new());
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--netns" => netns = Some(value),
+            "--cgroup" => cgroup = Some(PathBuf::from(value)),
+            "--listen" => listen.push(
+                value
+                    .parse()
+                    .with_context(|| format!("--listen {value}: not ADDR:PORT"))?,
+            ),
+            _ => bail!("unknown option `{flag}`\n{USAGE}"),
+        }
+    }
+    ensure!(
+        !listen.is_empty(),
+        "at least one --listen is needed\n{USAGE}"
+    );
+    Ok(Args {
+        netns: netns.with_context(|| format!("--netns is required\n{USAGE}"))?,
+        cgroup: cgroup.with_context(|| format!("--cgroup is required\n{USAGE}"))?,
+        listen,
+    })
+}
+
+fn accept_loop(listener: &TcpListener) {
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let spawned = thread::Builder::new().spawn(move || {
+                    let peer = stream
+                        .peer_addr()
+                        .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+                    if let Err(e) = serve(stream) {
+                        eprintln!("connection from {peer}: {e:#}");
+                    }
+                });
+                if let Err(e) = spawned {
+                    eprintln!("accepting on {local}: no thread for the connection: {e}");
+                }
+            }
+            Err(e) => eprintln!("accepting on {local}: {e}"),
+        }
+    }
+}
+
+fn serve(mut stream: TcpStream) -> Result<()> {
+    let local = stream.local_addr().context("local address")?;
+    let remote = stream.peer_addr().context("peer address")?;
+    // Like a token-streaming server: each chunk leaves at once.
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+
+    let mut header = [0u8; HEADER_LEN];
+    stream
+        .read_exact(&mut header)
+        .context("reading the request header")?;
+    let header = RequestHeader::decode(&header);
+    let body = io::copy(&mut (&mut stream).take(header.req_len), &mut io::sink())
+        .context("reading the request body")?;
+    ensure!(
+        body == header.req_len,
+        "request body ended after {body} of {} bytes",
+        header.req_len
+    );
+
+    let seed = (u64::from(remote.port()) << 16) | u64::from(local.port());
+    write_payload(
+        &mut stream,
+        seed,
+        header.resp_len,
+        header.chunk,
+        Duration::from_millis(header.interval_ms.into()),
+    )
+    .context("writing the response")?;
+
+    let mut done = [0u8; 1];
+    stream
+        .read_exact(&mut done)
+        .context("reading the done byte")?;
+    ensure!(
+        done[0] == DONE_BYTE,
+        "expected the done byte, got {:#04x}",
+        done[0]
+    );
+
+    let info = tcp_info(&stream).context("getsockopt(TCP_INFO)")?;
+    let result = ServerResult {
+        local_port: local.port(),
+        remote_addr: remote.ip(),
+        remote_port: remote.port(),
+        sent: header.resp_len,
+        received: header.client_bytes(),
+        bytes_acked: info.bytes_acked,
+        bytes_received: info.bytes_received,
+        segs_out: info.segs_out,
+        segs_in: info.segs_in,
+        total_retrans: info.total_retrans,
+    };
+    let line = serde_json::to_string(&result).context("encoding the result")?;
+    // One locked write per line, so lines from concurrent connections never interleave.
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing the result")?;
+    Ok(())
+}

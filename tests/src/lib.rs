@@ -1,0 +1,57 @@
+//! Integration-test harness for outflow.
+//!
+//! Everything here needs root and a Linux kernel with cgroup2 and network namespaces. Each
+//! piece is an RAII guard that cleans up when dropped, also while a test panics, and gets a
+//! name unique to its process and test so that tests can run in parallel:
+//!
+//! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
+//! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
+//! - [`peer::Server`]: the `outflow-testpeer` binary serving inside the server namespace and
+//!   the test cgroup; [`peer::Client`] makes requests from inside the client namespace.
+//! - [`agent::Agent`]: the `outflow-agent` binary under test, its JSON records collected.
+//! - [`records`]: sums of the agent's per-connection deltas.
+//!
+//! Failures panic with a message saying what failed: this is test code.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod cgroup;
+pub mod netns;
+pub mod peer;
+pub mod process;
+pub mod protocol;
+pub mod records;
+pub mod wait;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Path of the `outflow-testpeer` binary, for [`peer::Server::start`].
+///
+/// Only usable in integration tests and benches of this package, where cargo builds the binary
+/// and sets `CARGO_BIN_EXE_outflow-testpeer`.
+#[macro_export]
+macro_rules! testpeer_bin {
+    () => {
+        ::std::path::Path::new(env!("CARGO_BIN_EXE_outflow-testpeer"))
+    };
+}
+
+/// A number unique within this process, for names of kernel objects.
+pub(crate) fn next_serial() -> u32 {
+    static SERIAL: AtomicU32 = AtomicU32::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Keeps the characters of `tag` that are safe in file and interface names, at most `max` of them.
+pub(crate) fn sanitize_tag(tag: &str, max: usize) -> String {
+    tag.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(max)
+        .collect()
+}
+
+/// Whether a process with this pid exists, for sweeping objects left by killed test runs.
+pub(crate) fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}

@@ -1,0 +1,253 @@
+//! Network namespaces for tests: a server and a client namespace joined by a veth pair.
+//!
+//! Tests only ever send traffic to the addresses below, inside namespaces they created.
+
+use std::fs::{self, File};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Once;
+use std::thread;
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::wait::wait_for;
+
+/// IPv4 address of the server end of the veth pair (prefix /24).
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// IPv4 address of the client end of the veth pair (prefix /24).
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// IPv6 address of the server end of the veth pair (prefix /64).
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// IPv6 address of the client end of the veth pair (prefix /64).
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// Prefix of the namespaces this module creates: `outflow-t<pid>-<serial>-<tag>-{s,c}`.
+const PREFIX: &str = "outflow-t";
+/// How long a new pair may take to become usable.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Moves the calling thread into the named network namespace (`/run/netns/<name>`).
+///
+/// Only this thread changes namespace; threads it spawns afterwards start in the new one.
+pub fn enter(name: &str) -> io::Result<()> {
+    let path = Path::new(NETNS_DIR).join(name);
+    let file = File::open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+    setns(&file, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| io::Error::other(format!("setns({}, CLONE_NEWNET): {e}", path.display())))
+}
+
+/// Runs `f` on a new thread inside the named network namespace and returns its result.
+/// Panics if the namespace cannot be entered or `f` panics.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter(name).unwrap_or_else(|e| panic!("entering network namespace {name}: {e}"));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Two network namespaces, server and client, joined by a veth pair:
+/// the server end has 198.18.0.1/24 and 2001:db8::1/64, the client end 198.18.0.2/24 and
+/// 2001:db8::2/64; `lo` is up in both. Dropping it deletes both namespaces (and so the veth).
+#[derive(Debug)]
+pub struct NetnsPair {
+    server_ns: String,
+    client_ns: String,
+    server_if: String,
+    client_if: String,
+}
+
+impl NetnsPair {
+    /// Creates the pair and waits until both ends are up and every address is usable.
+    ///
+    /// `tag` (e.g. the test name) goes into the namespace names to tell them apart.
+    pub fn new(tag: &str) -> Self {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale);
+
+        let pid = std::process::id();
+        let serial = crate::next_serial();
+        let tag = crate::sanitize_tag(tag, 40);
+        // Interface names are at most 15 bytes: "of" + pid (<= 6 hex digits) + "-" + serial
+        // (4 hex digits) + "s" or "c" is at most 14.
+        let serial_hex = format!("{:04x}", serial & 0xffff);
+        let pair = Self {
+            server_ns: format!("{PREFIX}{pid}-{serial}-{tag}-s"),
+            client_ns: format!("{PREFIX}{pid}-{serial}-{tag}-c"),
+            server_if: format!("of{pid:x}-{serial_hex}s"),
+            client_if: format!("of{pid:x}-{serial_hex}c"),
+        };
+        // From here on a panic drops `pair`, which deletes whatever was created.
+        for ns in [&pair.server_ns, &pair.client_ns] {
+            ip(&["netns", "add", ns]);
+            // Interfaces created afterwards skip duplicate address detection, so their
+            // addresses (link-local included) are never tentative.
+            run_in(ns, || {
+                let knob = "/proc/sys/net/ipv6/conf/default/accept_dad";
+                fs::write(knob, "0").unwrap_or_else(|e| panic!("writing 0 to {knob} in {ns}: {e}"));
+            });
+        }
+        // Each end is created directly in its namespace, so the names never meet in ours.
+        ip(&[
+            "link",
+            "add",
+            &pair.server_if,
+            "netns",
+            &pair.server_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.client_if,
+            "netns",
+            &pair.client_ns,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&pair.server_ns, &pair.server_if, SERVER_V4, SERVER_V6),
+            (&pair.client_ns, &pair.client_if, CLIENT_V4, CLIENT_V6),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        pair.wait_ready();
+        pair
+    }
+
+    /// Name of the server namespace (under `/run/netns`).
+    pub fn server_ns(&self) -> &str {
+        &self.server_ns
+    }
+
+    /// Name of the client namespace (under `/run/netns`).
+    pub fn client_ns(&self) -> &str {
+        &self.client_ns
+    }
+
+    /// Name of the veth end in the server namespace.
+    pub fn server_if(&self) -> &str {
+        &self.server_if
+    }
+
+    /// Name of the veth end in the client namespace.
+    pub fn client_if(&self) -> &str {
+        &self.client_if
+    }
+
+    /// The server's IPv4 address with `port`.
+    pub fn server_v4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(SERVER_V4), port)
+    }
+
+    /// The server's IPv6 address with `port`.
+    pub fn server_v6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(SERVER_V6), port)
+    }
+
+    /// Waits until both veth ends have carrier and no address is tentative.
+    fn wait_ready(&self) {
+        for (ns, dev, v4, v6) in [
+            (&self.server_ns, &self.server_if, SERVER_V4, SERVER_V6),
+            (&self.client_ns, &self.client_if, CLIENT_V4, CLIENT_V6),
+        ] {
+            wait_for(
+                READY_TIMEOUT,
+                &format!("{dev} in {ns} to be up with usable addresses"),
+                || {
+                    let link = ip_output(&["-n", ns, "-o", "link", "show", "dev", dev]);
+                    let addrs = ip_output(&["-n", ns, "-o", "addr", "show", "dev", dev]);
+                    let tentative =
+                        ip_output(&["-n", ns, "-o", "addr", "show", "dev", dev, "tentative"]);
+                    link.contains("LOWER_UP")
+                        && addrs.contains(&format!("inet {v4}/24"))
+                        && addrs.contains(&format!("inet6 {v6}/64"))
+                        && tentative.trim().is_empty()
+                },
+            );
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // No panics here: this may run while a test is already unwinding.
+        for ns in [&self.server_ns, &self.client_ns] {
+            if Path::new(NETNS_DIR).join(ns).exists()
+                && let Err(e) = try_ip(&["netns", "del", ns])
+            {
+                eprintln!("deleting network namespace {ns}: {e}");
+            }
+        }
+    }
+}
+
+/// Runs `ip ARGS`, returning its stdout or an error with its stderr.
+fn try_ip(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `ip ARGS`; panics if it fails.
+fn ip(args: &[&str]) {
+    ip_output(args);
+}
+
+/// Runs `ip ARGS` and returns its stdout; panics if it fails.
+fn ip_output(args: &[&str]) -> String {
+    try_ip(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Deletes namespaces left behind by test processes that no longer exist (killed runs).
+fn sweep_stale() {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !crate::process_exists(pid)
+            && let Err(e) = try_ip(&["netns", "del", name])
+        {
+            eprintln!("deleting stale network namespace {name}: {e}");
+        }
+    }
+}
