@@ -59,6 +59,26 @@ impl Server {
     /// 198.18.0.1 and \[2001:db8::1\] at each of `ports`, and waits for it to be ready.
     pub fn start(bin: &Path, pair: &NetnsPair, cgroup: &TestCgroup, ports: &[u16]) -> Self {
         assert!(!ports.is_empty(), "Server::start needs at least one port");
+        let listen: Vec<SocketAddr> = ports
+            .iter()
+            .flat_map(|&port| {
+                [
+                    SocketAddr::new(IpAddr::V4(SERVER_V4), port),
+                    SocketAddr::new(IpAddr::V6(SERVER_V6), port),
+                ]
+            })
+            .collect();
+        Self::start_listening(bin, pair, cgroup, &listen)
+    }
+
+    /// Like [`Server::start`], listening on exactly `listen` (e.g. a loopback address).
+    pub fn start_listening(
+        bin: &Path,
+        pair: &NetnsPair,
+        cgroup: &TestCgroup,
+        listen: &[SocketAddr],
+    ) -> Self {
+        assert!(!listen.is_empty(), "Server::start_listening needs at least one address");
         let mut command = Command::new(bin);
         command
             .arg("serve")
@@ -68,15 +88,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for &port in ports {
-            command.args([
-                "--listen",
-                &SocketAddr::new(IpAddr::V4(SERVER_V4), port).to_string(),
-            ]);
-            command.args([
-                "--listen",
-                &SocketAddr::new(IpAddr::V6(SERVER_V6), port).to_string(),
-            ]);
+        for addr in listen {
+            command.args(["--listen", &addr.to_string()]);
         }
         let process = ChildProcess::spawn("outflow-testpeer", &mut command);
         let stderr = CapturedText::capture(
@@ -99,7 +112,11 @@ impl Server {
             process,
             output,
             stderr,
-            ports: ports.to_vec(),
+            ports: {
+                let mut ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
+                ports.dedup();
+                ports
+            },
         };
         server.wait_ready();
         server
