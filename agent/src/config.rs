@@ -83,6 +83,26 @@ impl Default for Config {
     }
 }
 
+/// The line number of byte `pos` of a TOML text and the dotted name of the key set on it.
+fn field_at(text: &str, pos: usize) -> (usize, Option<String>) {
+    let before = &text[..pos.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().to_string()).filter(|k| !k.is_empty());
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let field = match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        _ => None,
+    };
+    (line_no, field)
+}
+
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MIN_CONNECTIONS: u32 = 16;
@@ -109,15 +129,15 @@ impl Config {
         })
     }
 
-    /// Parses TOML text; the error is one line that names the field.
+    /// Parses TOML text; the error is one line that names the field and its line.
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
-            let mut msg = e.message().trim().to_string();
-            if let Some(span) = e.span() {
-                let line = text[..span.start.min(text.len())].lines().count().max(1);
-                msg = format!("line {line}: {msg}");
+            let msg = e.message().trim().replace('\n', " ");
+            match e.span().map(|s| field_at(text, s.start)) {
+                Some((line, Some(field))) => format!("field `{field}` (line {line}): {msg}"),
+                Some((line, None)) => format!("line {line}: {msg}"),
+                None => msg,
             }
-            msg.replace('\n', " ")
         })
     }
 
@@ -209,11 +229,11 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let e = Config::parse("max_connections = \"many\"").expect_err("bad type");
-        assert!(e.contains("max_connections") || e.contains("line 1"), "{e}");
+        assert!(e.contains("`max_connections` (line 1)"), "{e}");
         let e = Config::parse("intreval = \"1s\"").expect_err("unknown field");
         assert!(e.contains("intreval"), "{e}");
         let e = Config::parse("[filter]\nremote_cidrs = [\"10.0.0.0/33\"]").expect_err("bad cidr");
-        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("`filter.remote_cidrs` (line 2)"), "{e}");
         let c = Config {
             interval: Duration::from_millis(1),
             ..Config::default()

@@ -1,0 +1,153 @@
+//! What an operator sees: bad input gives one line and a non-zero exit, never a panic; the
+//! effective configuration can be printed; `detach` removes everything the agent pinned.
+//!
+//! Needs root (CI runs it as root).
+
+use std::{fs, path::Path, process::ExitStatus, time::Duration};
+
+use outflow_tests::{
+    agent::{Agent, PinDir, agent_bin, run_to_completion},
+    cgroup::TestCgroup,
+};
+
+/// Asserts a failed run that explains itself in one line, on stderr, mentioning `needle`.
+fn assert_one_line_error(status: ExitStatus, stdout: &str, stderr: &str, needle: &str) {
+    assert!(!status.success(), "must fail: {status:?} {stderr}");
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    assert!(!stderr.contains("stack backtrace"), "no trace: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "mentions {needle:?}: {stderr}");
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+}
+
+#[test]
+fn a_cgroup_that_does_not_exist_is_named() {
+    let (status, out, err) = run_to_completion(&["--cgroup", "/sys/fs/cgroup/outflow-no-such-cgroup"]);
+    assert_one_line_error(status, &out, &err, "outflow-no-such-cgroup does not exist");
+}
+
+#[test]
+fn a_directory_outside_cgroup2_is_refused() {
+    let dir = std::env::temp_dir();
+    let (status, out, err) = run_to_completion(&["--cgroup", dir.to_str().expect("utf-8 tmp")]);
+    assert_one_line_error(status, &out, &err, "is not a cgroup v2 directory");
+}
+
+#[test]
+fn a_relative_cgroup_path_is_refused_naming_the_field() {
+    let (status, out, err) = run_to_completion(&["--cgroup", "system.slice"]);
+    assert_one_line_error(status, &out, &err, "`cgroup`");
+}
+
+#[test]
+fn bad_config_fields_are_named() {
+    let dir = std::env::temp_dir().join(format!("outflow-config-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temp dir");
+    let cases = [
+        ("max_connections = \"lots\"\n", "max_connections"),
+        ("interval = \"10ms\"\n", "`interval`"),
+        ("intreval = \"1s\"\n", "intreval"),
+        ("[filter]\nremote_cidrs = [\"10.0.0.0/40\"]\n", "`filter.remote_cidrs`"),
+        ("max_connections = 3\n", "`max_connections`"),
+        ("pin_dir = \"relative\"\n", "`pin_dir`"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("{i}.toml"));
+        fs::write(&path, text).expect("write config");
+        let (status, out, err) = run_to_completion(&["--config", path.to_str().expect("utf-8")]);
+        assert_one_line_error(status, &out, &err, needle);
+    }
+    let (status, out, err) = run_to_completion(&["--config", "/nonexistent/outflow.toml"]);
+    assert_one_line_error(status, &out, &err, "/nonexistent/outflow.toml");
+    fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn not_root_is_explained() {
+    let bin = agent_bin();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run setpriv (util-linux; cargo xtask setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(out.status, &stdout, &stderr, "must run as root");
+}
+
+#[test]
+fn print_config_shows_the_effective_configuration() {
+    let (status, out, err) = run_to_completion(&[
+        "print-config",
+        "--interval",
+        "250ms",
+        "--local-port",
+        "8000",
+        "--max-connections",
+        "1024",
+    ]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("interval = \"250ms\""), "{out}");
+    assert!(out.contains("max_connections = 1024"), "{out}");
+    assert!(out.contains("local_ports = [8000]"), "{out}");
+}
+
+#[test]
+fn detach_removes_everything_the_agent_pinned() {
+    let cgroup = TestCgroup::new("detach");
+    let pin = PinDir::new("detach");
+    let agent = Agent::start(&["--cgroup", cgroup.as_arg(), "--pin-dir", pin.as_arg()]);
+    agent.wait_started(Duration::from_secs(60));
+    assert_eq!(attached_programs(cgroup.path()), [1, 1, 1], "ingress, egress, sock_ops");
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    assert_eq!(attached_programs(cgroup.path()), [1, 1, 1], "still attached after the agent stops");
+    // Stopping keeps the kernel state: links and maps stay pinned.
+    for sub in ["links", "maps"] {
+        let n = fs::read_dir(pin.path().join(sub)).map(Iterator::count).unwrap_or(0);
+        assert!(n > 0, "{sub} pinned after stop");
+    }
+    let (status, _, err) = run_to_completion(&["detach", "--pin-dir", pin.as_arg()]);
+    assert!(status.success(), "{err}");
+    assert!(!Path::new(pin.path()).exists(), "pin dir removed: {err}");
+    // Nothing stays attached to the cgroup.
+    assert_eq!(attached_programs(cgroup.path()), [0, 0, 0], "ingress, egress, sock_ops");
+}
+
+/// How many programs are attached to `cgroup` for cgroup_skb ingress, egress and sock_ops
+/// (`BPF_PROG_QUERY`).
+fn attached_programs(cgroup: &Path) -> [u32; 3] {
+    use std::os::fd::AsRawFd as _;
+    let dir = fs::File::open(cgroup).expect("open cgroup");
+    // BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS.
+    [0u32, 1, 3].map(|attach_type| {
+        #[repr(C)]
+        struct Query {
+            target_fd: u32,
+            attach_type: u32,
+            query_flags: u32,
+            attach_flags: u32,
+            prog_ids: u64,
+            prog_cnt: u32,
+        }
+        let mut attr = [0u8; 128];
+        let q = Query {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type,
+            query_flags: 0,
+            attach_flags: 0,
+            prog_ids: 0,
+            prog_cnt: 0,
+        };
+        // SAFETY: Query is plain data that fits in the zeroed attr buffer.
+        unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<Query>(), q) };
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        // SAFETY: bpf(2) reads and writes only within attr.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        unsafe { std::ptr::read_unaligned(attr.as_ptr().cast::<Query>()) }.prog_cnt
+    })
+}
