@@ -6,9 +6,9 @@
 //!   so that the close marks the slot final.
 //! - `sock_close` (tracepoint `sock:inet_sock_set_state`): marks the slot final for connections
 //!   that were open before the agent attached (sock_ops never saw them).
-#![no_std]
-#![no_main]
-#![feature(asm_experimental_arch)]
+// Built for the kernel (bpfel-unknown-none, by the agent's build.rs). On the host it only
+// type-checks (`cargo check --workspace`, clippy) into an empty program.
+#![cfg_attr(target_arch = "bpf", no_std, no_main, feature(asm_experimental_arch))]
 
 mod maps;
 mod packet;
@@ -236,7 +236,7 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
             slot: idx,
             generation,
         };
-        if LEGACY.insert(key, &r, 0).is_err() {
+        if LEGACY.insert(key, r, 0).is_err() {
             bump(stat::LEGACY_UNTRACKED);
         }
     }
@@ -502,21 +502,24 @@ fn try_sock_close(ctx: &TracePointContext) -> Result<(), i32> {
             key.local_addr[..4].copy_from_slice(&s);
             key.remote_addr[..4].copy_from_slice(&d);
         }
-        let Some(r) = LEGACY.get_ptr(&key) else {
+        let Some(r) = LEGACY.get_ptr(key) else {
             return Ok(());
         };
         let r = *r;
         close_slot(r.slot, r.generation);
-        let _ = LEGACY.remove(&key);
+        let _ = LEGACY.remove(key);
     }
     Ok(())
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
