@@ -88,7 +88,10 @@ fn field_at(text: &str, pos: usize) -> (usize, Option<String>) {
     let before = &text[..pos.min(text.len())];
     let line_no = before.matches('\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let key = line.split_once('=').map(|(k, _)| k.trim().to_string()).filter(|k| !k.is_empty());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty());
     let table = before
         .lines()
         .rev()

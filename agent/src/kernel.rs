@@ -9,7 +9,7 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -528,47 +528,39 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
     ] {
         let prog: &mut CgroupSkb = program(ebpf, name)?;
         prog.load().map_err(|e| load_error(name, &e))?;
-        let pin = link_pin(pin_dir, name);
-        if pin.exists() {
-            replace_in_link(
-                &pin,
-                prog.fd().map_err(|e| attach_err(name)(&e))?.as_fd(),
-                name,
-            )?;
-        } else {
+        let fd = prog
+            .fd()
+            .map_err(|e| attach_err(name)(&e))?
+            .as_fd()
+            .as_raw_fd();
+        pin_or_replace(name, pin_dir, fd, || {
             let id = prog
                 .attach(&cg, kind, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name)(&e))?;
-            let link: FdLink = prog
-                .take_link(id)
+            prog.take_link(id)
                 .map_err(|e| attach_err(name)(&e))?
                 .try_into()
-                .map_err(|e: LinkError| attach_err(name)(&e))?;
-            link.pin(&pin).map_err(|e| attach_err(name)(&e))?;
-        }
+                .map_err(|e: LinkError| attach_err(name)(&e))
+        })?;
     }
 
     {
         let prog: &mut SockOps = program(ebpf, SOCK_OPS)?;
         prog.load().map_err(|e| load_error(SOCK_OPS, &e))?;
-        let pin = link_pin(pin_dir, SOCK_OPS);
-        if pin.exists() {
-            replace_in_link(
-                &pin,
-                prog.fd().map_err(|e| attach_err(SOCK_OPS)(&e))?.as_fd(),
-                SOCK_OPS,
-            )?;
-        } else {
+        let fd = prog
+            .fd()
+            .map_err(|e| attach_err(SOCK_OPS)(&e))?
+            .as_fd()
+            .as_raw_fd();
+        pin_or_replace(SOCK_OPS, pin_dir, fd, || {
             let id = prog
                 .attach(&cg, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(SOCK_OPS)(&e))?;
-            let link: FdLink = prog
-                .take_link(id)
+            prog.take_link(id)
                 .map_err(|e| attach_err(SOCK_OPS)(&e))?
                 .try_into()
-                .map_err(|e: LinkError| attach_err(SOCK_OPS)(&e))?;
-            link.pin(&pin).map_err(|e| attach_err(SOCK_OPS)(&e))?;
-        }
+                .map_err(|e: LinkError| attach_err(SOCK_OPS)(&e))
+        })?;
     }
 
     {
@@ -612,11 +604,30 @@ where
     })
 }
 
+/// Attaches a cgroup program and pins its link; when an earlier agent left the link pinned,
+/// swaps this program into it instead (`attach` is then not called).
+fn pin_or_replace(
+    name: &'static str,
+    pin_dir: &Path,
+    prog_fd: RawFd,
+    attach: impl FnOnce() -> Result<FdLink, KernelError>,
+) -> Result<(), KernelError> {
+    let pin = link_pin(pin_dir, name);
+    if pin.exists() {
+        return replace_in_link(&pin, prog_fd, name);
+    }
+    attach()?.pin(&pin).map_err(|e| KernelError::Attach {
+        program: name,
+        reason: chain(&e),
+    })?;
+    Ok(())
+}
+
 /// Swaps the program behind a pinned link (`BPF_LINK_UPDATE`): atomic, so no packet is counted
 /// twice or missed.
 fn replace_in_link(
     pin: &Path,
-    prog: BorrowedFd<'_>,
+    prog: RawFd,
     name: &'static str,
 ) -> Result<(), KernelError> {
     // aya does not expose a pinned link's fd, nor BPF_LINK_UPDATE: both by bpf(2) directly.
@@ -634,7 +645,7 @@ fn replace_in_link(
     let mut attr = [0u8; 128];
     let upd = LinkUpdate {
         link_fd: fd.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
+        new_prog_fd: prog as u32,
         flags: 0,
         old_prog_fd: 0,
     };
