@@ -27,16 +27,18 @@ const PIN_PREFIX: &str = "outflow-test-";
 /// target profile directory of the running test (`current_exe()/../../outflow-agent`).
 /// Panics if it does not exist.
 pub fn agent_bin() -> PathBuf {
-    find_agent_bin().unwrap_or_else(|e| panic!("{e}"))
+    find_bin("outflow-agent", AGENT_BIN_ENV, "outflow-agent").unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn find_agent_bin() -> Result<PathBuf, String> {
-    let path = match std::env::var_os(AGENT_BIN_ENV) {
+/// Path of a workspace binary `file`: `$env` if set, else `file` in the cargo target profile
+/// directory of the running test (`current_exe()/../../<file>`, as assert_cmd does).
+pub(crate) fn find_bin(file: &str, env: &str, package: &str) -> Result<PathBuf, String> {
+    let path = match std::env::var_os(env) {
         Some(path) => PathBuf::from(path),
         None => {
             let exe = std::env::current_exe()
                 .map_err(|e| format!("locating the test executable: {e}"))?;
-            // target/<profile>/deps/<test> -> target/<profile>/outflow-agent
+            // target/<profile>/deps/<test> -> target/<profile>/<file>
             exe.parent()
                 .and_then(Path::parent)
                 .ok_or_else(|| {
@@ -45,15 +47,15 @@ fn find_agent_bin() -> Result<PathBuf, String> {
                         exe.display()
                     )
                 })?
-                .join("outflow-agent")
+                .join(file)
         }
     };
     if path.is_file() {
         Ok(path)
     } else {
         Err(format!(
-            "agent binary {} not found: build it with `cargo build -p outflow-agent` (same profile as the \
-             tests) or set {AGENT_BIN_ENV}",
+            "binary {} not found: build it with `cargo build -p {package}` (same profile as the \
+             tests) or set {env}",
             path.display()
         ))
     }
@@ -360,7 +362,7 @@ fn detach_and_remove(path: &Path) {
     if !path.exists() {
         return;
     }
-    match find_agent_bin() {
+    match find_bin("outflow-agent", AGENT_BIN_ENV, "outflow-agent") {
         Ok(bin) => match Command::new(&bin)
             .arg("detach")
             .arg("--pin-dir")

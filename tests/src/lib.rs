@@ -9,6 +9,7 @@
 //! - [`peer::Server`]: the `outflow-testpeer` binary serving inside the server namespace and
 //!   the test cgroup; [`peer::Client`] makes requests from inside the client namespace.
 //! - [`agent::Agent`]: the `outflow-agent` binary under test, its JSON records collected.
+//! - [`collector::Collector`]: the `outflow-collector` binary under test, and its queries.
 //! - [`records`]: sums of the agent's per-connection deltas.
 //!
 //! Failures panic with a message saying what failed: this is test code.
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod collector;
 pub mod netns;
 pub mod peer;
 pub mod process;

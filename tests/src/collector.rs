@@ -1,0 +1,147 @@
+//! Driving the `outflow-collector` binary under test and asking it for its aggregates.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use outflow_proto::v1::{ClientStatsRequest, ClientStatsResponse, query_client::QueryClient};
+
+use crate::agent::find_bin;
+use crate::process::{CapturedText, ChildProcess};
+use crate::wait::wait_for;
+
+/// Environment variable that overrides where the collector binary is.
+pub const COLLECTOR_BIN_ENV: &str = "OUTFLOW_COLLECTOR_BIN";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of the collector binary (see [`crate::agent::agent_bin`] for the rules).
+pub fn collector_bin() -> PathBuf {
+    find_bin("outflow-collector", COLLECTOR_BIN_ENV, "outflow-collector")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: the kernel does not hand it out again
+/// right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0 for a free port")
+}
+
+/// A running collector listening on 127.0.0.1. Killed (SIGKILL) when dropped if still running.
+pub struct Collector {
+    process: ChildProcess,
+    stderr: CapturedText,
+    listen: SocketAddr,
+}
+
+impl Collector {
+    /// Starts the collector with `--listen 127.0.0.1:<port>` and `extra` arguments, and waits
+    /// until it accepts connections.
+    pub fn start(port: u16, extra: &[&str]) -> Self {
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut command = Command::new(collector_bin());
+        command
+            .args(["--listen", &listen.to_string()])
+            .args(extra)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let process = ChildProcess::spawn("outflow-collector", &mut command);
+        let stderr = CapturedText::capture(
+            "outflow-collector",
+            process.take_stderr().expect("stderr of outflow-collector is piped"),
+        );
+        let collector = Self { process, stderr, listen };
+        wait_for(START_TIMEOUT, "the collector to accept connections", || {
+            assert!(
+                collector.process.try_status().is_none(),
+                "the collector exited early; stderr:\n{}",
+                collector.stderr.tail(30)
+            );
+            TcpStream::connect(listen).is_ok()
+        });
+        collector
+    }
+
+    /// `http://127.0.0.1:<port>`, what agents and queries connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// What it logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// SIGKILL: a crash, nothing flushed on the way out.
+    pub fn kill(&self) -> ExitStatus {
+        self.process.kill()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&self) -> ExitStatus {
+        self.process.signal(Signal::SIGTERM);
+        self.process.wait_timeout(STOP_TIMEOUT).unwrap_or_else(|| {
+            self.process.kill();
+            panic!("the collector did not stop within {STOP_TIMEOUT:?}:\n{}", self.stderr.tail(30))
+        })
+    }
+
+    /// `outflow.v1.Query/ClientStats` for an address or prefix.
+    pub fn client_stats(&self, client: &str) -> ClientStatsResponse {
+        let url = self.url();
+        let client = client.to_string();
+        runtime().block_on(async move {
+            let mut q = QueryClient::connect(url.clone())
+                .await
+                .unwrap_or_else(|e| panic!("connect to the collector at {url}: {e}"));
+            q.client_stats(ClientStatsRequest { client: client.clone() })
+                .await
+                .unwrap_or_else(|e| panic!("ClientStats({client}): {e}"))
+                .into_inner()
+        })
+    }
+}
+
+/// A small runtime for the blocking tests to make gRPC calls with.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for gRPC calls")
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `/tmp/outflow-test-<pid>-<tag>`, created empty.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("outflow-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        Self(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The directory, for a command-line argument.
+    pub fn as_arg(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
