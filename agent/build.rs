@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("agent-ebpf manifest has no parent"))?;
+    // aya-build replays the nested cargo's progress lines as cargo warnings; keep it to errors.
+    // SAFETY: the build script is single-threaded here.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: ebpf.name.as_str(),

@@ -8,8 +8,8 @@ use crate::{
     enrich::{CgroupNames, Listeners},
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
-    record::{ConnRecord, OverflowRecord, Sink, StatsRecord, role_name},
-    table::{SlotDelta, TableError},
+    record::{ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
+    table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +63,32 @@ pub struct Agent {
     last_stats: Option<StatsRecord>,
 }
 
+/// Redoes what of `plan` was not committed (see [`crate::table::ConnTable::redo`]).
+fn redo(kernel: &mut Kernel, plan: &CommitPlan) -> Result<(), AgentError> {
+    let slots = kernel.table.redo(&plan.slots, Clock::now().boot_ns)?;
+    let mut overflow = false;
+    if let Some(o) = plan.overflow
+        && kernel.overflow_reported()? == o.before
+    {
+        kernel.set_overflow_reported(o.after)?;
+        overflow = true;
+    }
+    if slots > 0 || overflow {
+        log::info!(
+            "completed the previous agent's last commit ({slots} connections{}): its records are already spooled",
+            if overflow { ", overflow" } else { "" }
+        );
+    }
+    Ok(())
+}
+
 impl Agent {
     /// Checks the environment, loads or adopts the kernel state, attaches, and says so.
     pub fn start(cfg: &Config, mut sink: Box<dyn Sink + Send>) -> Result<Self, AgentError> {
         kernel::require_root()?;
         let mount = kernel::cgroup2_mount()?;
         let cgroup = kernel::resolve_cgroup(cfg.cgroup.as_deref())?;
-        let kernel = Kernel::open(&LoadSettings {
+        let mut kernel = Kernel::open(&LoadSettings {
             cgroup: &cgroup,
             pin_dir: &cfg.pin_dir,
             max_connections: cfg.max_connections,
@@ -79,6 +98,14 @@ impl Agent {
             |_| cgroup.display().to_string(),
             |r| format!("/{}", r.display()),
         );
+        // A previous agent may have made an interval durable and died before committing it.
+        // (Without adopted state there is nothing to redo: that table is gone.)
+        if let Some(plan) = sink.recover()? {
+            if kernel.adopted {
+                redo(&mut kernel, &plan)?;
+            }
+            sink.committed()?;
+        }
         sink.started(
             &rel,
             &cfg.pin_dir.display().to_string(),
@@ -96,10 +123,14 @@ impl Agent {
     }
 
     /// One interval: emit every changed or closed connection, the overflow, the stats; flush;
-    /// then record what was emitted as reported (so a crash repeats rather than loses).
+    /// then record what was emitted as reported (so a crash repeats rather than loses; a sink
+    /// that keeps the commit plan with its durable records lets the next agent finish the
+    /// commit instead, so nothing is repeated either).
     pub fn poll(&mut self) -> Result<(), AgentError> {
         let clock = Clock::now();
+        self.sink.begin(clock.unix_ms)?;
         let deltas = self.kernel.table.collect();
+        let mut plan = CommitPlan::default();
         for d in &deltas {
             if self
                 .filter
@@ -107,6 +138,7 @@ impl Agent {
             {
                 let r = self.record(d, clock);
                 self.sink.conn(&r)?;
+                plan.slots.push(SlotCommit::from(d));
             }
         }
 
@@ -118,6 +150,10 @@ impl Agent {
                 ts: clock.unix_ms,
                 counters: overflow_delta.into(),
             })?;
+            plan.overflow = Some(OverflowCommit {
+                before: reported,
+                after: overflow,
+            });
         }
         let s = StatsRecord {
             conns_overflowed: stats[stat::CONNS_OVERFLOWED as usize],
@@ -133,12 +169,14 @@ impl Agent {
             self.sink.stats(clock.unix_ms, &s)?;
             self.last_stats = Some(s);
         }
+        self.sink.commit_plan(&plan)?;
         self.sink.flush()?;
 
         self.kernel.table.commit(&deltas, clock.boot_ns)?;
         if !overflow_delta.is_zero() {
             self.kernel.set_overflow_reported(overflow)?;
         }
+        self.sink.committed()?;
         Ok(())
     }
 
@@ -171,7 +209,7 @@ impl Agent {
             local_port: id.local_port,
             remote_addr: id.remote_addr,
             remote_port: id.remote_port,
-            role: role_name(id.role),
+            role: Role::from_kernel(id.role),
             bytes_out,
             bytes_in,
             wire_bytes_out,

@@ -1,5 +1,6 @@
 //! The agent's configuration: a TOML file whose every field has a default, overridden by flags.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -68,6 +69,183 @@ pub struct Config {
     /// bytes are still counted, in the overflow counters). Fixed when the state is first pinned.
     pub max_connections: u32,
     pub filter: FilterConfig,
+    pub export: ExportConfig,
+}
+
+/// TLS towards the collector (only with an `https://` collector).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificate(s) that signed the collector's certificate
+    /// (default: the system's trusted roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// PEM file of the agent's client certificate (mutual TLS; needs `key`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Name to send as SNI and to verify the collector's certificate against
+    /// (default: the host of the collector URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+impl TlsConfig {
+    pub const fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some()
+    }
+}
+
+/// Streaming the deltas to a collector over gRPC, through a disk spool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// gRPC URL of the collector, `http://host:port` or `https://host:port` (unset: no export).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// File holding the bearer token sent as `authorization: Bearer <token>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Directory of the batches not yet acknowledged by the collector.
+    pub spool_dir: PathBuf,
+    /// Bound of the spool; when full, the oldest batches are dropped (and reported as lost).
+    pub spool_max_bytes: u64,
+    /// Directory of the agent's identity (`agent-id`) and sequence epoch (`epoch`).
+    pub state_dir: PathBuf,
+    pub tls: TlsConfig,
+    /// Operator-defined labels sent to the collector (region, cluster, ...).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            collector: None,
+            token_file: None,
+            spool_dir: PathBuf::from("/var/lib/outflow/spool"),
+            spool_max_bytes: 256 << 20,
+            state_dir: PathBuf::from("/var/lib/outflow"),
+            tls: TlsConfig::default(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+pub const MIN_SPOOL_BYTES: u64 = 1 << 20;
+/// Limits of the protocol's `Hello.labels`.
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// Parses and checks a collector URL: `http` or `https`, a host, nothing after the authority
+/// but an optional `/`.
+pub fn parse_collector_url(url: &str) -> Result<tonic::transport::Uri, String> {
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| format!("not a URL ({e}): {url:?}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(format!(
+                "scheme must be http or https (got {other:?} in {url:?})"
+            ));
+        }
+        None => return Err(format!("needs http:// or https:// (got {url:?})")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("has no host: {url:?}"));
+    }
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, r)| r);
+    if let Some((_, port)) = after_host.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("bad port {port:?} in {url:?}"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!(
+            "must not have a path (got {url:?}; give scheme://host:port)"
+        ));
+    }
+    Ok(uri)
+}
+
+impl ExportConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let https = match &self.collector {
+            Some(url) => {
+                parse_collector_url(url)
+                    .map_err(|m| invalid("export.collector", m))?
+                    .scheme_str()
+                    == Some("https")
+            }
+            None => false,
+        };
+        for (field, dir) in [
+            ("export.spool_dir", &self.spool_dir),
+            ("export.state_dir", &self.state_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("must be an absolute path (got {})", dir.display()),
+                ));
+            }
+        }
+        if self.spool_max_bytes < MIN_SPOOL_BYTES {
+            return Err(invalid(
+                "export.spool_max_bytes",
+                format!(
+                    "must be at least {MIN_SPOOL_BYTES} (1 MiB) (got {})",
+                    self.spool_max_bytes
+                ),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            let field = if self.tls.cert.is_some() {
+                "export.tls.key"
+            } else {
+                "export.tls.cert"
+            };
+            return Err(invalid(
+                field,
+                "a client certificate needs both `cert` and `key`".into(),
+            ));
+        }
+        if self.tls.domain.as_deref() == Some("") {
+            return Err(invalid("export.tls.domain", "must not be empty".into()));
+        }
+        if self.tls.is_set() && !https {
+            return Err(invalid(
+                "export.tls",
+                "TLS settings need an https:// collector URL".into(),
+            ));
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(invalid(
+                "export.labels",
+                format!("at most {MAX_LABELS} labels (got {})", self.labels.len()),
+            ));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.chars().count() > MAX_LABEL_LEN {
+                return Err(invalid(
+                    "export.labels",
+                    format!("a key must have 1 to {MAX_LABEL_LEN} characters (got {k:?})"),
+                ));
+            }
+            if v.chars().count() > MAX_LABEL_LEN {
+                return Err(invalid(
+                    "export.labels",
+                    format!("the value of {k:?} has more than {MAX_LABEL_LEN} characters"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -79,6 +257,7 @@ impl Default for Config {
             pin_dir: PathBuf::from("/sys/fs/bpf/outflow"),
             max_connections: 65_536,
             filter: FilterConfig::default(),
+            export: ExportConfig::default(),
         }
     }
 }
@@ -186,7 +365,7 @@ impl Config {
                 message: "port 0 is not a port".into(),
             });
         }
-        Ok(())
+        self.export.validate()
     }
 
     /// The effective configuration as TOML.
@@ -253,5 +432,94 @@ mod tests {
                 .to_string()
                 .contains("`max_connections`")
         );
+    }
+
+    #[test]
+    fn an_export_section_parses() {
+        let c = Config::parse(
+            r#"
+            [export]
+            collector = "https://collector.internal:4317"
+            token_file = "/etc/outflow/token"
+            spool_dir = "/srv/outflow/spool"
+            spool_max_bytes = 67108864
+            state_dir = "/srv/outflow"
+            [export.tls]
+            ca = "/etc/outflow/ca.pem"
+            cert = "/etc/outflow/agent.pem"
+            key = "/etc/outflow/agent.key"
+            domain = "collector.internal"
+            [export.labels]
+            region = "eu-west"
+            cluster = "inference-a"
+            "#,
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.export.spool_max_bytes, 64 << 20);
+        assert_eq!(c.export.labels.len(), 2);
+        assert_eq!(c.export.tls.domain.as_deref(), Some("collector.internal"));
+        assert_eq!(Config::parse(&c.to_toml()).expect("round trip"), c);
+        let e = Config::parse("[export]\ncolector = \"http://x:1\"").expect_err("typo");
+        assert!(e.contains("colector"), "{e}");
+        let e = Config::parse("[export.tls]\nkey = 3").expect_err("bad type");
+        assert!(e.contains("`export.tls.key`"), "{e}");
+    }
+
+    fn export_error(f: impl FnOnce(&mut ExportConfig)) -> String {
+        let mut c = Config::default();
+        c.export.collector = Some("https://collector:4317".into());
+        f(&mut c.export);
+        c.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn bad_export_fields_are_named() {
+        for (url, why) in [
+            ("collector:4317", "http"),
+            ("ftp://collector:4317", "scheme"),
+            ("http://", "URL"),
+            ("http://collector:4317/ingest", "path"),
+            ("http://collector:notaport", "port"),
+            ("http://collector:99999", "port"),
+        ] {
+            let e = export_error(|e| e.collector = Some(url.into()));
+            assert!(
+                e.contains("`export.collector`") && e.contains(why),
+                "{url}: {e}"
+            );
+        }
+        assert!(parse_collector_url("http://[::1]:4317").is_ok());
+        assert!(parse_collector_url("https://collector.internal:4317/").is_ok());
+
+        let e = export_error(|e| e.spool_max_bytes = 1000);
+        assert!(e.contains("`export.spool_max_bytes`"), "{e}");
+        let e = export_error(|e| e.spool_dir = "spool".into());
+        assert!(e.contains("`export.spool_dir`"), "{e}");
+        let e = export_error(|e| e.state_dir = "state".into());
+        assert!(e.contains("`export.state_dir`"), "{e}");
+        let e = export_error(|e| e.tls.cert = Some("/c.pem".into()));
+        assert!(e.contains("`export.tls.key`"), "{e}");
+        let e = export_error(|e| e.tls.key = Some("/k.pem".into()));
+        assert!(e.contains("`export.tls.cert`"), "{e}");
+        let e = export_error(|e| {
+            e.collector = Some("http://collector:4317".into());
+            e.tls.ca = Some("/ca.pem".into());
+        });
+        assert!(e.contains("`export.tls`") && e.contains("https"), "{e}");
+        let e = export_error(|e| {
+            e.labels.insert(String::new(), "v".into());
+        });
+        assert!(e.contains("`export.labels`"), "{e}");
+        let e = export_error(|e| {
+            e.labels.insert("k".into(), "v".repeat(129));
+        });
+        assert!(e.contains("`export.labels`"), "{e}");
+        let e = export_error(|e| {
+            for i in 0..33 {
+                e.labels.insert(format!("k{i}"), "v".into());
+            }
+        });
+        assert!(e.contains("at most 32"), "{e}");
     }
 }

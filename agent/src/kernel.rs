@@ -625,11 +625,7 @@ fn pin_or_replace(
 
 /// Swaps the program behind a pinned link (`BPF_LINK_UPDATE`): atomic, so no packet is counted
 /// twice or missed.
-fn replace_in_link(
-    pin: &Path,
-    prog: RawFd,
-    name: &'static str,
-) -> Result<(), KernelError> {
+fn replace_in_link(pin: &Path, prog: RawFd, name: &'static str) -> Result<(), KernelError> {
     // aya does not expose a pinned link's fd, nor BPF_LINK_UPDATE: both by bpf(2) directly.
     let fd = bpf_obj_get(pin).map_err(|e| KernelError::Attach {
         program: name,

@@ -9,10 +9,22 @@
 //! - [`filter`]: which connections are reported.
 //! - [`record`]: the records the agent emits, and their JSON and text forms.
 //! - [`agent`]: the read loop that ties them together.
+//!
+//! Export to a collector (`outflow.v1.Ingest`), when one is configured:
+//! - [`identity`]: the agent id, host name, boot id; durable small files.
+//! - [`wire`]: records to wire types, at the edge.
+//! - [`spool`]: the bounded disk spool of batches and the sequence state (epoch, seq).
+//! - [`sender`]: the task that streams the spool to the collector, with backoff.
+//! - [`export`]: settings checked at start, the sink that spools each interval, shutdown.
 pub mod agent;
 pub mod config;
 pub mod enrich;
+pub mod export;
 pub mod filter;
+pub mod identity;
 pub mod kernel;
 pub mod record;
+pub mod sender;
+pub mod spool;
 pub mod table;
+pub mod wire;

@@ -13,6 +13,7 @@ use log::info;
 use outflow_agent::{
     agent::Agent,
     config::{Config, DEFAULT_CONFIG_PATH, OutputFormat},
+    export::{self, Exporter, SHUTDOWN_GRACE},
     kernel,
     record::{Discard, JsonLines, Sink, Text},
 };
@@ -24,6 +25,10 @@ use tokio::signal::unix::{SignalKind, signal};
 /// The kernel programs are attached to a cgroup v2 directory (every socket in it and below is
 /// counted) and pinned under bpffs, so counting goes on while the agent restarts and a new agent
 /// continues where the last one stopped. `outflow-agent detach` removes them.
+///
+/// With --collector, the deltas are also streamed to an outflow collector over gRPC, through a
+/// bounded disk spool (nothing is lost while the collector is away, unless the spool fills up:
+/// then the oldest batches go, and the loss is reported).
 ///
 /// Settings come from a TOML file (--config, else /etc/outflow/agent.toml if it exists) and are
 /// overridden by flags; `outflow-agent print-config` shows the result. Needs root.
@@ -68,6 +73,53 @@ struct Cli {
     /// Count and report loopback connections too (excluded by default)
     #[arg(long, global = true)]
     include_loopback: bool,
+
+    /// Stream the deltas to this collector: http://HOST:PORT or https://HOST:PORT [default: no export]
+    #[arg(long, global = true, value_name = "URL", help_heading = "Export")]
+    collector: Option<String>,
+
+    /// File holding the bearer token for the collector
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Export")]
+    token_file: Option<PathBuf>,
+
+    /// PEM CA certificate(s) to verify the collector with [default: the system's roots]
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Export")]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for mutual TLS (with --tls-key)
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Export")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the client certificate
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Export")]
+    tls_key: Option<PathBuf>,
+
+    /// Name to verify the collector's certificate against, and to send as SNI [default: the URL's host]
+    #[arg(long, global = true, value_name = "NAME", help_heading = "Export")]
+    tls_domain: Option<String>,
+
+    /// Directory of the batches not yet acknowledged [default: /var/lib/outflow/spool]
+    #[arg(long, global = true, value_name = "DIR", help_heading = "Export")]
+    spool_dir: Option<PathBuf>,
+
+    /// Spool bound in bytes; when full, the oldest batches are dropped and reported [default: 268435456]
+    #[arg(long, global = true, value_name = "BYTES", help_heading = "Export")]
+    spool_max_bytes: Option<u64>,
+
+    /// Directory of the agent's id and epoch [default: /var/lib/outflow]
+    #[arg(long, global = true, value_name = "DIR", help_heading = "Export")]
+    state_dir: Option<PathBuf>,
+
+    /// Label sent to the collector (repeatable; replaces the file's label of the same key)
+    #[arg(long = "label", global = true, value_name = "KEY=VALUE", value_parser = parse_label, help_heading = "Export")]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE (got {s:?})")),
+    }
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +164,37 @@ impl Cli {
         if self.include_loopback {
             c.filter.include_loopback = true;
         }
+        let e = &mut c.export;
+        if let Some(v) = &self.collector {
+            e.collector = Some(v.clone());
+        }
+        if let Some(v) = &self.token_file {
+            e.token_file = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_ca {
+            e.tls.ca = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_cert {
+            e.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            e.tls.key = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_domain {
+            e.tls.domain = Some(v.clone());
+        }
+        if let Some(v) = &self.spool_dir {
+            e.spool_dir = v.clone();
+        }
+        if let Some(v) = self.spool_max_bytes {
+            e.spool_max_bytes = v;
+        }
+        if let Some(v) = &self.state_dir {
+            e.state_dir = v.clone();
+        }
+        for (k, v) in &self.labels {
+            e.labels.insert(k.clone(), v.clone());
+        }
         c.validate()?;
         Ok(c)
     }
@@ -129,10 +212,26 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (typed errors often already show
+/// their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -152,7 +251,9 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Command::Run => {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // The read loop runs on this thread; the export's sender on the one worker.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
@@ -162,14 +263,27 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 async fn run_agent(cfg: Config) -> Result<()> {
+    // First, so that a stop requested while starting still ends in the final report.
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
     let sink: Box<dyn Sink + Send> = match cfg.output {
         OutputFormat::Json => Box::new(JsonLines(BufWriter::new(stdout()))),
         OutputFormat::Text => Box::new(Text(BufWriter::new(stdout()))),
         OutputFormat::None => Box::new(Discard),
     };
+    // Everything about the collector that can be wrong is checked before anything starts.
+    let exporter = match export::prepare(&cfg.export)? {
+        Some(prepared) => {
+            kernel::require_root()?;
+            Some(Exporter::start(prepared, &cfg.export)?)
+        }
+        None => None,
+    };
+    let sink = match &exporter {
+        Some(e) => Box::new(e.sink(sink)),
+        None => sink,
+    };
     let mut agent = Agent::start(&cfg, sink)?;
-    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,6 +295,9 @@ async fn run_agent(cfg: Config) -> Result<()> {
     }
     // Report what was counted up to now; the kernel goes on counting for the next agent.
     agent.poll()?;
+    if let Some(e) = exporter {
+        e.shutdown(SHUTDOWN_GRACE).await;
+    }
     info!(
         "stopped; kernel state stays pinned in {} (outflow-agent detach removes it)",
         cfg.pin_dir.display()
@@ -193,6 +310,20 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+
+    #[test]
+    fn errors_show_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow::Error::new(outflow_agent::config::ConfigError::Read {
+            path: "/x.toml".into(),
+            source: io,
+        })
+        .context("load the config");
+        assert_eq!(
+            one_line(&e),
+            "load the config: cannot read config file /x.toml: gone"
+        );
+    }
 
     #[test]
     fn cli_is_well_formed() {
@@ -221,5 +352,61 @@ mod tests {
         assert_eq!(c.interval, Duration::from_millis(250));
         assert_eq!(c.filter.local_ports, vec![8000]);
         assert!(c.filter.remote_cidrs[0].contains(&"198.18.0.9".parse::<IpAddr>().expect("ip")));
+        assert!(c.export.collector.is_none());
+    }
+
+    #[test]
+    fn export_flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "[export]\ncollector = \"http://10.0.0.1:4317\"\nspool_max_bytes = 2000000\n[export.labels]\nregion = \"eu\"\nrack = \"r1\"\n",
+        )
+        .expect("write");
+        let cli = Cli::parse_from([
+            "outflow-agent",
+            "print-config",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--collector",
+            "https://collector.internal:4317",
+            "--tls-ca",
+            "/etc/outflow/ca.pem",
+            "--tls-cert",
+            "/etc/outflow/agent.pem",
+            "--tls-key",
+            "/etc/outflow/agent.key",
+            "--token-file",
+            "/etc/outflow/token",
+            "--spool-dir",
+            "/srv/spool",
+            "--state-dir",
+            "/srv/state",
+            "--label",
+            "region=us",
+            "--label",
+            "cluster=a=b",
+        ]);
+        let c = cli.config().expect("valid");
+        let e = &c.export;
+        assert_eq!(
+            e.collector.as_deref(),
+            Some("https://collector.internal:4317")
+        );
+        assert_eq!(e.spool_max_bytes, 2_000_000);
+        assert_eq!(e.spool_dir, PathBuf::from("/srv/spool"));
+        assert_eq!(e.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(e.tls.key, Some(PathBuf::from("/etc/outflow/agent.key")));
+        assert_eq!(e.labels["region"], "us");
+        assert_eq!(e.labels["rack"], "r1");
+        assert_eq!(e.labels["cluster"], "a=b");
+        // print-config shows it, and reads back.
+        assert_eq!(Config::parse(&c.to_toml()).expect("round trip"), c);
+
+        let cli = Cli::parse_from(["outflow-agent", "--collector", "ftp://x"]);
+        let e = format!("{:#}", cli.config().expect_err("bad scheme"));
+        assert!(e.contains("`export.collector`"), "{e}");
+        assert!(Cli::try_parse_from(["outflow-agent", "--label", "novalue"]).is_err());
     }
 }

@@ -4,6 +4,8 @@ use std::{io::Write, net::IpAddr};
 use agent_common::{Counters, ROLE_CLIENT, ROLE_SERVER};
 use serde::Serialize;
 
+use crate::table::CommitPlan;
+
 /// One connection's counts since its previous record (deltas: a consumer's sum is the total).
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRecord {
@@ -16,7 +18,7 @@ pub struct ConnRecord {
     pub local_port: u16,
     pub remote_addr: IpAddr,
     pub remote_port: u16,
-    pub role: &'static str,
+    pub role: Role,
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub wire_bytes_out: u64,
@@ -77,12 +79,56 @@ impl From<Counters> for CountersOut {
     }
 }
 
-pub const fn role_name(role: u8) -> &'static str {
-    match role {
-        ROLE_SERVER => "server",
-        ROLE_CLIENT => "client",
-        _ => "unknown",
+/// Which side of the connection the local socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accepted.
+    Server,
+    /// Connected.
+    Client,
+    /// Open before the agent first attached.
+    Unknown,
+}
+
+impl Role {
+    /// The role the kernel recorded (`agent_common::ROLE_*`).
+    pub const fn from_kernel(role: u8) -> Self {
+        match role {
+            ROLE_SERVER => Self::Server,
+            ROLE_CLIENT => Self::Client,
+            _ => Self::Unknown,
+        }
     }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Client => "client",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The state of the export to a collector (`{"type":"export",...}`, printed on change).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ExportRecord {
+    pub collector: String,
+    /// A stream to the collector is open (Welcome received).
+    pub connected: bool,
+    pub agent_id: String,
+    pub epoch: u64,
+    /// Highest sequence number given to a batch (0: none yet in this epoch).
+    pub last_seq: u64,
+    /// Highest sequence number the collector acknowledged.
+    pub acked_seq: u64,
+    /// Batches in the spool, not yet acknowledged, and their size on disk.
+    pub spooled_batches: u64,
+    pub spooled_bytes: u64,
+    /// Batches dropped unsent since this agent started (spool full, unreadable spool files),
+    /// and their payload bytes out; each is also reported to the collector in the next batch.
+    pub lost_batches: u64,
+    pub lost_bytes_out: u64,
 }
 
 #[derive(Serialize)]
@@ -101,10 +147,20 @@ enum Tagged<'a> {
         #[serde(flatten)]
         stats: &'a StatsRecord,
     },
+    Export {
+        ts: u64,
+        #[serde(flatten)]
+        export: &'a ExportRecord,
+    },
 }
 
-/// Where records go.
+/// Where records go. Each interval: `begin`, the records, `flush`.
 pub trait Sink {
+    /// An interval's records follow, read from the table at Unix milliseconds `ts`.
+    fn begin(&mut self, ts: u64) -> std::io::Result<()> {
+        let _ = ts;
+        Ok(())
+    }
     fn started(
         &mut self,
         cgroup: &str,
@@ -115,8 +171,28 @@ pub trait Sink {
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()>;
     fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()>;
     fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()>;
+    /// The export's state changed (only with a collector configured).
+    fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
+        let _ = (ts, r);
+        Ok(())
+    }
+    /// What committing this interval will write to the kernel table; called before `flush`.
+    fn commit_plan(&mut self, plan: &CommitPlan) -> std::io::Result<()> {
+        let _ = plan;
+        Ok(())
+    }
     /// Called at the end of each interval: everything written is out once this returns.
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The interval flushed last is committed to the kernel table.
+    fn committed(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// At start, once the kernel state is open: the commit of an interval that a previous
+    /// agent made durable but may have died before committing. The agent redoes what of it is
+    /// undone, then calls `committed`.
+    fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
+        Ok(None)
+    }
 }
 
 /// One JSON object per line.
@@ -154,6 +230,9 @@ impl<W: Write> Sink for JsonLines<W> {
     fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()> {
         self.line(&Tagged::Stats { ts, stats: r })
     }
+    fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
+        self.line(&Tagged::Export { ts, export: r })
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
     }
@@ -188,7 +267,7 @@ impl<W: Write> Sink for Text<W> {
         writeln!(
             self.0,
             "{:<7} {} -> {} out {} B ({} wire, {} segs) in {} B ({} wire, {} segs){} cgroup={} {}",
-            r.role,
+            r.role.as_str(),
             endpoint(r.local_addr, r.local_port),
             endpoint(r.remote_addr, r.remote_port),
             r.bytes_out,
@@ -229,6 +308,26 @@ impl<W: Write> Sink for Text<W> {
             r.legacy_untracked,
             r.unparsed_packets,
             r.stale_slot
+        )
+    }
+    fn export(&mut self, _ts: u64, r: &ExportRecord) -> std::io::Result<()> {
+        writeln!(
+            self.0,
+            "export: {} {}, agent {} epoch {}, seq {} acked {}, {} batches ({} B) spooled, {} batches ({} B out) lost",
+            if r.connected {
+                "connected to"
+            } else {
+                "not connected to"
+            },
+            r.collector,
+            r.agent_id,
+            r.epoch,
+            r.last_seq,
+            r.acked_seq,
+            r.spooled_batches,
+            r.spooled_bytes,
+            r.lost_batches,
+            r.lost_bytes_out
         )
     }
     fn flush(&mut self) -> std::io::Result<()> {

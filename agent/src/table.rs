@@ -51,6 +51,57 @@ pub struct SlotDelta {
     pub identity: Identity,
 }
 
+/// What committing one reported slot writes: enough to redo the commit after a crash, and to
+/// tell whether it was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotCommit {
+    pub index: u32,
+    pub generation: u32,
+    /// The slot's watermark when it was read (what it is if the commit was not done).
+    pub before: Counters,
+    /// The watermark the commit writes.
+    pub snapshot: Counters,
+    pub closed: bool,
+}
+
+impl From<&SlotDelta> for SlotCommit {
+    fn from(d: &SlotDelta) -> Self {
+        Self {
+            index: d.index,
+            generation: d.generation,
+            before: Counters {
+                bytes_out: d.snapshot.bytes_out.wrapping_sub(d.delta.bytes_out),
+                bytes_in: d.snapshot.bytes_in.wrapping_sub(d.delta.bytes_in),
+                wire_bytes_out: d
+                    .snapshot
+                    .wire_bytes_out
+                    .wrapping_sub(d.delta.wire_bytes_out),
+                wire_bytes_in: d.snapshot.wire_bytes_in.wrapping_sub(d.delta.wire_bytes_in),
+                segments_out: d.snapshot.segments_out.wrapping_sub(d.delta.segments_out),
+                segments_in: d.snapshot.segments_in.wrapping_sub(d.delta.segments_in),
+            },
+            snapshot: d.snapshot,
+            closed: d.closed,
+        }
+    }
+}
+
+/// The overflow watermark before and after an interval's commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverflowCommit {
+    pub before: Counters,
+    pub after: Counters,
+}
+
+/// Everything an interval's commit writes for the records it reported. A sink that makes the
+/// records durable keeps it beside them, so that a commit cut short by a crash is redone by the
+/// next agent instead of the records being read, and counted, a second time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitPlan {
+    pub slots: Vec<SlotCommit>,
+    pub overflow: Option<OverflowCommit>,
+}
+
 pub struct ConnTable {
     base: NonNull<ConnSlot>,
     capacity: u32,
@@ -171,30 +222,61 @@ impl ConnTable {
     /// slots go back to the kernel. Call only after the records are out.
     pub fn commit(&mut self, deltas: &[SlotDelta], now_boot_ns: u64) -> Result<(), TableError> {
         for d in deltas {
-            let s = self.slot(d.index);
-            // SAFETY: in-bounds slot pointer; volatile writes of aligned fields the kernel does
-            // not write while the slot is live (reported, last_seen) or that it only writes
-            // when taking a free slot (generation, state).
-            unsafe {
-                if ptr::read_volatile(field!(s, generation)) != d.generation {
-                    continue;
-                }
-                ptr::write_volatile(field!(s, reported), d.snapshot);
-                ptr::write_volatile(field!(s, last_seen_ns), now_boot_ns);
-                if d.closed {
-                    // A new generation first, so a late packet of the old socket cannot count
-                    // into the next connection; then free, then hand the slot back.
-                    ptr::write_volatile(field!(s, generation), d.generation.wrapping_add(1));
-                    ptr::write_volatile(field!(s, state), SLOT_FREE);
-                    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-                    self.free.push(d.index, 0).map_err(|e| TableError::Free {
-                        slot: d.index,
-                        reason: e.to_string(),
-                    })?;
-                }
-            }
+            self.commit_slot(&SlotCommit::from(d), now_boot_ns, false)?;
         }
         Ok(())
+    }
+
+    /// Redoes a commit that may have been cut short: only the slots still exactly as they were
+    /// read (same generation, not freed, watermark `before`) are written, so a commit that was
+    /// done, or overtaken, is left alone. Returns how many slots were written.
+    pub fn redo(&mut self, slots: &[SlotCommit], now_boot_ns: u64) -> Result<usize, TableError> {
+        let mut n = 0;
+        for c in slots {
+            if c.index < self.capacity && self.commit_slot(c, now_boot_ns, true)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn commit_slot(
+        &mut self,
+        c: &SlotCommit,
+        now_boot_ns: u64,
+        only_if_undone: bool,
+    ) -> Result<bool, TableError> {
+        let s = self.slot(c.index);
+        // SAFETY: in-bounds slot pointer; volatile writes of aligned fields the kernel does
+        // not write while the slot is live (reported, last_seen) or that it only writes
+        // when taking a free slot (generation, state).
+        unsafe {
+            if ptr::read_volatile(field!(s, generation)) != c.generation {
+                return Ok(false);
+            }
+            if only_if_undone {
+                let state = ptr::read_volatile(field!(s, state));
+                if (state != SLOT_LIVE && state != SLOT_CLOSED)
+                    || ptr::read_volatile(field!(s, reported)) != c.before
+                {
+                    return Ok(false);
+                }
+            }
+            ptr::write_volatile(field!(s, reported), c.snapshot);
+            ptr::write_volatile(field!(s, last_seen_ns), now_boot_ns);
+            if c.closed {
+                // A new generation first, so a late packet of the old socket cannot count
+                // into the next connection; then free, then hand the slot back.
+                ptr::write_volatile(field!(s, generation), c.generation.wrapping_add(1));
+                ptr::write_volatile(field!(s, state), SLOT_FREE);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+                self.free.push(c.index, 0).map_err(|e| TableError::Free {
+                    slot: c.index,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -93,7 +93,8 @@ impl Collector {
         })
     }
 
-    /// `outflow.v1.Query/ClientStats` for an address or prefix.
+    /// `outflow.v1.Query/ClientStats` for an address or prefix; a client the collector has no
+    /// traffic of (NotFound) comes back with no windows.
     pub fn client_stats(&self, client: &str) -> ClientStatsResponse {
         let url = self.url();
         let client = client.to_string();
@@ -101,10 +102,13 @@ impl Collector {
             let mut q = QueryClient::connect(url.clone())
                 .await
                 .unwrap_or_else(|e| panic!("connect to the collector at {url}: {e}"));
-            q.client_stats(ClientStatsRequest { client: client.clone() })
-                .await
-                .unwrap_or_else(|e| panic!("ClientStats({client}): {e}"))
-                .into_inner()
+            match q.client_stats(ClientStatsRequest { client: client.clone() }).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    ClientStatsResponse { client, windows: Vec::new() }
+                }
+                Err(s) => panic!("ClientStats({client}): {s}"),
+            }
         })
     }
 }

@@ -1,0 +1,528 @@
+//! Export to a collector: the settings read and checked at start ([`prepare`]), the sink that
+//! turns each interval's records into batches in the disk spool ([`ExportSink`], beside the
+//! stdout sink it wraps), and the sender task's lifetime ([`Exporter`]).
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use log::{info, warn};
+use outflow_proto::v1;
+use prost::Message as _;
+use tokio::{task::JoinHandle, time::Instant};
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity},
+};
+
+use crate::{
+    config::{ExportConfig, parse_collector_url},
+    identity::{Identity, IdentityError},
+    record::{ConnRecord, ExportRecord, OverflowRecord, Sink, StatsRecord},
+    sender::{self, Link, Shared, chain},
+    spool::{Spool, SpoolError},
+    table::CommitPlan,
+};
+
+/// Deltas per batch, at most (the protocol's limit).
+pub const MAX_DELTAS_PER_BATCH: usize = 100_000;
+/// Encoded size of a batch's deltas, at most: below gRPC's customary 4 MiB message limit.
+pub const MAX_BATCH_BYTES: usize = 3 << 20;
+/// How long a stopping agent waits for the collector to acknowledge what is spooled.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {message}")]
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("collector {url}: {message}")]
+    Collector { url: String, message: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ExportError> {
+    std::fs::read(path).map_err(|source| ExportError::ReadFile {
+        what,
+        path: path.into(),
+        source,
+    })
+}
+
+/// rustls skips what it cannot parse and then reports something vague: check the PEM block
+/// is there, to name the file instead.
+fn require_pem(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+    label_end: &str,
+) -> Result<(), ExportError> {
+    let text = String::from_utf8_lossy(pem);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(label_end));
+    if found {
+        Ok(())
+    } else {
+        Err(ExportError::BadFile {
+            what,
+            path: path.into(),
+            message: format!("no PEM block ending in {label_end:?} in it"),
+        })
+    }
+}
+
+/// How to reach the collector, checked without connecting: the URL, the token file, the TLS
+/// files. `None` without a collector.
+pub struct Prepared {
+    collector: String,
+    endpoint: Endpoint,
+    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+pub fn prepare(cfg: &ExportConfig) -> Result<Option<Prepared>, ExportError> {
+    let Some(url) = &cfg.collector else {
+        return Ok(None);
+    };
+    let bad_url = |message: String| ExportError::Collector {
+        url: url.clone(),
+        message,
+    };
+    let uri = parse_collector_url(url).map_err(bad_url)?;
+    let https = uri.scheme_str() == Some("https");
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| bad_url(chain(&e)))?
+        .user_agent(format!("outflow-agent/{}", env!("CARGO_PKG_VERSION")))
+        .map_err(|e| bad_url(chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if https {
+        let tls = &cfg.tls;
+        let mut c = ClientTlsConfig::new().timeout(CONNECT_TIMEOUT);
+        match &tls.ca {
+            Some(path) => {
+                let what = "CA certificate (export.tls.ca)";
+                let pem = read_file(what, path)?;
+                require_pem(what, path, &pem, "CERTIFICATE-----")?;
+                c = c.ca_certificate(Certificate::from_pem(pem));
+            }
+            None => c = c.with_native_roots(),
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            let what = "client certificate (export.tls.cert)";
+            let cert_pem = read_file(what, cert)?;
+            require_pem(what, cert, &cert_pem, "CERTIFICATE-----")?;
+            let what = "client key (export.tls.key)";
+            let key_pem = read_file(what, key)?;
+            require_pem(what, key, &key_pem, "PRIVATE KEY-----")?;
+            c = c.identity(TlsIdentity::from_pem(cert_pem, key_pem));
+        }
+        if let Some(d) = &tls.domain {
+            c = c.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(c).map_err(|e| {
+            bad_url(format!(
+                "TLS setup (export.tls: ca, cert, key): {}",
+                chain(&e)
+            ))
+        })?;
+    }
+    let authorization = match &cfg.token_file {
+        None => None,
+        Some(path) => {
+            let what = "token file (export.token_file)";
+            let bytes = read_file(what, path)?;
+            let bad = |message: &str| ExportError::BadFile {
+                what,
+                path: path.clone(),
+                message: message.into(),
+            };
+            let token = std::str::from_utf8(&bytes)
+                .map_err(|_| bad("not text"))?
+                .trim();
+            if token.is_empty() {
+                return Err(bad("empty"));
+            }
+            let mut v = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| bad("the token has characters not allowed in a header"))?;
+            v.set_sensitive(true);
+            if !https {
+                warn!("the bearer token is sent to {url} unencrypted: use an https:// collector");
+            }
+            Some(v)
+        }
+    };
+    Ok(Some(Prepared {
+        collector: url.clone(),
+        endpoint,
+        authorization,
+    }))
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The running export: the spool and the sender task.
+pub struct Exporter {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+    collector: String,
+    agent_id: String,
+    start_ms: u64,
+}
+
+impl Exporter {
+    /// Loads the identity, opens the spool (batches left by a previous run are sent first) and
+    /// starts the sender. Must run inside a tokio runtime.
+    pub fn start(p: Prepared, cfg: &ExportConfig) -> Result<Self, ExportError> {
+        let (id, new_id) = Identity::load(&cfg.state_dir, cfg.labels.clone())?;
+        let spool = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, &cfg.state_dir, new_id)?;
+        let hello = v1::Hello {
+            agent_id: id.agent_id.clone(),
+            epoch: spool.epoch(),
+            hostname: id.hostname,
+            boot_id: id.boot_id,
+            version: id.version,
+            labels: id.labels.into_iter().collect(),
+        };
+        info!(
+            "exporting to {} as agent {} (epoch {}, spool {}: {} batches waiting)",
+            p.collector,
+            id.agent_id,
+            spool.epoch(),
+            cfg.spool_dir.display(),
+            spool.len()
+        );
+        let start_ms = match spool.last_end_ms() {
+            0 => unix_ms_now(),
+            t => t,
+        };
+        let shared = Arc::new(Shared::new(spool));
+        let task = tokio::spawn(sender::run(
+            Arc::clone(&shared),
+            Link {
+                collector: p.collector.clone(),
+                endpoint: p.endpoint,
+                authorization: p.authorization,
+                hello,
+            },
+        ));
+        Ok(Self {
+            shared,
+            task,
+            collector: p.collector,
+            agent_id: id.agent_id,
+            start_ms,
+        })
+    }
+
+    /// A sink that spools every interval and passes every record on to `inner` (stdout).
+    pub fn sink(&self, inner: Box<dyn Sink + Send>) -> ExportSink {
+        ExportSink {
+            inner,
+            shared: Arc::clone(&self.shared),
+            collector: self.collector.clone(),
+            agent_id: self.agent_id.clone(),
+            ts: 0,
+            start_ms: self.start_ms,
+            deltas: Vec::new(),
+            overflow: None,
+            plan: CommitPlan::default(),
+            last: None,
+        }
+    }
+
+    /// Gives the sender up to `grace` to have everything spooled acknowledged (if it is
+    /// connected), then stops it. What is not acknowledged stays in the spool for the next start.
+    pub async fn shutdown(self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            if self.shared.spool().is_empty() {
+                info!("spool empty: the collector has everything");
+                break;
+            }
+            let give_up = !self.shared.is_connected();
+            if !give_up {
+                tokio::select! {
+                    () = self.shared.acked.notified() => continue,
+                    () = tokio::time::sleep_until(deadline) => {}
+                }
+            }
+            let s = self.shared.spool();
+            info!(
+                "{} batches ({} bytes) not yet acknowledged stay in the spool for the next start",
+                s.len(),
+                s.bytes()
+            );
+            break;
+        }
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Splits an interval's deltas into batches of at most [`MAX_DELTAS_PER_BATCH`] deltas and
+/// [`MAX_BATCH_BYTES`] bytes; the overflow goes in the first. Seqs are set by the spool.
+pub fn split_interval(
+    deltas: Vec<v1::ConnDelta>,
+    overflow: Option<v1::Counters>,
+    start_ms: u64,
+    end_ms: u64,
+) -> Vec<v1::Batch> {
+    let new = |overflow| v1::Batch {
+        start_ms,
+        end_ms,
+        overflow,
+        ..v1::Batch::default()
+    };
+    let mut out = vec![new(overflow)];
+    let mut bytes = 0;
+    for d in deltas {
+        let len = d.encoded_len() + 4;
+        let cur = out.last().map_or(0, |b| b.deltas.len());
+        if cur > 0 && (cur >= MAX_DELTAS_PER_BATCH || bytes + len > MAX_BATCH_BYTES) {
+            out.push(new(None));
+            bytes = 0;
+        }
+        bytes += len;
+        if let Some(b) = out.last_mut() {
+            b.deltas.push(d);
+        }
+    }
+    out
+}
+
+/// Wraps the stdout sink: passes every record on, and at each flush spools the interval as a
+/// batch (durably, before `flush` returns) and emits the export record when it changed.
+pub struct ExportSink {
+    inner: Box<dyn Sink + Send>,
+    shared: Arc<Shared>,
+    collector: String,
+    agent_id: String,
+    /// When the current interval's table was read.
+    ts: u64,
+    /// Where the next batch starts: the end of the previous one.
+    start_ms: u64,
+    deltas: Vec<v1::ConnDelta>,
+    overflow: Option<v1::Counters>,
+    plan: CommitPlan,
+    last: Option<ExportRecord>,
+}
+
+impl Sink for ExportSink {
+    fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
+        Ok(self.shared.spool().take_recovery())
+    }
+    fn commit_plan(&mut self, plan: &CommitPlan) -> std::io::Result<()> {
+        self.plan.clone_from(plan);
+        self.inner.commit_plan(plan)
+    }
+    fn committed(&mut self) -> std::io::Result<()> {
+        self.shared.spool().publish();
+        self.shared.spooled.notify_one();
+        self.inner.committed()
+    }
+    fn begin(&mut self, ts: u64) -> std::io::Result<()> {
+        self.ts = ts;
+        self.inner.begin(ts)
+    }
+    fn started(
+        &mut self,
+        cgroup: &str,
+        pin_dir: &str,
+        adopted: bool,
+        capacity: u32,
+    ) -> std::io::Result<()> {
+        self.inner.started(cgroup, pin_dir, adopted, capacity)
+    }
+    fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
+        self.deltas.push(r.into());
+        self.inner.conn(r)
+    }
+    fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()> {
+        self.overflow = Some((&r.counters).into());
+        self.inner.overflow(r)
+    }
+    fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()> {
+        self.inner.stats(ts, r)
+    }
+    fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
+        self.inner.export(ts, r)
+    }
+
+    /// Spools the interval with its commit plan (empty intervals are not sent: no batch means
+    /// no bytes), then flushes stdout. An error leaves the interval uncommitted, to be read
+    /// again. The batches are sent once `committed` says the kernel has recorded them.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let ts = if self.ts == 0 { unix_ms_now() } else { self.ts };
+        let record = {
+            let mut spool = self.shared.spool();
+            let has_data = !self.deltas.is_empty() || self.overflow.is_some();
+            if has_data || !spool.pending_loss().is_zero() {
+                // Batches tile time: [previous end, now), never empty even if the clock
+                // stepped back.
+                let end_ms = ts.max(self.start_ms + 1);
+                let batches = split_interval(
+                    std::mem::take(&mut self.deltas),
+                    self.overflow.take(),
+                    self.start_ms,
+                    end_ms,
+                );
+                spool.append(batches, &self.plan)?;
+                self.start_ms = end_ms;
+            }
+            let lost = spool.lost_total();
+            ExportRecord {
+                collector: self.collector.clone(),
+                connected: self.shared.is_connected(),
+                agent_id: self.agent_id.clone(),
+                epoch: spool.epoch(),
+                last_seq: spool.last_seq(),
+                acked_seq: spool.acked_seq(),
+                spooled_batches: spool.len() as u64,
+                spooled_bytes: spool.bytes(),
+                lost_batches: lost.batches,
+                lost_bytes_out: lost.counters.bytes_out,
+            }
+        };
+        if self.last.as_ref() != Some(&record) {
+            self.inner.export(ts, &record)?;
+            self.last = Some(record);
+        }
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsConfig;
+
+    fn delta(cgroup_len: usize) -> v1::ConnDelta {
+        v1::ConnDelta {
+            conn_id: 1,
+            cgroup: "c".repeat(cgroup_len),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn intervals_split_by_count_and_size() {
+        let b = split_interval(Vec::new(), None, 1, 2);
+        assert_eq!(b.len(), 1);
+        assert!(b[0].deltas.is_empty());
+
+        let n = MAX_DELTAS_PER_BATCH * 2 + 5;
+        let overflow = v1::Counters {
+            bytes_out: 9,
+            ..Default::default()
+        };
+        let b = split_interval(vec![delta(0); n], Some(overflow), 10, 20);
+        assert_eq!(
+            b.iter().map(|b| b.deltas.len()).collect::<Vec<_>>(),
+            vec![MAX_DELTAS_PER_BATCH, MAX_DELTAS_PER_BATCH, 5]
+        );
+        assert_eq!(b[0].overflow, Some(overflow));
+        assert!(b[1].overflow.is_none());
+        assert!(b.iter().all(|b| (b.start_ms, b.end_ms) == (10, 20)));
+
+        let b = split_interval(vec![delta(100_000); 80], None, 10, 20);
+        assert!(b.len() >= 3, "{}", b.len());
+        assert!(b.iter().all(|b| b.encoded_len() <= MAX_BATCH_BYTES + 64));
+        assert_eq!(b.iter().map(|b| b.deltas.len()).sum::<usize>(), 80);
+    }
+
+    fn cfg(url: &str) -> ExportConfig {
+        ExportConfig {
+            collector: Some(url.into()),
+            ..ExportConfig::default()
+        }
+    }
+
+    fn err(c: &ExportConfig) -> String {
+        match prepare(c) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unreadable_files_are_named() {
+        assert!(prepare(&ExportConfig::default()).expect("ok").is_none());
+        assert!(prepare(&cfg("http://127.0.0.1:1")).expect("ok").is_some());
+
+        let mut c = cfg("http://127.0.0.1:1");
+        c.token_file = Some("/nonexistent/token".into());
+        let e = err(&c);
+        assert!(
+            e.contains("token file") && e.contains("/nonexistent/token"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").expect("write");
+        c.token_file = Some(empty);
+        assert!(err(&c).contains("empty"));
+
+        let mut c = cfg("https://collector.example:4317");
+        c.tls = TlsConfig {
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..TlsConfig::default()
+        };
+        let e = err(&c);
+        assert!(
+            e.contains("export.tls.ca") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("write");
+        c.tls.ca = Some(junk.clone());
+        let e = err(&c);
+        assert!(e.contains("no PEM block") && e.contains("junk.pem"), "{e}");
+
+        c.tls.ca = None;
+        c.tls.cert = Some(junk.clone());
+        c.tls.key = Some(junk.clone());
+        let e = err(&c);
+        assert!(
+            e.contains("export.tls.cert") && e.contains("junk.pem"),
+            "{e}"
+        );
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        c.tls.cert = Some(cert);
+        c.tls.key = Some(dir.path().join("missing.key"));
+        let e = err(&c);
+        assert!(
+            e.contains("export.tls.key") && e.contains("missing.key"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,1277 @@
+//! The disk spool between the read loop and the collector: every batch is a file, fsync'd
+//! before the read loop records its deltas as reported, and removed once the collector has
+//! acknowledged it. So nothing counted is lost when the agent, the host or the collector stops,
+//! except when the spool is full: then the oldest batches go, and the loss is reported (in the
+//! next batch's `lost_batches`/`lost`, a warning, the export record).
+//!
+//! Layout of `spool_dir`:
+//! - `00000000000000000042.batch`: batch 42 (seq zero-padded to 20 digits, so names sort in
+//!   sequence order): a 24-byte header (`OFLWBAT1`, the epoch and the payload's length, little
+//!   endian) and the protobuf `outflow.v1.Batch`. Written as `<name>.tmp`, fsync'd, renamed;
+//!   the directory is fsync'd once per interval, before `flush()` returns.
+//! - `state`: the sequence state, `key value` lines: `epoch`, `acked` (highest acknowledged
+//!   seq), `acked_end_ms`, and the loss not yet reported in a batch (`pending_lost_batches`,
+//!   `pending_lost`: six counters). Replaced atomically (temp file, fsync, rename, dir fsync)
+//!   on every acknowledgement, before acknowledged batch files are removed.
+//! - `commit`: the kernel commit (slots, generations, watermarks before and after) of the
+//!   newest interval and its seqs, written before its batch files are renamed into place. The
+//!   read loop commits an interval to the kernel only after `flush()`, and the sender sees its
+//!   batches only after that commit; an agent killed in between leaves batches whose deltas
+//!   the kernel still holds as unreported, and the next agent redoes the commit from this file
+//!   (only where the slots are as they were read) rather than reporting those deltas twice.
+//!   If the interval's batch files are not all there, it was not durable: its files are removed
+//!   and the kernel's deltas are read again.
+//! - `lock`: `flock`ed while an agent uses the spool.
+//!
+//! The epoch lives in `state_dir/epoch` and is valid only together with the sequence state:
+//! the next seq is `max(acked, newest batch file) + 1` (acks come in order and drops take the
+//! oldest, so the newest batch ever numbered is either still spooled or acknowledged). If
+//! `state` is missing or names another epoch, or the agent id is new, the numbering starts over
+//! under a new random epoch; batch files of another epoch are then dropped as lost.
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Read as _, Write as _},
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use log::{info, warn};
+use outflow_proto::v1;
+use prost::Message as _;
+
+use agent_common::Counters;
+
+use crate::{
+    identity::{create_private_dir, random_nonzero_u64, sync_dir, write_durably},
+    table::{CommitPlan, OverflowCommit, SlotCommit},
+    wire::Loss,
+};
+
+/// Name of the epoch's file in the state directory.
+pub const EPOCH_FILE: &str = "epoch";
+/// Name of the sequence state's file in the spool directory.
+pub const STATE_FILE: &str = "state";
+const LOCK_FILE: &str = "lock";
+/// Name of the last interval's kernel commit in the spool directory.
+pub const COMMIT_FILE: &str = "commit";
+const COMMIT_MAGIC: [u8; 8] = *b"OFLWCMT1";
+const BATCH_SUFFIX: &str = ".batch";
+const TMP_SUFFIX: &str = ".tmp";
+const MAGIC: [u8; 8] = *b"OFLWBAT1";
+const HEADER_LEN: usize = 24;
+/// Upper bound of the encoded `lost_batches` and `lost` fields, which are set after the size
+/// of a new batch is reckoned.
+const LOSS_FIELDS_MAX: u64 = 96;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot create spool directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error(
+        "spool directory {path} is in use by another outflow-agent: give each agent its own --spool-dir"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot remove {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+}
+
+impl From<SpoolError> for io::Error {
+    fn from(e: SpoolError) -> Self {
+        Self::other(e)
+    }
+}
+
+/// Why a batch file could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchFileError {
+    #[error("gone")]
+    Gone,
+    #[error(transparent)]
+    Io(io::Error),
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A spooled batch, as the spool remembers it without reading its file.
+#[derive(Clone, Debug)]
+struct Entry {
+    bytes: u64,
+    /// What dropping it loses: its counts and the losses it was to report.
+    loss: Loss,
+    /// Its own counts only (for the running total of losses, which has the rest already).
+    own: Loss,
+    end_ms: u64,
+}
+
+impl Entry {
+    fn new(bytes: u64, b: &v1::Batch) -> Self {
+        Self {
+            bytes,
+            loss: Loss::of_batch(b),
+            own: Loss::own(b),
+            end_ms: b.end_ms,
+        }
+    }
+}
+
+/// What [`Spool::append`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Older batches dropped to make room, and the lowest and highest of their seqs.
+    pub dropped: Loss,
+    pub dropped_seqs: Option<(u64, u64)>,
+}
+
+/// The persisted sequence state (`spool_dir/state`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SeqState {
+    epoch: u64,
+    acked: u64,
+    acked_end_ms: u64,
+    pending: Loss,
+}
+
+impl SeqState {
+    fn render(&self) -> String {
+        let c = &self.pending.counters;
+        format!(
+            "epoch {}\nacked {}\nacked_end_ms {}\npending_lost_batches {}\npending_lost {} {} {} {} {} {}\n",
+            self.epoch,
+            self.acked,
+            self.acked_end_ms,
+            self.pending.batches,
+            c.bytes_out,
+            c.bytes_in,
+            c.wire_bytes_out,
+            c.wire_bytes_in,
+            c.segments_out,
+            c.segments_in
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut s = Self::default();
+        let (mut epoch, mut acked) = (false, false);
+        for line in text.lines() {
+            let mut words = line.split_ascii_whitespace();
+            let key = words.next()?;
+            let nums: Vec<u64> = words.map(str::parse).collect::<Result<_, _>>().ok()?;
+            match (key, nums.as_slice()) {
+                ("epoch", &[v]) if v != 0 => {
+                    s.epoch = v;
+                    epoch = true;
+                }
+                ("acked", &[v]) => {
+                    s.acked = v;
+                    acked = true;
+                }
+                ("acked_end_ms", &[v]) => s.acked_end_ms = v,
+                ("pending_lost_batches", &[v]) => s.pending.batches = v,
+                ("pending_lost", &[a, b, c, d, e, f]) => {
+                    s.pending.counters = v1::Counters {
+                        bytes_out: a,
+                        bytes_in: b,
+                        wire_bytes_out: c,
+                        wire_bytes_in: d,
+                        segments_out: e,
+                        segments_in: f,
+                    };
+                }
+                _ => return None,
+            }
+        }
+        (epoch && acked).then_some(s)
+    }
+}
+
+/// The kernel commit of the newest interval (`spool_dir/commit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Journal {
+    epoch: u64,
+    first_seq: u64,
+    last_seq: u64,
+    plan: CommitPlan,
+}
+
+fn put_counters(out: &mut Vec<u8>, c: &Counters) {
+    for v in [
+        c.bytes_out,
+        c.bytes_in,
+        c.wire_bytes_out,
+        c.wire_bytes_in,
+        c.segments_out,
+        c.segments_in,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Reads little-endian fields off a byte slice.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|[b]| b)
+    }
+    fn counters(&mut self) -> Option<Counters> {
+        Some(Counters {
+            bytes_out: self.u64()?,
+            bytes_in: self.u64()?,
+            wire_bytes_out: self.u64()?,
+            wire_bytes_in: self.u64()?,
+            segments_out: self.u64()?,
+            segments_in: self.u64()?,
+        })
+    }
+}
+
+impl Journal {
+    fn encode(&self) -> Vec<u8> {
+        let p = &self.plan;
+        let mut out = Vec::with_capacity(64 + p.slots.len() * 105);
+        out.extend_from_slice(&COMMIT_MAGIC);
+        for v in [self.epoch, self.first_seq, self.last_seq] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&(p.slots.len() as u32).to_le_bytes());
+        match &p.overflow {
+            Some(o) => {
+                out.push(1);
+                put_counters(&mut out, &o.before);
+                put_counters(&mut out, &o.after);
+            }
+            None => out.push(0),
+        }
+        for c in &p.slots {
+            out.extend_from_slice(&c.index.to_le_bytes());
+            out.extend_from_slice(&c.generation.to_le_bytes());
+            out.push(u8::from(c.closed));
+            put_counters(&mut out, &c.before);
+            put_counters(&mut out, &c.snapshot);
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut c = Cursor(bytes);
+        if c.take::<8>()? != COMMIT_MAGIC {
+            return None;
+        }
+        let (epoch, first_seq, last_seq) = (c.u64()?, c.u64()?, c.u64()?);
+        let n = c.u32()? as usize;
+        let overflow = match c.u8()? {
+            0 => None,
+            1 => Some(OverflowCommit {
+                before: c.counters()?,
+                after: c.counters()?,
+            }),
+            _ => return None,
+        };
+        let mut slots = Vec::with_capacity(n.min(bytes.len() / 105));
+        for _ in 0..n {
+            slots.push(SlotCommit {
+                index: c.u32()?,
+                generation: c.u32()?,
+                closed: c.u8()? != 0,
+                before: c.counters()?,
+                snapshot: c.counters()?,
+            });
+        }
+        c.0.is_empty().then_some(Self {
+            epoch,
+            first_seq,
+            last_seq,
+            plan: CommitPlan { slots, overflow },
+        })
+    }
+}
+
+/// The spool. Not thread-safe by itself: the exporter shares it behind a mutex.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    state: SeqState,
+    next_seq: u64,
+    /// Highest seq the sender may send: batches above it await their kernel commit.
+    published: u64,
+    /// A commit the previous agent may not have done, for the read loop to redo.
+    recovery: Option<CommitPlan>,
+    /// `commit` was written by this spool and not yet removed.
+    journal_written: bool,
+    entries: BTreeMap<u64, Entry>,
+    bytes: u64,
+    /// Lost since this spool was opened (for the export record).
+    lost_total: Loss,
+    _lock: File,
+}
+
+fn batch_name(seq: u64) -> String {
+    format!("{seq:020}{BATCH_SUFFIX}")
+}
+
+fn encode_file(epoch: u64, b: &v1::Batch) -> Vec<u8> {
+    let payload = b.encode_to_vec();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads a batch file: its epoch and batch.
+pub fn read_batch_file(path: &Path) -> Result<(u64, v1::Batch), BatchFileError> {
+    let mut bytes = Vec::new();
+    match File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BatchFileError::Gone),
+        Err(e) => return Err(BatchFileError::Io(e)),
+    }
+    let corrupt = |m: &str| BatchFileError::Corrupt(m.to_string());
+    if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+        return Err(corrupt("no batch header"));
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (epoch, len) = (word(8), word(16));
+    if len != (bytes.len() - HEADER_LEN) as u64 {
+        return Err(corrupt("truncated"));
+    }
+    let batch = v1::Batch::decode(&bytes[HEADER_LEN..])
+        .map_err(|e| BatchFileError::Corrupt(e.to_string()))?;
+    Ok((epoch, batch))
+}
+
+fn lock(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| SpoolError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock on a valid, owned fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let source = io::Error::last_os_error();
+        return Err(if source.kind() == io::ErrorKind::WouldBlock {
+            SpoolError::Locked { path: dir.into() }
+        } else {
+            SpoolError::Write { path, source }
+        });
+    }
+    Ok(f)
+}
+
+fn describe(l: &Loss) -> String {
+    format!(
+        "{} batches, {} payload bytes out, {} in",
+        l.batches, l.counters.bytes_out, l.counters.bytes_in
+    )
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`, bounded to `max_bytes`, with the epoch kept in
+    /// `state_dir`. `new_identity`: the agent id was just created, so numbering starts over.
+    /// Batch files left by a previous run are kept, to be sent first.
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        state_dir: &Path,
+        new_identity: bool,
+    ) -> Result<Self, SpoolError> {
+        create_private_dir(dir).map_err(|source| SpoolError::CreateDir {
+            path: dir.into(),
+            source,
+        })?;
+        let lock = lock(dir)?;
+        let epoch_path = state_dir.join(EPOCH_FILE);
+        let state_path = dir.join(STATE_FILE);
+        let read = |p: &Path| match fs::read_to_string(p) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SpoolError::Read {
+                path: p.into(),
+                source,
+            }),
+        };
+        let epoch = read(&epoch_path)?.and_then(|t| t.trim().parse::<u64>().ok());
+        let saved = read(&state_path)?.and_then(|t| SeqState::parse(&t));
+        let (mut state, fresh) = match (epoch, saved) {
+            (Some(e), Some(s)) if s.epoch == e && !new_identity => (s, None),
+            (e, s) => {
+                let reason = if new_identity {
+                    "new agent id"
+                } else if e.is_none() {
+                    "no epoch in the state directory"
+                } else if s.is_none() {
+                    "no sequence state in the spool directory"
+                } else {
+                    "the spool's sequence state belongs to another epoch"
+                };
+                (
+                    SeqState {
+                        epoch: random_nonzero_u64(),
+                        ..SeqState::default()
+                    },
+                    Some(reason),
+                )
+            }
+        };
+
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|source| SpoolError::Read {
+            path: dir.into(),
+            source,
+        })? {
+            let entry = entry.map_err(|source| SpoolError::Read {
+                path: dir.into(),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(TMP_SUFFIX) {
+                // A write that never completed: its interval was not committed either.
+                remove(&entry.path())?;
+            } else if let Some(seq) = name
+                .strip_suffix(BATCH_SUFFIX)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                files.push((seq, entry.path()));
+            }
+        }
+        files.sort_unstable();
+
+        let mut orphans = Loss::default();
+        let mut entries = BTreeMap::new();
+        let mut bytes = 0;
+        for (seq, path) in files {
+            match read_batch_file(&path) {
+                Ok((e, b)) if e == state.epoch && b.seq == seq => {
+                    if seq <= state.acked {
+                        remove(&path)?;
+                        continue;
+                    }
+                    let len = fs::metadata(&path).map_or(0, |m| m.len());
+                    bytes += len;
+                    entries.insert(seq, Entry::new(len, &b));
+                }
+                Ok((_, b)) => {
+                    orphans.add(&Loss::of_batch(&b));
+                    remove(&path)?;
+                }
+                Err(BatchFileError::Corrupt(why)) => {
+                    warn!("spool file {} is corrupt ({why}): dropped", path.display());
+                    orphans.batches += 1;
+                    remove(&path)?;
+                }
+                Err(BatchFileError::Gone) => {}
+                Err(BatchFileError::Io(source)) => return Err(SpoolError::Read { path, source }),
+            }
+        }
+        if !orphans.is_zero() {
+            warn!(
+                "dropped {} left in spool {} by a lost sequence state; reported as lost",
+                describe(&orphans),
+                dir.display()
+            );
+            state.pending.add(&orphans);
+        }
+
+        // The newest interval's commit: redo it if its batches are all there (durable);
+        // if they are not, the interval never was, and the kernel still holds its deltas.
+        let journal_path = dir.join(COMMIT_FILE);
+        let journal = match fs::read(&journal_path) {
+            Ok(b) => Journal::decode(&b).or_else(|| {
+                warn!("{} is unreadable: ignored", journal_path.display());
+                None
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(SpoolError::Read {
+                    path: journal_path,
+                    source,
+                });
+            }
+        };
+        let mut recovery = None;
+        let mut hold_from = None;
+        if let Some(j) = journal.filter(|j| j.epoch == state.epoch && j.first_seq <= j.last_seq) {
+            let durable =
+                (j.first_seq..=j.last_seq).all(|s| s <= state.acked || entries.contains_key(&s));
+            if !durable {
+                for seq in j.first_seq..=j.last_seq {
+                    if let Some(e) = entries.remove(&seq) {
+                        bytes -= e.bytes;
+                        remove(&dir.join(batch_name(seq)))?;
+                    }
+                }
+                warn!(
+                    "the previous agent stopped while spooling seq {} to {}: removed what it wrote (the kernel still holds those counts)",
+                    j.first_seq, j.last_seq
+                );
+            } else if j.last_seq > state.acked {
+                hold_from = Some(j.first_seq);
+                recovery = Some(j.plan);
+            }
+        }
+        let next_seq = entries
+            .last_key_value()
+            .map_or(state.acked, |(&s, _)| s.max(state.acked))
+            + 1;
+        let published = hold_from.map_or(next_seq - 1, |s| s - 1);
+        if recovery.is_none() {
+            remove(&journal_path)?;
+        }
+        let spool = Self {
+            dir: dir.into(),
+            max_bytes,
+            state,
+            next_seq,
+            published,
+            journal_written: recovery.is_some(),
+            recovery,
+            entries,
+            bytes,
+            lost_total: orphans.clone(),
+            _lock: lock,
+        };
+        if let Some(reason) = fresh {
+            // The sequence state first: an epoch file without it is not trusted.
+            spool.write_state()?;
+            write_durably(&epoch_path, format!("{}\n", spool.state.epoch).as_bytes()).map_err(
+                |source| SpoolError::Write {
+                    path: epoch_path.clone(),
+                    source,
+                },
+            )?;
+            info!(
+                "sequence numbering starts over with epoch {} ({reason})",
+                spool.state.epoch
+            );
+        } else if !orphans.is_zero() {
+            spool.write_state()?;
+        }
+        Ok(spool)
+    }
+
+    fn write_state(&self) -> Result<(), SpoolError> {
+        let path = self.dir.join(STATE_FILE);
+        write_durably(&path, self.state.render().as_bytes())
+            .map_err(|source| SpoolError::Write { path, source })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(batch_name(seq))
+    }
+
+    pub const fn epoch(&self) -> u64 {
+        self.state.epoch
+    }
+
+    /// Highest seq ever given to a batch in this epoch (0: none).
+    pub const fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Highest seq the collector acknowledged.
+    pub const fn acked_seq(&self) -> u64 {
+        self.state.acked
+    }
+
+    /// Batches spooled, not yet acknowledged.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Size of the spooled batch files.
+    pub const fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Batches dropped since the spool was opened (or found orphaned when it was opened), each
+    /// counted once with its own counts.
+    pub const fn lost_total(&self) -> &Loss {
+        &self.lost_total
+    }
+
+    /// Loss to report in the next batch.
+    pub const fn pending_loss(&self) -> &Loss {
+        &self.state.pending
+    }
+
+    /// End of the newest batch numbered in this epoch (0: unknown), where the next one starts.
+    pub fn last_end_ms(&self) -> u64 {
+        self.entries
+            .last_key_value()
+            .map_or(self.state.acked_end_ms, |(_, e)| e.end_ms)
+    }
+
+    /// The first spooled batch after `seq` that may be sent, and its file.
+    pub fn next_after(&self, seq: u64) -> Option<(u64, PathBuf)> {
+        if seq >= self.published {
+            return None;
+        }
+        self.entries
+            .range(seq + 1..=self.published)
+            .next()
+            .map(|(&s, _)| (s, self.path(s)))
+    }
+
+    /// The commit the previous agent may not have done (once).
+    pub const fn take_recovery(&mut self) -> Option<CommitPlan> {
+        self.recovery.take()
+    }
+
+    /// Everything appended is committed to the kernel: it may be sent.
+    pub fn publish(&mut self) {
+        self.published = self.last_seq();
+        self.recovery = None;
+        if self.journal_written {
+            // Best effort: a stale commit file is redone only where nothing moved since.
+            let _ = fs::remove_file(self.dir.join(COMMIT_FILE));
+            self.journal_written = false;
+        }
+    }
+
+    /// Appends one interval's batches (one, or more when it has more deltas than a batch may
+    /// carry), numbering them, with the kernel commit they stand for. They are durable when
+    /// this returns, and sent once [`Spool::publish`] says the commit is done. Makes room first
+    /// by dropping the oldest spooled batches; what they held, and the loss still pending, is
+    /// reported in the first new batch.
+    pub fn append(
+        &mut self,
+        mut batches: Vec<v1::Batch>,
+        plan: &CommitPlan,
+    ) -> Result<Appended, SpoolError> {
+        if batches.is_empty() {
+            return Ok(Appended::default());
+        }
+        let first_seq = self.next_seq;
+        let mut need = LOSS_FIELDS_MAX;
+        for (seq, b) in (first_seq..).zip(batches.iter_mut()) {
+            b.seq = seq;
+            need += (HEADER_LEN + b.encoded_len()) as u64;
+        }
+        let last_seq = first_seq + batches.len() as u64 - 1;
+
+        let mut dropped_entries = Vec::new();
+        let mut dropped = Loss::default();
+        let mut dropped_own = Loss::default();
+        while self.bytes + need > self.max_bytes {
+            let Some((seq, e)) = self.entries.pop_first() else {
+                break;
+            };
+            self.bytes -= e.bytes;
+            dropped.add(&e.loss);
+            dropped_own.add(&e.own);
+            dropped_entries.push((seq, e));
+        }
+        let mut report = self.state.pending.clone();
+        report.add(&dropped);
+        if !report.is_zero() {
+            batches[0].lost_batches = report.batches;
+            batches[0].lost = Some(report.counters);
+        }
+
+        // Every file is written and fsync'd under a temporary name; then the commit is renamed
+        // into place before the batches, and one directory fsync makes all of them durable.
+        let journal = Journal {
+            epoch: self.state.epoch,
+            first_seq,
+            last_seq,
+            plan: plan.clone(),
+        };
+        let mut staged = Vec::with_capacity(batches.len() + 1);
+        let mut written = Vec::with_capacity(batches.len());
+        let result = (|| {
+            let path = self.dir.join(COMMIT_FILE);
+            staged.push((
+                write_tmp(&path, &journal.encode()).map_err(|source| SpoolError::Write {
+                    path: path.clone(),
+                    source,
+                })?,
+                path,
+            ));
+            for b in &batches {
+                let path = self.path(b.seq);
+                let data = encode_file(self.state.epoch, b);
+                let tmp = write_tmp(&path, &data).map_err(|source| SpoolError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+                written.push((path.clone(), data.len() as u64));
+                staged.push((tmp, path));
+            }
+            for (tmp, path) in &staged {
+                fs::rename(tmp, path).map_err(|source| SpoolError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            self.journal_written = true;
+            sync_dir(&self.dir).map_err(|source| SpoolError::Write {
+                path: self.dir.clone(),
+                source,
+            })
+        })();
+        if let Err(e) = result {
+            // Not durable, so not committed: the next interval reads these deltas again.
+            for (tmp, path) in &staged {
+                let _ = fs::remove_file(tmp);
+                let _ = fs::remove_file(path);
+            }
+            self.journal_written = false;
+            for (seq, e) in dropped_entries {
+                self.bytes += e.bytes;
+                self.entries.insert(seq, e);
+            }
+            return Err(e);
+        }
+
+        for (b, (_, len)) in batches.iter().zip(&written) {
+            self.bytes += len;
+            self.entries.insert(b.seq, Entry::new(*len, b));
+        }
+        self.next_seq = last_seq + 1;
+        // Their loss is on record in a durable batch now.
+        for (seq, _) in &dropped_entries {
+            remove(&self.path(*seq))?;
+        }
+        if !self.state.pending.is_zero() {
+            self.state.pending = Loss::default();
+            self.write_state()?;
+        }
+        self.lost_total.add(&dropped_own);
+        let dropped_seqs = dropped_entries
+            .first()
+            .zip(dropped_entries.last())
+            .map(|((a, _), (b, _))| (*a, *b));
+        if let Some((a, b)) = dropped_seqs {
+            warn!(
+                "spool {} full ({} bytes max): dropped the oldest unacknowledged batches, seq {a} to {b} ({}); reported as lost in batch {first_seq}",
+                self.dir.display(),
+                self.max_bytes,
+                describe(&dropped)
+            );
+        }
+        Ok(Appended {
+            first_seq,
+            last_seq,
+            dropped,
+            dropped_seqs,
+        })
+    }
+
+    /// The collector acknowledged every batch up to `seq`: forgets them. Returns how many.
+    pub fn ack(&mut self, seq: u64) -> Result<usize, SpoolError> {
+        let seq = seq.min(self.published);
+        if seq <= self.state.acked {
+            return Ok(0);
+        }
+        let keep = self.entries.split_off(&(seq + 1));
+        let gone = std::mem::replace(&mut self.entries, keep);
+        self.state.acked = seq;
+        if let Some((_, e)) = gone.last_key_value() {
+            self.state.acked_end_ms = e.end_ms;
+        }
+        self.write_state()?;
+        for (s, e) in &gone {
+            self.bytes -= e.bytes;
+            remove(&self.path(*s))?;
+        }
+        Ok(gone.len())
+    }
+
+    /// The collector's Welcome: it has applied everything up to `applied` in this epoch.
+    pub fn welcome(&mut self, applied: u64) -> Result<(), SpoolError> {
+        if applied <= self.last_seq() {
+            // Batches not yet published are sent again once they are (and acknowledged as
+            // duplicates if the collector has them).
+            return self.ack(applied).map(drop);
+        }
+        // The collector is ahead of this numbering: this state directory was copied from
+        // another host, or restored from a backup. New batches must not be taken for
+        // duplicates, so numbering continues after `applied`; what is spooled was never
+        // applied under these numbers.
+        let (mut lost, mut own) = (Loss::default(), Loss::default());
+        for e in self.entries.values() {
+            lost.add(&e.loss);
+            own.add(&e.own);
+        }
+        warn!(
+            "the collector has applied batches up to seq {applied} of epoch {} but this agent numbered only up to {}: \
+             was its state directory copied from another host? Continuing after {applied}; {} spooled reported as lost",
+            self.state.epoch,
+            self.last_seq(),
+            describe(&lost)
+        );
+        let gone = std::mem::take(&mut self.entries);
+        self.state.acked = applied;
+        self.state.pending.add(&lost);
+        self.lost_total.add(&own);
+        self.next_seq = applied + 1;
+        self.published = applied;
+        self.write_state()?;
+        for s in gone.keys() {
+            remove(&self.path(*s))?;
+        }
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// A spooled batch cannot be read back: drops it and reports it as lost.
+    pub fn discard(&mut self, seq: u64, why: &str) -> Result<(), SpoolError> {
+        let Some(e) = self.entries.remove(&seq) else {
+            return Ok(());
+        };
+        self.bytes -= e.bytes;
+        warn!(
+            "spool file {} unreadable ({why}): dropped, reported as lost ({})",
+            self.path(seq).display(),
+            describe(&e.loss)
+        );
+        self.state.pending.add(&e.loss);
+        self.lost_total.add(&e.own);
+        self.write_state()?;
+        remove(&self.path(seq))
+    }
+}
+
+/// Writes and fsyncs `data` beside `path` under a temporary name, which it returns.
+fn write_tmp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(TMP_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    Ok(tmp)
+}
+
+fn remove(path: &Path) -> Result<(), SpoolError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SpoolError::Remove {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(bytes_out: u64, end_ms: u64) -> v1::Batch {
+        v1::Batch {
+            start_ms: end_ms - 1000,
+            end_ms,
+            deltas: vec![v1::ConnDelta {
+                conn_id: bytes_out,
+                counters: Some(v1::Counters {
+                    bytes_out,
+                    ..Default::default()
+                }),
+                // Padding so that batch sizes are in the kilobytes.
+                cgroup: "x".repeat(1000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    struct Dirs {
+        _tmp: tempfile::TempDir,
+        spool: PathBuf,
+        state: PathBuf,
+    }
+
+    fn dirs() -> Dirs {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Dirs {
+            spool: tmp.path().join("spool"),
+            state: tmp.path().join("state"),
+            _tmp: tmp,
+        }
+    }
+
+    fn open(d: &Dirs, max: u64) -> Spool {
+        fs::create_dir_all(&d.state).expect("state dir");
+        Spool::open(&d.spool, max, &d.state, false).expect("open")
+    }
+
+    /// Appends an interval and publishes it (as the read loop does once it has committed).
+    fn add(s: &mut Spool, batches: Vec<v1::Batch>) -> Result<Appended, SpoolError> {
+        let a = s.append(batches, &CommitPlan::default())?;
+        s.publish();
+        Ok(a)
+    }
+
+    fn spooled(s: &Spool) -> Vec<u64> {
+        let mut seq = 0;
+        let mut out = Vec::new();
+        while let Some((n, path)) = s.next_after(seq) {
+            let (epoch, b) = read_batch_file(&path).expect("readable");
+            assert_eq!((epoch, b.seq), (s.epoch(), n));
+            out.push(n);
+            seq = n;
+        }
+        out
+    }
+
+    #[test]
+    fn batches_are_numbered_in_order_and_forgotten_when_acked() {
+        let d = dirs();
+        let mut s = open(&d, 1 << 20);
+        assert_ne!(s.epoch(), 0);
+        assert_eq!(s.last_seq(), 0);
+        for i in 1..=5 {
+            let a = add(&mut s, vec![batch(i, 1000 * i + 1000)]).expect("append");
+            assert_eq!((a.first_seq, a.last_seq), (i, i));
+            assert!(a.dropped.is_zero());
+        }
+        assert_eq!(spooled(&s), vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.ack(3).expect("ack"), 3);
+        assert_eq!(spooled(&s), vec![4, 5]);
+        assert_eq!(s.acked_seq(), 3);
+        assert_eq!(s.ack(2).expect("old ack"), 0);
+        // An ack beyond what was numbered acknowledges no more than that.
+        assert_eq!(s.ack(99).expect("ack"), 2);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(s.acked_seq(), 5);
+        assert_eq!(s.last_end_ms(), 6000);
+        let names: Vec<String> = fs::read_dir(&d.spool)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(BATCH_SUFFIX))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn an_interval_split_in_chunks_gets_consecutive_seqs() {
+        let d = dirs();
+        let mut s = open(&d, 1 << 20);
+        let a = add(&mut s, vec![batch(1, 2000), batch(2, 2000), batch(3, 2000)]).expect("append");
+        assert_eq!((a.first_seq, a.last_seq), (1, 3));
+        assert_eq!(spooled(&s), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_spool_drops_the_oldest_and_reports_them_in_the_next_batch() {
+        let d = dirs();
+        let one = (HEADER_LEN + batch(1, 2000).encoded_len()) as u64 + 8;
+        // Room for about four batches.
+        let max = one * 4 + LOSS_FIELDS_MAX;
+        let mut s = open(&d, max);
+        for i in 1..=4 {
+            let a = add(&mut s, vec![batch(i, 1000 + i)]).expect("append");
+            assert!(a.dropped.is_zero(), "batch {i} fits");
+        }
+        let a = add(&mut s, vec![batch(5, 1005)]).expect("append");
+        assert_eq!(a.dropped_seqs, Some((1, 1)));
+        assert_eq!(a.dropped.batches, 1);
+        assert_eq!(a.dropped.counters.bytes_out, 1);
+        assert!(s.bytes() <= max, "{} <= {max}", s.bytes());
+        assert_eq!(spooled(&s), vec![2, 3, 4, 5]);
+        let (_, b5) = read_batch_file(&s.next_after(4).expect("5").1).expect("read");
+        assert_eq!(b5.lost_batches, 1);
+        assert_eq!(b5.lost.expect("lost").bytes_out, 1);
+        assert_eq!(s.lost_total().batches, 1);
+
+        // Dropping batch 5 later loses its own counts and the loss it carried.
+        add(&mut s, vec![batch(6, 1006)]).expect("6");
+        add(&mut s, vec![batch(7, 1007)]).expect("7");
+        add(&mut s, vec![batch(8, 1008)]).expect("8");
+        let a = add(&mut s, vec![batch(9, 1009)]).expect("9");
+        assert_eq!(a.dropped_seqs, Some((5, 5)));
+        assert_eq!(a.dropped.batches, 2);
+        assert_eq!(a.dropped.counters.bytes_out, 6);
+        assert_eq!(s.lost_total().batches, 5, "each dropped batch counted once");
+    }
+
+    #[test]
+    fn a_batch_bigger_than_the_spool_is_kept_alone() {
+        let d = dirs();
+        let mut s = open(&d, 1 << 20);
+        add(&mut s, vec![batch(1, 1001)]).expect("1");
+        let mut big = batch(2, 1002);
+        big.deltas[0].cgroup = "y".repeat(2 << 20);
+        let a = add(&mut s, vec![big]).expect("big");
+        assert_eq!(a.dropped_seqs, Some((1, 1)));
+        assert_eq!(spooled(&s), vec![2]);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_spool_and_continues_the_numbering() {
+        let d = dirs();
+        let epoch = {
+            let mut s = open(&d, 1 << 20);
+            for i in 1..=4 {
+                add(&mut s, vec![batch(i, 1000 + i)]).expect("append");
+            }
+            s.ack(2).expect("ack");
+            s.epoch()
+        };
+        // A crash mid-write leaves a temporary file: it is not a batch.
+        fs::write(d.spool.join("00000000000000000005.batch.tmp"), b"torn").expect("tmp");
+        let mut s = open(&d, 1 << 20);
+        assert_eq!(s.epoch(), epoch);
+        assert_eq!(s.acked_seq(), 2);
+        assert_eq!(spooled(&s), vec![3, 4]);
+        assert_eq!(s.last_end_ms(), 1004);
+        assert!(!d.spool.join("00000000000000000005.batch.tmp").exists());
+        let a = add(&mut s, vec![batch(5, 1005)]).expect("append");
+        assert_eq!(a.first_seq, 5);
+
+        // Everything acknowledged: the numbering still continues.
+        s.ack(5).expect("ack");
+        drop(s);
+        let mut s = open(&d, 1 << 20);
+        assert_eq!((s.epoch(), s.last_seq(), s.last_end_ms()), (epoch, 5, 1005));
+        assert_eq!(add(&mut s, vec![batch(6, 1006)]).expect("6").first_seq, 6);
+    }
+
+    #[test]
+    fn a_lost_sequence_state_starts_a_new_epoch_and_reports_orphans() {
+        let d = dirs();
+        let old = {
+            let mut s = open(&d, 1 << 20);
+            add(&mut s, vec![batch(7, 1001)]).expect("1");
+            add(&mut s, vec![batch(8, 1002)]).expect("2");
+            s.epoch()
+        };
+        fs::remove_file(d.spool.join(STATE_FILE)).expect("rm state");
+        let s = open(&d, 1 << 20);
+        assert_ne!(s.epoch(), old);
+        assert_eq!(
+            fs::read_to_string(d.state.join(EPOCH_FILE))
+                .expect("epoch")
+                .trim(),
+            s.epoch().to_string()
+        );
+        assert!(s.is_empty());
+        assert_eq!(s.last_seq(), 0);
+        assert_eq!(s.pending_loss().batches, 2);
+        // The loss is durable until reported...
+        drop(s);
+        let mut s = open(&d, 1 << 20);
+        assert_eq!(s.pending_loss().batches, 2);
+        assert_eq!(s.pending_loss().counters.bytes_out, 15);
+        // ...and reported once.
+        add(&mut s, vec![batch(1, 2001)]).expect("1");
+        let (_, b) = read_batch_file(&s.next_after(0).expect("1").1).expect("read");
+        assert_eq!((b.seq, b.lost_batches), (1, 2));
+        assert!(s.pending_loss().is_zero());
+        add(&mut s, vec![batch(2, 2002)]).expect("2");
+        let (_, b) = read_batch_file(&s.next_after(1).expect("2").1).expect("read");
+        assert_eq!(b.lost_batches, 0);
+
+        // A new agent id starts a new epoch too.
+        let e = s.epoch();
+        drop(s);
+        let s = Spool::open(&d.spool, 1 << 20, &d.state, true).expect("open");
+        assert_ne!(s.epoch(), e);
+    }
+
+    #[test]
+    fn corrupt_files_are_dropped_and_counted() {
+        let d = dirs();
+        {
+            let mut s = open(&d, 1 << 20);
+            add(&mut s, vec![batch(1, 1001)]).expect("1");
+            add(&mut s, vec![batch(2, 1002)]).expect("2");
+        }
+        fs::write(d.spool.join(batch_name(1)), b"OFLWBAT1garbage").expect("corrupt");
+        let s = open(&d, 1 << 20);
+        assert_eq!(spooled(&s), vec![2]);
+        assert_eq!(s.pending_loss().batches, 1);
+        assert_eq!(s.last_seq(), 2);
+    }
+
+    #[test]
+    fn a_second_agent_cannot_use_the_same_spool() {
+        let d = dirs();
+        let _s = open(&d, 1 << 20);
+        let e = Spool::open(&d.spool, 1 << 20, &d.state, false)
+            .err()
+            .expect("locked");
+        assert!(e.to_string().contains("in use"), "{e}");
+    }
+
+    #[test]
+    fn a_collector_ahead_of_the_numbering_moves_it_on() {
+        let d = dirs();
+        let mut s = open(&d, 1 << 20);
+        add(&mut s, vec![batch(1, 1001)]).expect("1");
+        add(&mut s, vec![batch(2, 1002)]).expect("2");
+        s.welcome(1).expect("welcome");
+        assert_eq!(spooled(&s), vec![2]);
+        s.welcome(10).expect("welcome ahead");
+        assert!(s.is_empty());
+        assert_eq!(s.pending_loss().batches, 1);
+        assert_eq!(add(&mut s, vec![batch(3, 1003)]).expect("3").first_seq, 11);
+        drop(s);
+        let s = open(&d, 1 << 20);
+        assert_eq!(s.last_seq(), 11);
+    }
+
+    fn plan(n: u32) -> CommitPlan {
+        let c = |v| Counters {
+            bytes_out: v,
+            segments_out: v / 10,
+            ..Counters::default()
+        };
+        CommitPlan {
+            slots: (0..n)
+                .map(|i| SlotCommit {
+                    index: i,
+                    generation: 7 + i,
+                    before: c(100 * u64::from(i)),
+                    snapshot: c(100 * u64::from(i) + 50),
+                    closed: i % 2 == 1,
+                })
+                .collect(),
+            overflow: Some(OverflowCommit {
+                before: c(5),
+                after: c(9),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_commit_file_round_trips() {
+        for p in [plan(0), plan(3), CommitPlan::default()] {
+            let j = Journal {
+                epoch: 42,
+                first_seq: 3,
+                last_seq: 4,
+                plan: p,
+            };
+            assert_eq!(Journal::decode(&j.encode()), Some(j.clone()));
+            let bytes = j.encode();
+            assert_eq!(
+                Journal::decode(&bytes[..bytes.len() - 1]),
+                None,
+                "truncated"
+            );
+        }
+    }
+
+    #[test]
+    fn an_interval_is_sent_only_once_committed() {
+        let d = dirs();
+        let mut s = open(&d, 1 << 20);
+        s.append(vec![batch(1, 1001)], &plan(2)).expect("append");
+        assert_eq!(s.next_after(0), None, "not committed yet");
+        assert_eq!(s.ack(1).expect("ack"), 0, "cannot be acknowledged either");
+        s.publish();
+        assert_eq!(s.next_after(0).map(|(n, _)| n), Some(1));
+        assert!(!d.spool.join(COMMIT_FILE).exists());
+        drop(s);
+        let mut s = open(&d, 1 << 20);
+        assert_eq!(s.take_recovery(), None, "committed before the stop");
+        assert_eq!(s.next_after(0).map(|(n, _)| n), Some(1));
+    }
+
+    #[test]
+    fn a_commit_cut_short_is_handed_to_the_next_agent() {
+        let d = dirs();
+        {
+            let mut s = open(&d, 1 << 20);
+            add(&mut s, vec![batch(1, 1001)]).expect("1");
+            s.append(vec![batch(2, 1002), batch(3, 1002)], &plan(3))
+                .expect("append");
+            // Killed before the kernel commit: never published.
+        }
+        let mut s = open(&d, 1 << 20);
+        assert_eq!(spooled(&s), vec![1], "held until the commit is redone");
+        assert_eq!(s.take_recovery(), Some(plan(3)));
+        assert_eq!(s.take_recovery(), None);
+        s.publish();
+        assert_eq!(spooled(&s), vec![1, 2, 3]);
+        assert_eq!(add(&mut s, vec![batch(4, 1003)]).expect("4").first_seq, 4);
+    }
+
+    #[test]
+    fn an_interval_cut_short_while_spooling_is_removed() {
+        let d = dirs();
+        {
+            let mut s = open(&d, 1 << 20);
+            add(&mut s, vec![batch(1, 1001)]).expect("1");
+            s.append(vec![batch(2, 1002), batch(3, 1002)], &plan(3))
+                .expect("append");
+        }
+        // As if the agent died between the two chunks' renames.
+        fs::remove_file(d.spool.join(batch_name(3))).expect("rm");
+        let mut s = open(&d, 1 << 20);
+        assert_eq!(s.take_recovery(), None, "not durable: nothing to redo");
+        assert!(!d.spool.join(batch_name(2)).exists());
+        assert!(!d.spool.join(COMMIT_FILE).exists());
+        assert_eq!(spooled(&s), vec![1]);
+        assert!(
+            s.pending_loss().is_zero(),
+            "not lost: the kernel still has it"
+        );
+        assert_eq!(add(&mut s, vec![batch(2, 1002)]).expect("2").first_seq, 2);
+    }
+
+    #[test]
+    fn the_state_file_round_trips() {
+        let s = SeqState {
+            epoch: 9,
+            acked: 4,
+            acked_end_ms: 123,
+            pending: Loss {
+                batches: 2,
+                counters: v1::Counters {
+                    bytes_out: 1,
+                    bytes_in: 2,
+                    wire_bytes_out: 3,
+                    wire_bytes_in: 4,
+                    segments_out: 5,
+                    segments_in: 6,
+                },
+            },
+        };
+        assert_eq!(SeqState::parse(&s.render()), Some(s));
+        assert_eq!(SeqState::parse("epoch 0\nacked 1\n"), None);
+        assert_eq!(SeqState::parse("acked 1\n"), None);
+        assert_eq!(SeqState::parse("epoch 1\nacked x\n"), None);
+    }
+}
