@@ -1,1 +1,343 @@
-fn main() {}
+//! `outflow-collector`: receives per-connection byte deltas from outflow agents over gRPC,
+//! aggregates them across the fleet, and answers queries; `top` and `client` ask a running
+//! collector.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outflow_collector::{
+    client::{self, ClientOptions},
+    config::{Config, DEFAULT_CONFIG_PATH},
+    server::Server,
+};
+use outflow_proto::v1;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The outflow collector: agents stream per-connection byte counts to it over gRPC; it
+/// aggregates response and request bytes per client address, client prefix, host and
+/// workload in rolling 1m/10m/1h/24h windows of batch time, and answers queries.
+///
+/// Without a subcommand (or with `run`) it serves: gRPC (outflow.v1.Ingest and Query, health,
+/// reflection) on --listen [default: [::]:7411], Prometheus metrics on --metrics-listen
+/// [default: 127.0.0.1:9411], data in --data-dir [default: /var/lib/outflow-collector].
+/// Settings come from a TOML file (--config, else /etc/outflow/collector.toml if it exists),
+/// overridden by flags; `print-config` shows the result. SIGTERM/SIGINT stop it cleanly.
+///
+/// `top` and `client` ask a running collector and print a table.
+#[derive(Parser, Debug)]
+#[command(
+    name = "outflow-collector",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve (the default)
+    Run(ServeArgs),
+    /// Print the effective configuration as TOML and exit
+    PrintConfig(ServeArgs),
+    /// Show the keys with the most response bytes in a window
+    Top(TopArgs),
+    /// Show one client address or prefix in every window
+    Client(ClientArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct ServeArgs {
+    /// TOML config file [default: /etc/outflow/collector.toml, if it exists]
+    #[arg(long, short = 'c', env = "OUTFLOW_COLLECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: [::]:7411]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Prometheus /metrics listen address [default: 127.0.0.1:9411]
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Directory of the database [default: /var/lib/outflow-collector]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// File with the bearer token agents and query clients must send
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mTLS)
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Largest accepted gRPC message, bytes [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<Config> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut c = Config::load(&path, explicit)?;
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.token_file {
+            c.auth.token_file = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_cert {
+            c.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            c.tls.key = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_client_ca {
+            c.tls.client_ca = Some(v.clone());
+        }
+        if let Some(v) = self.max_message_bytes {
+            c.limits.max_message_bytes = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// How to reach a running collector.
+#[derive(Args, Debug, Clone)]
+struct ConnArgs {
+    /// Collector URL: http://HOST:PORT or https://HOST:PORT
+    #[arg(
+        long,
+        short = 's',
+        env = "OUTFLOW_COLLECTOR_SERVER",
+        default_value = "http://localhost:7411"
+    )]
+    server: String,
+    /// File with the bearer token
+    #[arg(long, value_name = "FILE", env = "OUTFLOW_COLLECTOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA of the collector's certificate (https)
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate (mTLS)
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// PEM key of --cert
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Server name to verify the certificate against [default: the URL's host]
+    #[arg(long)]
+    domain: Option<String>,
+    /// Print exact byte counts instead of KiB/MiB/GiB
+    #[arg(long)]
+    exact: bool,
+}
+
+impl ConnArgs {
+    fn options(&self) -> ClientOptions {
+        ClientOptions {
+            server: self.server.clone(),
+            token_file: self.token_file.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            domain: self.domain.clone(),
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum GroupArg {
+    ClientAddress,
+    ClientPrefix,
+    Host,
+    Workload,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum WindowArg {
+    #[value(name = "1m")]
+    M1,
+    #[value(name = "10m")]
+    M10,
+    #[value(name = "1h")]
+    H1,
+    #[value(name = "24h")]
+    H24,
+}
+
+#[derive(Args, Debug)]
+struct TopArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// What to group response bytes by
+    #[arg(long, short = 'g', value_enum, default_value = "client-prefix")]
+    group_by: GroupArg,
+    /// The window
+    #[arg(long, short = 'w', value_enum, default_value = "1h")]
+    window: WindowArg,
+    /// How many keys (1 to 1000)
+    #[arg(long, short = 'n', default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: u32,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Client address (203.0.113.7, 2001:db8::7) or prefix (203.0.113.0/24, 2001:db8::/64)
+    client: String,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    // A bug must still end in one line, not a trace.
+    std::panic::set_hook(Box::new(|p| {
+        eprintln!("error: internal error: {p} (please report this)");
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => serve(&cli.serve),
+        Some(Command::Run(a)) => serve(&a),
+        Some(Command::PrintConfig(a)) => {
+            print!("{}", a.config()?.to_toml());
+            Ok(())
+        }
+        Some(Command::Top(a)) => runtime()?.block_on(top(a)),
+        Some(Command::Client(a)) => runtime()?.block_on(client(a)),
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let cfg = args.config()?;
+    runtime()?.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+        let server = Server::start(cfg).await?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            () = server.stopped() => {}
+        }
+        server.shutdown().await?;
+        Ok(())
+    })
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+async fn top(a: TopArgs) -> Result<()> {
+    let mut q = client::query_client(&a.conn.options()).await?;
+    let (group, group_name) = match a.group_by {
+        GroupArg::ClientAddress => (v1::GroupBy::ClientAddress, "client-address"),
+        GroupArg::ClientPrefix => (v1::GroupBy::ClientPrefix, "client-prefix"),
+        GroupArg::Host => (v1::GroupBy::Host, "host"),
+        GroupArg::Workload => (v1::GroupBy::Workload, "workload"),
+    };
+    let (window, window_name) = match a.window {
+        WindowArg::M1 => (v1::Window::Window1m, "1m"),
+        WindowArg::M10 => (v1::Window::Window10m, "10m"),
+        WindowArg::H1 => (v1::Window::Window1h, "1h"),
+        WindowArg::H24 => (v1::Window::Window24h, "24h"),
+    };
+    let r = q
+        .top_talkers(v1::TopTalkersRequest {
+            group_by: group as i32,
+            window: window as i32,
+            limit: a.limit,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print!(
+        "{}",
+        client::top_table(group_name, window_name, &r, a.conn.exact)
+    );
+    Ok(())
+}
+
+async fn client(a: ClientArgs) -> Result<()> {
+    let mut q = client::query_client(&a.conn.options()).await?;
+    let r = q
+        .client_stats(v1::ClientStatsRequest {
+            client: a.client.clone(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print!("{}", client::client_table(&r, a.conn.exact));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("outflow-collector-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\ndata_dir = \"/a\"\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "outflow-collector",
+            "print-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:2",
+        ])
+        .unwrap();
+        let Some(Command::PrintConfig(a)) = cli.command else {
+            panic!("{cli:?}")
+        };
+        let c = a.config().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/a"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

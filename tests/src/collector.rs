@@ -23,13 +23,21 @@ pub fn collector_bin() -> PathBuf {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: the kernel does not hand it out again
-/// right away).
+/// A free TCP port on 127.0.0.1 below the kernel's ephemeral range (32768-60999). A port from
+/// that range could be drawn as the source port of an agent reconnecting while the collector
+/// is down, and a connection from a port to itself succeeds: the restarted collector then
+/// could not bind it.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0 for a free port")
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 30_000 + (std::process::id() % 1_000) as u16 * 2;
+    for _ in 0..2_000 {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_700;
+        let port = 30_000 + (base - 30_000 + offset) % 2_700;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in 30000-32699 on 127.0.0.1")
 }
 
 /// A running collector listening on 127.0.0.1. Killed (SIGKILL) when dropped if still running.
@@ -101,13 +109,15 @@ impl Collector {
         runtime().block_on(async move {
             let mut q = QueryClient::connect(url.clone())
                 .await
-                .unwrap_or_else(|e| panic!("connect to the collector at {url}: {e}"));
+                .unwrap_or_else(|e| {
+                    panic!("connect to the collector at {url}: {e}; its stderr:\n{}", self.stderr.tail(30))
+                });
             match q.client_stats(ClientStatsRequest { client: client.clone() }).await {
                 Ok(r) => r.into_inner(),
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     ClientStatsResponse { client, windows: Vec::new() }
                 }
-                Err(s) => panic!("ClientStats({client}): {s}"),
+                Err(s) => panic!("ClientStats({client}): {s}; collector stderr:\n{}", self.stderr.tail(30)),
             }
         })
     }

@@ -1,0 +1,313 @@
+//! The collector without its network: the aggregates, the store writer, the per-agent limits,
+//! and [`Session`], the protocol state machine of one agent stream.
+//!
+//! The gRPC services (`ingest`, `query`) are thin layers over this; tests and benchmarks can
+//! drive a [`Session`] directly with wire messages.
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use log::info;
+use outflow_proto::v1::{
+    self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
+};
+use tokio::sync::oneshot;
+
+use crate::{
+    aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
+    config::{Config, LimitsConfig},
+    error::ApiError,
+    keys::{Group, HostId},
+    metrics::Metrics,
+    model::{AgentKey, Batch, BatchLimits, Hello, ValidationError},
+    ratelimit::AgentLimiter,
+    store::{Store, StoreError},
+    window::{Window, WindowStats},
+    writer::{BatchRequest, Outcome, WriteError, Writer},
+};
+
+/// The collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the store writer thread: {0}")]
+    Writer(std::io::Error),
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Store(e) => ApiError::Store(e),
+            WriteError::Stopped => ApiError::ShuttingDown,
+        }
+    }
+}
+
+/// Limiters kept for agents without a stream are dropped beyond this many.
+const LIMITERS_KEPT: usize = 4096;
+
+/// The aggregates, their store and the ingest rules.
+#[derive(Debug)]
+pub struct Collector {
+    state: Arc<RwLock<State>>,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    limits: LimitsConfig,
+    limiters: Mutex<Map<Arc<str>, Arc<Mutex<AgentLimiter>>>>,
+}
+
+impl Collector {
+    /// Opens the store in `config.data_dir`, loads it and starts the writer.
+    pub fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Collector, OpenError> {
+        Self::open_dir(&config.data_dir, config, metrics)
+    }
+
+    fn open_dir(
+        dir: &Path,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Collector, OpenError> {
+        let (store, state) = Store::open(dir, config.store.fsync)?;
+        let state = Arc::new(RwLock::new(state));
+        let writer = Writer::start(
+            store,
+            state.clone(),
+            metrics.clone(),
+            config.store.max_batches_per_commit,
+            config.store.gc_interval,
+        )
+        .map_err(OpenError::Writer)?;
+        Ok(Collector {
+            state,
+            writer,
+            metrics,
+            limits: config.limits.clone(),
+            limiters: Mutex::new(Map::default()),
+        })
+    }
+
+    /// A new agent stream's protocol state.
+    pub fn session(self: &Arc<Self>) -> Session {
+        Session {
+            collector: self.clone(),
+            agent: None,
+        }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The `limit` keys of `group` with the most response bytes in `window`.
+    pub fn top_talkers(&self, group: Group, window: Window, limit: usize) -> TopTalkers {
+        self.read().top(group, window, limit)
+    }
+
+    /// A client's stats in every window ([`Window::ALL`] order); `None` if nothing of it is
+    /// held.
+    pub fn client_stats(&self, client: ClientQuery) -> Option<[WindowStats; 4]> {
+        self.read().stats(&client.key())
+    }
+
+    /// The newest batch time applied.
+    pub fn end_ms(&self) -> u64 {
+        self.read().end_ms()
+    }
+
+    /// The highest applied sequence number of an agent's epoch (0 if none).
+    pub fn watermark(&self, agent: &AgentKey) -> u64 {
+        self.read().watermark(agent)
+    }
+
+    /// Applies everything already queued, then stops the writer and closes the store. Later
+    /// batches are refused with UNAVAILABLE.
+    pub async fn close(&self) {
+        self.writer.stop().await;
+    }
+
+    fn limiter(&self, agent_id: &Arc<str>) -> Arc<Mutex<AgentLimiter>> {
+        let mut map = self.limiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = map.get(agent_id) {
+            return l.clone();
+        }
+        if map.len() >= LIMITERS_KEPT {
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        let l = Arc::new(Mutex::new(AgentLimiter::new(&self.limits, Instant::now())));
+        map.insert(agent_id.clone(), l.clone());
+        l
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        let skew = self.limits.max_clock_skew;
+        BatchLimits {
+            max_deltas: self.limits.max_deltas_per_batch,
+            latest_end_ms: (!skew.is_zero()).then(|| {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                u64::try_from(now.saturating_add(skew.as_millis())).unwrap_or(u64::MAX)
+            }),
+        }
+    }
+}
+
+/// Counts a stream in `agents_connected` while it lives.
+#[derive(Debug)]
+struct Connected(Arc<Metrics>);
+
+impl Connected {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.agents_connected.inc();
+        Self(m.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.agents_connected.dec();
+    }
+}
+
+#[derive(Debug)]
+struct SessionAgent {
+    key: AgentKey,
+    host: HostId,
+    limiter: Arc<Mutex<AgentLimiter>>,
+    _connected: Connected,
+}
+
+/// One agent stream: a Hello, then Batches.
+#[derive(Debug)]
+pub struct Session {
+    collector: Arc<Collector>,
+    agent: Option<SessionAgent>,
+}
+
+/// The answer to a message, possibly still waiting for its commit.
+#[derive(Debug)]
+pub enum Pending {
+    /// Known already (a Welcome).
+    Ready(CollectorMessage),
+    /// A batch queued for the writer; its Ack comes when it is committed.
+    Batch {
+        seq: u64,
+        rx: oneshot::Receiver<Result<Outcome, WriteError>>,
+    },
+}
+
+impl Pending {
+    /// Waits for the answer.
+    pub async fn finish(self) -> Result<CollectorMessage, ApiError> {
+        match self {
+            Pending::Ready(m) => Ok(m),
+            Pending::Batch { seq, rx } => {
+                rx.await.map_err(|_| ApiError::ShuttingDown)??;
+                Ok(CollectorMessage {
+                    msg: Some(collector_message::Msg::Ack(v1::Ack { seq })),
+                })
+            }
+        }
+    }
+
+    /// The outcome of a batch (`None` for a Welcome), waiting for it.
+    pub async fn outcome(self) -> Result<Option<Outcome>, ApiError> {
+        match self {
+            Pending::Ready(_) => Ok(None),
+            Pending::Batch { rx, .. } => Ok(Some(rx.await.map_err(|_| ApiError::ShuttingDown)??)),
+        }
+    }
+}
+
+impl Session {
+    /// Checks and starts applying one message. A Hello is answered at once; a batch is
+    /// validated, rate-limited, folded into per-key totals and queued for the writer (in the
+    /// order of the calls, so Acks come in sequence order).
+    pub async fn begin(&mut self, msg: AgentMessage) -> Result<Pending, ApiError> {
+        match msg.msg {
+            Some(Msg::Hello(h)) => self.hello(h).await,
+            Some(Msg::Batch(b)) => self.batch(b).await,
+            None => Err(
+                ValidationError::new("msg", "empty AgentMessage: neither hello nor batch").into(),
+            ),
+        }
+    }
+
+    /// [`Session::begin`] and [`Pending::finish`]: the collector's answer to `msg`.
+    pub async fn handle(&mut self, msg: AgentMessage) -> Result<CollectorMessage, ApiError> {
+        self.begin(msg).await?.finish().await
+    }
+
+    /// The agent of the stream once it said Hello.
+    pub fn agent(&self) -> Option<&AgentKey> {
+        self.agent.as_ref().map(|a| &a.key)
+    }
+
+    async fn hello(&mut self, h: v1::Hello) -> Result<Pending, ApiError> {
+        if self.agent.is_some() {
+            return Err(ApiError::OutOfOrder("second Hello on the stream"));
+        }
+        let hello = Hello::try_from(h)?;
+        let c = &self.collector;
+        let reply = c
+            .writer
+            .hello(hello.agent.clone(), hello.hostname.clone())
+            .await?;
+        info!(
+            "agent {} (host {}, version {:?}, {} labels): hello, applied seq {}",
+            hello.agent,
+            hello.hostname,
+            hello.version,
+            hello.labels.len(),
+            reply.applied_seq
+        );
+        self.agent = Some(SessionAgent {
+            limiter: c.limiter(&hello.agent.agent_id),
+            key: hello.agent,
+            host: reply.host,
+            _connected: Connected::new(&c.metrics),
+        });
+        Ok(Pending::Ready(CollectorMessage {
+            msg: Some(collector_message::Msg::Welcome(v1::Welcome {
+                applied_seq: reply.applied_seq,
+            })),
+        }))
+    }
+
+    async fn batch(&mut self, b: v1::Batch) -> Result<Pending, ApiError> {
+        let c = &self.collector;
+        let Some(agent) = &self.agent else {
+            return Err(ApiError::OutOfOrder(
+                "Batch before Hello: a stream must start with a Hello",
+            ));
+        };
+        let batch = Batch::from_wire(b, &c.batch_limits())?;
+        agent
+            .limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(batch.deltas.len(), Instant::now())
+            .map_err(|limit| ApiError::RateLimited {
+                agent: agent.key.agent_id.to_string(),
+                limit,
+            })?;
+        let seq = batch.seq;
+        let request = BatchRequest {
+            agent: agent.key.clone(),
+            seq,
+            deltas: batch.deltas.len(),
+            lost_batches: batch.lost_batches,
+            aggregate: aggregate(&batch, agent.host),
+        };
+        let rx = c.writer.submit(request).await?;
+        Ok(Pending::Batch { seq, rx })
+    }
+}

@@ -1,0 +1,357 @@
+//! The collector's configuration: a TOML file whose every field has a default, overridden by
+//! flags (see `outflow-collector --help`), checked by [`Config::validate`].
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the collector looks for its config file when `--config` is not given (used only if it
+/// exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/outflow/collector.toml";
+/// Default gRPC listen address: every interface, port 7411.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED), 7411);
+/// Default Prometheus `/metrics` address: loopback only, port 9411.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9411);
+/// Default data directory (holds `collector.redb`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/outflow-collector";
+/// The protocol's limit on deltas per batch (`ingest.proto`).
+pub const PROTOCOL_MAX_DELTAS: usize = 100_000;
+
+/// A configuration that cannot be used, with the file or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Everything the collector needs to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC address (Ingest, Query, health, reflection).
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP).
+    pub metrics_listen: SocketAddr,
+    /// Directory of the embedded database (`collector.redb`); created if missing.
+    pub data_dir: PathBuf,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            metrics_listen: DEFAULT_METRICS_LISTEN,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// Bearer-token authentication of agents and query clients.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the shared token (surrounding whitespace ignored). Every Ingest and Query
+    /// call must then carry `authorization: Bearer <token>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// TLS for the gRPC port, and client certificates (mTLS) when `client_ca` is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the collector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s): Ingest and Query calls then need a client certificate signed by
+    /// one of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on (a certificate and key are configured).
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
+/// Limits on what agents may send.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest accepted gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Most deltas in one batch (at most the protocol's 100000).
+    pub max_deltas_per_batch: usize,
+    /// How far a batch's `end_ms` may be ahead of the collector's clock ("0s": no check).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// Per agent: sustained batches per second (0: unlimited).
+    pub batches_per_second: f64,
+    /// Per agent: batches that may arrive at once above the sustained rate.
+    pub batch_burst: u64,
+    /// Per agent: sustained deltas per second (0: unlimited).
+    pub deltas_per_second: f64,
+    /// Per agent: deltas that may arrive at once; at least `max_deltas_per_batch`.
+    pub delta_burst: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_deltas_per_batch: PROTOCOL_MAX_DELTAS,
+            max_clock_skew: Duration::from_secs(600),
+            batches_per_second: 100.0,
+            batch_burst: 1000,
+            deltas_per_second: 1_000_000.0,
+            delta_burst: 2_000_000,
+        }
+    }
+}
+
+/// The embedded store and its group commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Make every commit durable (fsync) before acknowledging it. Off, commits reach the disk
+    /// only at a clean stop: a crash of the collector or the machine loses acknowledged
+    /// batches. For tests and benchmarks only.
+    pub fsync: bool,
+    /// Most batches (of all agents) applied in one write transaction.
+    pub max_batches_per_commit: usize,
+    /// How often rollups that left every window are dropped from memory and disk.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            max_batches_per_commit: 512,
+            gc_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`. A missing file is an error only if `explicit` (given with `--config`);
+    /// otherwise the defaults are used.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(error) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            }),
+        }
+    }
+
+    /// Parses TOML text (`path` only names the file in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    /// Checks the values together; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            return Err(invalid(
+                "metrics_listen",
+                format!("same address as `listen` ({})", self.listen),
+            ));
+        }
+        if let Some(p) = &self.auth.token_file
+            && p.as_os_str().is_empty()
+        {
+            return Err(invalid("auth.token_file", "must not be empty"));
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return Err(invalid("tls.key", "required with tls.cert")),
+            (None, Some(_)) => return Err(invalid("tls.cert", "required with tls.key")),
+            _ => {}
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return Err(invalid(
+                "tls.client_ca",
+                "client certificates need TLS: set tls.cert and tls.key too",
+            ));
+        }
+        let l = &self.limits;
+        if !(4096..=1 << 30).contains(&l.max_message_bytes) {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!(
+                    "must be between 4096 and 1073741824 (got {})",
+                    l.max_message_bytes
+                ),
+            ));
+        }
+        if !(1..=PROTOCOL_MAX_DELTAS).contains(&l.max_deltas_per_batch) {
+            return Err(invalid(
+                "limits.max_deltas_per_batch",
+                format!(
+                    "must be between 1 and {PROTOCOL_MAX_DELTAS} (got {})",
+                    l.max_deltas_per_batch
+                ),
+            ));
+        }
+        for (field, rate) in [
+            ("limits.batches_per_second", l.batches_per_second),
+            ("limits.deltas_per_second", l.deltas_per_second),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(invalid(
+                    field,
+                    format!("must be a number >= 0 (got {rate})"),
+                ));
+            }
+        }
+        if l.batches_per_second > 0.0 && l.batch_burst == 0 {
+            return Err(invalid("limits.batch_burst", "must be at least 1"));
+        }
+        if l.deltas_per_second > 0.0 && l.delta_burst < l.max_deltas_per_batch as u64 {
+            return Err(invalid(
+                "limits.delta_burst",
+                format!(
+                    "must be at least limits.max_deltas_per_batch ({}), or no full batch could pass (got {})",
+                    l.max_deltas_per_batch, l.delta_burst
+                ),
+            ));
+        }
+        if self.store.max_batches_per_commit == 0 {
+            return Err(invalid(
+                "store.max_batches_per_commit",
+                "must be at least 1",
+            ));
+        }
+        if self.store.gc_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "store.gc_interval",
+                format!(
+                    "must be at least 1s (got {})",
+                    humantime::format_duration(self.store.gc_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, as `outflow-collector print-config` shows it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back = Config::parse(Path::new("x"), &c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        assert!(
+            c.to_toml().contains("listen = \"[::]:7411\""),
+            "{}",
+            c.to_toml()
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = Config::parse(Path::new("c.toml"), "lissen = \"[::]:1\"").unwrap_err();
+        assert!(e.to_string().contains("lissen"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "[tls]\ncertificate = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let check = |f: &dyn Fn(&mut Config), field: &str| {
+            let mut c = Config::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{e}");
+        };
+        check(&|c| c.tls.cert = Some("c".into()), "tls.key");
+        check(&|c| c.tls.client_ca = Some("ca".into()), "tls.client_ca");
+        check(
+            &|c| c.limits.max_deltas_per_batch = 100_001,
+            "limits.max_deltas_per_batch",
+        );
+        check(&|c| c.limits.delta_burst = 10, "limits.delta_burst");
+        check(
+            &|c| c.limits.deltas_per_second = f64::NAN,
+            "limits.deltas_per_second",
+        );
+        check(
+            &|c| c.limits.max_message_bytes = 10,
+            "limits.max_message_bytes",
+        );
+        check(
+            &|c| c.store.max_batches_per_commit = 0,
+            "store.max_batches_per_commit",
+        );
+        check(&|c| c.metrics_listen = c.listen, "metrics_listen");
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "listen = \"127.0.0.1:1\"\n[limits]\nbatches_per_second = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(c.limits.batches_per_second, 5.0);
+        assert_eq!(c.limits.max_deltas_per_batch, PROTOCOL_MAX_DELTAS);
+        assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+    }
+}

@@ -1,0 +1,255 @@
+//! What the collector aggregates by: client address, client prefix, host and workload, and the
+//! compact byte form of each key in the store.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+/// A host (agent hostname), interned: the store and the rollups refer to hosts by this number.
+pub type HostId = u32;
+
+/// How response bytes are grouped (`outflow.v1.GroupBy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Group {
+    /// The client's address, /32 or /128.
+    ClientAddress,
+    /// The client's /24 (IPv4) or /64 (IPv6).
+    ClientPrefix,
+    /// The host that served the bytes.
+    Host,
+    /// Host, cgroup and process name of the server.
+    Workload,
+}
+
+impl Group {
+    /// Every group, in the order of the protocol's enum.
+    pub const ALL: [Group; 4] = [
+        Group::ClientAddress,
+        Group::ClientPrefix,
+        Group::Host,
+        Group::Workload,
+    ];
+
+    /// The name used on the command line and in messages (`client-prefix`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::ClientAddress => "client-address",
+            Group::ClientPrefix => "client-prefix",
+            Group::Host => "host",
+            Group::Workload => "workload",
+        }
+    }
+}
+
+/// A client network as aggregated: the /24 of an IPv4 address or the /64 of an IPv6 one,
+/// stored as its network address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix(IpAddr);
+
+impl Prefix {
+    /// The aggregated prefix an address falls in.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(a) => Prefix(IpAddr::V4(Ipv4Addr::from_bits(a.to_bits() & !0xff))),
+            IpAddr::V6(a) => Prefix(IpAddr::V6(Ipv6Addr::from_bits(
+                a.to_bits() & !u128::from(u64::MAX),
+            ))),
+        }
+    }
+
+    /// The network address.
+    pub fn network(self) -> IpAddr {
+        self.0
+    }
+
+    /// The prefix length: 24 or 64.
+    pub fn prefix_len(self) -> u8 {
+        if self.0.is_ipv4() { 24 } else { 64 }
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.0, self.prefix_len())
+    }
+}
+
+/// A serving workload: the host, the socket's cgroup and the server's process name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Workload {
+    pub host: HostId,
+    pub cgroup: Box<str>,
+    pub comm: Box<str>,
+}
+
+/// One aggregation key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Client(IpAddr),
+    Prefix(Prefix),
+    Host(HostId),
+    Workload(Workload),
+}
+
+const TAG_CLIENT: u8 = 1;
+const TAG_PREFIX: u8 = 2;
+const TAG_HOST: u8 = 3;
+const TAG_WORKLOAD: u8 = 4;
+
+fn ip_bytes(out: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+    }
+}
+
+fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    if let Ok(b) = <[u8; 4]>::try_from(bytes) {
+        Some(IpAddr::from(b))
+    } else {
+        <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from)
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes(b.try_into().ok()?))
+}
+
+impl Key {
+    /// The group this key belongs to.
+    pub fn group(&self) -> Group {
+        match self {
+            Key::Client(_) => Group::ClientAddress,
+            Key::Prefix(_) => Group::ClientPrefix,
+            Key::Host(_) => Group::Host,
+            Key::Workload(_) => Group::Workload,
+        }
+    }
+
+    /// Appends the store form: a tag byte, then the address bytes (4 or 16), the host id
+    /// (big-endian u32), or host id, cgroup length (u32), cgroup and comm.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Key::Client(a) => {
+                out.push(TAG_CLIENT);
+                ip_bytes(out, *a);
+            }
+            Key::Prefix(p) => {
+                out.push(TAG_PREFIX);
+                ip_bytes(out, p.0);
+            }
+            Key::Host(h) => {
+                out.push(TAG_HOST);
+                out.extend_from_slice(&h.to_be_bytes());
+            }
+            Key::Workload(w) => {
+                out.push(TAG_WORKLOAD);
+                out.extend_from_slice(&w.host.to_be_bytes());
+                // Cgroup paths are at most 4096 bytes (checked at the edge).
+                let len = u32::try_from(w.cgroup.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(w.cgroup.as_bytes());
+                out.extend_from_slice(w.comm.as_bytes());
+            }
+        }
+    }
+
+    /// The store form as a new vector.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        self.encode(&mut v);
+        v
+    }
+
+    /// Parses the store form; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Key> {
+        let (&tag, rest) = bytes.split_first()?;
+        match tag {
+            TAG_CLIENT => ip_from(rest).map(Key::Client),
+            TAG_PREFIX => ip_from(rest).map(|a| Key::Prefix(Prefix::of(a))),
+            TAG_HOST if rest.len() == 4 => u32_at(rest, 0).map(Key::Host),
+            TAG_WORKLOAD => {
+                let host = u32_at(rest, 0)?;
+                let len = usize::try_from(u32_at(rest, 4)?).ok()?;
+                let cgroup = rest.get(8..8usize.checked_add(len)?)?;
+                let comm = rest.get(8 + len..)?;
+                Some(Key::Workload(Workload {
+                    host,
+                    cgroup: std::str::from_utf8(cgroup).ok()?.into(),
+                    comm: std::str::from_utf8(comm).ok()?.into(),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// The key as the Query API shows it: `203.0.113.7`, `203.0.113.0/24`, a host name, or
+    /// `host/cgroup/comm`. `host_name` resolves host ids.
+    pub fn display<'a>(&self, host_name: impl Fn(HostId) -> &'a str) -> String {
+        match self {
+            Key::Client(a) => a.to_string(),
+            Key::Prefix(p) => p.to_string(),
+            Key::Host(h) => host_name(*h).to_owned(),
+            Key::Workload(w) => format!("{}/{}/{}", host_name(w.host), w.cgroup, w.comm),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let p = Prefix::of("203.0.113.77".parse().unwrap());
+        assert_eq!(p.to_string(), "203.0.113.0/24");
+        let p = Prefix::of("2001:db8:1:2:3:4:5:6".parse().unwrap());
+        assert_eq!(p.to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn store_form_round_trips() {
+        let keys = [
+            Key::Client("203.0.113.7".parse().unwrap()),
+            Key::Client("2001:db8::7".parse().unwrap()),
+            Key::Prefix(Prefix::of("198.51.100.1".parse().unwrap())),
+            Key::Prefix(Prefix::of("2001:db8::1".parse().unwrap())),
+            Key::Host(7),
+            Key::Workload(Workload {
+                host: 3,
+                cgroup: "/system.slice/vllm.service".into(),
+                comm: "vllm".into(),
+            }),
+            Key::Workload(Workload {
+                host: 0,
+                cgroup: "".into(),
+                comm: "".into(),
+            }),
+        ];
+        for k in keys {
+            assert_eq!(Key::decode(&k.to_bytes()), Some(k.clone()), "{k:?}");
+        }
+        for bad in [
+            &[][..],
+            &[9, 1],
+            &[1, 1, 2],
+            &[3, 0, 0],
+            &[4, 0, 0, 0, 1, 0, 0, 0, 9, b'a'],
+        ] {
+            assert_eq!(Key::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn display() {
+        let names = |_| "gpu-1";
+        let w = Key::Workload(Workload {
+            host: 1,
+            cgroup: "/system.slice/vllm.service".into(),
+            comm: "vllm".into(),
+        });
+        assert_eq!(w.display(names), "gpu-1//system.slice/vllm.service/vllm");
+        assert_eq!(Key::Host(1).display(names), "gpu-1");
+    }
+}

@@ -1,0 +1,192 @@
+//! Prometheus metrics (OpenMetrics text at `/metrics` on the metrics address).
+//!
+//! | metric | type | meaning |
+//! |--------|------|---------|
+//! | `outflow_collector_agents_connected` | gauge | streams past their Hello |
+//! | `outflow_collector_batches_total` | counter | batches applied |
+//! | `outflow_collector_deltas_total` | counter | deltas (records) of applied batches |
+//! | `outflow_collector_duplicate_batches_total` | counter | batches acknowledged without applying (already applied) |
+//! | `outflow_collector_rejects_total{reason}` | counter | calls refused: `unauthenticated`, `invalid_argument`, `failed_precondition`, `rate_limited`, `too_large` |
+//! | `outflow_collector_lost_batches_total` | counter | batches agents reported lost (spool full) |
+//! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
+//! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
+//! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
+//! | `outflow_collector_keys{group}` | gauge | keys held per group |
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use tokio_util::sync::CancellationToken;
+
+/// Label of `rejects_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Label of `keys`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    pub group: &'static str,
+}
+
+/// The collector's metrics; cheap to clone (every metric is shared).
+#[derive(Debug)]
+pub struct Metrics {
+    pub agents_connected: Gauge,
+    pub batches: Counter,
+    pub deltas: Counter,
+    pub duplicates: Counter,
+    pub rejects: Family<ReasonLabel, Counter>,
+    pub lost_batches: Counter,
+    pub ingest_lag: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_batches: Histogram,
+    pub keys: Family<GroupLabel, Gauge>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outflow_collector");
+        let m = Self {
+            agents_connected: Gauge::default(),
+            batches: Counter::default(),
+            deltas: Counter::default(),
+            duplicates: Counter::default(),
+            rejects: Family::default(),
+            lost_batches: Counter::default(),
+            ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            keys: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "agents_connected",
+            "Agent streams past their Hello",
+            m.agents_connected.clone(),
+        );
+        registry.register("batches", "Batches applied", m.batches.clone());
+        registry.register("deltas", "Deltas of applied batches", m.deltas.clone());
+        registry.register(
+            "duplicate_batches",
+            "Batches acknowledged without applying them again",
+            m.duplicates.clone(),
+        );
+        registry.register("rejects", "Calls refused, by reason", m.rejects.clone());
+        registry.register(
+            "lost_batches",
+            "Batches agents reported lost",
+            m.lost_batches.clone(),
+        );
+        registry.register_with_unit(
+            "ingest_lag",
+            "Collector clock minus batch end_ms when the batch is applied",
+            Unit::Seconds,
+            m.ingest_lag.clone(),
+        );
+        registry.register_with_unit(
+            "store_commit",
+            "Duration of one write transaction of the store",
+            Unit::Seconds,
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "commit_batches",
+            "Batches per write transaction",
+            m.commit_batches.clone(),
+        );
+        registry.register("keys", "Keys held, by group", m.keys.clone());
+        Self { registry, ..m }
+    }
+
+    /// Counts a refused call.
+    pub fn reject(&self, reason: &'static str) {
+        self.rejects.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Sets the key gauges.
+    pub fn set_keys(&self, group: &'static str, n: usize) {
+        self.keys
+            .get_or_create(&GroupLabel { group })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut s = String::with_capacity(4096);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+            s = format!("# cannot encode metrics: {e}\n");
+        }
+        s
+    }
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+/// Serves `/metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let m = Metrics::new();
+        m.reject("too_large");
+        m.batches.inc();
+        m.ingest_lag.observe(1.0);
+        let text = m.encode();
+        for name in [
+            "outflow_collector_agents_connected ",
+            "outflow_collector_batches_total 1",
+            "outflow_collector_rejects_total{reason=\"too_large\"} 1",
+            "outflow_collector_ingest_lag_seconds_count 1",
+            "outflow_collector_store_commit_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} not in\n{text}");
+        }
+    }
+}

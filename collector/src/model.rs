@@ -1,0 +1,466 @@
+//! Domain types of what agents send, and their conversion from the wire types at the edge.
+//!
+//! Everything an agent sends passes through a `TryFrom` here before the collector uses it; the
+//! error names the offending field the way the protocol spells it, e.g.
+//! `deltas[3].remote_addr: 5 bytes, want 4 or 16`.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use outflow_proto::v1;
+
+/// At most this many labels in a Hello (`ingest.proto`).
+pub const MAX_LABELS: usize = 32;
+/// Label keys and values: at most this many characters (`ingest.proto`).
+pub const MAX_LABEL_CHARS: usize = 128;
+/// `agent_id`: 1 to this many characters (`ingest.proto`).
+pub const MAX_AGENT_ID_CHARS: usize = 128;
+/// Host names: at most this many characters.
+pub const MAX_HOSTNAME_CHARS: usize = 255;
+/// `boot_id`, `version`: at most this many characters.
+pub const MAX_SHORT_TEXT_CHARS: usize = 128;
+/// `cgroup`: at most this many bytes (PATH_MAX).
+pub const MAX_CGROUP_BYTES: usize = 4096;
+/// `comm`: at most this many bytes (the kernel's is 15).
+pub const MAX_COMM_BYTES: usize = 64;
+/// Batch times after this (the year 3000, Unix ms) are refused.
+pub const MAX_TIME_MS: u64 = 32_503_680_000_000;
+
+/// A field of an agent's message that breaks the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The field's path as the protocol names it, e.g. `deltas[3].remote_addr`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Identity of a sequence of batches: sequence numbers are per (agent_id, epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentKey {
+    pub agent_id: Arc<str>,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{:016x}", self.agent_id, self.epoch)
+    }
+}
+
+/// A validated Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub agent: AgentKey,
+    /// The host name; `agent:<agent_id>` if the agent sent none.
+    pub hostname: String,
+    pub boot_id: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The side of a connection the agent's socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepted: the remote side is a client of the host. Only these are aggregated.
+    Server,
+    /// Connected: the host is the client.
+    Client,
+    /// Unknown (open before the agent started, or a role this collector does not know).
+    Unknown,
+}
+
+/// Byte and segment counts of an interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub wire_bytes_out: u64,
+    pub wire_bytes_in: u64,
+    pub segments_out: u64,
+    pub segments_in: u64,
+}
+
+impl From<v1::Counters> for Counters {
+    fn from(c: v1::Counters) -> Self {
+        Self {
+            bytes_out: c.bytes_out,
+            bytes_in: c.bytes_in,
+            wire_bytes_out: c.wire_bytes_out,
+            wire_bytes_in: c.wire_bytes_in,
+            segments_out: c.segments_out,
+            segments_in: c.segments_in,
+        }
+    }
+}
+
+/// One connection's counts in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub conn_id: u64,
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    pub role: Role,
+    pub counters: Counters,
+    pub closed: bool,
+    pub cgroup: String,
+    pub pid: u32,
+    pub comm: String,
+    pub first_seen_ms: u64,
+}
+
+/// A validated Batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub seq: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub deltas: Vec<Delta>,
+    pub overflow: Counters,
+    pub lost_batches: u64,
+    pub lost: Counters,
+}
+
+/// Limits a batch is checked against besides the protocol's own rules.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most deltas per batch.
+    pub max_deltas: usize,
+    /// Latest accepted `end_ms` (the collector's clock plus the allowed skew), if checked.
+    pub latest_end_ms: Option<u64>,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_deltas: crate::config::PROTOCOL_MAX_DELTAS,
+            latest_end_ms: None,
+        }
+    }
+}
+
+fn check_chars(field: &str, value: &str, min: usize, max: usize) -> Result<(), ValidationError> {
+    // Count at most max+1 characters: the length of a hostile string is not worth walking.
+    let n = value.chars().take(max.saturating_add(1)).count();
+    if n < min {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if n > max {
+        return Err(ValidationError::new(
+            field,
+            format!("more than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+impl TryFrom<v1::Hello> for Hello {
+    type Error = ValidationError;
+
+    fn try_from(h: v1::Hello) -> Result<Self, Self::Error> {
+        check_chars("agent_id", &h.agent_id, 1, MAX_AGENT_ID_CHARS)?;
+        if h.epoch == 0 {
+            return Err(ValidationError::new("epoch", "must not be 0"));
+        }
+        check_chars("hostname", &h.hostname, 0, MAX_HOSTNAME_CHARS)?;
+        check_chars("boot_id", &h.boot_id, 0, MAX_SHORT_TEXT_CHARS)?;
+        check_chars("version", &h.version, 0, MAX_SHORT_TEXT_CHARS)?;
+        if h.labels.len() > MAX_LABELS {
+            return Err(ValidationError::new(
+                "labels",
+                format!("{} labels, at most {MAX_LABELS}", h.labels.len()),
+            ));
+        }
+        for (k, v) in &h.labels {
+            check_chars("labels (key)", k, 0, MAX_LABEL_CHARS)?;
+            check_chars(&format!("labels[{k:?}]"), v, 0, MAX_LABEL_CHARS)?;
+        }
+        Ok(Self {
+            agent: AgentKey {
+                agent_id: Arc::from(h.agent_id.as_str()),
+                epoch: h.epoch,
+            },
+            // An agent that cannot read its host name sends "": it is then known by its id.
+            hostname: if h.hostname.is_empty() {
+                format!("agent:{}", h.agent_id)
+            } else {
+                h.hostname
+            },
+            boot_id: h.boot_id,
+            version: h.version,
+            labels: h.labels.into_iter().collect(),
+        })
+    }
+}
+
+/// An address of 4 or 16 bytes; an IPv4-mapped IPv6 address becomes IPv4.
+fn addr(field: impl FnOnce() -> String, bytes: &[u8]) -> Result<IpAddr, ValidationError> {
+    if let Ok(b) = <[u8; 4]>::try_from(bytes) {
+        Ok(IpAddr::V4(Ipv4Addr::from(b)))
+    } else if let Ok(b) = <[u8; 16]>::try_from(bytes) {
+        Ok(IpAddr::V6(Ipv6Addr::from(b)).to_canonical())
+    } else {
+        Err(ValidationError::new(
+            field(),
+            format!("{} bytes, want 4 or 16", bytes.len()),
+        ))
+    }
+}
+
+fn port(field: impl FnOnce() -> String, p: u32) -> Result<u16, ValidationError> {
+    u16::try_from(p)
+        .map_err(|_| ValidationError::new(field(), format!("{p} is not a port (> 65535)")))
+}
+
+fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
+    let f = |name: &str| format!("deltas[{i}].{name}");
+    let local = addr(|| f("local_addr"), &d.local_addr)?;
+    let remote = addr(|| f("remote_addr"), &d.remote_addr)?;
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Err(ValidationError::new(
+            f("remote_addr"),
+            format!("{remote} and local_addr {local} are of different families"),
+        ));
+    }
+    let local_port = port(|| f("local_port"), d.local_port)?;
+    let remote_port = port(|| f("remote_port"), d.remote_port)?;
+    let role = match v1::Role::try_from(d.role) {
+        Ok(v1::Role::Server) => Role::Server,
+        Ok(v1::Role::Client) => Role::Client,
+        // New roles of a later agent are treated as unknown, as the protocol asks.
+        Ok(v1::Role::Unspecified) | Err(_) => Role::Unknown,
+    };
+    if d.cgroup.len() > MAX_CGROUP_BYTES {
+        return Err(ValidationError::new(
+            f("cgroup"),
+            format!("{} bytes, at most {MAX_CGROUP_BYTES}", d.cgroup.len()),
+        ));
+    }
+    if d.comm.len() > MAX_COMM_BYTES {
+        return Err(ValidationError::new(
+            f("comm"),
+            format!("{} bytes, at most {MAX_COMM_BYTES}", d.comm.len()),
+        ));
+    }
+    Ok(Delta {
+        conn_id: d.conn_id,
+        local,
+        local_port,
+        remote,
+        remote_port,
+        role,
+        counters: d.counters.map(Counters::from).unwrap_or_default(),
+        closed: d.closed,
+        cgroup: d.cgroup,
+        pid: d.pid,
+        comm: d.comm,
+        first_seen_ms: d.first_seen_ms,
+    })
+}
+
+impl Batch {
+    /// Validates a wire batch against the protocol and `limits`.
+    pub fn from_wire(b: v1::Batch, limits: &BatchLimits) -> Result<Self, ValidationError> {
+        if b.seq == 0 {
+            return Err(ValidationError::new("seq", "must be at least 1 (got 0)"));
+        }
+        if b.end_ms < b.start_ms {
+            return Err(ValidationError::new(
+                "end_ms",
+                format!("{} is before start_ms {}", b.end_ms, b.start_ms),
+            ));
+        }
+        if b.end_ms > MAX_TIME_MS {
+            return Err(ValidationError::new(
+                "end_ms",
+                format!("{} is after the year 3000", b.end_ms),
+            ));
+        }
+        if let Some(latest) = limits.latest_end_ms
+            && b.end_ms > latest
+        {
+            return Err(ValidationError::new(
+                "end_ms",
+                format!(
+                    "{} is {} ms ahead of the collector's clock, more than the allowed skew",
+                    b.end_ms,
+                    b.end_ms.saturating_sub(latest)
+                ),
+            ));
+        }
+        if b.deltas.len() > limits.max_deltas {
+            return Err(ValidationError::new(
+                "deltas",
+                format!("{} deltas, at most {}", b.deltas.len(), limits.max_deltas),
+            ));
+        }
+        let deltas = b
+            .deltas
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| delta(i, d))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            seq: b.seq,
+            start_ms: b.start_ms,
+            end_ms: b.end_ms,
+            deltas,
+            overflow: b.overflow.map(Counters::from).unwrap_or_default(),
+            lost_batches: b.lost_batches,
+            lost: b.lost.map(Counters::from).unwrap_or_default(),
+        })
+    }
+}
+
+impl TryFrom<v1::Batch> for Batch {
+    type Error = ValidationError;
+
+    /// Validates against the protocol's limits only (no clock check).
+    fn try_from(b: v1::Batch) -> Result<Self, Self::Error> {
+        Self::from_wire(b, &BatchLimits::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> v1::Hello {
+        v1::Hello {
+            agent_id: "a".into(),
+            epoch: 7,
+            hostname: "h".into(),
+            ..Default::default()
+        }
+    }
+
+    fn good_delta() -> v1::ConnDelta {
+        v1::ConnDelta {
+            local_addr: vec![10, 0, 0, 1],
+            local_port: 8000,
+            remote_addr: vec![203, 0, 113, 7],
+            remote_port: 40000,
+            role: v1::Role::Server as i32,
+            ..Default::default()
+        }
+    }
+
+    fn batch(deltas: Vec<v1::ConnDelta>) -> v1::Batch {
+        v1::Batch {
+            seq: 1,
+            start_ms: 1000,
+            end_ms: 2000,
+            deltas,
+            ..Default::default()
+        }
+    }
+
+    fn err(b: v1::Batch) -> String {
+        Batch::try_from(b).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hello_rules() {
+        assert!(Hello::try_from(hello()).is_ok());
+        let e = |f: fn(&mut v1::Hello)| {
+            let mut h = hello();
+            f(&mut h);
+            Hello::try_from(h).unwrap_err().to_string()
+        };
+        assert_eq!(e(|h| h.agent_id.clear()), "agent_id: must not be empty");
+        assert_eq!(
+            e(|h| h.agent_id = "x".repeat(129)),
+            "agent_id: more than 128 characters"
+        );
+        assert_eq!(e(|h| h.epoch = 0), "epoch: must not be 0");
+        let mut h = hello();
+        h.hostname.clear();
+        assert_eq!(Hello::try_from(h).unwrap().hostname, "agent:a");
+        let long = e(|h| {
+            h.labels.insert("k".into(), "v".repeat(129));
+        });
+        assert_eq!(long, "labels[\"k\"]: more than 128 characters");
+        let many = e(|h| {
+            for i in 0..33 {
+                h.labels.insert(i.to_string(), String::new());
+            }
+        });
+        assert_eq!(many, "labels: 33 labels, at most 32");
+        // 128 multi-byte characters are fine.
+        let mut h = hello();
+        h.agent_id = "é".repeat(128);
+        assert!(Hello::try_from(h).is_ok());
+    }
+
+    #[test]
+    fn batch_rules() {
+        let mut d = good_delta();
+        d.remote_addr = vec![1, 2, 3, 4, 5];
+        assert_eq!(
+            err(batch(vec![good_delta(), good_delta(), good_delta(), d])),
+            "deltas[3].remote_addr: 5 bytes, want 4 or 16"
+        );
+        let mut d = good_delta();
+        d.local_port = 65536;
+        assert_eq!(
+            err(batch(vec![d])),
+            "deltas[0].local_port: 65536 is not a port (> 65535)"
+        );
+        let mut b = batch(vec![]);
+        b.seq = 0;
+        assert_eq!(err(b), "seq: must be at least 1 (got 0)");
+        let mut b = batch(vec![]);
+        b.end_ms = 999;
+        assert_eq!(err(b), "end_ms: 999 is before start_ms 1000");
+        let e = Batch::from_wire(
+            batch(vec![good_delta(); 3]),
+            &BatchLimits {
+                max_deltas: 2,
+                latest_end_ms: None,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "deltas: 3 deltas, at most 2");
+        let e = Batch::from_wire(
+            batch(vec![]),
+            &BatchLimits {
+                max_deltas: 2,
+                latest_end_ms: Some(1500),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "end_ms");
+        let mut d = good_delta();
+        d.remote_addr = vec![0; 16];
+        assert!(err(batch(vec![d])).starts_with("deltas[0].remote_addr: :: and local_addr"));
+    }
+
+    #[test]
+    fn mapped_addresses_and_unknown_roles() {
+        let mut d = good_delta();
+        d.remote_addr = Ipv4Addr::new(203, 0, 113, 9)
+            .to_ipv6_mapped()
+            .octets()
+            .to_vec();
+        d.role = 77;
+        let b = Batch::try_from(batch(vec![d])).unwrap();
+        assert_eq!(b.deltas[0].remote, IpAddr::from([203, 0, 113, 9]));
+        assert_eq!(b.deltas[0].role, Role::Unknown);
+        assert_eq!(b.deltas[0].counters, Counters::default());
+    }
+}

@@ -1,0 +1,271 @@
+//! The running collector: gRPC (Ingest, Query, health, reflection) and `/metrics`, with a
+//! graceful stop.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use outflow_collector::{config::Config, server::Server};
+//! let config = Config {
+//!     listen: "127.0.0.1:0".parse()?,
+//!     metrics_listen: "127.0.0.1:0".parse()?,
+//!     data_dir: "/tmp/outflow-test".into(),
+//!     ..Config::default()
+//! };
+//! let server = Server::start(config).await?;
+//! println!("gRPC on {}, metrics on {}", server.addr(), server.metrics_addr());
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use log::{error, info, warn};
+use outflow_proto::v1::query_server::QueryServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    auth::{self, Auth, AuthError},
+    collector::{Collector, OpenError},
+    config::{Config, ConfigError},
+    ingest::IngestService,
+    metrics::{self, Metrics},
+    query::QueryService,
+};
+
+/// Names of the services reported SERVING by gRPC health checking.
+pub const SERVICES: [&str; 2] = ["outflow.v1.Ingest", "outflow.v1.Query"];
+/// How long a stop waits for streams and connections to end before cutting them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot listen on {addr} ({what}): {error}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("TLS setup")]
+    Tls(#[source] tonic::transport::Error),
+}
+
+/// The gRPC server failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("gRPC server task: {0}")]
+    Task(tokio::task::JoinError),
+}
+
+/// A running collector.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    collector: Arc<Collector>,
+    shutdown: CancellationToken,
+    health: HealthReporter,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Validates `config`, opens the store, binds both addresses and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        config.validate()?;
+        let token = config
+            .auth
+            .token_file
+            .as_deref()
+            .map(|p| auth::load_token("auth.token_file", p))
+            .transpose()?;
+        let tls = auth::server_tls(&config.tls)?;
+        let metrics = Arc::new(Metrics::new());
+        let auth = Auth::new(
+            token.as_deref(),
+            config.tls.client_ca.is_some(),
+            metrics.clone(),
+        );
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| StartError::Bind {
+                what: "listen",
+                addr: config.listen,
+                error,
+            })?;
+        let addr = listener.local_addr().map_err(|error| StartError::Bind {
+            what: "listen",
+            addr: config.listen,
+            error,
+        })?;
+        let metrics_listener = metrics::bind(config.metrics_listen)
+            .await
+            .map_err(|error| StartError::Bind {
+                what: "metrics_listen",
+                addr: config.metrics_listen,
+                error,
+            })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|error| StartError::Bind {
+                what: "metrics_listen",
+                addr: config.metrics_listen,
+                error,
+            })?;
+
+        let collector = Arc::new(Collector::open(&config, metrics.clone())?);
+        let shutdown = CancellationToken::new();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for s in SERVICES {
+            health.set_service_status(s, ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(outflow_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| {
+                // The descriptor sets are compiled in: this cannot fail for a built binary.
+                error!("reflection disabled: {e}");
+                e
+            })
+            .ok();
+
+        let ingest = IngestService::new(
+            collector.clone(),
+            shutdown.clone(),
+            config.limits.max_message_bytes,
+            config.limits.max_deltas_per_batch,
+        );
+        let query = QueryServer::new(QueryService::new(collector.clone()));
+        let open = auth.is_open();
+
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).map_err(StartError::Tls)?;
+        }
+        let router = builder
+            .add_service(health_service)
+            .add_optional_service(reflection)
+            .add_service(InterceptedService::new(ingest, auth.clone()))
+            .add_service(InterceptedService::new(query, auth));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let grpc = {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                let r = router
+                    .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
+                    .await;
+                // Whatever ended it, the rest of the server stops too.
+                token.cancel();
+                r
+            })
+        };
+        let metrics_task = tokio::spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        if open {
+            warn!(
+                "no auth.token_file and no tls.client_ca: ingest and query are open to anyone who can reach {}",
+                addr
+            );
+        }
+        info!(
+            "listening on {addr} ({}), metrics on http://{metrics_addr}/metrics, data in {}",
+            if config.tls.enabled() {
+                "TLS"
+            } else {
+                "plaintext"
+            },
+            config.data_dir.display()
+        );
+        Ok(Server {
+            addr,
+            metrics_addr,
+            collector,
+            shutdown,
+            health,
+            grpc,
+            metrics: metrics_task,
+        })
+    }
+
+    /// The bound gRPC address (with the real port when the config said port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The collector behind the services (for in-process queries and tests).
+    pub fn collector(&self) -> &Arc<Collector> {
+        &self.collector
+    }
+
+    /// A token that stops the server when cancelled (as [`Server::shutdown`] does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the shutdown token is cancelled, or the gRPC server ended on its own (then
+    /// [`Server::shutdown`] returns its error).
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    /// Stops gracefully: refuses new calls, ends every agent stream after acknowledging what
+    /// it had queued (with UNAVAILABLE, so agents reconnect), commits everything queued,
+    /// closes the store. Waits at most 10 s for clients to go.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        info!("shutting down");
+        for s in SERVICES {
+            self.health
+                .set_service_status(s, ServingStatus::NotServing)
+                .await;
+        }
+        self.shutdown.cancel();
+        let Server {
+            collector,
+            mut grpc,
+            metrics,
+            ..
+        } = self;
+        let result = match tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ServeError::Grpc(e)),
+            Ok(Err(e)) => Err(ServeError::Task(e)),
+            Err(_) => {
+                warn!("clients still connected after {DRAIN_TIMEOUT:?}: closing them");
+                grpc.abort();
+                Ok(())
+            }
+        };
+        match metrics.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("metrics server: {e}"),
+            Err(e) => error!("metrics server task: {e}"),
+        }
+        collector.close().await;
+        info!("stopped");
+        result
+    }
+}

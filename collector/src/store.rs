@@ -1,0 +1,387 @@
+//! The embedded store: one redb file, `collector.redb`, in the data directory.
+//!
+//! Tables (keys and values big-endian where binary):
+//!
+//! | table        | key                                   | value                               |
+//! |--------------|---------------------------------------|-------------------------------------|
+//! | `meta`       | `"schema"`, `"end_ms"`                | u64                                 |
+//! | `watermarks` | (agent_id, epoch)                     | highest applied seq                 |
+//! | `hosts`      | host id (u32)                         | host name                           |
+//! | `rollups`    | key (see [`Key::encode`])             | buckets (see [`Rollup::encode_slots`]) |
+//! | `key_hosts`  | key ++ host id (u32)                  | last batch time the host served it  |
+//!
+//! Every change of a group commit (watermarks, new hosts, the rollups it touched) goes into one
+//! write transaction, so after a crash the store holds either all of a batch or none of it, and
+//! its watermark with it.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use log::warn;
+use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+
+use crate::{
+    aggregate::{Map, State},
+    keys::{HostId, Key},
+    model::AgentKey,
+    window::Rollup,
+};
+
+/// The database file's name in the data directory.
+pub const DB_FILE: &str = "collector.redb";
+const SCHEMA: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("watermarks");
+const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
+const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
+const KEY_HOSTS: TableDefinition<&[u8], u64> = TableDefinition::new("key_hosts");
+
+/// A store that cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {error}")]
+    CreateDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot open database {path}: {error}")]
+    Open {
+        path: PathBuf,
+        error: redb::DatabaseError,
+    },
+    #[error("database {path}: {error}")]
+    Db { path: PathBuf, error: redb::Error },
+    #[error("database {path} is corrupt: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("database {path} has schema {found}; this collector knows schema {SCHEMA}")]
+    Schema { path: PathBuf, found: u64 },
+}
+
+/// What one write transaction changes for one key.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChange {
+    /// The key's new rollup (written whole; removed with its hosts if empty).
+    pub rollup: Rollup,
+    /// Hosts whose last-seen time changed.
+    pub hosts_seen: Vec<HostId>,
+    /// Hosts pruned from the rollup.
+    pub hosts_gone: Vec<HostId>,
+}
+
+/// Everything one write transaction changes.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// New host names, in id order.
+    pub hosts: Vec<(HostId, Arc<str>)>,
+    /// New watermarks.
+    pub watermarks: Map<AgentKey, u64>,
+    /// The new newest batch time, if it moved.
+    pub end_ms: Option<u64>,
+    /// Changed rollups.
+    pub rollups: Map<Key, KeyChange>,
+}
+
+impl Changes {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.watermarks.is_empty()
+            && self.end_ms.is_none()
+            && self.rollups.is_empty()
+    }
+
+    /// Applies the changes to the in-memory state (after they were committed).
+    pub fn install(self, state: &mut State) {
+        for (id, name) in self.hosts {
+            state.add_host(id, name);
+        }
+        for (agent, seq) in self.watermarks {
+            state.set_watermark(agent, seq);
+        }
+        if let Some(e) = self.end_ms {
+            state.set_end_ms(e);
+        }
+        for (key, change) in self.rollups {
+            state.put(key, change.rollup);
+        }
+    }
+}
+
+/// The open database.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    fsync: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn key_host(key: &[u8], host: HostId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(key.len() + 4);
+    v.extend_from_slice(key);
+    v.extend_from_slice(&host.to_be_bytes());
+    v
+}
+
+impl Store {
+    /// Opens (creating if needed) `dir/collector.redb` and loads everything into a [`State`].
+    /// `fsync`: make every commit durable before it returns.
+    pub fn open(dir: &Path, fsync: bool) -> Result<(Store, State), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|error| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            error,
+        })?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|error| StoreError::Open {
+            path: path.clone(),
+            error,
+        })?;
+        let store = Store { db, path, fsync };
+        store.init()?;
+        let state = store.load()?;
+        Ok((store, state))
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            error: e.into(),
+        }
+    }
+
+    fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// Creates the tables and checks the schema version.
+    fn init(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            let found = meta
+                .get("schema")
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema", SCHEMA).map_err(|e| self.err(e))?;
+                }
+                Some(SCHEMA) => {}
+                Some(found) => {
+                    return Err(StoreError::Schema {
+                        path: self.path.clone(),
+                        found,
+                    });
+                }
+            }
+            tx.open_table(WATERMARKS).map_err(|e| self.err(e))?;
+            tx.open_table(HOSTS).map_err(|e| self.err(e))?;
+            tx.open_table(ROLLUPS).map_err(|e| self.err(e))?;
+            tx.open_table(KEY_HOSTS).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn load(&self) -> Result<State, StoreError> {
+        let e = |x: redb::Error| self.err(x);
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let mut state = State::default();
+        let meta = tx.open_table(META).map_err(|x| e(x.into()))?;
+        if let Some(v) = meta.get("end_ms").map_err(|x| e(x.into()))? {
+            state.set_end_ms(v.value());
+        }
+        for row in tx
+            .open_table(HOSTS)
+            .map_err(|x| e(x.into()))?
+            .iter()
+            .map_err(|x| e(x.into()))?
+        {
+            let (id, name) = row.map_err(|x| e(x.into()))?;
+            let id = id.value();
+            if usize::try_from(id).ok() != Some(state.host_count()) {
+                return Err(self.corrupt(format!("host id {id} out of sequence")));
+            }
+            state.add_host(id, Arc::from(name.value()));
+        }
+        for row in tx
+            .open_table(WATERMARKS)
+            .map_err(|x| e(x.into()))?
+            .iter()
+            .map_err(|x| e(x.into()))?
+        {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let (agent_id, epoch) = k.value();
+            state.set_watermark(
+                AgentKey {
+                    agent_id: Arc::from(agent_id),
+                    epoch,
+                },
+                v.value(),
+            );
+        }
+        let mut rollups: Map<Key, Rollup> = Map::default();
+        for row in tx
+            .open_table(ROLLUPS)
+            .map_err(|x| e(x.into()))?
+            .iter()
+            .map_err(|x| e(x.into()))?
+        {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let key = Key::decode(k.value())
+                .ok_or_else(|| self.corrupt(format!("bad rollup key {:02x?}", k.value())))?;
+            let rollup = Rollup::decode_slots(v.value())
+                .ok_or_else(|| self.corrupt(format!("bad rollup value for {key:?}")))?;
+            rollups.insert(key, rollup);
+        }
+        for row in tx
+            .open_table(KEY_HOSTS)
+            .map_err(|x| e(x.into()))?
+            .iter()
+            .map_err(|x| e(x.into()))?
+        {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let bytes = k.value();
+            let split = bytes
+                .len()
+                .checked_sub(4)
+                .ok_or_else(|| self.corrupt(format!("bad key_hosts key {bytes:02x?}")))?;
+            let (key, host) = bytes.split_at(split);
+            let key = Key::decode(key)
+                .ok_or_else(|| self.corrupt(format!("bad key_hosts key {bytes:02x?}")))?;
+            let host = u32::from_be_bytes(host.try_into().unwrap_or_default());
+            match rollups.get_mut(&key) {
+                Some(r) => {
+                    r.see_host(host, v.value());
+                }
+                None => warn!(
+                    "{}: host entry of a missing rollup {key:?}",
+                    self.path.display()
+                ),
+            }
+        }
+        for (k, r) in rollups {
+            state.put(k, r);
+        }
+        Ok(state)
+    }
+
+    /// Writes `changes` in one transaction and commits it (durably if `fsync`).
+    pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
+        self.write(changes).map_err(|e| self.err(e))
+    }
+
+    fn write(&self, changes: &Changes) -> Result<(), redb::Error> {
+        let mut tx = self.db.begin_write()?;
+        if !self.fsync {
+            tx.set_durability(Durability::None)?;
+        }
+        {
+            let mut hosts = tx.open_table(HOSTS)?;
+            for (id, name) in &changes.hosts {
+                hosts.insert(*id, &**name)?;
+            }
+            let mut wm = tx.open_table(WATERMARKS)?;
+            for (agent, seq) in &changes.watermarks {
+                wm.insert((&*agent.agent_id, agent.epoch), *seq)?;
+            }
+            if let Some(end) = changes.end_ms {
+                tx.open_table(META)?.insert("end_ms", end)?;
+            }
+            let mut rollups = tx.open_table(ROLLUPS)?;
+            let mut key_hosts = tx.open_table(KEY_HOSTS)?;
+            // In key order: neighbouring inserts touch the same B-tree pages.
+            let mut sorted: Vec<(Vec<u8>, &KeyChange)> = changes
+                .rollups
+                .iter()
+                .map(|(k, c)| (k.to_bytes(), c))
+                .collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut vbuf = Vec::with_capacity(256);
+            for (kbuf, change) in &sorted {
+                for h in &change.hosts_gone {
+                    key_hosts.remove(&*key_host(kbuf, *h))?;
+                }
+                if change.rollup.is_empty() {
+                    rollups.remove(&**kbuf)?;
+                    continue;
+                }
+                vbuf.clear();
+                change.rollup.encode_slots(&mut vbuf);
+                rollups.insert(&**kbuf, &*vbuf)?;
+                for h in &change.hosts_seen {
+                    if let Some(t) = change.rollup.host_last_seen(*h) {
+                        key_hosts.insert(&*key_host(kbuf, *h), t)?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::{Totals, Window};
+
+    #[test]
+    fn commit_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = AgentKey {
+            agent_id: "a".into(),
+            epoch: 9,
+        };
+        let key = Key::Client("203.0.113.7".parse().unwrap());
+        {
+            let (store, mut state) = Store::open(dir.path(), false).unwrap();
+            let mut r = Rollup::default();
+            r.add(
+                5000,
+                0,
+                &Totals {
+                    response_bytes: 42,
+                    ..Default::default()
+                },
+            );
+            let mut ch = Changes::default();
+            ch.hosts.push((0, "h0".into()));
+            ch.watermarks.insert(agent.clone(), 3);
+            ch.end_ms = Some(5000);
+            ch.rollups.insert(
+                key.clone(),
+                KeyChange {
+                    rollup: r,
+                    hosts_seen: vec![0],
+                    hosts_gone: vec![],
+                },
+            );
+            store.commit(&ch).unwrap();
+            ch.install(&mut state);
+        }
+        let (_store, state) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(state.watermark(&agent), 3);
+        assert_eq!(state.end_ms(), 5000);
+        assert_eq!(state.host_name(0), "h0");
+        let s = state.stats(&key).unwrap();
+        assert_eq!(s[Window::H24.index()].totals.response_bytes, 42);
+        assert_eq!(s[Window::H24.index()].hosts, 1);
+    }
+
+    #[test]
+    fn second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), false).unwrap();
+        let e = Store::open(dir.path(), false).unwrap_err();
+        assert!(e.to_string().contains("collector.redb"), "{e}");
+    }
+}

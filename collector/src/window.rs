@@ -1,0 +1,418 @@
+//! Rolling windows on batch time, and the per-key rollup that answers them with bounded memory.
+//!
+//! # Windows
+//!
+//! Every window ends at the newest batch time (`end_ms`) the collector has applied, `E`. A
+//! window of length `L` is kept in buckets of width `g` (coarser for longer windows):
+//!
+//! | window | bucket `g` | buckets kept |
+//! |--------|-----------|--------------|
+//! | 1 m    | 10 s      | 7            |
+//! | 10 m   | 1 min     | 11           |
+//! | 1 h    | 5 min     | 13           |
+//! | 24 h   | 1 h       | 25           |
+//!
+//! A batch counts at its `end_ms`, `t`. The window holds every batch with
+//! `floor(E / g) * g - L <= t <= E`: the current (partial) bucket and the `L / g` buckets before
+//! it, so it spans between `L` and `L + g` of batch time, never less than `L`. Distinct hosts
+//! use the same rule on the last time each host served the key.
+//!
+//! # Cost per key
+//!
+//! A [`Rollup`] keeps only buckets that saw traffic and are still in their window: at most
+//! 7 + 11 + 13 + 25 = 56 slots of 32 bytes (1.75 KiB), typically 4 (128 B) for a key seen in
+//! one interval, plus 16 bytes per distinct host that served the key in the last 24 h.
+use crate::keys::HostId;
+
+/// A rolling window (`outflow.v1.Window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Window {
+    M1,
+    M10,
+    H1,
+    H24,
+}
+
+impl Window {
+    /// Every window, shortest first.
+    pub const ALL: [Window; 4] = [Window::M1, Window::M10, Window::H1, Window::H24];
+
+    /// Index of the window in [`Window::ALL`] (the tier of its buckets).
+    pub fn index(self) -> usize {
+        match self {
+            Window::M1 => 0,
+            Window::M10 => 1,
+            Window::H1 => 2,
+            Window::H24 => 3,
+        }
+    }
+
+    fn from_index(i: u8) -> Option<Window> {
+        Window::ALL.get(usize::from(i)).copied()
+    }
+
+    /// The window's length, ms.
+    pub fn length_ms(self) -> u64 {
+        match self {
+            Window::M1 => 60_000,
+            Window::M10 => 600_000,
+            Window::H1 => 3_600_000,
+            Window::H24 => 86_400_000,
+        }
+    }
+
+    /// The width of its buckets, ms.
+    pub const fn bucket_ms(self) -> u64 {
+        match self {
+            Window::M1 => 10_000,
+            Window::M10 => 60_000,
+            Window::H1 => 300_000,
+            Window::H24 => 3_600_000,
+        }
+    }
+
+    /// Full buckets in the window besides the current one.
+    fn full_buckets(self) -> u64 {
+        self.length_ms() / self.bucket_ms()
+    }
+
+    fn bucket(self, time_ms: u64) -> u32 {
+        // Batch times are at most the year 3000 (checked at the edge): 3.3e9 buckets of 10 s.
+        u32::try_from(time_ms / self.bucket_ms()).unwrap_or(u32::MAX)
+    }
+
+    /// The oldest bucket still in the window that ends at `end_ms`.
+    fn first_bucket(self, end_ms: u64) -> u32 {
+        self.bucket(end_ms)
+            .saturating_sub(u32::try_from(self.full_buckets()).unwrap_or(u32::MAX))
+    }
+
+    /// The earliest batch time in the window that ends at `end_ms`.
+    pub fn start_ms(self, end_ms: u64) -> u64 {
+        (end_ms / self.bucket_ms() * self.bucket_ms()).saturating_sub(self.length_ms())
+    }
+
+    /// Whether a batch at `time_ms` is in the window that ends at `end_ms` (`time_ms <= end_ms`).
+    pub fn contains(self, end_ms: u64, time_ms: u64) -> bool {
+        time_ms >= self.start_ms(end_ms) && time_ms <= end_ms
+    }
+
+    /// `1m`, `10m`, `1h`, `24h`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::M1 => "1m",
+            Window::M10 => "10m",
+            Window::H1 => "1h",
+            Window::H24 => "24h",
+        }
+    }
+}
+
+/// Sums of a key over some interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Totals {
+    /// Payload bytes sent by servers to the client(s): what was pulled out.
+    pub response_bytes: u64,
+    /// Payload bytes the client(s) sent to servers.
+    pub request_bytes: u64,
+    /// Server connections that closed.
+    pub connections_closed: u64,
+}
+
+impl Totals {
+    /// Adds `other`, saturating.
+    pub fn add(&mut self, other: &Totals) {
+        self.response_bytes = self.response_bytes.saturating_add(other.response_bytes);
+        self.request_bytes = self.request_bytes.saturating_add(other.request_bytes);
+        self.connections_closed = self
+            .connections_closed
+            .saturating_add(other.connections_closed);
+    }
+}
+
+/// A key's totals in one window and the distinct hosts that served it there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    pub totals: Totals,
+    pub hosts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    bucket: u32,
+    tier: u8,
+    totals: Totals,
+}
+
+const _: () = assert!(size_of::<Slot>() == 32);
+
+/// Hosts' last-seen times are kept rounded down to this. Every window starts on a multiple of
+/// it, so "seen at or after the start" stays exact, and a host's entry changes (and is
+/// written) at most once per granule instead of with every batch.
+pub const HOST_GRANULE_MS: u64 = 10_000;
+const _: () = assert!(
+    Window::M1.bucket_ms().is_multiple_of(HOST_GRANULE_MS)
+        && Window::M10.bucket_ms().is_multiple_of(HOST_GRANULE_MS)
+        && Window::H1.bucket_ms().is_multiple_of(HOST_GRANULE_MS)
+        && Window::H24.bucket_ms().is_multiple_of(HOST_GRANULE_MS)
+);
+const SLOT_BYTES: usize = 1 + 4 + 3 * 8;
+const FORMAT: u8 = 1;
+
+/// What the collector keeps per key: the buckets of each window that saw traffic, and when
+/// each host last served the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rollup {
+    slots: Vec<Slot>,
+    /// Sorted by host id: (host, last batch time it served the key).
+    hosts: Vec<(HostId, u64)>,
+}
+
+impl Rollup {
+    /// Adds `totals` served by `host` in a batch at `time_ms`; true if the host's last-seen
+    /// time changed (and so must be written).
+    pub fn add(&mut self, time_ms: u64, host: HostId, totals: &Totals) -> bool {
+        for w in Window::ALL {
+            let (bucket, tier) = (w.bucket(time_ms), w.index() as u8);
+            // From the back: the current buckets are usually the newest slots.
+            match self
+                .slots
+                .iter_mut()
+                .rev()
+                .find(|s| s.bucket == bucket && s.tier == tier)
+            {
+                Some(s) => s.totals.add(totals),
+                None => self.slots.push(Slot {
+                    bucket,
+                    tier,
+                    totals: *totals,
+                }),
+            }
+        }
+        self.see_host(host, time_ms)
+    }
+
+    /// Records that `host` served the key at `time_ms` (keeps the latest time, in granules of
+    /// [`HOST_GRANULE_MS`]); true if that changed what is kept.
+    pub fn see_host(&mut self, host: HostId, time_ms: u64) -> bool {
+        let t = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
+        match self.hosts.binary_search_by_key(&host, |h| h.0) {
+            Ok(i) => match self.hosts.get_mut(i) {
+                Some(h) if h.1 < t => {
+                    h.1 = t;
+                    true
+                }
+                _ => false,
+            },
+            Err(i) => {
+                self.hosts.insert(i, (host, t));
+                true
+            }
+        }
+    }
+
+    /// When `host` last served the key, if it ever did (and was not pruned).
+    pub fn host_last_seen(&self, host: HostId) -> Option<u64> {
+        self.hosts
+            .binary_search_by_key(&host, |h| h.0)
+            .ok()
+            .and_then(|i| self.hosts.get(i))
+            .map(|h| h.1)
+    }
+
+    /// The key's stats in window `w` ending at `end_ms`.
+    pub fn window(&self, w: Window, end_ms: u64) -> WindowStats {
+        let (first, last, tier) = (w.first_bucket(end_ms), w.bucket(end_ms), w.index() as u8);
+        let mut totals = Totals::default();
+        for s in &self.slots {
+            if s.tier == tier && (first..=last).contains(&s.bucket) {
+                totals.add(&s.totals);
+            }
+        }
+        let start = w.start_ms(end_ms);
+        let hosts = self.hosts.iter().filter(|h| h.1 >= start).count();
+        WindowStats {
+            totals,
+            hosts: u32::try_from(hosts).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Drops buckets that left their window (ending at `end_ms`); true if any was dropped.
+    pub fn prune_slots(&mut self, end_ms: u64) -> bool {
+        let before = self.slots.len();
+        self.slots.retain(|s| {
+            Window::from_index(s.tier).is_some_and(|w| s.bucket >= w.first_bucket(end_ms))
+        });
+        self.slots.len() != before
+    }
+
+    /// Drops hosts that have not served the key within 24 h of `end_ms`; returns them.
+    pub fn prune_hosts(&mut self, end_ms: u64) -> Vec<HostId> {
+        let start = Window::H24.start_ms(end_ms);
+        let gone = self
+            .hosts
+            .iter()
+            .filter(|h| h.1 < start)
+            .map(|h| h.0)
+            .collect();
+        self.hosts.retain(|h| h.1 >= start);
+        gone
+    }
+
+    /// Whether [`Rollup::prune_slots`] or [`Rollup::prune_hosts`] would drop anything.
+    pub fn needs_prune(&self, end_ms: u64) -> bool {
+        let start = Window::H24.start_ms(end_ms);
+        self.hosts.iter().any(|h| h.1 < start)
+            || self.slots.iter().any(|s| {
+                Window::from_index(s.tier).is_none_or(|w| s.bucket < w.first_bucket(end_ms))
+            })
+    }
+
+    /// Whether anything of this key is still in some window (after pruning).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.hosts.is_empty()
+    }
+
+    /// Number of bucket slots held.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of hosts held.
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Appends the store form of the buckets (hosts are stored apart): a format byte, a
+    /// big-endian u16 count, then per bucket its tier (u8), bucket number (u32) and the three
+    /// totals (u64).
+    pub fn encode_slots(&self, out: &mut Vec<u8>) {
+        out.reserve(3 + self.slots.len() * SLOT_BYTES);
+        out.push(FORMAT);
+        // At most 56 slots (one per live bucket).
+        let n = u16::try_from(self.slots.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&n.to_be_bytes());
+        for s in self.slots.iter().take(usize::from(n)) {
+            out.push(s.tier);
+            out.extend_from_slice(&s.bucket.to_be_bytes());
+            for v in [
+                s.totals.response_bytes,
+                s.totals.request_bytes,
+                s.totals.connections_closed,
+            ] {
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+    }
+
+    /// Parses the store form of the buckets (no hosts); `None` if it is not one.
+    pub fn decode_slots(bytes: &[u8]) -> Option<Rollup> {
+        let (&format, rest) = bytes.split_first()?;
+        if format != FORMAT {
+            return None;
+        }
+        let n = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+        let body = rest.get(2..)?;
+        if body.len() != n.checked_mul(SLOT_BYTES)? {
+            return None;
+        }
+        let u64_at = |c: &[u8], at: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(c.get(at..at + 8)?.try_into().ok()?))
+        };
+        let mut slots = Vec::with_capacity(n);
+        for c in body.chunks_exact(SLOT_BYTES) {
+            let tier = *c.first()?;
+            Window::from_index(tier)?;
+            slots.push(Slot {
+                tier,
+                bucket: u32::from_be_bytes(c.get(1..5)?.try_into().ok()?),
+                totals: Totals {
+                    response_bytes: u64_at(c, 5)?,
+                    request_bytes: u64_at(c, 13)?,
+                    connections_closed: u64_at(c, 21)?,
+                },
+            });
+        }
+        Some(Rollup {
+            slots,
+            hosts: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60_000;
+    const HOUR: u64 = 60 * MIN;
+    const T0: u64 = 1_750_000_000_000 / HOUR * HOUR; // on an hour boundary
+
+    fn t(resp: u64) -> Totals {
+        Totals {
+            response_bytes: resp,
+            request_bytes: 1,
+            connections_closed: 0,
+        }
+    }
+
+    #[test]
+    fn window_bounds() {
+        // End on a bucket boundary: exactly L back.
+        assert_eq!(Window::M1.start_ms(T0), T0 - MIN);
+        // Mid-bucket: back to the bucket's start, then L.
+        assert_eq!(Window::M1.start_ms(T0 + 15_000), T0 + 10_000 - MIN);
+        assert_eq!(Window::H24.start_ms(T0 + 30 * MIN), T0 - 24 * HOUR);
+        assert!(Window::H1.contains(T0, T0 - HOUR));
+        assert!(!Window::H1.contains(T0, T0 - HOUR - 1));
+        assert_eq!(Window::M1.start_ms(5), 0);
+    }
+
+    #[test]
+    fn rollup_sums_by_window_and_counts_hosts() {
+        let mut r = Rollup::default();
+        let end = T0 + 2 * HOUR;
+        r.add(end, 1, &t(1)); // every window
+        r.add(end - 5 * MIN, 2, &t(10)); // 10m, 1h, 24h
+        r.add(end - 30 * MIN, 1, &t(100)); // 1h, 24h
+        r.add(end - 2 * HOUR, 3, &t(1000)); // 24h
+        r.add(end - 25 * HOUR, 4, &t(10_000)); // none
+        let stats: Vec<_> = Window::ALL.iter().map(|w| r.window(*w, end)).collect();
+        let resp: Vec<_> = stats.iter().map(|s| s.totals.response_bytes).collect();
+        assert_eq!(resp, [1, 11, 111, 1111]);
+        let hosts: Vec<_> = stats.iter().map(|s| s.hosts).collect();
+        assert_eq!(hosts, [1, 2, 2, 3]);
+        assert_eq!(stats[3].totals.request_bytes, 4);
+
+        assert!(r.prune_slots(end));
+        assert_eq!(r.prune_hosts(end), vec![4]);
+        let after: Vec<_> = Window::ALL.iter().map(|w| r.window(*w, end)).collect();
+        assert_eq!(after, stats, "pruning keeps every window's answer");
+        assert!(r.slot_count() <= 56);
+    }
+
+    #[test]
+    fn slots_round_trip() {
+        let mut r = Rollup::default();
+        r.add(T0, 1, &t(u64::MAX));
+        r.add(T0, 1, &t(5)); // saturates
+        r.add(T0 + HOUR, 1, &t(7));
+        let mut bytes = Vec::new();
+        r.encode_slots(&mut bytes);
+        let back = Rollup::decode_slots(&bytes).unwrap();
+        assert_eq!(back.slots, r.slots);
+        assert_eq!(
+            back.window(Window::H24, T0 + HOUR).totals.response_bytes,
+            u64::MAX
+        );
+        assert!(Rollup::decode_slots(&bytes[..bytes.len() - 1]).is_none());
+        assert!(Rollup::decode_slots(&[]).is_none());
+        assert!(
+            Rollup::decode_slots(&[
+                1, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0, 0, 0
+            ])
+            .is_none()
+        );
+    }
+}

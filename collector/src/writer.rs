@@ -1,0 +1,475 @@
+//! The store writer: one thread that applies batches of every agent with group commit.
+//!
+//! Stream tasks fold their batches into per-key totals ([`crate::aggregate::aggregate`]) and
+//! send them here. The writer takes whatever is queued (up to `store.max_batches_per_commit`),
+//! checks each batch against its agent's watermark (a batch at or below it is a duplicate),
+//! merges the rest into copies of the touched rollups, writes those and the new watermarks in
+//! ONE write transaction, commits, and only then installs them in memory and answers. So an
+//! Ack always means applied and persisted, and a failed commit changes nothing anywhere.
+use std::{
+    sync::{Arc, PoisonError, RwLock},
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use log::{debug, error};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    aggregate::{BatchAggregate, Map, State},
+    keys::{Group, HostId, Key},
+    metrics::Metrics,
+    model::AgentKey,
+    store::{Changes, KeyChange, Store, StoreError},
+    window::{HOST_GRANULE_MS, Totals},
+};
+
+/// Requests queued for the writer at most (senders wait beyond: backpressure).
+const QUEUE: usize = 1024;
+/// A group commit stops taking batches beyond this many deltas.
+const MAX_GROUP_DELTAS: usize = 2_000_000;
+
+/// The writer's answer to a Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Highest applied sequence number of the agent's epoch.
+    pub applied_seq: u64,
+    /// The host's id.
+    pub host: HostId,
+}
+
+/// What happened to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and persisted now.
+    Applied,
+    /// Already applied before: acknowledged, not applied again.
+    Duplicate,
+}
+
+/// Why the writer could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    #[error("the store writer has stopped")]
+    Stopped,
+}
+
+/// A batch for the writer.
+#[derive(Debug)]
+pub struct BatchRequest {
+    pub agent: AgentKey,
+    pub seq: u64,
+    /// Number of deltas (for metrics and group sizing).
+    pub deltas: usize,
+    /// Batches the agent reported lost before this one.
+    pub lost_batches: u64,
+    pub aggregate: BatchAggregate,
+}
+
+enum Request {
+    Hello {
+        agent: AgentKey,
+        hostname: String,
+        reply: oneshot::Sender<Result<HelloReply, WriteError>>,
+    },
+    Batch {
+        batch: BatchRequest,
+        reply: oneshot::Sender<Result<Outcome, WriteError>>,
+    },
+    Stop,
+}
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<Request>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Hello { agent, .. } => write!(f, "Hello({agent})"),
+            Request::Batch { batch, .. } => write!(f, "Batch({} #{})", batch.agent, batch.seq),
+            Request::Stop => write!(f, "Stop"),
+        }
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread on `store`, installing what it commits into `state`.
+    pub fn start(
+        store: Store,
+        state: Arc<RwLock<State>>,
+        metrics: Arc<Metrics>,
+        max_batches_per_commit: usize,
+        gc_interval: Duration,
+    ) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let w = Worker {
+            store,
+            state,
+            metrics,
+            max_batches: max_batches_per_commit.max(1),
+            gc_interval,
+            last_gc: Instant::now(),
+        };
+        w.update_key_gauges();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || w.run(rx))?;
+        Ok(Writer {
+            tx,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Registers an agent's Hello: interns its host name (committing it if new) and returns
+    /// its epoch's watermark.
+    pub async fn hello(&self, agent: AgentKey, hostname: String) -> Result<HelloReply, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Hello {
+                agent,
+                hostname,
+                reply,
+            })
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Queues a batch (waits while the queue is full); the receiver gets the outcome once the
+    /// batch is committed.
+    pub async fn submit(
+        &self,
+        batch: BatchRequest,
+    ) -> Result<oneshot::Receiver<Result<Outcome, WriteError>>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Batch { batch, reply })
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Applies everything queued so far, then stops the thread and closes the store.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Request::Stop).await;
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+enum Reply {
+    Hello(oneshot::Sender<Result<HelloReply, WriteError>>, HelloReply),
+    Batch {
+        reply: oneshot::Sender<Result<Outcome, WriteError>>,
+        outcome: Outcome,
+        deltas: usize,
+        lost_batches: u64,
+        time_ms: u64,
+    },
+}
+
+/// A key's change being built, with adds of the same 10-s granule (so the same bucket in every
+/// window, and the same host last-seen) and host summed before they touch the rollup.
+struct Staged {
+    change: KeyChange,
+    pending: Option<(u64, HostId, Totals)>,
+}
+
+impl Staged {
+    fn add(&mut self, time_ms: u64, host: HostId, totals: &Totals) {
+        let granule = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
+        match &mut self.pending {
+            Some((g, h, t)) if *g == granule && *h == host => t.add(totals),
+            _ => {
+                self.flush();
+                self.pending = Some((granule, host, *totals));
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some((time_ms, host, totals)) = self.pending.take() {
+            let kc = &mut self.change;
+            if kc.rollup.add(time_ms, host, &totals) && !kc.hosts_seen.contains(&host) {
+                kc.hosts_seen.push(host);
+            }
+        }
+    }
+}
+
+struct Worker {
+    store: Store,
+    state: Arc<RwLock<State>>,
+    metrics: Arc<Metrics>,
+    max_batches: usize,
+    gc_interval: Duration,
+    last_gc: Instant,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut stop = false;
+        while !stop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut group = Vec::new();
+            let mut deltas = 0;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Stop => {
+                        stop = true;
+                        break;
+                    }
+                    Request::Batch { ref batch, .. } => deltas += batch.deltas,
+                    Request::Hello { .. } => {}
+                }
+                group.push(req);
+                if group.len() < self.max_batches && deltas < MAX_GROUP_DELTAS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.apply(group);
+            }
+            if self.last_gc.elapsed() >= self.gc_interval {
+                self.gc();
+            }
+        }
+        // Requests queued after Stop are answered with Stopped when `rx` drops.
+        debug!("store writer stopped");
+    }
+
+    fn apply(&mut self, group: Vec<Request>) {
+        let batches = group.len();
+        let mut ch = Changes::default();
+        let mut staged: Map<Key, Staged> = Map::default();
+        let mut replies = Vec::with_capacity(group.len());
+        {
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            let mut end_ms = st.end_ms();
+            for req in group {
+                match req {
+                    Request::Hello {
+                        agent,
+                        hostname,
+                        reply,
+                    } => {
+                        let host = match st.host_id(&hostname).or_else(|| {
+                            ch.hosts
+                                .iter()
+                                .find(|(_, n)| **n == *hostname)
+                                .map(|(id, _)| *id)
+                        }) {
+                            Some(id) => id,
+                            None => {
+                                let id = u32::try_from(st.host_count() + ch.hosts.len())
+                                    .unwrap_or(u32::MAX);
+                                ch.hosts.push((id, Arc::from(hostname)));
+                                id
+                            }
+                        };
+                        let applied_seq = ch
+                            .watermarks
+                            .get(&agent)
+                            .copied()
+                            .unwrap_or_else(|| st.watermark(&agent));
+                        replies.push(Reply::Hello(reply, HelloReply { applied_seq, host }));
+                    }
+                    Request::Batch { batch, reply } => {
+                        let applied = ch
+                            .watermarks
+                            .get(&batch.agent)
+                            .copied()
+                            .unwrap_or_else(|| st.watermark(&batch.agent));
+                        let agg = batch.aggregate;
+                        let outcome = if batch.seq <= applied {
+                            Outcome::Duplicate
+                        } else {
+                            ch.watermarks.insert(batch.agent, batch.seq);
+                            end_ms = end_ms.max(agg.time_ms);
+                            for (key, totals) in agg.entries {
+                                staged
+                                    .entry(key)
+                                    .or_insert_with_key(|k| Staged {
+                                        change: KeyChange {
+                                            rollup: st.get(k).cloned().unwrap_or_default(),
+                                            ..KeyChange::default()
+                                        },
+                                        pending: None,
+                                    })
+                                    .add(agg.time_ms, agg.host, &totals);
+                            }
+                            Outcome::Applied
+                        };
+                        replies.push(Reply::Batch {
+                            reply,
+                            outcome,
+                            deltas: batch.deltas,
+                            lost_batches: batch.lost_batches,
+                            time_ms: agg.time_ms,
+                        });
+                    }
+                    Request::Stop => {}
+                }
+            }
+            if end_ms != st.end_ms() {
+                ch.end_ms = Some(end_ms);
+            }
+            // Buckets that left their window go; a new key from a batch older than every window
+            // is not kept at all.
+            ch.rollups.reserve(staged.len());
+            for (k, mut s) in staged {
+                s.flush();
+                s.change.rollup.prune_slots(end_ms);
+                if s.change.rollup.slot_count() > 0 || st.get(&k).is_some() {
+                    ch.rollups.insert(k, s.change);
+                }
+            }
+        }
+        let result = if ch.is_empty() {
+            Ok(())
+        } else {
+            let t0 = Instant::now();
+            let r = self.store.commit(&ch);
+            self.metrics
+                .commit_seconds
+                .observe(t0.elapsed().as_secs_f64());
+            self.metrics.commit_batches.observe(batches as f64);
+            r
+        };
+        match result {
+            Ok(()) => {
+                let touched: Vec<Group> = {
+                    let mut g: Vec<Group> = ch.rollups.keys().map(|k| k.group()).collect();
+                    g.sort_unstable();
+                    g.dedup();
+                    g
+                };
+                {
+                    let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+                    ch.install(&mut st);
+                }
+                if !touched.is_empty() {
+                    self.update_key_gauges();
+                }
+                let now = now_ms();
+                for r in replies {
+                    match r {
+                        Reply::Hello(tx, h) => {
+                            let _ = tx.send(Ok(h));
+                        }
+                        Reply::Batch {
+                            reply,
+                            outcome,
+                            deltas,
+                            lost_batches,
+                            time_ms,
+                        } => {
+                            match outcome {
+                                Outcome::Applied => {
+                                    self.metrics.batches.inc();
+                                    self.metrics.deltas.inc_by(deltas as u64);
+                                    self.metrics.lost_batches.inc_by(lost_batches);
+                                    self.metrics
+                                        .ingest_lag
+                                        .observe(now.saturating_sub(time_ms) as f64 / 1000.0);
+                                }
+                                Outcome::Duplicate => {
+                                    self.metrics.duplicates.inc();
+                                }
+                            }
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                error!(
+                    "store commit failed, {} requests refused: {e}",
+                    replies.len()
+                );
+                let e = Arc::new(e);
+                for r in replies {
+                    match r {
+                        Reply::Hello(tx, _) => {
+                            let _ = tx.send(Err(WriteError::Store(e.clone())));
+                        }
+                        Reply::Batch { reply, .. } => {
+                            let _ = reply.send(Err(WriteError::Store(e.clone())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops buckets and hosts that left every window, in memory and on disk.
+    fn gc(&mut self) {
+        self.last_gc = Instant::now();
+        let mut ch = Changes::default();
+        {
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            let end = st.end_ms();
+            for (key, rollup) in st.iter() {
+                if !rollup.needs_prune(end) {
+                    continue;
+                }
+                let mut r = rollup.clone();
+                let slots_changed = r.prune_slots(end);
+                let hosts_gone = r.prune_hosts(end);
+                if slots_changed || !hosts_gone.is_empty() {
+                    ch.rollups.insert(
+                        key,
+                        KeyChange {
+                            rollup: r,
+                            hosts_seen: Vec::new(),
+                            hosts_gone,
+                        },
+                    );
+                }
+            }
+        }
+        if ch.is_empty() {
+            return;
+        }
+        let n = ch.rollups.len();
+        let t0 = Instant::now();
+        match self.store.commit(&ch) {
+            Ok(()) => {
+                let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+                ch.install(&mut st);
+                drop(st);
+                self.update_key_gauges();
+                debug!("gc: pruned {n} keys in {:?}", t0.elapsed());
+            }
+            Err(e) => error!("gc: store commit failed: {e}"),
+        }
+    }
+
+    fn update_key_gauges(&self) {
+        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        for g in Group::ALL {
+            self.metrics.set_keys(g.name(), st.key_count(g));
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Helpers: start a collector, speak the agent protocol, query.
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use outflow_collector::{Config, Server};
+use outflow_proto::v1::{
+    self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
+    ingest_client::IngestClient, query_client::QueryClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Status, Streaming,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+/// A config for tests: loopback, ephemeral ports, `dir` for data.
+pub fn config(dir: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    }
+}
+
+pub async fn start(cfg: Config) -> Server {
+    Server::start(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("start the collector: {e}"))
+}
+
+pub fn url(server: &Server) -> String {
+    format!("http://{}", server.addr())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+pub async fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// One agent stream.
+pub struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<CollectorMessage>,
+}
+
+impl Agent {
+    /// Opens a stream over `channel`, with `token` as bearer token if given.
+    pub async fn open(channel: Channel, token: Option<&str>) -> Result<Agent, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(t) = token {
+            let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
+            req.metadata_mut().insert("authorization", v);
+        }
+        let resp = IngestClient::new(channel)
+            .max_encoding_message_size(usize::MAX)
+            .stream(req)
+            .await?;
+        Ok(Agent {
+            tx,
+            rx: resp.into_inner(),
+        })
+    }
+
+    pub async fn connect(url: &str) -> Agent {
+        Agent::open(channel(url).await, None).await.unwrap()
+    }
+
+    pub async fn send(&self, msg: AgentMessage) {
+        // The server may have ended the stream already: its status comes from `next`.
+        let _ = self.tx.send(msg).await;
+    }
+
+    /// The next answer: Ok(message), or the status that ended the stream.
+    pub async fn next(&mut self) -> Result<CollectorMessage, Status> {
+        match tokio::time::timeout(Duration::from_secs(20), self.rx.message()).await {
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(Status::ok("stream ended")),
+            Ok(Err(s)) => Err(s),
+            Err(_) => panic!("no answer in 20 s"),
+        }
+    }
+
+    /// Sends a Hello and returns the Welcome's applied_seq.
+    pub async fn hello(
+        &mut self,
+        agent_id: &str,
+        epoch: u64,
+        hostname: &str,
+    ) -> Result<u64, Status> {
+        self.send(hello(agent_id, epoch, hostname)).await;
+        match self.next().await?.msg {
+            Some(collector_message::Msg::Welcome(w)) => Ok(w.applied_seq),
+            other => panic!("want a Welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends a batch and waits for its Ack.
+    pub async fn batch(&mut self, b: v1::Batch) -> Result<u64, Status> {
+        self.send(AgentMessage {
+            msg: Some(Msg::Batch(b)),
+        })
+        .await;
+        self.ack().await
+    }
+
+    pub async fn ack(&mut self) -> Result<u64, Status> {
+        match self.next().await?.msg {
+            Some(collector_message::Msg::Ack(a)) => Ok(a.seq),
+            other => panic!("want an Ack, got {other:?}"),
+        }
+    }
+
+    /// Ends the stream (half-close) and waits for the server to end it.
+    pub async fn close(mut self) {
+        drop(self.tx);
+        while let Ok(Some(_)) = self.rx.message().await {}
+    }
+}
+
+pub fn hello(agent_id: &str, epoch: u64, hostname: &str) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Msg::Hello(v1::Hello {
+            agent_id: agent_id.into(),
+            epoch,
+            hostname: hostname.into(),
+            boot_id: "b".into(),
+            version: "0.1.0".into(),
+            labels: [("region".to_owned(), "test".to_owned())].into(),
+        })),
+    }
+}
+
+pub fn batch_msg(b: v1::Batch) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Msg::Batch(b)),
+    }
+}
+
+/// A server-role delta from `remote` with `out` response and `inb` request bytes.
+pub fn delta(remote: [u8; 4], out: u64, inb: u64, closed: bool) -> v1::ConnDelta {
+    v1::ConnDelta {
+        conn_id: u64::from(u32::from_be_bytes(remote)),
+        local_addr: vec![10, 0, 0, 1],
+        local_port: 8000,
+        remote_addr: remote.to_vec(),
+        remote_port: 40000,
+        role: v1::Role::Server as i32,
+        counters: Some(v1::Counters {
+            bytes_out: out,
+            bytes_in: inb,
+            ..Default::default()
+        }),
+        closed,
+        cgroup: "/system.slice/vllm.service".into(),
+        pid: 42,
+        comm: "vllm".into(),
+        first_seen_ms: 1,
+    }
+}
+
+pub fn batch(seq: u64, end_ms: u64, deltas: Vec<v1::ConnDelta>) -> v1::Batch {
+    v1::Batch {
+        seq,
+        start_ms: end_ms.saturating_sub(1000),
+        end_ms,
+        deltas,
+        ..Default::default()
+    }
+}
+
+pub async fn query(url: &str) -> QueryClient<Channel> {
+    QueryClient::new(channel(url).await)
+}
+
+/// The client's stats in every window, or the status.
+pub async fn client_stats(url: &str, client: &str) -> Result<v1::ClientStatsResponse, Status> {
+    query(url)
+        .await
+        .client_stats(v1::ClientStatsRequest {
+            client: client.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn top(
+    url: &str,
+    group: v1::GroupBy,
+    window: v1::Window,
+    limit: u32,
+) -> v1::TopTalkersResponse {
+    query(url)
+        .await
+        .top_talkers(v1::TopTalkersRequest {
+            group_by: group as i32,
+            window: window as i32,
+            limit,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("TopTalkers: {e}"))
+        .into_inner()
+}
+
+/// GET /metrics over plain HTTP/1.1.
+pub async fn metrics(server: &Server) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of a metric line that starts with `prefix` (`name{labels}`), 0 if absent.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
