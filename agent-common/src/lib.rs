@@ -239,7 +239,7 @@ pub struct KernelConfig {
 const _: () = assert!(size_of::<KernelConfig>() == 8);
 
 /// Layout version of the pinned state; an agent refuses to adopt state of another layout.
-pub const STATE_LAYOUT: u32 = 2;
+pub const STATE_LAYOUT: u32 = 1;
 
 /// The agent's own bookkeeping, kept in a pinned one-element map that no kernel program
 /// touches (bpffs holds no regular files).
@@ -254,12 +254,8 @@ pub struct AgentState {
     pub cgroup_id: u64,
     /// Overflow counters already reported.
     pub overflow_reported: Counters,
-    /// Sequence number of the last batch whose watermarks are committed to the table: a
-    /// spooled batch above it was written but not committed (the agent died in between), and
-    /// its commit is redone from the spool at the next start.
-    pub committed_seq: u64,
 }
-const _: () = assert!(size_of::<AgentState>() == 72);
+const _: () = assert!(size_of::<AgentState>() == 64);
 
 /// Names of the maps, as the loader and the pins see them.
 pub mod names {
