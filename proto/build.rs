@@ -4,7 +4,11 @@ use std::{env, path::PathBuf};
 
 use anyhow::Context as _;
 
-const PROTOS: &[&str] = &["outflow/v1/ingest.proto", "outflow/v1/query.proto"];
+const PROTOS: &[&str] = &[
+    "outflow/v1/ingest.proto",
+    "outflow/v1/query.proto",
+    "outflow/v1/alerts.proto",
+];
 
 fn main() -> anyhow::Result<()> {
     for p in PROTOS {
