@@ -63,9 +63,15 @@ impl Collector {
         let process = ChildProcess::spawn("outflow-collector", &mut command);
         let stderr = CapturedText::capture(
             "outflow-collector",
-            process.take_stderr().expect("stderr of outflow-collector is piped"),
+            process
+                .take_stderr()
+                .expect("stderr of outflow-collector is piped"),
         );
-        let collector = Self { process, stderr, listen };
+        let collector = Self {
+            process,
+            stderr,
+            listen,
+        };
         wait_for(START_TIMEOUT, "the collector to accept connections", || {
             assert!(
                 collector.process.try_status().is_none(),
@@ -97,7 +103,10 @@ impl Collector {
         self.process.signal(Signal::SIGTERM);
         self.process.wait_timeout(STOP_TIMEOUT).unwrap_or_else(|| {
             self.process.kill();
-            panic!("the collector did not stop within {STOP_TIMEOUT:?}:\n{}", self.stderr.tail(30))
+            panic!(
+                "the collector did not stop within {STOP_TIMEOUT:?}:\n{}",
+                self.stderr.tail(30)
+            )
         })
     }
 
@@ -107,17 +116,27 @@ impl Collector {
         let url = self.url();
         let client = client.to_string();
         runtime().block_on(async move {
-            let mut q = QueryClient::connect(url.clone())
+            let mut q = QueryClient::connect(url.clone()).await.unwrap_or_else(|e| {
+                panic!(
+                    "connect to the collector at {url}: {e}; its stderr:\n{}",
+                    self.stderr.tail(30)
+                )
+            });
+            match q
+                .client_stats(ClientStatsRequest {
+                    client: client.clone(),
+                })
                 .await
-                .unwrap_or_else(|e| {
-                    panic!("connect to the collector at {url}: {e}; its stderr:\n{}", self.stderr.tail(30))
-                });
-            match q.client_stats(ClientStatsRequest { client: client.clone() }).await {
+            {
                 Ok(r) => r.into_inner(),
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    ClientStatsResponse { client, windows: Vec::new() }
-                }
-                Err(s) => panic!("ClientStats({client}): {s}; collector stderr:\n{}", self.stderr.tail(30)),
+                Err(s) if s.code() == tonic::Code::NotFound => ClientStatsResponse {
+                    client,
+                    windows: Vec::new(),
+                },
+                Err(s) => panic!(
+                    "ClientStats({client}): {s}; collector stderr:\n{}",
+                    self.stderr.tail(30)
+                ),
             }
         })
     }

@@ -78,7 +78,10 @@ impl Server {
         cgroup: &TestCgroup,
         listen: &[SocketAddr],
     ) -> Self {
-        assert!(!listen.is_empty(), "Server::start_listening needs at least one address");
+        assert!(
+            !listen.is_empty(),
+            "Server::start_listening needs at least one address"
+        );
         let mut command = Command::new(bin);
         command
             .arg("serve")

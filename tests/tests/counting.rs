@@ -42,12 +42,23 @@ impl Bench {
         let server = Server::start(testpeer_bin!(), &pair, &cgroup, &[PORT]);
         let client = Client::new(&pair);
         let pin = PinDir::new(tag);
-        Self { pair, cgroup, server, client, pin }
+        Self {
+            pair,
+            cgroup,
+            server,
+            client,
+            pin,
+        }
     }
 
     /// Starts an agent on this bench's cgroup and pin directory and waits until it has attached.
     fn agent(&self, extra: &[&str]) -> (Agent, Value) {
-        let mut args = vec!["--cgroup", self.cgroup.as_arg(), "--pin-dir", self.pin.as_arg()];
+        let mut args = vec![
+            "--cgroup",
+            self.cgroup.as_arg(),
+            "--pin-dir",
+            self.pin.as_arg(),
+        ];
         if !extra.contains(&"--interval") {
             args.extend(["--interval", "200ms"]);
         }
@@ -77,7 +88,9 @@ fn totals(records: &[&ConnRecord]) -> ConnTotals {
 /// True once every outcome's connection has its closed record.
 fn all_closed(records: &[Value], outcomes: &[Outcome]) -> bool {
     let conns = conn_records(records);
-    outcomes.iter().all(|o| of_outcome(&conns, o).iter().any(|c| c.closed))
+    outcomes
+        .iter()
+        .all(|o| of_outcome(&conns, o).iter().any(|c| c.closed))
 }
 
 /// Asserts one connection's records against the client's view and the server's tcp_info.
@@ -85,16 +98,37 @@ fn assert_exact(conns: &[ConnRecord], o: &Outcome, result: &ServerResult, bench:
     let recs = of_outcome(conns, o);
     let t = totals(&recs);
     assert_eq!(t.closed, 1, "closed exactly once: {o:?} {recs:#?}");
-    assert!(recs.last().is_some_and(|r| r.closed), "the closed record is the last: {recs:#?}");
-    assert_eq!(t.bytes_out, o.received, "bytes_out vs what the client received: {o:?}");
-    assert_eq!(t.bytes_in, o.sent, "bytes_in vs what the client sent: {o:?}");
-    assert_eq!(t.bytes_out, result.bytes_acked, "bytes_out vs tcp_info bytes_acked: {result:?}");
-    assert_eq!(t.bytes_in, result.bytes_received, "bytes_in vs tcp_info bytes_received: {result:?}");
+    assert!(
+        recs.last().is_some_and(|r| r.closed),
+        "the closed record is the last: {recs:#?}"
+    );
+    assert_eq!(
+        t.bytes_out, o.received,
+        "bytes_out vs what the client received: {o:?}"
+    );
+    assert_eq!(
+        t.bytes_in, o.sent,
+        "bytes_in vs what the client sent: {o:?}"
+    );
+    assert_eq!(
+        t.bytes_out, result.bytes_acked,
+        "bytes_out vs tcp_info bytes_acked: {result:?}"
+    );
+    assert_eq!(
+        t.bytes_in, result.bytes_received,
+        "bytes_in vs tcp_info bytes_received: {result:?}"
+    );
     // Every segment carries at least an IP and a TCP header.
     let hdr = if o.local_addr.is_ipv4() { 40 } else { 60 };
     assert!(t.segments_out >= 1 && t.segments_in >= 1, "{t:?}");
-    assert!(t.wire_bytes_out >= t.bytes_out + hdr * t.segments_out, "wire out {t:?}");
-    assert!(t.wire_bytes_in >= t.bytes_in + hdr * t.segments_in, "wire in {t:?}");
+    assert!(
+        t.wire_bytes_out >= t.bytes_out + hdr * t.segments_out,
+        "wire out {t:?}"
+    );
+    assert!(
+        t.wire_bytes_in >= t.bytes_in + hdr * t.segments_in,
+        "wire in {t:?}"
+    );
     for r in &recs {
         assert_eq!(r.role, Role::Server, "{r:?}");
         assert_eq!(r.cgroup, bench.cgroup.relative_path(), "{r:?}");
@@ -119,7 +153,11 @@ impl Sizes {
     /// Log-uniform in [0, max]: as many small responses as large ones.
     fn size(&mut self, max: u64) -> u64 {
         let bits = self.next() % (64 - u64::from(max.leading_zeros()) + 1);
-        if bits == 0 { 0 } else { (self.next() % (1 << bits)).min(max) }
+        if bits == 0 {
+            0
+        } else {
+            (self.next() % (1 << bits)).min(max)
+        }
     }
 }
 
@@ -139,8 +177,15 @@ fn counts_every_connection_exactly_over_ipv4_and_ipv6() {
         (50_000_000, 1_000),
     ];
     sizes.extend((0..11).map(|_| (rng.size(50_000_000), rng.size(2_000_000))));
-    let mut outcomes = bench.client.request_many(bench.pair.server_v4(PORT), sizes.len(), &sizes, 4);
-    outcomes.extend(bench.client.request_many(bench.pair.server_v6(PORT), sizes.len(), &sizes, 4));
+    let mut outcomes =
+        bench
+            .client
+            .request_many(bench.pair.server_v4(PORT), sizes.len(), &sizes, 4);
+    outcomes.extend(
+        bench
+            .client
+            .request_many(bench.pair.server_v6(PORT), sizes.len(), &sizes, 4),
+    );
 
     let results = bench.server.wait_results(outcomes.len(), WAIT);
     let records = agent.wait_until(WAIT, |r| all_closed(r, &outcomes));
@@ -154,7 +199,10 @@ fn counts_every_connection_exactly_over_ipv4_and_ipv6() {
             "pid/comm of the listening socket's owner: {recs:#?}"
         );
     }
-    assert!(of_type(&records, "overflow").next().is_none(), "nothing overflowed");
+    assert!(
+        of_type(&records, "overflow").next().is_none(),
+        "nothing overflowed"
+    );
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
@@ -162,8 +210,12 @@ fn counts_every_connection_exactly_over_ipv4_and_ipv6() {
 fn two_thousand_connections_in_one_interval_each_closed_once() {
     let bench = Bench::new("many");
     let (agent, _) = bench.agent(&["--interval", "5s"]);
-    let sizes: Vec<(u64, u64)> = (0..2000u64).map(|i| ((i * 7919) % 20_000, (i * 31) % 700)).collect();
-    let outcomes = bench.client.request_many(bench.pair.server_v4(PORT), sizes.len(), &sizes, 8);
+    let sizes: Vec<(u64, u64)> = (0..2000u64)
+        .map(|i| ((i * 7919) % 20_000, (i * 31) % 700))
+        .collect();
+    let outcomes = bench
+        .client
+        .request_many(bench.pair.server_v4(PORT), sizes.len(), &sizes, 8);
     let results = bench.server.wait_results(outcomes.len(), WAIT);
     let records = agent.wait_until(WAIT, |r| all_closed(r, &outcomes));
     let conns = conn_records(&records);
@@ -174,7 +226,10 @@ fn two_thousand_connections_in_one_interval_each_closed_once() {
     let records = agent.wait_until(WAIT, |r| {
         of_type(r, "stats").last().is_some_and(|s| s["live"] == 0)
     });
-    let stats = of_type(&records, "stats").last().cloned().unwrap_or_default();
+    let stats = of_type(&records, "stats")
+        .last()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(stats["conns_overflowed"], 0, "{stats}");
     agent.stop();
 }
@@ -185,7 +240,9 @@ fn a_token_stream_is_reported_every_interval_and_sums_exactly() {
     let (agent, _) = bench.agent(&["--interval", "1s"]);
     // 200-byte tokens every 5 ms for 10 s.
     let tokens = 2000u64;
-    let o = bench.client.request(bench.pair.server_v6(PORT), 200 * tokens, 300, 200, 5);
+    let o = bench
+        .client
+        .request(bench.pair.server_v6(PORT), 200 * tokens, 300, 200, 5);
     assert_eq!(o.received, 200 * tokens);
     let results = bench.server.wait_results(1, WAIT);
     let records = agent.wait_until(WAIT, |r| all_closed(r, std::slice::from_ref(&o)));
@@ -193,9 +250,15 @@ fn a_token_stream_is_reported_every_interval_and_sums_exactly() {
     assert_exact(&conns, &o, o.server_result(&results), &bench);
     let recs = of_outcome(&conns, &o);
     let with_bytes = recs.iter().filter(|r| r.bytes_out > 0).count();
-    assert!(with_bytes >= 5, "deltas arrive while the stream goes on, not at its end: {recs:#?}");
+    assert!(
+        with_bytes >= 5,
+        "deltas arrive while the stream goes on, not at its end: {recs:#?}"
+    );
     let largest = recs.iter().map(|r| r.bytes_out).max().unwrap_or(0);
-    assert!(largest * 2 < o.received, "no single delta holds most of the stream: {recs:#?}");
+    assert!(
+        largest * 2 < o.received,
+        "no single delta holds most of the stream: {recs:#?}"
+    );
     agent.stop();
 }
 
@@ -206,15 +269,24 @@ fn a_full_table_still_counts_every_byte_in_overflow() {
     assert_eq!(started["capacity"], 16, "{started}");
     // 40 connections open at once: 16 get slots, 24 find the table full.
     let open: Vec<_> = (0..40u64)
-        .map(|i| bench.client.open(bench.pair.server_v4(PORT), 100_000 + i * 1_001, 10 + i))
+        .map(|i| {
+            bench
+                .client
+                .open(bench.pair.server_v4(PORT), 100_000 + i * 1_001, 10 + i)
+        })
         .collect();
     let outcomes: Vec<Outcome> = open.into_iter().map(|c| c.finish()).collect();
     bench.server.wait_results(outcomes.len(), WAIT);
     let records = agent.wait_until(WAIT, |r| {
-        of_type(r, "stats").last().is_some_and(|s| s["overflow_closed"] == 24 && s["live"] == 0)
+        of_type(r, "stats")
+            .last()
+            .is_some_and(|s| s["overflow_closed"] == 24 && s["live"] == 0)
     });
     let conns = conn_records(&records);
-    let tracked: Vec<&ConnRecord> = outcomes.iter().flat_map(|o| of_outcome(&conns, o)).collect();
+    let tracked: Vec<&ConnRecord> = outcomes
+        .iter()
+        .flat_map(|o| of_outcome(&conns, o))
+        .collect();
     let closed = tracked.iter().filter(|r| r.closed).count();
     assert_eq!(closed, 16, "16 connections tracked one by one");
     let mut overflow = (0u64, 0u64);
@@ -226,9 +298,20 @@ fn a_full_table_still_counts_every_byte_in_overflow() {
     let truth_out: u64 = outcomes.iter().map(|o| o.received).sum();
     let truth_in: u64 = outcomes.iter().map(|o| o.sent).sum();
     assert!(overflow.0 > 0, "some bytes overflowed");
-    assert_eq!(t.bytes_out + overflow.0, truth_out, "tracked + overflow = what clients received");
-    assert_eq!(t.bytes_in + overflow.1, truth_in, "tracked + overflow = what clients sent");
-    let stats = of_type(&records, "stats").last().cloned().unwrap_or_default();
+    assert_eq!(
+        t.bytes_out + overflow.0,
+        truth_out,
+        "tracked + overflow = what clients received"
+    );
+    assert_eq!(
+        t.bytes_in + overflow.1,
+        truth_in,
+        "tracked + overflow = what clients sent"
+    );
+    let stats = of_type(&records, "stats")
+        .last()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(stats["conns_overflowed"], 24, "{stats}");
     agent.stop();
 }
@@ -243,13 +326,20 @@ fn an_agent_restarted_mid_transfer_loses_and_repeats_nothing() {
         let transfer = s.spawn(|| bench.client.request(addr, 3_000_000, 5_000, 1_000, 2));
         // The first agent has reported part of the stream...
         first.wait_until(WAIT, |r| {
-            conn_records(r).iter().filter(|c| c.local_port == PORT && c.bytes_out > 0).count() >= 2
+            conn_records(r)
+                .iter()
+                .filter(|c| c.local_port == PORT && c.bytes_out > 0)
+                .count()
+                >= 2
         });
         assert_eq!(first.stop().code(), Some(0), "{}", first.stderr());
         // ...then, with the kernel counting alone for a while, a second one takes over.
         thread::sleep(Duration::from_millis(500));
         let (second, started) = bench.agent(&[]);
-        assert_eq!(started["adopted"], true, "the second agent adopts the pinned state: {started}");
+        assert_eq!(
+            started["adopted"], true,
+            "the second agent adopts the pinned state: {started}"
+        );
         let o = transfer.join().expect("the transfer thread");
         (second, o)
     });
@@ -268,7 +358,9 @@ fn an_agent_restarted_mid_transfer_loses_and_repeats_nothing() {
 fn connections_open_before_the_agent_are_counted_from_their_first_packet() {
     let bench = Bench::new("legacy");
     // Connected, header sent; the request body and the whole response come after the agent.
-    let conn = bench.client.open(bench.pair.server_v4(PORT), 2_000_000, 40_000);
+    let conn = bench
+        .client
+        .open(bench.pair.server_v4(PORT), 2_000_000, 40_000);
     let (agent, _) = bench.agent(&[]);
     let o = conn.finish();
     let records = agent.wait_until(WAIT, |r| all_closed(r, std::slice::from_ref(&o)));
@@ -277,18 +369,31 @@ fn connections_open_before_the_agent_are_counted_from_their_first_packet() {
     let t = totals(&recs);
     assert!(recs.iter().all(|r| r.role == Role::Unknown), "{recs:#?}");
     assert_eq!(t.closed, 1, "its close is seen too (tracepoint): {recs:#?}");
-    assert_eq!(t.bytes_out, o.received, "the whole response came after the agent");
+    assert_eq!(
+        t.bytes_out, o.received,
+        "the whole response came after the agent"
+    );
     let header = HEADER_LEN as u64;
-    assert_eq!(t.bytes_in, o.sent - header, "all but the header, sent before the agent");
+    assert_eq!(
+        t.bytes_in,
+        o.sent - header,
+        "all but the header, sent before the agent"
+    );
     agent.stop();
 }
 
 /// One exchange of the test protocol over `stream`; returns (sent, received).
 fn exchange(addr: SocketAddr, resp_len: u64, req_len: u64) -> (u64, u64) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    let header = RequestHeader { resp_len, req_len, chunk: 0, interval_ms: 0 };
+    let header = RequestHeader {
+        resp_len,
+        req_len,
+        chunk: 0,
+        interval_ms: 0,
+    };
     s.write_all(&header.encode()).expect("write header");
-    s.write_all(&vec![7u8; req_len as usize]).expect("write body");
+    s.write_all(&vec![7u8; req_len as usize])
+        .expect("write body");
     let mut got = vec![0u8; resp_len as usize];
     s.read_exact(&mut got).expect("read response");
     s.write_all(&[1]).expect("write done byte");
@@ -307,7 +412,14 @@ fn loopback_is_excluded_by_default_and_included_on_request() {
     let _server = Server::start_listening(testpeer_bin!(), &pair, &cgroup, &listen);
     let client = Client::new(&pair);
     let pin = PinDir::new("lo");
-    let base = ["--cgroup", cgroup.as_arg(), "--pin-dir", pin.as_arg(), "--interval", "200ms"];
+    let base = [
+        "--cgroup",
+        cgroup.as_arg(),
+        "--pin-dir",
+        pin.as_arg(),
+        "--interval",
+        "200ms",
+    ];
 
     let agent = Agent::start(&base);
     agent.wait_started(WAIT);
@@ -320,14 +432,19 @@ fn loopback_is_excluded_by_default_and_included_on_request() {
     let marker = client.request(pair.server_v4(PORT), 1_000, 1, 0, 0);
     let records = agent.wait_until(WAIT, |r| all_closed(r, std::slice::from_ref(&marker)));
     let conns = conn_records(&records);
-    assert!(conns.iter().all(|c| !c.remote_addr.is_loopback()), "loopback excluded: {conns:#?}");
+    assert!(
+        conns.iter().all(|c| !c.remote_addr.is_loopback()),
+        "loopback excluded: {conns:#?}"
+    );
     agent.stop();
 
     let agent = Agent::start(&[&base[..], &["--include-loopback"]].concat());
     agent.wait_started(WAIT);
     let (sent, received) = netns::run_in(pair.server_ns(), || exchange(lo4, 12_345, 67));
     let records = agent.wait_until(WAIT, |r| {
-        conn_records(r).iter().any(|c| c.remote_addr.is_loopback() && c.closed)
+        conn_records(r)
+            .iter()
+            .any(|c| c.remote_addr.is_loopback() && c.closed)
     });
     let conns = conn_records(&records);
     let lo: BTreeMap<u16, ConnTotals> = outflow_tests::records::totals_by(
@@ -336,6 +453,10 @@ fn loopback_is_excluded_by_default_and_included_on_request() {
     );
     assert_eq!(lo.len(), 1, "{lo:?}");
     let t = lo.values().next().copied().unwrap_or_default();
-    assert_eq!((t.bytes_out, t.bytes_in), (received, sent), "loopback counted exactly");
+    assert_eq!(
+        (t.bytes_out, t.bytes_in),
+        (received, sent),
+        "loopback counted exactly"
+    );
     agent.stop();
 }

@@ -4,12 +4,7 @@
 //!
 //! Needs root (CI runs it as root).
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
 use outflow_proto::v1::{ClientStatsResponse, Window};
 use outflow_tests::{
@@ -46,8 +41,14 @@ fn day(stats: &ClientStatsResponse) -> (u64, u64) {
 }
 
 /// The collector's (response, request) bytes for each client of `truth`.
-fn observed(collector: &Collector, truth: &BTreeMap<IpAddr, (u64, u64)>) -> BTreeMap<IpAddr, (u64, u64)> {
-    truth.keys().map(|ip| (*ip, day(&collector.client_stats(&ip.to_string())))).collect()
+fn observed(
+    collector: &Collector,
+    truth: &BTreeMap<IpAddr, (u64, u64)>,
+) -> BTreeMap<IpAddr, (u64, u64)> {
+    truth
+        .keys()
+        .map(|ip| (*ip, day(&collector.client_stats(&ip.to_string()))))
+        .collect()
 }
 
 /// Everything a test needs: namespaces, the server's cgroup, the server, a client, and the
@@ -87,7 +88,12 @@ impl Fleet {
         let metrics = format!("127.0.0.1:{}", self.metrics_port);
         Collector::start(
             self.port,
-            &["--data-dir", self.collector_data.as_arg(), "--metrics-listen", &metrics],
+            &[
+                "--data-dir",
+                self.collector_data.as_arg(),
+                "--metrics-listen",
+                &metrics,
+            ],
         )
     }
 
@@ -127,7 +133,11 @@ fn assert_collector_reaches(collector: &Collector, truth: &BTreeMap<IpAddr, (u64
         }
         last == *truth
     });
-    assert!(reached, "collector totals never reached the truth:\n observed {last:?}\n truth    {truth:?}\ncollector stderr:\n{}", collector.stderr());
+    assert!(
+        reached,
+        "collector totals never reached the truth:\n observed {last:?}\n truth    {truth:?}\ncollector stderr:\n{}",
+        collector.stderr()
+    );
 }
 
 #[test]
@@ -135,19 +145,38 @@ fn collector_totals_per_client_equal_the_ground_truth() {
     let fleet = Fleet::new("e2e");
     let collector = fleet.collector();
     let agent = fleet.agent(&collector.url());
-    let sizes = [(0, 0), (1, 1), (100_000, 1_000), (3_000_000, 20_000), (123_457, 77)];
-    let mut outcomes = fleet.client.request_many(fleet.pair.server_v4(PORT), 20, &sizes, 4);
-    outcomes.extend(fleet.client.request_many(fleet.pair.server_v6(PORT), 20, &sizes, 4));
+    let sizes = [
+        (0, 0),
+        (1, 1),
+        (100_000, 1_000),
+        (3_000_000, 20_000),
+        (123_457, 77),
+    ];
+    let mut outcomes = fleet
+        .client
+        .request_many(fleet.pair.server_v4(PORT), 20, &sizes, 4);
+    outcomes.extend(
+        fleet
+            .client
+            .request_many(fleet.pair.server_v6(PORT), 20, &sizes, 4),
+    );
     let truth = truth(&outcomes);
     assert_eq!(truth.len(), 2, "an IPv4 and an IPv6 client: {truth:?}");
     assert_collector_reaches(&collector, &truth);
     // The client's /24 and /64 prefixes hold the same bytes.
-    for (prefix, ip) in [("198.18.0.0/24", "198.18.0.2"), ("2001:db8::/64", "2001:db8::2")] {
+    for (prefix, ip) in [
+        ("198.18.0.0/24", "198.18.0.2"),
+        ("2001:db8::/64", "2001:db8::2"),
+    ] {
         let ip: IpAddr = ip.parse().expect("ip");
         assert_eq!(day(&collector.client_stats(prefix)), truth[&ip], "{prefix}");
     }
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
-    assert_eq!(observed(&collector, &truth), truth, "nothing more after the agent's final batch");
+    assert_eq!(
+        observed(&collector, &truth),
+        truth,
+        "nothing more after the agent's final batch"
+    );
 }
 
 #[test]
@@ -183,5 +212,9 @@ fn crashes_of_the_collector_and_the_agent_lose_and_repeat_nothing() {
     let truth = truth(&outcomes);
     assert_collector_reaches(&collector, &truth);
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
-    assert_eq!(observed(&collector, &truth), truth, "exact after everything is acknowledged");
+    assert_eq!(
+        observed(&collector, &truth),
+        truth,
+        "exact after everything is acknowledged"
+    );
 }

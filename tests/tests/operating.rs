@@ -24,7 +24,8 @@ fn assert_one_line_error(status: ExitStatus, stdout: &str, stderr: &str, needle:
 
 #[test]
 fn a_cgroup_that_does_not_exist_is_named() {
-    let (status, out, err) = run_to_completion(&["--cgroup", "/sys/fs/cgroup/outflow-no-such-cgroup"]);
+    let (status, out, err) =
+        run_to_completion(&["--cgroup", "/sys/fs/cgroup/outflow-no-such-cgroup"]);
     assert_one_line_error(status, &out, &err, "outflow-no-such-cgroup does not exist");
 }
 
@@ -49,7 +50,10 @@ fn bad_config_fields_are_named() {
         ("max_connections = \"lots\"\n", "max_connections"),
         ("interval = \"10ms\"\n", "`interval`"),
         ("intreval = \"1s\"\n", "intreval"),
-        ("[filter]\nremote_cidrs = [\"10.0.0.0/40\"]\n", "`filter.remote_cidrs`"),
+        (
+            "[filter]\nremote_cidrs = [\"10.0.0.0/40\"]\n",
+            "`filter.remote_cidrs`",
+        ),
         ("max_connections = 3\n", "`max_connections`"),
         ("pin_dir = \"relative\"\n", "`pin_dir`"),
     ];
@@ -101,19 +105,33 @@ fn detach_removes_everything_the_agent_pinned() {
     let pin = PinDir::new("detach");
     let agent = Agent::start(&["--cgroup", cgroup.as_arg(), "--pin-dir", pin.as_arg()]);
     agent.wait_started(Duration::from_secs(60));
-    assert_eq!(attached_programs(cgroup.path()), [1, 1, 1], "ingress, egress, sock_ops");
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        [1, 1, 1],
+        "ingress, egress, sock_ops"
+    );
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
-    assert_eq!(attached_programs(cgroup.path()), [1, 1, 1], "still attached after the agent stops");
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        [1, 1, 1],
+        "still attached after the agent stops"
+    );
     // Stopping keeps the kernel state: links and maps stay pinned.
     for sub in ["links", "maps"] {
-        let n = fs::read_dir(pin.path().join(sub)).map(Iterator::count).unwrap_or(0);
+        let n = fs::read_dir(pin.path().join(sub))
+            .map(Iterator::count)
+            .unwrap_or(0);
         assert!(n > 0, "{sub} pinned after stop");
     }
     let (status, _, err) = run_to_completion(&["detach", "--pin-dir", pin.as_arg()]);
     assert!(status.success(), "{err}");
     assert!(!Path::new(pin.path()).exists(), "pin dir removed: {err}");
     // Nothing stays attached to the cgroup.
-    assert_eq!(attached_programs(cgroup.path()), [0, 0, 0], "ingress, egress, sock_ops");
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        [0, 0, 0],
+        "ingress, egress, sock_ops"
+    );
 }
 
 /// How many programs are attached to `cgroup` for cgroup_skb ingress, egress and sock_ops
@@ -145,7 +163,8 @@ fn attached_programs(cgroup: &Path) -> [u32; 3] {
         unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<Query>(), q) };
         const BPF_PROG_QUERY: libc::c_long = 16;
         // SAFETY: bpf(2) reads and writes only within attr.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
         assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
         // SAFETY: as above.
         unsafe { std::ptr::read_unaligned(attr.as_ptr().cast::<Query>()) }.prog_cnt

@@ -1,10 +1,12 @@
 //! outflow's task runner, `cargo xtask <command>` (aliased in `.cargo/config.toml`).
 //!
 //! It does only what cargo can't: install the toolchain pieces and system tools a fresh
-//! Debian machine lacks (`setup`) and run the kernel tests as root (`test`). Each command
+//! Debian machine lacks (`setup`), run the kernel tests as root (`test`) and show the main job
+//! live (`demo`). Each command
 //! lives in its own module; a new one is a module, a variant of [`Command`] and a match arm.
 
 mod cmd;
+mod demo;
 mod setup;
 mod test;
 
@@ -37,6 +39,12 @@ enum Command {
     /// Arguments after `--` go to `cargo test`, e.g.
     /// `cargo xtask test -- -p outflow-tests counts -- --nocapture`.
     Test(test::Args),
+    /// The main job, live on this machine (about a minute; needs root).
+    ///
+    /// Starts a collector, an agent, a streaming inference server and clients in network
+    /// namespaces; one client starts extracting in bulk. Prints the collector's top talkers
+    /// (and alerts) as it goes, then cleans up.
+    Demo,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -46,5 +54,6 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Test(args) => test::run(&args),
+        Command::Demo => demo::run(),
     }
 }

@@ -26,28 +26,30 @@ pub struct Args {
     cargo_test_args: Vec<OsString>,
 }
 
+/// `cargo <subcommand>` in the workspace root, with the bpf-linker setup vouched for first on
+/// PATH (aya-build runs `bpf-linker` from PATH).
+pub(crate) fn cargo_command(report: &setup::Report, subcommand: &str) -> Command {
+    let mut c = Command::new(cmd::cargo());
+    c.arg(subcommand).current_dir(cmd::workspace_root());
+    if let Some(dir) = report.bpf_linker.parent()
+        && cmd::find_on_path("bpf-linker").as_ref() != Some(&report.bpf_linker)
+    {
+        let path = env::var_os("PATH").unwrap_or_default();
+        let dirs = std::iter::once(dir.to_owned()).chain(env::split_paths(&path));
+        if let Ok(joined) = env::join_paths(dirs) {
+            c.env("PATH", joined);
+        }
+    }
+    c
+}
+
 pub fn run(args: &Args) -> Result<ExitCode> {
     if !cmd::is_root()? {
         bail!("kernel tests load BPF programs and create network namespaces: run as root");
     }
     let report = setup::run()?;
 
-    let root = cmd::workspace_root();
-    let cargo = |subcommand: &str| {
-        let mut c = Command::new(cmd::cargo());
-        c.arg(subcommand).current_dir(root);
-        // aya-build runs `bpf-linker` from PATH: make sure it is the one setup vouched for.
-        if let Some(dir) = report.bpf_linker.parent()
-            && cmd::find_on_path("bpf-linker").as_ref() != Some(&report.bpf_linker)
-        {
-            let path = env::var_os("PATH").unwrap_or_default();
-            let dirs = std::iter::once(dir.to_owned()).chain(env::split_paths(&path));
-            if let Ok(joined) = env::join_paths(dirs) {
-                c.env("PATH", joined);
-            }
-        }
-        c
-    };
+    let cargo = |subcommand: &str| cargo_command(&report, subcommand);
 
     let mut build = cargo("build");
     build

@@ -1,12 +1,20 @@
-//! `outflow-testpeer`: the "inference server" of the integration tests.
+//! `outflow-testpeer`: the "inference server" of the integration tests and the demo, and the
+//! load its clients make.
 //!
 //! ```text
 //! outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]
+//! outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...]
+//!                       --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S
 //! ```
 //!
-//! Joins the cgroup DIR, enters the network namespace /run/netns/NAME, listens, prints `ready`,
-//! then serves each connection on its own thread with the protocol of
+//! `serve` joins the cgroup DIR, enters the network namespace /run/netns/NAME, listens, prints
+//! `ready`, then serves each connection on its own thread with the protocol of
 //! `outflow_tests::protocol`, printing one JSON `ServerResult` line per finished connection.
+//!
+//! `load` enters the namespace and, from each source address, keeps `parallel` requests going
+//! one after another for `seconds`: each asks for `resp` bytes (in `chunk`-byte pieces every
+//! `interval-ms`, like a token stream, when `chunk` is set). At the end it prints one line per
+//! source address: requests made and bytes received.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,7 +29,7 @@ use outflow_tests::protocol::{
 };
 use outflow_tests::{cgroup, netns};
 
-const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]";
+const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S";
 
 struct Args {
     netns: String,
@@ -40,7 +48,11 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let args = parse_args(std::env::args().skip(1))?;
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("load") {
+        return load(&parse_load_args(argv.skip(1))?);
+    }
+    let args = parse_args(argv)?;
 
     // Join the cgroup first so every socket created below belongs to it.
     cgroup::move_pid(&args.cgroup, std::process::id()).context("joining the cgroup")?;
@@ -187,4 +199,123 @@ fn serve(mut stream: TcpStream) -> Result<()> {
         .and_then(|()| out.flush())
         .context("writing the result")?;
     Ok(())
+}
+
+/// What `load` does.
+struct LoadArgs {
+    netns: String,
+    connect: SocketAddr,
+    from: Vec<std::net::IpAddr>,
+    resp: u64,
+    chunk: u32,
+    interval_ms: u32,
+    parallel: usize,
+    seconds: u64,
+}
+
+fn parse_load_args(mut args: impl Iterator<Item = String>) -> Result<LoadArgs> {
+    let mut a = LoadArgs {
+        netns: String::new(),
+        connect: SocketAddr::from(([0, 0, 0, 0], 0)),
+        from: Vec::new(),
+        resp: 0,
+        chunk: 0,
+        interval_ms: 0,
+        parallel: 1,
+        seconds: 0,
+    };
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let bad = || format!("{flag} {value}: not a valid value\n{USAGE}");
+        match flag.as_str() {
+            "--netns" => a.netns = value,
+            "--connect" => a.connect = value.parse().with_context(bad)?,
+            "--from" => a.from.push(value.parse().with_context(bad)?),
+            "--resp" => a.resp = value.parse().with_context(bad)?,
+            "--chunk" => a.chunk = value.parse().with_context(bad)?,
+            "--interval-ms" => a.interval_ms = value.parse().with_context(bad)?,
+            "--parallel" => a.parallel = value.parse().with_context(bad)?,
+            "--seconds" => a.seconds = value.parse().with_context(bad)?,
+            _ => bail!("unknown option `{flag}`\n{USAGE}"),
+        }
+    }
+    ensure!(!a.netns.is_empty(), "--netns is required\n{USAGE}");
+    ensure!(a.connect.port() != 0, "--connect is required\n{USAGE}");
+    ensure!(!a.from.is_empty(), "at least one --from is needed\n{USAGE}");
+    ensure!(a.seconds > 0, "--seconds is required\n{USAGE}");
+    Ok(a)
+}
+
+fn load(a: &LoadArgs) -> Result<()> {
+    netns::enter(&a.netns)?;
+    let until = std::time::Instant::now() + Duration::from_secs(a.seconds);
+    let header = RequestHeader {
+        resp_len: a.resp,
+        req_len: 200,
+        chunk: a.chunk,
+        interval_ms: a.interval_ms,
+    };
+    let results: Vec<(std::net::IpAddr, u64, u64)> = thread::scope(|s| {
+        let workers: Vec<_> = a
+            .from
+            .iter()
+            .flat_map(|&ip| (0..a.parallel.max(1)).map(move |_| ip))
+            .map(|ip| {
+                s.spawn(move || {
+                    let (mut requests, mut bytes) = (0u64, 0u64);
+                    while std::time::Instant::now() < until {
+                        match request_from(ip, a.connect, header) {
+                            Ok(got) => {
+                                requests += 1;
+                                bytes += got;
+                            }
+                            Err(e) => {
+                                eprintln!("request from {ip}: {e:#}");
+                                thread::sleep(Duration::from_millis(200));
+                            }
+                        }
+                    }
+                    (ip, requests, bytes)
+                })
+            })
+            .collect();
+        workers.into_iter().filter_map(|w| w.join().ok()).collect()
+    });
+    let mut out = io::stdout().lock();
+    for ip in &a.from {
+        let (requests, bytes) = results
+            .iter()
+            .filter(|(i, _, _)| i == ip)
+            .fold((0, 0), |(r, b), (_, rr, bb)| (r + rr, b + bb));
+        writeln!(out, "{ip} requests={requests} bytes={bytes}").context("writing the summary")?;
+    }
+    Ok(())
+}
+
+/// One whole exchange from source address `ip`; returns the response bytes received.
+fn request_from(ip: std::net::IpAddr, to: SocketAddr, header: RequestHeader) -> Result<u64> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .context("socket")?;
+    socket
+        .bind(&SocketAddr::new(ip, 0).into())
+        .with_context(|| format!("bind {ip}"))?;
+    socket
+        .connect(&to.into())
+        .with_context(|| format!("connect {to}"))?;
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(&header.encode()).context("header")?;
+    stream
+        .write_all(&vec![b'p'; header.req_len as usize])
+        .context("prompt")?;
+    let got =
+        io::copy(&mut (&mut stream).take(header.resp_len), &mut io::sink()).context("response")?;
+    stream.write_all(&[DONE_BYTE]).context("done byte")?;
+    io::copy(&mut stream, &mut io::sink()).context("reading to EOF")?;
+    Ok(got)
 }

@@ -1,0 +1,419 @@
+//! `cargo xtask demo`: outflow's main job on this machine, end to end, in about a minute.
+//!
+//! Builds what it needs, starts a collector on its embedded store, an agent attached to a demo
+//! cgroup, a small streaming "inference server" in that cgroup inside a network namespace, and
+//! clients in another namespace: eight that stream token-sized responses like chat users, and
+//! one that starts extracting in bulk. It prints the collector's live top talkers every few
+//! seconds (and its alerts, when the collector raises any), then cleans everything up. A run
+//! that was interrupted is cleaned up by the next one.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, setup, test::cargo_command};
+
+const SERVER_NS: &str = "outflow-demo-s";
+const CLIENT_NS: &str = "outflow-demo-c";
+const SERVER_IF: &str = "ofdemo-s";
+const CLIENT_IF: &str = "ofdemo-c";
+const SERVER: &str = "198.18.0.1";
+const SERVER_PORT: u16 = 8000;
+/// Eight chat-like clients and one extractor (198.18.0.0/15 is reserved for benchmarks).
+const USERS: [&str; 8] = [
+    "198.18.0.10",
+    "198.18.0.11",
+    "198.18.0.12",
+    "198.18.0.13",
+    "198.18.0.14",
+    "198.18.0.15",
+    "198.18.0.16",
+    "198.18.0.17",
+];
+const EXTRACTOR: &str = "198.18.0.66";
+const COLLECTOR: &str = "127.0.0.1:17411";
+const METRICS: &str = "127.0.0.1:19411";
+const PIN_DIR: &str = "/sys/fs/bpf/outflow-demo";
+const WORK_DIR: &str = "/tmp/outflow-demo";
+const CGROUP: &str = "outflow-demo";
+
+const DURATION: Duration = Duration::from_secs(48);
+const EXTRACTION_STARTS: Duration = Duration::from_secs(12);
+const REPORT_EVERY: Duration = Duration::from_secs(6);
+
+pub fn run() -> Result<ExitCode> {
+    if !cmd::is_root()? {
+        bail!("the demo attaches BPF programs and creates network namespaces: run as root");
+    }
+    let report = setup::run()?;
+    let mut build = cargo_command(&report, "build");
+    build.args([
+        "--bins",
+        "-p",
+        "outflow-agent",
+        "-p",
+        "outflow-collector",
+        "-p",
+        "outflow-tests",
+    ]);
+    println!("demo: {}", cmd::display(&build));
+    cmd::run(&mut build).context("building the agent, the collector and the demo server")?;
+    let bins = target_dir().join("debug");
+
+    let mut demo = Demo::new(&bins)?;
+    demo.start()?;
+    demo.watch()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from)
+}
+
+/// Everything the demo started; dropping it stops and removes all of it.
+struct Demo {
+    bins: PathBuf,
+    cgroup: PathBuf,
+    work: PathBuf,
+    children: Vec<(&'static str, Child)>,
+    started: Instant,
+}
+
+impl Demo {
+    fn new(bins: &Path) -> Result<Self> {
+        let cgroup = cgroup2_mount()?.join(CGROUP);
+        let demo = Self {
+            bins: bins.to_owned(),
+            cgroup,
+            work: PathBuf::from(WORK_DIR),
+            children: Vec::new(),
+            started: Instant::now(),
+        };
+        demo.clean();
+        Ok(demo)
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        fs::create_dir_all(&self.work).context("creating the demo's work directory")?;
+        fs::create_dir_all(&self.cgroup)
+            .with_context(|| format!("creating cgroup {}", self.cgroup.display()))?;
+        self.network()?;
+
+        println!("demo: collector on {COLLECTOR} (embedded store in {WORK_DIR}/collector)");
+        let data = self.work.join("collector");
+        let collector = self.spawn_logged(
+            "collector",
+            Command::new(self.bin("outflow-collector")).args([
+                "--listen",
+                COLLECTOR,
+                "--metrics-listen",
+                METRICS,
+                "--data-dir",
+                data.to_str().unwrap_or(WORK_DIR),
+            ]),
+        )?;
+        self.children.push(("collector", collector));
+        wait_for_port(COLLECTOR)?;
+
+        println!(
+            "demo: agent attached to cgroup {} streaming to the collector",
+            self.cgroup.display()
+        );
+        let state = self.work.join("agent");
+        let agent = self.spawn_logged(
+            "agent",
+            Command::new(self.bin("outflow-agent")).args([
+                "--cgroup",
+                self.cgroup.to_str().unwrap_or("/"),
+                "--pin-dir",
+                PIN_DIR,
+                "--output",
+                "none",
+                "--collector",
+                &format!("http://{COLLECTOR}"),
+                "--state-dir",
+                state.to_str().unwrap_or(WORK_DIR),
+                "--spool-dir",
+                state.join("spool").to_str().unwrap_or(WORK_DIR),
+            ]),
+        )?;
+        self.children.push(("agent", agent));
+        self.wait_for_log("agent", "attached to")?;
+
+        println!(
+            "demo: inference server {SERVER}:{SERVER_PORT} in the cgroup, in namespace {SERVER_NS}"
+        );
+        let server = self.spawn_logged(
+            "server",
+            Command::new(self.bin("outflow-testpeer")).args([
+                "serve",
+                "--netns",
+                SERVER_NS,
+                "--cgroup",
+                self.cgroup.to_str().unwrap_or("/"),
+                "--listen",
+                &format!("{SERVER}:{SERVER_PORT}"),
+            ]),
+        )?;
+        self.children.push(("server", server));
+        self.wait_for_log("server", "ready")?;
+
+        println!(
+            "demo: {} chat users stream 30 kB answers as 200-byte tokens every 10 ms",
+            USERS.len()
+        );
+        let mut users = self.load_command(DURATION.as_secs(), "30000", "200", "10", "2");
+        for u in USERS {
+            users.args(["--from", u]);
+        }
+        let users = self.spawn_logged("users", &mut users)?;
+        self.children.push(("users", users));
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    fn load_command(
+        &self,
+        seconds: u64,
+        resp: &str,
+        chunk: &str,
+        interval: &str,
+        parallel: &str,
+    ) -> Command {
+        let mut c = Command::new(self.bin("outflow-testpeer"));
+        c.args([
+            "load",
+            "--netns",
+            CLIENT_NS,
+            "--connect",
+            &format!("{SERVER}:{SERVER_PORT}"),
+        ])
+        .args(["--resp", resp, "--chunk", chunk, "--interval-ms", interval])
+        .args(["--parallel", parallel, "--seconds", &seconds.to_string()]);
+        c
+    }
+
+    /// Reports every few seconds; starts the extraction on the way.
+    fn watch(&mut self) -> Result<()> {
+        let mut extracting = false;
+        let mut next = REPORT_EVERY;
+        while self.started.elapsed() < DURATION {
+            if !extracting && self.started.elapsed() >= EXTRACTION_STARTS {
+                extracting = true;
+                println!(
+                    "\ndemo: t+{}s {EXTRACTOR} starts extracting: 8 parallel connections pulling 20 MB answers",
+                    self.started.elapsed().as_secs()
+                );
+                let secs = (DURATION - self.started.elapsed()).as_secs().max(1);
+                let mut extractor = self.load_command(secs, "20000000", "0", "0", "8");
+                extractor.args(["--from", EXTRACTOR]);
+                let extractor = self.spawn_logged("extractor", &mut extractor)?;
+                self.children.push(("extractor", extractor));
+            }
+            if self.started.elapsed() >= next {
+                next += REPORT_EVERY;
+                self.report()?;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        thread::sleep(Duration::from_secs(2));
+        println!("\ndemo: final picture, by client /24 prefix, last 10 minutes of batch time");
+        self.top("client-prefix", "10m")?;
+        println!("\ndemo: done (logs in {WORK_DIR}/*.log); cleaning up");
+        Ok(())
+    }
+
+    fn report(&self) -> Result<()> {
+        println!(
+            "\ndemo: t+{}s top talkers by client address, last minute of batch time",
+            self.started.elapsed().as_secs()
+        );
+        self.top("client-address", "1m")?;
+        if let Ok(alerts) = self.collector_cli(&["alerts", "--open"])
+            && !alerts.trim().is_empty()
+        {
+            println!("demo: open alerts\n{alerts}");
+        }
+        Ok(())
+    }
+
+    fn top(&self, group_by: &str, window: &str) -> Result<()> {
+        let out = self.collector_cli(&[
+            "top",
+            "--group-by",
+            group_by,
+            "--window",
+            window,
+            "--limit",
+            "10",
+        ])?;
+        print!("{out}");
+        Ok(())
+    }
+
+    fn collector_cli(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(self.bin("outflow-collector"));
+        c.args(&args[..1])
+            .args(["--server", &format!("http://{COLLECTOR}")])
+            .args(&args[1..]);
+        cmd::output(&mut c)
+    }
+
+    /// Waits until `name`'s log says `needle`, or fails if the process exits first.
+    fn wait_for_log(&mut self, name: &str, needle: &str) -> Result<()> {
+        let log = self.work.join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == name)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("the {name} exited ({status}): {}", text.trim());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {name} did not say {needle:?} within a minute: {}",
+                    text.trim()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn spawn_logged(&self, name: &str, command: &mut Command) -> Result<Child> {
+        let log = self.work.join(format!("{name}.log"));
+        let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = file.try_clone().context("log file handle")?;
+        command
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting the {name}: {}", cmd::display(command)))
+    }
+
+    fn network(&self) -> Result<()> {
+        let ip = |args: &[&str]| -> Result<()> {
+            let mut c = Command::new("ip");
+            c.args(args);
+            cmd::run(&mut c)
+        };
+        ip(&["netns", "add", SERVER_NS])?;
+        ip(&["netns", "add", CLIENT_NS])?;
+        ip(&[
+            "link", "add", SERVER_IF, "netns", SERVER_NS, "type", "veth", "peer", "name",
+            CLIENT_IF, "netns", CLIENT_NS,
+        ])?;
+        ip(&[
+            "-n",
+            SERVER_NS,
+            "addr",
+            "add",
+            &format!("{SERVER}/24"),
+            "dev",
+            SERVER_IF,
+        ])?;
+        for a in USERS.iter().chain([&EXTRACTOR]) {
+            ip(&[
+                "-n",
+                CLIENT_NS,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                CLIENT_IF,
+            ])?;
+        }
+        for (ns, dev) in [(SERVER_NS, SERVER_IF), (CLIENT_NS, CLIENT_IF)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Removes what this demo (or an interrupted earlier one) left; never fails.
+    fn clean(&self) {
+        let quiet = |c: &mut Command| {
+            let _ = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        quiet(Command::new(self.bin("outflow-agent")).args(["detach", "--pin-dir", PIN_DIR]));
+        for ns in [SERVER_NS, CLIENT_NS] {
+            quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                quiet(Command::new("kill").args(["-9", &pid.to_string()]));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(&self.cgroup).is_err()
+            && self.cgroup.exists()
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for (name, child) in self.children.iter_mut().rev() {
+            // SIGTERM first: the agent and the collector stop cleanly on it.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("demo: the {name} did not stop on SIGTERM; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.clean();
+    }
+}
+
+fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2"))
+                .then(|| f.get(1).map(PathBuf::from))
+                .flatten()
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .context("no cgroup2 file system is mounted")
+}
+
+fn wait_for_port(addr: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("the collector did not start listening on {addr} (see {WORK_DIR}/collector.log)");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
