@@ -3,9 +3,9 @@
 //! helpers the state files and the spool share.
 use std::{
     collections::BTreeMap,
-    fs::{self, File, OpenOptions},
-    io::{self, Write as _},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    fs::{self, File},
+    io,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
@@ -165,21 +165,9 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `path` so that after a crash it holds either its old content or `bytes`, never a
 /// mix: a temporary file beside it, fsync'd, renamed over it, and the directory fsync'd.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
+    let tmp = crate::spool::write_tmp(path, bytes)?;
     fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 #[cfg(test)]

@@ -866,7 +866,7 @@ impl Spool {
 }
 
 /// Writes and fsyncs `data` beside `path` under a temporary name, which it returns.
-fn write_tmp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
+pub(crate) fn write_tmp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
     let mut tmp = path.as_os_str().to_os_string();
     tmp.push(TMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
