@@ -2,9 +2,10 @@
 //! over real gRPC connections, every batch applied and committed (fsync on) before its Ack.
 //!
 //! ```sh
-//! cargo run --release -p outflow-collector --example bench -- [AGENTS] [BATCHES] [DELTAS] [CLIENTS] [fsync|nofsync]
+//! cargo run --release -p outflow-collector --example bench -- [AGENTS] [BATCHES] [DELTAS] [CLIENTS] [fsync|nofsync] [detect|nodetect] [live|replay]
 //! ```
-//! defaults: 8 agents x 40 batches x 10000 deltas, 20000 distinct clients, fsync.
+//! defaults: 8 agents x 40 batches x 10000 deltas, 20000 distinct clients, fsync, detection on
+//! (its time per group commit is printed from `outflow_collector_detect_seconds`).
 use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -74,16 +75,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.limits.batches_per_second = 0.0;
     cfg.limits.deltas_per_second = 0.0;
     cfg.store.fsync = fsync;
+    cfg.detect.enabled = std::env::args().nth(6).is_none_or(|a| a != "nodetect");
     let server = Server::start(cfg).await?;
     let url = format!("http://{}", server.addr());
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 - 60_000;
+    // `replay` (7th argument): batch time advances 1 min per batch, from a day ago, so that
+    // every key is judged again at every commit (detection's worst case).
+    let replay = std::env::args().nth(7).is_some_and(|a| a == "replay");
+    let step = if replay { 60_000 } else { 100 };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64
+        - if replay { 86_400_000 } else { 60_000 };
 
     // Encode everything first: the clock measures the collector, not the load generator.
     let mut work = Vec::new();
     for a in 0..agents {
         let msgs: Vec<AgentMessage> = (1..=batches)
             .map(|s| AgentMessage {
-                msg: Some(Msg::Batch(batch(a, s, deltas, clients, now + s * 100))),
+                msg: Some(Msg::Batch(batch(a, s, deltas, clients, now + s * step))),
             })
             .collect();
         let channel = tonic::transport::Endpoint::from_shared(url.clone())?
@@ -170,6 +177,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (agents * batches) as f64 / commits.max(1.0),
         1000.0 * get("outflow_collector_store_commit_seconds_sum") / commits.max(1.0),
         get("outflow_collector_keys{group=\"client-address\"}")
+    );
+    let runs = get("outflow_collector_detect_seconds_count");
+    println!(
+        "detection: {runs} runs, mean {:.2} ms per group commit, {} alerts opened",
+        1000.0 * get("outflow_collector_detect_seconds_sum") / runs.max(1.0),
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("outflow_collector_alerts_opened_total{"))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+            .max(0.0)
     );
     let db = std::fs::metadata(dir.path().join("collector.redb"))?.len();
     println!("database file: {:.1} MiB", db as f64 / 1048576.0);

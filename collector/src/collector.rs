@@ -16,6 +16,7 @@ use outflow_proto::v1::{
 use tokio::sync::oneshot;
 
 use crate::{
+    alerts::AlertHub,
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
     config::{Config, LimitsConfig},
     error::ApiError,
@@ -52,6 +53,7 @@ const LIMITERS_KEPT: usize = 4096;
 /// The aggregates, their store and the ingest rules.
 #[derive(Debug)]
 pub struct Collector {
+    alerts: Arc<AlertHub>,
     state: Arc<RwLock<State>>,
     writer: Writer,
     metrics: Arc<Metrics>,
@@ -71,6 +73,8 @@ impl Collector {
         metrics: Arc<Metrics>,
     ) -> Result<Collector, OpenError> {
         let (store, state) = Store::open(dir, config.store.fsync)?;
+        let alerts = Arc::new(AlertHub::new());
+        alerts.load(store.load_alerts()?, &state, &metrics);
         let state = Arc::new(RwLock::new(state));
         let writer = Writer::start(
             store,
@@ -78,9 +82,12 @@ impl Collector {
             metrics.clone(),
             config.store.max_batches_per_commit,
             config.store.gc_interval,
+            &config.detect,
+            alerts.clone(),
         )
         .map_err(OpenError::Writer)?;
         Ok(Collector {
+            alerts,
             state,
             writer,
             metrics,
@@ -95,6 +102,11 @@ impl Collector {
             collector: self.clone(),
             agent: None,
         }
+    }
+
+    /// The alerts raised by the detectors.
+    pub fn alerts(&self) -> &Arc<AlertHub> {
+        &self.alerts
     }
 
     /// The metrics.

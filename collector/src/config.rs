@@ -39,7 +39,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         message: message.into(),
@@ -60,6 +60,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    /// Bulk-exfiltration detection (`[detect.*]`, see `detect`).
+    pub detect: crate::detect::DetectConfig,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            detect: crate::detect::DetectConfig::default(),
         }
     }
 }
@@ -269,6 +272,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.detect.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",

@@ -11,16 +11,21 @@
 //!   ratelimit, aggregate: fold per key) ─► writer (group commit: dedup by watermark, merge
 //!   rollups, one redb transaction, then memory) ─► Ack
 //! query ─► aggregate::State (window sums over window::Rollup buckets)
+//! writer, after each commit ─► detect (per touched key, batch time) ─► alerts (open/update/
+//!   resolve; `alerts` table; log; metrics; broadcast) ─► alerts_service (List, Watch)
 //! ```
 //!
 //! Start one in-process with [`server::Server::start`]; drive the protocol without a network
 //! with [`collector::Collector::session`].
 pub mod aggregate;
+pub mod alerts;
+pub mod alerts_service;
 pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod collector;
 pub mod config;
+pub mod detect;
 pub mod error;
 pub mod ingest;
 pub mod keys;
@@ -31,6 +36,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod window;
+pub mod webhook;
 pub mod writer;
 
 pub use config::Config;

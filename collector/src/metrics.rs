@@ -12,6 +12,10 @@
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
 //! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
 //! | `outflow_collector_keys{group}` | gauge | keys held per group |
+//! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
+//! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
+//! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
+//! | `outflow_collector_detect_seconds` | histogram | detection after one group commit |
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
@@ -39,6 +43,12 @@ pub struct GroupLabel {
     pub group: &'static str,
 }
 
+/// Label of the alert metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectorLabel {
+    pub detector: &'static str,
+}
+
 /// The collector's metrics; cheap to clone (every metric is shared).
 #[derive(Debug)]
 pub struct Metrics {
@@ -52,6 +62,10 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
     pub keys: Family<GroupLabel, Gauge>,
+    pub alerts_opened: Family<DetectorLabel, Counter>,
+    pub alerts_resolved: Family<DetectorLabel, Counter>,
+    pub alerts_open: Family<DetectorLabel, Gauge>,
+    pub detect_seconds: Histogram,
     registry: Registry,
 }
 
@@ -76,6 +90,10 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             keys: Family::default(),
+            alerts_opened: Family::default(),
+            alerts_resolved: Family::default(),
+            alerts_open: Family::default(),
+            detect_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             registry: Registry::default(),
         };
         registry.register(
@@ -114,6 +132,27 @@ impl Metrics {
             m.commit_batches.clone(),
         );
         registry.register("keys", "Keys held, by group", m.keys.clone());
+        registry.register(
+            "alerts_opened",
+            "Alerts opened, by detector",
+            m.alerts_opened.clone(),
+        );
+        registry.register(
+            "alerts_resolved",
+            "Alerts resolved, by detector",
+            m.alerts_resolved.clone(),
+        );
+        registry.register(
+            "alerts_open",
+            "Alerts open now, by detector",
+            m.alerts_open.clone(),
+        );
+        registry.register_with_unit(
+            "detect",
+            "Detection after one group commit",
+            Unit::Seconds,
+            m.detect_seconds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -127,6 +166,27 @@ impl Metrics {
         self.keys
             .get_or_create(&GroupLabel { group })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an opened alert.
+    pub fn alerts_opened(&self, detector: &'static str) {
+        self.alerts_opened
+            .get_or_create(&DetectorLabel { detector })
+            .inc();
+    }
+
+    /// Counts a resolved alert.
+    pub fn alerts_resolved(&self, detector: &'static str) {
+        self.alerts_resolved
+            .get_or_create(&DetectorLabel { detector })
+            .inc();
+    }
+
+    /// Moves the open-alerts gauge of a detector by `by`.
+    pub fn alert_open_gauge(&self, detector: &'static str, by: i64) {
+        self.alerts_open
+            .get_or_create(&DetectorLabel { detector })
+            .inc_by(by);
     }
 
     /// The metrics in OpenMetrics text format.

@@ -18,23 +18,25 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use log::{error, info, warn};
-use outflow_proto::v1::query_server::QueryServer;
+use outflow_proto::v1::{alerts_server::AlertsServer, query_server::QueryServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    alerts_service::AlertsService,
     auth::{self, Auth, AuthError},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
     ingest::IngestService,
     metrics::{self, Metrics},
     query::QueryService,
+    webhook,
 };
 
 /// Names of the services reported SERVING by gRPC health checking.
-pub const SERVICES: [&str; 2] = ["outflow.v1.Ingest", "outflow.v1.Query"];
+pub const SERVICES: [&str; 3] = ["outflow.v1.Ingest", "outflow.v1.Query", "outflow.v1.Alerts"];
 /// How long a stop waits for streams and connections to end before cutting them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -148,6 +150,10 @@ impl Server {
             config.limits.max_deltas_per_batch,
         );
         let query = QueryServer::new(QueryService::new(collector.clone()));
+        let alerts = AlertsServer::new(AlertsService::new(
+            collector.alerts().clone(),
+            shutdown.clone(),
+        ));
         let open = auth.is_open();
 
         let mut builder = tonic::transport::Server::builder()
@@ -160,7 +166,8 @@ impl Server {
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_service(InterceptedService::new(ingest, auth.clone()))
-            .add_service(InterceptedService::new(query, auth));
+            .add_service(InterceptedService::new(query, auth.clone()))
+            .add_service(InterceptedService::new(alerts, auth));
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
@@ -175,6 +182,18 @@ impl Server {
                 r
             })
         };
+        if let Some(url) = &config.detect.webhook.url {
+            // Checked by validate().
+            if let Ok(target) = webhook::Target::parse(url) {
+                webhook::spawn(
+                    collector.alerts(),
+                    target,
+                    config.detect.webhook.clone(),
+                    shutdown.clone(),
+                );
+                info!("alerts are POSTed to {url}");
+            }
+        }
         let metrics_task = tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),

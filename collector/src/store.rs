@@ -9,6 +9,9 @@
 //! | `hosts`      | host id (u32)                         | host name                           |
 //! | `rollups`    | key (see [`Key::encode`])             | buckets (see [`Rollup::encode_slots`]) |
 //! | `key_hosts`  | key ++ host id (u32)                  | last batch time the host served it  |
+//! | `alerts`     | alert id (str)                        | `outflow.v1.Alert`, protobuf-encoded |
+//!
+//! Alerts are written in their own transaction after the commit whose batches raised them.
 //!
 //! Every change of a group commit (watermarks, new hosts, the rollups it touched) goes into one
 //! write transaction, so after a crash the store holds either all of a batch or none of it, and
@@ -37,6 +40,7 @@ const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("wate
 const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
 const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
 const KEY_HOSTS: TableDefinition<&[u8], u64> = TableDefinition::new("key_hosts");
+const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 
 /// A store that cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +191,7 @@ impl Store {
             tx.open_table(HOSTS).map_err(|e| self.err(e))?;
             tx.open_table(ROLLUPS).map_err(|e| self.err(e))?;
             tx.open_table(KEY_HOSTS).map_err(|e| self.err(e))?;
+            tx.open_table(ALERTS).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -272,6 +277,47 @@ impl Store {
             state.put(k, r);
         }
         Ok(state)
+    }
+
+    /// Every stored alert.
+    pub fn load_alerts(&self) -> Result<Vec<outflow_proto::v1::Alert>, StoreError> {
+        let e = |x: redb::Error| self.err(x);
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let table = tx.open_table(ALERTS).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let a = <outflow_proto::v1::Alert as prost::Message>::decode(v.value())
+                .map_err(|x| self.corrupt(format!("alert {}: {x}", k.value())))?;
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Writes (by id) and deletes alerts in one transaction.
+    pub fn put_alerts(
+        &self,
+        upserts: &[outflow_proto::v1::Alert],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        let run = || -> Result<(), redb::Error> {
+            let mut tx = self.db.begin_write()?;
+            if !self.fsync {
+                tx.set_durability(Durability::None)?;
+            }
+            {
+                let mut t = tx.open_table(ALERTS)?;
+                for id in deletes {
+                    t.remove(id.as_str())?;
+                }
+                for a in upserts {
+                    t.insert(a.id.as_str(), &*prost::Message::encode_to_vec(a))?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| self.err(e))
     }
 
     /// Writes `changes` in one transaction and commits it (durably if `fsync`).

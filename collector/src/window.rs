@@ -237,6 +237,41 @@ impl Rollup {
         }
     }
 
+    /// The hourly buckets of the 24 h window that are held: (hour number since the epoch, i.e.
+    /// `time_ms / 3_600_000`, and the hour's totals), in no particular order.
+    pub fn hourly(&self) -> impl Iterator<Item = (u64, Totals)> + '_ {
+        let tier = Window::H24.index() as u8;
+        self.slots
+            .iter()
+            .filter(move |s| s.tier == tier)
+            .map(|s| (u64::from(s.bucket), s.totals))
+    }
+
+    /// Hosts that served the key at or after `start_ms`.
+    pub fn hosts_since(&self, start_ms: u64) -> impl Iterator<Item = HostId> + '_ {
+        self.hosts
+            .iter()
+            .filter(move |h| h.1 >= start_ms)
+            .map(|h| h.0)
+    }
+
+    /// Adds every bucket and host of `other` (sums buckets, keeps the later host time).
+    pub fn merge(&mut self, other: &Rollup) {
+        for o in &other.slots {
+            match self
+                .slots
+                .iter_mut()
+                .find(|s| s.bucket == o.bucket && s.tier == o.tier)
+            {
+                Some(s) => s.totals.add(&o.totals),
+                None => self.slots.push(*o),
+            }
+        }
+        for &(h, t) in &other.hosts {
+            self.see_host(h, t);
+        }
+    }
+
     /// Drops buckets that left their window (ending at `end_ms`); true if any was dropped.
     pub fn prune_slots(&mut self, end_ms: u64) -> bool {
         let before = self.slots.len();

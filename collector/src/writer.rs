@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     aggregate::{BatchAggregate, Map, State},
+    alerts::AlertHub,
+    detect::{ClientObs, DetectConfig, Detector, Subject},
     keys::{Group, HostId, Key},
     metrics::Metrics,
     model::AgentKey,
@@ -99,15 +101,22 @@ impl std::fmt::Debug for Request {
 }
 
 impl Writer {
-    /// Starts the writer thread on `store`, installing what it commits into `state`.
+    /// Starts the writer thread on `store`, installing what it commits into `state`, and
+    /// running detection (if `detect.enabled`) into `alerts` after every commit.
     pub fn start(
         store: Store,
         state: Arc<RwLock<State>>,
         metrics: Arc<Metrics>,
         max_batches_per_commit: usize,
         gc_interval: Duration,
+        detect: &DetectConfig,
+        alerts: Arc<AlertHub>,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let detector = detect.enabled.then(|| {
+            let st = state.read().unwrap_or_else(PoisonError::into_inner);
+            Detector::new(detect.clone(), &st)
+        });
         let w = Worker {
             store,
             state,
@@ -115,6 +124,8 @@ impl Writer {
             max_batches: max_batches_per_commit.max(1),
             gc_interval,
             last_gc: Instant::now(),
+            detector,
+            alerts,
         };
         w.update_key_gauges();
         let thread = std::thread::Builder::new()
@@ -216,6 +227,8 @@ struct Worker {
     max_batches: usize,
     gc_interval: Duration,
     last_gc: Instant,
+    detector: Option<Detector>,
+    alerts: Arc<AlertHub>,
 }
 
 fn now_ms() -> u64 {
@@ -264,6 +277,8 @@ impl Worker {
         let mut ch = Changes::default();
         let mut staged: Map<Key, Staged> = Map::default();
         let mut replies = Vec::with_capacity(group.len());
+        let detecting = self.detector.is_some();
+        let mut obs: Vec<ClientObs> = Vec::new();
         {
             let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
             let mut end_ms = st.end_ms();
@@ -307,6 +322,17 @@ impl Worker {
                         } else {
                             ch.watermarks.insert(batch.agent, batch.seq);
                             end_ms = end_ms.max(agg.time_ms);
+                            if detecting {
+                                obs.extend(agg.entries.iter().filter_map(|(k, t)| match k {
+                                    Key::Client(addr) if addr.is_ipv6() => Some(ClientObs {
+                                        addr: *addr,
+                                        time_ms: agg.time_ms,
+                                        host: agg.host,
+                                        totals: *t,
+                                    }),
+                                    _ => None,
+                                }));
+                            }
                             for (key, totals) in agg.entries {
                                 staged
                                     .entry(key)
@@ -365,12 +391,20 @@ impl Worker {
                     g.dedup();
                     g
                 };
+                let subjects: Vec<Subject> = if detecting {
+                    ch.rollups.keys().filter_map(Subject::of_key).collect()
+                } else {
+                    Vec::new()
+                };
                 {
                     let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
                     ch.install(&mut st);
                 }
                 if !touched.is_empty() {
                     self.update_key_gauges();
+                }
+                if detecting && !subjects.is_empty() {
+                    self.detect(&obs, subjects);
                 }
                 let now = now_ms();
                 for r in replies {
@@ -421,6 +455,43 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Runs the detectors on the subjects a commit touched (and, when due, on the subjects of
+    /// open alerts), stores the alert changes, then publishes them.
+    fn detect(&mut self, obs: &[ClientObs], mut subjects: Vec<Subject>) {
+        let Some(det) = self.detector.as_mut() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let end = st.end_ms();
+        let p48 = det.observe(&subjects, obs, end);
+        subjects.extend(p48);
+        let mut verdicts = Vec::new();
+        for s in &subjects {
+            det.evaluate(&st, s, end, false, &mut verdicts);
+        }
+        if det.sweep_due(end) {
+            for s in self.alerts.open_subjects() {
+                det.evaluate(&st, &s, end, true, &mut verdicts);
+            }
+        }
+        let resolve_after =
+            u64::try_from(det.config().resolve_after.as_millis()).unwrap_or(u64::MAX);
+        let changes = self.alerts.apply(verdicts, end, resolve_after, &st);
+        drop(st);
+        if !changes.is_empty() {
+            match self.store.put_alerts(&changes.upserts, &changes.deletes) {
+                Ok(()) => {}
+                // The alerts stay in memory and are written with their next change.
+                Err(e) => error!("store alerts: {e}"),
+            }
+            self.alerts.publish(&changes, &self.metrics);
+        }
+        self.metrics
+            .detect_seconds
+            .observe(t0.elapsed().as_secs_f64());
     }
 
     /// Drops buckets and hosts that left every window, in memory and on disk.

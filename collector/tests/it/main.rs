@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod common;
 mod dedup;
+mod detect;
 mod fleet;
 mod hostile;
 mod props;

@@ -1,0 +1,348 @@
+//! Alerts: one per (subject, detector) episode, opened when a detector's condition starts to
+//! hold, updated (not repeated) while it holds, resolved once it has been false for
+//! `detect.resolve_after` of batch time.
+//!
+//! The [`AlertHub`] holds every alert in memory (loaded from the store's `alerts` table at
+//! start), and fans changes out to `Watch` streams over a tokio broadcast channel. The store
+//! writer drives it: [`AlertHub::apply`] turns verdicts into changes; the writer persists them,
+//! then calls [`AlertHub::publish`] (log line, metrics, broadcast).
+use std::sync::{PoisonError, RwLock};
+
+use log::{info, warn};
+use outflow_proto::v1;
+use tokio::sync::broadcast;
+
+use crate::{
+    aggregate::{Map, State},
+    detect::{DetectorKind, Finding, Severity, Subject, Verdict, human},
+    metrics::Metrics,
+};
+
+/// Resolved alerts kept (in memory and in the store); the oldest go first.
+pub const RESOLVED_KEPT: usize = 10_000;
+/// Changes buffered per Watch stream before it lags (and is resynchronized).
+pub const WATCH_BUFFER: usize = 1024;
+/// An open alert is republished when its observed bytes moved by this fraction.
+const REPUBLISH_CHANGE: f64 = 0.25;
+
+impl From<DetectorKind> for v1::Detector {
+    fn from(d: DetectorKind) -> Self {
+        match d {
+            DetectorKind::Volume => v1::Detector::Volume,
+            DetectorKind::Deviation => v1::Detector::Deviation,
+            DetectorKind::Coordinated => v1::Detector::Coordinated,
+            DetectorKind::Sustained => v1::Detector::Sustained,
+        }
+    }
+}
+
+impl From<Severity> for v1::Severity {
+    fn from(s: Severity) -> Self {
+        match s {
+            Severity::Low => v1::Severity::Low,
+            Severity::Medium => v1::Severity::Medium,
+            Severity::High => v1::Severity::High,
+            Severity::Critical => v1::Severity::Critical,
+        }
+    }
+}
+
+fn detector_name(d: i32) -> &'static str {
+    match v1::Detector::try_from(d) {
+        Ok(v1::Detector::Volume) => "volume",
+        Ok(v1::Detector::Deviation) => "deviation",
+        Ok(v1::Detector::Coordinated) => "coordinated",
+        Ok(v1::Detector::Sustained) => "sustained",
+        _ => "unspecified",
+    }
+}
+
+/// A stable id of an episode: FNV-1a of detector, key and first batch time.
+fn alert_id(detector: DetectorKind, key: &str, first_seen_ms: u64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in detector
+        .name()
+        .bytes()
+        .chain([0])
+        .chain(key.bytes())
+        .chain(first_seen_ms.to_be_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}-{h:016x}", detector.name())
+}
+
+#[derive(Debug, Clone)]
+struct OpenAlert {
+    alert: v1::Alert,
+    subject: Subject,
+    /// Last batch time the condition held.
+    last_true_ms: u64,
+    published_observed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    open: Map<(Subject, DetectorKind), OpenAlert>,
+    /// Oldest first.
+    resolved: Vec<v1::Alert>,
+}
+
+/// What one round of verdicts changed: alerts to write (and publish), ids to delete.
+#[derive(Debug, Default)]
+pub struct AlertChanges {
+    pub upserts: Vec<v1::Alert>,
+    pub deletes: Vec<String>,
+}
+
+impl AlertChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// Every alert, and the broadcast of their changes.
+#[derive(Debug)]
+pub struct AlertHub {
+    book: RwLock<Book>,
+    tx: broadcast::Sender<v1::Alert>,
+}
+
+impl Default for AlertHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AlertHub {
+    pub fn new() -> Self {
+        Self {
+            book: RwLock::new(Book::default()),
+            tx: broadcast::channel(WATCH_BUFFER).0,
+        }
+    }
+
+    /// Installs alerts loaded from the store (`st` resolves workload keys).
+    pub fn load(&self, alerts: Vec<v1::Alert>, st: &State, metrics: &Metrics) {
+        let mut book = self.book.write().unwrap_or_else(PoisonError::into_inner);
+        for a in alerts {
+            let open = a.state == v1::AlertState::Open as i32;
+            let detector = match v1::Detector::try_from(a.detector) {
+                Ok(v1::Detector::Volume) => DetectorKind::Volume,
+                Ok(v1::Detector::Deviation) => DetectorKind::Deviation,
+                Ok(v1::Detector::Coordinated) => DetectorKind::Coordinated,
+                Ok(v1::Detector::Sustained) => DetectorKind::Sustained,
+                _ => continue,
+            };
+            match (open, Subject::parse(&a.key, st)) {
+                (true, Some(subject)) => {
+                    metrics.alert_open_gauge(detector.name(), 1);
+                    book.open.insert(
+                        (subject.clone(), detector),
+                        OpenAlert {
+                            subject,
+                            last_true_ms: a.last_seen_ms,
+                            published_observed: a.observed_bytes,
+                            alert: a,
+                        },
+                    );
+                }
+                (true, None) => warn!("alert {}: key {:?} not understood, dropped", a.id, a.key),
+                (false, _) => book.resolved.push(a),
+            }
+        }
+        book.resolved.sort_by_key(|a| a.last_seen_ms);
+    }
+
+    /// Subjects of the open alerts (for the sweep).
+    pub fn open_subjects(&self) -> Vec<Subject> {
+        let book = self.book.read().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<Subject> = book.open.values().map(|o| o.subject.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Applies verdicts judged at batch time `end_ms`: opens, updates, resolves.
+    pub fn apply(
+        &self,
+        verdicts: Vec<Verdict>,
+        end_ms: u64,
+        resolve_after_ms: u64,
+        st: &State,
+    ) -> AlertChanges {
+        let mut ch = AlertChanges::default();
+        let mut book = self.book.write().unwrap_or_else(PoisonError::into_inner);
+        for v in verdicts {
+            let k = (v.subject, v.detector);
+            match (v.finding, book.open.get_mut(&k)) {
+                (Some(f), Some(o)) => {
+                    o.last_true_ms = end_ms;
+                    let sev_before = o.alert.severity;
+                    fill(&mut o.alert, &f, st);
+                    o.alert.last_seen_ms = end_ms;
+                    let moved = (f.observed_bytes as f64 - o.published_observed as f64).abs()
+                        >= REPUBLISH_CHANGE * o.published_observed.max(1) as f64;
+                    if moved || sev_before != o.alert.severity {
+                        o.published_observed = f.observed_bytes;
+                        ch.upserts.push(o.alert.clone());
+                    }
+                }
+                (Some(f), None) => {
+                    let key = k.0.display(st);
+                    let mut alert = v1::Alert {
+                        id: alert_id(k.1, &key, end_ms),
+                        key,
+                        detector: v1::Detector::from(k.1) as i32,
+                        state: v1::AlertState::Open as i32,
+                        first_seen_ms: end_ms,
+                        last_seen_ms: end_ms,
+                        ..Default::default()
+                    };
+                    fill(&mut alert, &f, st);
+                    ch.upserts.push(alert.clone());
+                    book.open.insert(
+                        k.clone(),
+                        OpenAlert {
+                            alert,
+                            subject: k.0,
+                            last_true_ms: end_ms,
+                            published_observed: f.observed_bytes,
+                        },
+                    );
+                }
+                (None, Some(o)) => {
+                    if end_ms >= o.last_true_ms.saturating_add(resolve_after_ms)
+                        && let Some(mut o) = book.open.remove(&k)
+                    {
+                        o.alert.state = v1::AlertState::Resolved as i32;
+                        ch.upserts.push(o.alert.clone());
+                        book.resolved.push(o.alert);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if book.resolved.len() > RESOLVED_KEPT {
+            let n = book.resolved.len() - RESOLVED_KEPT;
+            ch.deletes
+                .extend(book.resolved.drain(..n).map(|a| a.id));
+        }
+        ch
+    }
+
+    /// After the changes were stored: a log line per open/resolve, metrics, Watch streams.
+    pub fn publish(&self, ch: &AlertChanges, metrics: &Metrics) {
+        for a in &ch.upserts {
+            let det = detector_name(a.detector);
+            if a.state == v1::AlertState::Resolved as i32 {
+                metrics.alerts_resolved(det);
+                metrics.alert_open_gauge(det, -1);
+                info!(
+                    "alert resolved: id={} detector={det} key={} last_seen_ms={} observed={}",
+                    a.id,
+                    a.key,
+                    a.last_seen_ms,
+                    human(a.observed_bytes)
+                );
+            } else if a.first_seen_ms == a.last_seen_ms {
+                metrics.alerts_opened(det);
+                metrics.alert_open_gauge(det, 1);
+                info!(
+                    "alert open: id={} detector={det} severity={} key={} observed={} threshold={} summary={:?}",
+                    a.id,
+                    v1::Severity::try_from(a.severity).map_or("?", |s| s.as_str_name()),
+                    a.key,
+                    human(a.observed_bytes),
+                    human(a.threshold_bytes),
+                    a.summary
+                );
+            }
+            // No receivers is fine.
+            let _ = self.tx.send(a.clone());
+        }
+    }
+
+    /// A receiver of changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<v1::Alert> {
+        self.tx.subscribe()
+    }
+
+    /// Open alerts (largest observed first), then resolved (newest first), at most `limit`.
+    pub fn list(&self, open_only: bool, limit: usize) -> Vec<v1::Alert> {
+        let book = self.book.read().unwrap_or_else(PoisonError::into_inner);
+        let mut open: Vec<v1::Alert> = book.open.values().map(|o| o.alert.clone()).collect();
+        open.sort_by(|a, b| {
+            b.last_seen_ms
+                .cmp(&a.last_seen_ms)
+                .then(b.observed_bytes.cmp(&a.observed_bytes))
+                .then(a.id.cmp(&b.id))
+        });
+        open.truncate(limit);
+        if !open_only {
+            let room = limit - open.len();
+            open.extend(book.resolved.iter().rev().take(room).cloned());
+        }
+        open
+    }
+}
+
+fn fill(a: &mut v1::Alert, f: &Finding, st: &State) {
+    a.severity = v1::Severity::from(f.severity) as i32;
+    a.window_seconds = f.window_seconds;
+    a.observed_bytes = f.observed_bytes;
+    a.baseline_bytes = f.baseline_bytes;
+    a.threshold_bytes = f.threshold_bytes;
+    a.request_bytes = f.request_bytes;
+    a.hosts = f.hosts.iter().map(|h| st.host_name(*h).to_owned()).collect();
+    a.members = f.members;
+    a.summary.clone_from(&f.summary);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(obs: u64) -> Finding {
+        Finding {
+            severity: Severity::Medium,
+            window_seconds: 3600,
+            observed_bytes: obs,
+            baseline_bytes: 0,
+            threshold_bytes: 10,
+            request_bytes: 1,
+            hosts: vec![],
+            members: 0,
+            summary: "s".into(),
+        }
+    }
+
+    #[test]
+    fn open_update_resolve() {
+        let hub = AlertHub::new();
+        let st = State::default();
+        let s = Subject::Client("203.0.113.7".parse().unwrap());
+        let v = |f: Option<Finding>| {
+            vec![Verdict {
+                subject: s.clone(),
+                detector: DetectorKind::Volume,
+                finding: f,
+            }]
+        };
+        let ch = hub.apply(v(Some(finding(100))), 1000, 500, &st);
+        assert_eq!(ch.upserts.len(), 1);
+        let id = ch.upserts[0].id.clone();
+        // A small change is not republished, a large one is, under the same id.
+        assert!(hub.apply(v(Some(finding(110))), 1100, 500, &st).is_empty());
+        let ch = hub.apply(v(Some(finding(200))), 1200, 500, &st);
+        assert_eq!(ch.upserts[0].id, id);
+        assert_eq!(ch.upserts[0].first_seen_ms, 1000);
+        // Hysteresis: false for less than resolve_after keeps it open.
+        assert!(hub.apply(v(None), 1600, 500, &st).is_empty());
+        let ch = hub.apply(v(None), 1700, 500, &st);
+        assert_eq!(ch.upserts[0].state, v1::AlertState::Resolved as i32);
+        assert_eq!(hub.list(true, 10).len(), 0);
+        assert_eq!(hub.list(false, 10).len(), 1);
+    }
+}

@@ -1,0 +1,351 @@
+//! Bulk-exfiltration detection: three days of batch time replayed in a few seconds through the
+//! in-process Session API of a real server, with a restart in the middle, List and Watch over
+//! real gRPC.
+//!
+//! Benign traffic is shaped like LLM streaming: sessions of a few hundred to a few thousand
+//! token events of ~200 bytes, a daily cycle, requests about half the responses; plus one
+//! allowlisted batch client pulling 3 GiB an hour all day. Attacks, by hour of the replay:
+//!
+//! * volume: 203.0.113.7, 2 GiB/h, hours 30..32 (a restart at hour 31);
+//! * coordinated: 60 addresses of 198.18.5.0/24, 150 MB/h each, hours 40..43;
+//! * deviation: 100.64.200.5, ~40 MB per active hour for two days, 700 MB in hour 58;
+//! * sustained: 100.64.201.9, 110 MB every hour from hour 24 on, 500:1 response/request.
+use std::time::Duration;
+
+use outflow_collector::{Config, Server, collector::Session};
+use outflow_proto::v1::{self, alerts_client::AlertsClient};
+
+use crate::common::*;
+
+const MIN: u64 = 60_000;
+const HOUR: u64 = 60 * MIN;
+const MB: u64 = 1_000_000;
+const T0: u64 = 1_750_000_000_000 / HOUR * HOUR;
+const STEP: u64 = 5 * MIN;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn d(remote: [u8; 4], out: u64, inb: u64) -> v1::ConnDelta {
+    delta(remote, out, inb, true)
+}
+
+/// The deltas of the 5 minutes ending at `t` (hour `h` of the replay).
+fn traffic(rng: &mut Rng, t: u64) -> Vec<v1::ConnDelta> {
+    let h = (t - T0 - 1) / HOUR;
+    let hod = h % 24;
+    let mut v = Vec::new();
+    // 32 benign clients, 4 per /24, each active ~10 hours a day.
+    for i in 0..32u8 {
+        let start = 8 + u64::from(i % 5);
+        if hod < start || hod >= start + 10 || rng.below(10) < 4 {
+            continue;
+        }
+        for _ in 0..1 + rng.below(4) {
+            let tokens = 100 + rng.below(2900);
+            let out = tokens * 200;
+            v.push(d([100, 64, i / 4, i % 4 + 1], out, out / 2 + rng.below(4000)));
+        }
+    }
+    // The allowlisted batch client.
+    v.push(d([192, 0, 2, 10], 3 * 1024 * MB / 12, 50 * MB));
+    // Deviation: a steady client with a daily cycle, then a burst.
+    if (8..22).contains(&hod) {
+        let out = if h == 58 {
+            700 * MB / 12
+        } else {
+            3 * MB + rng.below(MB)
+        };
+        v.push(d([100, 64, 200, 5], out, out / 2));
+    }
+    // Sustained: around the clock, tiny requests.
+    if h >= 24 {
+        v.push(d([100, 64, 201, 9], 110 * MB / 12, 110 * MB / 12 / 500));
+    }
+    // Volume.
+    if (30..32).contains(&h) {
+        for _ in 0..8 {
+            v.push(d([203, 0, 113, 7], 2048 * MB / 12 / 8, MB / 8));
+        }
+    }
+    // Coordinated.
+    if (40..43).contains(&h) {
+        for a in 1..=60u8 {
+            v.push(d([198, 18, 5, a], 150 * MB / 12, MB / 12));
+        }
+    }
+    v
+}
+
+fn cfg(dir: &std::path::Path) -> Config {
+    let mut c = config(dir);
+    c.store.fsync = false;
+    c.limits.batches_per_second = 0.0;
+    c.limits.deltas_per_second = 0.0;
+    c.detect.allowlist.cidrs = vec!["192.0.2.0/28".parse().unwrap()];
+    c
+}
+
+struct Agents {
+    sessions: Vec<Session>,
+    seq: u64,
+}
+
+impl Agents {
+    async fn connect(server: &Server, seq: u64) -> Agents {
+        let mut sessions = Vec::new();
+        for i in 0..2 {
+            let mut s = server.collector().session();
+            s.handle(hello(&format!("agent-{i}"), 1, &format!("gpu-{i}")))
+                .await
+                .unwrap();
+            sessions.push(s);
+        }
+        Agents { sessions, seq }
+    }
+
+    /// Replays [from, to) of batch time, alternating hosts.
+    async fn replay(&mut self, rng: &mut Rng, from_h: u64, to_h: u64) {
+        let mut t = T0 + from_h * HOUR + STEP;
+        while t <= T0 + to_h * HOUR {
+            let n = usize::try_from(t / STEP % 2).unwrap();
+            // Both sessions share one sequence counter: each agent only needs increasing seqs.
+            self.seq += 1;
+            let b = batch(self.seq, t, traffic(rng, t));
+            self.sessions[n].handle(batch_msg(b)).await.unwrap();
+            t += STEP;
+        }
+    }
+}
+
+async fn list(server: &Server, open_only: bool) -> Vec<v1::Alert> {
+    AlertsClient::new(channel(&url(server)).await)
+        .list(v1::ListAlertsRequest {
+            open_only,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts
+}
+
+fn find<'a>(alerts: &'a [v1::Alert], key: &str, det: v1::Detector) -> Vec<&'a v1::Alert> {
+    alerts
+        .iter()
+        .filter(|a| a.key == key && a.detector == det as i32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
+    let started = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let server = start(cfg(dir.path())).await;
+    let mut agents = Agents::connect(&server, 0).await;
+    agents.replay(&mut rng, 0, 31).await;
+
+    // Mid-attack: the volume alert is open, with its numbers and a sentence.
+    let open = list(&server, true).await;
+    let vol = find(&open, "203.0.113.7", v1::Detector::Volume);
+    assert_eq!(vol.len(), 1, "{open:#?}");
+    let vol = vol[0].clone();
+    assert_eq!(vol.state, v1::AlertState::Open as i32);
+    assert_eq!(vol.threshold_bytes, 1 << 30);
+    assert!(vol.observed_bytes >= 1 << 30, "{vol:?}");
+    assert_eq!(vol.window_seconds, 3600);
+    assert!(vol.summary.starts_with("203.0.113.7: pulled"), "{}", vol.summary);
+    assert!(vol.request_bytes > 0 && !vol.hosts.is_empty(), "{vol:?}");
+
+    // Restart: the alert survives, and Watch replays it first.
+    let seq = agents.seq;
+    drop(agents);
+    server.shutdown().await.unwrap();
+    let server = start(cfg(dir.path())).await;
+    let reopened = list(&server, true).await;
+    assert!(reopened.iter().any(|a| a.id == vol.id), "{reopened:#?}");
+    let mut watch = AlertsClient::new(channel(&url(&server)).await)
+        .watch(v1::WatchAlertsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.state, v1::AlertState::Open as i32);
+    let replayed = reopened.len();
+
+    let mut agents = Agents::connect(&server, seq).await;
+    agents.replay(&mut rng, 31, 72).await;
+    let all = list(&server, false).await;
+    for a in &all {
+        eprintln!(
+            "{} {:?} {:?} {} first h{:.2} last h{:.2}",
+            a.key,
+            v1::Detector::try_from(a.detector).unwrap(),
+            v1::AlertState::try_from(a.state).unwrap(),
+            a.summary,
+            (a.first_seen_ms - T0) as f64 / HOUR as f64,
+            (a.last_seen_ms - T0) as f64 / HOUR as f64,
+        );
+    }
+
+    // Volume: one episode (updated, not repeated), same id, resolved once it stopped.
+    let v = find(&all, "203.0.113.7", v1::Detector::Volume);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].id, vol.id);
+    assert_eq!(v[0].state, v1::AlertState::Resolved as i32);
+    assert!(v[0].observed_bytes >= 1 << 30, "{:?}", v[0]);
+    assert!(
+        v[0].last_seen_ms > T0 + 32 * HOUR && v[0].last_seen_ms <= T0 + 33 * HOUR,
+        "updated after the restart, until the window emptied: {:?}",
+        v[0]
+    );
+
+    // Coordinated: the /24, many members, none over the per-address limit.
+    let c = find(&all, "198.18.5.0/24", v1::Detector::Coordinated);
+    assert_eq!(c.len(), 1, "{all:#?}");
+    assert!(c[0].members >= 50, "{:?}", c[0]);
+    assert!(c[0].summary.contains("addresses pulled"), "{}", c[0].summary);
+    assert_eq!(c[0].state, v1::AlertState::Resolved as i32);
+    // ...and no address of it is flagged for volume.
+    assert!(
+        !all.iter()
+            .any(|a| a.key.starts_with("198.18.5.") && !a.key.contains('/')),
+        "{all:#?}"
+    );
+
+    // Deviation: the steady client's burst, below the volume threshold.
+    let dv = find(&all, "100.64.200.5", v1::Detector::Deviation);
+    assert_eq!(dv.len(), 1, "{all:#?}");
+    assert!(dv[0].baseline_bytes < 100 * MB && dv[0].baseline_bytes > 10 * MB, "{:?}", dv[0]);
+    assert!(find(&all, "100.64.200.5", v1::Detector::Volume).is_empty());
+
+    // Sustained: around the clock at 500:1, still open.
+    let s = find(&all, "100.64.201.9", v1::Detector::Sustained);
+    assert_eq!(s.len(), 1, "{all:#?}");
+    assert_eq!(s[0].state, v1::AlertState::Open as i32);
+    assert!(s[0].summary.contains("ratio"), "{}", s[0].summary);
+
+    // Nothing about benign clients, their prefixes, or the allowlisted one.
+    let benign = |k: &str| {
+        k.starts_with("192.0.2.")
+            || (0..8).any(|i| k.starts_with(&format!("100.64.{i}.")))
+            || k.starts_with("100.64.200.0/")
+            || k.starts_with("100.64.201.0/")
+    };
+    for a in &all {
+        assert!(!benign(&a.key), "benign traffic flagged: {a:#?}");
+    }
+
+    // Watch streamed the changes after the replay: the volume alert resolving.
+    let mut seen_resolved = false;
+    for _ in 0..replayed + 200 {
+        match tokio::time::timeout(Duration::from_secs(2), watch.message()).await {
+            Ok(Ok(Some(a))) => {
+                if a.id == vol.id && a.state == v1::AlertState::Resolved as i32 {
+                    seen_resolved = true;
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert!(seen_resolved, "Watch did not stream the resolution");
+
+    let m = metrics(&server).await;
+    assert!(
+        metric(&m, "outflow_collector_alerts_opened_total{detector=\"volume\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "outflow_collector_alerts_open{detector=\"sustained\"}") >= 1.0,
+        "{m}"
+    );
+    drop(agents);
+    server.shutdown().await.unwrap();
+    eprintln!("three days replayed in {:?}", started.elapsed());
+}
+
+/// A webhook receiver: answers 500 to the first request, 200 after; sends each body on.
+async fn receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then Content-Length bytes of body.
+            let body = loop {
+                let m = s.read(&mut chunk).await.unwrap_or(0);
+                if m == 0 {
+                    break String::new();
+                }
+                buf.extend_from_slice(&chunk[..m]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= i + 4 + len {
+                        break text[i + 4..].to_owned();
+                    }
+                }
+            };
+            let status = if n == 0 { "500 Oops" } else { "200 OK" };
+            let _ = s
+                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await;
+            if n > 0 {
+                let _ = tx.send(body);
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gets_alerts_with_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut bodies) = receiver().await;
+    let mut c = cfg(dir.path());
+    c.detect.webhook.url = Some(hook);
+    c.detect.webhook.initial_backoff = Duration::from_millis(20);
+    let server = start(c).await;
+    let mut s = server.collector().session();
+    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
+    // 1.5 GiB in 30 minutes from one address.
+    for i in 1..=6u64 {
+        let b = batch(i, T0 + i * STEP, vec![d([203, 0, 113, 99], 256 << 20, 1 << 20)]);
+        s.handle(batch_msg(b)).await.unwrap();
+    }
+    let body = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
+        .await
+        .expect("no webhook call in 10 s")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["key"], "203.0.113.99", "{body}");
+    assert_eq!(v["detector"], "DETECTOR_VOLUME", "{body}");
+    assert_eq!(v["state"], "ALERT_STATE_OPEN", "{body}");
+    assert!(v["summary"].as_str().unwrap().contains("per-hour limit"), "{body}");
+    server.shutdown().await.unwrap();
+}
