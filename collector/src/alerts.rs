@@ -226,8 +226,7 @@ impl AlertHub {
         }
         if book.resolved.len() > RESOLVED_KEPT {
             let n = book.resolved.len() - RESOLVED_KEPT;
-            ch.deletes
-                .extend(book.resolved.drain(..n).map(|a| a.id));
+            ch.deletes.extend(book.resolved.drain(..n).map(|a| a.id));
         }
         ch
     }
@@ -295,7 +294,11 @@ fn fill(a: &mut v1::Alert, f: &Finding, st: &State) {
     a.baseline_bytes = f.baseline_bytes;
     a.threshold_bytes = f.threshold_bytes;
     a.request_bytes = f.request_bytes;
-    a.hosts = f.hosts.iter().map(|h| st.host_name(*h).to_owned()).collect();
+    a.hosts = f
+        .hosts
+        .iter()
+        .map(|h| st.host_name(*h).to_owned())
+        .collect();
     a.members = f.members;
     a.summary.clone_from(&f.summary);
 }

@@ -2,7 +2,10 @@
 //! printing Query answers as tables (`outflow-collector top`, `outflow-collector client`).
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
-use outflow_proto::v1::{self, query_client::QueryClient as GenQueryClient};
+use outflow_proto::v1::{
+    self, alerts_client::AlertsClient as GenAlertsClient,
+    query_client::QueryClient as GenQueryClient,
+};
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -70,6 +73,8 @@ impl Interceptor for BearerToken {
 
 /// A Query client that sends the token.
 pub type QueryClient = GenQueryClient<InterceptedService<Channel, BearerToken>>;
+/// An Alerts client that sends the bearer token, if any.
+pub type AlertsClient = GenAlertsClient<InterceptedService<Channel, BearerToken>>;
 
 /// Connects to the collector.
 pub async fn connect(opts: &ClientOptions) -> Result<(Channel, BearerToken), ClientError> {
@@ -136,6 +141,36 @@ pub async fn connect(opts: &ClientOptions) -> Result<(Channel, BearerToken), Cli
 pub async fn query_client(opts: &ClientOptions) -> Result<QueryClient, ClientError> {
     let (channel, token) = connect(opts).await?;
     Ok(GenQueryClient::with_interceptor(channel, token))
+}
+
+/// Connects an Alerts client.
+pub async fn alerts_client(opts: &ClientOptions) -> Result<AlertsClient, ClientError> {
+    let (channel, token) = connect(opts).await?;
+    Ok(GenAlertsClient::with_interceptor(channel, token))
+}
+
+/// One line per alert: state, severity, detector, key, observed bytes, then its summary.
+pub fn alerts_table(r: &v1::ListAlertsResponse, exact: bool) -> String {
+    let mut out = String::new();
+    for a in &r.alerts {
+        let state = if a.state == v1::AlertState::Open as i32 {
+            "OPEN"
+        } else {
+            "resolved"
+        };
+        let severity = v1::Severity::try_from(a.severity)
+            .map_or("?", |s| s.as_str_name().trim_start_matches("SEVERITY_"));
+        let detector = v1::Detector::try_from(a.detector)
+            .map_or("?", |d| d.as_str_name().trim_start_matches("DETECTOR_"));
+        let _ = writeln!(
+            out,
+            "{state:<8} {severity:<8} {detector:<11} {:<22} {:>12}  {}",
+            a.key,
+            bytes(a.observed_bytes, exact),
+            a.summary
+        );
+    }
+    out
 }
 
 /// `1.50 GiB`, or the exact number with `exact`.

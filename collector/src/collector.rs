@@ -16,8 +16,8 @@ use outflow_proto::v1::{
 use tokio::sync::oneshot;
 
 use crate::{
-    alerts::AlertHub,
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
+    alerts::AlertHub,
     config::{Config, LimitsConfig},
     error::ApiError,
     keys::{Group, HostId},

@@ -236,15 +236,24 @@ impl DetectConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(invalid(field, format!("must be a positive number (got {v})")))
+                Err(invalid(
+                    field,
+                    format!("must be a positive number (got {v})"),
+                ))
             }
         };
         pos("detect.coordinated.factor", self.coordinated.factor)?;
         pos("detect.deviation.sigmas", self.deviation.sigmas)?;
-        pos("detect.deviation.baseline_hours", self.deviation.baseline_hours)?;
+        pos(
+            "detect.deviation.baseline_hours",
+            self.deviation.baseline_hours,
+        )?;
         pos("detect.deviation.min_sigma", self.deviation.min_sigma)?;
         pos("detect.sustained.ratio_factor", self.sustained.ratio_factor)?;
-        pos("detect.sustained.cusum_threshold", self.sustained.cusum_threshold)?;
+        pos(
+            "detect.sustained.cusum_threshold",
+            self.sustained.cusum_threshold,
+        )?;
         if !(self.sustained.cusum_slack.is_finite() && self.sustained.cusum_slack >= 0.0) {
             return Err(invalid(
                 "detect.sustained.cusum_slack",
@@ -266,7 +275,10 @@ impl DetectConfig {
         if self.sustained.min_active_hours > 24 {
             return Err(invalid(
                 "detect.sustained.min_active_hours",
-                format!("must be at most 24 (got {})", self.sustained.min_active_hours),
+                format!(
+                    "must be at most 24 (got {})",
+                    self.sustained.min_active_hours
+                ),
             ));
         }
         if let Some(url) = &self.webhook.url {
@@ -527,7 +539,10 @@ impl Detector {
         let end = st.end_ms();
         for (key, rollup) in st.iter() {
             let Key::Client(a) = key else { continue };
-            let last = rollup.hosts_since(0).filter_map(|h| rollup.host_last_seen(h)).max();
+            let last = rollup
+                .hosts_since(0)
+                .filter_map(|h| rollup.host_last_seen(h))
+                .max();
             let last = last.unwrap_or(end);
             d.members
                 .entry(Subject::Prefix(Prefix::of(a)))
@@ -572,7 +587,10 @@ impl Detector {
         for o in v6 {
             let IpAddr::V6(v) = o.addr else { continue };
             let p = prefix48(v);
-            self.p48.entry(p).or_default().add(o.time_ms, o.host, &o.totals);
+            self.p48
+                .entry(p)
+                .or_default()
+                .add(o.time_ms, o.host, &o.totals);
             if touched.last() != Some(&Subject::Prefix48(p)) {
                 touched.push(Subject::Prefix48(p));
             }
@@ -649,8 +667,7 @@ impl Detector {
     ) {
         let every = u64::try_from(self.cfg.eval_interval.as_millis()).unwrap_or(u64::MAX);
         let track = self.tracks.entry(subject.clone()).or_default();
-        if !force && track.last_eval_ms != 0 && end_ms < track.last_eval_ms.saturating_add(every)
-        {
+        if !force && track.last_eval_ms != 0 && end_ms < track.last_eval_ms.saturating_add(every) {
             return;
         }
         track.last_eval_ms = end_ms;
@@ -821,7 +838,9 @@ impl Detector {
             let active = hours
                 .iter()
                 .filter(|(h, t)| {
-                    *h + 24 > cur_hour && *h <= cur_hour && t.response_bytes >= cfg.active_hour_bytes
+                    *h + 24 > cur_hour
+                        && *h <= cur_hour
+                        && t.response_bytes >= cfg.active_hour_bytes
                 })
                 .count() as u32;
             let req = d1.totals.request_bytes;
@@ -867,7 +886,13 @@ impl Detector {
 
 /// Folds the completed hours before `cur_hour` not yet folded into the baseline, the CUSUM
 /// and the peers' ratio.
-fn fold(cfg: &DetectConfig, t: &mut Track, peers: &mut Peers, hours: &[(u64, Totals)], cur_hour: u64) {
+fn fold(
+    cfg: &DetectConfig,
+    t: &mut Track,
+    peers: &mut Peers,
+    hours: &[(u64, Totals)],
+    cur_hour: u64,
+) {
     let alpha = 2.0 / (cfg.deviation.baseline_hours + 1.0);
     for (h, tot) in hours {
         if *h < t.next_hour || *h >= cur_hour || tot.response_bytes < cfg.active_hour_bytes {
@@ -1018,7 +1043,12 @@ mod tests {
         let mut first_deviation = None;
         for h in 0..90u64 {
             // 60 MB/h, ±5 %, for 40 hours; then +6 % an hour: never 3 sigma in one hour.
-            let base = 60e6 * if h < 40 { 1.0 } else { 1.06f64.powi((h - 40) as i32) };
+            let base = 60e6
+                * if h < 40 {
+                    1.0
+                } else {
+                    1.06f64.powi((h - 40) as i32)
+                };
             let wobble = if h % 2 == 0 { 1.05 } else { 0.95 };
             let at = T0 + h * HOUR_MS + 10 * 60_000;
             rollup.add(at, 0, &tot((base * wobble) as u64, (base / 2.0) as u64));
@@ -1071,12 +1101,19 @@ mod tests {
             .map(|i| Subject::Client(format!("2001:db8:7:{i:x}::1").parse().unwrap()))
             .collect();
         let touched = det.observe(&clients, &obs, t);
-        assert_eq!(touched, vec![Subject::Prefix48("2001:db8:7::".parse().unwrap())]);
+        assert_eq!(
+            touched,
+            vec![Subject::Prefix48("2001:db8:7::".parse().unwrap())]
+        );
         let mut v = Vec::new();
         det.evaluate(&st, &touched[0], t, true, &mut v);
         let f = fired(&v, DetectorKind::Coordinated).expect("coordinated");
         assert_eq!(f.members, 20);
-        assert!(f.summary.starts_with("2001:db8:7::/48: 20 addresses"), "{}", f.summary);
+        assert!(
+            f.summary.starts_with("2001:db8:7::/48: 20 addresses"),
+            "{}",
+            f.summary
+        );
         // With the /48 allowlisted: nothing.
         let mut cfg = DetectConfig::default();
         cfg.allowlist.cidrs = vec!["2001:db8:7::/48".parse().unwrap()];
@@ -1096,7 +1133,12 @@ mod tests {
     #[test]
     fn subjects_parse_back() {
         let st = State::default();
-        for s in ["203.0.113.7", "203.0.113.0/24", "2001:db8::/64", "2001:db8::/48"] {
+        for s in [
+            "203.0.113.7",
+            "203.0.113.0/24",
+            "2001:db8::/64",
+            "2001:db8::/48",
+        ] {
             let sub = Subject::parse(s, &st).unwrap();
             assert_eq!(sub.display(&st), s);
         }

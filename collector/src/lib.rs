@@ -35,8 +35,8 @@ pub mod query;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
-pub mod window;
 pub mod webhook;
+pub mod window;
 pub mod writer;
 
 pub use config::Config;

@@ -49,6 +49,8 @@ enum Command {
     Top(TopArgs),
     /// Show one client address or prefix in every window
     Client(ClientArgs),
+    /// Show the alerts, open ones first
+    Alerts(AlertsArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -205,6 +207,15 @@ struct ClientArgs {
     client: String,
 }
 
+#[derive(Args, Debug)]
+struct AlertsArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Only open alerts
+    #[arg(long)]
+    open: bool,
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
@@ -240,6 +251,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Top(a)) => runtime()?.block_on(top(a)),
         Some(Command::Client(a)) => runtime()?.block_on(client(a)),
+        Some(Command::Alerts(a)) => runtime()?.block_on(alerts(a)),
     }
 }
 
@@ -303,6 +315,20 @@ async fn client(a: ClientArgs) -> Result<()> {
         .map_err(status)?
         .into_inner();
     print!("{}", client::client_table(&r, a.conn.exact));
+    Ok(())
+}
+
+async fn alerts(a: AlertsArgs) -> Result<()> {
+    let mut c = client::alerts_client(&a.conn.options()).await?;
+    let r = c
+        .list(v1::ListAlertsRequest {
+            open_only: a.open,
+            limit: 0,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print!("{}", client::alerts_table(&r, a.conn.exact));
     Ok(())
 }
 

@@ -37,8 +37,6 @@ const USERS: [&str; 8] = [
     "198.18.0.17",
 ];
 const EXTRACTOR: &str = "198.18.0.66";
-const COLLECTOR: &str = "127.0.0.1:17411";
-const METRICS: &str = "127.0.0.1:19411";
 const PIN_DIR: &str = "/sys/fs/bpf/outflow-demo";
 const WORK_DIR: &str = "/tmp/outflow-demo";
 const CGROUP: &str = "outflow-demo";
@@ -80,6 +78,9 @@ fn target_dir() -> PathBuf {
 /// Everything the demo started; dropping it stops and removes all of it.
 struct Demo {
     bins: PathBuf,
+    /// The collector's gRPC and metrics addresses (free ports on 127.0.0.1).
+    collector: String,
+    metrics: String,
     cgroup: PathBuf,
     work: PathBuf,
     children: Vec<(&'static str, Child)>,
@@ -91,6 +92,8 @@ impl Demo {
         let cgroup = cgroup2_mount()?.join(CGROUP);
         let demo = Self {
             bins: bins.to_owned(),
+            collector: free_local_addr()?,
+            metrics: free_local_addr()?,
             cgroup,
             work: PathBuf::from(WORK_DIR),
             children: Vec::new(),
@@ -110,21 +113,24 @@ impl Demo {
             .with_context(|| format!("creating cgroup {}", self.cgroup.display()))?;
         self.network()?;
 
-        println!("demo: collector on {COLLECTOR} (embedded store in {WORK_DIR}/collector)");
+        println!(
+            "demo: collector on {} (embedded store in {WORK_DIR}/collector)",
+            self.collector
+        );
         let data = self.work.join("collector");
         let collector = self.spawn_logged(
             "collector",
             Command::new(self.bin("outflow-collector")).args([
                 "--listen",
-                COLLECTOR,
+                &self.collector,
                 "--metrics-listen",
-                METRICS,
+                &self.metrics,
                 "--data-dir",
                 data.to_str().unwrap_or(WORK_DIR),
             ]),
         )?;
         self.children.push(("collector", collector));
-        wait_for_port(COLLECTOR)?;
+        self.wait_for_log("collector", "listening")?;
 
         println!(
             "demo: agent attached to cgroup {} streaming to the collector",
@@ -141,7 +147,7 @@ impl Demo {
                 "--output",
                 "none",
                 "--collector",
-                &format!("http://{COLLECTOR}"),
+                &format!("http://{}", self.collector),
                 "--state-dir",
                 state.to_str().unwrap_or(WORK_DIR),
                 "--spool-dir",
@@ -265,7 +271,7 @@ impl Demo {
     fn collector_cli(&self, args: &[&str]) -> Result<String> {
         let mut c = Command::new(self.bin("outflow-collector"));
         c.args(&args[..1])
-            .args(["--server", &format!("http://{COLLECTOR}")])
+            .args(["--server", &format!("http://{}", self.collector)])
             .args(&args[1..]);
         cmd::output(&mut c)
     }
@@ -407,13 +413,8 @@ fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup2 file system is mounted")
 }
 
-fn wait_for_port(addr: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("the collector did not start listening on {addr} (see {WORK_DIR}/collector.log)");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+/// `127.0.0.1:<port>` with a port nothing listens on now.
+fn free_local_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("finding a free port")?.to_string())
 }

@@ -55,7 +55,11 @@ fn traffic(rng: &mut Rng, t: u64) -> Vec<v1::ConnDelta> {
         for _ in 0..1 + rng.below(4) {
             let tokens = 100 + rng.below(2900);
             let out = tokens * 200;
-            v.push(d([100, 64, i / 4, i % 4 + 1], out, out / 2 + rng.below(4000)));
+            v.push(d(
+                [100, 64, i / 4, i % 4 + 1],
+                out,
+                out / 2 + rng.below(4000),
+            ));
         }
     }
     // The allowlisted batch client.
@@ -166,7 +170,11 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
     assert_eq!(vol.threshold_bytes, 1 << 30);
     assert!(vol.observed_bytes >= 1 << 30, "{vol:?}");
     assert_eq!(vol.window_seconds, 3600);
-    assert!(vol.summary.starts_with("203.0.113.7: pulled"), "{}", vol.summary);
+    assert!(
+        vol.summary.starts_with("203.0.113.7: pulled"),
+        "{}",
+        vol.summary
+    );
     assert!(vol.request_bytes > 0 && !vol.hosts.is_empty(), "{vol:?}");
 
     // Restart: the alert survives, and Watch replays it first.
@@ -220,7 +228,11 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
     let c = find(&all, "198.18.5.0/24", v1::Detector::Coordinated);
     assert_eq!(c.len(), 1, "{all:#?}");
     assert!(c[0].members >= 50, "{:?}", c[0]);
-    assert!(c[0].summary.contains("addresses pulled"), "{}", c[0].summary);
+    assert!(
+        c[0].summary.contains("addresses pulled"),
+        "{}",
+        c[0].summary
+    );
     assert_eq!(c[0].state, v1::AlertState::Resolved as i32);
     // ...and no address of it is flagged for volume.
     assert!(
@@ -232,7 +244,11 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
     // Deviation: the steady client's burst, below the volume threshold.
     let dv = find(&all, "100.64.200.5", v1::Detector::Deviation);
     assert_eq!(dv.len(), 1, "{all:#?}");
-    assert!(dv[0].baseline_bytes < 100 * MB && dv[0].baseline_bytes > 10 * MB, "{:?}", dv[0]);
+    assert!(
+        dv[0].baseline_bytes < 100 * MB && dv[0].baseline_bytes > 10 * MB,
+        "{:?}",
+        dv[0]
+    );
     assert!(find(&all, "100.64.200.5", v1::Detector::Volume).is_empty());
 
     // Sustained: around the clock at 500:1, still open.
@@ -269,7 +285,10 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
 
     let m = metrics(&server).await;
     assert!(
-        metric(&m, "outflow_collector_alerts_opened_total{detector=\"volume\"}") >= 1.0,
+        metric(
+            &m,
+            "outflow_collector_alerts_opened_total{detector=\"volume\"}"
+        ) >= 1.0,
         "{m}"
     );
     assert!(
@@ -289,7 +308,9 @@ async fn receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         for n in 0.. {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             // Read the head, then Content-Length bytes of body.
@@ -335,7 +356,11 @@ async fn webhook_gets_alerts_with_retries() {
     s.handle(hello("a", 1, "gpu-0")).await.unwrap();
     // 1.5 GiB in 30 minutes from one address.
     for i in 1..=6u64 {
-        let b = batch(i, T0 + i * STEP, vec![d([203, 0, 113, 99], 256 << 20, 1 << 20)]);
+        let b = batch(
+            i,
+            T0 + i * STEP,
+            vec![d([203, 0, 113, 99], 256 << 20, 1 << 20)],
+        );
         s.handle(batch_msg(b)).await.unwrap();
     }
     let body = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
@@ -346,6 +371,9 @@ async fn webhook_gets_alerts_with_retries() {
     assert_eq!(v["key"], "203.0.113.99", "{body}");
     assert_eq!(v["detector"], "DETECTOR_VOLUME", "{body}");
     assert_eq!(v["state"], "ALERT_STATE_OPEN", "{body}");
-    assert!(v["summary"].as_str().unwrap().contains("per-hour limit"), "{body}");
+    assert!(
+        v["summary"].as_str().unwrap().contains("per-hour limit"),
+        "{body}"
+    );
     server.shutdown().await.unwrap();
 }
