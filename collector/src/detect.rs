@@ -118,6 +118,10 @@ pub struct VolumeConfig {
     pub client_per_day: u64,
     pub prefix_per_hour: u64,
     pub prefix_per_day: u64,
+    /// An IPv6 /64 is normally one subscriber or site, so it gets per-client limits by default:
+    /// a client rotating its address inside its /64 is caught like one address.
+    pub ipv6_subnet_per_hour: u64,
+    pub ipv6_subnet_per_day: u64,
     pub workload_per_hour: u64,
     pub workload_per_day: u64,
 }
@@ -130,6 +134,8 @@ impl Default for VolumeConfig {
             client_per_day: 10 * GIB,
             prefix_per_hour: 8 * GIB,
             prefix_per_day: 80 * GIB,
+            ipv6_subnet_per_hour: GIB,
+            ipv6_subnet_per_day: 10 * GIB,
             workload_per_hour: 0,
             workload_per_day: 0,
         }
@@ -318,6 +324,11 @@ enum Kind {
 }
 
 impl Subject {
+    /// An IPv6 /64 (one subscriber or site, usually).
+    fn is_ipv6_subnet(&self) -> bool {
+        matches!(self, Subject::Prefix(p) if p.network().is_ipv6())
+    }
+
     fn kind(&self) -> Kind {
         match self {
             Subject::Client(_) => Kind::Client,
@@ -731,6 +742,9 @@ impl Detector {
             let v = &cfg.volume;
             let (ph, pd) = match kind {
                 Kind::Client => (v.client_per_hour, v.client_per_day),
+                Kind::Prefix if subject.is_ipv6_subnet() => {
+                    (v.ipv6_subnet_per_hour, v.ipv6_subnet_per_day)
+                }
                 Kind::Prefix => (v.prefix_per_hour, v.prefix_per_day),
                 Kind::Workload => (v.workload_per_hour, v.workload_per_day),
             };

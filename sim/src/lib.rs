@@ -1,0 +1,334 @@
+//! outflow-sim: proves the collector's exfiltration detectors work.
+//!
+//! It speaks `outflow.v1.Ingest` as many synthetic agents (inference hosts) against a real
+//! collector, entirely in batch time: a day of 60 s batches goes out as fast as the collector
+//! acknowledges it, every host in lockstep (batch `seq` of every host before `seq + 1`), so the
+//! collector's windows advance exactly as they would live. Then it reads `outflow.v1.Alerts/List`
+//! and scores each injected attack: detected, time to detect (batch time from the attack's
+//! start to its alert's `first_seen_ms`), bytes pulled before the alert, and false alerts.
+//!
+//! The traffic model and its parameters are in [`model`]; [`Scenario`] lists the attacks.
+//! Everything is drawn from one seeded RNG: the same seed gives the same bytes.
+pub mod model;
+pub mod net;
+mod report;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use outflow_proto::v1;
+use serde::Serialize;
+use tonic::Code;
+
+pub use model::{BenignStats, StepTotals, allowlist, heavy_clients};
+pub use report::{AlertView, AttackReport, HostTotals, Report};
+
+use crate::{
+    model::{DAY_MS, Generator, Params},
+    net::{AgentStream, Bearer},
+};
+
+/// A traffic scenario: benign traffic alone, or benign traffic with one injected attack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Benign traffic only: every alert is a false alert.
+    Benign,
+    /// One address (203.0.113.7) pulling 16 × 40 KB/s from the attack start on.
+    Bulk,
+    /// 50 addresses of 198.51.100.0/24, each one stream of 30 KB/s (108 MB/h, a tenth of a 1 GiB/h
+    /// per-client threshold), together 1.5 MB/s.
+    Prefix,
+    /// One client inside 2001:db8:bad:1::/64 taking a new address every 5 minutes, 16 × 40 KB/s.
+    Rotate6,
+    /// One address (100.64.77.77) at 2 KB/s rising linearly to 200 KB/s over the last day.
+    SlowRise,
+    /// One address (100.64.99.99) with 64 parallel connections of 6 KB/s each.
+    Parallel,
+    /// Every attack at once (each scored on its own).
+    All,
+}
+
+impl Scenario {
+    /// The attacks, in the order they are scored.
+    pub const ATTACKS: [Scenario; 5] = [
+        Scenario::Bulk,
+        Scenario::Prefix,
+        Scenario::Rotate6,
+        Scenario::SlowRise,
+        Scenario::Parallel,
+    ];
+
+    /// `self` as a list of single attacks (`All` expands, `Benign` is none).
+    pub fn attacks(self) -> Vec<Scenario> {
+        match self {
+            Scenario::Benign => Vec::new(),
+            Scenario::All => Self::ATTACKS.to_vec(),
+            s => vec![s],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Benign => "benign",
+            Scenario::Bulk => "bulk",
+            Scenario::Prefix => "prefix",
+            Scenario::Rotate6 => "rotate6",
+            Scenario::SlowRise => "slowrise",
+            Scenario::Parallel => "parallel",
+            Scenario::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Scenario::Benign, Scenario::All]
+            .into_iter()
+            .chain(Self::ATTACKS)
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                format!("unknown scenario `{s}`: want benign, bulk, prefix, rotate6, slowrise, parallel or all")
+            })
+    }
+}
+
+/// How to run a simulation.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The collector's gRPC URL, e.g. `http://127.0.0.1:7411` (plaintext only).
+    pub collector: String,
+    /// Bearer token for Ingest and Alerts.
+    pub token: Option<String>,
+    /// Synthetic hosts (one agent stream each), 1 to 10000.
+    pub hosts: usize,
+    /// Benign client addresses, at least 1.
+    pub clients: usize,
+    /// Simulated days, at least 1. The attacks happen on the last day.
+    pub days: u32,
+    pub seed: u64,
+    /// Batch interval, seconds; must divide an hour.
+    pub batch_secs: u64,
+    /// Batch time of the first batch (Unix ms, a multiple of 24 h). Default: the run ends at the
+    /// last UTC midnight, so no batch is in the collector's future.
+    pub start_ms: Option<u64>,
+    /// Hour of the last day (UTC) at which the attacks begin (the slow rise starts at 0).
+    pub attack_start_hour: u32,
+    /// Per agent, batches per second after a burst of 900 (0: as fast as acknowledged). The
+    /// collector's default limit is 100.
+    pub max_batches_per_second: f64,
+    /// Wait between the last Ack and reading the alerts.
+    pub settle: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            collector: "http://127.0.0.1:7411".into(),
+            token: None,
+            hosts: 100,
+            clients: 3000,
+            days: 1,
+            seed: 1,
+            batch_secs: 60,
+            start_ms: None,
+            attack_start_hour: 9,
+            max_batches_per_second: 0.0,
+            settle: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("`{field}`: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
+    #[error("collector URL `{0}` is not valid")]
+    Url(String),
+    #[error("connect to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the token is not a valid header value")]
+    Token,
+    #[error("{what}: {} ({})", status.code(), status.message())]
+    Status {
+        what: String,
+        status: Box<tonic::Status>,
+    },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl SimConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |field, message: &str| {
+            Err(SimError::Config {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if !(1..=10_000).contains(&self.hosts) {
+            return bad("hosts", "must be 1 to 10000");
+        }
+        if self.clients == 0 {
+            return bad("clients", "must be at least 1");
+        }
+        if self.days == 0 {
+            return bad("days", "must be at least 1");
+        }
+        if self.batch_secs == 0 || 3600 % self.batch_secs != 0 {
+            return bad("batch_secs", "must divide 3600");
+        }
+        if self.start_ms.is_some_and(|s| s % DAY_MS != 0) {
+            return bad(
+                "start_ms",
+                "must be a UTC midnight (a multiple of 86400000)",
+            );
+        }
+        if self.attack_start_hour >= 24 {
+            return bad("attack_start_hour", "must be 0 to 23");
+        }
+        if self.max_batches_per_second.is_nan() || self.max_batches_per_second < 0.0 {
+            return bad("max_batches_per_second", "must be 0 or more");
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> Params {
+        let start_ms = self.start_ms.unwrap_or_else(|| {
+            let now = now_ms();
+            now / DAY_MS * DAY_MS - u64::from(self.days) * DAY_MS
+        });
+        Params {
+            hosts: self.hosts,
+            clients: self.clients,
+            days: self.days,
+            seed: self.seed,
+            batch_ms: self.batch_secs * 1000,
+            start_ms,
+            attack_offset_ms: u64::from(self.attack_start_hour) * model::HOUR_MS,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs one scenario (`All`: every attack at once) against the collector and scores it.
+pub async fn run_scenario(cfg: &SimConfig, scenario: Scenario) -> Result<Report, SimError> {
+    run_scenarios(cfg, &scenario.attacks(), scenario.name()).await
+}
+
+/// Runs benign traffic with every attack of `attacks` injected, and scores each attack.
+pub async fn run_scenarios(
+    cfg: &SimConfig,
+    attacks: &[Scenario],
+    name: &str,
+) -> Result<Report, SimError> {
+    cfg.validate()?;
+    let params = cfg.params();
+    let mut attack_list: Vec<Scenario> = attacks.iter().flat_map(|s| s.attacks()).collect();
+    attack_list.dedup();
+    let mut generator = Generator::new(params.clone(), &attack_list);
+
+    let bearer = Bearer::new(cfg.token.as_deref())?;
+    let channel = net::connect(&cfg.collector).await?;
+    // A fresh epoch per run, so a rerun against the same collector is not deduplicated away
+    // (it does not influence the traffic).
+    let epoch = (now_ms() << 16) ^ u64::from(std::process::id()) | 1;
+    let mut agents = Vec::with_capacity(cfg.hosts);
+    for i in 0..cfg.hosts {
+        let host = model::host_name(i);
+        agents.push(
+            AgentStream::open(
+                channel.clone(),
+                bearer.clone(),
+                &format!("outflow-sim/{host}"),
+                epoch,
+                &host,
+            )
+            .await?,
+        );
+    }
+
+    let wall = Instant::now();
+    let mut seq = 0u64;
+    let mut batches = 0u64;
+    while !generator.done() {
+        let (start_ms, end_ms, per_host) = generator.step();
+        seq += 1;
+        for (agent, deltas) in agents.iter_mut().zip(per_host) {
+            agent
+                .send_batch(v1::Batch {
+                    seq,
+                    start_ms,
+                    end_ms,
+                    deltas,
+                    overflow: None,
+                    lost_batches: 0,
+                    lost: None,
+                })
+                .await?;
+            batches += 1;
+        }
+        for agent in &mut agents {
+            agent.ack(seq).await?;
+        }
+        if cfg.max_batches_per_second > 0.0 {
+            let due = (seq as f64 - 900.0).max(0.0) / cfg.max_batches_per_second;
+            let due = wall + Duration::from_secs_f64(due);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    let ingest_wall = wall.elapsed();
+    for a in agents {
+        a.close().await;
+    }
+    tokio::time::sleep(cfg.settle).await;
+    let alerts = net::list_alerts(channel, bearer).await;
+    Ok(report::score(
+        name,
+        cfg,
+        &params,
+        generator,
+        batches,
+        ingest_wall,
+        alerts,
+    ))
+}
+
+/// Whether an alert key (an address, or a prefix) covers `addr`. Workload keys cover nothing.
+pub fn key_covers(key: &str, addr: IpAddr) -> bool {
+    if let Ok(a) = key.parse::<IpAddr>() {
+        return a == addr;
+    }
+    key.parse::<IpNet>().is_ok_and(|n| n.contains(&addr))
+}
+
+/// Whether the Alerts status means "not served (yet)".
+pub fn alerts_unimplemented(code: Code) -> bool {
+    code == Code::Unimplemented
+}
