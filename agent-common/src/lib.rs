@@ -257,6 +257,43 @@ pub struct AgentState {
 }
 const _: () = assert!(size_of::<AgentState>() == 64);
 
+/// Types of the benchmark object (`agent-ebpf/src/bench.rs`, driven by `outflow-bench`), which
+/// runs the per-packet path with BPF_PROG_TEST_RUN on real sockets it looks up.
+pub mod bench {
+    /// A live connection as `bpf_sk_lookup_tcp` takes it (`struct bpf_sock_tuple`, IPv4), from
+    /// the point of view of a packet arriving at the server: addresses and ports in network
+    /// order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct LookupTuple {
+        pub saddr: u32,
+        pub daddr: u32,
+        pub sport: u16,
+        pub dport: u16,
+    }
+    const _: () = assert!(size_of::<LookupTuple>() == 12);
+
+    /// Which connection each run picks.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct BenchConfig {
+        /// Connections in the tuple map (runs pick among the first `conns`).
+        pub conns: u32,
+        /// [`PICK_RANDOM`] or [`PICK_SEQUENTIAL`].
+        pub pick: u32,
+    }
+    const _: () = assert!(size_of::<BenchConfig>() == 8);
+
+    /// Each run picks a connection at random (`bpf_get_prandom_u32`).
+    pub const PICK_RANDOM: u32 = 0;
+    /// Each run takes the next connection (per CPU), to touch every one once.
+    pub const PICK_SEQUENTIAL: u32 = 1;
+
+    /// Map names of the benchmark object.
+    pub const TUPLES: &str = "BENCH_TUPLES";
+    pub const CONFIG: &str = "BENCH_CONFIG";
+}
+
 /// Names of the maps, as the loader and the pins see them.
 pub mod names {
     pub const CONNS: &str = "CONNS";
@@ -291,4 +328,6 @@ mod pod {
     unsafe impl aya::Pod for SlotRef {}
     unsafe impl aya::Pod for KernelConfig {}
     unsafe impl aya::Pod for AgentState {}
+    unsafe impl aya::Pod for super::bench::LookupTuple {}
+    unsafe impl aya::Pod for super::bench::BenchConfig {}
 }

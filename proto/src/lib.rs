@@ -5,7 +5,12 @@
 //! Wire types stay at the edges: agents and collectors convert them to their own domain types.
 
 /// Generated messages and services of `outflow.v1`.
-#[allow(clippy::all, missing_docs, unused_qualifications, reason = "generated code")]
+#[allow(
+    clippy::all,
+    missing_docs,
+    unused_qualifications,
+    reason = "generated code"
+)]
 pub mod v1 {
     tonic::include_proto!("outflow.v1");
 }

@@ -1,0 +1,507 @@
+//! The programs of the outflow object (see the crate root). `count` is shared with the
+//! benchmark object (`bench.rs`), so that what is measured is what runs.
+
+use agent_common::{
+    AF_INET, AF_INET6, ConnSlot, Counters, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_NEED_CGROUP,
+    SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
+};
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
+        bpf_sock_ops_cb_flags_set,
+    },
+    macros::{cgroup_skb, sock_ops, tracepoint},
+    programs::{SkBuffContext, SockOpsContext, TracePointContext},
+};
+
+use crate::maps::{CONFIG, CONNS, FREE_SLOTS, LEGACY, OVERFLOW, STATS, sk_state, sk_state_delete};
+use crate::packet;
+
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+// TCP states (include/net/tcp_states.h).
+const TCP_SYN_SENT: u32 = 2;
+const TCP_SYN_RECV: u32 = 3;
+const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: u32 = 12;
+
+// sock_ops operations (include/uapi/linux/bpf.h).
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
+
+#[cgroup_skb]
+pub fn count_egress(ctx: SkBuffContext) -> i32 {
+    count::<true>(ctx.skb.skb, socket_of(&ctx));
+    ALLOW
+}
+
+#[cgroup_skb]
+pub fn count_ingress(ctx: SkBuffContext) -> i32 {
+    count::<false>(ctx.skb.skb, socket_of(&ctx));
+    ALLOW
+}
+
+/// The packet's socket, or null.
+#[inline(always)]
+fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
+    // SAFETY: `skb` is the program's context; `sk` may be null.
+    unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }
+}
+
+/// The per-packet path, for the packet `skb` of socket `sk` (the benchmark programs pass a
+/// socket they looked up). Never drops a packet: the callers return ALLOW whatever happens.
+#[inline(always)]
+pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) {
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: helper with a socket pointer from the context.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a full socket pointer checked for null.
+    let (protocol, sk_state_now) = unsafe { ((*sk).protocol, (*sk).state) };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let mut st = sk_state(sk, None);
+    if st.is_null() {
+        // Not seen by sock_ops: a connection that predates the agent, or a socket still in its
+        // handshake (counting starts at establishment, when sock_ops creates the state).
+        if matches!(
+            sk_state_now,
+            TCP_SYN_SENT | TCP_SYN_RECV | TCP_LISTEN | TCP_CLOSE | TCP_NEW_SYN_RECV
+        ) {
+            return;
+        }
+        st = sk_state(sk, Some(&SkState::new(ROLE_UNKNOWN)));
+        if st.is_null() {
+            return;
+        }
+    }
+    // SAFETY: non-null socket storage pointer returned by the helper.
+    let st = unsafe { &mut *st };
+    if st.slot == slot::UNALLOCATED {
+        take_slot_from_skb(skb, sk, st);
+    }
+    if st.slot == slot::IGNORED {
+        return;
+    }
+    if st.flags & SK_NEED_CGROUP != 0 {
+        set_cgroup(skb, st);
+    }
+
+    let pkt = packet::parse(skb);
+    if !pkt.parsed {
+        bump(stat::UNPARSED_PACKETS);
+    }
+    // Payload advance: the new sequence space this packet covers beyond the highest seen, so a
+    // retransmission is not counted twice.
+    let mut advance = 0u64;
+    if pkt.payload > 0 {
+        let end = pkt.seq.wrapping_add(pkt.payload);
+        let (max, init) = if EGRESS {
+            (&mut st.snd_max, SK_SND_INIT)
+        } else {
+            (&mut st.rcv_max, SK_RCV_INIT)
+        };
+        if st.flags & init == 0 {
+            *max = pkt.seq;
+            st.flags |= init;
+        }
+        let adv = end.wrapping_sub(*max) as i32;
+        if adv > 0 {
+            advance = adv as u64;
+            *max = end;
+        }
+    }
+
+    let counters: *mut Counters = match slot_counters(st) {
+        Some(c) => c,
+        None => match OVERFLOW.get_ptr_mut(0) {
+            Some(c) => c,
+            None => return,
+        },
+    };
+    // SAFETY: a pointer into an array map value (or the per-CPU overflow value) checked above.
+    let c = unsafe { &mut *counters };
+    if EGRESS {
+        c.bytes_out += advance;
+        c.wire_bytes_out += pkt.wire_bytes;
+        c.segments_out += pkt.segments;
+    } else {
+        c.bytes_in += advance;
+        c.wire_bytes_in += pkt.wire_bytes;
+        c.segments_in += pkt.segments;
+    }
+}
+
+/// The counters of the socket's slot, or `None` when its bytes go to the overflow counters.
+#[inline(always)]
+fn slot_counters(st: &SkState) -> Option<*mut Counters> {
+    if st.slot >= slot::IGNORED {
+        return None;
+    }
+    let s = CONNS.get_ptr_mut(st.slot)?;
+    // SAFETY: pointer into the array map, checked by the lookup.
+    if unsafe { (*s).generation } != st.generation {
+        // The agent gave the slot back while the socket still sends: count, but in overflow.
+        bump(stat::STALE_SLOT);
+        return None;
+    }
+    // SAFETY: as above.
+    Some(unsafe { &raw mut (*s).counters })
+}
+
+/// Who a new connection is, as the slot records it.
+struct NewConn {
+    key: TupleKey,
+    cookie: u64,
+    cgroup_id: u64,
+}
+
+/// A connection seen first by a packet (it predates the agent): its identity from the skb.
+#[inline(never)]
+fn take_slot_from_skb(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
+    // SAFETY: helpers on the program's own skb.
+    let (cookie, cgroup_id) =
+        unsafe { (bpf_get_socket_cookie(skb.cast()), bpf_skb_cgroup_id(skb)) };
+    take_slot(
+        st,
+        &NewConn {
+            key: tuple_of(sk),
+            cookie,
+            cgroup_id,
+        },
+    );
+}
+
+/// Cold path, once per connection: take a free slot and write the connection's identity.
+#[inline(always)]
+fn take_slot(st: &mut SkState, c: &NewConn) {
+    let key = &c.key;
+    let exclude_loopback = CONFIG.get(0).is_some_and(|c| c.exclude_loopback != 0);
+    if exclude_loopback && is_loopback(key) {
+        st.slot = slot::IGNORED;
+        return;
+    }
+    let Some(idx) = FREE_SLOTS.pop().ok().flatten() else {
+        overflow(st);
+        return;
+    };
+    let Some(s) = CONNS.get_ptr_mut(idx) else {
+        overflow(st);
+        return;
+    };
+    // SAFETY: pointer into the array map; the slot was free, so only this CPU writes it now.
+    let s: &mut ConnSlot = unsafe { &mut *s };
+    let generation = s.generation;
+    s.counters = Counters::default();
+    s.reported = Counters::default();
+    s.cookie = c.cookie;
+    s.cgroup_id = c.cgroup_id;
+    // SAFETY: helper without arguments.
+    s.first_seen_ns = unsafe { bpf_ktime_get_boot_ns() };
+    s.last_seen_ns = 0;
+    s.local_addr = key.local_addr;
+    s.remote_addr = key.remote_addr;
+    s.local_port = key.local_port;
+    s.remote_port = key.remote_port;
+    s.family = key.family;
+    s.role = st.role as u8;
+    // The identity must be written before the agent can see the slot live. An empty asm block
+    // is a compiler barrier (BPF has no fence instruction; x86 keeps stores in order).
+    // SAFETY: emits no instruction.
+    unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
+    // SAFETY: aligned field of the slot.
+    unsafe { core::ptr::write_volatile(&raw mut s.state, SLOT_LIVE) };
+    st.slot = idx;
+    st.generation = generation;
+
+    if st.role == u32::from(ROLE_UNKNOWN) {
+        // sock_ops will not see this connection close; the state tracepoint will, by tuple.
+        let r = SlotRef {
+            slot: idx,
+            generation,
+        };
+        if LEGACY.insert(key, r, 0).is_err() {
+            bump(stat::LEGACY_UNTRACKED);
+        }
+    }
+}
+
+/// Once per connection taken by sock_ops: the socket's cgroup, from its first packet.
+#[inline(never)]
+fn set_cgroup(skb: *mut __sk_buff, st: &mut SkState) {
+    st.flags &= !SK_NEED_CGROUP;
+    if st.slot >= slot::IGNORED {
+        return;
+    }
+    if let Some(s) = CONNS.get_ptr_mut(st.slot) {
+        // SAFETY: pointer into the array map; helper on the program's own skb.
+        unsafe { (*s).cgroup_id = bpf_skb_cgroup_id(skb) };
+    }
+}
+
+#[inline(always)]
+fn overflow(st: &mut SkState) {
+    st.slot = slot::OVERFLOW;
+    bump(stat::CONNS_OVERFLOWED);
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(v) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array value: only this CPU writes it.
+        unsafe { *v += 1 };
+    }
+}
+
+/// The socket's addresses and ports, laid out as the close tracepoint lays them out.
+#[inline(always)]
+fn tuple_of(sk: *mut bpf_sock) -> TupleKey {
+    let mut key = TupleKey::default();
+    // SAFETY: a full socket pointer; the fields are readable from cgroup_skb.
+    unsafe {
+        let family = (*sk).family as u16;
+        key.family = family;
+        key.local_port = (*sk).src_port as u16;
+        key.remote_port = u16::from_be((*sk).dst_port);
+        if family == AF_INET6 {
+            // Field by field: the verifier forbids pointer arithmetic on a socket pointer.
+            key.local_addr = ip6_bytes(&[
+                read_field(&raw const (*sk).src_ip6[0]),
+                read_field(&raw const (*sk).src_ip6[1]),
+                read_field(&raw const (*sk).src_ip6[2]),
+                read_field(&raw const (*sk).src_ip6[3]),
+            ]);
+            key.remote_addr = ip6_bytes(&[
+                read_field(&raw const (*sk).dst_ip6[0]),
+                read_field(&raw const (*sk).dst_ip6[1]),
+                read_field(&raw const (*sk).dst_ip6[2]),
+                read_field(&raw const (*sk).dst_ip6[3]),
+            ]);
+        } else {
+            put4(&mut key.local_addr, (*sk).src_ip4);
+            put4(&mut key.remote_addr, (*sk).dst_ip4);
+        }
+    }
+    key
+}
+
+/// One load at a constant offset from a context or socket pointer.
+#[inline(always)]
+unsafe fn read_field(p: *const u32) -> u32 {
+    // SAFETY: the caller passes the address of a readable field.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+#[inline(always)]
+fn put4(dst: &mut [u8; 16], be: u32) {
+    let b = be.to_ne_bytes();
+    dst[0] = b[0];
+    dst[1] = b[1];
+    dst[2] = b[2];
+    dst[3] = b[3];
+}
+
+#[inline(always)]
+fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104.
+#[inline(always)]
+fn is_loopback(key: &TupleKey) -> bool {
+    let a = &key.remote_addr;
+    if key.family == AF_INET {
+        return a[0] == 127;
+    }
+    let zero10 = a[..10].iter().all(|b| *b == 0);
+    if zero10 && a[10] == 0xff && a[11] == 0xff {
+        return a[12] == 127;
+    }
+    zero10 && a[10] == 0 && a[11] == 0 && a[12..15].iter().all(|b| *b == 0) && a[15] == 1
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: the program's context.
+    let ops = unsafe { &*ctx.ops };
+    let op = ops.op;
+    // SAFETY: reading the socket pointer of the context; may be null.
+    let sk = unsafe { ops.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    match op {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let role = if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+                ROLE_SERVER
+            } else {
+                ROLE_CLIENT
+            };
+            let st = sk_state(sk, Some(&SkState::new(role)));
+            if !st.is_null() {
+                // SAFETY: non-null storage pointer.
+                let st = unsafe { &mut *st };
+                st.role = u32::from(role);
+                if st.slot == slot::UNALLOCATED {
+                    // Take the slot now: no other CPU can count this socket's packets yet
+                    // (until now it was in a handshake state, which the packet path skips).
+                    take_slot(st, &conn_of_ops(&ctx));
+                    st.flags |= SK_NEED_CGROUP;
+                }
+            }
+            // SAFETY: helper on the program's own context.
+            unsafe {
+                bpf_sock_ops_cb_flags_set(
+                    ctx.ops,
+                    (ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+                )
+            };
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            // SAFETY: args of a state callback: [old state, new state].
+            let new_state = unsafe { ops.__bindgen_anon_1.args[1] };
+            if new_state == TCP_CLOSE {
+                let st = sk_state(sk, None);
+                if !st.is_null() {
+                    // SAFETY: non-null storage pointer.
+                    let st = unsafe { &*st };
+                    close_slot(st.slot, st.generation);
+                    sk_state_delete(sk);
+                }
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// Identity of an establishing connection, from the sock_ops context.
+#[inline(always)]
+fn conn_of_ops(ctx: &SockOpsContext) -> NewConn {
+    // SAFETY: fields of the program's context; helpers on it and on its socket.
+    unsafe {
+        let ops = &*ctx.ops;
+        let family = ops.family as u16;
+        let mut key = TupleKey {
+            local_port: ops.local_port as u16,
+            // The context holds the remote port in network order in its upper 16 bits.
+            remote_port: u32::from_be(ops.remote_port) as u16,
+            family,
+            ..TupleKey::default()
+        };
+        if family == AF_INET6 {
+            let o = ctx.ops;
+            key.local_addr = ip6_bytes(&[
+                read_field(&raw const (*o).local_ip6[0]),
+                read_field(&raw const (*o).local_ip6[1]),
+                read_field(&raw const (*o).local_ip6[2]),
+                read_field(&raw const (*o).local_ip6[3]),
+            ]);
+            key.remote_addr = ip6_bytes(&[
+                read_field(&raw const (*o).remote_ip6[0]),
+                read_field(&raw const (*o).remote_ip6[1]),
+                read_field(&raw const (*o).remote_ip6[2]),
+                read_field(&raw const (*o).remote_ip6[3]),
+            ]);
+        } else {
+            put4(&mut key.local_addr, ops.local_ip4);
+            put4(&mut key.remote_addr, ops.remote_ip4);
+        }
+        NewConn {
+            key,
+            cookie: bpf_get_socket_cookie(ctx.ops.cast()),
+            cgroup_id: 0,
+        }
+    }
+}
+
+/// Marks a slot final: the agent reports its counts once more, with `closed`, and frees it.
+#[inline(always)]
+fn close_slot(idx: u32, generation: u32) {
+    if idx == slot::OVERFLOW {
+        bump(stat::OVERFLOW_CLOSED);
+        return;
+    }
+    if idx >= slot::IGNORED {
+        return;
+    }
+    if let Some(s) = CONNS.get_ptr_mut(idx) {
+        // SAFETY: pointer into the array map.
+        unsafe {
+            if (*s).generation == generation && (*s).state == SLOT_LIVE {
+                core::ptr::write_volatile(&raw mut (*s).state, SLOT_CLOSED);
+            }
+        }
+    }
+}
+
+// Offsets in the `sock:inet_sock_set_state` record (see its format file in tracefs).
+const TP_NEWSTATE: usize = 20;
+const TP_SPORT: usize = 24;
+const TP_DPORT: usize = 26;
+const TP_FAMILY: usize = 28;
+const TP_PROTOCOL: usize = 30;
+const TP_SADDR: usize = 32;
+const TP_DADDR: usize = 36;
+const TP_SADDR_V6: usize = 40;
+const TP_DADDR_V6: usize = 56;
+
+#[tracepoint]
+pub fn sock_close(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_close(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sock_close(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: reads within the tracepoint record whose layout the constants above describe.
+    unsafe {
+        let newstate: i32 = ctx.read_at(TP_NEWSTATE)?;
+        let protocol: u16 = ctx.read_at(TP_PROTOCOL)?;
+        if newstate != TCP_CLOSE as i32 || u32::from(protocol) != IPPROTO_TCP {
+            return Ok(());
+        }
+        let mut key = TupleKey {
+            local_port: ctx.read_at(TP_SPORT)?,
+            remote_port: ctx.read_at(TP_DPORT)?,
+            family: ctx.read_at(TP_FAMILY)?,
+            ..TupleKey::default()
+        };
+        if key.family == AF_INET6 {
+            key.local_addr = ctx.read_at(TP_SADDR_V6)?;
+            key.remote_addr = ctx.read_at(TP_DADDR_V6)?;
+        } else {
+            let s: [u8; 4] = ctx.read_at(TP_SADDR)?;
+            let d: [u8; 4] = ctx.read_at(TP_DADDR)?;
+            key.local_addr[..4].copy_from_slice(&s);
+            key.remote_addr[..4].copy_from_slice(&d);
+        }
+        let Some(r) = LEGACY.get_ptr(key) else {
+            return Ok(());
+        };
+        let r = *r;
+        close_slot(r.slot, r.generation);
+        let _ = LEGACY.remove(key);
+    }
+    Ok(())
+}

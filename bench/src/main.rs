@@ -1,0 +1,76 @@
+//! `outflow-bench`: outflow's benchmarks, one subcommand each. `cargo xtask bench` builds
+//! everything in release, runs them as root one after the other (never two at once: the
+//! figures are times) and writes BENCHMARKS.md from the sections they print as JSON.
+//!
+//! Every figure is a median of several runs or a ratio of two things measured side by side in
+//! one run, because a shared VM is noisy. Nothing here asserts a time.
+
+mod agent_load;
+mod ingest;
+mod object;
+mod packet;
+mod report;
+mod sys;
+mod traffic;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "outflow-bench",
+    version,
+    about = "outflow's benchmarks (run as root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print the section as JSON on stdout (for `cargo xtask bench`) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-packet cost of the counting program with BPF_PROG_TEST_RUN, at 1 to 1M live
+    /// connections picked at random, beside an empty program.
+    Packet(packet::Args),
+    /// Per-packet cost under real traffic: the programs' run_time_ns / run_cnt
+    /// (kernel.bpf_stats_enabled) during iperf3 across a veth pair.
+    Traffic(traffic::CostArgs),
+    /// Throughput with the agent attached versus detached (iperf3 over veth, three modes).
+    Throughput(traffic::ThroughputArgs),
+    /// The agent's CPU and memory with many live connections.
+    Agent(agent_load::Args),
+    /// Collector ingest: connection deltas applied per second over gRPC, with detection on.
+    Ingest(ingest::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Packet(a) => packet::run(a),
+        Command::Traffic(a) => traffic::run_cost(a),
+        Command::Throughput(a) => traffic::run_throughput(a),
+        Command::Agent(a) => agent_load::run(a),
+        Command::Ingest(a) => ingest::run(a),
+    };
+    match result {
+        Ok(section) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&section).expect("a section serializes")
+                );
+            } else {
+                print!("{}", section.to_text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outflow-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
