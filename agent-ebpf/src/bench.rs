@@ -9,7 +9,7 @@
 //!
 //! - `bench_empty`: nothing (the floor the issue names);
 //! - `bench_lookup`: pick + socket lookup + release (what the stack pays anyway);
-//! - `bench_state`: + `bpf_sk_fullsock` + the socket-storage lookup;
+//! - `bench_state`: + the socket-storage lookup;
 //! - `bench_count`: + the whole per-packet path, `programs::count`, exactly as `count_egress`
 //!   runs it.
 #![cfg_attr(target_arch = "bpf", no_std, no_main, feature(asm_experimental_arch))]
@@ -21,8 +21,8 @@ mod programs;
 use agent_common::bench::{BenchConfig, LookupTuple, PICK_SEQUENTIAL};
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock, bpf_sock_tuple},
-    btf_maps::{Array, PerCpuArray},
-    helpers::{bpf_get_prandom_u32, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_release},
+    btf_maps::Array,
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{btf_map, cgroup_skb},
     programs::SkBuffContext,
 };
@@ -38,9 +38,9 @@ static BENCH_TUPLES: Array<LookupTuple, 1> = Array::new();
 #[btf_map]
 static BENCH_CONFIG: Array<BenchConfig, 1> = Array::new();
 
-/// Per-CPU position of sequential picking.
+/// Position of sequential picking. Not per CPU: a long test run may move between CPUs.
 #[btf_map]
-static BENCH_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
+static BENCH_CURSOR: Array<u32, 1> = Array::new();
 
 #[cgroup_skb]
 pub fn bench_empty(_ctx: SkBuffContext) -> i32 {
@@ -55,13 +55,9 @@ pub fn bench_lookup(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb]
 pub fn bench_state(ctx: SkBuffContext) -> i32 {
+    // Kept, so that the compiler does not drop the lookup.
     with_socket(&ctx, |_, sk| {
-        // SAFETY: a socket pointer the verifier has typed.
-        let full = unsafe { bpf_sk_fullsock(sk) };
-        if !full.is_null() {
-            // Kept, so that the compiler does not drop the lookup.
-            core::hint::black_box(maps::sk_state(full, None));
-        }
+        core::hint::black_box(maps::sk_state(sk, None));
     });
     ALLOW
 }
@@ -85,7 +81,7 @@ fn with_socket(ctx: &SkBuffContext, f: impl FnOnce(*mut __sk_buff, *mut bpf_sock
         let Some(cursor) = BENCH_CURSOR.get_ptr_mut(0) else {
             return;
         };
-        // SAFETY: per-CPU value: only this CPU touches it.
+        // SAFETY: a map value; one test run at a time uses it.
         unsafe {
             let i = *cursor % cfg.conns;
             *cursor = i + 1;

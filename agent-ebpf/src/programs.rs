@@ -60,27 +60,12 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
     if sk.is_null() {
         return;
     }
-    // SAFETY: helper with a socket pointer from the context.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return;
-    }
-    // SAFETY: a full socket pointer checked for null.
-    let (protocol, sk_state_now) = unsafe { ((*sk).protocol, (*sk).state) };
-    if protocol != IPPROTO_TCP {
-        return;
-    }
+    // The fast path: the socket's state, straight from the packet's socket. The helper itself
+    // refuses request and time-wait sockets, and only TCP sockets ever get a state, so there is
+    // nothing to check first.
     let mut st = sk_state(sk, None);
     if st.is_null() {
-        // Not seen by sock_ops: a connection that predates the agent, or a socket still in its
-        // handshake (counting starts at establishment, when sock_ops creates the state).
-        if matches!(
-            sk_state_now,
-            TCP_SYN_SENT | TCP_SYN_RECV | TCP_LISTEN | TCP_CLOSE | TCP_NEW_SYN_RECV
-        ) {
-            return;
-        }
-        st = sk_state(sk, Some(&SkState::new(ROLE_UNKNOWN)));
+        st = adopt(sk);
         if st.is_null() {
             return;
         }
@@ -140,6 +125,29 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
         c.wire_bytes_in += pkt.wire_bytes;
         c.segments_in += pkt.segments;
     }
+}
+
+/// A socket without state: gives it one if it is an established TCP connection that predates
+/// the agent (a socket still in its handshake is left alone: counting starts at establishment,
+/// when sock_ops creates the state).
+#[inline(always)]
+fn adopt(sk: *mut bpf_sock) -> *mut SkState {
+    // SAFETY: helper with a socket pointer the verifier has typed.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a full socket pointer checked for null.
+    let (protocol, tcp_state) = unsafe { ((*full).protocol, (*full).state) };
+    if protocol != IPPROTO_TCP
+        || matches!(
+            tcp_state,
+            TCP_SYN_SENT | TCP_SYN_RECV | TCP_LISTEN | TCP_CLOSE | TCP_NEW_SYN_RECV
+        )
+    {
+        return core::ptr::null_mut();
+    }
+    sk_state(full, Some(&SkState::new(ROLE_UNKNOWN)))
 }
 
 /// The counters of the socket's slot, or `None` when its bytes go to the overflow counters.

@@ -6,6 +6,7 @@
 //! one run, because a shared VM is noisy. Nothing here asserts a time.
 
 mod agent_load;
+mod holder;
 mod ingest;
 mod object;
 mod packet;
@@ -45,6 +46,9 @@ enum Command {
     Agent(agent_load::Args),
     /// Collector ingest: connection deltas applied per second over gRPC, with detection on.
     Ingest(ingest::Args),
+    /// (internal) Hold live connections open for the other benchmarks.
+    #[command(hide = true)]
+    Hold(holder::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,15 @@ fn main() -> ExitCode {
         Command::Throughput(a) => traffic::run_throughput(a),
         Command::Agent(a) => agent_load::run(a),
         Command::Ingest(a) => ingest::run(a),
+        Command::Hold(a) => {
+            return match holder::run_hold(a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outflow-bench hold: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(section) => {
