@@ -46,6 +46,10 @@ pub struct Args {
     /// Runs per program per round (BPF_PROG_TEST_RUN's repeat).
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
+    /// At 100,000 connections, also profile the counting driver with `perf record` (cpu-clock
+    /// sampling: this VM has no hardware counters) and report where its time goes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    profile: bool,
 }
 
 /// The drivers, in the order they run within a round.
@@ -85,6 +89,7 @@ pub fn run(args: &Args) -> Result<Section> {
     let packet = test_packet();
     let mut results = Vec::new();
     let mut counted_runs = 0u64;
+    let mut profile = None;
 
     for &n in &conns {
         eprintln!("packet: opening connections up to {n}");
@@ -129,8 +134,15 @@ pub fn run(args: &Args) -> Result<Section> {
             conns: n,
             ns: per_run.map(|v| median(&v)),
         });
+        if n == TARGET_CONNS && args.profile {
+            profile = Some(profile_count(&mut ebpf, &packet)?);
+        }
     }
-    Ok(section(args, &results))
+    let mut s = section(args, &results);
+    if let Some(p) = profile {
+        s.notes.push(p);
+    }
+    Ok(s)
 }
 
 struct Measured {
@@ -251,6 +263,73 @@ pub(crate) fn enter_private_netns() -> Result<()> {
         .context("running `ip link set lo up` (iproute2; `cargo xtask setup` installs it)")?;
     ensure!(status.success(), "`ip link set lo up` failed: {status}");
     Ok(())
+}
+
+/// Samples this process with `perf record` while `bench_count` runs (5 x 1M runs), and says
+/// which functions the samples fall in.
+fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
+    let data = std::env::temp_dir().join(format!("outflow-bench-{}.perf", std::process::id()));
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "4999", "-p"])
+        .arg(std::process::id().to_string())
+        .arg("-o")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running perf (`cargo xtask setup` installs it; --profile false skips this)")?;
+    // perf needs a moment to attach; the proportions do not depend on the first runs.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for _ in 0..5 {
+        run_program(ebpf, PROGRAMS[COUNT], packet, 1_000_000)?;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    let status = perf.wait()?;
+    // perf record re-raises the SIGINT it stopped on.
+    let stopped = std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGINT);
+    ensure!(status.success() || stopped, "perf record failed: {status}");
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--no-children",
+            "--sort",
+            "symbol",
+            "--stdio",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .context("running perf report")?;
+    let _ = std::fs::remove_file(&data);
+    let text = String::from_utf8_lossy(&report.stdout);
+    let samples = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# Samples: "))
+        .map_or_else(String::new, |v| format!(", {}", v.trim()));
+    let top: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let pct = it.next()?.strip_suffix('%')?;
+            let _kind = it.next()?;
+            let sym = it.next()?;
+            Some(format!("`{sym}` {pct}%"))
+        })
+        .take(8)
+        .collect();
+    ensure!(!top.is_empty(), "perf report found no samples");
+    Ok(format!(
+        "Profile of `bench_count` at 100,000 connections (`perf record -e cpu-clock`{samples}), \
+         share of samples by function: {}. `__inet_lookup_established` and `sk_lookup` are the \
+         driver's socket lookup (the stack's own work, subtracted above); \
+         `bpf_sk_storage_get` is outflow's socket-storage lookup; `bpf_prog_*_bench_count` is \
+         the program's own instructions (parsing, the slot's counters).",
+        top.join(", ")
+    ))
 }
 
 /// Puts `conns` into the tuple map from index `first` on.

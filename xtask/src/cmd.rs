@@ -66,6 +66,11 @@ pub fn workspace_root() -> &'static Path {
         .expect("xtask lives one level below the workspace root")
 }
 
+/// cargo's target directory: `$CARGO_TARGET_DIR`, else `target` in the workspace root.
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 pub fn home() -> Result<PathBuf> {
     env::var_os("HOME")
         .filter(|h| !h.is_empty())

@@ -6,6 +6,9 @@
 //! one that starts extracting in bulk. It prints the collector's live top talkers every few
 //! seconds (and its alerts, when the collector raises any), then cleans everything up. A run
 //! that was interrupted is cleaned up by the next one.
+//!
+//! [`time_to_alert`] runs the same setup quietly and times the extraction's alert, for
+//! `cargo xtask bench`.
 
 use std::{
     fs,
@@ -44,6 +47,10 @@ const CGROUP: &str = "outflow-demo";
 const DURATION: Duration = Duration::from_secs(48);
 const EXTRACTION_STARTS: Duration = Duration::from_secs(12);
 const REPORT_EVERY: Duration = Duration::from_secs(6);
+/// How long [`time_to_alert`] waits for the extractor's alert.
+const ALERT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often [`time_to_alert`] asks the collector for its open alerts.
+const ALERT_POLL: Duration = Duration::from_millis(100);
 
 pub fn run() -> Result<ExitCode> {
     if !cmd::is_root()? {
@@ -62,17 +69,47 @@ pub fn run() -> Result<ExitCode> {
     ]);
     println!("demo: {}", cmd::display(&build));
     cmd::run(&mut build).context("building the agent, the collector and the demo server")?;
-    let bins = target_dir().join("debug");
+    let bins = cmd::target_dir().join("debug");
 
-    let mut demo = Demo::new(&bins)?;
-    demo.start()?;
+    let mut demo = Demo::new(&bins, false)?;
+    demo.start(DURATION)?;
     demo.watch()?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from)
+/// The time from the start of the demo's bulk extraction to its alert.
+///
+/// Runs the demo's setup (collector, agent, inference server, eight chat users) quietly with
+/// the binaries in `bins` (`outflow-collector`, `outflow-agent`, `outflow-testpeer`, e.g.
+/// `target/release`), with default configurations. As in the demo, the extractor starts
+/// 12 s after the chat users. The time runs from the instant the extractor's process is spawned
+/// to the instant `outflow-collector alerts --open` (asked every 100 ms) first lists an alert
+/// whose key is the extractor's address. An error after 120 s without one. Needs root;
+/// everything is stopped and removed before it returns.
+pub fn time_to_alert(bins: &Path) -> Result<Duration> {
+    if !cmd::is_root()? {
+        bail!("the demo attaches BPF programs and creates network namespaces: run as root");
+    }
+    let mut demo = Demo::new(bins, true)?;
+    demo.start(EXTRACTION_STARTS + ALERT_TIMEOUT)?;
+    while demo.started.elapsed() < EXTRACTION_STARTS {
+        demo.check_running()?;
+        thread::sleep(Duration::from_millis(200));
+    }
+    let spawned = demo.start_extraction(ALERT_TIMEOUT)?;
+    loop {
+        if demo.alerted(EXTRACTOR)? {
+            return Ok(spawned.elapsed());
+        }
+        if spawned.elapsed() > ALERT_TIMEOUT {
+            bail!(
+                "no alert for the extractor {EXTRACTOR} within {}s of its start",
+                ALERT_TIMEOUT.as_secs()
+            );
+        }
+        demo.check_running()?;
+        thread::sleep(ALERT_POLL);
+    }
 }
 
 /// Everything the demo started; dropping it stops and removes all of it.
@@ -85,10 +122,12 @@ struct Demo {
     work: PathBuf,
     children: Vec<(&'static str, Child)>,
     started: Instant,
+    /// Print nothing (for [`time_to_alert`]).
+    quiet: bool,
 }
 
 impl Demo {
-    fn new(bins: &Path) -> Result<Self> {
+    fn new(bins: &Path, quiet: bool) -> Result<Self> {
         let cgroup = cgroup2_mount()?.join(CGROUP);
         let demo = Self {
             bins: bins.to_owned(),
@@ -98,6 +137,7 @@ impl Demo {
             work: PathBuf::from(WORK_DIR),
             children: Vec::new(),
             started: Instant::now(),
+            quiet,
         };
         demo.clean();
         Ok(demo)
@@ -107,16 +147,24 @@ impl Demo {
         self.bins.join(name)
     }
 
-    fn start(&mut self) -> Result<()> {
+    /// Prints `line` unless quiet.
+    fn say(&self, line: &str) {
+        if !self.quiet {
+            println!("{line}");
+        }
+    }
+
+    /// Starts everything but the extractor; the chat users stream for `users_for`.
+    fn start(&mut self, users_for: Duration) -> Result<()> {
         fs::create_dir_all(&self.work).context("creating the demo's work directory")?;
         fs::create_dir_all(&self.cgroup)
             .with_context(|| format!("creating cgroup {}", self.cgroup.display()))?;
         self.network()?;
 
-        println!(
+        self.say(&format!(
             "demo: collector on {} (embedded store in {WORK_DIR}/collector)",
             self.collector
-        );
+        ));
         let data = self.work.join("collector");
         let collector = self.spawn_logged(
             "collector",
@@ -132,10 +180,10 @@ impl Demo {
         self.children.push(("collector", collector));
         self.wait_for_log("collector", "listening")?;
 
-        println!(
+        self.say(&format!(
             "demo: agent attached to cgroup {} streaming to the collector",
             self.cgroup.display()
-        );
+        ));
         let state = self.work.join("agent");
         let agent = self.spawn_logged(
             "agent",
@@ -157,9 +205,9 @@ impl Demo {
         self.children.push(("agent", agent));
         self.wait_for_log("agent", "attached to")?;
 
-        println!(
+        self.say(&format!(
             "demo: inference server {SERVER}:{SERVER_PORT} in the cgroup, in namespace {SERVER_NS}"
-        );
+        ));
         let server = self.spawn_logged(
             "server",
             Command::new(self.bin("outflow-testpeer")).args([
@@ -175,11 +223,11 @@ impl Demo {
         self.children.push(("server", server));
         self.wait_for_log("server", "ready")?;
 
-        println!(
+        self.say(&format!(
             "demo: {} chat users stream 30 kB answers as 200-byte tokens every 10 ms",
             USERS.len()
-        );
-        let mut users = self.load_command(DURATION.as_secs(), "30000", "200", "10", "2");
+        ));
+        let mut users = self.load_command(users_for.as_secs(), "30000", "200", "10", "2");
         for u in USERS {
             users.args(["--from", u]);
         }
@@ -217,15 +265,7 @@ impl Demo {
         while self.started.elapsed() < DURATION {
             if !extracting && self.started.elapsed() >= EXTRACTION_STARTS {
                 extracting = true;
-                println!(
-                    "\ndemo: t+{}s {EXTRACTOR} starts extracting: 8 parallel connections pulling 20 MB answers",
-                    self.started.elapsed().as_secs()
-                );
-                let secs = (DURATION - self.started.elapsed()).as_secs().max(1);
-                let mut extractor = self.load_command(secs, "20000000", "0", "0", "8");
-                extractor.args(["--from", EXTRACTOR]);
-                let extractor = self.spawn_logged("extractor", &mut extractor)?;
-                self.children.push(("extractor", extractor));
+                self.start_extraction(DURATION.saturating_sub(self.started.elapsed()))?;
             }
             if self.started.elapsed() >= next {
                 next += REPORT_EVERY;
@@ -237,6 +277,41 @@ impl Demo {
         println!("\ndemo: final picture, by client /24 prefix, last 10 minutes of batch time");
         self.top("client-prefix", "10m")?;
         println!("\ndemo: done (logs in {WORK_DIR}/*.log); cleaning up");
+        Ok(())
+    }
+
+    /// Starts the extractor for `duration` (at least a second); returns when it was spawned.
+    fn start_extraction(&mut self, duration: Duration) -> Result<Instant> {
+        self.say(&format!(
+            "\ndemo: t+{}s {EXTRACTOR} starts extracting: 8 parallel connections pulling 20 MB answers",
+            self.started.elapsed().as_secs()
+        ));
+        let mut extractor = self.load_command(duration.as_secs().max(1), "20000000", "0", "0", "8");
+        extractor.args(["--from", EXTRACTOR]);
+        let extractor = self.spawn_logged("extractor", &mut extractor)?;
+        let spawned = Instant::now();
+        self.children.push(("extractor", extractor));
+        Ok(spawned)
+    }
+
+    /// Whether the collector has an open alert whose key is `key`.
+    fn alerted(&self, key: &str) -> Result<bool> {
+        let alerts = self.collector_cli(&["alerts", "--open"])?;
+        // A line: state, severity, detector, key, observed bytes, summary.
+        Ok(alerts
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some(key)))
+    }
+
+    /// Fails if something the demo started has exited.
+    fn check_running(&mut self) -> Result<()> {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    fs::read_to_string(self.work.join(format!("{name}.log"))).unwrap_or_default();
+                bail!("the {name} exited ({status}): {}", log.trim());
+            }
+        }
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! live (`demo`). Each command
 //! lives in its own module; a new one is a module, a variant of [`Command`] and a match arm.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -28,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure what outflow costs and write BENCHMARKS.md (about 15 minutes; needs root).
+    ///
+    /// Per-packet cost (BPF_PROG_TEST_RUN and real traffic), throughput with the agent
+    /// attached versus detached, the agent's CPU and memory with 10k and 100k connections,
+    /// collector ingest, and the demo's time to alert. Run nothing else meanwhile.
+    Bench(bench::Args),
     /// Install what building and testing outflow needs and is missing.
     ///
     /// The nightly toolchain with rust-src, bpf-linker built against that nightly's LLVM, and
@@ -55,5 +62,6 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
     }
 }
