@@ -51,7 +51,27 @@ enum Command {
     Hold(holder::HoldArgs),
 }
 
+/// Points the harness at the agent, collector and test peer beside this binary (the same
+/// cargo profile directory), unless the environment names others.
+fn default_binaries() {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    for (var, file) in [
+        ("OUTFLOW_AGENT_BIN", "outflow-agent"),
+        ("OUTFLOW_COLLECTOR_BIN", "outflow-collector"),
+        ("OUTFLOW_TESTPEER_BIN", "outflow-testpeer"),
+    ] {
+        let path = exe.with_file_name(file);
+        if std::env::var_os(var).is_none() && path.is_file() {
+            // SAFETY: called first thing in main, before any thread exists.
+            unsafe { std::env::set_var(var, path) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    default_binaries();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Packet(a) => packet::run(a),
