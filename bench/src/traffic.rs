@@ -36,6 +36,20 @@ use crate::report::{Section, median, thousands};
 
 /// The iperf3 port inside the server namespace (private to it, so never taken).
 const PORT: u16 = 5201;
+/// Defaults of the options (also left out of the reproducing command line).
+const DEFAULT_SECONDS: u32 = 5;
+const DEFAULT_COST_RUNS: u32 = 3;
+const DEFAULT_THROUGHPUT_RUNS: u32 = 5;
+
+/// `--seconds`: 1 s to an hour.
+fn seconds_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=3600)
+}
+
+/// `--runs`: 1 to 100.
+fn runs_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=100)
+}
 /// How long the agent may take to attach and print its start record.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long programs may stay attached after they were detached.
@@ -46,11 +60,11 @@ const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(clap::Args)]
 pub struct CostArgs {
     /// Seconds of iperf3 traffic per run.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    #[arg(long, default_value_t = DEFAULT_SECONDS, value_parser = seconds_range())]
     seconds: u32,
     /// Runs of each program per mode; the median is reported. The empty program's and
     /// outflow's runs alternate (ABBA) to cancel drift.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = DEFAULT_COST_RUNS, value_parser = runs_range())]
     runs: u32,
     /// Only these modes (repeat the flag; default: all).
     #[arg(long = "mode", value_enum)]
@@ -60,11 +74,11 @@ pub struct CostArgs {
 #[derive(clap::Args)]
 pub struct ThroughputArgs {
     /// Seconds of each iperf3 run.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    #[arg(long, default_value_t = DEFAULT_SECONDS, value_parser = seconds_range())]
     seconds: u32,
     /// (detached, attached) pairs per mode; the median of each side is reported. The order
     /// within a pair alternates (ABBA) to cancel drift.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = DEFAULT_THROUGHPUT_RUNS, value_parser = runs_range())]
     runs: u32,
     /// Only these modes (repeat the flag; default: all).
     #[arg(long = "mode", value_enum)]
@@ -78,24 +92,28 @@ pub struct ThroughputArgs {
 enum CostMode {
     /// Bulk TCP with the veth defaults (GSO/TSO on): the stack hands the hook large skbs.
     Gso,
+    /// Bulk TCP with TSO and GSO off on both veth ends: the hooks still see large skbs (TCP
+    /// always builds GSO skbs; software segmentation comes after the egress hook).
+    NoOffload,
     /// Small packets: 256-byte writes with TCP_NODELAY, paced at 100 Mbit/s, so that each
     /// write leaves as its own segment and every skb the hooks see is one small packet.
     Small,
 }
 
 impl CostMode {
-    const ALL: [Self; 2] = [Self::Gso, Self::Small];
+    const ALL: [Self; 3] = [Self::Gso, Self::NoOffload, Self::Small];
 
     fn name(self) -> &'static str {
         match self {
-            Self::Gso => "bulk TCP, GSO on",
+            Self::Gso => "bulk TCP, GSO/TSO on",
+            Self::NoOffload => "bulk TCP, GSO/TSO off",
             Self::Small => "256-byte writes, TCP_NODELAY, 100 Mbit/s",
         }
     }
 
     fn iperf3_args(self) -> &'static [&'static str] {
         match self {
-            Self::Gso => &[],
+            Self::Gso | Self::NoOffload => &[],
             Self::Small => SMALL_MESSAGES,
         }
     }
@@ -155,7 +173,6 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
     // the switch behind kernel.bpf_stats_enabled): also released if we are killed.
     let _stats = enable_stats(Stats::RunTime)
         .context("enabling BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+)")?;
-    let bed = Bed::new("bench-traffic")?;
 
     let mut section = Section::new(
         "traffic",
@@ -174,7 +191,12 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
     .map(String::from)
     .to_vec();
 
-    for mode in modes {
+    for &mode in &modes {
+        // A fresh namespace pair per mode: the offload settings stay within it.
+        let bed = Bed::new("bench-traffic")?;
+        if mode == CostMode::NoOffload {
+            bed.offloads_off()?;
+        }
         let mut runs: [Vec<CostRun>; 2] = [Vec::new(), Vec::new()];
         for r in 0..args.runs {
             let order = if r % 2 == 0 {
@@ -185,7 +207,8 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
             for variant in order {
                 let run = bed.cost_run(variant, mode, args.seconds)?;
                 eprintln!(
-                    "traffic: {} run {}/{} {:<7}: egress {:.0} ns x {}, ingress {:.0} ns x {}, {:.2} Gbit/s",
+                    "traffic: {} run {}/{} {:<7}: egress {:.0} ns x {}, ingress {:.0} ns x {}, \
+                     {:.2} Gbit/s",
                     mode.name(),
                     r + 1,
                     args.runs,
@@ -254,8 +277,9 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
          in the figures). *Empty*: a cgroup_skb program that only returns \"allow\", attached \
          in its place, one copy per direction: the floor any cgroup_skb program pays. Median of \
          {runs} runs of each, empty and outflow runs alternating (ABBA). Traffic: *bulk TCP, \
-         GSO on* is iperf3's default (128 KiB writes) with the veth defaults, so the egress hook \
-         sees large GSO skbs of many segments; *256-byte writes* is `iperf3 -R {small}`: \
+         GSO/TSO on* is iperf3's default (128 KiB writes) with the veth defaults, so the egress \
+         hook sees large GSO skbs of many segments; *GSO/TSO off* is the same after `ethtool -K \
+         <veth> tso off gso off` on both veth ends; *256-byte writes* is `iperf3 -R {small}`: \
          slower than the path, so each write leaves as its own segment and the egress hook sees \
          one 256-byte packet per write. Packets/s and Bytes/packet are from the outflow runs \
          (iperf3's payload bytes sent / the egress program's `run_cnt`).",
@@ -263,13 +287,12 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
         runs = args.runs,
         small = SMALL_MESSAGES.join(" "),
     );
-    section.commands = vec![
-        "sudo target/release/outflow-bench traffic".to_owned(),
-        format!(
-            "sudo target/release/outflow-bench traffic --seconds {} --runs {}",
-            args.seconds, args.runs
-        ),
-    ];
+    section.commands = vec![command_line(
+        "traffic",
+        args.seconds,
+        (args.runs, DEFAULT_COST_RUNS),
+        &args.modes,
+    )];
     section.notes = vec![
         "With statistics on, the kernel reads the clock before and after every program run and \
          `run_time_ns` is the time between the two reads: the empty program's figure is almost \
@@ -279,8 +302,9 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
             .to_owned(),
         "The cost is per skb, not per byte: with GSO one egress skb carries tens of kilobytes, \
          so per byte counting costs far less in bulk transfers than with small writes. Turning \
-         GSO/TSO off on the device would not change this: TCP always builds GSO skbs and the \
-         software segmentation runs after the egress hook."
+         GSO/TSO off on the device does not change what the hooks see (Bytes/packet stays in \
+         the tens of kilobytes): TCP always builds GSO skbs, and the software segmentation for \
+         a device without offloads runs after the egress hook."
             .to_owned(),
         "Two-core VM shared by the iperf3 client and server and the softirqs of both ends: the \
          figures are medians, and the difference of two programs measured side by side is \
@@ -299,7 +323,8 @@ enum ThroughputMode {
     Gso,
     /// Bulk TCP with TSO and GSO off on both veth ends (GRO is off on veth by default).
     NoOffload,
-    /// Many small messages: 128-byte writes with TCP_NODELAY, as fast as they go.
+    /// Many small messages: 128-byte writes with TCP_NODELAY on 4 connections, as fast as they
+    /// go (one segment per write; a single connection falls into coalescing writes).
     Small,
 }
 
@@ -310,7 +335,7 @@ impl ThroughputMode {
         match self {
             Self::Gso => "TCP, GSO/TSO on",
             Self::NoOffload => "TCP, GSO/TSO off",
-            Self::Small => "128-byte messages, TCP_NODELAY",
+            Self::Small => "128-byte messages, TCP_NODELAY, 4 connections",
         }
     }
 
@@ -326,7 +351,7 @@ impl ThroughputMode {
     fn iperf3_args(self) -> &'static [&'static str] {
         match self {
             Self::Gso | Self::NoOffload => &[],
-            Self::Small => &["-l", "128", "-N"],
+            Self::Small => &["-l", "128", "-N", "-P", "4"],
         }
     }
 }
@@ -380,7 +405,8 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
                     format!(", agent process {pct:.1} % of a core")
                 });
                 eprintln!(
-                    "throughput: {} pair {}/{} {}: {gbps:.3} Gbit/s, {per_packet:.0} bytes/packet{}",
+                    "throughput: {} pair {}/{} {}: {gbps:.3} Gbit/s, {per_packet:.0} \
+                     bytes/packet{}",
                     mode.name(),
                     r + 1,
                     args.runs,
@@ -428,18 +454,27 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
         );
         if !met {
             let (spread_d, spread_a) = (rel_spread(&detached), rel_spread(&attached));
+            // Each pair's own loss: slow drift of the machine cancels within a pair.
+            let paired: Vec<f64> = detached
+                .iter()
+                .zip(&attached)
+                .map(|(d, a)| (d - a) / d * 100.0)
+                .collect();
+            let (paired_min, paired_max) = range(&paired);
             let verdict = if loss <= spread_d.max(spread_a) {
-                "within the run-to-run spread, so noise cannot be told apart from cost here: \
-                 rerun with more pairs (`--runs`) on an idle machine"
+                "within the run-to-run spread: noise cannot be told apart from cost here \
+                 (rerun with more pairs, `--runs`, on an otherwise idle machine)"
             } else {
                 "larger than the run-to-run spread: a real cost"
             };
             missed.push(format!(
-                "{}: the medians differ by {loss:.1} %, above the target of {:.0} %; the \
+                "{}: the medians differ by {loss:.1} %, above the target of {:.0} %. The \
                  detached runs alone spread over {spread_d:.1} % of their median and the \
-                 attached runs over {spread_a:.1} %: the loss is {verdict}.",
+                 attached runs over {spread_a:.1} %; the loss within each pair ranges from \
+                 {paired_min:.1} % to {paired_max:.1} % (median {:.1} %). The loss is {verdict}.",
                 mode.name(),
                 mode.target_pct(),
+                median(&paired),
             ));
         }
     }
@@ -459,7 +494,10 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
          defaults; *GSO/TSO off* is the same after `ethtool -K <veth> tso off gso off` on both \
          veth ends (GRO is off on veth by default and stays off), so the stack cuts every skb \
          into MSS-sized segments in software before the veth and the receiver handles one \
-         packet per segment; *128-byte messages* is `iperf3 -R {small}`, as fast as it goes. \
+         packet per segment; *128-byte messages* is `iperf3 -R {small}`, as fast as it goes: \
+         iperf3 serves the four connections in turn from one thread, so writes leave one or a \
+         few to a segment (see Bytes/packet), where a single connection's writes often pile up \
+         into large segments, flipping between the two regimes from run to run. \
          Bytes/packet: payload bytes sent / packets the server's veth sent (median of all runs \
          of the mode; a GSO skb that crosses the veth whole counts once). Agent process CPU: \
          the agent's user and system time during the attached runs (median), in % of one \
@@ -469,13 +507,12 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
         runs = args.runs,
         small = ThroughputMode::Small.iperf3_args().join(" "),
     );
-    section.commands = vec![
-        "sudo target/release/outflow-bench throughput".to_owned(),
-        format!(
-            "sudo target/release/outflow-bench throughput --seconds {} --runs {}",
-            args.seconds, args.runs
-        ),
-    ];
+    section.commands = vec![command_line(
+        "throughput",
+        args.seconds,
+        (args.runs, DEFAULT_THROUGHPUT_RUNS),
+        &args.modes,
+    )];
     section.notes = vec![
         "iperf3 over veth is CPU-bound: the client, the server, the softirq processing of both \
          ends and the agent share the VM's two cores, so any CPU the programs take shows up as \
@@ -484,12 +521,8 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
             .to_owned(),
         "Turning GSO/TSO off on the veth does not change what the cgroup hooks see: TCP always \
          builds GSO skbs and the device's software segmentation runs after the egress hook, so \
-         the programs run about as often as with offloads on (`outflow-bench traffic` sees the \
-         same large skbs); the mode makes the stack, not the programs, work harder per byte."
-            .to_owned(),
-        "With 128-byte writes the receiver (which reads 128 bytes per call) is the bottleneck \
-         and the sender's stack coalesces queued writes into larger segments: Bytes/packet shows \
-         how many. Each segment still passes the hooks once."
+         the programs run about as often as with offloads on (see `outflow-bench traffic`, mode \
+         GSO/TSO off); the mode makes the stack, not the programs, work harder per byte."
             .to_owned(),
     ];
     section.notes.extend(missed);
@@ -531,7 +564,10 @@ impl Bed {
                 .args(args)
                 .stdin(Stdio::null())
                 .output()
-                .context("running `ip netns exec ... ethtool`: is ethtool installed? (`cargo xtask setup`)")?;
+                .context(
+                    "running `ip netns exec ... ethtool`: is ethtool installed? \
+                     (`cargo xtask setup`)",
+                )?;
             if !out.status.success() {
                 bail!(
                     "`ip {}` failed ({}): {}",
@@ -588,7 +624,7 @@ impl Bed {
         })
     }
 
-    /// One throughput run, with or without the agent; bits per second received.
+    /// One throughput run, with or without the agent.
     fn throughput_run(
         &self,
         with_agent: bool,
@@ -630,6 +666,29 @@ struct ThroughputRun {
     iperf: IperfResult,
     /// CPU time the agent process used during the run, when it ran.
     agent_cpu: Option<Duration>,
+}
+
+/// The command line that reproduces a section: `sub` with the options that differ from the
+/// defaults.
+fn command_line<M: clap::ValueEnum>(
+    sub: &str,
+    seconds: u32,
+    (runs, default_runs): (u32, u32),
+    modes: &[M],
+) -> String {
+    let mut line = format!("sudo target/release/outflow-bench {sub}");
+    if seconds != DEFAULT_SECONDS {
+        line.push_str(&format!(" --seconds {seconds}"));
+    }
+    if runs != default_runs {
+        line.push_str(&format!(" --runs {runs}"));
+    }
+    for mode in modes {
+        if let Some(value) = mode.to_possible_value() {
+            line.push_str(&format!(" --mode {}", value.get_name()));
+        }
+    }
+    line
 }
 
 /// Whatever is attached for a cost run, until [`Attached::finish`].
@@ -841,7 +900,8 @@ impl Iperf3Server {
                 if name.trim() != pair.server_if() {
                     return None;
                 }
-                // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets ...
+                // rx: bytes packets errs drop fifo frame compressed multicast,
+                // then tx: bytes packets ...
                 counters.split_whitespace().nth(9)?.parse().ok()
             })
             .with_context(|| format!("no {} in {path}", pair.server_if()))

@@ -83,3 +83,31 @@ fn collector_ingest_applies_every_delta() {
     ]);
     assert!(rows(&s) >= 1, "{s}");
 }
+
+#[test]
+fn traffic_cost_reads_the_programs_run_times() {
+    let s = bench(&[
+        "traffic",
+        "--seconds",
+        "1",
+        "--runs",
+        "1",
+        "--mode",
+        "small",
+    ]);
+    assert!(rows(&s) >= 1, "{s}");
+}
+
+#[test]
+fn throughput_runs_attached_and_detached() {
+    let s = bench(&[
+        "throughput",
+        "--seconds",
+        "1",
+        "--runs",
+        "1",
+        "--mode",
+        "gso",
+    ]);
+    assert!(rows(&s) >= 1, "{s}");
+}

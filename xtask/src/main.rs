@@ -38,8 +38,8 @@ enum Command {
     /// Install what building and testing outflow needs and is missing.
     ///
     /// The nightly toolchain with rust-src, bpf-linker built against that nightly's LLVM, and
-    /// the Debian packages the tests use (iproute2, util-linux, procps, iperf3). Takes about
-    /// a second when all is present.
+    /// the Debian packages the tests and benchmarks use (iproute2, util-linux, procps, iperf3,
+    /// ethtool, linux-perf). Takes about a second when all is present.
     Setup,
     /// Run `setup`, build the binaries, then `cargo test`; needs root.
     ///

@@ -36,8 +36,16 @@ const MARKER_FILE: &str = "bpf-linker.built-for";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and benchmarks use: `ip`/`ss`, `setpriv`, `ps`/`sysctl`, iperf3,
-/// ethtool (the throughput benchmark turns segmentation offloads off with it).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "procps", "iperf3", "ethtool"];
+/// ethtool (the throughput benchmark turns segmentation offloads off with it), perf (the
+/// per-packet benchmark profiles with it).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "procps",
+    "iperf3",
+    "ethtool",
+    "linux-perf",
+];
 
 /// Answers to debconf questions the packages above would otherwise ask.
 const DEBCONF_PRESEED: &str = "iperf3 iperf3/start_daemon boolean false\n";
@@ -393,7 +401,7 @@ fn print_installed(packages: &[&'static str]) -> Result<Vec<&'static str>> {
         .output()
         .context(
             "running dpkg-query: setup supports Debian only; elsewhere install iproute2, \
-             util-linux (setpriv), procps, iperf3 and ethtool yourself",
+             util-linux (setpriv), procps, iperf3, ethtool and perf yourself",
         )?;
     let listing = String::from_utf8_lossy(&out.stdout);
     let mut missing = Vec::new();
