@@ -17,6 +17,7 @@
 mod maps;
 mod packet;
 mod programs;
+mod runtime;
 
 use agent_common::bench::{BenchConfig, LookupTuple, PICK_SEQUENTIAL};
 use aya_ebpf::{
@@ -114,15 +115,5 @@ fn with_socket(ctx: &SkBuffContext, f: impl FnOnce(*mut __sk_buff, *mut bpf_sock
     unsafe { bpf_sk_release(sk.cast()) };
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -13,16 +13,7 @@
 mod maps;
 mod packet;
 mod programs;
-
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
+mod runtime;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

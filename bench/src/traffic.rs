@@ -27,7 +27,7 @@ use aya::{
 };
 use outflow_tests::{
     agent::{Agent, PinDir},
-    cgroup::TestCgroup,
+    cgroup::{TestCgroup, attach},
     netns::{NetnsPair, SERVER_V4},
 };
 use serde_json::Value;
@@ -957,55 +957,16 @@ fn in_netns(command: &mut Command, ns: &str, cgroup_procs: Option<&File>) -> Res
 // ---------------------------------------------------------------------------------------------
 // Programs attached to a cgroup and their statistics
 
-/// `BPF_CGROUP_INET_INGRESS` and `BPF_CGROUP_INET_EGRESS` (enum bpf_attach_type).
-const BPF_CGROUP_INET_INGRESS: u32 = 0;
-const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_CGROUP_INET_INGRESS: u32 = attach::INET_INGRESS;
+const BPF_CGROUP_INET_EGRESS: u32 = attach::INET_EGRESS;
 const DIRECTIONS: [(u32, &str); 2] = [
     (BPF_CGROUP_INET_INGRESS, "ingress"),
     (BPF_CGROUP_INET_EGRESS, "egress"),
 ];
 
-/// Ids of the programs attached to the cgroup at `dir` for `attach_type` (BPF_PROG_QUERY).
+/// Ids of the programs attached to the cgroup at `dir` for `attach_type`.
 fn attached_prog_ids(dir: &Path, attach_type: u32) -> Result<Vec<u32>> {
-    #[repr(C)]
-    struct Query {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-    }
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    let cgroup = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    let mut ids = [0u32; 64];
-    let mut attr = [0u64; 16];
-    let query = Query {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        query_flags: 0,
-        attach_flags: 0,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-    };
-    // SAFETY: Query is plain data that fits in the zeroed, 8-aligned attr buffer.
-    unsafe { std::ptr::write(attr.as_mut_ptr().cast::<Query>(), query) };
-    // SAFETY: bpf(2) reads attr and writes at most prog_cnt ids into `ids`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("BPF_PROG_QUERY on {}", dir.display()));
-    }
-    // SAFETY: as above.
-    let count = unsafe { std::ptr::read(attr.as_ptr().cast::<Query>()) }.prog_cnt as usize;
-    Ok(ids[..count.min(ids.len())].to_vec())
+    Ok(outflow_tests::cgroup::attached_programs(dir, attach_type)?)
 }
 
 /// The one program attached to the cgroup at `dir` for `attach_type`.

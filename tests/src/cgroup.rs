@@ -235,3 +235,63 @@ mod tests {
         assert_eq!(unescape_mount_path(r"/mnt/a\\b"), r"/mnt/a\\b");
     }
 }
+
+/// `enum bpf_attach_type` values of the programs outflow attaches to a cgroup.
+pub mod attach {
+    /// `BPF_CGROUP_INET_INGRESS`: cgroup_skb on received packets.
+    pub const INET_INGRESS: u32 = 0;
+    /// `BPF_CGROUP_INET_EGRESS`: cgroup_skb on sent packets.
+    pub const INET_EGRESS: u32 = 1;
+    /// `BPF_CGROUP_SOCK_OPS`.
+    pub const SOCK_OPS: u32 = 3;
+}
+
+/// Ids of the programs attached to the cgroup at `dir` for `attach_type` (one of [`attach`]),
+/// from `BPF_PROG_QUERY` (aya has no public query for cgroup programs).
+pub fn attached_programs(dir: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    // The BPF_PROG_QUERY part of `union bpf_attr`.
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let cgroup = fs::File::open(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", dir.display())))?;
+    let mut ids = [0u32; 64];
+    let mut attr = [0u64; 16];
+    let query = Query {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+    };
+    // SAFETY: Query is plain data that fits in the zeroed, 8-aligned attr buffer.
+    unsafe { std::ptr::write(attr.as_mut_ptr().cast::<Query>(), query) };
+    // SAFETY: bpf(2) reads attr and writes at most prog_cnt ids into `ids`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("BPF_PROG_QUERY on {}: {e}", dir.display()),
+        ));
+    }
+    // SAFETY: as above.
+    let count = unsafe { std::ptr::read(attr.as_ptr().cast::<Query>()) }.prog_cnt as usize;
+    Ok(ids[..count.min(ids.len())].to_vec())
+}

@@ -134,39 +134,12 @@ fn detach_removes_everything_the_agent_pinned() {
     );
 }
 
-/// How many programs are attached to `cgroup` for cgroup_skb ingress, egress and sock_ops
-/// (`BPF_PROG_QUERY`).
-fn attached_programs(cgroup: &Path) -> [u32; 3] {
-    use std::os::fd::AsRawFd as _;
-    let dir = fs::File::open(cgroup).expect("open cgroup");
-    // BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS.
-    [0u32, 1, 3].map(|attach_type| {
-        #[repr(C)]
-        struct Query {
-            target_fd: u32,
-            attach_type: u32,
-            query_flags: u32,
-            attach_flags: u32,
-            prog_ids: u64,
-            prog_cnt: u32,
-        }
-        let mut attr = [0u8; 128];
-        let q = Query {
-            target_fd: dir.as_raw_fd() as u32,
-            attach_type,
-            query_flags: 0,
-            attach_flags: 0,
-            prog_ids: 0,
-            prog_cnt: 0,
-        };
-        // SAFETY: Query is plain data that fits in the zeroed attr buffer.
-        unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<Query>(), q) };
-        const BPF_PROG_QUERY: libc::c_long = 16;
-        // SAFETY: bpf(2) reads and writes only within attr.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
-        assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-        // SAFETY: as above.
-        unsafe { std::ptr::read_unaligned(attr.as_ptr().cast::<Query>()) }.prog_cnt
+/// How many programs are attached to `cgroup` for cgroup_skb ingress, egress and sock_ops.
+fn attached_programs(cgroup: &Path) -> [usize; 3] {
+    use outflow_tests::cgroup::attach;
+    [attach::INET_INGRESS, attach::INET_EGRESS, attach::SOCK_OPS].map(|t| {
+        outflow_tests::cgroup::attached_programs(cgroup, t)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len()
     })
 }
