@@ -12,6 +12,8 @@ mod object;
 mod packet;
 mod report;
 mod sys;
+mod testbed;
+mod throughput;
 mod traffic;
 
 use std::process::ExitCode;
@@ -41,7 +43,7 @@ enum Command {
     /// (kernel.bpf_stats_enabled) during iperf3 across a veth pair.
     Traffic(traffic::CostArgs),
     /// Throughput with the agent attached versus detached (iperf3 over veth, three modes).
-    Throughput(traffic::ThroughputArgs),
+    Throughput(throughput::ThroughputArgs),
     /// The agent's CPU and memory with many live connections.
     Agent(agent_load::Args),
     /// Collector ingest: connection deltas applied per second over gRPC, with detection on.
@@ -76,7 +78,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Packet(a) => packet::run(a),
         Command::Traffic(a) => traffic::run_cost(a),
-        Command::Throughput(a) => traffic::run_throughput(a),
+        Command::Throughput(a) => throughput::run_throughput(a),
         Command::Agent(a) => agent_load::run(a),
         Command::Ingest(a) => ingest::run(a),
         Command::Hold(a) => {
