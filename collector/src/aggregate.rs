@@ -253,6 +253,16 @@ impl State {
         }
     }
 
+    /// The rollup of a key, to change in place.
+    pub fn get_mut(&mut self, key: &Key) -> Option<&mut Rollup> {
+        match key {
+            Key::Client(a) => self.clients.get_mut(a),
+            Key::Prefix(p) => self.prefixes.get_mut(p),
+            Key::Host(h) => self.hosts.get_mut(h),
+            Key::Workload(w) => self.workloads.get_mut(w),
+        }
+    }
+
     /// Number of keys of a group.
     pub fn key_count(&self, group: Group) -> usize {
         match group {

@@ -311,6 +311,22 @@ pub enum Subject {
     Workload(Workload),
 }
 
+/// A subject as [`Subject::display`] gives it, written when formatted.
+struct Named<'a>(&'a Subject, &'a State);
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Subject::Client(a) => a.fmt(f),
+            Subject::Prefix(p) => p.fmt(f),
+            Subject::Prefix48(n) => write!(f, "{n}/48"),
+            Subject::Workload(w) => {
+                write!(f, "{}/{}/{}", self.1.host_name(w.host), w.cgroup, w.comm)
+            }
+        }
+    }
+}
+
 /// The /48 an IPv6 address falls in.
 pub fn prefix48(a: Ipv6Addr) -> Ipv6Addr {
     Ipv6Addr::from_bits(a.to_bits() & !((1u128 << 80) - 1))
@@ -349,12 +365,7 @@ impl Subject {
 
     /// As alerts show it: `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/48`, `host/cgroup/comm`.
     pub fn display(&self, st: &State) -> String {
-        match self {
-            Subject::Client(a) => a.to_string(),
-            Subject::Prefix(p) => p.to_string(),
-            Subject::Prefix48(n) => format!("{n}/48"),
-            Subject::Workload(w) => format!("{}/{}/{}", st.host_name(w.host), w.cgroup, w.comm),
-        }
+        Named(self, st).to_string()
     }
 
     /// Parses what [`Subject::display`] gives (workload hosts must be known to `st`).
@@ -645,8 +656,8 @@ impl Detector {
         self.tracks.retain(|_, t| t.last_eval_ms >= keep);
     }
 
-    fn allowlisted(&self, s: &Subject, st: &State) -> bool {
-        let a = &self.cfg.allowlist;
+    fn allowlisted(cfg: &DetectConfig, s: &Subject, st: &State) -> bool {
+        let a = &cfg.allowlist;
         match s {
             Subject::Client(ip) => a.cidrs.iter().any(|n| n.contains(ip)),
             Subject::Prefix(p) => a
@@ -682,7 +693,7 @@ impl Detector {
             return;
         }
         track.last_eval_ms = end_ms;
-        let allowed = self.allowlisted(subject, st);
+        let allowed = Self::allowlisted(&self.cfg, subject, st);
         let empty = Rollup::default();
         let rollup = match subject {
             Subject::Client(a) => st.get(&Key::Client(*a)),
@@ -694,7 +705,6 @@ impl Detector {
         let cfg = &self.cfg;
         let kind = subject.kind();
         let peers = &mut self.peers[kind_index(kind)];
-        let track = self.tracks.entry(subject.clone()).or_default();
         let cur_hour = end_ms / HOUR_MS;
         // Hourly totals held (the last 25 hours).
         let mut hours: Vec<(u64, Totals)> = rollup.hourly().collect();
@@ -711,7 +721,8 @@ impl Detector {
         let h1 = rollup.window(Window::H1, end_ms);
         let d1 = rollup.window(Window::H24, end_ms);
         let hosts = |w: Window| -> Vec<HostId> { rollup.hosts_since(w.start_ms(end_ms)).collect() };
-        let name = subject.display(st);
+        // Formatted only into the summary of a finding.
+        let name = Named(subject, st);
 
         // Prefix members: active count, the largest, allowlisted bytes, synchrony.
         let group = match kind {

@@ -83,12 +83,31 @@ pub struct Workload {
 }
 
 /// One aggregation key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     Client(IpAddr),
     Prefix(Prefix),
     Host(HostId),
     Workload(Workload),
+}
+
+impl std::hash::Hash for Key {
+    /// One write for an address key (the writer hashes millions of them per second).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let ip = |tag: u128, a: IpAddr| match a {
+            IpAddr::V4(a) => tag << 64 | 1 << 32 | u128::from(a.to_bits()),
+            IpAddr::V6(a) => a.to_bits() ^ tag << 120,
+        };
+        match self {
+            Key::Client(a) => state.write_u128(ip(1, *a)),
+            Key::Prefix(p) => state.write_u128(ip(2, p.0)),
+            Key::Host(h) => state.write_u128(3 << 64 | u128::from(*h)),
+            Key::Workload(w) => {
+                state.write_u128(4 << 64);
+                w.hash(state);
+            }
+        }
+    }
 }
 
 const TAG_CLIENT: u8 = 1;

@@ -7,8 +7,7 @@
 //! | `meta`       | `"schema"`, `"end_ms"`                | u64                                 |
 //! | `watermarks` | (agent_id, epoch)                     | highest applied seq                 |
 //! | `hosts`      | host id (u32)                         | host name                           |
-//! | `rollups`    | key (see [`Key::encode`])             | buckets (see [`Rollup::encode_slots`]) |
-//! | `key_hosts`  | key ++ host id (u32)                  | last batch time the host served it  |
+//! | `rollups`    | key (see [`Key::encode`])             | buckets and hosts (see [`Rollup::encode`]) |
 //! | `alerts`     | alert id (str)                        | `outflow.v1.Alert`, protobuf-encoded |
 //!
 //! Alerts are written in their own transaction after the commit whose batches raised them.
@@ -21,7 +20,6 @@ use std::{
     sync::Arc,
 };
 
-use log::warn;
 use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
 use crate::{
@@ -33,13 +31,13 @@ use crate::{
 
 /// The database file's name in the data directory.
 pub const DB_FILE: &str = "collector.redb";
-const SCHEMA: u64 = 1;
+/// 2: the hosts of a key are in its `rollups` value (1 kept them in a `key_hosts` table).
+const SCHEMA: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("watermarks");
 const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
 const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
-const KEY_HOSTS: TableDefinition<&[u8], u64> = TableDefinition::new("key_hosts");
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 
 /// A store that cannot be opened, read or written.
@@ -63,17 +61,6 @@ pub enum StoreError {
     Schema { path: PathBuf, found: u64 },
 }
 
-/// What one write transaction changes for one key.
-#[derive(Debug, Clone, Default)]
-pub struct KeyChange {
-    /// The key's new rollup (written whole; removed with its hosts if empty).
-    pub rollup: Rollup,
-    /// Hosts whose last-seen time changed.
-    pub hosts_seen: Vec<HostId>,
-    /// Hosts pruned from the rollup.
-    pub hosts_gone: Vec<HostId>,
-}
-
 /// Everything one write transaction changes.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -83,8 +70,8 @@ pub struct Changes {
     pub watermarks: Map<AgentKey, u64>,
     /// The new newest batch time, if it moved.
     pub end_ms: Option<u64>,
-    /// Changed rollups.
-    pub rollups: Map<Key, KeyChange>,
+    /// Changed rollups (an empty one is removed).
+    pub rollups: Map<Key, Rollup>,
 }
 
 impl Changes {
@@ -107,8 +94,8 @@ impl Changes {
         if let Some(e) = self.end_ms {
             state.set_end_ms(e);
         }
-        for (key, change) in self.rollups {
-            state.put(key, change.rollup);
+        for (key, rollup) in self.rollups {
+            state.put(key, rollup);
         }
     }
 }
@@ -126,11 +113,27 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn key_host(key: &[u8], host: HostId) -> Vec<u8> {
-    let mut v = Vec::with_capacity(key.len() + 4);
-    v.extend_from_slice(key);
-    v.extend_from_slice(&host.to_be_bytes());
-    v
+/// Writes rollups into an open write transaction; see [`Store::commit_with`].
+pub struct RollupWriter<'t> {
+    rollups: redb::Table<'t, &'static [u8], &'static [u8]>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl RollupWriter<'_> {
+    /// Writes `key`'s new `rollup`, or removes the key if the rollup is empty.
+    pub fn put(&mut self, key: &Key, rollup: &Rollup) -> Result<(), redb::Error> {
+        self.key.clear();
+        key.encode(&mut self.key);
+        if rollup.is_empty() {
+            self.rollups.remove(&*self.key)?;
+        } else {
+            self.value.clear();
+            rollup.encode(&mut self.value);
+            self.rollups.insert(&*self.key, &*self.value)?;
+        }
+        Ok(())
+    }
 }
 
 impl Store {
@@ -190,7 +193,6 @@ impl Store {
             tx.open_table(WATERMARKS).map_err(|e| self.err(e))?;
             tx.open_table(HOSTS).map_err(|e| self.err(e))?;
             tx.open_table(ROLLUPS).map_err(|e| self.err(e))?;
-            tx.open_table(KEY_HOSTS).map_err(|e| self.err(e))?;
             tx.open_table(ALERTS).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
@@ -233,7 +235,6 @@ impl Store {
                 v.value(),
             );
         }
-        let mut rollups: Map<Key, Rollup> = Map::default();
         for row in tx
             .open_table(ROLLUPS)
             .map_err(|x| e(x.into()))?
@@ -243,38 +244,9 @@ impl Store {
             let (k, v) = row.map_err(|x| e(x.into()))?;
             let key = Key::decode(k.value())
                 .ok_or_else(|| self.corrupt(format!("bad rollup key {:02x?}", k.value())))?;
-            let rollup = Rollup::decode_slots(v.value())
+            let rollup = Rollup::decode(v.value())
                 .ok_or_else(|| self.corrupt(format!("bad rollup value for {key:?}")))?;
-            rollups.insert(key, rollup);
-        }
-        for row in tx
-            .open_table(KEY_HOSTS)
-            .map_err(|x| e(x.into()))?
-            .iter()
-            .map_err(|x| e(x.into()))?
-        {
-            let (k, v) = row.map_err(|x| e(x.into()))?;
-            let bytes = k.value();
-            let split = bytes
-                .len()
-                .checked_sub(4)
-                .ok_or_else(|| self.corrupt(format!("bad key_hosts key {bytes:02x?}")))?;
-            let (key, host) = bytes.split_at(split);
-            let key = Key::decode(key)
-                .ok_or_else(|| self.corrupt(format!("bad key_hosts key {bytes:02x?}")))?;
-            let host = u32::from_be_bytes(host.try_into().unwrap_or_default());
-            match rollups.get_mut(&key) {
-                Some(r) => {
-                    r.see_host(host, v.value());
-                }
-                None => warn!(
-                    "{}: host entry of a missing rollup {key:?}",
-                    self.path.display()
-                ),
-            }
-        }
-        for (k, r) in rollups {
-            state.put(k, r);
+            state.put(key, rollup);
         }
         Ok(state)
     }
@@ -322,10 +294,33 @@ impl Store {
 
     /// Writes `changes` in one transaction and commits it (durably if `fsync`).
     pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
-        self.write(changes).map_err(|e| self.err(e))
+        self.commit_with(changes, |w| {
+            // In key order: neighbouring inserts touch the same B-tree pages.
+            let mut sorted: Vec<(&Key, &Rollup)> = changes.rollups.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, rollup) in sorted {
+                w.put(key, rollup)?;
+            }
+            Ok(())
+        })
     }
 
-    fn write(&self, changes: &Changes) -> Result<(), redb::Error> {
+    /// Writes `changes` and whatever `rollups` writes in one transaction and commits it
+    /// (durably if `fsync`). Nothing is written if `rollups` fails. Rollups are best written in
+    /// key order.
+    pub fn commit_with(
+        &self,
+        changes: &Changes,
+        rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        self.write(changes, rollups).map_err(|e| self.err(e))
+    }
+
+    fn write(
+        &self,
+        changes: &Changes,
+        rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
+    ) -> Result<(), redb::Error> {
         let mut tx = self.db.begin_write()?;
         if !self.fsync {
             tx.set_durability(Durability::None)?;
@@ -342,33 +337,12 @@ impl Store {
             if let Some(end) = changes.end_ms {
                 tx.open_table(META)?.insert("end_ms", end)?;
             }
-            let mut rollups = tx.open_table(ROLLUPS)?;
-            let mut key_hosts = tx.open_table(KEY_HOSTS)?;
-            // In key order: neighbouring inserts touch the same B-tree pages.
-            let mut sorted: Vec<(Vec<u8>, &KeyChange)> = changes
-                .rollups
-                .iter()
-                .map(|(k, c)| (k.to_bytes(), c))
-                .collect();
-            sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let mut vbuf = Vec::with_capacity(256);
-            for (kbuf, change) in &sorted {
-                for h in &change.hosts_gone {
-                    key_hosts.remove(&*key_host(kbuf, *h))?;
-                }
-                if change.rollup.is_empty() {
-                    rollups.remove(&**kbuf)?;
-                    continue;
-                }
-                vbuf.clear();
-                change.rollup.encode_slots(&mut vbuf);
-                rollups.insert(&**kbuf, &*vbuf)?;
-                for h in &change.hosts_seen {
-                    if let Some(t) = change.rollup.host_last_seen(*h) {
-                        key_hosts.insert(&*key_host(kbuf, *h), t)?;
-                    }
-                }
-            }
+            let mut w = RollupWriter {
+                rollups: tx.open_table(ROLLUPS)?,
+                key: Vec::with_capacity(64),
+                value: Vec::with_capacity(512),
+            };
+            rollups(&mut w)?;
         }
         tx.commit()?;
         Ok(())
@@ -403,14 +377,7 @@ mod tests {
             ch.hosts.push((0, "h0".into()));
             ch.watermarks.insert(agent.clone(), 3);
             ch.end_ms = Some(5000);
-            ch.rollups.insert(
-                key.clone(),
-                KeyChange {
-                    rollup: r,
-                    hosts_seen: vec![0],
-                    hosts_gone: vec![],
-                },
-            );
+            ch.rollups.insert(key.clone(), r);
             store.commit(&ch).unwrap();
             ch.install(&mut state);
         }

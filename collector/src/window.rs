@@ -157,7 +157,8 @@ const _: () = assert!(
         && Window::H24.bucket_ms().is_multiple_of(HOST_GRANULE_MS)
 );
 const SLOT_BYTES: usize = 1 + 4 + 3 * 8;
-const FORMAT: u8 = 1;
+const HOST_BYTES: usize = 4 + 8;
+const FORMAT: u8 = 2;
 
 /// What the collector keeps per key: the buckets of each window that saw traffic, and when
 /// each host last served the key.
@@ -172,6 +173,12 @@ impl Rollup {
     /// Adds `totals` served by `host` in a batch at `time_ms`; true if the host's last-seen
     /// time changed (and so must be written).
     pub fn add(&mut self, time_ms: u64, host: HostId, totals: &Totals) -> bool {
+        self.add_totals(time_ms, totals);
+        self.see_host(host, time_ms)
+    }
+
+    /// Adds `totals` of a batch at `time_ms` to the buckets of every window (no host).
+    pub fn add_totals(&mut self, time_ms: u64, totals: &Totals) {
         for w in Window::ALL {
             let (bucket, tier) = (w.bucket(time_ms), w.index() as u8);
             // From the back: the current buckets are usually the newest slots.
@@ -189,7 +196,6 @@ impl Rollup {
                 }),
             }
         }
-        self.see_host(host, time_ms)
     }
 
     /// Records that `host` served the key at `time_ms` (keeps the latest time, in granules of
@@ -275,8 +281,11 @@ impl Rollup {
     /// Drops buckets that left their window (ending at `end_ms`); true if any was dropped.
     pub fn prune_slots(&mut self, end_ms: u64) -> bool {
         let before = self.slots.len();
+        let first = Window::ALL.map(|w| w.first_bucket(end_ms));
         self.slots.retain(|s| {
-            Window::from_index(s.tier).is_some_and(|w| s.bucket >= w.first_bucket(end_ms))
+            first
+                .get(usize::from(s.tier))
+                .is_some_and(|f| s.bucket >= *f)
         });
         self.slots.len() != before
     }
@@ -297,10 +306,12 @@ impl Rollup {
     /// Whether [`Rollup::prune_slots`] or [`Rollup::prune_hosts`] would drop anything.
     pub fn needs_prune(&self, end_ms: u64) -> bool {
         let start = Window::H24.start_ms(end_ms);
+        let first = Window::ALL.map(|w| w.first_bucket(end_ms));
         self.hosts.iter().any(|h| h.1 < start)
-            || self.slots.iter().any(|s| {
-                Window::from_index(s.tier).is_none_or(|w| s.bucket < w.first_bucket(end_ms))
-            })
+            || self
+                .slots
+                .iter()
+                .any(|s| first.get(usize::from(s.tier)).is_none_or(|f| s.bucket < *f))
     }
 
     /// Whether anything of this key is still in some window (after pruning).
@@ -318,11 +329,11 @@ impl Rollup {
         self.hosts.len()
     }
 
-    /// Appends the store form of the buckets (hosts are stored apart): a format byte, a
-    /// big-endian u16 count, then per bucket its tier (u8), bucket number (u32) and the three
-    /// totals (u64).
-    pub fn encode_slots(&self, out: &mut Vec<u8>) {
-        out.reserve(3 + self.slots.len() * SLOT_BYTES);
+    /// Appends the store form: a format byte, a big-endian u16 count of buckets, then per
+    /// bucket its tier (u8), bucket number (u32) and the three totals (u64); then a u32 count
+    /// of hosts, and per host its id (u32) and last-seen time (u64), by id.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(7 + self.slots.len() * SLOT_BYTES + self.hosts.len() * HOST_BYTES);
         out.push(FORMAT);
         // At most 56 slots (one per live bucket).
         let n = u16::try_from(self.slots.len()).unwrap_or(u16::MAX);
@@ -338,22 +349,33 @@ impl Rollup {
                 out.extend_from_slice(&v.to_be_bytes());
             }
         }
+        // At most one per host id (u32).
+        let n = u32::try_from(self.hosts.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&n.to_be_bytes());
+        for (h, t) in self.hosts.iter().take(n as usize) {
+            out.extend_from_slice(&h.to_be_bytes());
+            out.extend_from_slice(&t.to_be_bytes());
+        }
     }
 
-    /// Parses the store form of the buckets (no hosts); `None` if it is not one.
-    pub fn decode_slots(bytes: &[u8]) -> Option<Rollup> {
+    /// Parses the store form; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Rollup> {
         let (&format, rest) = bytes.split_first()?;
         if format != FORMAT {
             return None;
         }
-        let n = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
-        let body = rest.get(2..)?;
-        if body.len() != n.checked_mul(SLOT_BYTES)? {
-            return None;
-        }
+        let u16_at = |c: &[u8], at: usize| -> Option<usize> {
+            Some(usize::from(u16::from_be_bytes(
+                c.get(at..at + 2)?.try_into().ok()?,
+            )))
+        };
         let u64_at = |c: &[u8], at: usize| -> Option<u64> {
             Some(u64::from_be_bytes(c.get(at..at + 8)?.try_into().ok()?))
         };
+        let n = u16_at(rest, 0)?;
+        let (body, rest) = rest
+            .get(2..)?
+            .split_at_checked(n.checked_mul(SLOT_BYTES)?)?;
         let mut slots = Vec::with_capacity(n);
         for c in body.chunks_exact(SLOT_BYTES) {
             let tier = *c.first()?;
@@ -368,10 +390,21 @@ impl Rollup {
                 },
             });
         }
-        Some(Rollup {
-            slots,
-            hosts: Vec::new(),
-        })
+        let n = usize::try_from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
+        let body = rest.get(4..)?;
+        if body.len() != n.checked_mul(HOST_BYTES)? {
+            return None;
+        }
+        let mut hosts: Vec<(HostId, u64)> = Vec::with_capacity(n);
+        for c in body.chunks_exact(HOST_BYTES) {
+            let h = u32::from_be_bytes(c.get(..4)?.try_into().ok()?);
+            // Sorted by id, each once.
+            if hosts.last().is_some_and(|l| l.0 >= h) {
+                return None;
+            }
+            hosts.push((h, u64_at(c, 4)?));
+        }
+        Some(Rollup { slots, hosts })
     }
 }
 
@@ -427,27 +460,32 @@ mod tests {
     }
 
     #[test]
-    fn slots_round_trip() {
+    fn store_form_round_trips() {
         let mut r = Rollup::default();
         r.add(T0, 1, &t(u64::MAX));
         r.add(T0, 1, &t(5)); // saturates
         r.add(T0 + HOUR, 1, &t(7));
+        r.add(T0 + HOUR, 3, &t(7));
         let mut bytes = Vec::new();
-        r.encode_slots(&mut bytes);
-        let back = Rollup::decode_slots(&bytes).unwrap();
-        assert_eq!(back.slots, r.slots);
+        r.encode(&mut bytes);
+        let back = Rollup::decode(&bytes).unwrap();
+        assert_eq!(back, r);
         assert_eq!(
             back.window(Window::H24, T0 + HOUR).totals.response_bytes,
             u64::MAX
         );
-        assert!(Rollup::decode_slots(&bytes[..bytes.len() - 1]).is_none());
-        assert!(Rollup::decode_slots(&[]).is_none());
-        assert!(
-            Rollup::decode_slots(&[
-                1, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                0, 0, 0, 0
-            ])
-            .is_none()
-        );
+        assert!(Rollup::decode(&bytes[..bytes.len() - 1]).is_none());
+        assert!(Rollup::decode(&[]).is_none());
+        assert!(Rollup::decode(&[2, 0, 0, 0, 0, 0, 0]).unwrap().is_empty());
+        let bad_tier = [
+            2, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert!(Rollup::decode(&bad_tier).is_none());
+        let unsorted_hosts = [
+            2, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+            0, 0,
+        ];
+        assert!(Rollup::decode(&unsorted_hosts).is_none());
     }
 }

@@ -3,10 +3,13 @@
 //! Stream tasks fold their batches into per-key totals ([`crate::aggregate::aggregate`]) and
 //! send them here. The writer takes whatever is queued (up to `store.max_batches_per_commit`),
 //! checks each batch against its agent's watermark (a batch at or below it is a duplicate),
-//! merges the rest into copies of the touched rollups, writes those and the new watermarks in
-//! ONE write transaction, commits, and only then installs them in memory and answers. So an
-//! Ack always means applied and persisted, and a failed commit changes nothing anywhere.
+//! sums the rest per key and 10-s granule ([`Staging`]: one rollup update per touched key per
+//! commit, however many batches touched it), writes each touched rollup rebuilt from the one in
+//! memory, in key order, with the new watermarks in ONE write transaction, commits, and only
+//! then applies the same sums to memory and answers. So an Ack always means applied and
+//! persisted, and a failed commit changes nothing anywhere.
 use std::{
+    collections::HashSet,
     sync::{Arc, PoisonError, RwLock},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -22,8 +25,8 @@ use crate::{
     keys::{Group, HostId, Key},
     metrics::Metrics,
     model::AgentKey,
-    store::{Changes, KeyChange, Store, StoreError},
-    window::{HOST_GRANULE_MS, Totals},
+    store::{Changes, Store, StoreError},
+    window::{HOST_GRANULE_MS, Rollup, Totals},
 };
 
 /// Requests queued for the writer at most (senders wait beyond: backpressure).
@@ -126,6 +129,8 @@ impl Writer {
             last_gc: Instant::now(),
             detector,
             alerts,
+            staging: Staging::default(),
+            staged: Vec::new(),
         };
         w.update_key_gauges();
         let thread = std::thread::Builder::new()
@@ -191,33 +196,144 @@ enum Reply {
     },
 }
 
-/// A key's change being built, with adds of the same 10-s granule (so the same bucket in every
-/// window, and the same host last-seen) and host summed before they touch the rollup.
+/// Granules and hosts of a key that [`Staged`] holds in place; more go to [`Spill`].
+const INLINE_GRANULES: usize = 2;
+const INLINE_HOSTS: usize = 8;
+
+/// What a group commit adds to one key, before any rollup is touched: its totals summed per
+/// 10-s granule (the same bucket in every window) and the latest granule of each host that
+/// served it. Applying that to a rollup gives the same rollup as adding every batch's totals
+/// one by one. Held in place (a group commit rarely spans more than two granules), so that
+/// walking the keys reads memory in order.
+#[derive(Default)]
 struct Staged {
-    change: KeyChange,
-    pending: Option<(u64, HostId, Totals)>,
+    /// (granule start, totals), in the order first seen.
+    granules: [(u64, Totals); INLINE_GRANULES],
+    /// (host, latest granule it served the key, in granules since the epoch).
+    hosts: [(HostId, u32); INLINE_HOSTS],
+    n_granules: u8,
+    n_hosts: u8,
+    /// Index in [`Staging::spill`] of the granules and hosts beyond those held here.
+    spill: Option<u32>,
 }
 
-impl Staged {
-    fn add(&mut self, time_ms: u64, host: HostId, totals: &Totals) {
+/// Granules and hosts of a key beyond those its [`Staged`] holds.
+#[derive(Default)]
+struct Spill {
+    granules: Vec<(u64, Totals)>,
+    hosts: Vec<(HostId, u32)>,
+}
+
+/// The [`Staged`] changes of a group commit. Kept by the writer across commits, for its
+/// capacity.
+#[derive(Default)]
+struct Staging {
+    /// Key → its index in `staged` (a small entry: the map's probes stay in cache longer).
+    keys: Map<Key, u32>,
+    staged: Vec<Staged>,
+    spill: Vec<Spill>,
+    /// The keys in key order, with their index in `staged`.
+    order: Vec<(Key, u32)>,
+}
+
+impl Staging {
+    fn add(&mut self, key: Key, time_ms: u64, host: HostId, totals: &Totals) {
+        let next = self.staged.len();
+        let i = *self
+            .keys
+            .entry(key)
+            .or_insert_with(|| u32::try_from(next).unwrap_or(u32::MAX));
+        if i as usize == next {
+            self.staged.push(Staged::default());
+        }
+        let s = &mut self.staged[i as usize];
         let granule = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
-        match &mut self.pending {
-            Some((g, h, t)) if *g == granule && *h == host => t.add(totals),
-            _ => {
-                self.flush();
-                self.pending = Some((granule, host, *totals));
+        // Batch times are at most the year 3000 (checked at the edge): 3.3e9 granules.
+        let host_granule = u32::try_from(time_ms / HOST_GRANULE_MS).unwrap_or(u32::MAX);
+        let n = usize::from(s.n_granules);
+        match s.granules[..n].iter_mut().find(|g| g.0 == granule) {
+            Some(g) => g.1.add(totals),
+            None if n < INLINE_GRANULES => {
+                s.granules[n] = (granule, *totals);
+                s.n_granules += 1;
+            }
+            None => {
+                let spill = spill_of(&mut self.spill, &mut s.spill);
+                match spill.granules.iter_mut().find(|g| g.0 == granule) {
+                    Some(g) => g.1.add(totals),
+                    None => spill.granules.push((granule, *totals)),
+                }
+            }
+        }
+        let n = usize::from(s.n_hosts);
+        match s.hosts[..n].iter_mut().find(|h| h.0 == host) {
+            Some(h) => h.1 = h.1.max(host_granule),
+            None if n < INLINE_HOSTS => {
+                s.hosts[n] = (host, host_granule);
+                s.n_hosts += 1;
+            }
+            None => {
+                let spill = spill_of(&mut self.spill, &mut s.spill);
+                match spill.hosts.iter_mut().find(|h| h.0 == host) {
+                    Some(h) => h.1 = h.1.max(host_granule),
+                    None => spill.hosts.push((host, host_granule)),
+                }
             }
         }
     }
 
-    fn flush(&mut self) {
-        if let Some((time_ms, host, totals)) = self.pending.take() {
-            let kc = &mut self.change;
-            if kc.rollup.add(time_ms, host, &totals) && !kc.hosts_seen.contains(&host) {
-                kc.hosts_seen.push(host);
-            }
-        }
+    /// Moves the staged keys to `out` (cleared first) in key order: neighbouring writes touch
+    /// the same B-tree pages.
+    fn sorted(&mut self, out: &mut Vec<(Key, Staged)>) {
+        self.order.clear();
+        self.order.extend(self.keys.drain());
+        self.order.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.clear();
+        out.extend(
+            self.order
+                .drain(..)
+                .map(|(k, i)| (k, std::mem::take(&mut self.staged[i as usize]))),
+        );
     }
+
+    /// Adds `s` to `rollup`, then drops the buckets that left their window at `end_ms`.
+    fn apply(&self, s: &Staged, rollup: &mut Rollup, end_ms: u64) {
+        let spill = s.spill.and_then(|i| self.spill.get(i as usize));
+        let granules = s.granules[..usize::from(s.n_granules)]
+            .iter()
+            .chain(spill.into_iter().flat_map(|x| &x.granules));
+        for (time_ms, totals) in granules {
+            rollup.add_totals(*time_ms, totals);
+        }
+        let hosts = s.hosts[..usize::from(s.n_hosts)]
+            .iter()
+            .chain(spill.into_iter().flat_map(|x| &x.hosts));
+        for &(host, granule) in hosts {
+            rollup.see_host(host, u64::from(granule) * HOST_GRANULE_MS);
+        }
+        rollup.prune_slots(end_ms);
+    }
+
+    /// Empties it, keeping the capacity.
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.staged.clear();
+        self.spill.clear();
+    }
+}
+
+/// The spill of a key, made on first use.
+fn spill_of<'a>(spill: &'a mut Vec<Spill>, at: &mut Option<u32>) -> &'a mut Spill {
+    let i = match *at {
+        Some(i) => i as usize,
+        None => {
+            spill.push(Spill::default());
+            let i = spill.len() - 1;
+            *at = u32::try_from(i).ok();
+            i
+        }
+    };
+    &mut spill[i]
 }
 
 struct Worker {
@@ -229,6 +345,9 @@ struct Worker {
     last_gc: Instant,
     detector: Option<Detector>,
     alerts: Arc<AlertHub>,
+    staging: Staging,
+    /// The keys of `staging` in key order (kept for its capacity).
+    staged: Vec<(Key, Staged)>,
 }
 
 fn now_ms() -> u64 {
@@ -275,132 +394,155 @@ impl Worker {
     fn apply(&mut self, group: Vec<Request>) {
         let batches = group.len();
         let mut ch = Changes::default();
-        let mut staged: Map<Key, Staged> = Map::default();
+        let mut staging = std::mem::take(&mut self.staging);
+        let mut staged = std::mem::take(&mut self.staged);
+        staging.clear();
         let mut replies = Vec::with_capacity(group.len());
         let detecting = self.detector.is_some();
         let mut obs: Vec<ClientObs> = Vec::new();
-        {
-            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-            let mut end_ms = st.end_ms();
-            for req in group {
-                match req {
-                    Request::Hello {
-                        agent,
-                        hostname,
+        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut end_ms = st.end_ms();
+        for req in group {
+            match req {
+                Request::Hello {
+                    agent,
+                    hostname,
+                    reply,
+                } => {
+                    let host = match st.host_id(&hostname).or_else(|| {
+                        ch.hosts
+                            .iter()
+                            .find(|(_, n)| **n == *hostname)
+                            .map(|(id, _)| *id)
+                    }) {
+                        Some(id) => id,
+                        None => {
+                            let id =
+                                u32::try_from(st.host_count() + ch.hosts.len()).unwrap_or(u32::MAX);
+                            ch.hosts.push((id, Arc::from(hostname)));
+                            id
+                        }
+                    };
+                    let applied_seq = ch
+                        .watermarks
+                        .get(&agent)
+                        .copied()
+                        .unwrap_or_else(|| st.watermark(&agent));
+                    replies.push(Reply::Hello(reply, HelloReply { applied_seq, host }));
+                }
+                Request::Batch { batch, reply } => {
+                    let applied = ch
+                        .watermarks
+                        .get(&batch.agent)
+                        .copied()
+                        .unwrap_or_else(|| st.watermark(&batch.agent));
+                    let agg = batch.aggregate;
+                    let outcome = if batch.seq <= applied {
+                        Outcome::Duplicate
+                    } else {
+                        ch.watermarks.insert(batch.agent, batch.seq);
+                        end_ms = end_ms.max(agg.time_ms);
+                        if detecting {
+                            obs.extend(agg.entries.iter().filter_map(|(k, t)| match k {
+                                Key::Client(addr) if addr.is_ipv6() => Some(ClientObs {
+                                    addr: *addr,
+                                    time_ms: agg.time_ms,
+                                    host: agg.host,
+                                    totals: *t,
+                                }),
+                                _ => None,
+                            }));
+                        }
+                        for (key, totals) in agg.entries {
+                            staging.add(key, agg.time_ms, agg.host, &totals);
+                        }
+                        Outcome::Applied
+                    };
+                    replies.push(Reply::Batch {
                         reply,
-                    } => {
-                        let host = match st.host_id(&hostname).or_else(|| {
-                            ch.hosts
-                                .iter()
-                                .find(|(_, n)| **n == *hostname)
-                                .map(|(id, _)| *id)
-                        }) {
-                            Some(id) => id,
-                            None => {
-                                let id = u32::try_from(st.host_count() + ch.hosts.len())
-                                    .unwrap_or(u32::MAX);
-                                ch.hosts.push((id, Arc::from(hostname)));
-                                id
-                            }
-                        };
-                        let applied_seq = ch
-                            .watermarks
-                            .get(&agent)
-                            .copied()
-                            .unwrap_or_else(|| st.watermark(&agent));
-                        replies.push(Reply::Hello(reply, HelloReply { applied_seq, host }));
-                    }
-                    Request::Batch { batch, reply } => {
-                        let applied = ch
-                            .watermarks
-                            .get(&batch.agent)
-                            .copied()
-                            .unwrap_or_else(|| st.watermark(&batch.agent));
-                        let agg = batch.aggregate;
-                        let outcome = if batch.seq <= applied {
-                            Outcome::Duplicate
-                        } else {
-                            ch.watermarks.insert(batch.agent, batch.seq);
-                            end_ms = end_ms.max(agg.time_ms);
-                            if detecting {
-                                obs.extend(agg.entries.iter().filter_map(|(k, t)| match k {
-                                    Key::Client(addr) if addr.is_ipv6() => Some(ClientObs {
-                                        addr: *addr,
-                                        time_ms: agg.time_ms,
-                                        host: agg.host,
-                                        totals: *t,
-                                    }),
-                                    _ => None,
-                                }));
-                            }
-                            for (key, totals) in agg.entries {
-                                staged
-                                    .entry(key)
-                                    .or_insert_with_key(|k| Staged {
-                                        change: KeyChange {
-                                            rollup: st.get(k).cloned().unwrap_or_default(),
-                                            ..KeyChange::default()
-                                        },
-                                        pending: None,
-                                    })
-                                    .add(agg.time_ms, agg.host, &totals);
-                            }
-                            Outcome::Applied
-                        };
-                        replies.push(Reply::Batch {
-                            reply,
-                            outcome,
-                            deltas: batch.deltas,
-                            lost_batches: batch.lost_batches,
-                            time_ms: agg.time_ms,
-                        });
-                    }
-                    Request::Stop => {}
+                        outcome,
+                        deltas: batch.deltas,
+                        lost_batches: batch.lost_batches,
+                        time_ms: agg.time_ms,
+                    });
                 }
-            }
-            if end_ms != st.end_ms() {
-                ch.end_ms = Some(end_ms);
-            }
-            // Buckets that left their window go; a new key from a batch older than every window
-            // is not kept at all.
-            ch.rollups.reserve(staged.len());
-            for (k, mut s) in staged {
-                s.flush();
-                s.change.rollup.prune_slots(end_ms);
-                if s.change.rollup.slot_count() > 0 || st.get(&k).is_some() {
-                    ch.rollups.insert(k, s.change);
-                }
+                Request::Stop => {}
             }
         }
-        let result = if ch.is_empty() {
+        if end_ms != st.end_ms() {
+            ch.end_ms = Some(end_ms);
+        }
+        staging.sorted(&mut staged);
+        let result = if ch.is_empty() && staged.is_empty() {
             Ok(())
         } else {
             let t0 = Instant::now();
-            let r = self.store.commit(&ch);
+            // Each touched rollup is rebuilt in `scratch` from the one in memory (which only
+            // this thread changes) and written; memory is changed only after the commit.
+            let mut scratch = Rollup::default();
+            let r = self.store.commit_with(&ch, |w| {
+                let mut kept = 0;
+                for i in 0..staged.len() {
+                    let (key, k) = &staged[i];
+                    let old = st.get(key);
+                    match old {
+                        Some(r) => scratch.clone_from(r),
+                        None => scratch = Rollup::default(),
+                    }
+                    staging.apply(k, &mut scratch, end_ms);
+                    // Buckets that left their window go; a new key from a batch older than
+                    // every window is not kept at all.
+                    if scratch.slot_count() > 0 || old.is_some() {
+                        w.put(key, &scratch)?;
+                        staged.swap(kept, i);
+                        kept += 1;
+                    }
+                }
+                staged.truncate(kept);
+                Ok(())
+            });
             self.metrics
                 .commit_seconds
                 .observe(t0.elapsed().as_secs_f64());
             self.metrics.commit_batches.observe(batches as f64);
             r
         };
+        drop(st);
         match result {
             Ok(()) => {
-                let touched: Vec<Group> = {
-                    let mut g: Vec<Group> = ch.rollups.keys().map(|k| k.group()).collect();
-                    g.sort_unstable();
-                    g.dedup();
-                    g
-                };
+                let mut touched = [false; Group::ALL.len()];
+                for (k, _) in &staged {
+                    touched[k.group() as usize] = true;
+                }
                 let subjects: Vec<Subject> = if detecting {
-                    ch.rollups.keys().filter_map(Subject::of_key).collect()
+                    staged
+                        .iter()
+                        .filter_map(|(k, _)| Subject::of_key(k))
+                        .collect()
                 } else {
                     Vec::new()
                 };
                 {
                     let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
                     ch.install(&mut st);
+                    // The same changes as written, now in place.
+                    for (key, k) in staged.drain(..) {
+                        match st.get_mut(&key) {
+                            Some(r) => {
+                                staging.apply(&k, r, end_ms);
+                                if r.is_empty() {
+                                    st.put(key, Rollup::default());
+                                }
+                            }
+                            None => {
+                                let mut r = Rollup::default();
+                                staging.apply(&k, &mut r, end_ms);
+                                st.put(key, r);
+                            }
+                        }
+                    }
                 }
-                if !touched.is_empty() {
+                if touched.contains(&true) {
                     self.update_key_gauges();
                 }
                 if detecting && !subjects.is_empty() {
@@ -455,6 +597,9 @@ impl Worker {
                 }
             }
         }
+        staged.clear();
+        self.staged = staged;
+        self.staging = staging;
     }
 
     /// Runs the detectors on the subjects a commit touched (and, when due, on the subjects of
@@ -468,13 +613,21 @@ impl Worker {
         let end = st.end_ms();
         let p48 = det.observe(&subjects, obs, end);
         subjects.extend(p48);
+        // Only this thread opens and resolves alerts. A verdict without a finding changes
+        // nothing unless its subject has an open alert: the others are not kept (every touched
+        // key may be judged, four verdicts each).
+        let open_subjects = self.alerts.open_subjects();
+        let open: HashSet<&Subject, foldhash::fast::RandomState> = open_subjects.iter().collect();
         let mut verdicts = Vec::new();
+        let mut judged = Vec::new();
         for s in &subjects {
-            det.evaluate(&st, s, end, false, &mut verdicts);
+            det.evaluate(&st, s, end, false, &mut judged);
+            let keep_all = open.contains(s);
+            verdicts.extend(judged.drain(..).filter(|v| keep_all || v.finding.is_some()));
         }
         if det.sweep_due(end) {
-            for s in self.alerts.open_subjects() {
-                det.evaluate(&st, &s, end, true, &mut verdicts);
+            for s in &open_subjects {
+                det.evaluate(&st, s, end, true, &mut verdicts);
             }
         }
         let resolve_after =
@@ -509,14 +662,7 @@ impl Worker {
                 let slots_changed = r.prune_slots(end);
                 let hosts_gone = r.prune_hosts(end);
                 if slots_changed || !hosts_gone.is_empty() {
-                    ch.rollups.insert(
-                        key,
-                        KeyChange {
-                            rollup: r,
-                            hosts_seen: Vec::new(),
-                            hosts_gone,
-                        },
-                    );
+                    ch.rollups.insert(key, r);
                 }
             }
         }
