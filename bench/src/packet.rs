@@ -136,6 +136,7 @@ pub fn run(args: &Args) -> Result<Section> {
         });
         if n == TARGET_CONNS && args.profile {
             profile = Some(profile_count(&mut ebpf, &packet)?);
+            counted_runs += u64::from(PROFILE_RUNS) * u64::from(PROFILE_REPEAT);
         }
     }
     let mut s = section(args, &results);
@@ -265,7 +266,11 @@ pub(crate) fn enter_private_netns() -> Result<()> {
     Ok(())
 }
 
-/// Samples this process with `perf record` while `bench_count` runs (5 x 1M runs), and says
+/// Test runs of the counting driver while perf samples: `PROFILE_RUNS` x `PROFILE_REPEAT`.
+const PROFILE_RUNS: u32 = 5;
+const PROFILE_REPEAT: u32 = 1_000_000;
+
+/// Samples this process with `perf record` while `bench_count` runs, and says
 /// which functions the samples fall in.
 fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
     let data = std::env::temp_dir().join(format!("outflow-bench-{}.perf", std::process::id()));
@@ -280,8 +285,8 @@ fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
         .context("running perf (`cargo xtask setup` installs it; --profile false skips this)")?;
     // perf needs a moment to attach; the proportions do not depend on the first runs.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    for _ in 0..5 {
-        run_program(ebpf, PROGRAMS[COUNT], packet, 1_000_000)?;
+    for _ in 0..PROFILE_RUNS {
+        run_program(ebpf, PROGRAMS[COUNT], packet, PROFILE_REPEAT)?;
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
