@@ -130,6 +130,8 @@ pub fn run_hold(args: &HoldArgs) -> Result<()> {
 
 fn listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    // The previous holders' connections on this port may still be in TIME_WAIT.
+    sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
     sock.set_nonblocking(true)?;
