@@ -214,15 +214,22 @@ impl Agent {
                 self.stderr.tail(50)
             );
         };
-        self.wait_stdout_closed();
+        self.wait_output_closed();
         status
     }
 
     /// Kills the agent (SIGKILL), as a crash would, and returns its exit status.
     pub fn kill(&self) -> ExitStatus {
         let status = self.process.kill();
-        self.wait_stdout_closed();
+        self.wait_output_closed();
         status
+    }
+
+    /// After exit: waits until both readers have reached end of file, so that
+    /// [`Agent::records`] and [`Agent::stderr`] are complete.
+    fn wait_output_closed(&self) {
+        self.wait_stdout_closed();
+        self.stderr.wait_closed(Duration::from_secs(10));
     }
 
     /// After exit, waits for the reader to reach EOF so that [`Agent::records`] is complete.

@@ -4,7 +4,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,14 @@ impl Drop for ChildProcess {
 
 /// Text a child process writes to a pipe, collected by a thread as it arrives.
 #[derive(Clone, Default)]
-pub struct CapturedText(Arc<Mutex<String>>);
+pub struct CapturedText(Arc<(Mutex<Captured>, Condvar)>);
+
+#[derive(Default)]
+struct Captured {
+    text: String,
+    /// The pipe reached end of file (or failed): nothing more will arrive.
+    closed: bool,
+}
 
 impl CapturedText {
     /// Starts a thread that appends everything read from `pipe` and also echoes each line,
@@ -157,10 +164,7 @@ impl CapturedText {
                             if !line.ends_with('\n') {
                                 eprintln!();
                             }
-                            sink.0
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push_str(&line);
+                            sink.lock().text.push_str(&line);
                         }
                         Err(e) => {
                             eprintln!("[{label}] reading its output: {e}");
@@ -168,17 +172,40 @@ impl CapturedText {
                         }
                     }
                 }
+                sink.lock().closed = true;
+                sink.0.1.notify_all();
             })
             .expect("spawning an output capture thread");
         text
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Captured> {
+        self.0.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Everything captured so far.
     pub fn text(&self) -> String {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lock().text.clone()
+    }
+
+    /// Waits up to `timeout` for the pipe's end of file (after the process has exited, so
+    /// that [`CapturedText::text`] is complete); returns whether it came.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while !state.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .0
+                .1
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 
     /// The last `max_lines` lines captured so far, for panic messages.
