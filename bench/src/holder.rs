@@ -73,6 +73,11 @@ pub struct HoldArgs {
 /// asked) until killed.
 pub fn run_hold(args: &HoldArgs) -> Result<()> {
     ensure!(args.count <= PER_CHILD, "--count is above {PER_CHILD}");
+    // Die with the benchmark, even if it is killed: nobody else would close the connections.
+    // SAFETY: prctl with an integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error()).context("prctl(PR_SET_PDEATHSIG)");
+    }
     let own_cgroup = std::fs::read_to_string("/proc/self/cgroup").context("reading own cgroup")?;
     if let Some(cg) = &args.server_cgroup {
         outflow_tests::cgroup::move_pid(cg, std::process::id())?;
@@ -180,6 +185,7 @@ impl Holders {
             let active = (f64::from(count) * opts.active_fraction).round() as u32;
             let k = self.children.len();
             let mut cmd = Command::new(exe);
+            std::os::unix::process::CommandExt::arg0(&mut cmd, "outflow-bench");
             cmd.args(["hold", "--child", &k.to_string()])
                 .args(["--first", &self.len.to_string()])
                 .args(["--count", &count.to_string()])
