@@ -286,7 +286,7 @@ pub mod bench {
 
     /// Each run picks a connection at random (`bpf_get_prandom_u32`).
     pub const PICK_RANDOM: u32 = 0;
-    /// Each run takes the next connection (per CPU), to touch every one once.
+    /// Each run takes the next connection, to touch every one once.
     pub const PICK_SEQUENTIAL: u32 = 1;
 
     /// Map names of the benchmark object.

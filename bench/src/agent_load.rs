@@ -4,8 +4,8 @@
 //! end of each connection is in the agent's cgroup, the client end is not: one slot per
 //! connection, as on an inference host.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
     sync::mpsc,
     thread,
@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use outflow_tests::{
     agent::{PinDir, agent_bin},
     cgroup::TestCgroup,
-    collector::{Collector, TempDir, free_port},
+    collector::{Collector, Metrics, TempDir, free_port},
     process::ChildProcess,
 };
 
@@ -80,10 +80,15 @@ fn measure(args: &Args, conns: u32, active: f64) -> Result<Case> {
     let pin = PinDir::new("bench-agent");
     let data = TempDir::new("bench-agent-collector");
     let state = TempDir::new("bench-agent-state");
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let collector = Collector::start(
         free_port(),
-        &["--data-dir", data.as_arg(), "--metrics-listen", &metrics],
+        &[
+            "--data-dir",
+            data.as_arg(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
     );
     let capacity = (conns + conns / 4).max(1024).to_string();
     let agent = start_agent(&[
@@ -118,7 +123,7 @@ fn measure(args: &Args, conns: u32, active: f64) -> Result<Case> {
     thread::sleep(Duration::from_secs(3));
     let pid = agent.pid();
     let mut cpu = Vec::new();
-    let (d0, t0) = (deltas_applied(&metrics)?, Instant::now());
+    let (d0, t0) = (deltas_applied(metrics)?, Instant::now());
     for w in 0..args.windows {
         let (c0, t0) = (sys::cpu_time(pid)?, Instant::now());
         thread::sleep(Duration::from_secs(args.window_secs));
@@ -131,7 +136,7 @@ fn measure(args: &Args, conns: u32, active: f64) -> Result<Case> {
         eprintln!("agent: window {}: {pct:.2}% of one core", w + 1);
         cpu.push(pct);
     }
-    let deltas_per_sec = (deltas_applied(&metrics)? - d0) / t0.elapsed().as_secs_f64();
+    let deltas_per_sec = (deltas_applied(metrics)? - d0) / t0.elapsed().as_secs_f64();
     let case = Case {
         conns,
         active,
@@ -141,27 +146,16 @@ fn measure(args: &Args, conns: u32, active: f64) -> Result<Case> {
         peak_rss: sys::peak_rss_bytes(pid)?,
     };
     drop(holders);
+    // A clean stop; the pin directory's guard then detaches what it pinned.
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     agent.wait_timeout(Duration::from_secs(30));
-    let _ = Command::new(agent_bin())
-        .args(["detach", "--pin-dir", pin.as_arg()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    drop(collector);
     Ok(case)
 }
 
 /// `outflow_collector_deltas_total` from the collector's metrics endpoint.
-fn deltas_applied(metrics: &str) -> Result<f64> {
-    let mut conn = TcpStream::connect(metrics).context("connecting to the collector's metrics")?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body)?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("outflow_collector_deltas_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no outflow_collector_deltas_total in the collector's metrics")
+fn deltas_applied(metrics: SocketAddr) -> Result<f64> {
+    let m = Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;
+    Ok(m.value("outflow_collector_deltas_total"))
 }
 
 /// Starts the agent and waits for its "attached" log line.

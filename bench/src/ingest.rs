@@ -7,7 +7,6 @@
 //! this process, one gRPC stream each, that send batches encoded before the clock starts, at
 //! most [`WINDOW`] unacknowledged like the agent's sender.
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -17,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use outflow_proto::v1::{self, AgentMessage, CollectorMessage, agent_message, collector_message};
 use outflow_tests::{
-    collector::{COLLECTOR_BIN_ENV, TempDir, free_port},
+    collector::{COLLECTOR_BIN_ENV, Metrics, TempDir, free_port},
     process::{CapturedText, ChildProcess},
 };
 use prost::{Message as _, bytes::Bytes};
@@ -365,7 +364,8 @@ fn one_run(
     );
     let collector = CollectorProcess::start(bin, dir.path(), listen, metrics)?;
     let pid = collector.pid();
-    let before = Metrics::fetch(metrics)?;
+    let before =
+        Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;
 
     let streams = rt
         .block_on(open_streams(&format!("http://{listen}"), load))
@@ -392,7 +392,8 @@ fn one_run(
     let rss = sys::rss_bytes(pid)?;
     let peak_rss = sys::peak_rss_bytes(pid)?;
 
-    let after = Metrics::fetch(metrics)?;
+    let after =
+        Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;
     let delta = |name: &str| after.value(name) - before.value(name);
     let applied = delta("outflow_collector_deltas_total");
     ensure!(
@@ -582,43 +583,6 @@ impl AgentStream {
             }
         }
         Ok(())
-    }
-}
-
-/// The collector's Prometheus metrics, as text.
-struct Metrics(String);
-
-impl Metrics {
-    fn fetch(addr: SocketAddr) -> Result<Self> {
-        let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .with_context(|| format!("reading http://{addr}/metrics"))?;
-        Ok(Self(out))
-    }
-
-    /// The sample named exactly `name` (labels included); 0 if absent.
-    fn value(&self, name: &str) -> f64 {
-        self.samples()
-            .find(|(n, _)| *n == name)
-            .map_or(0.0, |(_, v)| v)
-    }
-
-    /// The sum of `name`'s samples over all its labels.
-    fn sum(&self, name: &str) -> f64 {
-        self.samples()
-            .filter(|(n, _)| n.split('{').next() == Some(name))
-            .map(|(_, v)| v)
-            .fold(0.0, |a, b| a + b)
-    }
-
-    fn samples(&self) -> impl Iterator<Item = (&str, f64)> {
-        self.0.lines().filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name, value.trim().parse().ok()?))
-        })
     }
 }
 

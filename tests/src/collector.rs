@@ -1,5 +1,6 @@
 //! Driving the `outflow-collector` binary under test and asking it for its aggregates.
 
+use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -176,5 +177,42 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A collector's Prometheus metrics (`GET /metrics` on its metrics address), as text.
+pub struct Metrics(String);
+
+impl Metrics {
+    /// Scrapes the metrics endpoint at `addr`.
+    pub fn fetch(addr: SocketAddr) -> io::Result<Self> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(Self(out))
+    }
+
+    /// The sample named exactly `name` (labels included); 0 if absent.
+    pub fn value(&self, name: &str) -> f64 {
+        self.samples()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, v)| v)
+    }
+
+    /// The sum of `name`'s samples over all its labels.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples()
+            .filter(|(n, _)| n.split('{').next() == Some(name))
+            .map(|(_, v)| v)
+            .fold(0.0, |a, b| a + b)
+    }
+
+    fn samples(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0.lines().filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name, value.trim().parse().ok()?))
+        })
     }
 }
