@@ -65,7 +65,7 @@ pub fn bench_state(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb]
 pub fn bench_count(ctx: SkBuffContext) -> i32 {
-    with_socket(&ctx, |skb, sk| programs::count::<true>(skb, sk));
+    with_socket(&ctx, programs::count::<true>);
     ALLOW
 }
 
