@@ -104,7 +104,12 @@ pub struct ConnSlot {
     pub generation: u32,
     /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
     pub state: u32,
-    pub _pad0: u64,
+    /// Number of the connection's latest turn (see [`TurnEvent`]), written when it starts, after
+    /// its event is submitted and before any byte after it is counted; 0 = none yet.
+    pub turn: u32,
+    /// Number of the latest turn whose start event the ring buffer had no room for (0 = none):
+    /// the agent cannot know who the bytes after that turn's start belong to.
+    pub lost_turn: u32,
 
     // Line 2, written by the agent: what it has reported so far.
     /// Counters the agent has already reported (its watermark): the next delta is
@@ -154,6 +159,11 @@ pub const SK_RCV_INIT: u32 = 2;
 /// `SkState::flags`: the slot's `cgroup_id` is still to be written (by the first packet: sock_ops
 /// cannot read a socket's cgroup).
 pub const SK_NEED_CGROUP: u32 = 4;
+/// `SkState::flags`: the connection's turns are captured (an accepted connection, capture on).
+pub const SK_CAPTURE: u32 = 8;
+/// `SkState::flags`: the next incoming payload starts a turn (set at establishment and by every
+/// outgoing payload of a captured connection).
+pub const SK_AWAIT_TURN: u32 = 16;
 
 /// Per-socket state kept in socket local storage (freed with the socket).
 #[repr(C)]
@@ -171,8 +181,12 @@ pub struct SkState {
     pub flags: u32,
     /// Role as set by sock_ops (0 for connections that predate the agent).
     pub role: u32,
+    /// Number of the current turn (0: none yet).
+    pub turn: u32,
+    /// Bytes of the current turn still to be captured (0: not capturing).
+    pub capture_left: u32,
 }
-const _: () = assert!(size_of::<SkState>() == 24);
+const _: () = assert!(size_of::<SkState>() == 32);
 
 impl SkState {
     /// The state of a socket that has no slot yet.
@@ -185,6 +199,8 @@ impl SkState {
             rcv_max: 0,
             flags: 0,
             role: role as u32,
+            turn: 0,
+            capture_left: 0,
         }
     }
 }
@@ -225,6 +241,12 @@ pub mod stat {
     pub const UNPARSED_PACKETS: u32 = 3;
     /// Packets of a socket whose slot had been given back (stale generation): counted in overflow.
     pub const STALE_SLOT: u32 = 4;
+    /// Turn events (start or continuation) the ring buffer had no room for.
+    pub const TURN_EVENTS_LOST: u32 = 5;
+    /// Annotations the ring buffer had no room for.
+    pub const ANNOTATIONS_LOST: u32 = 6;
+    /// Annotations on a socket without a slot (not counted, overflowed, or not TCP).
+    pub const ANNOTATIONS_UNTRACKED: u32 = 7;
 }
 pub const STAT_COUNT: u32 = 8;
 
@@ -234,12 +256,59 @@ pub const STAT_COUNT: u32 = 8;
 pub struct KernelConfig {
     /// Non-zero: connections whose remote address is loopback are not counted.
     pub exclude_loopback: u32,
-    pub _pad: u32,
+    /// Bytes captured at the start of each turn of an accepted connection, at most
+    /// [`CAPTURE_MAX`]; 0 = no capture.
+    pub capture_bytes: u32,
 }
 const _: () = assert!(size_of::<KernelConfig>() == 8);
 
 /// Layout version of the pinned state; an agent refuses to adopt state of another layout.
-pub const STATE_LAYOUT: u32 = 1;
+pub const STATE_LAYOUT: u32 = 2;
+
+/// Most bytes captured per turn (the data size of a [`TurnEvent`]).
+pub const CAPTURE_MAX: usize = 4096;
+
+/// [`TurnEvent::kind`]: a turn starts; `at` holds the counters before its first byte, `data`
+/// the first bytes of the turn.
+pub const EVENT_TURN: u16 = 1;
+/// [`TurnEvent::kind`]: more bytes of the turn (the first packet carried fewer than the
+/// capture size); `data` continues where the previous event of the turn stopped.
+pub const EVENT_MORE: u16 = 2;
+/// [`TurnEvent::kind`]: the serving application annotated its socket
+/// (`setsockopt(fd, SOL_OUTFLOW, OUTFLOW_CLIENT_ID, value)`); `at` holds the counters at that
+/// moment, `data` the value.
+pub const EVENT_ANNOTATION: u16 = 3;
+
+/// The private socket option level of the annotation API.
+pub const SOL_OUTFLOW: i32 = 0x4f46;
+/// Option name: the client id of what the socket sends from now on.
+pub const OUTFLOW_CLIENT_ID: i32 = 1;
+/// Longest annotation value kept.
+pub const ANNOTATION_MAX: usize = 256;
+
+/// One event of the ring buffer, from the kernel to the agent, about an accepted connection.
+///
+/// A *turn* starts when the client side sends payload after the server side has sent payload
+/// (or at the connection's first payload): on HTTP/1.x keep-alive, one request. The agent reads
+/// from its first bytes who the client is (PROXY header, request headers) and splits the
+/// connection's counts at `at`: what was counted before belongs to the previous client.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TurnEvent {
+    /// The connection's slot and its generation.
+    pub slot: u32,
+    pub generation: u32,
+    /// Number of the turn on this connection (the first is 1).
+    pub turn: u32,
+    /// [`EVENT_TURN`], [`EVENT_MORE`] or [`EVENT_ANNOTATION`].
+    pub kind: u16,
+    /// Bytes of `data` that are valid.
+    pub len: u16,
+    /// The connection's counters just before the turn's first byte (or the annotation).
+    pub at: Counters,
+    pub data: [u8; CAPTURE_MAX],
+}
+const _: () = assert!(size_of::<TurnEvent>() == 64 + CAPTURE_MAX);
 
 /// The agent's own bookkeeping, kept in a pinned one-element map that no kernel program
 /// touches (bpffs holds no regular files).
@@ -304,8 +373,9 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const AGENT_STATE: &str = "AGENT_STATE";
+    pub const EVENTS: &str = "EVENTS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         CONNS,
         FREE_SLOTS,
         SK_STATE,
@@ -314,6 +384,7 @@ pub mod names {
         STATS,
         CONFIG,
         AGENT_STATE,
+        EVENTS,
     ];
 }
 

@@ -1,11 +1,11 @@
 //! The maps, shared by all programs. Sizes here are defaults: the agent sets the connection
 //! table's size at load time, and pins every map so that a restarted agent adopts them.
 use agent_common::{
-    AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey,
+    AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey, TurnEvent,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
-    btf_maps::{Array, HashMap, PerCpuArray, Stack},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, Stack},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::btf_map,
 };
@@ -33,6 +33,11 @@ pub static OVERFLOW: PerCpuArray<Counters, 1> = PerCpuArray::new();
 /// Event counters, indexed by `agent_common::stat`.
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Turn and annotation events of accepted connections, for client attribution (bytes; the
+/// agent may set another power-of-two size at load time).
+#[btf_map]
+pub static EVENTS: RingBuf<TurnEvent, { 8 << 20 }> = RingBuf::new();
 
 /// Runtime settings, written by the agent.
 #[btf_map]

@@ -12,6 +12,8 @@ pub struct Packet {
     pub seq: u32,
     /// L4 payload bytes in this skb (all its segments).
     pub payload: u32,
+    /// Offset of the first payload byte from the start of the packet (the IP header).
+    pub payload_offset: u32,
     /// IP bytes on the wire: one IP+TCP header per segment.
     pub wire_bytes: u64,
     /// Segments in this skb (a GSO/GRO skb carries many).
@@ -34,6 +36,7 @@ pub fn parse(skb: *mut __sk_buff) -> Packet {
         parsed: false,
         seq: 0,
         payload: 0,
+        payload_offset: 0,
         wire_bytes: u64::from(len),
         segments: u64::from(segments),
     };
@@ -48,6 +51,7 @@ pub fn parse(skb: *mut __sk_buff) -> Packet {
         parsed: true,
         seq,
         payload: len - hdrs,
+        payload_offset: hdrs,
         wire_bytes: u64::from(len) + u64::from(segments - 1) * u64::from(hdrs),
         segments: u64::from(segments),
     }

@@ -2,20 +2,24 @@
 //! benchmark object (`bench.rs`), so that what is measured is what runs.
 
 use agent_common::{
-    AF_INET, AF_INET6, ConnSlot, Counters, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_NEED_CGROUP,
-    SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE, SkState, SlotRef, TupleKey, slot, stat,
+    AF_INET, AF_INET6, ANNOTATION_MAX, CAPTURE_MAX, ConnSlot, Counters, EVENT_ANNOTATION,
+    EVENT_MORE, EVENT_TURN, OUTFLOW_CLIENT_ID, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+    SK_AWAIT_TURN, SK_CAPTURE, SK_NEED_CGROUP, SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE,
+    SOL_OUTFLOW, SkState, SlotRef, TupleKey, slot, stat,
 };
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
-        bpf_sock_ops_cb_flags_set,
+        bpf_skb_load_bytes, bpf_sock_ops_cb_flags_set,
     },
-    macros::{cgroup_skb, sock_ops, tracepoint},
-    programs::{SkBuffContext, SockOpsContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sockopt, sock_ops, tracepoint},
+    programs::{SkBuffContext, SockOpsContext, SockoptContext, TracePointContext},
 };
 
-use crate::maps::{CONFIG, CONNS, FREE_SLOTS, LEGACY, OVERFLOW, STATS, sk_state, sk_state_delete};
+use crate::maps::{
+    CONFIG, CONNS, EVENTS, FREE_SLOTS, LEGACY, OVERFLOW, STATS, sk_state, sk_state_delete,
+};
 use crate::packet;
 
 const ALLOW: i32 = 1;
@@ -116,6 +120,18 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
     };
     // SAFETY: a pointer into an array map value (or the per-CPU overflow value) checked above.
     let c = unsafe { &mut *counters };
+    // Turns of an accepted connection, for client attribution: any new outgoing payload ends
+    // the client's turn; the next new incoming payload starts one and is captured (a cold path,
+    // once per request, not per packet).
+    if advance > 0 && st.flags & SK_CAPTURE != 0 {
+        if EGRESS {
+            st.flags |= SK_AWAIT_TURN;
+        } else if st.flags & SK_AWAIT_TURN != 0 || st.capture_left != 0 {
+            // The new bytes are the last `advance` of the payload (the rest was retransmitted).
+            let off = pkt.payload_offset + (pkt.payload - advance as u32);
+            capture(skb, st, off, advance as u32, c);
+        }
+    }
     if EGRESS {
         c.bytes_out += advance;
         c.wire_bytes_out += pkt.wire_bytes;
@@ -125,6 +141,91 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
         c.wire_bytes_in += pkt.wire_bytes;
         c.segments_in += pkt.segments;
     }
+}
+
+/// Captures the start of a turn (or more of its first bytes), for the agent to read the client
+/// from: `len` new payload bytes at `off` in the packet; `at` the connection's counters before
+/// them.
+#[inline(never)]
+fn capture(skb: *mut __sk_buff, st: &mut SkState, off: u32, len: u32, at: &Counters) {
+    if st.slot >= slot::IGNORED {
+        // No slot, no records to split: nothing to attribute.
+        st.flags &= !SK_AWAIT_TURN;
+        st.capture_left = 0;
+        return;
+    }
+    let Some(s) = CONNS.get_ptr_mut(st.slot) else {
+        return;
+    };
+    let start = st.flags & SK_AWAIT_TURN != 0;
+    if start {
+        st.flags &= !SK_AWAIT_TURN;
+        st.turn += 1;
+        let budget = CONFIG.get(0).map_or(0, |c| c.capture_bytes);
+        st.capture_left = if budget > CAPTURE_MAX as u32 {
+            CAPTURE_MAX as u32
+        } else {
+            budget
+        };
+    }
+    let n = if len < st.capture_left {
+        len
+    } else {
+        st.capture_left
+    };
+    let sent = n > 0 && n <= CAPTURE_MAX as u32 && emit(skb, st, off, n, start, at);
+    if sent {
+        st.capture_left -= n;
+    } else {
+        st.capture_left = 0;
+        bump(stat::TURN_EVENTS_LOST);
+        // SAFETY: pointer into the array map.
+        unsafe { core::ptr::write_volatile(&raw mut (*s).lost_turn, st.turn) };
+    }
+    if start {
+        // After the event, before any byte of the turn is counted: the agent reads the
+        // counters, then this, then the ring buffer.
+        // SAFETY: pointer into the array map.
+        unsafe { core::ptr::write_volatile(&raw mut (*s).turn, st.turn) };
+    }
+}
+
+/// Writes one turn event of `n` (1..=CAPTURE_MAX) bytes; false if the ring buffer is full.
+#[inline(always)]
+fn emit(skb: *mut __sk_buff, st: &SkState, off: u32, n: u32, start: bool, at: &Counters) -> bool {
+    let Some(mut entry) = EVENTS.reserve(0) else {
+        return false;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to reserved ring buffer memory of a whole TurnEvent; `n` is bounded
+    // by the data array's size.
+    let loaded = unsafe {
+        (*e).slot = st.slot;
+        (*e).generation = st.generation;
+        (*e).turn = st.turn;
+        (*e).kind = if start { EVENT_TURN } else { EVENT_MORE };
+        (*e).len = n as u16;
+        (*e).at = *at;
+        bpf_skb_load_bytes(skb.cast(), off, (&raw mut (*e).data).cast(), bounded_len(n)) == 0
+    };
+    if loaded {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+    loaded
+}
+
+/// `n` (1..=CAPTURE_MAX) in a form the verifier can bound: the compiler knows the range and
+/// would drop a plain mask, so the mask is done in assembly on `n - 1`.
+#[inline(always)]
+fn bounded_len(n: u32) -> u32 {
+    let mut m = u64::from(n.wrapping_sub(1));
+    // SAFETY: one ALU instruction on a register.
+    unsafe {
+        core::arch::asm!("{0} &= {1}", inout(reg) m, const CAPTURE_MAX - 1, options(pure, nomem, nostack))
+    };
+    m as u32 + 1
 }
 
 /// A socket without state: gives it one if it is an established TCP connection that predates
@@ -370,6 +471,10 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
                 // SAFETY: non-null storage pointer.
                 let st = unsafe { &mut *st };
                 st.role = u32::from(role);
+                if role == ROLE_SERVER && CONFIG.get(0).is_some_and(|c| c.capture_bytes != 0) {
+                    // The client speaks first: its first payload starts turn 1.
+                    st.flags |= SK_CAPTURE | SK_AWAIT_TURN;
+                }
                 if st.slot == slot::UNALLOCATED {
                     // Take the slot now: no other CPU can count this socket's packets yet
                     // (until now it was in a handshake state, which the packet path skips).
@@ -512,4 +617,83 @@ fn try_sock_close(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = LEGACY.remove(key);
     }
     Ok(())
+}
+
+/// The annotation API: `setsockopt(fd, SOL_OUTFLOW, OUTFLOW_CLIENT_ID, value, len)` from the
+/// serving application tags what its socket sends from now on with a client id. Other levels
+/// pass through untouched; the kernel never sees this level (it would refuse it).
+#[cgroup_sockopt(setsockopt)]
+pub fn annotate(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: the program's context.
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if level != SOL_OUTFLOW {
+        return 1;
+    }
+    if optname != OUTFLOW_CLIENT_ID {
+        // Refused: the caller gets EPERM for an option this agent does not know.
+        return 0;
+    }
+    annotate_socket(&ctx);
+    // Handled here: return to the caller without the kernel's own handler.
+    // SAFETY: the program's context; optlen is writable from setsockopt programs.
+    unsafe { (*so).optlen = -1 };
+    1
+}
+
+#[inline(always)]
+fn annotate_socket(ctx: &SockoptContext) {
+    let so = ctx.sockopt;
+    // SAFETY: the program's context; the socket may be null.
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        bump(stat::ANNOTATIONS_UNTRACKED);
+        return;
+    }
+    let st = sk_state(sk, None);
+    if st.is_null() {
+        bump(stat::ANNOTATIONS_UNTRACKED);
+        return;
+    }
+    // SAFETY: non-null socket storage pointer.
+    let st = unsafe { &*st };
+    let Some(s) = (if st.slot < slot::IGNORED {
+        CONNS.get_ptr_mut(st.slot)
+    } else {
+        None
+    }) else {
+        bump(stat::ANNOTATIONS_UNTRACKED);
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve(0) else {
+        bump(stat::ANNOTATIONS_LOST);
+        // The bytes from here on cannot be attributed: the agent treats the turn as lost.
+        // SAFETY: pointer into the array map.
+        unsafe { core::ptr::write_volatile(&raw mut (*s).lost_turn, st.turn) };
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: reserved ring buffer memory of a whole TurnEvent; the slot pointer from the map;
+    // the option value is read byte by byte within [optval, optval_end).
+    unsafe {
+        (*e).slot = st.slot;
+        (*e).generation = st.generation;
+        (*e).turn = st.turn;
+        (*e).kind = EVENT_ANNOTATION;
+        (*e).at = (*s).counters;
+        let start = (*so).__bindgen_anon_2.optval as usize;
+        let end = (*so).__bindgen_anon_3.optval_end as usize;
+        let optlen = (*so).optlen;
+        let mut n = 0usize;
+        while n < ANNOTATION_MAX {
+            let p = start + n;
+            if n as i32 >= optlen || p + 1 > end {
+                break;
+            }
+            (*e).data[n] = *(p as *const u8);
+            n += 1;
+        }
+        (*e).len = n as u16;
+    }
+    entry.submit(0);
 }

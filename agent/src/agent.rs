@@ -2,13 +2,16 @@
 use std::path::PathBuf;
 
 use agent_common::{Counters, stat};
+use aya::maps::{MapData, RingBuf};
+use outflow_attribution::{Client, Resolver};
 
 use crate::{
+    attribution::{Attributor, Part},
     config::Config,
     enrich::{CgroupNames, Listeners},
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
-    record::{ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
+    record::{AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
     table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
 
@@ -20,6 +23,8 @@ pub enum AgentError {
     Table(#[from] TableError),
     #[error("cannot write records: {0}")]
     Output(#[from] std::io::Error),
+    #[error("attribution: {0}")]
+    Attribution(String),
 }
 
 /// Nanoseconds on `CLOCK_BOOTTIME` (what the kernel programs stamp) and the matching wall time.
@@ -61,6 +66,27 @@ pub struct Agent {
     filter: Filter,
     sink: Box<dyn Sink + Send>,
     last_stats: Option<StatsRecord>,
+    attributor: Attributor,
+    /// Turn and annotation events from the kernel.
+    events: RingBuf<MapData>,
+}
+
+/// Most ring buffer records read in one go (the kernel may write as fast as they are read).
+const DRAIN_MAX: usize = 65_536;
+
+/// The attribution resolver of the configuration, with its key file read.
+fn resolver(cfg: &Config) -> Result<Resolver, AgentError> {
+    let a = &cfg.attribution;
+    let key = match &a.id_key_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            AgentError::Attribution(format!(
+                "cannot read attribution.id_key_file {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    Resolver::new(a, key.as_deref()).map_err(|e| AgentError::Attribution(e.to_string()))
 }
 
 /// Redoes what of `plan` was not committed (see [`crate::table::ConnTable::redo`]).
@@ -86,6 +112,7 @@ impl Agent {
     /// Checks the environment, loads or adopts the kernel state, attaches, and says so.
     pub fn start(cfg: &Config, mut sink: Box<dyn Sink + Send>) -> Result<Self, AgentError> {
         kernel::require_root()?;
+        let resolver = resolver(cfg)?;
         let mount = kernel::cgroup2_mount()?;
         let cgroup = kernel::resolve_cgroup(cfg.cgroup.as_deref())?;
         let mut kernel = Kernel::open(&LoadSettings {
@@ -93,7 +120,14 @@ impl Agent {
             pin_dir: &cfg.pin_dir,
             max_connections: cfg.max_connections,
             exclude_loopback: !cfg.filter.include_loopback,
+            capture_bytes: if cfg.attribution.captures() {
+                cfg.attribution.capture_bytes
+            } else {
+                0
+            },
+            ring_bytes: cfg.attribution.ring_bytes,
         })?;
+        let events = kernel.take_events()?;
         let rel = cgroup.strip_prefix(&mount).map_or_else(
             |_| cgroup.display().to_string(),
             |r| format!("/{}", r.display()),
@@ -119,7 +153,27 @@ impl Agent {
             filter: Filter::new(cfg.filter.clone()),
             sink,
             last_stats: None,
+            attributor: Attributor::new(resolver),
+            events,
         })
+    }
+
+    /// The ring buffer's fd, to wait for events on.
+    pub fn events_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd as _;
+        self.events.as_raw_fd()
+    }
+
+    /// Reads the kernel's turn and annotation events that are ready.
+    pub fn drain_events(&mut self) {
+        let table = &self.kernel.table;
+        let attributor = &mut self.attributor;
+        for _ in 0..DRAIN_MAX {
+            let Some(record) = self.events.next() else {
+                break;
+            };
+            attributor.on_record(&record, table);
+        }
     }
 
     /// One interval: emit every changed or closed connection, the overflow, the stats; flush;
@@ -129,17 +183,33 @@ impl Agent {
     pub fn poll(&mut self) -> Result<(), AgentError> {
         let clock = Clock::now();
         self.sink.begin(clock.unix_ms)?;
-        let deltas = self.kernel.table.collect();
+        let mut deltas = self.kernel.table.collect();
+        // After the table: every turn that started before a byte read above has its event in
+        // the ring buffer by now.
+        self.drain_events();
         let mut plan = CommitPlan::default();
-        for d in &deltas {
-            if self
+        for d in &mut deltas {
+            let split = self.attributor.split(d);
+            // Bytes of a turn whose client is not known yet stay unreported, uncommitted.
+            d.delta = split.upto.delta_since(&d.reported());
+            d.snapshot = split.upto;
+            if !self
                 .filter
                 .admits(d.identity.local_port, d.identity.remote_addr)
             {
-                let r = self.record(d, clock);
-                self.sink.conn(&r)?;
-                plan.slots.push(SlotCommit::from(d));
+                continue;
             }
+            let last = split.parts.len().saturating_sub(1);
+            if split.parts.is_empty() && d.closed {
+                let client = crate::attribution::peer_client(d.identity.remote_addr);
+                let r = self.record(d, &Counters::default(), &client, true, clock);
+                self.sink.conn(&r)?;
+            }
+            for (i, Part { counters, client }) in split.parts.iter().enumerate() {
+                let r = self.record(d, counters, client, d.closed && i == last, clock);
+                self.sink.conn(&r)?;
+            }
+            plan.slots.push(SlotCommit::from(&*d));
         }
 
         let (overflow, stats) = self.kernel.read_overflow()?;
@@ -164,6 +234,12 @@ impl Agent {
             capacity: self.kernel.table.capacity(),
             // Closed slots in this batch are freed by the commit below.
             live: self.kernel.table.in_use() - deltas.iter().filter(|d| d.closed).count() as u32,
+            attribution: AttributionStatsRecord {
+                agent: self.attributor.stats.clone(),
+                turn_events_lost: stats[stat::TURN_EVENTS_LOST as usize],
+                annotations_lost: stats[stat::ANNOTATIONS_LOST as usize],
+                annotations_untracked: stats[stat::ANNOTATIONS_UNTRACKED as usize],
+            },
         };
         if self.last_stats.as_ref() != Some(&s) {
             self.sink.stats(clock.unix_ms, &s)?;
@@ -180,7 +256,14 @@ impl Agent {
         Ok(())
     }
 
-    fn record(&mut self, d: &SlotDelta, clock: Clock) -> ConnRecord {
+    fn record(
+        &mut self,
+        d: &SlotDelta,
+        counters: &Counters,
+        client: &Client,
+        closed: bool,
+        clock: Clock,
+    ) -> ConnRecord {
         let id = &d.identity;
         let owner = if id.role == agent_common::ROLE_SERVER {
             let dir = self.cgroups.dir(id.cgroup_id);
@@ -196,7 +279,7 @@ impl Agent {
             wire_bytes_in,
             segments_out,
             segments_in,
-        } = d.delta;
+        } = *counters;
         ConnRecord {
             ts: clock.unix_ms,
             conn_id: id.cookie,
@@ -209,6 +292,9 @@ impl Agent {
             local_port: id.local_port,
             remote_addr: id.remote_addr,
             remote_port: id.remote_port,
+            client_addr: client.addr,
+            client_id: client.id.clone(),
+            client_source: client.source.as_wire(),
             role: Role::from_kernel(id.role),
             bytes_out,
             bytes_in,
@@ -216,7 +302,7 @@ impl Agent {
             wire_bytes_in,
             segments_out,
             segments_in,
-            closed: d.closed,
+            closed,
             cgroup: self.cgroups.path(id.cgroup_id),
             cgroup_id: id.cgroup_id,
             pid: owner.as_ref().map(|p| p.pid),

@@ -25,6 +25,8 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    #[error("config field {0}")]
+    Attribution(#[from] outflow_attribution::ConfigError),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -70,6 +72,9 @@ pub struct Config {
     pub max_connections: u32,
     pub filter: FilterConfig,
     pub export: ExportConfig,
+    /// Who the client is behind balancers and gateways (PROXY protocol, request headers,
+    /// annotations).
+    pub attribution: outflow_attribution::Settings,
 }
 
 /// TLS towards the collector (only with an `https://` collector).
@@ -258,6 +263,7 @@ impl Default for Config {
             max_connections: 65_536,
             filter: FilterConfig::default(),
             export: ExportConfig::default(),
+            attribution: outflow_attribution::Settings::default(),
         }
     }
 }
@@ -365,6 +371,7 @@ impl Config {
                 message: "port 0 is not a port".into(),
             });
         }
+        self.attribution.validate()?;
         self.export.validate()
     }
 

@@ -16,9 +16,9 @@ use std::{
 use agent_common::{AgentState, ConnSlot, KernelConfig, STATE_LAYOUT, names};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapInfo, Stack},
+    maps::{Array, MapData, MapInfo, RingBuf, Stack},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockopt, SockOps, TracePoint,
         links::{FdLink, LinkError},
     },
 };
@@ -93,6 +93,10 @@ pub struct LoadSettings<'a> {
     pub pin_dir: &'a Path,
     pub max_connections: u32,
     pub exclude_loopback: bool,
+    /// Bytes captured at the start of each turn of an accepted connection (0: none).
+    pub capture_bytes: u32,
+    /// Size of the event ring buffer in bytes (a power of two, at least a page).
+    pub ring_bytes: u32,
 }
 
 /// The loaded, attached programs and their maps.
@@ -334,7 +338,8 @@ impl Kernel {
         loader
             .map_max_entries(names::CONNS, capacity)
             .map_max_entries(names::FREE_SLOTS, capacity)
-            .map_max_entries(names::LEGACY, capacity);
+            .map_max_entries(names::LEGACY, capacity)
+            .map_max_entries(names::EVENTS, s.ring_bytes);
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error("maps", &e))?;
 
         let st = agent_state_map(&mut ebpf)?
@@ -356,7 +361,7 @@ impl Kernel {
                 Array::try_from(map).map_err(map_err("CONFIG"))?;
             let kc = KernelConfig {
                 exclude_loopback: u32::from(s.exclude_loopback),
-                _pad: 0,
+                capture_bytes: s.capture_bytes,
             };
             config.set(0, kc, 0).map_err(map_err("write CONFIG"))?;
         }
@@ -440,6 +445,15 @@ impl Kernel {
     }
 
     /// The overflow counters already reported (kept in the pinned state).
+    /// The ring buffer of turn and annotation events (once: the caller keeps it).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        let m = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or_else(|| missing(names::EVENTS))?;
+        RingBuf::try_from(m).map_err(map_err("EVENTS"))
+    }
+
     pub fn overflow_reported(&mut self) -> Result<agent_common::Counters, KernelError> {
         Ok(agent_state_map(&mut self.ebpf)?
             .get(&0, 0)
@@ -512,6 +526,7 @@ const EGRESS: &str = "count_egress";
 const INGRESS: &str = "count_ingress";
 const SOCK_OPS: &str = "sock_ops";
 const SOCK_CLOSE: &str = "sock_close";
+const ANNOTATE: &str = "annotate";
 
 fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), KernelError> {
     let cg = fs::File::open(cgroup).map_err(io_err(format!("open {}", cgroup.display())))?;
@@ -542,6 +557,30 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
                 .try_into()
                 .map_err(|e: LinkError| attach_err(name)(&e))
         })?;
+    }
+
+    {
+        let prog: &mut CgroupSockopt = program(ebpf, ANNOTATE)?;
+        prog.load().map_err(|e| load_error(ANNOTATE, &e))?;
+        let fd = prog
+            .fd()
+            .map_err(|e| attach_err(ANNOTATE)(&e))?
+            .as_fd()
+            .as_raw_fd();
+        // aya 0.14 cannot turn a sockopt link into a pinnable FdLink: link and pin by bpf(2).
+        let pin = link_pin(pin_dir, ANNOTATE);
+        if pin.exists() {
+            replace_in_link(&pin, fd, ANNOTATE)?;
+        } else {
+            const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+            let link = bpf_link_create(fd, cg.as_raw_fd(), BPF_CGROUP_SETSOCKOPT)
+                .and_then(|link| bpf_obj_pin(&link, &pin))
+                .map_err(|e| KernelError::Attach {
+                    program: ANNOTATE,
+                    reason: e.to_string(),
+                });
+            link?;
+        }
     }
 
     {
@@ -659,6 +698,46 @@ fn replace_in_link(pin: &Path, prog: RawFd, name: &'static str) -> Result<(), Ke
                 io::Error::last_os_error()
             ),
         });
+    }
+    Ok(())
+}
+
+/// `BPF_LINK_CREATE` of a cgroup program (flags 0).
+fn bpf_link_create(
+    prog: RawFd,
+    cgroup: RawFd,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let mut attr = [0u8; 128];
+    // union bpf_attr for BPF_LINK_CREATE: __u32 prog_fd; __u32 target_fd; __u32 attach_type;
+    // __u32 flags.
+    attr[..4].copy_from_slice(&(prog as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(cgroup as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    // SAFETY: bpf(2) with a zeroed attr holding the link_create fields.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_PIN`: pins `fd` at `path` on bpffs.
+fn bpf_obj_pin(fd: &std::os::fd::OwnedFd, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u8; 128];
+    // union bpf_attr for BPF_OBJ_PIN: __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags.
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // SAFETY: bpf(2) with a valid path pointer that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), attr.len()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -17,6 +17,7 @@
 //! - [`sender`]: the task that streams the spool to the collector, with backoff.
 //! - [`export`]: settings checked at start, the sink that spools each interval, shutdown.
 pub mod agent;
+pub mod attribution;
 pub mod config;
 pub mod enrich;
 pub mod export;

@@ -113,6 +113,63 @@ struct Cli {
     /// Label sent to the collector (repeatable; replaces the file's label of the same key)
     #[arg(long = "label", global = true, value_name = "KEY=VALUE", value_parser = parse_label, help_heading = "Export")]
     labels: Vec<(String, String)>,
+
+    /// Balancer or gateway network whose PROXY headers and forwarding headers are believed
+    /// (repeatable; replaces the file's list) [default: none]
+    #[arg(
+        long = "trusted-peer",
+        global = true,
+        value_name = "CIDR",
+        help_heading = "Attribution"
+    )]
+    trusted_peers: Vec<ipnet::IpNet>,
+
+    /// Request header naming the client: NAME=address (X-Forwarded-For, Forwarded, X-Real-IP,
+    /// ...) or NAME=id (an API key id, a tenant) (repeatable, tried in order; replaces the
+    /// file's list)
+    #[arg(long = "header", global = true, value_name = "NAME=KIND", value_parser = parse_header, help_heading = "Attribution")]
+    headers: Vec<outflow_attribution::HeaderRule>,
+
+    /// Secret of the keyed hash that replaces client ids (the same file on every host)
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Attribution")]
+    id_key_file: Option<PathBuf>,
+
+    /// Report client ids as they are, not hashed (ids that are not secret, tests)
+    #[arg(long, global = true, help_heading = "Attribution")]
+    raw_ids: bool,
+
+    /// Accept client ids that the serving application sets on its sockets
+    /// (setsockopt SOL_OUTFLOW; see the README)
+    #[arg(long, global = true, help_heading = "Attribution")]
+    annotations: bool,
+
+    /// Do not look for PROXY protocol headers at the start of connections
+    #[arg(long, global = true, help_heading = "Attribution")]
+    no_proxy_protocol: bool,
+}
+
+/// The agent's ring buffer fd, borrowed for readiness (the agent owns and reads it).
+struct EventsFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for EventsFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+fn parse_header(s: &str) -> Result<outflow_attribution::HeaderRule, String> {
+    let (name, kind) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=address or NAME=id (got {s:?})"))?;
+    let kind = match kind {
+        "address" => outflow_attribution::HeaderKind::Address,
+        "id" => outflow_attribution::HeaderKind::Id,
+        _ => return Err(format!("kind must be `address` or `id` (got {kind:?})")),
+    };
+    Ok(outflow_attribution::HeaderRule {
+        name: name.to_ascii_lowercase(),
+        kind,
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -194,6 +251,25 @@ impl Cli {
         }
         for (k, v) in &self.labels {
             e.labels.insert(k.clone(), v.clone());
+        }
+        let a = &mut c.attribution;
+        if !self.trusted_peers.is_empty() {
+            a.trusted_peers = self.trusted_peers.clone();
+        }
+        if !self.headers.is_empty() {
+            a.headers = self.headers.clone();
+        }
+        if let Some(v) = &self.id_key_file {
+            a.id_key_file = Some(v.clone());
+        }
+        if self.raw_ids {
+            a.hash_ids = false;
+        }
+        if self.annotations {
+            a.annotations = true;
+        }
+        if self.no_proxy_protocol {
+            a.proxy_protocol = false;
         }
         c.validate()?;
         Ok(c)
@@ -286,9 +362,24 @@ async fn run_agent(cfg: Config) -> Result<()> {
     let mut agent = Agent::start(&cfg, sink)?;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Turn events are read as they come, so that the ring buffer does not fill between reads.
+    // SAFETY: the fd is the agent's ring buffer, open for as long as `agent` lives, which is
+    // longer than `events` (declared after it, dropped before it).
+    let events = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            EventsFd(agent.events_fd()),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .context("watch the kernel's event ring buffer")?;
     loop {
         tokio::select! {
             _ = tick.tick() => agent.poll()?,
+            ready = events.readable() => {
+                let mut guard = ready.context("wait for kernel events")?;
+                agent.drain_events();
+                guard.clear_ready();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

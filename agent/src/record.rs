@@ -18,6 +18,15 @@ pub struct ConnRecord {
     pub local_port: u16,
     pub remote_addr: IpAddr,
     pub remote_port: u16,
+    /// The client these bytes belong to: the real client behind a balancer or gateway when it
+    /// could be attributed, else the remote address. One interval of one connection gives one
+    /// record per client (same `conn_id`); their sum is the connection's delta.
+    pub client_addr: IpAddr,
+    /// The client's id (hashed unless configured raw), if one was found.
+    pub client_id: Option<String>,
+    /// Where the client was learnt: `peer`, `proxy-v1`, `proxy-v2`, `header:<name>`,
+    /// `annotation`.
+    pub client_source: String,
     pub role: Role,
     pub bytes_out: u64,
     pub bytes_in: u64,
@@ -54,6 +63,20 @@ pub struct StatsRecord {
     pub stale_slot: u64,
     pub capacity: u32,
     pub live: u32,
+    pub attribution: AttributionStatsRecord,
+}
+
+/// Client attribution's counters (cumulative), in the stats record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttributionStatsRecord {
+    #[serde(flatten)]
+    pub agent: crate::attribution::AttributionStats,
+    /// Turn events the kernel's ring buffer had no room for (their bytes: `event_lost`).
+    pub turn_events_lost: u64,
+    /// Annotations the ring buffer had no room for.
+    pub annotations_lost: u64,
+    /// Annotations on sockets the agent does not track (not TCP, not counted, overflowed).
+    pub annotations_untracked: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -238,6 +261,19 @@ impl<W: Write> Sink for JsonLines<W> {
     }
 }
 
+/// ` client 198.51.100.7 id h:.. (header:x-client-id)` when the client is not the peer.
+fn client_text(r: &ConnRecord) -> String {
+    if r.client_source == "peer" {
+        return String::new();
+    }
+    let id = r
+        .client_id
+        .as_deref()
+        .map(|i| format!(" id {i}"))
+        .unwrap_or_default();
+    format!(" client {}{id} ({})", r.client_addr, r.client_source)
+}
+
 /// One line per record, for a person at a terminal.
 pub struct Text<W: Write>(pub W);
 
@@ -266,10 +302,11 @@ impl<W: Write> Sink for Text<W> {
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
         writeln!(
             self.0,
-            "{:<7} {} -> {} out {} B ({} wire, {} segs) in {} B ({} wire, {} segs){} cgroup={} {}",
+            "{:<7} {} -> {}{} out {} B ({} wire, {} segs) in {} B ({} wire, {} segs){} cgroup={} {}",
             r.role.as_str(),
             endpoint(r.local_addr, r.local_port),
             endpoint(r.remote_addr, r.remote_port),
+            client_text(r),
             r.bytes_out,
             r.wire_bytes_out,
             r.segments_out,
@@ -298,16 +335,28 @@ impl<W: Write> Sink for Text<W> {
         )
     }
     fn stats(&mut self, _ts: u64, r: &StatsRecord) -> std::io::Result<()> {
+        let a = &r.attribution;
+        let unattributed: Vec<String> = a
+            .agent
+            .unattributed
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         writeln!(
             self.0,
-            "stats: {}/{} slots in use, {} connections overflowed ({} closed), {} untracked closes, {} unparsed packets, {} stale",
+            "stats: {}/{} slots in use, {} connections overflowed ({} closed), {} untracked closes, {} unparsed packets, {} stale; attribution: {} turns, {} annotations, {} ignored claims, unattributed [{}], {} events lost",
             r.live,
             r.capacity,
             r.conns_overflowed,
             r.overflow_closed,
             r.legacy_untracked,
             r.unparsed_packets,
-            r.stale_slot
+            r.stale_slot,
+            a.agent.turns,
+            a.agent.annotations,
+            a.agent.ignored_claims,
+            unattributed.join(", "),
+            a.turn_events_lost + a.annotations_lost,
         )
     }
     fn export(&mut self, _ts: u64, r: &ExportRecord) -> std::io::Result<()> {

@@ -49,6 +49,17 @@ pub struct SlotDelta {
     /// The connection is gone: this is its last record, and the slot is freed on commit.
     pub closed: bool,
     pub identity: Identity,
+    /// The slot's latest turn and latest lost turn (`ConnSlot::turn`, `lost_turn`), read after
+    /// the counters: every byte in `snapshot` belongs to a turn up to `turn`.
+    pub turn: u32,
+    pub lost_turn: u32,
+}
+
+impl SlotDelta {
+    /// The watermark before this delta (what was reported so far).
+    pub fn reported(&self) -> Counters {
+        self.snapshot.delta_since(&self.delta)
+    }
 }
 
 /// What committing one reported slot writes: enough to redo the commit after a crash, and to
@@ -69,17 +80,7 @@ impl From<&SlotDelta> for SlotCommit {
         Self {
             index: d.index,
             generation: d.generation,
-            before: Counters {
-                bytes_out: d.snapshot.bytes_out.wrapping_sub(d.delta.bytes_out),
-                bytes_in: d.snapshot.bytes_in.wrapping_sub(d.delta.bytes_in),
-                wire_bytes_out: d
-                    .snapshot
-                    .wire_bytes_out
-                    .wrapping_sub(d.delta.wire_bytes_out),
-                wire_bytes_in: d.snapshot.wire_bytes_in.wrapping_sub(d.delta.wire_bytes_in),
-                segments_out: d.snapshot.segments_out.wrapping_sub(d.delta.segments_out),
-                segments_in: d.snapshot.segments_in.wrapping_sub(d.delta.segments_in),
-            },
+            before: d.reported(),
             snapshot: d.snapshot,
             closed: d.closed,
         }
@@ -205,6 +206,8 @@ impl ConnTable {
                 if delta.is_zero() && !closed {
                     continue;
                 }
+                // After the counters: a turn that started before a counted byte is seen.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
                 out.push(SlotDelta {
                     index,
                     generation: ptr::read_volatile(field!(s, generation)),
@@ -212,10 +215,32 @@ impl ConnTable {
                     delta,
                     closed,
                     identity: read_identity(s),
+                    turn: ptr::read_volatile(field!(s, turn)),
+                    lost_turn: ptr::read_volatile(field!(s, lost_turn)),
                 });
             }
         }
         out
+    }
+
+    /// Who holds slot `index` in generation `generation`, if a connection does.
+    pub fn identity(&self, index: u32, generation: u32) -> Option<Identity> {
+        if index >= self.capacity {
+            return None;
+        }
+        let s = self.slot(index);
+        // SAFETY: in-bounds slot pointer; volatile reads of aligned fields.
+        unsafe {
+            let state = ptr::read_volatile(field!(s, state));
+            if state != SLOT_LIVE && state != SLOT_CLOSED {
+                return None;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            if ptr::read_volatile(field!(s, generation)) != generation {
+                return None;
+            }
+            Some(read_identity(s))
+        }
     }
 
     /// Records that `deltas` were reported: their snapshots become the watermarks, and closed

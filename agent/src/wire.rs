@@ -60,6 +60,13 @@ impl From<&ConnRecord> for v1::ConnDelta {
             pid: r.pid.unwrap_or(0),
             comm: r.comm.clone().unwrap_or_default(),
             first_seen_ms: r.first_seen,
+            client_addr: if r.client_source == "peer" {
+                Vec::new()
+            } else {
+                addr_bytes(r.client_addr)
+            },
+            client_id: r.client_id.clone().unwrap_or_default(),
+            client_source: r.client_source.clone(),
         }
     }
 }
@@ -135,6 +142,9 @@ mod tests {
             local_port: 8000,
             remote_addr: remote,
             remote_port: 40000,
+            client_addr: remote,
+            client_id: None,
+            client_source: "peer".into(),
             role,
             bytes_out: 1,
             bytes_in: 2,
