@@ -8,6 +8,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -52,6 +53,10 @@ enum Command {
     /// namespaces; one client starts extracting in bulk. Prints the collector's top talkers
     /// (and alerts) as it goes, then cleans up.
     Demo,
+    /// Fuzz the attribution parsers (PROXY, HTTP heads, forwarding headers, the resolver).
+    ///
+    /// Installs cargo-fuzz if missing; runs each target for --seconds with a fixed seed.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -63,5 +68,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => {
+            fuzz::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

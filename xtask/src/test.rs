@@ -2,7 +2,8 @@
 //!
 //! Checks for root, runs `setup`, builds the workspace's default members' binaries (the
 //! integration tests start the agent binary), then runs `cargo test` over the default
-//! members with the extra arguments, and exits with `cargo test`'s status.
+//! members with the extra arguments, and exits with `cargo test`'s status. Without extra
+//! arguments (the whole suite) it first fuzzes the attribution parsers for a few seconds each.
 //!
 //! The eBPF crate is left out of both on purpose: it is not a default member, builds only
 //! for the bpf target, and reaches the agent through its build script.
@@ -16,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,12 +59,21 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     println!("xtask: {}", cmd::display(&build));
     cmd::run(&mut build).context("building the binaries the integration tests start")?;
 
+    // The whole suite (no filter): the untrusted-input parsers under libFuzzer too, briefly
+    // (first, so that the test results close the output).
+    if args.cargo_test_args.is_empty() {
+        fuzz::run_targets(&fuzz::TARGETS, FUZZ_SECONDS)?;
+    }
+
     let mut test = cargo("test");
     test.args(&args.cargo_test_args);
     println!("xtask: {}", cmd::display(&test));
     let status = cmd::status(&mut test)?;
     Ok(exit_code(status))
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test` (`cargo xtask fuzz` runs longer).
+const FUZZ_SECONDS: u32 = 15;
 
 /// The build-profile flags among `cargo test`'s own arguments (before any `--`), so the
 /// binaries are built with the profile the tests are built with.

@@ -1,0 +1,89 @@
+//! `cargo xtask fuzz [--seconds N] [TARGET ...]`: the attribution parsers under libFuzzer.
+//!
+//! The PROXY, HTTP head and forwarding-header parsers and the per-turn resolver read bytes that
+//! anyone who can connect to an inference host chooses. Their fuzz targets live in
+//! `attribution/fuzz/` (a cargo-fuzz project outside the workspace: nightly and sanitizers).
+//! This installs cargo-fuzz if missing and runs each target for a bounded time with a fixed
+//! seed; `cargo xtask test` runs it too, briefly. A crash fails the command and leaves the
+//! input in `attribution/fuzz/artifacts/<target>/`.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+/// Every fuzz target of `attribution/fuzz`.
+pub const TARGETS: [&str; 4] = ["proxy", "http", "forwarded", "turn"];
+/// cargo-fuzz release installed when missing (0.13 builds with the stable toolchain here).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// How long each target runs
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Targets to run [default: all: proxy, http, forwarded, turn]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
+    targets: Vec<String>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let targets: Vec<&str> = if args.targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        args.targets.iter().map(String::as_str).collect()
+    };
+    run_targets(&targets, args.seconds)
+}
+
+/// Runs `targets` for `seconds` each; an error names the first target that found a crash.
+pub fn run_targets(targets: &[&str], seconds: u32) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let dir = cmd::workspace_root().join("attribution/fuzz");
+    for t in targets {
+        let mut c = nightly_cargo();
+        c.current_dir(&dir).args([
+            "fuzz",
+            "run",
+            t,
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-seed=1",
+            "-print_final_stats=1",
+        ]);
+        println!("xtask: {}", cmd::display(&c));
+        let st = cmd::status(&mut c)?;
+        if !st.success() {
+            bail!(
+                "fuzz target `{t}` failed ({st}): the crashing input is in {}",
+                dir.join("artifacts").join(t).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `cargo` of the nightly toolchain (cargo-fuzz needs `-Z` flags).
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"]);
+    c
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let installed = cmd::output(nightly_cargo().args(["fuzz", "--version"])).is_ok();
+    if installed {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)...");
+    let mut c = Command::new(cmd::cargo());
+    c.args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    cmd::run(&mut c).context("installing cargo-fuzz from crates.io")
+}
