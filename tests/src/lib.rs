@@ -11,6 +11,10 @@
 //! - [`agent::Agent`]: the `outflow-agent` binary under test, its JSON records collected.
 //! - [`collector::Collector`]: the `outflow-collector` binary under test, and its queries.
 //! - [`records`]: sums of the agent's per-connection deltas.
+//! - [`http`]: an HTTP/1.1 streaming server and a load of many clients with ids
+//!   (`outflow-testpeer http-serve` / `http-load`), and a ledger of who got which bytes.
+//! - [`gateway::Nginx`], [`gateway::Haproxy`]: real gateways between those clients and the
+//!   server, in the client namespace.
 //!
 //! Failures panic with a message saying what failed: this is test code.
 
@@ -19,6 +23,9 @@
 pub mod agent;
 pub mod cgroup;
 pub mod collector;
+pub mod gateway;
+pub mod http;
+mod lines;
 pub mod netns;
 pub mod peer;
 pub mod process;

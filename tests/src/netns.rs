@@ -5,6 +5,8 @@
 use std::fs::{self, File};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
@@ -23,6 +25,12 @@ pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// IPv6 address of the client end of the veth pair (prefix /64).
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+/// The client hosts' IPv4 network, 198.51.100.0/24 (TEST-NET-2): [`NetnsPair::add_client_hosts`]
+/// puts host `i` at 198.51.100.`i`.
+pub const CLIENT_HOSTS_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+/// The client hosts' IPv6 network, 2001:db8:100::/64: host `i` is 2001:db8:100::`i`.
+pub const CLIENT_HOSTS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0);
 
 /// Where `ip netns` keeps its named namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -54,6 +62,48 @@ pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Makes `command` enter the named network namespace between fork and exec, so that the
+/// process (a gateway, say) and everything it starts live there, without the mount namespace
+/// that `ip netns exec` adds. With `die_with_parent`, the process also gets SIGKILL when the
+/// thread that spawns it exits (`PR_SET_PDEATHSIG`): a test killed halfway leaves no daemon.
+pub fn command_in(command: &mut Command, name: &str, die_with_parent: bool) -> io::Result<()> {
+    let path = Path::new(NETNS_DIR).join(name);
+    let netns = File::open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+    let fd = netns.as_raw_fd();
+    // SAFETY: the hook makes only async-signal-safe system calls (setns, prctl) on a file
+    // descriptor that stays open until the command is spawned: `netns` moves into the closure,
+    // which the command keeps.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep = &netns;
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Address of client host `i` (1..=254) in [`CLIENT_HOSTS_V4`].
+pub fn client_host_v4(i: u8) -> Ipv4Addr {
+    assert!((1..=254).contains(&i), "client host {i} is not in 1..=254");
+    let [a, b, c, _] = CLIENT_HOSTS_V4.octets();
+    Ipv4Addr::new(a, b, c, i)
+}
+
+/// Address of client host `i` (1..=65535) in [`CLIENT_HOSTS_V6`].
+pub fn client_host_v6(i: u16) -> Ipv6Addr {
+    assert!(i >= 1, "client host 0 is the network's own address");
+    let mut segments = CLIENT_HOSTS_V6.segments();
+    segments[7] = i;
+    Ipv6Addr::from(segments)
 }
 
 /// Two network namespaces, server and client, joined by a veth pair:
@@ -165,6 +215,48 @@ impl NetnsPair {
         SocketAddr::new(IpAddr::V6(SERVER_V6), port)
     }
 
+    /// Adds `v4` IPv4 client hosts (198.51.100.1, .2, ...) and `v6` IPv6 ones (2001:db8:100::1,
+    /// ...) to `lo` of the client namespace, and a route to them through the veth in the server
+    /// namespace. Returns the addresses, IPv4 first.
+    ///
+    /// They stand for the many clients behind a gateway: a socket bound to one of them reaches
+    /// a gateway listening on the client end (198.18.0.2, same namespace) and the server
+    /// directly, across the veth, as a client on its own would. Calling it again adds the
+    /// missing ones; the routes are replaced, not duplicated.
+    pub fn add_client_hosts(&self, v4: u8, v6: u16) -> Vec<IpAddr> {
+        assert!(v4 <= 254, "at most 254 IPv4 client hosts");
+        let hosts: Vec<IpAddr> = (1..=v4)
+            .map(|i| IpAddr::V4(client_host_v4(i)))
+            .chain((1..=v6).map(|i| IpAddr::V6(client_host_v6(i))))
+            .collect();
+        // One `ip -batch` per namespace: a few hundred addresses in one process.
+        let mut batch = String::new();
+        for host in &hosts {
+            let (prefix, extra) = if host.is_ipv4() {
+                (32, "")
+            } else {
+                (128, " nodad")
+            };
+            batch.push_str(&format!("addr replace {host}/{prefix} dev lo{extra}\n"));
+        }
+        ip_batch(&self.client_ns, &batch);
+        let mut routes = String::new();
+        if v4 > 0 {
+            routes.push_str(&format!(
+                "route replace {CLIENT_HOSTS_V4}/24 via {CLIENT_V4}\n"
+            ));
+        }
+        if v6 > 0 {
+            routes.push_str(&format!(
+                "route replace {CLIENT_HOSTS_V6}/64 via {CLIENT_V6}\n"
+            ));
+        }
+        if !routes.is_empty() {
+            ip_batch(&self.server_ns, &routes);
+        }
+        hosts
+    }
+
     /// Waits until both veth ends have carrier and no address is tentative.
     fn wait_ready(&self) {
         for (ns, dev, v4, v6) in [
@@ -217,6 +309,36 @@ fn try_ip(args: &[&str]) -> Result<String, String> {
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         ))
+    }
+}
+
+/// Runs the `ip` commands in `batch` (one a line) inside namespace `ns`; panics if one fails.
+fn ip_batch(ns: &str, batch: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running ip -batch: {e}"));
+    let write = child
+        .stdin
+        .take()
+        .expect("stdin of ip is piped")
+        .write_all(batch.as_bytes());
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for ip -batch: {e}"));
+    if let Err(e) = write {
+        panic!("writing to ip -batch in {ns}: {e}");
+    }
+    if !output.status.success() {
+        panic!(
+            "`ip -n {ns} -batch -` failed ({}): {}\ncommands:\n{batch}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
 }
 

@@ -2,19 +2,20 @@
 //! and the test cgroup; [`Client`] makes requests from inside the client namespace.
 //! The exchange itself is described in [`crate::protocol`].
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cgroup::TestCgroup;
+use crate::lines::JsonLines;
 use crate::netns::{self, NetnsPair, SERVER_V4, SERVER_V6};
 use crate::process::{CapturedText, ChildProcess};
 use crate::protocol::{DONE_BYTE, RequestHeader, ServerResult, write_payload};
@@ -35,23 +36,9 @@ const CLIENT_PORTS: std::ops::RangeInclusive<u16> = 10_000..=32_767;
 /// [`TestCgroup`]. Killed when dropped.
 pub struct Server {
     process: ChildProcess,
-    output: Arc<SharedOutput>,
+    output: Arc<JsonLines<ServerResult>>,
     stderr: CapturedText,
     ports: Vec<u16>,
-}
-
-#[derive(Default)]
-struct SharedOutput {
-    state: Mutex<ServerOutput>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct ServerOutput {
-    ready: bool,
-    results: Vec<ServerResult>,
-    bad_lines: Vec<String>,
-    closed: bool,
 }
 
 impl Server {
@@ -101,15 +88,13 @@ impl Server {
                 .take_stderr()
                 .expect("stderr of outflow-testpeer is piped"),
         );
-        let stdout = process
-            .take_stdout()
-            .expect("stdout of outflow-testpeer is piped");
-        let output = Arc::new(SharedOutput::default());
-        let sink = Arc::clone(&output);
-        thread::Builder::new()
-            .name("testpeer-stdout".into())
-            .spawn(move || read_server_output(stdout, &sink))
-            .expect("spawning the testpeer stdout reader");
+        let output = JsonLines::spawn(
+            "testpeer-stdout",
+            process
+                .take_stdout()
+                .expect("stdout of outflow-testpeer is piped"),
+            Some("ready"),
+        );
 
         let server = Self {
             process,
@@ -126,23 +111,7 @@ impl Server {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut state = self.lock();
-        while !state.ready && !state.closed {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = self
-                .output
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        let (ready, closed) = (state.ready, state.closed);
-        drop(state);
-        if !ready {
+        if let Err(closed) = self.output.wait_ready(READY_TIMEOUT) {
             let why = if closed {
                 format!(
                     "it exited ({:?})",
@@ -175,83 +144,20 @@ impl Server {
 
     /// Results of the connections finished so far, in the order they finished.
     pub fn results(&self) -> Vec<ServerResult> {
-        self.lock().results.clone()
+        self.output.items()
     }
 
     /// Waits until at least `n` connections have finished and returns all results.
     /// Panics on timeout, if the server died, or if it printed a line that is not a result.
     pub fn wait_results(&self, n: usize, timeout: Duration) -> Vec<ServerResult> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            let failure = if !state.bad_lines.is_empty() {
-                Some(format!(
-                    "it printed lines that are not results: {:?}",
-                    state.bad_lines
-                ))
-            } else if state.results.len() >= n {
-                return state.results.clone();
-            } else if state.closed {
-                Some(format!(
-                    "it exited after {} of {n} results",
-                    state.results.len()
-                ))
-            } else if Instant::now() >= deadline {
-                Some(format!(
-                    "{} of {n} results after {timeout:?}",
-                    state.results.len()
-                ))
-            } else {
-                None
-            };
-            if let Some(failure) = failure {
-                drop(state);
-                panic!(
-                    "waiting for outflow-testpeer results: {failure}; stderr:\n{}",
-                    self.stderr.tail(50)
-                );
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            state = self
-                .output
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ServerOutput> {
         self.output
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn read_server_output(stdout: impl Read, output: &SharedOutput) {
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next();
-        let mut state = output.state.lock().unwrap_or_else(PoisonError::into_inner);
-        match line {
-            Some(Ok(line)) if line == "ready" && !state.ready => state.ready = true,
-            Some(Ok(line)) => match serde_json::from_str::<ServerResult>(&line) {
-                Ok(result) => state.results.push(result),
-                Err(e) => state.bad_lines.push(format!("{line} ({e})")),
-            },
-            Some(Err(e)) => {
-                state.bad_lines.push(format!("<read error: {e}>"));
-                state.closed = true;
-            }
-            None => state.closed = true,
-        }
-        let closed = state.closed;
-        drop(state);
-        output.changed.notify_all();
-        if closed {
-            return;
-        }
+            .wait_until(timeout, |results| results.len() >= n)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "waiting for {n} outflow-testpeer results: {e}; stderr:\n{}",
+                    self.stderr.tail(50)
+                )
+            })
     }
 }
 

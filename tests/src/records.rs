@@ -77,6 +77,63 @@ pub struct ConnRecord {
     pub first_seen: u64,
     /// Unix time the connection was last active, in milliseconds.
     pub last_seen: u64,
+    /// The client these bytes are attributed to: the peer's address when nothing better is
+    /// known. One interval of one connection gives a record per client.
+    #[serde(default)]
+    pub client_addr: Option<IpAddr>,
+    /// The client's id, if one is known (hashed unless the agent runs with `--raw-ids`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Where the client came from: `peer`, `proxy-v1`, `proxy-v2`, `header:<name>` or
+    /// `annotation`.
+    #[serde(default)]
+    pub client_source: Option<String>,
+}
+
+/// `"attribution"` of a `stats` record: cumulative counts of the agent's attribution.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct AttributionStats {
+    /// Turns read (for HTTP/1.x on keep-alive connections, requests).
+    pub turns: u64,
+    /// Claims (PROXY headers, forwarding or id headers) from peers that are not trusted.
+    pub ignored_claims: u64,
+    /// Turns whose client could not be read, by reason.
+    pub unattributed: Unattributed,
+}
+
+/// Turns attributed to the connection's client for want of anything better, by reason. The
+/// agent lists only the reasons that occurred: a missing one is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Unattributed {
+    /// TLS.
+    pub tls: u64,
+    /// HTTP/2 with prior knowledge.
+    pub http2: u64,
+    /// Not HTTP.
+    pub not_http: u64,
+    /// Two requests in one turn.
+    pub pipelined: u64,
+    /// A request head longer than the capture.
+    pub headers_truncated: u64,
+    /// A bad PROXY header.
+    pub malformed_proxy: u64,
+    /// The kernel's event for the turn was lost.
+    pub event_lost: u64,
+}
+
+/// The `attribution` counts of the last `stats` record, if there is one. Panics (naming the
+/// record) if they do not fit the contract.
+pub fn attribution_stats(records: &[Value]) -> Option<AttributionStats> {
+    let stats = of_type(records, "stats").last()?;
+    let attribution = stats
+        .get("attribution")
+        .unwrap_or_else(|| panic!("stats record without \"attribution\": {stats}"));
+    Some(
+        AttributionStats::deserialize(attribution).unwrap_or_else(|e| {
+            panic!("stats attribution does not fit the contract: {e}: {stats}")
+        }),
+    )
 }
 
 /// The records whose `"type"` is `kind` (`"started"`, `"conn"`, `"overflow"`, `"stats"`).
@@ -204,6 +261,33 @@ mod tests {
         assert_eq!(totals_by_remote_port(&conns)[&40001].wire_bytes_out, 57);
         assert_eq!(closed_counts(&conns), BTreeMap::from([(1, 1), (2, 0)]));
         assert_eq!(of_type(&records, "stats").count(), 1);
+    }
+
+    #[test]
+    fn reads_clients_and_attribution_stats() {
+        let mut one = conn(1, 40000, 10, false);
+        one["client_addr"] = json!("198.51.100.7");
+        one["client_id"] = json!("tenant-1");
+        one["client_source"] = json!("header:x-client-id");
+        let mut two = conn(1, 40000, 5, false);
+        two["client_addr"] = json!("2001:db8:100::7");
+        two["client_id"] = Value::Null;
+        two["client_source"] = json!("peer");
+        let stats = json!({"type": "stats", "ts": 1, "attribution": {
+            "turns": 3, "ignored_claims": 1, "unattributed": {"pipelined": 2}}});
+        let records = vec![one, two, stats];
+        let conns = conn_records(&records);
+        let by_addr = totals_by(&conns, |c| c.client_addr);
+        assert_eq!(
+            by_addr[&Some("198.51.100.7".parse().expect("ip"))].bytes_out,
+            10
+        );
+        assert_eq!(conns[1].client_id, None);
+        assert_eq!(conns[1].client_source.as_deref(), Some("peer"));
+        let stats = attribution_stats(&records).expect("a stats record");
+        assert_eq!((stats.turns, stats.unattributed.pipelined), (3, 2));
+        // Records of an agent without attribution still parse.
+        assert_eq!(conn_records(&[conn(2, 1, 1, true)])[0].client_addr, None);
     }
 
     #[test]

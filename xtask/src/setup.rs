@@ -7,7 +7,9 @@
 //! - `bpf-linker` linked against the nightly toolchain's own libLLVM (Debian ships no LLVM of
 //!   the major nightly uses): symlinks to that libLLVM go into [`LLVM_PREFIX_DIR`] under
 //!   `~/.local`, which bpf-linker's build script also bakes into the binary's rpath;
-//! - the Debian packages the tests and benchmarks run: [`DEBIAN_PACKAGES`].
+//! - the Debian packages the tests and benchmarks run: [`DEBIAN_PACKAGES`]. Installing them
+//!   starts no service (see [`NoServiceStarts`]): the tests run nginx and HAProxy themselves, in
+//!   their own network namespaces, with their own configuration.
 //!
 //! Mounts (bpffs, tracefs) are not set up here: the agent mounts what it needs itself.
 
@@ -37,7 +39,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and benchmarks use: `ip`/`ss`, `setpriv`, `ps`/`sysctl`, iperf3,
 /// ethtool (the throughput benchmark turns segmentation offloads off with it), perf (the
-/// per-packet benchmark profiles with it).
+/// per-packet benchmark profiles with it), and the gateways the attribution tests put in front
+/// of the server: nginx (Debian's smallest build; `nginx-light` only adds a module to it) and
+/// HAProxy.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -45,7 +49,17 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "ethtool",
     "linux-perf",
+    "nginx",
+    "haproxy",
 ];
+
+/// Packages whose maintainer scripts enable and start a system daemon (listening on port 80
+/// for nginx), with the service unit of each: setup keeps them stopped and disabled.
+const DAEMON_PACKAGES: &[(&str, &str)] =
+    &[("nginx", "nginx.service"), ("haproxy", "haproxy.service")];
+
+/// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// Answers to debconf questions the packages above would otherwise ask.
 const DEBCONF_PRESEED: &str = "iperf3 iperf3/start_daemon boolean false\n";
@@ -401,7 +415,7 @@ fn print_installed(packages: &[&'static str]) -> Result<Vec<&'static str>> {
         .output()
         .context(
             "running dpkg-query: setup supports Debian only; elsewhere install iproute2, \
-             util-linux (setpriv), procps, iperf3, ethtool and perf yourself",
+             util-linux (setpriv), procps, iperf3, ethtool, perf, nginx and haproxy yourself",
         )?;
     let listing = String::from_utf8_lossy(&out.stdout);
     let mut missing = Vec::new();
@@ -454,11 +468,74 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     )?;
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
     install.args(packages);
-    cmd::run(&mut install).with_context(|| {
-        format!(
-            "installing {}: see apt-get's output above; `dpkg --configure -a` repairs an \
-             interrupted install",
-            packages.join(", ")
+    {
+        let _no_starts = NoServiceStarts::install()?;
+        cmd::run(&mut install).with_context(|| {
+            format!(
+                "installing {}: see apt-get's output above; `dpkg --configure -a` repairs an \
+                 interrupted install",
+                packages.join(", ")
+            )
+        })?;
+    }
+    disable_daemons(packages)
+}
+
+/// A `policy-rc.d` that forbids every service start (exit 101), in place while apt-get runs, so
+/// that the postinst of nginx or haproxy starts no daemon, under systemd or not. Removed when
+/// dropped; one that is already there (container images ship one) is left alone.
+struct NoServiceStarts {
+    ours: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self { ours: false });
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# written by `cargo xtask setup` while it installs packages: start no service\nexit 101\n",
         )
-    })
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { ours: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.ours
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("removing {POLICY_RC_D}: {e}; remove it by hand or no service will start");
+        }
+    }
+}
+
+/// Under systemd, disables (and stops, should one have started anyway) the services of the
+/// daemon packages just installed, so that a reboot does not start them either. Without
+/// systemd nothing starts services at boot in the machines setup is for (containers).
+fn disable_daemons(installed: &[&str]) -> Result<()> {
+    if !Path::new("/run/systemd/system").exists() {
+        return Ok(());
+    }
+    let units: Vec<&str> = DAEMON_PACKAGES
+        .iter()
+        .filter(|(pkg, _)| installed.contains(pkg))
+        .map(|&(_, unit)| unit)
+        .collect();
+    if units.is_empty() {
+        return Ok(());
+    }
+    cmd::run(
+        Command::new("systemctl")
+            .args(["disable", "--now"])
+            .args(&units)
+            .stdin(Stdio::null()),
+    )
+    .with_context(|| format!("disabling {}", units.join(", ")))
 }

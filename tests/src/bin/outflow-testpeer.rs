@@ -15,6 +15,22 @@
 //! one after another for `seconds`: each asks for `resp` bytes (in `chunk`-byte pieces every
 //! `interval-ms`, like a token stream, when `chunk` is set). At the end it prints one line per
 //! source address: requests made and bytes received.
+//!
+//! ```text
+//! outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ...]
+//!                             [--proxy-protocol] [--annotate HEADER]
+//! outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,ID...] [...]
+//!                            --requests N [--max-bytes B] [--seed S] [--parallel P]
+//!                            [--id-header NAME] [--cycle-ids] [--forge-xff ADDR]
+//!                            [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]
+//! ```
+//!
+//! `http-serve` is the HTTP/1.1 inference server of the attribution tests: like `serve` it
+//! joins the cgroup and the namespace and prints `ready`, then serves keep-alive connections,
+//! a thread each, streaming each response in chunks (`outflow_tests::http::serve`); it prints
+//! one JSON line per request answered and per connection closed. `http-load` plays many client
+//! hosts with ids making such requests (`outflow_tests::http::load`), printing one JSON line per
+//! request; it fails if any response is not exactly what was asked for.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,13 +39,21 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{Context, Result, bail, ensure};
+use outflow_tests::http::{
+    self, LoadSpec, ServeOptions,
+    load::print_result,
+    serve::{print_event, serve_connection},
+};
 use outflow_tests::protocol::{
     DONE_BYTE, HEADER_LEN, RequestHeader, ServerResult, tcp_info, write_payload,
 };
 use outflow_tests::{cgroup, netns};
 
-const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S";
+const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S\n       outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [...] [--proxy-protocol] [--annotate HEADER]\n       outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,...] [...] --requests N [--max-bytes B] [--seed S] [--parallel P] [--id-header NAME] [--cycle-ids] [--forge-xff ADDR] [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]";
 
 struct Args {
     netns: String,
@@ -49,11 +73,23 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let mut argv = std::env::args().skip(1).peekable();
-    if argv.peek().map(String::as_str) == Some("load") {
-        return load(&parse_load_args(argv.skip(1))?);
+    match argv.peek().map(String::as_str) {
+        Some("load") => return load(&parse_load_args(argv.skip(1))?),
+        Some("http-serve") => return http_serve(argv.skip(1)),
+        Some("http-load") => return http_load(argv.skip(1)),
+        _ => {}
     }
     let args = parse_args(argv)?;
+    let listeners = listen_in(&args)?;
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| thread::spawn(move || accept_loop(&listener)))
+        .collect();
+    join_acceptors(acceptors)
+}
 
+/// Joins the cgroup and the namespace of `args`, listens on its addresses and prints `ready`.
+fn listen_in(args: &Args) -> Result<Vec<TcpListener>> {
     // Join the cgroup first so every socket created below belongs to it.
     cgroup::move_pid(&args.cgroup, std::process::id()).context("joining the cgroup")?;
     // Still single-threaded: every thread spawned from here on starts in this namespace.
@@ -64,17 +100,14 @@ fn run() -> Result<()> {
         .iter()
         .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
         .collect::<Result<Vec<_>>>()?;
-    {
-        let mut out = io::stdout().lock();
-        writeln!(out, "ready")
-            .and_then(|()| out.flush())
-            .context("writing `ready`")?;
-    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "ready")
+        .and_then(|()| out.flush())
+        .context("writing `ready`")?;
+    Ok(listeners)
+}
 
-    let acceptors: Vec<_> = listeners
-        .into_iter()
-        .map(|listener| thread::spawn(move || accept_loop(&listener)))
-        .collect();
+fn join_acceptors(acceptors: Vec<thread::JoinHandle<()>>) -> Result<()> {
     for acceptor in acceptors {
         acceptor
             .join()
@@ -318,4 +351,75 @@ fn request_from(ip: std::net::IpAddr, to: SocketAddr, header: RequestHeader) -> 
     stream.write_all(&[DONE_BYTE]).context("done byte")?;
     io::copy(&mut stream, &mut io::sink()).context("reading to EOF")?;
     Ok(got)
+}
+
+fn http_serve(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let (mut netns, mut cgroup, mut listen) = (None, None, Vec::<SocketAddr>::new());
+    let mut options = ServeOptions::default();
+    while let Some(flag) = args.next() {
+        if flag == "--proxy-protocol" {
+            options.proxy_protocol = true;
+            continue;
+        }
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--netns" => netns = Some(value),
+            "--cgroup" => cgroup = Some(PathBuf::from(value)),
+            "--listen" => listen.push(
+                value
+                    .parse()
+                    .with_context(|| format!("--listen {value}: not ADDR:PORT"))?,
+            ),
+            "--annotate" => options.annotate = Some(value.to_ascii_lowercase()),
+            _ => bail!("unknown option `{flag}`\n{USAGE}"),
+        }
+    }
+    ensure!(
+        !listen.is_empty(),
+        "at least one --listen is needed\n{USAGE}"
+    );
+    let listeners = listen_in(&Args {
+        netns: netns.with_context(|| format!("--netns is required\n{USAGE}"))?,
+        cgroup: cgroup.with_context(|| format!("--cgroup is required\n{USAGE}"))?,
+        listen,
+    })?;
+
+    let options = Arc::new(options);
+    // Connections are numbered across listeners, in accept order.
+    let next_conn = Arc::new(AtomicU64::new(0));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let (options, next_conn) = (Arc::clone(&options), Arc::clone(&next_conn));
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let stream = match stream {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            eprintln!("accepting: {e}");
+                            continue;
+                        }
+                    };
+                    let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                    let options = Arc::clone(&options);
+                    let spawned = thread::Builder::new().spawn(move || {
+                        serve_connection(stream, conn, &options, &print_event);
+                    });
+                    if let Err(e) = spawned {
+                        eprintln!("no thread for connection {conn}: {e}");
+                    }
+                }
+            })
+        })
+        .collect();
+    join_acceptors(acceptors)
+}
+
+fn http_load(args: impl Iterator<Item = String>) -> Result<()> {
+    let (spec, netns) = LoadSpec::parse(args).map_err(|e| anyhow::anyhow!("{e}\n{USAGE}"))?;
+    let netns = netns.with_context(|| format!("--netns is required\n{USAGE}"))?;
+    netns::enter(&netns)?;
+    http::load::run(&spec, &print_result).context("the load failed")
 }
