@@ -1,11 +1,13 @@
 //! `cargo xtask demo`: outflow's main job on this machine, end to end, in about a minute.
 //!
 //! Builds what it needs, starts a collector on its embedded store, an agent attached to a demo
-//! cgroup, a small streaming "inference server" in that cgroup inside a network namespace, and
-//! clients in another namespace: eight that stream token-sized responses like chat users, and
-//! one that starts extracting in bulk. It prints the collector's live top talkers every few
-//! seconds (and its alerts, when the collector raises any), then cleans everything up. A run
-//! that was interrupted is cleaned up by the next one.
+//! cgroup, a small streaming "inference server" in that cgroup inside a network namespace, an
+//! nginx gateway in front of it (an upstream keep-alive pool: the requests of every client share
+//! a few connections), and clients behind the gateway: eight chat users streaming token-sized
+//! answers, and one account that starts extracting in bulk. The agent attributes each request to
+//! its client from the gateway's `X-Forwarded-For` and `x-client-id`; the demo prints the
+//! collector's live top talkers by client id and address every few seconds (and its alerts),
+//! then cleans everything up. A run that was interrupted is cleaned up by the next one.
 //!
 //! [`time_to_alert`] runs the same setup quietly and times the extraction's alert, for
 //! `cargo xtask bench`.
@@ -28,18 +30,24 @@ const SERVER_IF: &str = "ofdemo-s";
 const CLIENT_IF: &str = "ofdemo-c";
 const SERVER: &str = "198.18.0.1";
 const SERVER_PORT: u16 = 8000;
-/// Eight chat-like clients and one extractor (198.18.0.0/15 is reserved for benchmarks).
-const USERS: [&str; 8] = [
-    "198.18.0.10",
-    "198.18.0.11",
-    "198.18.0.12",
-    "198.18.0.13",
-    "198.18.0.14",
-    "198.18.0.15",
-    "198.18.0.16",
-    "198.18.0.17",
+/// The gateway's address: it listens here for the clients and connects from here to the
+/// server, so it is the agent's one trusted peer (198.18.0.0/15 is reserved for benchmarks).
+const GATEWAY: &str = "198.18.0.2";
+const GATEWAY_PORT: u16 = 8080;
+/// Eight chat users behind the gateway (address, account id) and one extractor (documentation
+/// ranges: they are only ever on the demo's own loopback).
+const USERS: [(&str, &str); 8] = [
+    ("198.51.100.10", "user-ana"),
+    ("198.51.100.11", "user-ben"),
+    ("198.51.100.12", "user-chloe"),
+    ("198.51.100.13", "user-dev"),
+    ("198.51.100.14", "user-eli"),
+    ("198.51.100.15", "user-fay"),
+    ("198.51.100.16", "user-gus"),
+    ("198.51.100.17", "user-hana"),
 ];
-const EXTRACTOR: &str = "198.18.0.66";
+const EXTRACTOR: &str = "203.0.113.66";
+const EXTRACTOR_ID: &str = "acct-7731";
 const PIN_DIR: &str = "/sys/fs/bpf/outflow-demo";
 const WORK_DIR: &str = "/tmp/outflow-demo";
 const CGROUP: &str = "outflow-demo";
@@ -181,7 +189,9 @@ impl Demo {
         self.wait_for_log("collector", "listening")?;
 
         self.say(&format!(
-            "demo: agent attached to cgroup {} streaming to the collector",
+            "demo: agent attached to cgroup {} streaming to the collector; it trusts the gateway \
+             {GATEWAY} for X-Forwarded-For and x-client-id (ids kept raw for the demo: in \
+             production they are a keyed hash)",
             self.cgroup.display()
         ));
         let state = self.work.join("agent");
@@ -200,6 +210,13 @@ impl Demo {
                 state.to_str().unwrap_or(WORK_DIR),
                 "--spool-dir",
                 state.join("spool").to_str().unwrap_or(WORK_DIR),
+                "--trusted-peer",
+                &format!("{GATEWAY}/32"),
+                "--header",
+                "x-forwarded-for=address",
+                "--header",
+                "x-client-id=id",
+                "--raw-ids",
             ]),
         )?;
         self.children.push(("agent", agent));
@@ -211,7 +228,7 @@ impl Demo {
         let server = self.spawn_logged(
             "server",
             Command::new(self.bin("outflow-testpeer")).args([
-                "serve",
+                "http-serve",
                 "--netns",
                 SERVER_NS,
                 "--cgroup",
@@ -224,12 +241,20 @@ impl Demo {
         self.wait_for_log("server", "ready")?;
 
         self.say(&format!(
-            "demo: {} chat users stream 30 kB answers as 200-byte tokens every 10 ms",
+            "demo: nginx gateway {GATEWAY}:{GATEWAY_PORT} in namespace {CLIENT_NS}, a keep-alive \
+             pool of 4 upstream connections to the server"
+        ));
+        let gateway = self.spawn_logged("gateway", &mut self.nginx()?)?;
+        self.children.push(("gateway", gateway));
+        self.wait_for_listen(CLIENT_NS, GATEWAY_PORT)?;
+
+        self.say(&format!(
+            "demo: {} chat users behind the gateway stream 30 kB answers as 200-byte tokens every 10 ms",
             USERS.len()
         ));
         let mut users = self.load_command(users_for.as_secs(), "30000", "200", "10", "2");
-        for u in USERS {
-            users.args(["--from", u]);
+        for (addr, id) in USERS {
+            users.args(["--client", &format!("{addr}={id}")]);
         }
         let users = self.spawn_logged("users", &mut users)?;
         self.children.push(("users", users));
@@ -247,15 +272,90 @@ impl Demo {
     ) -> Command {
         let mut c = Command::new(self.bin("outflow-testpeer"));
         c.args([
-            "load",
+            "http-chat",
             "--netns",
             CLIENT_NS,
             "--connect",
-            &format!("{SERVER}:{SERVER_PORT}"),
+            &format!("{GATEWAY}:{GATEWAY_PORT}"),
         ])
-        .args(["--resp", resp, "--chunk", chunk, "--interval-ms", interval])
+        .args(["--bytes", resp, "--chunk", chunk, "--pace-ms", interval])
         .args(["--parallel", parallel, "--seconds", &seconds.to_string()]);
         c
+    }
+
+    /// nginx as the L7 gateway, its files in the work directory, run in the client namespace.
+    fn nginx(&self) -> Result<Command> {
+        let dir = self.work.join("nginx");
+        fs::create_dir_all(&dir).context("creating the gateway's directory")?;
+        let d = dir.display();
+        let conf = format!(
+            r#"# written by cargo xtask demo: nginx as an L7 gateway with a keep-alive upstream pool
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream inference {{
+        server {SERVER}:{SERVER_PORT};
+        keepalive 4;
+    }}
+    server {{
+        listen {GATEWAY}:{GATEWAY_PORT};
+        location / {{
+            proxy_pass http://inference;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+        );
+        let path = dir.join("nginx.conf");
+        fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", CLIENT_NS, "nginx", "-p"])
+            .arg(&dir)
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(dir.join("error.log"));
+        Ok(c)
+    }
+
+    /// Waits until something listens on `port` in namespace `ns`.
+    fn wait_for_listen(&mut self, ns: &str, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let needle = format!(":{port:04X} ");
+        loop {
+            let out = cmd::output(Command::new("ip").args([
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                "/proc/net/tcp",
+            ]))?;
+            // st 0A: LISTEN.
+            if out
+                .lines()
+                .any(|l| l.contains(&needle) && l.split_whitespace().nth(3) == Some("0A"))
+            {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!("nothing listens on port {port} in {ns} after 30 s");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Reports every few seconds; starts the extraction on the way.
@@ -274,8 +374,12 @@ impl Demo {
             thread::sleep(Duration::from_millis(200));
         }
         thread::sleep(Duration::from_secs(2));
-        println!("\ndemo: final picture, by client /24 prefix, last 10 minutes of batch time");
+        println!("\ndemo: final picture, by client id, last 10 minutes of batch time");
+        self.top("client-id", "10m")?;
+        println!("\ndemo: by client /24 prefix (the real clients', not the gateway's)");
         self.top("client-prefix", "10m")?;
+        println!("\ndemo: by TCP peer: all of it came through the one gateway");
+        self.top("peer", "10m")?;
         println!("\ndemo: done (logs in {WORK_DIR}/*.log); cleaning up");
         Ok(())
     }
@@ -283,11 +387,12 @@ impl Demo {
     /// Starts the extractor for `duration` (at least a second); returns when it was spawned.
     fn start_extraction(&mut self, duration: Duration) -> Result<Instant> {
         self.say(&format!(
-            "\ndemo: t+{}s {EXTRACTOR} starts extracting: 8 parallel connections pulling 20 MB answers",
+            "\ndemo: t+{}s account {EXTRACTOR_ID} at {EXTRACTOR} starts extracting through the \
+             gateway: 8 parallel connections pulling 20 MB answers",
             self.started.elapsed().as_secs()
         ));
         let mut extractor = self.load_command(duration.as_secs().max(1), "20000000", "0", "0", "8");
-        extractor.args(["--from", EXTRACTOR]);
+        extractor.args(["--client", &format!("{EXTRACTOR}={EXTRACTOR_ID}")]);
         let extractor = self.spawn_logged("extractor", &mut extractor)?;
         let spawned = Instant::now();
         self.children.push(("extractor", extractor));
@@ -317,9 +422,11 @@ impl Demo {
 
     fn report(&self) -> Result<()> {
         println!(
-            "\ndemo: t+{}s top talkers by client address, last minute of batch time",
+            "\ndemo: t+{}s top talkers by client id and by client address (behind the gateway), \
+             last minute of batch time",
             self.started.elapsed().as_secs()
         );
+        self.top("client-id", "1m")?;
         self.top("client-address", "1m")?;
         if let Ok(alerts) = self.collector_cli(&["alerts", "--open"])
             && !alerts.trim().is_empty()
@@ -408,15 +515,25 @@ impl Demo {
             "dev",
             SERVER_IF,
         ])?;
-        for a in USERS.iter().chain([&EXTRACTOR]) {
+        ip(&[
+            "-n",
+            CLIENT_NS,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/24"),
+            "dev",
+            CLIENT_IF,
+        ])?;
+        // The clients reach the gateway on the namespace's own loopback.
+        for a in USERS.iter().map(|(a, _)| a).chain([&EXTRACTOR]) {
             ip(&[
                 "-n",
                 CLIENT_NS,
                 "addr",
                 "add",
-                &format!("{a}/24"),
+                &format!("{a}/32"),
                 "dev",
-                CLIENT_IF,
+                "lo",
             ])?;
         }
         for (ns, dev) in [(SERVER_NS, SERVER_IF), (CLIENT_NS, CLIENT_IF)] {

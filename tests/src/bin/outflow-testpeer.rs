@@ -53,7 +53,7 @@ use outflow_tests::protocol::{
 };
 use outflow_tests::{cgroup, netns};
 
-const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S\n       outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [...] [--proxy-protocol] [--annotate HEADER]\n       outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,...] [...] --requests N [--max-bytes B] [--seed S] [--parallel P] [--id-header NAME] [--cycle-ids] [--forge-xff ADDR] [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]";
+const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S\n       outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [...] [--proxy-protocol] [--annotate HEADER]\n       outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,...] [...] --requests N [--max-bytes B] [--seed S] [--parallel P] [--id-header NAME] [--cycle-ids] [--forge-xff ADDR] [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]\n       outflow-testpeer http-chat --netns NAME --connect ADDR:PORT --client IP=ID [...] --bytes N --chunk C --pace-ms MS [--parallel P] [--id-header NAME] --seconds S";
 
 struct Args {
     netns: String,
@@ -77,6 +77,7 @@ fn run() -> Result<()> {
         Some("load") => return load(&parse_load_args(argv.skip(1))?),
         Some("http-serve") => return http_serve(argv.skip(1)),
         Some("http-load") => return http_load(argv.skip(1)),
+        Some("http-chat") => return http_chat(argv.skip(1)),
         _ => {}
     }
     let args = parse_args(argv)?;
@@ -422,4 +423,53 @@ fn http_load(args: impl Iterator<Item = String>) -> Result<()> {
     let netns = netns.with_context(|| format!("--netns is required\n{USAGE}"))?;
     netns::enter(&netns)?;
     http::load::run(&spec, &print_result).context("the load failed")
+}
+
+fn http_chat(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let mut netns = None;
+    let mut spec = http::chat::ChatSpec {
+        target: SocketAddr::from(([127, 0, 0, 1], 0)),
+        clients: Vec::new(),
+        id_header: "x-client-id".into(),
+        bytes: 0,
+        chunk: 0,
+        pace_ms: 0,
+        parallel: 1,
+        seconds: 0,
+    };
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let number = || -> Result<u64> {
+            value
+                .parse()
+                .with_context(|| format!("{flag} {value}: not a number"))
+        };
+        match flag.as_str() {
+            "--netns" => netns = Some(value.clone()),
+            "--connect" => spec.target = value.parse().context("--connect")?,
+            "--client" => {
+                let (ip, id) = value
+                    .split_once('=')
+                    .with_context(|| format!("--client {value}: want IP=ID"))?;
+                spec.clients
+                    .push((ip.parse().context("--client")?, id.to_owned()));
+            }
+            "--bytes" => spec.bytes = number()?,
+            "--chunk" => spec.chunk = number()?,
+            "--pace-ms" => spec.pace_ms = number()?,
+            "--parallel" => spec.parallel = usize::try_from(number()?)?,
+            "--seconds" => spec.seconds = number()?,
+            "--id-header" => spec.id_header = value.clone(),
+            _ => bail!("unknown flag {flag}\n{USAGE}"),
+        }
+    }
+    let netns = netns.with_context(|| format!("--netns is required\n{USAGE}"))?;
+    ensure!(!spec.clients.is_empty(), "at least one --client\n{USAGE}");
+    netns::enter(&netns)?;
+    for total in http::chat::run(&spec) {
+        println!("{}", serde_json::to_string(&total)?);
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 //! - [`load`]: `outflow-testpeer http-load`: the plan (from a seed) and its run.
 //! - [`harness`]: the server and the load driven from a test, and the [`Ledger`] joining them.
 
+pub mod chat;
 pub mod harness;
 pub mod load;
 pub mod serve;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::wire::{
     ProxyHeader, Reader, RequestHead, STREAM_PATH, annotate_client_id, read_proxy_header,
-    read_request_head, write_response,
+    read_request_head, write_response_paced,
 };
 
 /// The header whose value the server reports as `client_id` (the load sends it by default).
@@ -173,7 +173,12 @@ fn serve_requests(
                 .map(|e| e.raw_os_error().unwrap_or(-1));
             Some(Annotation { value, errno })
         });
-        let response_bytes = write_response(&mut out, request.bytes, request.chunk)?;
+        let response_bytes = write_response_paced(
+            &mut out,
+            request.bytes,
+            request.chunk,
+            std::time::Duration::from_millis(request.pace_ms),
+        )?;
         state.bytes_written += response_bytes;
         emit(&ServerEvent::Request(ServedRequest {
             req: request.nonce,
@@ -202,6 +207,8 @@ struct StreamRequest {
     nonce: String,
     bytes: u64,
     chunk: u64,
+    /// `pace=`: milliseconds between chunks (0: as fast as possible).
+    pace_ms: u64,
 }
 
 fn parse_stream_request(head: &RequestHead) -> io::Result<StreamRequest> {
@@ -229,6 +236,7 @@ fn parse_stream_request(head: &RequestHead) -> io::Result<StreamRequest> {
             .to_owned(),
         bytes: number("bytes", None)?,
         chunk: number("chunk", Some(0))?,
+        pace_ms: number("pace", Some(0))?.min(10_000),
     })
 }
 

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-/// Path of the streaming endpoint: `/v1/stream?bytes=N&chunk=C&req=NONCE`.
+/// Path of the streaming endpoint: `/v1/stream?bytes=N&chunk=C&req=NONCE[&pace=MS]`.
 pub const STREAM_PATH: &str = "/v1/stream";
 
 /// The head of every successful response: no date, no length, nothing that varies, so that the
@@ -59,6 +59,17 @@ pub fn response_bytes(bytes: u64, chunk: u64) -> u64 {
 /// Writes the response to a request of `bytes` in chunks of `chunk`, one `write` a chunk (like
 /// a token stream), and returns the bytes written: [`response_bytes`]`(bytes, chunk)`.
 pub fn write_response(out: &mut impl Write, bytes: u64, chunk: u64) -> io::Result<u64> {
+    write_response_paced(out, bytes, chunk, std::time::Duration::ZERO)
+}
+
+/// [`write_response`] with a pause of `pace` before each chunk after the first, like a model
+/// producing tokens (the bytes are the same).
+pub fn write_response_paced(
+    out: &mut impl Write,
+    bytes: u64,
+    chunk: u64,
+    pace: std::time::Duration,
+) -> io::Result<u64> {
     out.write_all(RESPONSE_HEAD)?;
     let mut written = RESPONSE_HEAD.len() as u64;
     let chunk = effective_chunk(bytes, chunk);
@@ -70,6 +81,9 @@ pub fn write_response(out: &mut impl Write, bytes: u64, chunk: u64) -> io::Resul
         write!(frame, "{len:x}\r\n")?;
         frame.extend((offset..offset + len).map(body_byte));
         frame.extend_from_slice(b"\r\n");
+        if offset > 0 && !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
         out.write_all(&frame)?;
         written += frame.len() as u64;
         offset += len;
