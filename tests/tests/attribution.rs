@@ -10,8 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
+use outflow_proto::v1::Window;
 use outflow_tests::agent::{Agent, PinDir};
 use outflow_tests::cgroup::TestCgroup;
+use outflow_tests::collector::{Collector, TempDir, free_port};
 use outflow_tests::gateway::{Haproxy, HaproxyConfig, Nginx, NginxConfig};
 use outflow_tests::http::{
     HttpServer, HttpServerOptions, Ledger, LoadClient, LoadSpec, ProxyVersion, RequestResult,
@@ -20,6 +22,7 @@ use outflow_tests::http::{
 use outflow_tests::netns::{CLIENT_V4, NetnsPair};
 use outflow_tests::records::{AttributionStats, ConnRecord, Role, attribution_stats, conn_records};
 use outflow_tests::testpeer_bin;
+use outflow_tests::wait::poll_until;
 use serde_json::Value;
 
 const PORT: u16 = 8000;
@@ -430,4 +433,86 @@ fn annotations_name_the_tenant_of_each_request() {
     let records = wait_counted(&agent, &ledger, 0);
     assert_attributed(&records, &ledger, &Expected::clients(&ledger, "annotation"));
     agent.stop();
+}
+
+/// The collector's response bytes of `client` (an address or an id) in the 24 h window.
+fn collected(collector: &Collector, client: &str) -> u64 {
+    collector
+        .client_stats(client)
+        .windows
+        .iter()
+        .find(|w| w.window == Window::Window24h as i32)
+        .map_or(0, |w| w.response_bytes)
+}
+
+/// End to end through nginx: the agent streams to a real collector, whose totals per client
+/// address and per client id equal what the server wrote for each client, to the byte; the
+/// gateway's own address has no client bytes.
+#[test]
+fn collector_totals_per_client_address_and_id_are_exact() {
+    let bench = Bench::new("attr-coll", HttpServerOptions::new(PORT));
+    let nginx = Nginx::start(
+        &bench.pair,
+        "attr-coll",
+        &NginxConfig::l7(bench.server.addr_v4()),
+    );
+    let (data, state) = (TempDir::new("attr-coll-c"), TempDir::new("attr-coll-a"));
+    let collector = Collector::start(free_port(), &["--data-dir", data.as_arg()]);
+    let spool = state.path().join("spool");
+    let url = collector.url();
+    let mut extra = ATTRIBUTION.to_vec();
+    extra.extend_from_slice(&[
+        "--output",
+        "json",
+        "--collector",
+        &url,
+        "--state-dir",
+        state.as_arg(),
+        "--spool-dir",
+        spool.to_str().expect("utf-8 path"),
+    ]);
+    let agent = bench.agent(&extra);
+    let ledger = bench.run_loads(
+        load(nginx.addr_v4(), bench.clients(true, 2), 120, 0xc4),
+        load(nginx.addr_v6(), bench.clients(false, 2), 20, 0xc6),
+    );
+    assert!(
+        !ledger.shared_conns().is_empty(),
+        "the gateway pooled requests of several clients on a server connection"
+    );
+    let want_addr: BTreeMap<String, u64> = ledger
+        .by_source
+        .iter()
+        .map(|(a, b)| (a.to_string(), *b))
+        .collect();
+    let want_id: BTreeMap<String, u64> = ledger
+        .by_id
+        .iter()
+        .map(|(id, b)| (id.clone().expect("every request has an id"), *b))
+        .collect();
+    let got = || {
+        let addr: BTreeMap<String, u64> = want_addr
+            .keys()
+            .map(|k| (k.clone(), collected(&collector, k)))
+            .collect();
+        let id: BTreeMap<String, u64> = want_id
+            .keys()
+            .map(|k| (k.clone(), collected(&collector, &format!("id:{k}"))))
+            .collect();
+        (addr, id)
+    };
+    let reached = poll_until(Duration::from_secs(60), || {
+        let (addr, id) = got();
+        addr == want_addr && id == want_id
+    });
+    let (addr, id) = got();
+    assert!(
+        reached,
+        "collector totals per client address:\n{addr:?}\nwant\n{want_addr:?}\nper id:\n{id:?}\nwant\n{want_id:?}"
+    );
+    // The gateway's address is the peer of every connection, the client of none.
+    assert_eq!(collected(&collector, "198.18.0.2"), 0, "the gateway is no client");
+    agent.stop();
+    collector.stop();
+    nginx.assert_running();
 }
