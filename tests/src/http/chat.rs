@@ -5,14 +5,13 @@
 
 use std::{
     io::{self, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
-
+use super::load::connect_from;
 use super::wire::{Reader, STREAM_PATH, read_response};
 
 /// What the users do.
@@ -97,16 +96,7 @@ fn converse(
     deadline: Instant,
     done: &mut u64,
 ) -> io::Result<()> {
-    let socket = Socket::new(
-        Domain::for_address(spec.target),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&spec.target.into(), Duration::from_secs(10))?;
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_nodelay(true)?;
+    let mut stream = connect_from(source, spec.target)?;
     let mut reader = Reader::new(stream.try_clone()?);
     let mut seq = 0u64;
     while Instant::now() < deadline {

@@ -529,21 +529,27 @@ fn run_worker<'a>(
     Ok(())
 }
 
-/// Connects from `source` to the target; with a forged PROXY header, sends it. Returns the
-/// connection and the bytes of the header.
-fn open(spec: &LoadSpec, source: IpAddr) -> io::Result<(Conn, u64)> {
+/// A connection from client host `source` to `target`, with the load's timeouts; each write
+/// leaves at once (no Nagle), so each request leaves in one segment.
+pub fn connect_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(
-        Domain::for_address(spec.target),
+        Domain::for_address(target),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&spec.target.into(), CONNECT_TIMEOUT)?;
-    let mut stream: TcpStream = socket.into();
+    socket.connect_timeout(&target.into(), CONNECT_TIMEOUT)?;
+    let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    // Each request leaves in one segment, at once.
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connects from `source` to the target; with a forged PROXY header, sends it. Returns the
+/// connection and the bytes of the header.
+fn open(spec: &LoadSpec, source: IpAddr) -> io::Result<(Conn, u64)> {
+    let mut stream = connect_from(source, spec.target)?;
     let local = stream.local_addr()?;
     let mut sent = 0;
     if let Some((version, claimed)) = spec.forge_proxy {
