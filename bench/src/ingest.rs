@@ -210,6 +210,8 @@ fn batch(args: &Args, agent: u32, seq: u32, end_ms: u64) -> v1::Batch {
                 pid: 4242,
                 comm: "vllm".into(),
                 first_seen_ms: end_ms.saturating_sub(INTERVAL_MS * (1 + h % 600)),
+                // No client attribution: the remote address is the client.
+                ..Default::default()
             }
         })
         .collect();

@@ -48,6 +48,8 @@ fn batch(agent: u64, seq: u64, deltas: u64, clients: u64, end_ms: u64) -> v1::Ba
                 pid: 1234,
                 comm: "vllm".into(),
                 first_seen_ms: end_ms - 5000,
+                // No client attribution: the remote address is the client.
+                ..Default::default()
             }
         })
         .collect();

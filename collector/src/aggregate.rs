@@ -4,16 +4,20 @@
 //! [`State`] is the collector's authoritative view for queries. Only the store writer changes
 //! it, and only with what it has just committed to disk (see `writer`).
 use std::{
+    borrow::Cow,
     cmp::{Ordering, Reverse},
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, HashSet},
     hash::Hash,
     net::IpAddr,
     sync::Arc,
 };
 
+use outflow_proto::limits::MAX_CLIENT_ID_LEN;
+
 use crate::{
     keys::{Group, HostId, Key, Prefix, Workload},
-    model::{AgentKey, Batch, Role, ValidationError},
+    links::LinkKind,
+    model::{AgentKey, Batch, Delta, Role, ValidationError},
     window::{Rollup, Totals, Window, WindowStats},
 };
 
@@ -29,93 +33,184 @@ pub struct BatchAggregate {
     pub host: HostId,
     /// Totals per key, every key at most once.
     pub entries: Vec<(Key, Totals)>,
+    /// Addresses the keys were seen with, every link at most once; each key is in `entries`.
+    pub links: Vec<(Key, LinkKind, IpAddr)>,
 }
 
-/// Folds the server-role deltas of `batch`, sent by `host`, into totals per client address,
-/// client prefix, host and workload. Client-role and unknown-role deltas are not aggregated.
-pub fn aggregate(batch: &Batch, host: HostId) -> BatchAggregate {
-    let mut clients: Map<IpAddr, Totals> = Map::default();
-    let mut prefixes: Map<Prefix, Totals> = Map::default();
-    let mut workloads: Map<(&str, &str), Totals> = Map::default();
-    let mut host_total = Totals::default();
-    let mut any = false;
-    for d in batch.deltas.iter().filter(|d| d.role == Role::Server) {
+/// The key a link belongs to, borrowed from the batch while it is folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LinkOwner<'a> {
+    Proxied(IpAddr),
+    ClientId(&'a str),
+}
+
+/// The per-key sums of one batch while it is folded.
+#[derive(Default)]
+struct Fold<'a> {
+    direct: Map<IpAddr, Totals>,
+    proxied: Map<IpAddr, Totals>,
+    relayed: Map<IpAddr, Totals>,
+    prefixes: Map<Prefix, Totals>,
+    workloads: Map<(&'a str, &'a str), Totals>,
+    ids: Map<&'a str, Totals>,
+    links: HashSet<(LinkOwner<'a>, LinkKind, IpAddr), foldhash::fast::RandomState>,
+    host: Totals,
+    any: bool,
+}
+
+impl<'a> Fold<'a> {
+    /// Adds a server-role delta: to its client (and, through a gateway, to the gateway), its
+    /// client's prefix, its client id, its workload and the host.
+    fn add(&mut self, d: &'a Delta) {
         let t = Totals {
             response_bytes: d.counters.bytes_out,
             request_bytes: d.counters.bytes_in,
             connections_closed: u64::from(d.closed),
         };
-        clients.entry(d.remote).or_default().add(&t);
-        prefixes.entry(Prefix::of(d.remote)).or_default().add(&t);
-        workloads
+        if d.client == d.remote {
+            self.direct.entry(d.client).or_default().add(&t);
+        } else {
+            self.proxied.entry(d.client).or_default().add(&t);
+            self.relayed.entry(d.remote).or_default().add(&t);
+            let owner = LinkOwner::Proxied(d.client);
+            self.links.insert((owner, LinkKind::Peer, d.remote));
+        }
+        self.prefixes
+            .entry(Prefix::of(d.client))
+            .or_default()
+            .add(&t);
+        if let Some(id) = d.client_id.as_deref() {
+            self.ids.entry(id).or_default().add(&t);
+            let owner = LinkOwner::ClientId(id);
+            self.links.insert((owner, LinkKind::Addr, d.client));
+            if d.client != d.remote {
+                self.links.insert((owner, LinkKind::Peer, d.remote));
+            }
+        }
+        self.workloads
             .entry((d.cgroup.as_str(), d.comm.as_str()))
             .or_default()
             .add(&t);
-        host_total.add(&t);
-        any = true;
+        self.host.add(&t);
+        self.any = true;
     }
-    let mut entries = Vec::with_capacity(clients.len() + prefixes.len() + workloads.len() + 1);
-    entries.extend(clients.into_iter().map(|(a, t)| (Key::Client(a), t)));
-    entries.extend(prefixes.into_iter().map(|(p, t)| (Key::Prefix(p), t)));
-    entries.extend(workloads.into_iter().map(|((cgroup, comm), t)| {
-        let w = Workload {
+
+    fn finish(self, time_ms: u64, host: HostId) -> BatchAggregate {
+        let mut entries = Vec::with_capacity(
+            self.direct.len()
+                + self.proxied.len()
+                + self.relayed.len()
+                + self.prefixes.len()
+                + self.workloads.len()
+                + self.ids.len()
+                + 1,
+        );
+        entries.extend(self.direct.into_iter().map(|(a, t)| (Key::Direct(a), t)));
+        entries.extend(self.proxied.into_iter().map(|(a, t)| (Key::Proxied(a), t)));
+        entries.extend(self.relayed.into_iter().map(|(a, t)| (Key::Relayed(a), t)));
+        entries.extend(self.prefixes.into_iter().map(|(p, t)| (Key::Prefix(p), t)));
+        entries.extend(self.workloads.into_iter().map(|((cgroup, comm), t)| {
+            let w = Workload {
+                host,
+                cgroup: cgroup.into(),
+                comm: comm.into(),
+            };
+            (Key::Workload(w), t)
+        }));
+        entries.extend(
+            self.ids
+                .into_iter()
+                .map(|(id, t)| (Key::ClientId(id.into()), t)),
+        );
+        if self.any {
+            entries.push((Key::Host(host), self.host));
+        }
+        let links = self
+            .links
+            .into_iter()
+            .map(|(owner, kind, addr)| {
+                let key = match owner {
+                    LinkOwner::Proxied(a) => Key::Proxied(a),
+                    LinkOwner::ClientId(id) => Key::ClientId(id.into()),
+                };
+                (key, kind, addr)
+            })
+            .collect();
+        BatchAggregate {
+            time_ms,
             host,
-            cgroup: cgroup.into(),
-            comm: comm.into(),
-        };
-        (Key::Workload(w), t)
-    }));
-    if any {
-        entries.push((Key::Host(host), host_total));
-    }
-    BatchAggregate {
-        time_ms: batch.end_ms,
-        host,
-        entries,
+            entries,
+            links,
+        }
     }
 }
 
-/// A client to look up: one address, or one aggregated prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Folds the server-role deltas of `batch`, sent by `host`, into totals per key: the client
+/// address (`Direct`, or `Proxied` and the gateway's `Relayed`), the client's prefix, the
+/// client id, the workload and the host. Client-role and unknown-role deltas are not
+/// aggregated.
+pub fn aggregate(batch: &Batch, host: HostId) -> BatchAggregate {
+    let mut fold = Fold::default();
+    for d in batch.deltas.iter().filter(|d| d.role == Role::Server) {
+        fold.add(d);
+    }
+    fold.finish(batch.end_ms, host)
+}
+
+/// A client to look up: one address, one aggregated prefix, or a client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientQuery {
     Address(IpAddr),
     Prefix(Prefix),
+    Id(String),
 }
 
 impl ClientQuery {
     /// Parses `203.0.113.7`, `2001:db8::7`, `203.0.113.0/24`, `2001:db8::/64` (and /32, /128
-    /// as addresses). Host bits of a prefix are ignored. Errors name the field `client`.
+    /// as addresses); anything else is a client id (`h:0123...`), and so is what follows
+    /// `id:` (for an id that looks like an address). Host bits of a prefix are ignored.
+    /// Errors name the field `client`.
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let s = s.trim();
         let bad = |m: String| ValidationError::new("client", m);
-        if s.contains('/') {
-            let net: ipnet::IpNet = s
-                .parse()
-                .map_err(|_| bad(format!("{s:?} is not an address or prefix")))?;
-            match (net, net.prefix_len()) {
-                (ipnet::IpNet::V4(n), 32) => Ok(Self::Address(IpAddr::V4(n.addr()))),
-                (ipnet::IpNet::V6(n), 128) => {
-                    Ok(Self::Address(IpAddr::V6(n.addr()).to_canonical()))
-                }
-                (ipnet::IpNet::V4(n), 24) => Ok(Self::Prefix(Prefix::of(IpAddr::V4(n.addr())))),
-                (ipnet::IpNet::V6(n), 64) => Ok(Self::Prefix(Prefix::of(IpAddr::V6(n.addr())))),
-                (_, len) => Err(bad(format!(
-                    "/{len} is not aggregated: ask for an address, a /24 (IPv4) or a /64 (IPv6)"
-                ))),
-            }
-        } else {
-            let a: IpAddr = s
-                .parse()
-                .map_err(|_| bad(format!("{s:?} is not an address or prefix")))?;
-            Ok(Self::Address(a.to_canonical()))
+        if let Some(id) = s.strip_prefix("id:") {
+            return Self::id(id);
+        }
+        if let Ok(a) = s.parse::<IpAddr>() {
+            return Ok(Self::Address(a.to_canonical()));
+        }
+        let Ok(net) = s.parse::<ipnet::IpNet>() else {
+            return Self::id(s);
+        };
+        match (net, net.prefix_len()) {
+            (ipnet::IpNet::V4(n), 32) => Ok(Self::Address(IpAddr::V4(n.addr()))),
+            (ipnet::IpNet::V6(n), 128) => Ok(Self::Address(IpAddr::V6(n.addr()).to_canonical())),
+            (ipnet::IpNet::V4(n), 24) => Ok(Self::Prefix(Prefix::of(IpAddr::V4(n.addr())))),
+            (ipnet::IpNet::V6(n), 64) => Ok(Self::Prefix(Prefix::of(IpAddr::V6(n.addr())))),
+            (_, len) => Err(bad(format!(
+                "/{len} is not aggregated: ask for an address, a /24 (IPv4), a /64 (IPv6) or a client id"
+            ))),
         }
     }
 
-    /// The key it looks up.
-    pub fn key(self) -> Key {
+    fn id(id: &str) -> Result<Self, ValidationError> {
+        let bad = |m: String| ValidationError::new("client", m);
+        if id.is_empty() {
+            return Err(bad("empty: want an address, a prefix or a client id".into()));
+        }
+        if id.chars().nth(MAX_CLIENT_ID_LEN).is_some() {
+            return Err(bad(format!(
+                "more than {MAX_CLIENT_ID_LEN} characters: not a client id"
+            )));
+        }
+        Ok(Self::Id(id.to_owned()))
+    }
+
+    /// What it is, for messages: `client 203.0.113.7`, `client id h:...`.
+    pub fn describe(&self) -> String {
         match self {
-            Self::Address(a) => Key::Client(a),
-            Self::Prefix(p) => Key::Prefix(p),
+            Self::Id(id) => format!("client id {id:?}"),
+            q => format!("client {q}"),
         }
     }
 }
@@ -125,6 +220,39 @@ impl std::fmt::Display for ClientQuery {
         match self {
             Self::Address(a) => a.fmt(f),
             Self::Prefix(p) => p.fmt(f),
+            Self::Id(id) => f.write_str(id),
+        }
+    }
+}
+
+/// The rollups that together make one address of a group that spans two kinds of key: a
+/// client address (`Direct` and `Proxied`) or a TCP peer (`Direct` and `Relayed`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parts<'a> {
+    pub direct: Option<&'a Rollup>,
+    pub other: Option<&'a Rollup>,
+}
+
+impl<'a> Parts<'a> {
+    /// The stats of both in window `w` ending at `end_ms` (hosts of both count once).
+    pub fn window(&self, w: Window, end_ms: u64) -> WindowStats {
+        match (self.direct, self.other) {
+            (Some(a), Some(b)) => a.window_with(b, w, end_ms),
+            (Some(a), None) | (None, Some(a)) => a.window(w, end_ms),
+            (None, None) => WindowStats::default(),
+        }
+    }
+
+    /// Both as one rollup (a copy only if there are two); `None` if there is none.
+    pub fn merged(&self) -> Option<Cow<'a, Rollup>> {
+        match (self.direct, self.other) {
+            (Some(a), Some(b)) => {
+                let mut m = a.clone();
+                m.merge(b);
+                Some(Cow::Owned(m))
+            }
+            (Some(a), None) | (None, Some(a)) => Some(Cow::Borrowed(a)),
+            (None, None) => None,
         }
     }
 }
@@ -148,10 +276,17 @@ pub struct TopTalkers {
 /// Every aggregate the collector holds.
 #[derive(Debug, Default)]
 pub struct State {
-    clients: Map<IpAddr, Rollup>,
+    direct: Map<IpAddr, Rollup>,
+    proxied: Map<IpAddr, Rollup>,
+    relayed: Map<IpAddr, Rollup>,
     prefixes: Map<Prefix, Rollup>,
     hosts: Map<HostId, Rollup>,
     workloads: Map<Workload, Rollup>,
+    ids: Map<Box<str>, Rollup>,
+    /// Addresses with both a `Direct` and a `Proxied` key, and with both a `Direct` and a
+    /// `Relayed` key: what the key counts of the client-address and peer groups count twice.
+    direct_and_proxied: usize,
+    direct_and_relayed: usize,
     host_names: Vec<Arc<str>>,
     host_ids: Map<Arc<str>, HostId>,
     watermarks: Map<AgentKey, u64>,
@@ -191,18 +326,14 @@ impl<K: Ord> Ord for Ranked<'_, K> {
     }
 }
 
-fn top_of<K: Ord + Hash>(
-    map: &Map<K, Rollup>,
-    window: Window,
-    end_ms: u64,
+/// The `limit` best of `candidates`, best first; those not seen in the window (no host) are
+/// left out.
+fn top_k<'a, K: Ord + 'a>(
+    candidates: impl Iterator<Item = (&'a K, WindowStats)>,
     limit: usize,
-) -> Vec<(&K, WindowStats)> {
-    let mut heap: BinaryHeap<Reverse<Ranked<'_, K>>> = BinaryHeap::with_capacity(limit + 1);
-    for (key, rollup) in map {
-        let stats = rollup.window(window, end_ms);
-        if stats.hosts == 0 {
-            continue; // not seen in this window
-        }
+) -> Vec<(&'a K, WindowStats)> {
+    let mut heap: BinaryHeap<Reverse<Ranked<'a, K>>> = BinaryHeap::with_capacity(limit + 1);
+    for (key, stats) in candidates.filter(|c| c.1.hosts > 0) {
         heap.push(Reverse(Ranked { key, stats }));
         if heap.len() > limit {
             heap.pop();
@@ -212,6 +343,66 @@ fn top_of<K: Ord + Hash>(
         .into_iter()
         .map(|Reverse(r)| (r.key, r.stats))
         .collect()
+}
+
+/// The window stats of every key of `map`.
+fn each<K>(
+    map: &Map<K, Rollup>,
+    w: Window,
+    end_ms: u64,
+) -> impl Iterator<Item = (&K, WindowStats)> {
+    map.iter().map(move |(k, r)| (k, r.window(w, end_ms)))
+}
+
+/// The window stats of every address of `direct` and `other` together.
+fn each_of_both<'a>(
+    direct: &'a Map<IpAddr, Rollup>,
+    other: &'a Map<IpAddr, Rollup>,
+    w: Window,
+    end_ms: u64,
+) -> impl Iterator<Item = (&'a IpAddr, WindowStats)> {
+    let both = direct.iter().map(move |(a, r)| {
+        let parts = Parts {
+            direct: Some(r),
+            other: other.get(a),
+        };
+        (a, parts.window(w, end_ms))
+    });
+    let only_other = other
+        .iter()
+        .filter(|(a, _)| !direct.contains_key(*a))
+        .map(move |(a, r)| (a, r.window(w, end_ms)));
+    both.chain(only_other)
+}
+
+/// Top-talkers rows, the keys named by `name`.
+fn rows<K>(top: Vec<(&K, WindowStats)>, name: impl Fn(&K) -> String) -> Vec<Talker> {
+    top.into_iter()
+        .map(|(k, stats)| Talker {
+            key: name(k),
+            stats,
+        })
+        .collect()
+}
+
+/// Replaces (or, if it is empty, removes) `k`'s rollup in `m`; (was there, is there).
+fn put_in<K: Hash + Eq>(m: &mut Map<K, Rollup>, k: K, r: Rollup) -> (bool, bool) {
+    if r.is_empty() {
+        (m.remove(&k).is_some(), false)
+    } else {
+        (m.insert(k, r).is_some(), true)
+    }
+}
+
+/// Adjusts a count of addresses held in two maps after one of them changed.
+fn count_both(count: &mut usize, (was, is): (bool, bool), in_other: bool) {
+    if in_other && was != is {
+        if is {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+    }
 }
 
 impl State {
@@ -246,59 +437,103 @@ impl State {
     /// The rollup of a key.
     pub fn get(&self, key: &Key) -> Option<&Rollup> {
         match key {
-            Key::Client(a) => self.clients.get(a),
+            Key::Direct(a) => self.direct.get(a),
+            Key::Proxied(a) => self.proxied.get(a),
+            Key::Relayed(a) => self.relayed.get(a),
             Key::Prefix(p) => self.prefixes.get(p),
             Key::Host(h) => self.hosts.get(h),
             Key::Workload(w) => self.workloads.get(w),
+            Key::ClientId(id) => self.ids.get(id),
         }
     }
 
     /// The rollup of a key, to change in place.
     pub fn get_mut(&mut self, key: &Key) -> Option<&mut Rollup> {
         match key {
-            Key::Client(a) => self.clients.get_mut(a),
+            Key::Direct(a) => self.direct.get_mut(a),
+            Key::Proxied(a) => self.proxied.get_mut(a),
+            Key::Relayed(a) => self.relayed.get_mut(a),
             Key::Prefix(p) => self.prefixes.get_mut(p),
             Key::Host(h) => self.hosts.get_mut(h),
             Key::Workload(w) => self.workloads.get_mut(w),
+            Key::ClientId(id) => self.ids.get_mut(id),
         }
     }
 
-    /// Number of keys of a group.
+    /// The rollups of a client address: as its own peer, and through gateways.
+    pub fn client(&self, a: IpAddr) -> Parts<'_> {
+        Parts {
+            direct: self.direct.get(&a),
+            other: self.proxied.get(&a),
+        }
+    }
+
+    /// The rollups of a TCP peer: as its own client, and for other clients.
+    pub fn peer(&self, a: IpAddr) -> Parts<'_> {
+        Parts {
+            direct: self.direct.get(&a),
+            other: self.relayed.get(&a),
+        }
+    }
+
+    /// The rollup of a client id.
+    pub fn client_id(&self, id: &str) -> Option<&Rollup> {
+        self.ids.get(id)
+    }
+
+    /// Number of keys of a group (an address of two kinds of key counts once).
     pub fn key_count(&self, group: Group) -> usize {
         match group {
-            Group::ClientAddress => self.clients.len(),
+            Group::ClientAddress => {
+                self.direct.len() + self.proxied.len() - self.direct_and_proxied
+            }
+            Group::Peer => self.direct.len() + self.relayed.len() - self.direct_and_relayed,
             Group::ClientPrefix => self.prefixes.len(),
             Group::Host => self.hosts.len(),
             Group::Workload => self.workloads.len(),
+            Group::ClientId => self.ids.len(),
         }
     }
 
     /// Every key with its rollup.
     pub fn iter(&self) -> impl Iterator<Item = (Key, &Rollup)> {
-        let c = self.clients.iter().map(|(k, r)| (Key::Client(*k), r));
+        let d = self.direct.iter().map(|(k, r)| (Key::Direct(*k), r));
+        let x = self.proxied.iter().map(|(k, r)| (Key::Proxied(*k), r));
+        let y = self.relayed.iter().map(|(k, r)| (Key::Relayed(*k), r));
         let p = self.prefixes.iter().map(|(k, r)| (Key::Prefix(*k), r));
         let h = self.hosts.iter().map(|(k, r)| (Key::Host(*k), r));
         let w = self
             .workloads
             .iter()
             .map(|(k, r)| (Key::Workload(k.clone()), r));
-        c.chain(p).chain(h).chain(w)
+        let i = self.ids.iter().map(|(k, r)| (Key::ClientId(k.clone()), r));
+        d.chain(x).chain(y).chain(p).chain(h).chain(w).chain(i)
     }
 
     /// Replaces (or, if it is empty, removes) the rollup of a key.
     pub fn put(&mut self, key: Key, rollup: Rollup) {
-        fn put<K: Hash + Eq>(m: &mut Map<K, Rollup>, k: K, r: Rollup) {
-            if r.is_empty() {
-                m.remove(&k);
-            } else {
-                m.insert(k, r);
-            }
-        }
         match key {
-            Key::Client(a) => put(&mut self.clients, a, rollup),
-            Key::Prefix(p) => put(&mut self.prefixes, p, rollup),
-            Key::Host(h) => put(&mut self.hosts, h, rollup),
-            Key::Workload(w) => put(&mut self.workloads, w, rollup),
+            Key::Direct(a) => {
+                let change = put_in(&mut self.direct, a, rollup);
+                let (proxied, relayed) =
+                    (self.proxied.contains_key(&a), self.relayed.contains_key(&a));
+                count_both(&mut self.direct_and_proxied, change, proxied);
+                count_both(&mut self.direct_and_relayed, change, relayed);
+            }
+            Key::Proxied(a) => {
+                let change = put_in(&mut self.proxied, a, rollup);
+                let direct = self.direct.contains_key(&a);
+                count_both(&mut self.direct_and_proxied, change, direct);
+            }
+            Key::Relayed(a) => {
+                let change = put_in(&mut self.relayed, a, rollup);
+                let direct = self.direct.contains_key(&a);
+                count_both(&mut self.direct_and_relayed, change, direct);
+            }
+            Key::Prefix(p) => drop(put_in(&mut self.prefixes, p, rollup)),
+            Key::Host(h) => drop(put_in(&mut self.hosts, h, rollup)),
+            Key::Workload(w) => drop(put_in(&mut self.workloads, w, rollup)),
+            Key::ClientId(id) => drop(put_in(&mut self.ids, id, rollup)),
         }
     }
 
@@ -323,28 +558,26 @@ impl State {
     /// The `limit` keys of `group` with the most response bytes in `window` (keys not seen in
     /// the window are left out; ties go to the smaller key).
     pub fn top(&self, group: Group, window: Window, limit: usize) -> TopTalkers {
-        let end = self.end_ms;
-        let talker = |key: Key, stats| Talker {
-            key: key.display(|h| self.host_name(h)),
-            stats,
-        };
+        let (w, end) = (window, self.end_ms);
         let talkers = match group {
-            Group::ClientAddress => top_of(&self.clients, window, end, limit)
-                .into_iter()
-                .map(|(k, s)| talker(Key::Client(*k), s))
-                .collect(),
-            Group::ClientPrefix => top_of(&self.prefixes, window, end, limit)
-                .into_iter()
-                .map(|(k, s)| talker(Key::Prefix(*k), s))
-                .collect(),
-            Group::Host => top_of(&self.hosts, window, end, limit)
-                .into_iter()
-                .map(|(k, s)| talker(Key::Host(*k), s))
-                .collect(),
-            Group::Workload => top_of(&self.workloads, window, end, limit)
-                .into_iter()
-                .map(|(k, s)| talker(Key::Workload(k.clone()), s))
-                .collect(),
+            Group::ClientAddress => rows(
+                top_k(each_of_both(&self.direct, &self.proxied, w, end), limit),
+                IpAddr::to_string,
+            ),
+            Group::Peer => rows(
+                top_k(each_of_both(&self.direct, &self.relayed, w, end), limit),
+                IpAddr::to_string,
+            ),
+            Group::ClientPrefix => rows(top_k(each(&self.prefixes, w, end), limit), |p| {
+                p.to_string()
+            }),
+            Group::Host => rows(top_k(each(&self.hosts, w, end), limit), |h| {
+                self.host_name(*h).to_owned()
+            }),
+            Group::Workload => rows(top_k(each(&self.workloads, w, end), limit), |k| {
+                Key::Workload(k.clone()).display(|h| self.host_name(h))
+            }),
+            Group::ClientId => rows(top_k(each(&self.ids, w, end), limit), |id| id.to_string()),
         };
         TopTalkers {
             window_end_ms: end,
@@ -352,11 +585,21 @@ impl State {
         }
     }
 
-    /// A key's stats in every window ([`Window::ALL`] order), or `None` if it has no traffic
-    /// in any of them (never seen, or only before the 24 h window).
-    pub fn stats(&self, key: &Key) -> Option<[WindowStats; 4]> {
-        let r = self.get(key)?;
-        let stats = Window::ALL.map(|w| r.window(w, self.end_ms));
+    /// A client's stats in every window ([`Window::ALL`] order), or `None` if it has no
+    /// traffic in any of them (never seen, or only before the 24 h window).
+    pub fn stats(&self, client: &ClientQuery) -> Option<[WindowStats; 4]> {
+        let parts = match client {
+            ClientQuery::Address(a) => self.client(*a),
+            ClientQuery::Prefix(p) => Parts {
+                direct: self.prefixes.get(p),
+                other: None,
+            },
+            ClientQuery::Id(id) => Parts {
+                direct: self.ids.get(id.as_str()),
+                other: None,
+            },
+        };
+        let stats = Window::ALL.map(|w| parts.window(w, self.end_ms));
         // Every batch that touched the key in the 24 h window counts its host there.
         (stats[Window::H24.index()].hosts > 0).then_some(stats)
     }
@@ -365,7 +608,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Counters, Delta};
+    use crate::model::{ClientSource, Counters, Delta};
 
     fn delta(remote: &str, role: Role, out: u64, closed: bool, comm: &str) -> Delta {
         Delta {
@@ -374,6 +617,9 @@ mod tests {
             local_port: 8000,
             remote: remote.parse().unwrap(),
             remote_port: 5000,
+            client: remote.parse().unwrap(),
+            client_id: None,
+            client_source: ClientSource::Peer,
             role,
             counters: Counters {
                 bytes_out: out,
@@ -415,7 +661,7 @@ mod tests {
             })
         };
         assert_eq!(
-            get(&Key::Client("203.0.113.7".parse().unwrap())),
+            get(&Key::Direct("203.0.113.7".parse().unwrap())),
             tot(15, 2, 1)
         );
         assert_eq!(
@@ -430,6 +676,130 @@ mod tests {
         });
         assert_eq!(get(&w), tot(1, 1, 0));
         assert_eq!(agg.entries.len(), 2 + 1 + 1 + 2);
+        assert!(agg.links.is_empty());
+    }
+
+    /// Through a gateway: `client` behind `gateway`, with an id.
+    fn via(gateway: &str, client: &str, id: Option<&str>, out: u64) -> Delta {
+        Delta {
+            client: client.parse().unwrap(),
+            client_id: id.map(str::to_owned),
+            client_source: ClientSource::Header("x-client".into()),
+            ..delta(gateway, Role::Server, out, false, "vllm")
+        }
+    }
+
+    #[test]
+    fn folds_gateway_traffic_by_client_and_peer() {
+        let b = Batch {
+            seq: 1,
+            start_ms: 0,
+            end_ms: 1000,
+            deltas: vec![
+                via("10.1.0.1", "203.0.113.7", Some("h:a"), 10),
+                via("10.1.0.2", "203.0.113.7", Some("h:a"), 20),
+                via("10.1.0.1", "198.51.100.9", Some("h:a"), 40),
+                via("10.1.0.1", "198.51.100.8", None, 80),
+                // The gateway's own request, and a direct client with an id.
+                delta("10.1.0.1", Role::Server, 160, false, "vllm"),
+                via("198.51.100.8", "198.51.100.8", Some("h:b"), 320),
+            ],
+            overflow: Counters::default(),
+            lost_batches: 0,
+            lost: Counters::default(),
+        };
+        let agg = aggregate(&b, 0);
+        let get = |k: &Key| {
+            agg.entries
+                .iter()
+                .find(|e| &e.0 == k)
+                .map(|e| e.1.response_bytes)
+        };
+        let a = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(get(&Key::Proxied(a("203.0.113.7"))), Some(30));
+        assert_eq!(get(&Key::Direct(a("203.0.113.7"))), None);
+        assert_eq!(get(&Key::Proxied(a("198.51.100.8"))), Some(80));
+        assert_eq!(get(&Key::Direct(a("198.51.100.8"))), Some(320));
+        assert_eq!(get(&Key::Relayed(a("10.1.0.1"))), Some(130));
+        assert_eq!(get(&Key::Relayed(a("10.1.0.2"))), Some(20));
+        assert_eq!(get(&Key::Direct(a("10.1.0.1"))), Some(160));
+        assert_eq!(get(&Key::ClientId("h:a".into())), Some(70));
+        assert_eq!(get(&Key::ClientId("h:b".into())), Some(320));
+        assert_eq!(get(&Key::Prefix(Prefix::of(a("198.51.100.0")))), Some(440));
+        assert_eq!(get(&Key::Prefix(Prefix::of(a("10.1.0.0")))), Some(160));
+        assert_eq!(get(&Key::Host(0)), Some(630));
+        let mut links: Vec<String> = agg
+            .links
+            .iter()
+            .map(|(k, kind, addr)| format!("{k:?} {kind:?} {addr}"))
+            .collect();
+        links.sort();
+        assert_eq!(
+            links,
+            [
+                "ClientId(\"h:a\") Addr 198.51.100.9",
+                "ClientId(\"h:a\") Addr 203.0.113.7",
+                "ClientId(\"h:a\") Peer 10.1.0.1",
+                "ClientId(\"h:a\") Peer 10.1.0.2",
+                "ClientId(\"h:b\") Addr 198.51.100.8",
+                "Proxied(198.51.100.8) Peer 10.1.0.1",
+                "Proxied(198.51.100.9) Peer 10.1.0.1",
+                "Proxied(203.0.113.7) Peer 10.1.0.1",
+                "Proxied(203.0.113.7) Peer 10.1.0.2",
+            ]
+        );
+    }
+
+    #[test]
+    fn client_and_peer_groups_join_their_keys() {
+        let mut s = State::default();
+        s.add_host(0, "h0".into());
+        s.add_host(1, "h1".into());
+        let a: IpAddr = "198.51.100.8".parse().unwrap();
+        let g: IpAddr = "10.1.0.1".parse().unwrap();
+        let r = |host, resp| {
+            let mut r = Rollup::default();
+            let t = Totals {
+                response_bytes: resp,
+                ..Default::default()
+            };
+            r.add(1000, host, &t);
+            r
+        };
+        s.put(Key::Direct(a), r(0, 1));
+        s.put(Key::Proxied(a), r(1, 10));
+        s.put(Key::Relayed(g), r(1, 10));
+        s.put(Key::Direct(g), r(1, 100));
+        s.set_end_ms(1000);
+        let top = |g| {
+            s.top(g, Window::M1, 10)
+                .talkers
+                .into_iter()
+                .map(|t| (t.key, t.stats.totals.response_bytes, t.stats.hosts))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            top(Group::ClientAddress),
+            [("10.1.0.1".into(), 100, 1), ("198.51.100.8".into(), 11, 2)]
+        );
+        assert_eq!(
+            top(Group::Peer),
+            [("10.1.0.1".into(), 110, 1), ("198.51.100.8".into(), 1, 1)]
+        );
+        let stats = s.stats(&ClientQuery::Address(a)).unwrap();
+        assert_eq!(stats[Window::H24.index()].totals.response_bytes, 11);
+        assert_eq!(s.key_count(Group::ClientAddress), 2);
+        assert_eq!(s.key_count(Group::Peer), 2);
+        // The gateway is no client of its own any more: still a peer.
+        s.put(Key::Direct(g), Rollup::default());
+        assert_eq!(s.key_count(Group::ClientAddress), 1);
+        assert_eq!(s.key_count(Group::Peer), 2);
+        s.put(Key::Proxied(a), Rollup::default());
+        assert_eq!(s.key_count(Group::ClientAddress), 1);
+        assert_eq!(s.key_count(Group::Peer), 2);
+        s.put(Key::Direct(a), Rollup::default());
+        assert_eq!(s.key_count(Group::ClientAddress), 0);
+        assert_eq!(s.key_count(Group::Peer), 1);
     }
 
     #[test]
@@ -442,7 +812,20 @@ mod tests {
         assert_eq!(q("::ffff:1.2.3.4").unwrap(), "1.2.3.4");
         let e = q("10.0.0.0/16").unwrap_err();
         assert_eq!(e.field, "client");
-        assert!(q("nope").is_err());
+        // Anything else is a client id; `id:` forces one.
+        let id = "h:0123456789abcdef01234567";
+        assert_eq!(ClientQuery::parse(id), Ok(ClientQuery::Id(id.into())));
+        assert_eq!(
+            ClientQuery::parse("id:10.0.0.1"),
+            Ok(ClientQuery::Id("10.0.0.1".into()))
+        );
+        assert_eq!(
+            ClientQuery::parse("alice/x").unwrap().describe(),
+            "client id \"alice/x\""
+        );
+        assert!(q("").is_err());
+        assert!(q("id:").is_err());
+        assert!(q(&"x".repeat(257)).is_err());
     }
 
     #[test]
@@ -459,7 +842,7 @@ mod tests {
                     ..Default::default()
                 },
             );
-            s.put(Key::Client(IpAddr::from([10, 0, 0, i as u8])), r);
+            s.put(Key::Direct(IpAddr::from([10, 0, 0, i as u8])), r);
         }
         s.set_end_ms(1000);
         let top = s.top(Group::ClientAddress, Window::M1, 3);

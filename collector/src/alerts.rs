@@ -57,8 +57,13 @@ fn detector_name(d: i32) -> &'static str {
     }
 }
 
-/// A stable id of an episode: FNV-1a of detector, key and first batch time.
-fn alert_id(detector: DetectorKind, key: &str, first_seen_ms: u64) -> String {
+/// A stable id of an episode: FNV-1a of detector, subject and first batch time.
+fn alert_id(detector: DetectorKind, subject: &Subject, st: &State, first_seen_ms: u64) -> String {
+    let key = match subject {
+        // A client id may look like an address: its episodes must not share their ids.
+        Subject::ClientId(id) => format!("client-id:{id}"),
+        s => s.display(st),
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in detector
         .name()
@@ -135,7 +140,7 @@ impl AlertHub {
                 Ok(v1::Detector::Sustained) => DetectorKind::Sustained,
                 _ => continue,
             };
-            match (open, Subject::parse(&a.key, st)) {
+            match (open, Subject::of_alert(&a.key, &a.client_id, st)) {
                 (true, Some(subject)) => {
                     metrics.alert_open_gauge(detector.name(), 1);
                     book.open.insert(
@@ -191,9 +196,14 @@ impl AlertHub {
                 }
                 (Some(f), None) => {
                     let key = k.0.display(st);
+                    let client_id = match &k.0 {
+                        Subject::ClientId(id) => id.to_string(),
+                        _ => String::new(),
+                    };
                     let mut alert = v1::Alert {
-                        id: alert_id(k.1, &key, end_ms),
+                        id: alert_id(k.1, &k.0, st, end_ms),
                         key,
+                        client_id,
                         detector: v1::Detector::from(k.1) as i32,
                         state: v1::AlertState::Open as i32,
                         first_seen_ms: end_ms,
@@ -301,11 +311,17 @@ fn fill(a: &mut v1::Alert, f: &Finding, st: &State) {
         .collect();
     a.members = f.members;
     a.summary.clone_from(&f.summary);
+    let strings = |v: &[std::net::IpAddr]| v.iter().map(ToString::to_string).collect();
+    a.client_addrs = strings(&f.via.addrs);
+    a.client_addr_count = f.via.addr_count;
+    a.peers = strings(&f.via.peers);
+    a.peer_count = f.via.peer_count;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::Via;
 
     fn finding(obs: u64) -> Finding {
         Finding {
@@ -317,8 +333,51 @@ mod tests {
             request_bytes: 1,
             hosts: vec![],
             members: 0,
+            via: Via::default(),
             summary: "s".into(),
         }
+    }
+
+    #[test]
+    fn client_id_alerts_carry_their_addresses_and_survive_a_reload() {
+        let hub = AlertHub::new();
+        let st = State::default();
+        let id = "h:0123456789abcdef01234567";
+        let mut f = finding(100);
+        f.via = Via {
+            addrs: vec!["198.51.100.4".parse().unwrap()],
+            addr_count: 3,
+            peers: vec!["10.1.0.1".parse().unwrap()],
+            peer_count: 1,
+        };
+        let ch = hub.apply(
+            vec![Verdict {
+                subject: Subject::ClientId(id.into()),
+                detector: DetectorKind::Volume,
+                finding: Some(f),
+            }],
+            1000,
+            500,
+            &st,
+        );
+        let a = &ch.upserts[0];
+        assert_eq!((a.key.as_str(), a.client_id.as_str()), (id, id));
+        assert_eq!(a.client_addrs, ["198.51.100.4"]);
+        assert_eq!((a.client_addr_count, a.peer_count), (3, 1));
+        assert_eq!(a.peers, ["10.1.0.1"]);
+        // An id that looks like an address is still an id after a restart.
+        let mut looks_like_an_address = a.clone();
+        looks_like_an_address.key = "10.0.0.1".into();
+        looks_like_an_address.client_id = "10.0.0.1".into();
+        let hub = AlertHub::new();
+        hub.load(vec![a.clone(), looks_like_an_address], &st, &Metrics::new());
+        assert_eq!(
+            hub.open_subjects(),
+            [
+                Subject::ClientId("10.0.0.1".into()),
+                Subject::ClientId(id.into())
+            ]
+        );
     }
 
     #[test]

@@ -125,8 +125,8 @@ impl Collector {
 
     /// A client's stats in every window ([`Window::ALL`] order); `None` if nothing of it is
     /// held.
-    pub fn client_stats(&self, client: ClientQuery) -> Option<[WindowStats; 4]> {
-        self.read().stats(&client.key())
+    pub fn client_stats(&self, client: &ClientQuery) -> Option<[WindowStats; 4]> {
+        self.read().stats(client)
     }
 
     /// The newest batch time applied.

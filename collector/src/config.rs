@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use outflow_proto::limits::MAX_DELTAS_PER_BATCH;
 use serde::{Deserialize, Serialize};
 
 /// Where the collector looks for its config file when `--config` is not given (used only if it
@@ -19,8 +20,6 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9411);
 /// Default data directory (holds `collector.redb`).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outflow-collector";
-/// The protocol's limit on deltas per batch (`ingest.proto`).
-pub const PROTOCOL_MAX_DELTAS: usize = 100_000;
 
 /// A configuration that cannot be used, with the file or field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +136,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
-            max_deltas_per_batch: PROTOCOL_MAX_DELTAS,
+            max_deltas_per_batch: MAX_DELTAS_PER_BATCH,
             max_clock_skew: Duration::from_secs(600),
             batches_per_second: 100.0,
             batch_burst: 1000,
@@ -234,11 +233,11 @@ impl Config {
                 ),
             ));
         }
-        if !(1..=PROTOCOL_MAX_DELTAS).contains(&l.max_deltas_per_batch) {
+        if !(1..=MAX_DELTAS_PER_BATCH).contains(&l.max_deltas_per_batch) {
             return Err(invalid(
                 "limits.max_deltas_per_batch",
                 format!(
-                    "must be between 1 and {PROTOCOL_MAX_DELTAS} (got {})",
+                    "must be between 1 and {MAX_DELTAS_PER_BATCH} (got {})",
                     l.max_deltas_per_batch
                 ),
             ));
@@ -355,7 +354,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
         assert_eq!(c.limits.batches_per_second, 5.0);
-        assert_eq!(c.limits.max_deltas_per_batch, PROTOCOL_MAX_DELTAS);
+        assert_eq!(c.limits.max_deltas_per_batch, MAX_DELTAS_PER_BATCH);
         assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
     }
 }

@@ -7,14 +7,18 @@
 //!
 //! A [`Subject`] is what may be flagged: a client address (/32, /128), a client prefix (/24
 //! IPv4, /64 IPv6, both aggregated by the collector), an IPv6 /48 (aggregated here, from the
-//! client addresses of each applied batch) or a workload (host/cgroup/comm). Its windows come
-//! from its [`Rollup`]: the 1 h window (5-min buckets) and the 24 h window (hourly buckets).
+//! client addresses of each applied batch), a client id, or a workload (host/cgroup/comm).
+//! Client addresses are the clients the agents attributed the bytes to, not the gateways they
+//! came through; gateways (TCP peers) are not subjects: their bytes are their clients'. Its
+//! windows come from its [`Rollup`]: the 1 h window (5-min buckets) and the 24 h window
+//! (hourly buckets). A finding of a client id names its addresses and gateways, one of a
+//! client address the gateways it came through ([`Via`]).
 //!
 //! # Detectors (defaults in brackets)
 //!
 //! * **Volume**: response bytes over the 1 h window ≥ `volume.*_per_hour`, else over the 24 h
-//!   window ≥ `volume.*_per_day` [address 1 GiB/h, 10 GiB/day; prefix 8 GiB/h, 80 GiB/day;
-//!   workload off]. For a prefix, allowlisted members' bytes are left out.
+//!   window ≥ `volume.*_per_day` [address and client id 1 GiB/h, 10 GiB/day; prefix 8 GiB/h,
+//!   80 GiB/day; workload off]. For a prefix, allowlisted members' bytes are left out.
 //! * **Coordinated** (prefixes): 1 h total (without allowlisted members) ≥ `coordinated.factor`
 //!   × `volume.client_per_hour` [4 × 1 GiB], while no member is over `volume.client_per_hour`,
 //!   with ≥ `coordinated.min_members` [8] members active in the 1 h window, and a synchrony ≥
@@ -37,8 +41,8 @@
 //! A prefix whose bytes in the judged window come for ≥ `dominant_member_share` [0.8] from one
 //! member is not flagged by volume, deviation or sustained: that member is judged on its own.
 //!
-//! An allowlisted subject (`allowlist.cidrs` contains it, or its workload name starts with one
-//! of `allowlist.workloads`) is not evaluated at all.
+//! An allowlisted subject (`allowlist.cidrs` contains it, it is one of `allowlist.client_ids`,
+//! or its workload name starts with one of `allowlist.workloads`) is not evaluated at all.
 //!
 //! # Cost
 //!
@@ -48,18 +52,21 @@
 //! Every `eval_interval` of batch time, the subjects of open alerts are evaluated again so that
 //! alerts of keys that went quiet resolve.
 use std::{
+    borrow::Cow,
     fmt,
     net::{IpAddr, Ipv6Addr},
     time::Duration,
 };
 
+use outflow_proto::limits::MAX_CLIENT_ID_LEN;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::{Map, State},
     config::{ConfigError, invalid},
     keys::{HostId, Key, Prefix, Workload},
-    window::{Rollup, Totals, Window},
+    links::{LinkKind, MAX_LINKS},
+    window::{Rollup, Totals, Window, WindowStats},
 };
 
 const HOUR_MS: u64 = 3_600_000;
@@ -114,6 +121,7 @@ impl Default for DetectConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct VolumeConfig {
     pub enabled: bool,
+    /// A client address, and a client id.
     pub client_per_hour: u64,
     pub client_per_day: u64,
     pub prefix_per_hour: u64,
@@ -230,6 +238,8 @@ pub struct AllowlistConfig {
     pub cidrs: Vec<ipnet::IpNet>,
     /// Workload name prefixes (`"gpu-1/system.slice/batch.service"`).
     pub workloads: Vec<String>,
+    /// Client ids, exactly as agents send them (`"h:0123456789abcdef01234567"`).
+    pub client_ids: Vec<String>,
 }
 
 impl DetectConfig {
@@ -296,6 +306,14 @@ impl DetectConfig {
         if self.active_hour_bytes == 0 {
             return Err(invalid("detect.active_hour_bytes", "must be at least 1"));
         }
+        for id in &self.allowlist.client_ids {
+            if id.is_empty() || id.chars().nth(MAX_CLIENT_ID_LEN).is_some() {
+                return Err(invalid(
+                    "detect.allowlist.client_ids",
+                    format!("{id:?}: a client id has 1 to {MAX_CLIENT_ID_LEN} characters"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -309,6 +327,8 @@ pub enum Subject {
     /// An IPv6 /48 (network address).
     Prefix48(Ipv6Addr),
     Workload(Workload),
+    /// A client id as the agents sent it.
+    ClientId(Box<str>),
 }
 
 /// A subject as [`Subject::display`] gives it, written when formatted.
@@ -323,6 +343,7 @@ impl fmt::Display for Named<'_> {
             Subject::Workload(w) => {
                 write!(f, "{}/{}/{}", self.1.host_name(w.host), w.cgroup, w.comm)
             }
+            Subject::ClientId(id) => f.write_str(id),
         }
     }
 }
@@ -337,6 +358,7 @@ enum Kind {
     Client,
     Prefix,
     Workload,
+    ClientId,
 }
 
 impl Subject {
@@ -350,25 +372,38 @@ impl Subject {
             Subject::Client(_) => Kind::Client,
             Subject::Prefix(_) | Subject::Prefix48(_) => Kind::Prefix,
             Subject::Workload(_) => Kind::Workload,
+            Subject::ClientId(_) => Kind::ClientId,
         }
     }
 
-    /// The subject of a collector key (hosts are not subjects).
+    /// The subject of a collector key (hosts and gateways are not subjects).
     pub fn of_key(key: &Key) -> Option<Subject> {
         match key {
-            Key::Client(a) => Some(Subject::Client(*a)),
+            Key::Direct(a) | Key::Proxied(a) => Some(Subject::Client(*a)),
             Key::Prefix(p) => Some(Subject::Prefix(*p)),
             Key::Workload(w) => Some(Subject::Workload(w.clone())),
-            Key::Host(_) => None,
+            Key::ClientId(id) => Some(Subject::ClientId(id.clone())),
+            Key::Host(_) | Key::Relayed(_) => None,
         }
     }
 
-    /// As alerts show it: `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/48`, `host/cgroup/comm`.
+    /// The subject of a stored alert: its client id if it has one, else its key parsed.
+    pub fn of_alert(key: &str, client_id: &str, st: &State) -> Option<Subject> {
+        if client_id.is_empty() {
+            Subject::parse(key, st)
+        } else {
+            Some(Subject::ClientId(client_id.into()))
+        }
+    }
+
+    /// As alerts show it: `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/48`, `host/cgroup/comm`,
+    /// or the client id.
     pub fn display(&self, st: &State) -> String {
         Named(self, st).to_string()
     }
 
-    /// Parses what [`Subject::display`] gives (workload hosts must be known to `st`).
+    /// Parses what [`Subject::display`] gives, but for client ids (workload hosts must be known
+    /// to `st`).
     pub fn parse(s: &str, st: &State) -> Option<Subject> {
         if let Ok(a) = s.parse::<IpAddr>() {
             return Some(Subject::Client(a));
@@ -394,6 +429,7 @@ impl Subject {
             Kind::Client => "an address",
             Kind::Prefix => "a prefix",
             Kind::Workload => "a workload",
+            Kind::ClientId => "a client id",
         }
     }
 }
@@ -465,7 +501,89 @@ pub struct Finding {
     pub request_bytes: u64,
     pub hosts: Vec<HostId>,
     pub members: u64,
+    /// The client addresses and gateways of the judged window.
+    pub via: Via,
     pub summary: String,
+}
+
+/// Addresses shown per kind in a [`Via`].
+pub const VIA_SHOWN: usize = 8;
+
+/// Where a subject's bytes came from, besides the hosts that served them: a client id's
+/// client addresses, and the gateways (TCP peers other than the client) the bytes of a client
+/// id or a client address came through. Each list holds the most recently seen first, at most
+/// [`VIA_SHOWN`]; the counts are of the addresses held for the window (at most
+/// [`MAX_LINKS`], which means that many or more).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Via {
+    pub addrs: Vec<IpAddr>,
+    pub addr_count: u64,
+    pub peers: Vec<IpAddr>,
+    pub peer_count: u64,
+}
+
+impl Via {
+    /// The links of `rollup` seen at or after `start_ms`.
+    pub fn of(rollup: &Rollup, start_ms: u64) -> Via {
+        let (addrs, addr_count) = recent(rollup, LinkKind::Addr, start_ms);
+        let (peers, peer_count) = recent(rollup, LinkKind::Peer, start_ms);
+        Via {
+            addrs,
+            addr_count,
+            peers,
+            peer_count,
+        }
+    }
+}
+
+/// The most recently seen links of `kind` (at most [`VIA_SHOWN`]) and how many there are.
+fn recent(rollup: &Rollup, kind: LinkKind, start_ms: u64) -> (Vec<IpAddr>, u64) {
+    let mut v: Vec<(IpAddr, u64)> = rollup.links_since(kind, start_ms).collect();
+    v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let n = v.len() as u64;
+    (v.into_iter().take(VIA_SHOWN).map(|l| l.0).collect(), n)
+}
+
+/// ` (from 3 addresses: a, b, c; through 2 gateways: g, h)`, or nothing without links.
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |f: &mut fmt::Formatter<'_>, what: &str, shown: &[IpAddr], n: u64| {
+            let plus = if n as usize >= MAX_LINKS { "+" } else { "" };
+            write!(f, "{what} {n}{plus} ")?;
+            f.write_str(if what == "from" {
+                "address(es): "
+            } else {
+                "gateway(s): "
+            })?;
+            for (i, a) in shown.iter().enumerate() {
+                write!(f, "{}{a}", if i == 0 { "" } else { ", " })?;
+            }
+            match n.saturating_sub(shown.len() as u64) {
+                0 => Ok(()),
+                more => write!(f, " and {more}{plus} more"),
+            }
+        };
+        match (self.addr_count, self.peer_count) {
+            (0, 0) => Ok(()),
+            (_, 0) => {
+                f.write_str(" (")?;
+                list(f, "from", &self.addrs, self.addr_count)?;
+                f.write_str(")")
+            }
+            (0, _) => {
+                f.write_str(" (")?;
+                list(f, "through", &self.peers, self.peer_count)?;
+                f.write_str(")")
+            }
+            _ => {
+                f.write_str(" (")?;
+                list(f, "from", &self.addrs, self.addr_count)?;
+                f.write_str("; ")?;
+                list(f, "through", &self.peers, self.peer_count)?;
+                f.write_str(")")
+            }
+        }
+    }
 }
 
 /// One subject judged by one detector: `Some` while the condition holds.
@@ -524,7 +642,7 @@ pub struct Detector {
     tracks: Map<Subject, Track>,
     p48: Map<Ipv6Addr, Rollup>,
     members: Map<Subject, Members>,
-    peers: [Peers; 3],
+    peers: [Peers; 4],
     last_sweep_ms: u64,
     last_prune_hour: u64,
 }
@@ -543,6 +661,7 @@ fn kind_index(k: Kind) -> usize {
         Kind::Client => 0,
         Kind::Prefix => 1,
         Kind::Workload => 2,
+        Kind::ClientId => 3,
     }
 }
 
@@ -554,32 +673,40 @@ impl Detector {
             tracks: Map::default(),
             p48: Map::default(),
             members: Map::default(),
-            peers: [Peers::default(); 3],
+            peers: [Peers::default(); 4],
             last_sweep_ms: 0,
             last_prune_hour: 0,
         };
         let end = st.end_ms();
         for (key, rollup) in st.iter() {
-            let Key::Client(a) = key else { continue };
+            // A client's two keys: both add to its /48, the later time counts.
+            let (Key::Direct(a) | Key::Proxied(a)) = key else {
+                continue;
+            };
             let last = rollup
                 .hosts_since(0)
                 .filter_map(|h| rollup.host_last_seen(h))
                 .max();
             let last = last.unwrap_or(end);
-            d.members
-                .entry(Subject::Prefix(Prefix::of(a)))
-                .or_default()
-                .insert(a, last);
+            d.member(Subject::Prefix(Prefix::of(a)), a, last);
             if let IpAddr::V6(v6) = a {
                 let p = prefix48(v6);
                 d.p48.entry(p).or_default().merge(rollup);
-                d.members
-                    .entry(Subject::Prefix48(p))
-                    .or_default()
-                    .insert(a, last);
+                d.member(Subject::Prefix48(p), a, last);
             }
         }
         d
+    }
+
+    /// Records `addr` as a member of `group` seen at `time_ms` (keeps the later time).
+    fn member(&mut self, group: Subject, addr: IpAddr, time_ms: u64) {
+        let t = self
+            .members
+            .entry(group)
+            .or_default()
+            .entry(addr)
+            .or_default();
+        *t = (*t).max(time_ms);
     }
 
     /// The configuration.
@@ -674,6 +801,7 @@ impl Detector {
                     a.workloads.iter().any(|w| name.starts_with(w.as_str()))
                 }
             }
+            Subject::ClientId(id) => a.client_ids.iter().any(|x| **x == **id),
         }
     }
 
@@ -694,23 +822,20 @@ impl Detector {
         }
         track.last_eval_ms = end_ms;
         let allowed = Self::allowlisted(&self.cfg, subject, st);
-        let empty = Rollup::default();
-        let rollup = match subject {
-            Subject::Client(a) => st.get(&Key::Client(*a)),
-            Subject::Prefix(p) => st.get(&Key::Prefix(*p)),
-            Subject::Workload(w) => st.get(&Key::Workload(w.clone())),
-            Subject::Prefix48(p) => self.p48.get(p),
-        }
-        .unwrap_or(&empty);
+        let rollup = rollup_of(&self.p48, st, subject).unwrap_or_default();
         let cfg = &self.cfg;
-        let kind = subject.kind();
-        let peers = &mut self.peers[kind_index(kind)];
-        let cur_hour = end_ms / HOUR_MS;
+        let peers = &mut self.peers[kind_index(subject.kind())];
         // Hourly totals held (the last 25 hours).
         let mut hours: Vec<(u64, Totals)> = rollup.hourly().collect();
         hours.sort_unstable_by_key(|h| h.0);
-        fold(cfg, track, peers, &hours, cur_hour);
+        fold(cfg, track, peers, &hours, end_ms / HOUR_MS);
 
+        // Prefix members: active count, the largest, allowlisted bytes, synchrony.
+        let group = match subject.kind() {
+            Kind::Prefix => Some(member_stats(cfg, st, self.members.get(subject), end_ms)),
+            _ => None,
+        };
+        let j = Judged::new(cfg, st, subject, &rollup, end_ms, group);
         let mut push = |d: DetectorKind, f: Option<Finding>| {
             out.push(Verdict {
                 subject: subject.clone(),
@@ -718,17 +843,48 @@ impl Detector {
                 finding: if allowed { None } else { f },
             });
         };
+        if cfg.volume.enabled {
+            push(DetectorKind::Volume, j.volume());
+        }
+        if cfg.coordinated.enabled && j.group.is_some() {
+            push(DetectorKind::Coordinated, j.coordinated());
+        }
+        if cfg.deviation.enabled {
+            push(DetectorKind::Deviation, j.deviation(track));
+        }
+        if cfg.sustained.enabled {
+            push(DetectorKind::Sustained, j.sustained(track, peers, &hours));
+        }
+    }
+}
+
+/// One subject at one batch time: what every detector reads.
+struct Judged<'a> {
+    cfg: &'a DetectConfig,
+    st: &'a State,
+    subject: &'a Subject,
+    rollup: &'a Rollup,
+    end_ms: u64,
+    h1: WindowStats,
+    d1: WindowStats,
+    /// Response bytes in the 1 h and 24 h windows (a prefix's without allowlisted members).
+    h1_resp: u64,
+    d1_resp: u64,
+    /// For a prefix, its members.
+    group: Option<GroupStats>,
+}
+
+impl<'a> Judged<'a> {
+    fn new(
+        cfg: &'a DetectConfig,
+        st: &'a State,
+        subject: &'a Subject,
+        rollup: &'a Rollup,
+        end_ms: u64,
+        group: Option<GroupStats>,
+    ) -> Self {
         let h1 = rollup.window(Window::H1, end_ms);
         let d1 = rollup.window(Window::H24, end_ms);
-        let hosts = |w: Window| -> Vec<HostId> { rollup.hosts_since(w.start_ms(end_ms)).collect() };
-        // Formatted only into the summary of a finding.
-        let name = Named(subject, st);
-
-        // Prefix members: active count, the largest, allowlisted bytes, synchrony.
-        let group = match kind {
-            Kind::Prefix => Some(member_stats(cfg, st, self.members.get(subject), end_ms)),
-            _ => None,
-        };
         let (h1_resp, d1_resp) = match &group {
             Some(g) => (
                 h1.totals.response_bytes.saturating_sub(g.allowed_h1),
@@ -736,176 +892,250 @@ impl Detector {
             ),
             None => (h1.totals.response_bytes, d1.totals.response_bytes),
         };
-        let members = group.as_ref().map_or(0, |g| g.active);
-        // One member's own alert covers a prefix it dominates.
-        let share = cfg.dominant_member_share;
-        let dominated = |w: Window| {
-            group.as_ref().is_some_and(|g| {
-                let (max, total) = match w {
-                    Window::H24 => (g.max_member_d1, d1_resp),
-                    _ => (g.max_member, h1_resp),
-                };
-                total > 0 && max as f64 >= share * total as f64
-            })
-        };
-
-        if cfg.volume.enabled {
-            let v = &cfg.volume;
-            let (ph, pd) = match kind {
-                Kind::Client => (v.client_per_hour, v.client_per_day),
-                Kind::Prefix if subject.is_ipv6_subnet() => {
-                    (v.ipv6_subnet_per_hour, v.ipv6_subnet_per_day)
-                }
-                Kind::Prefix => (v.prefix_per_hour, v.prefix_per_day),
-                Kind::Workload => (v.workload_per_hour, v.workload_per_day),
-            };
-            let f = if ph > 0 && h1_resp >= ph && !dominated(Window::H1) {
-                Some((Window::H1, h1_resp, ph, h1.totals.request_bytes, "hour"))
-            } else if pd > 0 && d1_resp >= pd && !dominated(Window::H24) {
-                Some((Window::H24, d1_resp, pd, d1.totals.request_bytes, "day"))
-            } else {
-                None
-            };
-            push(
-                DetectorKind::Volume,
-                f.map(|(w, obs, thr, req, per)| Finding {
-                    severity: Severity::by_ratio(obs, thr),
-                    window_seconds: w.length_ms() / 1000,
-                    observed_bytes: obs,
-                    baseline_bytes: 0,
-                    threshold_bytes: thr,
-                    request_bytes: req,
-                    hosts: hosts(w),
-                    members,
-                    summary: format!(
-                        "{name}: pulled {} of responses in the last {per} from {} host(s), over the {} per-{per} limit for {} ({} of requests) — check who owns it and rate-limit or block it unless it is a known bulk client.",
-                        human(obs),
-                        hosts(w).len(),
-                        human(thr),
-                        subject.what(),
-                        human(req),
-                    ),
-                }),
-            );
+        Judged {
+            cfg,
+            st,
+            subject,
+            rollup,
+            end_ms,
+            h1,
+            d1,
+            h1_resp,
+            d1_resp,
+            group,
         }
+    }
 
-        if cfg.coordinated.enabled
-            && let Some(g) = &group
+    fn hosts(&self, w: Window) -> Vec<HostId> {
+        self.rollup.hosts_since(w.start_ms(self.end_ms)).collect()
+    }
+
+    fn via(&self, w: Window) -> Via {
+        Via::of(self.rollup, w.start_ms(self.end_ms))
+    }
+
+    /// How summaries name the subject: `203.0.113.7`, `h:... (from 3 addresses: ...)`.
+    fn title(&self, via: &Via) -> String {
+        format!("{}{via}", Named(self.subject, self.st))
+    }
+
+    /// Distinct active member addresses of a prefix (0 for other subjects).
+    fn members(&self) -> u64 {
+        self.group.as_ref().map_or(0, |g| g.active)
+    }
+
+    /// Whether one member makes the prefix's bytes in `w`: its own alert covers the prefix.
+    fn dominated(&self, w: Window) -> bool {
+        let share = self.cfg.dominant_member_share;
+        self.group.as_ref().is_some_and(|g| {
+            let (max, total) = match w {
+                Window::H24 => (g.max_member_d1, self.d1_resp),
+                _ => (g.max_member, self.h1_resp),
+            };
+            total > 0 && max as f64 >= share * total as f64
+        })
+    }
+
+    /// The per-hour and per-day volume limits of the subject's kind.
+    fn volume_limits(&self) -> (u64, u64) {
+        let v = &self.cfg.volume;
+        match self.subject.kind() {
+            Kind::Client | Kind::ClientId => (v.client_per_hour, v.client_per_day),
+            Kind::Prefix if self.subject.is_ipv6_subnet() => {
+                (v.ipv6_subnet_per_hour, v.ipv6_subnet_per_day)
+            }
+            Kind::Prefix => (v.prefix_per_hour, v.prefix_per_day),
+            Kind::Workload => (v.workload_per_hour, v.workload_per_day),
+        }
+    }
+
+    fn volume(&self) -> Option<Finding> {
+        let (ph, pd) = self.volume_limits();
+        let (w, obs, thr, req, per) = if ph > 0 && self.h1_resp >= ph && !self.dominated(Window::H1)
         {
-            let c = &cfg.coordinated;
-            let per_client = cfg.volume.client_per_hour;
-            let thr = (c.factor * per_client as f64) as u64;
-            let holds = per_client > 0
-                && h1_resp >= thr
-                && g.max_member < per_client
-                && g.active >= c.min_members
-                && g.synchrony >= c.min_synchrony;
-            push(
-                DetectorKind::Coordinated,
-                holds.then(|| Finding {
-                    severity: if h1_resp >= thr.saturating_mul(4) {
-                        Severity::Critical
-                    } else {
-                        Severity::High
-                    },
-                    window_seconds: 3600,
-                    observed_bytes: h1_resp,
-                    baseline_bytes: g.max_member,
-                    threshold_bytes: thr,
-                    request_bytes: h1.totals.request_bytes,
-                    hosts: hosts(Window::H1),
-                    members: g.active,
-                    summary: format!(
-                        "{name}: {} addresses pulled {} of responses in the last hour, none over the {} per-address limit (largest {}), active in the same hours — likely one client spread over many addresses; consider rate-limiting the prefix.",
-                        g.active,
-                        human(h1_resp),
-                        human(per_client),
-                        human(g.max_member),
-                    ),
-                }),
-            );
-        }
+            (
+                Window::H1,
+                self.h1_resp,
+                ph,
+                self.h1.totals.request_bytes,
+                "hour",
+            )
+        } else if pd > 0 && self.d1_resp >= pd && !self.dominated(Window::H24) {
+            (
+                Window::H24,
+                self.d1_resp,
+                pd,
+                self.d1.totals.request_bytes,
+                "day",
+            )
+        } else {
+            return None;
+        };
+        let (hosts, via) = (self.hosts(w), self.via(w));
+        Some(Finding {
+            severity: Severity::by_ratio(obs, thr),
+            window_seconds: w.length_ms() / 1000,
+            observed_bytes: obs,
+            baseline_bytes: 0,
+            threshold_bytes: thr,
+            request_bytes: req,
+            summary: format!(
+                "{}: pulled {} of responses in the last {per} from {} host(s), over the {} per-{per} limit for {} ({} of requests) — check who owns it and rate-limit or block it unless it is a known bulk client.",
+                self.title(&via),
+                human(obs),
+                hosts.len(),
+                human(thr),
+                self.subject.what(),
+                human(req),
+            ),
+            hosts,
+            members: self.members(),
+            via,
+        })
+    }
 
-        if cfg.deviation.enabled {
-            let dv = &cfg.deviation;
-            let sigma = track.var.sqrt().max(dv.min_sigma);
-            let limit = track.mean + dv.sigmas * sigma;
-            let thr = (limit.exp2() as u64).max(dv.floor_bytes_per_hour);
-            let holds = track.points >= dv.min_history_hours
-                && !dominated(Window::H1)
-                && h1_resp >= dv.floor_bytes_per_hour
-                && (h1_resp as f64).log2() > limit;
-            let baseline = track.mean.exp2() as u64;
-            push(
-                DetectorKind::Deviation,
-                holds.then(|| Finding {
-                    severity: Severity::by_ratio(h1_resp, thr).min(Severity::High),
-                    window_seconds: 3600,
-                    observed_bytes: h1_resp,
-                    baseline_bytes: baseline,
-                    threshold_bytes: thr,
-                    request_bytes: h1.totals.request_bytes,
-                    hosts: hosts(Window::H1),
-                    members,
-                    summary: format!(
-                        "{name}: pulled {} of responses in the last hour, {:.0}× its usual {} per active hour (alert above {}) — check whether it started bulk extraction and rate-limit it if so.",
-                        human(h1_resp),
-                        h1_resp as f64 / baseline.max(1) as f64,
-                        human(baseline),
-                        human(thr),
-                    ),
-                }),
-            );
+    fn coordinated(&self) -> Option<Finding> {
+        let g = self.group.as_ref()?;
+        let c = &self.cfg.coordinated;
+        let per_client = self.cfg.volume.client_per_hour;
+        let thr = (c.factor * per_client as f64) as u64;
+        let holds = per_client > 0
+            && self.h1_resp >= thr
+            && g.max_member < per_client
+            && g.active >= c.min_members
+            && g.synchrony >= c.min_synchrony;
+        if !holds {
+            return None;
         }
+        let via = self.via(Window::H1);
+        Some(Finding {
+            severity: if self.h1_resp >= thr.saturating_mul(4) {
+                Severity::Critical
+            } else {
+                Severity::High
+            },
+            window_seconds: 3600,
+            observed_bytes: self.h1_resp,
+            baseline_bytes: g.max_member,
+            threshold_bytes: thr,
+            request_bytes: self.h1.totals.request_bytes,
+            hosts: self.hosts(Window::H1),
+            members: g.active,
+            summary: format!(
+                "{}: {} addresses pulled {} of responses in the last hour, none over the {} per-address limit (largest {}), active in the same hours — likely one client spread over many addresses; consider rate-limiting the prefix.",
+                self.title(&via),
+                g.active,
+                human(self.h1_resp),
+                human(per_client),
+                human(g.max_member),
+            ),
+            via,
+        })
+    }
 
-        if cfg.sustained.enabled {
-            let s = &cfg.sustained;
-            let active = hours
-                .iter()
-                .filter(|(h, t)| {
-                    *h + 24 > cur_hour
-                        && *h <= cur_hour
-                        && t.response_bytes >= cfg.active_hour_bytes
-                })
-                .count() as u32;
-            let req = d1.totals.request_bytes;
-            let ratio = d1_resp as f64 / req.max(1) as f64;
-            let peer_ratio = peers.mean.exp2();
-            let ratio_holds = peers.n >= s.min_peer_samples
-                && active >= s.min_active_hours
-                && ratio >= s.ratio_factor * peer_ratio;
-            let cusum_holds = track.cusum >= s.cusum_threshold;
-            let holds = d1_resp >= s.min_bytes_per_day
-                && !dominated(Window::H24)
-                && (ratio_holds || cusum_holds);
-            let baseline = track.mean.exp2() as u64;
-            push(
-                DetectorKind::Sustained,
-                holds.then(|| Finding {
-                    severity: Severity::Medium,
-                    window_seconds: 86_400,
-                    observed_bytes: d1_resp,
-                    baseline_bytes: baseline,
-                    threshold_bytes: s.min_bytes_per_day,
-                    request_bytes: req,
-                    hosts: hosts(Window::H24),
-                    members,
-                    summary: if ratio_holds {
-                        format!(
-                            "{name}: streamed {} of responses in {active} of the last 24 hours with a response/request ratio of {ratio:.0}:1, {:.0}× its peers' — looks like automated extraction; review the account and consider a daily quota.",
-                            human(d1_resp),
-                            ratio / peer_ratio.max(f64::MIN_POSITIVE),
-                        )
-                    } else {
-                        format!(
-                            "{name}: response volume has risen steadily hour over hour ({} in the last 24 hours, from a baseline of {} per active hour) — a low-and-slow pull; review the account and consider a daily quota.",
-                            human(d1_resp),
-                            human(baseline),
-                        )
-                    },
-                }),
-            );
+    fn deviation(&self, track: &Track) -> Option<Finding> {
+        let dv = &self.cfg.deviation;
+        let sigma = track.var.sqrt().max(dv.min_sigma);
+        let limit = track.mean + dv.sigmas * sigma;
+        let thr = (limit.exp2() as u64).max(dv.floor_bytes_per_hour);
+        let h1_resp = self.h1_resp;
+        let holds = track.points >= dv.min_history_hours
+            && !self.dominated(Window::H1)
+            && h1_resp >= dv.floor_bytes_per_hour
+            && (h1_resp as f64).log2() > limit;
+        if !holds {
+            return None;
         }
+        let baseline = track.mean.exp2() as u64;
+        let via = self.via(Window::H1);
+        Some(Finding {
+            severity: Severity::by_ratio(h1_resp, thr).min(Severity::High),
+            window_seconds: 3600,
+            observed_bytes: h1_resp,
+            baseline_bytes: baseline,
+            threshold_bytes: thr,
+            request_bytes: self.h1.totals.request_bytes,
+            hosts: self.hosts(Window::H1),
+            members: self.members(),
+            summary: format!(
+                "{}: pulled {} of responses in the last hour, {:.0}× its usual {} per active hour (alert above {}) — check whether it started bulk extraction and rate-limit it if so.",
+                self.title(&via),
+                human(h1_resp),
+                h1_resp as f64 / baseline.max(1) as f64,
+                human(baseline),
+                human(thr),
+            ),
+            via,
+        })
+    }
+
+    fn sustained(&self, track: &Track, peers: &Peers, hours: &[(u64, Totals)]) -> Option<Finding> {
+        let s = &self.cfg.sustained;
+        let cur_hour = self.end_ms / HOUR_MS;
+        let active = hours
+            .iter()
+            .filter(|(h, t)| {
+                *h + 24 > cur_hour
+                    && *h <= cur_hour
+                    && t.response_bytes >= self.cfg.active_hour_bytes
+            })
+            .count() as u32;
+        let d1_resp = self.d1_resp;
+        let req = self.d1.totals.request_bytes;
+        let ratio = d1_resp as f64 / req.max(1) as f64;
+        let peer_ratio = peers.mean.exp2();
+        let ratio_holds = peers.n >= s.min_peer_samples
+            && active >= s.min_active_hours
+            && ratio >= s.ratio_factor * peer_ratio;
+        let cusum_holds = track.cusum >= s.cusum_threshold;
+        let holds = d1_resp >= s.min_bytes_per_day
+            && !self.dominated(Window::H24)
+            && (ratio_holds || cusum_holds);
+        if !holds {
+            return None;
+        }
+        let baseline = track.mean.exp2() as u64;
+        let via = self.via(Window::H24);
+        let name = self.title(&via);
+        Some(Finding {
+            severity: Severity::Medium,
+            window_seconds: 86_400,
+            observed_bytes: d1_resp,
+            baseline_bytes: baseline,
+            threshold_bytes: s.min_bytes_per_day,
+            request_bytes: req,
+            hosts: self.hosts(Window::H24),
+            members: self.members(),
+            summary: if ratio_holds {
+                format!(
+                    "{name}: streamed {} of responses in {active} of the last 24 hours with a response/request ratio of {ratio:.0}:1, {:.0}× its peers' — looks like automated extraction; review the account and consider a daily quota.",
+                    human(d1_resp),
+                    ratio / peer_ratio.max(f64::MIN_POSITIVE),
+                )
+            } else {
+                format!(
+                    "{name}: response volume has risen steadily hour over hour ({} in the last 24 hours, from a baseline of {} per active hour) — a low-and-slow pull; review the account and consider a daily quota.",
+                    human(d1_resp),
+                    human(baseline),
+                )
+            },
+            via,
+        })
+    }
+}
+
+/// The rollup `subject` is judged on: a client's two keys together, a /48 of `p48`.
+fn rollup_of<'a>(
+    p48: &'a Map<Ipv6Addr, Rollup>,
+    st: &'a State,
+    subject: &Subject,
+) -> Option<Cow<'a, Rollup>> {
+    match subject {
+        Subject::Client(a) => st.client(*a).merged(),
+        Subject::Prefix(p) => st.get(&Key::Prefix(*p)).map(Cow::Borrowed),
+        Subject::Workload(w) => st.get(&Key::Workload(w.clone())).map(Cow::Borrowed),
+        Subject::ClientId(id) => st.client_id(id).map(Cow::Borrowed),
+        Subject::Prefix48(p) => p48.get(p).map(Cow::Borrowed),
     }
 }
 
@@ -986,7 +1216,7 @@ fn member_stats(
     let cur_hour = end_ms / HOUR_MS;
     let mut masks: Vec<u32> = Vec::new();
     for (addr, last) in members {
-        let Some(r) = st.get(&Key::Client(*addr)) else {
+        let Some(r) = st.client(*addr).merged() else {
             continue;
         };
         if cfg.allowlist.cidrs.iter().any(|n| n.contains(addr)) {
@@ -1077,7 +1307,7 @@ mod tests {
             let wobble = if h % 2 == 0 { 1.05 } else { 0.95 };
             let at = T0 + h * HOUR_MS + 10 * 60_000;
             rollup.add(at, 0, &tot((base * wobble) as u64, (base / 2.0) as u64));
-            st.put(Key::Client(a), rollup.clone());
+            st.put(Key::Direct(a), rollup.clone());
             // Judged 30 min later: the 1 h window holds this hour's bytes only.
             let t = at + 30 * 60_000;
             st.set_end_ms(t);
@@ -1115,9 +1345,9 @@ mod tests {
                     host: 0,
                     totals: tot(25_000_000, 100_000),
                 };
-                let mut r = st.get(&Key::Client(addr)).cloned().unwrap_or_default();
+                let mut r = st.get(&Key::Direct(addr)).cloned().unwrap_or_default();
                 r.add(time_ms, 0, &o.totals);
-                st.put(Key::Client(addr), r);
+                st.put(Key::Direct(addr), r);
                 obs.push(o);
             }
         }
@@ -1147,6 +1377,38 @@ mod tests {
         let mut v = Vec::new();
         det.evaluate(&st, &touched[0], t, true, &mut v);
         assert!(v.iter().all(|x| x.finding.is_none()), "{v:?}");
+    }
+
+    #[test]
+    fn via_names_addresses_and_gateways() {
+        let a = |i: u8| IpAddr::from([198, 51, 100, i]);
+        let mut r = Rollup::default();
+        assert_eq!(Via::of(&r, 0).to_string(), "", "a direct client");
+        r.see_link(LinkKind::Peer, "10.1.0.1".parse().unwrap(), T0);
+        assert_eq!(
+            Via::of(&r, 0).to_string(),
+            " (through 1 gateway(s): 10.1.0.1)"
+        );
+        for i in 1..=10 {
+            r.see_link(LinkKind::Addr, a(i), T0 + u64::from(i) * 10_000);
+        }
+        let v = Via::of(&r, 0);
+        assert_eq!(
+            (v.addr_count, v.addrs.len(), v.addrs[0]),
+            (10, VIA_SHOWN, a(10))
+        );
+        assert_eq!(
+            v.to_string(),
+            " (from 10 address(es): 198.51.100.10, 198.51.100.9, 198.51.100.8, 198.51.100.7, \
+             198.51.100.6, 198.51.100.5, 198.51.100.4, 198.51.100.3 and 2 more; through 1 \
+             gateway(s): 10.1.0.1)"
+        );
+        // Only what was seen in the window.
+        assert_eq!(Via::of(&r, T0 + 95_000).addr_count, 1);
+        for i in 11..=40 {
+            r.see_link(LinkKind::Addr, a(i), T0 + 1_000_000);
+        }
+        assert!(Via::of(&r, 0).to_string().contains("and 24+ more"));
     }
 
     #[test]

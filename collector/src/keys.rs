@@ -1,5 +1,16 @@
-//! What the collector aggregates by: client address, client prefix, host and workload, and the
-//! compact byte form of each key in the store.
+//! What the collector aggregates by: client address, client prefix, host, workload, client id
+//! and TCP peer, and the compact byte form of each key in the store.
+//!
+//! The client of a delta is the address the agent attributed its bytes to (`client_addr`), or
+//! the TCP peer (`remote_addr`) if it attributed none. Most clients are their own peer, so the
+//! address keys are split three ways to keep one key per address in that common case:
+//!
+//! * [`Key::Direct`]: bytes whose client is its own TCP peer;
+//! * [`Key::Proxied`]: bytes of a client that came through another peer (a gateway);
+//! * [`Key::Relayed`]: bytes a peer carried for other clients (a gateway's).
+//!
+//! The client-address group of an address is its `Direct` and `Proxied` keys, the peer group
+//! its `Direct` and `Relayed` keys.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -19,15 +30,21 @@ pub enum Group {
     Host,
     /// Host, cgroup and process name of the server.
     Workload,
+    /// The client id the agent sent (deltas without one are not in this group).
+    ClientId,
+    /// The TCP peer (the remote address): a gateway's total, whoever its clients are.
+    Peer,
 }
 
 impl Group {
     /// Every group, in the order of the protocol's enum.
-    pub const ALL: [Group; 4] = [
+    pub const ALL: [Group; 6] = [
         Group::ClientAddress,
         Group::ClientPrefix,
         Group::Host,
         Group::Workload,
+        Group::ClientId,
+        Group::Peer,
     ];
 
     /// The name used on the command line and in messages (`client-prefix`, ...).
@@ -37,6 +54,8 @@ impl Group {
             Group::ClientPrefix => "client-prefix",
             Group::Host => "host",
             Group::Workload => "workload",
+            Group::ClientId => "client-id",
+            Group::Peer => "peer",
         }
     }
 }
@@ -82,38 +101,55 @@ pub struct Workload {
     pub comm: Box<str>,
 }
 
-/// One aggregation key.
+/// One aggregation key (see the module's documentation for the three address keys).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
-    Client(IpAddr),
+    /// A client that was its own TCP peer.
+    Direct(IpAddr),
+    /// A client that came through another TCP peer.
+    Proxied(IpAddr),
+    /// A TCP peer, for the bytes of other clients it carried.
+    Relayed(IpAddr),
     Prefix(Prefix),
     Host(HostId),
     Workload(Workload),
+    /// A client id as the agent sent it (at most `MAX_CLIENT_ID_LEN` characters).
+    ClientId(Box<str>),
 }
 
 impl std::hash::Hash for Key {
     /// One write for an address key (the writer hashes millions of them per second).
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let ip = |tag: u128, a: IpAddr| match a {
-            IpAddr::V4(a) => tag << 64 | 1 << 32 | u128::from(a.to_bits()),
-            IpAddr::V6(a) => a.to_bits() ^ tag << 120,
+        let ip = |tag: u8, a: IpAddr| match a {
+            IpAddr::V4(a) => u128::from(tag) << 64 | 1 << 32 | u128::from(a.to_bits()),
+            IpAddr::V6(a) => a.to_bits() ^ u128::from(tag) << 120,
         };
         match self {
-            Key::Client(a) => state.write_u128(ip(1, *a)),
-            Key::Prefix(p) => state.write_u128(ip(2, p.0)),
-            Key::Host(h) => state.write_u128(3 << 64 | u128::from(*h)),
+            Key::Direct(a) => state.write_u128(ip(TAG_DIRECT, *a)),
+            Key::Proxied(a) => state.write_u128(ip(TAG_PROXIED, *a)),
+            Key::Relayed(a) => state.write_u128(ip(TAG_RELAYED, *a)),
+            Key::Prefix(p) => state.write_u128(ip(TAG_PREFIX, p.0)),
+            Key::Host(h) => state.write_u128(u128::from(TAG_HOST) << 64 | u128::from(*h)),
             Key::Workload(w) => {
-                state.write_u128(4 << 64);
+                state.write_u128(u128::from(TAG_WORKLOAD) << 64);
                 w.hash(state);
+            }
+            Key::ClientId(id) => {
+                state.write_u128(u128::from(TAG_CLIENT_ID) << 64);
+                id.hash(state);
             }
         }
     }
 }
 
-const TAG_CLIENT: u8 = 1;
+/// Store tags. 1 to 4 are those of schema 2 (where 1 was every client address).
+const TAG_DIRECT: u8 = 1;
 const TAG_PREFIX: u8 = 2;
 const TAG_HOST: u8 = 3;
 const TAG_WORKLOAD: u8 = 4;
+const TAG_PROXIED: u8 = 5;
+const TAG_RELAYED: u8 = 6;
+const TAG_CLIENT_ID: u8 = 7;
 
 fn ip_bytes(out: &mut Vec<u8>, a: IpAddr) {
     match a {
@@ -136,22 +172,16 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 impl Key {
-    /// The group this key belongs to.
-    pub fn group(&self) -> Group {
-        match self {
-            Key::Client(_) => Group::ClientAddress,
-            Key::Prefix(_) => Group::ClientPrefix,
-            Key::Host(_) => Group::Host,
-            Key::Workload(_) => Group::Workload,
-        }
-    }
-
     /// Appends the store form: a tag byte, then the address bytes (4 or 16), the host id
-    /// (big-endian u32), or host id, cgroup length (u32), cgroup and comm.
+    /// (big-endian u32), host id, cgroup length (u32), cgroup and comm, or the client id.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Key::Client(a) => {
-                out.push(TAG_CLIENT);
+            Key::Direct(a) | Key::Proxied(a) | Key::Relayed(a) => {
+                out.push(match self {
+                    Key::Direct(_) => TAG_DIRECT,
+                    Key::Proxied(_) => TAG_PROXIED,
+                    _ => TAG_RELAYED,
+                });
                 ip_bytes(out, *a);
             }
             Key::Prefix(p) => {
@@ -171,6 +201,10 @@ impl Key {
                 out.extend_from_slice(w.cgroup.as_bytes());
                 out.extend_from_slice(w.comm.as_bytes());
             }
+            Key::ClientId(id) => {
+                out.push(TAG_CLIENT_ID);
+                out.extend_from_slice(id.as_bytes());
+            }
         }
     }
 
@@ -185,7 +219,9 @@ impl Key {
     pub fn decode(bytes: &[u8]) -> Option<Key> {
         let (&tag, rest) = bytes.split_first()?;
         match tag {
-            TAG_CLIENT => ip_from(rest).map(Key::Client),
+            TAG_DIRECT => ip_from(rest).map(Key::Direct),
+            TAG_PROXIED => ip_from(rest).map(Key::Proxied),
+            TAG_RELAYED => ip_from(rest).map(Key::Relayed),
             TAG_PREFIX => ip_from(rest).map(|a| Key::Prefix(Prefix::of(a))),
             TAG_HOST if rest.len() == 4 => u32_at(rest, 0).map(Key::Host),
             TAG_WORKLOAD => {
@@ -199,15 +235,19 @@ impl Key {
                     comm: std::str::from_utf8(comm).ok()?.into(),
                 }))
             }
+            TAG_CLIENT_ID if !rest.is_empty() => std::str::from_utf8(rest)
+                .ok()
+                .map(|id| Key::ClientId(id.into())),
             _ => None,
         }
     }
 
-    /// The key as the Query API shows it: `203.0.113.7`, `203.0.113.0/24`, a host name, or
-    /// `host/cgroup/comm`. `host_name` resolves host ids.
+    /// The key as the Query API shows it: `203.0.113.7`, `203.0.113.0/24`, a host name,
+    /// `host/cgroup/comm`, or the client id. `host_name` resolves host ids.
     pub fn display<'a>(&self, host_name: impl Fn(HostId) -> &'a str) -> String {
         match self {
-            Key::Client(a) => a.to_string(),
+            Key::Direct(a) | Key::Proxied(a) | Key::Relayed(a) => a.to_string(),
+            Key::ClientId(id) => id.to_string(),
             Key::Prefix(p) => p.to_string(),
             Key::Host(h) => host_name(*h).to_owned(),
             Key::Workload(w) => format!("{}/{}/{}", host_name(w.host), w.cgroup, w.comm),
@@ -230,8 +270,12 @@ mod tests {
     #[test]
     fn store_form_round_trips() {
         let keys = [
-            Key::Client("203.0.113.7".parse().unwrap()),
-            Key::Client("2001:db8::7".parse().unwrap()),
+            Key::Direct("203.0.113.7".parse().unwrap()),
+            Key::Direct("2001:db8::7".parse().unwrap()),
+            Key::Proxied("203.0.113.7".parse().unwrap()),
+            Key::Relayed("2001:db8::7".parse().unwrap()),
+            Key::ClientId("h:0123456789abcdef01234567".into()),
+            Key::ClientId("é/x y".into()),
             Key::Prefix(Prefix::of("198.51.100.1".parse().unwrap())),
             Key::Prefix(Prefix::of("2001:db8::1".parse().unwrap())),
             Key::Host(7),
@@ -255,6 +299,8 @@ mod tests {
             &[1, 1, 2],
             &[3, 0, 0],
             &[4, 0, 0, 0, 1, 0, 0, 0, 9, b'a'],
+            &[7],
+            &[7, 0xff],
         ] {
             assert_eq!(Key::decode(bad), None, "{bad:?}");
         }
@@ -270,5 +316,10 @@ mod tests {
         });
         assert_eq!(w.display(names), "gpu-1//system.slice/vllm.service/vllm");
         assert_eq!(Key::Host(1).display(names), "gpu-1");
+        assert_eq!(Key::ClientId("h:ab".into()).display(names), "h:ab");
+        assert_eq!(
+            Key::Proxied("2001:db8::1".parse().unwrap()).display(names),
+            "2001:db8::1"
+        );
     }
 }

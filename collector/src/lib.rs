@@ -1,8 +1,8 @@
 //! The outflow collector: agents stream per-connection byte deltas to it over gRPC
 //! (`outflow.v1.Ingest`); it applies each batch exactly once, aggregates response and request
-//! bytes per client address, client prefix, host and workload in rolling windows of batch
-//! time (1 m, 10 m, 1 h, 24 h), keeps what must survive a restart in an embedded redb file, and
-//! answers `outflow.v1.Query`.
+//! bytes per client address, client prefix, host, workload, client id and TCP peer in rolling
+//! windows of batch time (1 m, 10 m, 1 h, 24 h), keeps what must survive a restart in an
+//! embedded redb file, and answers `outflow.v1.Query`.
 //!
 //! The path of a batch:
 //!
@@ -29,6 +29,7 @@ pub mod detect;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod query;

@@ -14,8 +14,8 @@ use outflow_proto::v1;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// The outflow collector: agents stream per-connection byte counts to it over gRPC; it
-/// aggregates response and request bytes per client address, client prefix, host and
-/// workload in rolling 1m/10m/1h/24h windows of batch time, and answers queries.
+/// aggregates response and request bytes per client address, client prefix, host, workload,
+/// client id and TCP peer in rolling 1m/10m/1h/24h windows of batch time, and answers queries.
 ///
 /// Without a subcommand (or with `run`) it serves: gRPC (outflow.v1.Ingest and Query, health,
 /// reflection) on --listen [default: [::]:7411], Prometheus metrics on --metrics-listen
@@ -47,7 +47,7 @@ enum Command {
     PrintConfig(ServeArgs),
     /// Show the keys with the most response bytes in a window
     Top(TopArgs),
-    /// Show one client address or prefix in every window
+    /// Show one client address, prefix or client id in every window
     Client(ClientArgs),
     /// Show the alerts, open ones first
     Alerts(AlertsArgs),
@@ -166,10 +166,18 @@ impl ConnArgs {
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
 enum GroupArg {
+    /// The client (attributed by the agent, else the TCP peer)
     ClientAddress,
+    /// The client's /24 or /64
     ClientPrefix,
+    /// The host that served the bytes
     Host,
+    /// Host, cgroup and process name of the server
     Workload,
+    /// The client id agents sent
+    ClientId,
+    /// The TCP peer: gateways, whoever the clients behind them
+    Peer,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -203,7 +211,8 @@ struct TopArgs {
 struct ClientArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Client address (203.0.113.7, 2001:db8::7) or prefix (203.0.113.0/24, 2001:db8::/64)
+    /// Client address (203.0.113.7, 2001:db8::7), prefix (203.0.113.0/24, 2001:db8::/64) or
+    /// client id (h:0123..., or id:ID for an id that looks like an address)
     client: String,
 }
 
@@ -282,6 +291,8 @@ async fn top(a: TopArgs) -> Result<()> {
         GroupArg::ClientPrefix => (v1::GroupBy::ClientPrefix, "client-prefix"),
         GroupArg::Host => (v1::GroupBy::Host, "host"),
         GroupArg::Workload => (v1::GroupBy::Workload, "workload"),
+        GroupArg::ClientId => (v1::GroupBy::ClientId, "client-id"),
+        GroupArg::Peer => (v1::GroupBy::Peer, "peer"),
     };
     let (window, window_name) = match a.window {
         WindowArg::M1 => (v1::Window::Window1m, "1m"),

@@ -11,7 +11,7 @@
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
 //! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
-//! | `outflow_collector_keys{group}` | gauge | keys held per group |
+//! | `outflow_collector_keys{group}` | gauge | keys held per group (`client-address`, `client-prefix`, `host`, `workload`, `client-id`, `peer`) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |

@@ -4,12 +4,15 @@
 //! error names the offending field the way the protocol spells it, e.g.
 //! `deltas[3].remote_addr: 5 bytes, want 4 or 16`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
-use outflow_proto::v1;
+use outflow_proto::{
+    limits::{MAX_CLIENT_ID_LEN, MAX_CLIENT_SOURCE_LEN, MAX_DELTAS_PER_BATCH},
+    v1,
+};
 
 /// At most this many labels in a Hello (`ingest.proto`).
 pub const MAX_LABELS: usize = 32;
@@ -107,14 +110,39 @@ impl From<v1::Counters> for Counters {
     }
 }
 
-/// One connection's counts in a batch.
+/// Where an agent learnt the client of a delta (`client_source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientSource {
+    /// The TCP peer is the client (or nothing better was attributed).
+    Peer,
+    /// A PROXY protocol v1 header of a trusted balancer.
+    ProxyV1,
+    /// A PROXY protocol v2 header of a trusted balancer.
+    ProxyV2,
+    /// A request header of a trusted gateway: its lower-case name.
+    Header(Box<str>),
+    /// The serving application tagged its socket.
+    Annotation,
+    /// A source a newer agent knows and this collector does not (`outflow.v1` grows
+    /// compatibly): kept as sent.
+    Other(Box<str>),
+}
+
+/// One connection's counts in a batch: all of them, or (when the agent split the interval at
+/// request boundaries) those of one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delta {
     pub conn_id: u64,
     pub local: IpAddr,
     pub local_port: u16,
+    /// The TCP peer: for a connection through a gateway, the gateway.
     pub remote: IpAddr,
     pub remote_port: u16,
+    /// The client the bytes belong to: `client_addr`, or `remote` if the agent sent none.
+    pub client: IpAddr,
+    /// The client's id as sent (normally a keyed hash, `h:` and 24 hex digits), if any.
+    pub client_id: Option<String>,
+    pub client_source: ClientSource,
     pub role: Role,
     pub counters: Counters,
     pub closed: bool,
@@ -122,6 +150,15 @@ pub struct Delta {
     pub pid: u32,
     pub comm: String,
     pub first_seen_ms: u64,
+}
+
+impl Delta {
+    /// Whether the agent attributed these bytes to a client other than the bare TCP peer.
+    pub fn attributed(&self) -> bool {
+        self.client != self.remote
+            || self.client_id.is_some()
+            || self.client_source != ClientSource::Peer
+    }
 }
 
 /// A validated Batch.
@@ -148,7 +185,7 @@ pub struct BatchLimits {
 impl Default for BatchLimits {
     fn default() -> Self {
         Self {
-            max_deltas: crate::config::PROTOCOL_MAX_DELTAS,
+            max_deltas: MAX_DELTAS_PER_BATCH,
             latest_end_ms: None,
         }
     }
@@ -209,16 +246,83 @@ impl TryFrom<v1::Hello> for Hello {
 }
 
 /// An address of 4 or 16 bytes; an IPv4-mapped IPv6 address becomes IPv4.
-fn addr(field: impl FnOnce() -> String, bytes: &[u8]) -> Result<IpAddr, ValidationError> {
+fn ip(bytes: &[u8]) -> Option<IpAddr> {
     if let Ok(b) = <[u8; 4]>::try_from(bytes) {
-        Ok(IpAddr::V4(Ipv4Addr::from(b)))
-    } else if let Ok(b) = <[u8; 16]>::try_from(bytes) {
-        Ok(IpAddr::V6(Ipv6Addr::from(b)).to_canonical())
+        Some(IpAddr::V4(Ipv4Addr::from(b)))
     } else {
-        Err(ValidationError::new(
+        <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|b| IpAddr::V6(Ipv6Addr::from(b)).to_canonical())
+    }
+}
+
+fn addr(field: impl FnOnce() -> String, bytes: &[u8]) -> Result<IpAddr, ValidationError> {
+    ip(bytes).ok_or_else(|| {
+        ValidationError::new(field(), format!("{} bytes, want 4 or 16", bytes.len()))
+    })
+}
+
+/// `client_addr`: empty means the TCP peer (`remote`) is the client.
+fn client_addr(
+    field: impl FnOnce() -> String,
+    bytes: &[u8],
+    remote: IpAddr,
+) -> Result<IpAddr, ValidationError> {
+    if bytes.is_empty() {
+        return Ok(remote);
+    }
+    ip(bytes).ok_or_else(|| {
+        ValidationError::new(field(), format!("{} bytes, want 0, 4 or 16", bytes.len()))
+    })
+}
+
+/// `client_id`: at most [`MAX_CLIENT_ID_LEN`] characters (protobuf strings are UTF-8 already);
+/// empty means none.
+fn client_id(
+    field: impl FnOnce() -> String,
+    id: String,
+) -> Result<Option<String>, ValidationError> {
+    if id.chars().nth(MAX_CLIENT_ID_LEN).is_some() {
+        return Err(ValidationError::new(
             field(),
-            format!("{} bytes, want 4 or 16", bytes.len()),
-        ))
+            format!("more than {MAX_CLIENT_ID_LEN} characters"),
+        ));
+    }
+    Ok((!id.is_empty()).then_some(id))
+}
+
+/// An HTTP header name (RFC 9110 `token`).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `client_source`: `peer` (or empty), `proxy-v1`, `proxy-v2`, `annotation` or `header:<name>`.
+fn client_source(field: impl FnOnce() -> String, s: &str) -> Result<ClientSource, ValidationError> {
+    if s.chars().nth(MAX_CLIENT_SOURCE_LEN).is_some() {
+        return Err(ValidationError::new(
+            field(),
+            format!("more than {MAX_CLIENT_SOURCE_LEN} characters"),
+        ));
+    }
+    match s {
+        "" | "peer" => Ok(ClientSource::Peer),
+        "proxy-v1" => Ok(ClientSource::ProxyV1),
+        "proxy-v2" => Ok(ClientSource::ProxyV2),
+        "annotation" => Ok(ClientSource::Annotation),
+        _ => match s.strip_prefix("header:") {
+            Some(name) if is_token(name) => Ok(ClientSource::Header(
+                name.to_ascii_lowercase().into_boxed_str(),
+            )),
+            None if is_token(s) => Ok(ClientSource::Other(s.into())),
+            _ => Err(ValidationError::new(
+                field(),
+                format!(
+                    "{s:?}: want peer, proxy-v1, proxy-v2, annotation, header:<header name> or another source name (a token)"
+                ),
+            )),
+        },
     }
 }
 
@@ -239,6 +343,9 @@ fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
     }
     let local_port = port(|| f("local_port"), d.local_port)?;
     let remote_port = port(|| f("remote_port"), d.remote_port)?;
+    let client = client_addr(|| f("client_addr"), &d.client_addr, remote)?;
+    let client_id = client_id(|| f("client_id"), d.client_id)?;
+    let client_source = client_source(|| f("client_source"), &d.client_source)?;
     let role = match v1::Role::try_from(d.role) {
         Ok(v1::Role::Server) => Role::Server,
         Ok(v1::Role::Client) => Role::Client,
@@ -263,6 +370,9 @@ fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
         local_port,
         remote,
         remote_port,
+        client,
+        client_id,
+        client_source,
         role,
         counters: d.counters.map(Counters::from).unwrap_or_default(),
         closed: d.closed,
@@ -271,6 +381,33 @@ fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
         comm: d.comm,
         first_seen_ms: d.first_seen_ms,
     })
+}
+
+/// Keeps `closed` on the last delta of each connection only. The agent may split one
+/// connection's interval into several deltas (one per client); only the last of them may close
+/// it, so that the connection is counted closed once. (Only batches with attributed deltas can
+/// hold a split connection: the clients of its parts differ.)
+fn keep_last_close(deltas: &mut [Delta]) {
+    // Connection → the index of its last delta, for the connections that close.
+    let mut last: HashMap<u64, usize, foldhash::fast::RandomState> = deltas
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.closed)
+        .map(|(i, d)| (d.conn_id, i))
+        .collect();
+    if last.is_empty() {
+        return;
+    }
+    for (i, d) in deltas.iter().enumerate() {
+        if let Some(l) = last.get_mut(&d.conn_id) {
+            *l = i;
+        }
+    }
+    for (i, d) in deltas.iter_mut().enumerate() {
+        if d.closed && last.get(&d.conn_id) != Some(&i) {
+            d.closed = false;
+        }
+    }
 }
 
 impl Batch {
@@ -309,12 +446,15 @@ impl Batch {
                 format!("{} deltas, at most {}", b.deltas.len(), limits.max_deltas),
             ));
         }
-        let deltas = b
+        let mut deltas = b
             .deltas
             .into_iter()
             .enumerate()
             .map(|(i, d)| delta(i, d))
             .collect::<Result<Vec<_>, _>>()?;
+        if deltas.iter().any(Delta::attributed) {
+            keep_last_close(&mut deltas);
+        }
         Ok(Self {
             seq: b.seq,
             start_ms: b.start_ms,
@@ -448,6 +588,99 @@ mod tests {
         let mut d = good_delta();
         d.remote_addr = vec![0; 16];
         assert!(err(batch(vec![d])).starts_with("deltas[0].remote_addr: :: and local_addr"));
+    }
+
+    #[test]
+    fn client_fields() {
+        let b = Batch::try_from(batch(vec![good_delta()])).unwrap();
+        let d = &b.deltas[0];
+        assert_eq!(d.client, d.remote, "no client_addr: the peer is the client");
+        assert_eq!(
+            (&d.client_id, &d.client_source),
+            (&None, &ClientSource::Peer)
+        );
+
+        let mut d = good_delta();
+        d.client_addr = Ipv4Addr::new(198, 51, 100, 4)
+            .to_ipv6_mapped()
+            .octets()
+            .to_vec();
+        d.client_id = "h:0123456789abcdef01234567".into();
+        d.client_source = "header:X-Client-Id".into();
+        let b = Batch::try_from(batch(vec![d])).unwrap();
+        let d = &b.deltas[0];
+        assert_eq!(d.client, IpAddr::from([198, 51, 100, 4]));
+        assert_eq!(d.remote, IpAddr::from([203, 0, 113, 7]));
+        assert_eq!(d.client_id.as_deref(), Some("h:0123456789abcdef01234567"));
+        assert_eq!(d.client_source, ClientSource::Header("x-client-id".into()));
+        // An IPv6 client behind an IPv4 gateway is fine.
+        let mut d = good_delta();
+        d.client_addr = vec![0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        d.client_source = "proxy-v2".into();
+        assert!(Batch::try_from(batch(vec![d])).is_ok());
+
+        let e = |f: fn(&mut v1::ConnDelta)| {
+            let mut d = good_delta();
+            f(&mut d);
+            err(batch(vec![good_delta(), good_delta(), good_delta(), d]))
+        };
+        assert_eq!(
+            e(|d| d.client_addr = vec![1, 2, 3, 4, 5]),
+            "deltas[3].client_addr: 5 bytes, want 0, 4 or 16"
+        );
+        assert_eq!(
+            e(|d| d.client_id = "é".repeat(257)),
+            "deltas[3].client_id: more than 256 characters"
+        );
+        assert_eq!(
+            e(|d| d.client_source = "x".repeat(129)),
+            "deltas[3].client_source: more than 128 characters"
+        );
+        assert_eq!(
+            e(|d| d.client_source = "a b".into()),
+            "deltas[3].client_source: \"a b\": want peer, proxy-v1, proxy-v2, annotation, header:<header name> or another source name (a token)"
+        );
+        for bad in ["header:", "header:x y", "header:a:b", "x\ny"] {
+            let mut d = good_delta();
+            d.client_source = bad.into();
+            assert!(Batch::try_from(batch(vec![d])).is_err(), "{bad}");
+        }
+        for good in [
+            "",
+            "peer",
+            "proxy-v1",
+            "annotation",
+            "header:x-api-key",
+            "cookie",
+        ] {
+            let mut d = good_delta();
+            d.client_source = good.into();
+            d.client_id = "é".repeat(256);
+            assert!(Batch::try_from(batch(vec![d])).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn split_connections_close_once() {
+        // One connection split at request boundaries (three clients), closing; another one
+        // that a faulty agent marks closed twice; a third that stays open.
+        let d = |conn_id: u64, id: &str, closed: bool| v1::ConnDelta {
+            conn_id,
+            client_id: id.into(),
+            closed,
+            ..good_delta()
+        };
+        let b = Batch::try_from(batch(vec![
+            d(1, "a", false),
+            d(2, "x", true),
+            d(1, "b", false),
+            d(3, "", false),
+            d(2, "y", true),
+            d(1, "a", true),
+        ]))
+        .unwrap();
+        let closed: Vec<bool> = b.deltas.iter().map(|d| d.closed).collect();
+        assert_eq!(closed, [false, false, false, false, true, true]);
     }
 
     #[test]

@@ -27,6 +27,8 @@ impl TryFrom<v1::GroupBy> for Group {
             v1::GroupBy::ClientPrefix => Ok(Group::ClientPrefix),
             v1::GroupBy::Host => Ok(Group::Host),
             v1::GroupBy::Workload => Ok(Group::Workload),
+            v1::GroupBy::ClientId => Ok(Group::ClientId),
+            v1::GroupBy::Peer => Ok(Group::Peer),
             v1::GroupBy::Unspecified => Err(ValidationError::new("group_by", "unspecified")),
         }
     }
@@ -134,8 +136,11 @@ impl QueryService {
         r: v1::ClientStatsRequest,
     ) -> Result<v1::ClientStatsResponse, ApiError> {
         let client = ClientQuery::parse(&r.client)?;
-        let stats = self.collector.client_stats(client).ok_or_else(|| {
-            ApiError::NotFound(format!("no traffic of client {client} in the last 24 h"))
+        let stats = self.collector.client_stats(&client).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no traffic of {} in the last 24 h",
+                client.describe()
+            ))
         })?;
         let window = |(w, s): (Window, WindowStats)| v1::WindowStats {
             window: v1::Window::from(w) as i32,
@@ -193,6 +198,8 @@ mod tests {
             r(9, 3, 1).unwrap_err().to_string(),
             "group_by: unknown value 9"
         );
+        assert_eq!(r(5, 3, 1).unwrap().group, Group::ClientId);
+        assert_eq!(r(6, 3, 1).unwrap().group, Group::Peer);
         assert_eq!(r(1, 0, 1).unwrap_err().field, "window");
         let ok = r(4, 4, 5).unwrap();
         assert_eq!((ok.group, ok.window), (Group::Workload, Window::H24));

@@ -31,8 +31,10 @@ use crate::{
 
 /// The database file's name in the data directory.
 pub const DB_FILE: &str = "collector.redb";
-/// 2: the hosts of a key are in its `rollups` value (1 kept them in a `key_hosts` table).
-const SCHEMA: u64 = 2;
+/// 3: client addresses are the attributed clients (`client_addr`), split into direct, proxied
+/// and relayed keys; client-id keys; links in the `rollups` value. 2 keyed clients by TCP
+/// peer. 1 kept the hosts of a key in a `key_hosts` table.
+const SCHEMA: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("watermarks");
@@ -57,8 +59,21 @@ pub enum StoreError {
     Db { path: PathBuf, error: redb::Error },
     #[error("database {path} is corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("database {path} has schema {found}; this collector knows schema {SCHEMA}")]
+    #[error(
+        "database {path} has schema {found}; this collector reads schema {SCHEMA} only: {}",
+        schema_advice(*found)
+    )]
     Schema { path: PathBuf, found: u64 },
+}
+
+/// What to do with a file of another schema.
+fn schema_advice(found: u64) -> &'static str {
+    if found < SCHEMA {
+        "it was written by an older collector (it counted clients by TCP peer); move it away to \
+         start afresh (it holds at most the last 24 h of aggregates, and the alerts)"
+    } else {
+        "it was written by a newer collector; run that version, or move the file away"
+    }
 }
 
 /// Everything one write transaction changes.
@@ -361,7 +376,7 @@ mod tests {
             agent_id: "a".into(),
             epoch: 9,
         };
-        let key = Key::Client("203.0.113.7".parse().unwrap());
+        let key = Key::Direct("203.0.113.7".parse().unwrap());
         {
             let (store, mut state) = Store::open(dir.path(), false).unwrap();
             let mut r = Rollup::default();
@@ -385,9 +400,32 @@ mod tests {
         assert_eq!(state.watermark(&agent), 3);
         assert_eq!(state.end_ms(), 5000);
         assert_eq!(state.host_name(0), "h0");
-        let s = state.stats(&key).unwrap();
+        let s = state
+            .stats(&crate::aggregate::ClientQuery::Address(
+                "203.0.113.7".parse().unwrap(),
+            ))
+            .unwrap();
         assert_eq!(s[Window::H24.index()].totals.response_bytes, 42);
         assert_eq!(s[Window::H24.index()].hosts, 1);
+    }
+
+    #[test]
+    fn older_schema_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META).unwrap().insert("schema", 2).unwrap();
+            tx.commit().unwrap();
+        }
+        let e = Store::open(dir.path(), false).unwrap_err();
+        assert!(matches!(e, StoreError::Schema { found: 2, .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(!m.contains('\n'), "{m}");
+        assert!(
+            m.contains("has schema 2; this collector reads schema 3 only: it was written by an older collector"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -21,8 +21,15 @@
 //!
 //! A [`Rollup`] keeps only buckets that saw traffic and are still in their window: at most
 //! 7 + 11 + 13 + 25 = 56 slots of 32 bytes (1.75 KiB), typically 4 (128 B) for a key seen in
-//! one interval, plus 16 bytes per distinct host that served the key in the last 24 h.
-use crate::keys::HostId;
+//! one interval, plus 16 bytes per distinct host that served the key in the last 24 h, plus,
+//! for a client id or a client that came through gateways, its [`Links`] (at most
+//! 2 × [`MAX_LINKS`](crate::links::MAX_LINKS) addresses of 32 bytes).
+use std::net::IpAddr;
+
+use crate::{
+    keys::HostId,
+    links::{LinkKind, Links},
+};
 
 /// A rolling window (`outflow.v1.Window`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -158,15 +165,18 @@ const _: () = assert!(
 );
 const SLOT_BYTES: usize = 1 + 4 + 3 * 8;
 const HOST_BYTES: usize = 4 + 8;
-const FORMAT: u8 = 2;
+/// 3: the links follow the hosts (2 had none).
+const FORMAT: u8 = 3;
 
-/// What the collector keeps per key: the buckets of each window that saw traffic, and when
-/// each host last served the key.
+/// What the collector keeps per key: the buckets of each window that saw traffic, when each
+/// host last served the key, and the addresses it was seen with (only for some keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rollup {
     slots: Vec<Slot>,
     /// Sorted by host id: (host, last batch time it served the key).
     hosts: Vec<(HostId, u64)>,
+    /// Boxed: most keys have none, and pay 8 bytes for it.
+    links: Option<Box<Links>>,
 }
 
 impl Rollup {
@@ -217,6 +227,23 @@ impl Rollup {
         }
     }
 
+    /// Records that the key was seen with `addr` as `kind` at `time_ms` (in granules of
+    /// [`HOST_GRANULE_MS`], like hosts); true if that changed what is kept.
+    pub fn see_link(&mut self, kind: LinkKind, addr: IpAddr, time_ms: u64) -> bool {
+        let t = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
+        self.links.get_or_insert_default().see(kind, addr, t)
+    }
+
+    /// The addresses linked as `kind` seen at or after `start_ms`, with when they were last
+    /// seen (in no particular order).
+    pub fn links_since(
+        &self,
+        kind: LinkKind,
+        start_ms: u64,
+    ) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        self.links.iter().flat_map(move |l| l.since(kind, start_ms))
+    }
+
     /// When `host` last served the key, if it ever did (and was not pruned).
     pub fn host_last_seen(&self, host: HostId) -> Option<u64> {
         self.hosts
@@ -261,7 +288,23 @@ impl Rollup {
             .map(|h| h.0)
     }
 
-    /// Adds every bucket and host of `other` (sums buckets, keeps the later host time).
+    /// The stats in window `w` ending at `end_ms` of this key and `other` together (hosts
+    /// that served both count once).
+    pub fn window_with(&self, other: &Rollup, w: Window, end_ms: u64) -> WindowStats {
+        let mut s = self.window(w, end_ms);
+        let o = other.window(w, end_ms);
+        s.totals.add(&o.totals);
+        let start = w.start_ms(end_ms);
+        let both = self
+            .hosts_since(start)
+            .filter(|h| other.host_last_seen(*h).is_some_and(|t| t >= start))
+            .count();
+        let both = u32::try_from(both).unwrap_or(u32::MAX);
+        s.hosts = s.hosts.saturating_add(o.hosts).saturating_sub(both);
+        s
+    }
+
+    /// Adds every bucket, host and link of `other` (sums buckets, keeps the later times).
     pub fn merge(&mut self, other: &Rollup) {
         for o in &other.slots {
             match self
@@ -275,6 +318,9 @@ impl Rollup {
         }
         for &(h, t) in &other.hosts {
             self.see_host(h, t);
+        }
+        if let Some(l) = &other.links {
+            self.links.get_or_insert_default().merge(l);
         }
     }
 
@@ -303,11 +349,25 @@ impl Rollup {
         gone
     }
 
-    /// Whether [`Rollup::prune_slots`] or [`Rollup::prune_hosts`] would drop anything.
+    /// Drops links not seen within 24 h of `end_ms`; true if any was dropped.
+    pub fn prune_links(&mut self, end_ms: u64) -> bool {
+        let Some(l) = &mut self.links else {
+            return false;
+        };
+        let dropped = l.prune(Window::H24.start_ms(end_ms));
+        if l.is_empty() {
+            self.links = None;
+        }
+        dropped
+    }
+
+    /// Whether [`Rollup::prune_slots`], [`Rollup::prune_hosts`] or [`Rollup::prune_links`]
+    /// would drop anything.
     pub fn needs_prune(&self, end_ms: u64) -> bool {
         let start = Window::H24.start_ms(end_ms);
         let first = Window::ALL.map(|w| w.first_bucket(end_ms));
         self.hosts.iter().any(|h| h.1 < start)
+            || self.links.as_ref().is_some_and(|l| l.needs_prune(start))
             || self
                 .slots
                 .iter()
@@ -316,7 +376,7 @@ impl Rollup {
 
     /// Whether anything of this key is still in some window (after pruning).
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty() && self.hosts.is_empty()
+        self.slots.is_empty() && self.hosts.is_empty() && self.links.is_none()
     }
 
     /// Number of bucket slots held.
@@ -331,7 +391,8 @@ impl Rollup {
 
     /// Appends the store form: a format byte, a big-endian u16 count of buckets, then per
     /// bucket its tier (u8), bucket number (u32) and the three totals (u64); then a u32 count
-    /// of hosts, and per host its id (u32) and last-seen time (u64), by id.
+    /// of hosts, and per host its id (u32) and last-seen time (u64), by id; then the links
+    /// ([`Links::encode`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(7 + self.slots.len() * SLOT_BYTES + self.hosts.len() * HOST_BYTES);
         out.push(FORMAT);
@@ -355,6 +416,10 @@ impl Rollup {
         for (h, t) in self.hosts.iter().take(n as usize) {
             out.extend_from_slice(&h.to_be_bytes());
             out.extend_from_slice(&t.to_be_bytes());
+        }
+        match &self.links {
+            Some(l) => l.encode(out),
+            None => Links::default().encode(out),
         }
     }
 
@@ -391,8 +456,11 @@ impl Rollup {
             });
         }
         let n = usize::try_from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
-        let body = rest.get(4..)?;
-        if body.len() != n.checked_mul(HOST_BYTES)? {
+        let (body, rest) = rest
+            .get(4..)?
+            .split_at_checked(n.checked_mul(HOST_BYTES)?)?;
+        let (links, rest) = Links::decode(rest)?;
+        if !rest.is_empty() {
             return None;
         }
         let mut hosts: Vec<(HostId, u64)> = Vec::with_capacity(n);
@@ -404,7 +472,11 @@ impl Rollup {
             }
             hosts.push((h, u64_at(c, 4)?));
         }
-        Some(Rollup { slots, hosts })
+        Some(Rollup {
+            slots,
+            hosts,
+            links: (!links.is_empty()).then(|| Box::new(links)),
+        })
     }
 }
 
@@ -468,6 +540,11 @@ mod tests {
         r.add(T0 + HOUR, 3, &t(7));
         let mut bytes = Vec::new();
         r.encode(&mut bytes);
+        assert_eq!(Rollup::decode(&bytes).unwrap(), r);
+        r.see_link(LinkKind::Peer, "10.1.0.1".parse().unwrap(), T0 + 5);
+        r.see_link(LinkKind::Addr, "2001:db8::4".parse().unwrap(), T0);
+        bytes.clear();
+        r.encode(&mut bytes);
         let back = Rollup::decode(&bytes).unwrap();
         assert_eq!(back, r);
         assert_eq!(
@@ -476,16 +553,58 @@ mod tests {
         );
         assert!(Rollup::decode(&bytes[..bytes.len() - 1]).is_none());
         assert!(Rollup::decode(&[]).is_none());
-        assert!(Rollup::decode(&[2, 0, 0, 0, 0, 0, 0]).unwrap().is_empty());
+        assert!(
+            Rollup::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0])
+                .unwrap()
+                .is_empty()
+        );
+        // The format of schema 2 (no links) is not read.
+        assert!(Rollup::decode(&[2, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(Rollup::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 9]).is_none());
         let bad_tier = [
-            2, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0, 0, 0, 0,
+            3, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         assert!(Rollup::decode(&bad_tier).is_none());
         let unsorted_hosts = [
-            2, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
-            0, 0,
+            3, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0,
         ];
         assert!(Rollup::decode(&unsorted_hosts).is_none());
+    }
+
+    #[test]
+    fn two_rollups_together_and_links_in_windows() {
+        let end = T0 + 2 * HOUR;
+        let mut a = Rollup::default();
+        a.add(end, 1, &t(10));
+        a.add(end - 3 * HOUR, 2, &t(100));
+        let mut b = Rollup::default();
+        b.add(end, 1, &t(1));
+        b.add(end, 3, &t(1));
+        let h1 = a.window_with(&b, Window::H1, end);
+        assert_eq!((h1.totals.response_bytes, h1.hosts), (12, 2));
+        let d1 = a.window_with(&b, Window::H24, end);
+        assert_eq!((d1.totals.response_bytes, d1.hosts), (112, 3));
+        let mut m = a.clone();
+        m.merge(&b);
+        assert_eq!(m.window(Window::H24, end), d1);
+
+        let peer: IpAddr = "10.1.0.1".parse().unwrap();
+        assert!(a.see_link(LinkKind::Peer, peer, end - 25 * HOUR));
+        assert!(
+            !a.see_link(LinkKind::Peer, peer, end - 25 * HOUR + 1),
+            "same granule"
+        );
+        assert!(a.needs_prune(end));
+        assert!(a.prune_links(end));
+        assert!(a.links.is_none());
+        a.see_link(LinkKind::Peer, peer, end);
+        assert_eq!(
+            a.links_since(LinkKind::Peer, Window::H1.start_ms(end))
+                .collect::<Vec<_>>(),
+            [(peer, end)]
+        );
+        assert_eq!(a.links_since(LinkKind::Addr, 0).count(), 0);
     }
 }

@@ -10,6 +10,7 @@
 //! persisted, and a failed commit changes nothing anywhere.
 use std::{
     collections::HashSet,
+    net::IpAddr,
     sync::{Arc, PoisonError, RwLock},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -23,6 +24,7 @@ use crate::{
     alerts::AlertHub,
     detect::{ClientObs, DetectConfig, Detector, Subject},
     keys::{Group, HostId, Key},
+    links::LinkKind,
     metrics::Metrics,
     model::AgentKey,
     store::{Changes, Store, StoreError},
@@ -217,11 +219,14 @@ struct Staged {
     spill: Option<u32>,
 }
 
-/// Granules and hosts of a key beyond those its [`Staged`] holds.
+/// Granules and hosts of a key beyond those its [`Staged`] holds, and its links (few keys
+/// have any).
 #[derive(Default)]
 struct Spill {
     granules: Vec<(u64, Totals)>,
     hosts: Vec<(HostId, u32)>,
+    /// (kind, address, batch time), as the batches gave them.
+    links: Vec<(LinkKind, IpAddr, u64)>,
 }
 
 /// The [`Staged`] changes of a group commit. Kept by the writer across commits, for its
@@ -237,7 +242,8 @@ struct Staging {
 }
 
 impl Staging {
-    fn add(&mut self, key: Key, time_ms: u64, host: HostId, totals: &Totals) {
+    /// The index in `staged` of `key`, staged now if it was not.
+    fn index(&mut self, key: Key) -> usize {
         let next = self.staged.len();
         let i = *self
             .keys
@@ -246,7 +252,21 @@ impl Staging {
         if i as usize == next {
             self.staged.push(Staged::default());
         }
-        let s = &mut self.staged[i as usize];
+        i as usize
+    }
+
+    /// Records that `key` was seen with `addr` as `kind` in a batch at `time_ms`.
+    fn link(&mut self, key: Key, time_ms: u64, kind: LinkKind, addr: IpAddr) {
+        let i = self.index(key);
+        let s = &mut self.staged[i];
+        spill_of(&mut self.spill, &mut s.spill)
+            .links
+            .push((kind, addr, time_ms));
+    }
+
+    fn add(&mut self, key: Key, time_ms: u64, host: HostId, totals: &Totals) {
+        let i = self.index(key);
+        let s = &mut self.staged[i];
         let granule = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
         // Batch times are at most the year 3000 (checked at the edge): 3.3e9 granules.
         let host_granule = u32::try_from(time_ms / HOST_GRANULE_MS).unwrap_or(u32::MAX);
@@ -311,6 +331,9 @@ impl Staging {
         for &(host, granule) in hosts {
             rollup.see_host(host, u64::from(granule) * HOST_GRANULE_MS);
         }
+        for &(kind, addr, time_ms) in spill.into_iter().flat_map(|x| &x.links) {
+            rollup.see_link(kind, addr, time_ms);
+        }
         rollup.prune_slots(end_ms);
     }
 
@@ -320,6 +343,17 @@ impl Staging {
         self.staged.clear();
         self.spill.clear();
     }
+}
+
+/// The subjects of the keys a commit wrote (`staged`, in key order): an address with both a
+/// `Direct` and a `Proxied` key is one subject.
+fn subjects_of(staged: &[(Key, Staged)]) -> Vec<Subject> {
+    let has = |k: &Key| staged.binary_search_by(|(x, _)| x.cmp(k)).is_ok();
+    staged
+        .iter()
+        .filter(|(k, _)| !matches!(k, Key::Proxied(a) if has(&Key::Direct(*a))))
+        .filter_map(|(k, _)| Subject::of_key(k))
+        .collect()
 }
 
 /// The spill of a key, made on first use.
@@ -444,17 +478,22 @@ impl Worker {
                         end_ms = end_ms.max(agg.time_ms);
                         if detecting {
                             obs.extend(agg.entries.iter().filter_map(|(k, t)| match k {
-                                Key::Client(addr) if addr.is_ipv6() => Some(ClientObs {
-                                    addr: *addr,
-                                    time_ms: agg.time_ms,
-                                    host: agg.host,
-                                    totals: *t,
-                                }),
+                                Key::Direct(addr) | Key::Proxied(addr) if addr.is_ipv6() => {
+                                    Some(ClientObs {
+                                        addr: *addr,
+                                        time_ms: agg.time_ms,
+                                        host: agg.host,
+                                        totals: *t,
+                                    })
+                                }
                                 _ => None,
                             }));
                         }
                         for (key, totals) in agg.entries {
                             staging.add(key, agg.time_ms, agg.host, &totals);
+                        }
+                        for (key, kind, addr) in agg.links {
+                            staging.link(key, agg.time_ms, kind, addr);
                         }
                         Outcome::Applied
                     };
@@ -510,15 +549,9 @@ impl Worker {
         drop(st);
         match result {
             Ok(()) => {
-                let mut touched = [false; Group::ALL.len()];
-                for (k, _) in &staged {
-                    touched[k.group() as usize] = true;
-                }
-                let subjects: Vec<Subject> = if detecting {
-                    staged
-                        .iter()
-                        .filter_map(|(k, _)| Subject::of_key(k))
-                        .collect()
+                let touched = !staged.is_empty();
+                let subjects = if detecting {
+                    subjects_of(&staged)
                 } else {
                     Vec::new()
                 };
@@ -542,7 +575,7 @@ impl Worker {
                         }
                     }
                 }
-                if touched.contains(&true) {
+                if touched {
                     self.update_key_gauges();
                 }
                 if detecting && !subjects.is_empty() {
@@ -661,7 +694,8 @@ impl Worker {
                 let mut r = rollup.clone();
                 let slots_changed = r.prune_slots(end);
                 let hosts_gone = r.prune_hosts(end);
-                if slots_changed || !hosts_gone.is_empty() {
+                let links_changed = r.prune_links(end);
+                if slots_changed || !hosts_gone.is_empty() || links_changed {
                     ch.rollups.insert(key, r);
                 }
             }

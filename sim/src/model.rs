@@ -704,6 +704,8 @@ fn delta(c: &Conn, out: u64, inb: u64, closed: bool) -> v1::ConnDelta {
         pid: 4242,
         comm: "vllm".into(),
         first_seen_ms: c.start_ms,
+        // No client attribution: the remote address is the client.
+        ..Default::default()
     }
 }
 

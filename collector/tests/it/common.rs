@@ -172,6 +172,7 @@ pub fn delta(remote: [u8; 4], out: u64, inb: u64, closed: bool) -> v1::ConnDelta
         pid: 42,
         comm: "vllm".into(),
         first_seen_ms: 1,
+        ..Default::default()
     }
 }
 

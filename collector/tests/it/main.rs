@@ -6,6 +6,7 @@ mod common;
 mod dedup;
 mod detect;
 mod fleet;
+mod gateway;
 mod hostile;
 mod props;
 mod services;

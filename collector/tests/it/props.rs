@@ -8,6 +8,7 @@ use outflow_collector::{
     codec::decode_agent_message,
     collector::{Collector, Session},
     error::ApiError,
+    keys::Group,
     metrics::Metrics,
     window::Window,
     writer::Outcome,
@@ -63,6 +64,21 @@ fn addr() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// `client_addr`, `client_id`, `client_source`: mostly valid, sometimes not.
+fn client_fields() -> impl Strategy<Value = (Vec<u8>, String, String)> {
+    (
+        prop_oneof![Just(Vec::new()), addr()],
+        prop_oneof![Just(String::new()), "h:[0-9a-f]{24}", ".{0,260}"],
+        prop_oneof![
+            Just(String::new()),
+            Just("peer".to_owned()),
+            Just("proxy-v2".to_owned()),
+            "header:[a-z-]{1,20}",
+            ".{0,130}",
+        ],
+    )
+}
+
 fn any_delta() -> impl Strategy<Value = v1::ConnDelta> {
     (
         any::<u64>(),
@@ -78,20 +94,26 @@ fn any_delta() -> impl Strategy<Value = v1::ConnDelta> {
         ".{0,12}",
         any::<u64>(),
     )
+        .prop_flat_map(|t| (Just(t), client_fields()))
         .prop_map(
-            |(id, la, lp, ra, rp, role, c, closed, cgroup, pid, comm, fs)| v1::ConnDelta {
-                conn_id: id,
-                local_addr: la,
-                local_port: lp,
-                remote_addr: ra,
-                remote_port: rp,
-                role,
-                counters: c,
-                closed,
-                cgroup,
-                pid,
-                comm,
-                first_seen_ms: fs,
+            |((id, la, lp, ra, rp, role, c, closed, cgroup, pid, comm, fs), (ca, cid, cs))| {
+                v1::ConnDelta {
+                    conn_id: id,
+                    local_addr: la,
+                    local_port: lp,
+                    remote_addr: ra,
+                    remote_port: rp,
+                    role,
+                    counters: c,
+                    closed,
+                    cgroup,
+                    pid,
+                    comm,
+                    first_seen_ms: fs,
+                    client_addr: ca,
+                    client_id: cid,
+                    client_source: cs,
+                }
             },
         )
 }
@@ -223,9 +245,11 @@ proptest! {
         });
     }
 
+    /// Clients directly or through one of two gateways (then with a client id): every total
+    /// of a client address, a client id and a peer is exact.
     #[test]
     fn valid_batches_apply_exactly_once(
-        batches in vec(vec((0..6u8, any::<u64>(), 0..u64::from(u32::MAX), any::<bool>(), 0..3i32, any::<bool>()), 0..8), 1..8),
+        batches in vec(vec((0..6u8, any::<u64>(), 0..u64::from(u32::MAX), any::<bool>(), 0..3i32, any::<bool>(), 0..3u8), 0..8), 1..8),
         resend in vec(any::<prop::sample::Index>(), 0..6),
     ) {
         rt().block_on(async {
@@ -234,33 +258,53 @@ proptest! {
             s.handle(hello("a", 9, "h")).await.unwrap();
             let t = now_ms() - 10_000;
             let mut want: HashMap<IpAddr, (u64, u64, u64)> = HashMap::new();
+            let mut want_id: HashMap<String, (u64, u64, u64)> = HashMap::new();
+            let mut want_peer: HashMap<String, (u64, u64, u64)> = HashMap::new();
+            let add = |w: &mut (u64, u64, u64), out: u64, inb: u64, closed: bool| {
+                w.0 = w.0.saturating_add(out);
+                w.1 = w.1.saturating_add(inb);
+                w.2 += u64::from(closed);
+            };
             let mut wire = Vec::new();
             for (i, deltas) in batches.iter().enumerate() {
                 let mut ds = Vec::new();
-                for &(client, out, inb, closed, role, v6) in deltas {
-                    let remote: IpAddr = if v6 {
+                for (j, &(client, out, inb, closed, role, v6, gateway)) in deltas.iter().enumerate() {
+                    let client_ip: IpAddr = if v6 {
                         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(client)])
                     } else {
                         IpAddr::from([203, 0, 113, client])
                     };
-                    let (local, remote_bytes) = match remote {
-                        IpAddr::V4(a) => (vec![10, 0, 0, 1], a.octets().to_vec()),
-                        IpAddr::V6(a) => (vec![0xfd; 16], a.octets().to_vec()),
+                    let bytes = |a: IpAddr| match a {
+                        IpAddr::V4(a) => a.octets().to_vec(),
+                        IpAddr::V6(a) => a.octets().to_vec(),
                     };
+                    // Through a gateway (IPv4, whatever the client's family), with an id.
+                    let (remote, client_addr, client_id) = if gateway == 0 {
+                        (client_ip, Vec::new(), String::new())
+                    } else {
+                        let id = format!("h:{:024x}", client % 3);
+                        (IpAddr::from([10, 9, 0, gateway]), bytes(client_ip), id)
+                    };
+                    let local = if remote.is_ipv4() { vec![10, 0, 0, 1] } else { vec![0xfd; 16] };
                     if role == v1::Role::Server as i32 {
-                        let w = want.entry(remote).or_default();
-                        w.0 = w.0.saturating_add(out);
-                        w.1 = w.1.saturating_add(inb);
-                        w.2 += u64::from(closed);
+                        add(want.entry(client_ip).or_default(), out, inb, closed);
+                        add(want_peer.entry(remote.to_string()).or_default(), out, inb, closed);
+                        if !client_id.is_empty() {
+                            add(want_id.entry(client_id.clone()).or_default(), out, inb, closed);
+                        }
                     }
                     ds.push(v1::ConnDelta {
+                        conn_id: (i * 100 + j) as u64,
                         local_addr: local,
                         local_port: 443,
-                        remote_addr: remote_bytes,
+                        remote_addr: bytes(remote),
                         remote_port: 5000,
                         role,
                         counters: Some(v1::Counters { bytes_out: out, bytes_in: inb, ..Default::default() }),
                         closed,
+                        client_addr,
+                        client_source: if gateway == 0 { String::new() } else { "header:x-client-id".into() },
+                        client_id,
                         ..Default::default()
                     });
                 }
@@ -279,13 +323,31 @@ proptest! {
                 }
             }
             assert_eq!(applied, wire.len());
-            for (client, (out, inb, closed)) in &want {
-                let stats = c.client_stats(ClientQuery::Address(*client)).unwrap();
+            let check = |q: ClientQuery, want: &(u64, u64, u64)| {
+                let stats = c.client_stats(&q).unwrap();
                 let s = stats[Window::M1.index()];
                 assert_eq!(
                     (s.totals.response_bytes, s.totals.request_bytes, s.totals.connections_closed, s.hosts),
-                    (*out, *inb, *closed, 1),
-                    "{client}"
+                    (want.0, want.1, want.2, 1),
+                    "{q}"
+                );
+            };
+            for (client, w) in &want {
+                check(ClientQuery::Address(*client), w);
+            }
+            for (id, w) in &want_id {
+                check(ClientQuery::Id(id.clone()), w);
+            }
+            let peers = c.top_talkers(Group::Peer, Window::M1, 1000);
+            assert_eq!(peers.talkers.len(), want_peer.len());
+            for t in peers.talkers {
+                let w = want_peer[&t.key];
+                let s = t.stats;
+                assert_eq!(
+                    (s.totals.response_bytes, s.totals.request_bytes, s.totals.connections_closed),
+                    w,
+                    "peer {}",
+                    t.key
                 );
             }
             c.close().await;
