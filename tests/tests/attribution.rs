@@ -511,7 +511,11 @@ fn collector_totals_per_client_address_and_id_are_exact() {
         "collector totals per client address:\n{addr:?}\nwant\n{want_addr:?}\nper id:\n{id:?}\nwant\n{want_id:?}"
     );
     // The gateway's address is the peer of every connection, the client of none.
-    assert_eq!(collected(&collector, "198.18.0.2"), 0, "the gateway is no client");
+    assert_eq!(
+        collected(&collector, "198.18.0.2"),
+        0,
+        "the gateway is no client"
+    );
     agent.stop();
     collector.stop();
     nginx.assert_running();
