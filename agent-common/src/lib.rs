@@ -358,9 +358,66 @@ pub mod bench {
     /// Each run takes the next connection, to touch every one once.
     pub const PICK_SEQUENTIAL: u32 = 1;
 
+    /// The test packet's addresses and ports (a server, 127.0.0.1:10000, sending to a client,
+    /// 127.1.0.0:20000). The flow-map driver parses the packet and then swaps these for the
+    /// picked connection's, so that each run counts a flow of a live connection.
+    pub const PACKET_SERVER_ADDR: [u8; 4] = [127, 0, 0, 1];
+    pub const PACKET_CLIENT_ADDR: [u8; 4] = [127, 1, 0, 0];
+    pub const PACKET_SERVER_PORT: u16 = 10_000;
+    pub const PACKET_CLIENT_PORT: u16 = 20_000;
+
+    /// Key of the reference program's flow map (`agent-ebpf/src/reference.rs`): the flow as
+    /// the packet's IP and L4 headers name it, and the direction, as flow-monitoring agents
+    /// key their maps. An IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct FlowKey {
+        pub src_addr: [u8; 16],
+        pub dst_addr: [u8; 16],
+        /// Ports in network order (0 for protocols without ports).
+        pub src_port: u16,
+        pub dst_port: u16,
+        /// IP protocol number.
+        pub protocol: u8,
+        /// [`FLOW_INGRESS`] or [`FLOW_EGRESS`].
+        pub direction: u8,
+        pub _pad: u16,
+    }
+    const _: () = assert!(size_of::<FlowKey>() == 40);
+
+    /// [`FlowKey::direction`] of packets the cgroup receives.
+    pub const FLOW_INGRESS: u8 = 0;
+    /// [`FlowKey::direction`] of packets the cgroup sends.
+    pub const FLOW_EGRESS: u8 = 1;
+
+    /// Value of the reference program's flow map; both counters are bumped with atomic adds.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FlowCounters {
+        /// IP bytes (`skb->len`), as flow agents count them.
+        pub bytes: u64,
+        /// skbs (a GSO skb counts once).
+        pub packets: u64,
+    }
+    const _: () = assert!(size_of::<FlowCounters>() == 16);
+
+    /// Indexes of the reference program's per-CPU event counters ([`FLOW_STAT_COUNT`]).
+    pub mod flow_stat {
+        /// Flows created (first sight, `BPF_NOEXIST` insert that succeeded).
+        pub const NEW_FLOWS: u32 = 0;
+        /// Packets of a new flow that found the map full (not counted).
+        pub const MAP_FULL: u32 = 1;
+        /// Packets whose headers could not be parsed (not counted).
+        pub const UNPARSED: u32 = 2;
+    }
+    pub const FLOW_STAT_COUNT: u32 = 3;
+
     /// Map names of the benchmark object.
     pub const TUPLES: &str = "BENCH_TUPLES";
     pub const CONFIG: &str = "BENCH_CONFIG";
+    pub const CURSOR: &str = "BENCH_CURSOR";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_STATS: &str = "FLOW_STATS";
 }
 
 /// Names of the maps, as the loader and the pins see them.
@@ -401,4 +458,6 @@ mod pod {
     unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for super::bench::LookupTuple {}
     unsafe impl aya::Pod for super::bench::BenchConfig {}
+    unsafe impl aya::Pod for super::bench::FlowKey {}
+    unsafe impl aya::Pod for super::bench::FlowCounters {}
 }

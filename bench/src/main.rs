@@ -6,11 +6,13 @@
 //! one run, because a shared VM is noisy. Nothing here asserts a time.
 
 mod agent_load;
+mod capture;
 mod holder;
 mod ingest;
 mod object;
 mod packet;
 mod report;
+mod requests;
 mod sys;
 mod testbed;
 mod throughput;
@@ -37,11 +39,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Per-packet cost of the counting program with BPF_PROG_TEST_RUN, at 1 to 1M live
-    /// connections picked at random, beside an empty program.
+    /// connections picked at random, beside an empty program and a per-flow hash map.
     Packet(packet::Args),
+    /// Per-request cost of capturing a turn with BPF_PROG_TEST_RUN: the ingress path on a
+    /// packet that starts a request versus one that does not, the ring buffer drained.
+    Capture(capture::Args),
     /// Per-packet cost under real traffic: the programs' run_time_ns / run_cnt
     /// (kernel.bpf_stats_enabled) during iperf3 across a veth pair.
     Traffic(traffic::CostArgs),
+    /// Request rate of an HTTP/1.1 keep-alive client and server over veth with the agent
+    /// detached, attached with request capture off, and with capture on.
+    Requests(requests::Args),
     /// Throughput with the agent attached versus detached (iperf3 over veth, three modes).
     Throughput(throughput::ThroughputArgs),
     /// The agent's CPU and memory with many live connections.
@@ -51,6 +59,12 @@ enum Command {
     /// (internal) Hold live connections open for the other benchmarks.
     #[command(hide = true)]
     Hold(holder::HoldArgs),
+    /// (internal) The HTTP server of `requests`.
+    #[command(hide = true)]
+    HttpServe(requests::ServeArgs),
+    /// (internal) The HTTP client of `requests`.
+    #[command(hide = true)]
+    HttpLoad(requests::LoadArgs),
 }
 
 /// Points the harness at the agent, collector and test peer beside this binary (the same
@@ -72,24 +86,31 @@ fn default_binaries() {
     }
 }
 
+/// The exit of an internal helper subcommand.
+fn helper(name: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outflow-bench {name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     default_binaries();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Packet(a) => packet::run(a),
+        Command::Capture(a) => capture::run(a),
         Command::Traffic(a) => traffic::run_cost(a),
         Command::Throughput(a) => throughput::run_throughput(a),
         Command::Agent(a) => agent_load::run(a),
         Command::Ingest(a) => ingest::run(a),
-        Command::Hold(a) => {
-            return match holder::run_hold(a) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("outflow-bench hold: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Requests(a) => requests::run(a),
+        Command::Hold(a) => return helper("hold", holder::run_hold(a)),
+        Command::HttpServe(a) => return helper("http-serve", requests::run_serve(a)),
+        Command::HttpLoad(a) => return helper("http-load", requests::run_load(a)),
     };
     match result {
         Ok(section) => {

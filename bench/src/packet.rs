@@ -1,17 +1,24 @@
-//! Per-packet cost of the counting program with BPF_PROG_TEST_RUN, at 1 to 1M live connections.
+//! Per-packet cost of the counting program with BPF_PROG_TEST_RUN, at 1 to 1M live connections,
+//! beside an empty program and beside the reference a user would otherwise pick: per-flow
+//! counters in a BPF hash map keyed by the packet's tuple (`agent-ebpf/src/reference.rs`).
 //!
-//! The benchmark object (`agent-ebpf/src/bench.rs`) carries outflow's own per-packet path and
-//! four cgroup_skb drivers. A test run hands a program a dummy socket, so the drivers pick a
-//! live connection and look its socket up (`bpf_sk_lookup_tcp`), as the stack would have found
-//! it; that lookup is measured on its own and subtracted:
+//! The benchmark object (`agent-ebpf/src/bench.rs`) carries outflow's own per-packet path, the
+//! reference's, and cgroup_skb drivers. A test run hands a program a dummy socket, so the
+//! drivers pick a live connection and look its socket up (`bpf_sk_lookup_tcp`), as the stack
+//! would have found it; that lookup is measured on its own and subtracted. The reference needs
+//! no socket, but its driver picks and looks up the same way (and counts the packet as that
+//! connection's flow), so that both are measured after the same lookup, in the same cache
+//! state:
 //!
-//! - counting = `bench_count` − `bench_lookup`;
-//! - outflow per packet = `bench_empty` + counting, beside `bench_empty` alone.
+//! - counting = `bench_count` − `bench_lookup`; outflow per packet = `bench_empty` + counting;
+//! - flow hash = `bench_flowhash` − `bench_lookup`; reference per packet = `bench_empty` + flow
+//!   hash.
 //!
 //! The connections are real: N TCP connections on loopback in a network namespace of this
 //! process's own, each with its socket storage and its slot in the connection table, created by
 //! the product's own code on a first pass that touches every connection once (the path of a
-//! connection that predates the agent). Each run then picks one of the N at random.
+//! connection that predates the agent); a first pass of the reference gives each its flow. Each
+//! run then picks one of the N at random (or the next one, `--pick sequential`).
 //!
 //! Times are the thread's CPU time around the syscall divided by the repeat count (the
 //! kernel's own figure is whole nanoseconds, too coarse for a floor of a few ns).
@@ -24,13 +31,17 @@ use crate::{
 };
 use agent_common::{
     ConnSlot, SLOT_LIVE,
-    bench::{BenchConfig, LookupTuple, PICK_RANDOM, PICK_SEQUENTIAL},
+    bench::{
+        BenchConfig, FLOW_EGRESS, FLOW_STAT_COUNT, FlowCounters, FlowKey, LookupTuple, PACKET_CLIENT_ADDR,
+        PACKET_CLIENT_PORT, PACKET_SERVER_ADDR, PACKET_SERVER_PORT, PICK_RANDOM,
+        PICK_SEQUENTIAL, flow_stat,
+    },
     names,
 };
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{Array, MapData, Stack},
+    maps::{Array, HashMap, MapData, PerCpuArray, Stack},
     programs::{CgroupSkb, TestRun as _, TestRunOptions},
 };
 
@@ -46,18 +57,53 @@ pub struct Args {
     /// Runs per program per round (BPF_PROG_TEST_RUN's repeat).
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
-    /// At 100,000 connections, also profile the counting driver with `perf record` (cpu-clock
-    /// sampling: this VM has no hardware counters) and report where its time goes.
+    /// How the runs of a round pick their connection (repeat the flag for both; each gives its
+    /// own rows): `random` (`bpf_get_prandom_u32`) or `sequential` (the next one, so every
+    /// connection in turn).
+    #[arg(long = "pick", value_enum, default_values_t = [Pick::Random])]
+    picks: Vec<Pick>,
+    /// At 100,000 connections, also profile the counting driver and the reference's with
+    /// `perf record` (cpu-clock sampling: this VM has no hardware counters) and report where
+    /// their time goes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     profile: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub(crate) enum Pick {
+    Random,
+    Sequential,
+}
+
+impl Pick {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::Sequential => "sequential",
+        }
+    }
+
+    fn config(self) -> u32 {
+        match self {
+            Self::Random => PICK_RANDOM,
+            Self::Sequential => PICK_SEQUENTIAL,
+        }
+    }
+}
+
 /// The drivers, in the order they run within a round.
-const PROGRAMS: [&str; 4] = ["bench_empty", "bench_lookup", "bench_state", "bench_count"];
+const PROGRAMS: [&str; 5] = [
+    "bench_empty",
+    "bench_lookup",
+    "bench_state",
+    "bench_count",
+    "bench_flowhash",
+];
 const EMPTY: usize = 0;
 const LOOKUP: usize = 1;
 const STATE: usize = 2;
 const COUNT: usize = 3;
+const FLOWHASH: usize = 4;
 
 /// Target of the issue: at 100k live connections, at most this times the empty program.
 const TARGET_RATIO: f64 = 1.5;
@@ -72,52 +118,69 @@ pub fn run(args: &Args) -> Result<Section> {
         args.repeat > 0 && args.rounds > 0,
         "--repeat and --rounds must be positive"
     );
+    let mut picks = args.picks.clone();
+    picks.dedup();
     enter_private_netns()?;
 
     let mut ebpf = object::load(max)?;
-    for name in PROGRAMS {
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} not in the benchmark object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {name} (see the verifier log with RUST_LOG)"))?;
-    }
+    object::load_programs(&mut ebpf, &PROGRAMS)?;
     fill_free_slots(&mut ebpf, max)?;
 
     let mut held = Holders::default();
     let packet = test_packet();
     let mut results = Vec::new();
     let mut counted_runs = 0u64;
-    let mut profile = None;
+    let mut flow_runs = 0u64;
+    let mut profiles = Vec::new();
 
     for &n in &conns {
         eprintln!("packet: opening connections up to {n}");
         let added = held.grow_to(n, &HoldOptions::default())?;
         add_tuples(&mut ebpf, n - added.len() as u32, &added)?;
         // First pass: every connection once, in order. The product's code gives each its
-        // socket storage and its slot, as for a connection that predates the agent.
+        // socket storage and its slot, as for a connection that predates the agent; the
+        // reference's gives each its flow.
         configure(&mut ebpf, n, PICK_SEQUENTIAL)?;
         run_program(&mut ebpf, PROGRAMS[COUNT], &packet, n)?;
         counted_runs += u64::from(n);
+        configure(&mut ebpf, n, PICK_SEQUENTIAL)?;
+        run_program(&mut ebpf, PROGRAMS[FLOWHASH], &packet, n)?;
+        flow_runs += u64::from(n);
+        check_flows_created(&ebpf, n, added.last())?;
 
-        configure(&mut ebpf, n, PICK_RANDOM)?;
-        let mut per_run: [Vec<f64>; 4] = Default::default();
-        for round in 0..args.rounds {
-            for (i, name) in PROGRAMS.iter().enumerate() {
-                per_run[i].push(run_program(&mut ebpf, name, &packet, args.repeat)?);
+        for &pick in &picks {
+            configure(&mut ebpf, n, pick.config())?;
+            let mut per_run: [Vec<f64>; PROGRAMS.len()] = Default::default();
+            for round in 0..args.rounds {
+                for (i, name) in PROGRAMS.iter().enumerate() {
+                    per_run[i].push(run_program(&mut ebpf, name, &packet, args.repeat)?);
+                }
+                counted_runs += u64::from(args.repeat);
+                flow_runs += u64::from(args.repeat);
+                eprintln!(
+                    "packet: {n} connections, {}, round {}: {}",
+                    pick.name(),
+                    round + 1,
+                    PROGRAMS
+                        .iter()
+                        .zip(&per_run)
+                        .map(|(p, v)| format!("{p} {:.1} ns", v[round]))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
-            counted_runs += u64::from(args.repeat);
-            eprintln!(
-                "packet: {n} connections, round {}: {}",
-                round + 1,
-                PROGRAMS
-                    .iter()
-                    .zip(&per_run)
-                    .map(|(p, v)| format!("{p} {:.1} ns", v[round]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            results.push(Measured {
+                conns: n,
+                pick,
+                ns: per_run.map(|v| median(&v)),
+            });
+        }
+        if n == TARGET_CONNS && args.profile {
+            configure(&mut ebpf, n, PICK_RANDOM)?;
+            profiles.push(profile(&mut ebpf, COUNT, &packet)?);
+            counted_runs += u64::from(PROFILE_RUNS) * u64::from(PROFILE_REPEAT);
+            profiles.push(profile(&mut ebpf, FLOWHASH, &packet)?);
+            flow_runs += u64::from(PROFILE_RUNS) * u64::from(PROFILE_REPEAT);
         }
         let (live, segments) = table_totals(&ebpf, max)?;
         ensure!(
@@ -129,26 +192,23 @@ pub fn run(args: &Args) -> Result<Section> {
             "the counters saw {segments} packets, expected {counted_runs}: some runs did not \
              reach the counting path"
         );
-        results.push(Measured {
-            conns: n,
-            ns: per_run.map(|v| median(&v)),
-        });
-        if n == TARGET_CONNS && args.profile {
-            profile = Some(profile_count(&mut ebpf, &packet)?);
-            counted_runs += u64::from(PROFILE_RUNS) * u64::from(PROFILE_REPEAT);
-        }
+        let (flows, packets) = flow_totals(&ebpf)?;
+        ensure!(
+            flows == u64::from(n) && packets == flow_runs,
+            "the reference's map holds {flows} flows with {packets} packets, expected {n} \
+             flows with {flow_runs}: some runs did not reach the flow counters"
+        );
     }
-    let mut s = section(args, &results);
-    if let Some(p) = profile {
-        s.notes.push(p);
-    }
+    let mut s = section(args, &picks, &results);
+    s.notes.extend(profiles);
     Ok(s)
 }
 
 struct Measured {
     conns: u32,
+    pick: Pick,
     /// Median ns per run of each program of [`PROGRAMS`].
-    ns: [f64; 4],
+    ns: [f64; PROGRAMS.len()],
 }
 
 impl Measured {
@@ -161,29 +221,53 @@ impl Measured {
     fn ratio(&self) -> f64 {
         self.outflow() / self.ns[EMPTY]
     }
+    fn flowhash(&self) -> f64 {
+        self.ns[FLOWHASH] - self.ns[LOOKUP]
+    }
+    fn reference(&self) -> f64 {
+        self.ns[EMPTY] + self.flowhash()
+    }
 }
 
-fn section(args: &Args, results: &[Measured]) -> Section {
+fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
     let mut s = Section::new(
         "packet",
         "Per-packet cost with BPF_PROG_TEST_RUN, by live connections",
     );
+    let access = match picks {
+        [Pick::Random] => "at random (`bpf_get_prandom_u32`)".to_owned(),
+        [Pick::Sequential] => "in turn (the next one each run)".to_owned(),
+        _ => "at random (`bpf_get_prandom_u32`) or in turn (the next one each run; see \
+              *access*)"
+            .to_owned(),
+    };
     s.method = format!(
         "outflow's per-packet path (`programs::count`, the code `count_egress` runs) is driven \
-         by BPF_PROG_TEST_RUN on a 98-byte IPv4 TCP packet, beside an empty cgroup_skb program. \
-         A test run hands the program a dummy socket, so the drivers pick one of N live \
-         connections at random (`bpf_get_prandom_u32`) and find its socket with \
-         `bpf_sk_lookup_tcp`, as the stack would have; that pick and lookup is measured alone \
-         (`bench_lookup`) and subtracted. The N connections are real loopback TCP connections \
-         in a private network namespace, each with its socket storage and its slot in the \
-         connection table, made by the product's code on a first pass over all of them; the \
-         run checks that N slots are live and that the counters saw every run. Each figure is \
-         the median of {} rounds of {} runs per program, the programs taking turns within a \
-         round; ns per run is the thread's CPU time over the syscall divided by the runs.",
+         by BPF_PROG_TEST_RUN on a 98-byte IPv4 TCP packet, beside an empty cgroup_skb program \
+         and beside a reference: what a user would otherwise deploy, per-flow counters in a BPF \
+         hash map as flow-monitoring agents keep them (NetObserv's eBPF agent does). A test \
+         run hands the program a dummy socket, so the drivers pick one of N live connections \
+         {access} and find its socket with `bpf_sk_lookup_tcp`, as the stack would have; that \
+         pick and lookup is measured alone (`bench_lookup`) and subtracted. The reference \
+         (`bench_flowhash`, the code of `flowhash_egress`) parses the packet's IP and TCP \
+         headers for the flow's tuple, looks it up in a preallocated `BPF_MAP_TYPE_HASH` sized \
+         for the N connections (40-byte key: addresses, ports, protocol, direction) and adds \
+         the packet to the flow's bytes and packets with atomic adds, inserting the flow with \
+         `BPF_NOEXIST` on first sight; its driver picks and looks up a connection the same way \
+         (the socket unused, so that both are measured after the same lookup, in the same \
+         cache state) and swaps the parsed tuple for that connection's, so each run counts one \
+         of N live flows; `bench_lookup` is subtracted from it too. The N connections are real loopback TCP \
+         connections in a private network namespace, each with its socket storage and its slot \
+         in the connection table, made by the product's code on a first pass over all of them, \
+         and a first pass of the reference gives each its flow; the run checks that N slots are \
+         live, that the reference's map holds N flows, and that both sets of counters saw every \
+         run. Each figure is the median of {} rounds of {} runs per program, the programs taking \
+         turns within a round; ns per run is the thread's CPU time over the syscall divided by \
+         the runs.",
         args.rounds,
         thousands(f64::from(args.repeat)),
     );
-    s.commands = vec![format!(
+    let mut command = format!(
         "sudo target/release/outflow-bench packet --conns {} --rounds {} --repeat {}",
         args.conns
             .iter()
@@ -192,9 +276,16 @@ fn section(args: &Args, results: &[Measured]) -> Section {
             .join(","),
         args.rounds,
         args.repeat
-    )];
+    );
+    if picks != [Pick::Random] {
+        for p in picks {
+            command.push_str(&format!(" --pick {}", p.name()));
+        }
+    }
+    s.commands = vec![command];
     s.header = [
         "live connections",
+        "access",
         "empty",
         "pick + lookup",
         "+ socket storage",
@@ -202,13 +293,19 @@ fn section(args: &Args, results: &[Measured]) -> Section {
         "counting cost",
         "of which storage",
         "outflow per packet",
-        "x empty",
+        "outflow x empty",
+        "+ flow hash",
+        "flow hash cost",
+        "flow hash per packet",
+        "flow hash x empty",
+        "outflow ÷ flow hash",
     ]
     .map(String::from)
     .to_vec();
     for m in results {
         s.row([
             thousands(f64::from(m.conns)),
+            m.pick.name().to_owned(),
             format!("{:.1} ns", m.ns[EMPTY]),
             format!("{:.1} ns", m.ns[LOOKUP]),
             format!("{:.1} ns", m.ns[STATE]),
@@ -217,9 +314,17 @@ fn section(args: &Args, results: &[Measured]) -> Section {
             format!("{:.1} ns", m.ns[STATE] - m.ns[LOOKUP]),
             format!("{:.1} ns", m.outflow()),
             format!("{:.2}x", m.ratio()),
+            format!("{:.1} ns", m.ns[FLOWHASH]),
+            format!("{:.1} ns", m.flowhash()),
+            format!("{:.1} ns", m.reference()),
+            format!("{:.2}x", m.reference() / m.ns[EMPTY]),
+            format!("{:.2}", m.outflow() / m.reference()),
         ]);
     }
-    if let Some(m) = results.iter().find(|m| m.conns == TARGET_CONNS) {
+    if let Some(m) = results
+        .iter()
+        .find(|m| m.conns == TARGET_CONNS && m.pick == Pick::Random)
+    {
         s.target(
             "outflow per packet at 100,000 live connections, random access",
             &format!("<= {TARGET_RATIO}x the empty program"),
@@ -246,6 +351,23 @@ fn section(args: &Args, results: &[Measured]) -> Section {
          and on the slot (192 bytes per connection) as the working set outgrows the caches."
             .into(),
     );
+    s.notes.push(
+        "\"flow hash cost\" = (+ flow hash) − (pick + lookup), beside \"counting cost\"; \
+         \"flow hash per packet\" = empty + flow hash cost: the reference's whole per-packet \
+         cost, on the same footing as \"outflow per packet\"; \"outflow ÷ flow hash\" below \
+         1 means outflow costs less per packet than the flow map. The reference \
+         hashes the 40-byte tuple (jhash) and walks a bucket of a table of N preallocated \
+         elements (about 100 bytes each), so its cost too grows with N through cache misses. It \
+         leaves out what the real flow agents also do per packet (a clock read for first and \
+         last seen, TCP flags, interface bookkeeping, filters): it is a lower bound of their \
+         cost. Atomic adds rather than a per-CPU hash: a flow's packets are handled on several \
+         CPUs at once (plain adds would lose counts), and a per-CPU hash multiplies the map's \
+         memory, and the reader's work, by the number of CPUs; NetObserv's agent made the same \
+         choice. Each atomic add costs a few nanoseconds over a plain one. The map is \
+         preallocated, which spares a new flow an allocation (NetObserv's is not); the runs \
+         measure flows already in the map."
+            .into(),
+    );
     s
 }
 
@@ -265,13 +387,14 @@ pub(crate) fn enter_private_netns() -> Result<()> {
     Ok(())
 }
 
-/// Test runs of the counting driver while perf samples: `PROFILE_RUNS` x `PROFILE_REPEAT`.
+/// Test runs of a driver while perf samples: `PROFILE_RUNS` x `PROFILE_REPEAT`.
 const PROFILE_RUNS: u32 = 5;
 const PROFILE_REPEAT: u32 = 1_000_000;
 
-/// Samples this process with `perf record` while `bench_count` runs, and says
+/// Samples this process with `perf record` while the driver `PROGRAMS[which]` runs, and says
 /// which functions the samples fall in.
-fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
+fn profile(ebpf: &mut Ebpf, which: usize, packet: &[u8]) -> Result<String> {
+    let name = PROGRAMS[which];
     let data = std::env::temp_dir().join(format!("outflow-bench-{}.perf", std::process::id()));
     let mut perf = std::process::Command::new("perf")
         .args(["record", "-q", "-e", "cpu-clock", "-F", "4999", "-p"])
@@ -285,7 +408,7 @@ fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
     // perf needs a moment to attach; the proportions do not depend on the first runs.
     std::thread::sleep(std::time::Duration::from_millis(500));
     for _ in 0..PROFILE_RUNS {
-        run_program(ebpf, PROGRAMS[COUNT], packet, PROFILE_REPEAT)?;
+        run_program(ebpf, name, packet, PROFILE_REPEAT)?;
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
@@ -326,18 +449,27 @@ fn profile_count(ebpf: &mut Ebpf, packet: &[u8]) -> Result<String> {
         .take(8)
         .collect();
     ensure!(!top.is_empty(), "perf report found no samples");
+    let reading = if which == COUNT {
+        "`__inet_lookup_established` and `sk_lookup` are the driver's socket lookup (the \
+         stack's own work, subtracted above); `bpf_sk_storage_get` is outflow's socket-storage \
+         lookup; `bpf_prog_*_bench_count` is the program's own instructions (parsing, the \
+         slot's counters)."
+    } else {
+        "`htab_map_lookup_elem` (and `lookup_nulls_elem_raw`, `jhash` when they show) is the \
+         flow map's lookup: hashing the tuple and walking its bucket; \
+         `bpf_prog_*_bench_flowhas` is the program's own instructions (parsing, the atomic \
+         adds). `__inet_lookup_established` and `sk_lookup` are the driver's socket lookup, \
+         subtracted above."
+    };
     Ok(format!(
-        "Profile of `bench_count` at 100,000 connections (`perf record -e cpu-clock`{samples}), \
-         share of samples by function: {}. `__inet_lookup_established` and `sk_lookup` are the \
-         driver's socket lookup (the stack's own work, subtracted above); \
-         `bpf_sk_storage_get` is outflow's socket-storage lookup; `bpf_prog_*_bench_count` is \
-         the program's own instructions (parsing, the slot's counters).",
+        "Profile of `{name}` at 100,000 connections (`perf record -e cpu-clock`{samples}), \
+         share of samples by function: {}. {reading}",
         top.join(", ")
     ))
 }
 
 /// Puts `conns` into the tuple map from index `first` on.
-fn add_tuples(ebpf: &mut Ebpf, first: u32, conns: &[Conn]) -> Result<()> {
+pub(crate) fn add_tuples(ebpf: &mut Ebpf, first: u32, conns: &[Conn]) -> Result<()> {
     let mut tuples: Array<&mut MapData, LookupTuple> = Array::try_from(
         ebpf.map_mut(agent_common::bench::TUPLES)
             .context("tuple map missing")?,
@@ -355,7 +487,7 @@ fn add_tuples(ebpf: &mut Ebpf, first: u32, conns: &[Conn]) -> Result<()> {
 }
 
 /// Gives the kernel `n` free slots, as the agent does at start.
-fn fill_free_slots(ebpf: &mut Ebpf, n: u32) -> Result<()> {
+pub(crate) fn fill_free_slots(ebpf: &mut Ebpf, n: u32) -> Result<()> {
     let mut free: Stack<&mut MapData, u32> = Stack::try_from(
         ebpf.map_mut(names::FREE_SLOTS)
             .context("free-slot map missing")?,
@@ -366,20 +498,22 @@ fn fill_free_slots(ebpf: &mut Ebpf, n: u32) -> Result<()> {
     Ok(())
 }
 
-fn configure(ebpf: &mut Ebpf, conns: u32, pick: u32) -> Result<()> {
+pub(crate) fn configure(ebpf: &mut Ebpf, conns: u32, pick: u32) -> Result<()> {
     let mut cfg: Array<&mut MapData, BenchConfig> = Array::try_from(
         ebpf.map_mut(agent_common::bench::CONFIG)
             .context("config map missing")?,
     )?;
     cfg.set(0, BenchConfig { conns, pick }, 0)?;
-    let mut cursor: Array<&mut MapData, u32> =
-        Array::try_from(ebpf.map_mut("BENCH_CURSOR").context("cursor map missing")?)?;
+    let mut cursor: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(agent_common::bench::CURSOR)
+            .context("cursor map missing")?,
+    )?;
     cursor.set(0, 0, 0)?;
     Ok(())
 }
 
 /// Runs `name` `repeat` times on `packet`; returns ns per run (thread CPU time).
-fn run_program(ebpf: &mut Ebpf, name: &str, packet: &[u8], repeat: u32) -> Result<f64> {
+pub(crate) fn run_program(ebpf: &mut Ebpf, name: &str, packet: &[u8], repeat: u32) -> Result<f64> {
     let prog: &mut CgroupSkb = ebpf
         .program_mut(name)
         .context("program missing")?
@@ -400,7 +534,7 @@ fn run_program(ebpf: &mut Ebpf, name: &str, packet: &[u8], repeat: u32) -> Resul
     Ok(spent as f64 / f64::from(repeat))
 }
 
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -412,7 +546,7 @@ fn thread_cpu_ns() -> u64 {
 
 /// Over the first `max` slots of the connection table: how many are live, and the segments
 /// counted out (one per run of the counting driver).
-fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
+pub(crate) fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
     let table: Array<&MapData, ConnSlot> =
         Array::try_from(ebpf.map(names::CONNS).context("connection table missing")?)?;
     let (mut live, mut segments) = (0, 0);
@@ -424,24 +558,108 @@ fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
     Ok((live, segments))
 }
 
-/// Ethernet + IPv4 + TCP (ACK|PSH) + 44 payload bytes, as a server sends them to a client.
-/// BPF_PROG_TEST_RUN wants the Ethernet header; a cgroup_skb program sees from the IP header.
+/// Ethernet + IPv4 + TCP (ACK|PSH) + 44 payload bytes, as a server sends them to a client
+/// (the addresses and ports the flow-map driver expects to swap).
 fn test_packet() -> Vec<u8> {
-    const PAYLOAD: usize = 44;
-    let mut p = Vec::with_capacity(14 + 20 + 20 + PAYLOAD);
+    tcp_packet(
+        (
+            Ipv4Addr::from(PACKET_SERVER_ADDR),
+            PACKET_SERVER_PORT,
+        ),
+        (
+            Ipv4Addr::from(PACKET_CLIENT_ADDR),
+            PACKET_CLIENT_PORT,
+        ),
+        &[b'x'; 44],
+    )
+}
+
+/// Ethernet + IPv4 + TCP (ACK|PSH, sequence number 1,000,000) + `payload`, from `src` to
+/// `dst`. BPF_PROG_TEST_RUN wants the Ethernet header; a cgroup_skb program sees from the IP
+/// header.
+pub(crate) fn tcp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(14 + 20 + 20 + payload.len());
     p.extend_from_slice(&[0u8; 12]); // MAC addresses
     p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + 20 + PAYLOAD) as u16;
+    let total = u16::try_from(20 + 20 + payload.len()).expect("a test packet fits an IP packet");
     p.extend_from_slice(&[0x45, 0]);
     p.extend_from_slice(&total.to_be_bytes());
     p.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]); // id, DF, ttl, tcp, checksum
-    p.extend_from_slice(&Ipv4Addr::LOCALHOST.octets());
-    p.extend_from_slice(&Ipv4Addr::new(127, 1, 0, 0).octets());
-    p.extend_from_slice(&10_000u16.to_be_bytes());
-    p.extend_from_slice(&20_000u16.to_be_bytes());
+    p.extend_from_slice(&src.0.octets());
+    p.extend_from_slice(&dst.0.octets());
+    p.extend_from_slice(&src.1.to_be_bytes());
+    p.extend_from_slice(&dst.1.to_be_bytes());
     p.extend_from_slice(&1_000_000u32.to_be_bytes()); // seq
     p.extend_from_slice(&1u32.to_be_bytes()); // ack
     p.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // doff 5, ACK|PSH, window
-    p.extend_from_slice(&[b'x'; PAYLOAD]);
+    p.extend_from_slice(payload);
     p
+}
+
+/// After the reference's first pass over `n` connections: it created `n` flows in all (this
+/// pass and the earlier ones), none found the map full, every packet parsed, and `last` (the
+/// newest connection) has its flow under its own tuple.
+fn check_flows_created(ebpf: &Ebpf, n: u32, last: Option<&Conn>) -> Result<()> {
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+        ebpf.map(agent_common::bench::FLOW_STATS)
+            .context("flow stats map missing")?,
+    )?;
+    let mut sums = [0u64; FLOW_STAT_COUNT as usize];
+    for (i, sum) in (0..).zip(sums.iter_mut()) {
+        *sum = stats.get(&i, 0)?.iter().sum();
+    }
+    let created = sums[flow_stat::NEW_FLOWS as usize];
+    let full = sums[flow_stat::MAP_FULL as usize];
+    let unparsed = sums[flow_stat::UNPARSED as usize];
+    ensure!(
+        created == u64::from(n) && full == 0 && unparsed == 0,
+        "after its first pass over {n} connections the reference created {created} flows \
+         ({full} packets found the map full, {unparsed} did not parse)"
+    );
+    if let Some(c) = last {
+        let flows: HashMap<&MapData, FlowKey, FlowCounters> = HashMap::try_from(
+            ebpf.map(agent_common::bench::FLOWS)
+                .context("flow map missing")?,
+        )?;
+        let mapped = |a: Ipv4Addr| {
+            let mut m = [0u8; 16];
+            m[10] = 0xff;
+            m[11] = 0xff;
+            m[12..].copy_from_slice(&a.octets());
+            m
+        };
+        // The test packet goes from the server to the client.
+        let key = FlowKey {
+            src_addr: mapped(*c.server.ip()),
+            dst_addr: mapped(*c.client.ip()),
+            src_port: c.server.port().to_be(),
+            dst_port: c.client.port().to_be(),
+            protocol: 6,
+            direction: FLOW_EGRESS,
+            _pad: 0,
+        };
+        flows.get(&key, 0).with_context(|| {
+            format!(
+                "the reference's map has no flow {} -> {} (egress): the driver counted other \
+                 tuples than the connections'",
+                c.server, c.client
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The flows in the reference's map, and the packets they counted in all.
+fn flow_totals(ebpf: &Ebpf) -> Result<(u64, u64)> {
+    let flows: HashMap<&MapData, FlowKey, FlowCounters> = HashMap::try_from(
+        ebpf.map(agent_common::bench::FLOWS)
+            .context("flow map missing")?,
+    )?;
+    let (mut n, mut packets) = (0, 0);
+    for entry in flows.iter() {
+        let (_, v) = entry.context("reading the flow map")?;
+        n += 1;
+        packets += v.packets;
+    }
+    Ok((n, packets))
 }

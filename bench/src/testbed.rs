@@ -107,50 +107,85 @@ impl Bed {
     }
 
     /// One cost run: attach `variant`, run iperf3, read the programs' statistics around it.
+    /// With outflow, the reference flow-map programs are attached too, in the same runs (so
+    /// both see the same skbs): before the agent when `reference_first`, after it otherwise
+    /// (a cgroup runs its programs in the order they were attached).
     pub(crate) fn cost_run(
         &self,
         variant: Variant,
         mode: CostMode,
         seconds: u32,
+        reference_first: bool,
     ) -> Result<CostRun> {
-        let (egress_name, ingress_name, attached) = match variant {
+        let (names, attached): ([&str; 4], _) = match variant {
             Variant::Empty => (
-                "bench_empty",
-                "bench_empty",
+                ["bench_empty", "bench_empty", "", ""],
                 Attached::Empty(attach_empty(&self.cgroup)?),
             ),
-            Variant::Outflow => (
-                "count_egress",
-                "count_ingress",
-                Attached::Agent(RunningAgent::start(&self.cgroup)?),
-            ),
+            Variant::Outflow => {
+                let (agent, reference) = if reference_first {
+                    let reference = attach_reference(&self.cgroup)?;
+                    (RunningAgent::start(&self.cgroup)?, reference)
+                } else {
+                    let agent = RunningAgent::start(&self.cgroup)?;
+                    (agent, attach_reference(&self.cgroup)?)
+                };
+                (
+                    [
+                        "count_egress",
+                        "count_ingress",
+                        REFERENCE_PROGRAMS[0],
+                        REFERENCE_PROGRAMS[1],
+                    ],
+                    Attached::Agent(agent, reference),
+                )
+            }
         };
-        let egress_id = only_one(self.cgroup.path(), BPF_CGROUP_INET_EGRESS, "egress")?;
-        let ingress_id = only_one(self.cgroup.path(), BPF_CGROUP_INET_INGRESS, "ingress")?;
-        let before = [
-            prog_stats(egress_id, egress_name)?,
-            prog_stats(ingress_id, ingress_name)?,
+        let attach_types = [
+            BPF_CGROUP_INET_EGRESS,
+            BPF_CGROUP_INET_INGRESS,
+            BPF_CGROUP_INET_EGRESS,
+            BPF_CGROUP_INET_INGRESS,
         ];
+        let wanted = if variant == Variant::Empty { 2 } else { 4 };
+        let mut ids = Vec::new();
+        for (attach_type, direction) in DIRECTIONS {
+            let found = attached_prog_ids(self.cgroup.path(), attach_type)?.len();
+            ensure!(
+                found == wanted / 2,
+                "expected {} program(s) attached to the test cgroup for {direction}, found {found}",
+                wanted / 2
+            );
+        }
+        for i in 0..wanted {
+            ids.push(attached_named(self.cgroup.path(), attach_types[i], names[i])?);
+        }
+        let stats = || -> Result<Vec<DirCost>> {
+            ids.iter()
+                .zip(names)
+                .map(|(&id, name)| prog_stats(id, name))
+                .collect()
+        };
+        let before = stats()?;
         let iperf = self
             .server
             .client(&self.pair, seconds, mode.iperf3_args())?;
-        let after = [
-            prog_stats(egress_id, egress_name)?,
-            prog_stats(ingress_id, ingress_name)?,
-        ];
+        let after = stats()?;
         attached.finish(self.cgroup.path())?;
-        let delta = |i: usize| DirCost {
-            run_time_ns: after[i].run_time_ns - before[i].run_time_ns,
-            run_cnt: after[i].run_cnt - before[i].run_cnt,
-        };
+        let delta: Vec<DirCost> = before
+            .iter()
+            .zip(&after)
+            .map(|(&b, a)| a.minus(b))
+            .collect();
         ensure!(
-            delta(0).run_cnt > 0 && delta(1).run_cnt > 0,
+            delta.iter().all(|d| d.run_cnt > 0),
             "the programs attached to the cgroup did not run during iperf3 (run_cnt unchanged): \
              is the iperf3 server in the cgroup?"
         );
         Ok(CostRun {
-            egress: delta(0),
-            ingress: delta(1),
+            egress: delta[0],
+            ingress: delta[1],
+            reference: (wanted == 4).then(|| [delta[2], delta[3]]),
             iperf,
         })
     }
@@ -225,7 +260,8 @@ pub(crate) fn command_line<M: clap::ValueEnum>(
 /// Whatever is attached for a cost run, until [`Attached::finish`].
 pub(crate) enum Attached {
     Empty(Vec<Ebpf>),
-    Agent(RunningAgent),
+    /// The agent, and the reference flow-map programs beside it.
+    Agent(RunningAgent, Ebpf),
 }
 
 impl Attached {
@@ -233,7 +269,10 @@ impl Attached {
     pub(crate) fn finish(self, cgroup: &Path) -> Result<()> {
         match self {
             Self::Empty(objects) => drop(objects),
-            Self::Agent(agent) => agent.stop()?,
+            Self::Agent(agent, reference) => {
+                drop(reference);
+                agent.stop()?;
+            }
         }
         wait_detached(cgroup)
     }
@@ -289,6 +328,36 @@ pub(crate) fn attach_empty(cgroup: &TestCgroup) -> Result<Vec<Ebpf>> {
         .collect()
 }
 
+/// The reference programs (per-flow counters in a hash map, `agent-ebpf/src/reference.rs`),
+/// egress then ingress.
+pub(crate) const REFERENCE_PROGRAMS: [&str; 2] = ["flowhash_egress", "flowhash_ingress"];
+/// Flows the reference's map holds in the traffic runs: the agent's default table size.
+pub(crate) const REFERENCE_FLOWS: u32 = 65_536;
+
+/// Loads the reference's two programs from one benchmark object (so they share one flow map)
+/// and attaches them to the cgroup beside whatever else is attached (a cgroup link never
+/// replaces another). Dropping the object detaches them.
+pub(crate) fn attach_reference(cgroup: &TestCgroup) -> Result<Ebpf> {
+    let mut ebpf = crate::object::load(REFERENCE_FLOWS)?;
+    crate::object::load_programs(&mut ebpf, &REFERENCE_PROGRAMS)?;
+    for (name, attach_type) in REFERENCE_PROGRAMS
+        .into_iter()
+        .zip([CgroupSkbAttachType::Egress, CgroupSkbAttachType::Ingress])
+    {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the benchmark object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a cgroup_skb program"))?;
+        let dir = File::open(cgroup.path())
+            .with_context(|| format!("opening {}", cgroup.path().display()))?;
+        program
+            .attach(dir.as_fd(), attach_type, CgroupAttachMode::default())
+            .with_context(|| format!("attaching {name} to {}", cgroup.path().display()))?;
+    }
+    Ok(ebpf)
+}
+
 /// `outflow-agent` attached to the cgroup with its defaults, in its own pin directory.
 /// Fields drop in order: the agent is killed (if still running), then `detach` runs.
 pub(crate) struct RunningAgent {
@@ -298,9 +367,16 @@ pub(crate) struct RunningAgent {
 
 impl RunningAgent {
     pub(crate) fn start(cgroup: &TestCgroup) -> Result<Self> {
+        Self::start_with(cgroup, &[])
+    }
+
+    /// Like [`RunningAgent::start`], with `extra` options after the defaults.
+    pub(crate) fn start_with(cgroup: &TestCgroup, extra: &[&str]) -> Result<Self> {
         let pin = PinDir::new("bench");
         let agent = harness("starting outflow-agent", || {
-            let agent = Agent::start(&["--cgroup", cgroup.as_arg(), "--pin-dir", pin.as_arg()]);
+            let mut args = vec!["--cgroup", cgroup.as_arg(), "--pin-dir", pin.as_arg()];
+            args.extend_from_slice(extra);
+            let agent = Agent::start(&args);
             agent.wait_started(AGENT_START_TIMEOUT);
             agent
         })?;
@@ -505,16 +581,27 @@ pub(crate) fn attached_prog_ids(dir: &Path, attach_type: u32) -> Result<Vec<u32>
     Ok(outflow_tests::cgroup::attached_programs(dir, attach_type)?)
 }
 
-/// The one program attached to the cgroup at `dir` for `attach_type`.
-pub(crate) fn only_one(dir: &Path, attach_type: u32, direction: &str) -> Result<u32> {
+/// The program named `name` among those attached to the cgroup at `dir` for `attach_type`
+/// (the kernel keeps the first 15 bytes of a name).
+pub(crate) fn attached_named(dir: &Path, attach_type: u32, name: &str) -> Result<u32> {
     let ids = attached_prog_ids(dir, attach_type)?;
-    match ids[..] {
-        [id] => Ok(id),
-        _ => bail!(
-            "expected one program attached to the test cgroup for {direction}, found {}",
-            ids.len()
-        ),
+    let mut names = Vec::new();
+    for info in loaded_programs() {
+        let info = info.context("listing loaded BPF programs")?;
+        if !ids.contains(&info.id()) {
+            continue;
+        }
+        let kernel_name = String::from_utf8_lossy(info.name()).into_owned();
+        if !kernel_name.is_empty() && name.starts_with(&kernel_name) {
+            return Ok(info.id());
+        }
+        names.push(kernel_name);
     }
+    bail!(
+        "no program {name} attached to {} (attached: {})",
+        dir.display(),
+        names.join(", ")
+    )
 }
 
 /// The statistics of the loaded program `id`, which must be named `name` (the kernel keeps

@@ -1,13 +1,16 @@
 //! Per-packet cost under real traffic: the counting programs' run_time_ns / run_cnt
 //! (`BPF_ENABLE_STATS`, as kernel.bpf_stats_enabled) during iperf3 across the test bed's veth
-//! pair, beside an empty cgroup_skb program attached in their place.
+//! pair, beside an empty cgroup_skb program attached in their place, and beside the reference
+//! flow-map programs attached with them (same runs, same skbs).
 
 use anyhow::{Context as _, Result};
 use aya::sys::{Stats, enable_stats};
 
 use crate::report::{Section, median, thousands};
 
-use crate::testbed::{Bed, DEFAULT_SECONDS, IperfResult, command_line, runs_range, seconds_range};
+use crate::testbed::{
+    Bed, DEFAULT_SECONDS, IperfResult, REFERENCE_FLOWS, command_line, runs_range, seconds_range,
+};
 
 const DEFAULT_COST_RUNS: u32 = 3;
 
@@ -88,6 +91,14 @@ pub(crate) struct DirCost {
 }
 
 impl DirCost {
+    /// What happened between `earlier` and `self` (cumulative statistics).
+    pub(crate) fn minus(self, earlier: Self) -> Self {
+        Self {
+            run_time_ns: self.run_time_ns - earlier.run_time_ns,
+            run_cnt: self.run_cnt - earlier.run_cnt,
+        }
+    }
+
     pub(crate) fn ns_per_packet(self) -> f64 {
         if self.run_cnt == 0 {
             f64::NAN
@@ -100,6 +111,8 @@ impl DirCost {
 pub(crate) struct CostRun {
     pub(crate) egress: DirCost,
     pub(crate) ingress: DirCost,
+    /// The reference's programs (egress, ingress), attached in the same run as outflow's.
+    pub(crate) reference: Option<[DirCost; 2]>,
     pub(crate) iperf: IperfResult,
 }
 
@@ -123,8 +136,11 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
         "Direction",
         "Empty program",
         "outflow",
+        "flow hash",
         "outflow − empty",
-        "Ratio",
+        "flow hash − empty",
+        "outflow ÷ empty",
+        "(outflow − empty) ÷ (flow hash − empty)",
         "Packets/s",
         "Bytes/packet",
     ]
@@ -145,9 +161,19 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
                 [Variant::Outflow, Variant::Empty]
             };
             for variant in order {
-                let run = bed.cost_run(variant, mode, args.seconds)?;
+                // Which of outflow and the reference runs first alternates too.
+                let run = bed.cost_run(variant, mode, args.seconds, r % 2 == 1)?;
+                let reference = run.reference.map_or_else(String::new, |[e, i]| {
+                    format!(
+                        "; flow hash egress {:.0} ns x {}, ingress {:.0} ns x {}",
+                        e.ns_per_packet(),
+                        e.run_cnt,
+                        i.ns_per_packet(),
+                        i.run_cnt
+                    )
+                });
                 eprintln!(
-                    "traffic: {} run {}/{} {:<7}: egress {:.0} ns x {}, ingress {:.0} ns x {}, \
+                    "traffic: {} run {}/{} {:<7}: egress {:.0} ns x {}, ingress {:.0} ns x {}{}, \
                      {:.2} Gbit/s",
                     mode.name(),
                     r + 1,
@@ -157,6 +183,7 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
                     run.egress.run_cnt,
                     run.ingress.ns_per_packet(),
                     run.ingress.run_cnt,
+                    reference,
                     run.iperf.bits_per_second / 1e9
                 );
                 runs[variant as usize].push(run);
@@ -165,21 +192,29 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
         let [empty, outflow] = &runs;
         let secs = f64::from(args.seconds);
         let bytes = median(&outflow.iter().map(|r| r.iperf.bytes).collect::<Vec<_>>());
-        for (dir, pick) in [
-            (
-                "egress",
-                (|r: &CostRun| r.egress) as fn(&CostRun) -> DirCost,
-            ),
-            ("ingress", |r: &CostRun| r.ingress),
-        ] {
-            let ns = |v: &[CostRun]| {
+        type Pick = fn(&CostRun) -> DirCost;
+        // A run without the reference gives NaN, which the median leaves out.
+        let directions: [(&str, Pick, Pick); 2] = [
+            ("egress", |r| r.egress, |r| {
+                r.reference.map_or_else(DirCost::default, |d| d[0])
+            }),
+            ("ingress", |r| r.ingress, |r| {
+                r.reference.map_or_else(DirCost::default, |d| d[1])
+            }),
+        ];
+        for (dir, pick, pick_reference) in directions {
+            let ns = |v: &[CostRun], pick: Pick| {
                 median(
                     &v.iter()
                         .map(|r| pick(r).ns_per_packet())
                         .collect::<Vec<_>>(),
                 )
             };
-            let (e, o) = (ns(empty), ns(outflow));
+            let (e, o, f) = (
+                ns(empty, pick),
+                ns(outflow, pick),
+                ns(outflow, pick_reference),
+            );
             let packets = median(
                 &outflow
                     .iter()
@@ -191,8 +226,11 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
                 dir.to_owned(),
                 format!("{e:.0} ns"),
                 format!("{o:.0} ns"),
+                format!("{f:.0} ns"),
                 format!("{:.0} ns", o - e),
+                format!("{:.0} ns", f - e),
                 format!("{:.2}×", o / e),
+                format!("{:.2}", (o - e) / (f - e)),
                 thousands(packets / secs),
                 if dir == "egress" {
                     thousands(bytes / packets)
@@ -214,9 +252,15 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
          that direction (found with BPF_PROG_QUERY on the cgroup). *outflow*: `outflow-agent` \
          with its defaults attached to the cgroup (its `count_egress` and `count_ingress`; its \
          sock_ops and tracepoint programs run per connection event, not per packet, and are not \
-         in the figures). *Empty*: a cgroup_skb program that only returns \"allow\", attached \
-         in its place, one copy per direction: the floor any cgroup_skb program pays. Median of \
-         {runs} runs of each, empty and outflow runs alternating (ABBA). Traffic: *bulk TCP, \
+         in the figures). *flow hash*: the reference of the per-packet section (per-flow \
+         counters in a preallocated BPF hash map keyed by the packet's tuple, atomic adds, as \
+         flow-monitoring agents count), its map sized for {flows} flows (the agent's default \
+         table size), its `flowhash_egress` and `flowhash_ingress` attached to the same cgroup \
+         in the same runs as outflow, so both run on the same skbs; which of the two the cgroup \
+         runs first alternates from run to run. *Empty*: a cgroup_skb program that only returns \
+         \"allow\", attached in their place, one copy per direction: the floor any cgroup_skb \
+         program pays. Median of {runs} runs of each, empty and outflow runs alternating \
+         (ABBA). Traffic: *bulk TCP, \
          GSO/TSO on* is iperf3's default (128 KiB writes) with the veth defaults, so the egress \
          hook sees large GSO skbs of many segments; *GSO/TSO off* is the same after `ethtool -K \
          <veth> tso off gso off` on both veth ends; *256-byte writes* is `iperf3 -R {small}`: \
@@ -225,6 +269,7 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
          (iperf3's payload bytes sent / the egress program's `run_cnt`).",
         secs = args.seconds,
         runs = args.runs,
+        flows = thousands(f64::from(REFERENCE_FLOWS)),
         small = SMALL_MESSAGES.join(" "),
     );
     section.commands = vec![command_line(
@@ -245,6 +290,12 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
          GSO/TSO off on the device does not change what the hooks see (Bytes/packet stays in \
          the tens of kilobytes): TCP always builds GSO skbs, and the software segmentation for \
          a device without offloads runs after the egress hook."
+            .to_owned(),
+        "*(outflow − empty) ÷ (flow hash − empty)*: what outflow adds per skb over what the \
+         flow map adds, measured on the same skbs; below 1, outflow costs less. The agent runs \
+         with its defaults, request capture included; iperf3's client sends almost nothing on \
+         the data connection, so captures are rare here (see the capture sections for their \
+         cost)."
             .to_owned(),
         "Two-core VM shared by the iperf3 client and server and the softirqs of both ends: the \
          figures are medians, and the difference of two programs measured side by side is \

@@ -25,8 +25,26 @@ fn rows(section: &Value) -> usize {
     section["rows"].as_array().map_or(0, Vec::len)
 }
 
+/// The cell of `row` under the column named `column`.
+fn cell<'a>(section: &'a Value, row: usize, column: &str) -> &'a str {
+    let col = section["header"]
+        .as_array()
+        .and_then(|h| h.iter().position(|c| c.as_str() == Some(column)))
+        .unwrap_or_else(|| panic!("no column {column:?}: {section}"));
+    section["rows"][row][col].as_str().unwrap_or_default()
+}
+
+/// A figure in nanoseconds ("12.3 ns"), not "NaN ns".
+fn is_ns(cell: &str) -> bool {
+    cell.strip_suffix(" ns")
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(f64::is_finite)
+}
+
 #[test]
-fn packet_cost_runs_the_counting_path_on_live_connections() {
+fn packet_cost_runs_the_counting_path_and_the_flow_map_on_live_connections() {
+    // The benchmark itself fails unless every connection has a live slot and a flow in the
+    // reference's map after the first pass, and both counted every run.
     let s = bench(&[
         "packet",
         "--conns",
@@ -35,10 +53,57 @@ fn packet_cost_runs_the_counting_path_on_live_connections() {
         "1",
         "--repeat",
         "2000",
+        "--pick",
+        "random",
+        "--pick",
+        "sequential",
         "--profile",
         "false",
     ]);
+    assert_eq!(rows(&s), 4, "{s}");
+    for row in 0..4 {
+        assert!(is_ns(cell(&s, row, "flow hash per packet")), "{s}");
+    }
+}
+
+#[test]
+fn capture_cost_reads_one_event_per_request_start() {
+    // The benchmark itself fails unless its reader got one event per request-start run, with
+    // the request's bytes, and the kernel lost none.
+    let s = bench(&[
+        "capture",
+        "--conns",
+        "50",
+        "--request-bytes",
+        "200,1024",
+        "--rounds",
+        "1",
+        "--runs",
+        "1000",
+    ]);
     assert_eq!(rows(&s), 2, "{s}");
+}
+
+#[test]
+fn request_rate_accounts_for_every_request_with_capture_on() {
+    // The benchmark itself fails unless, with capture on, the agent's turns read plus events
+    // lost equal the requests completed, and with capture off there are none.
+    let s = bench(&[
+        "requests",
+        "--seconds",
+        "1",
+        "--runs",
+        "1",
+        "--conns",
+        "2",
+    ]);
+    assert_eq!(rows(&s), 3, "{s}");
+    let turns = cell(&s, 2, "Turns read / lost").replace(',', "");
+    let total: u64 = turns
+        .split(" / ")
+        .map(|n| n.parse::<u64>().expect("a count"))
+        .sum();
+    assert!(total > 0, "no turns with capture on: {s}");
 }
 
 #[test]
@@ -84,6 +149,7 @@ fn collector_ingest_applies_every_delta() {
 
 #[test]
 fn traffic_cost_reads_the_programs_run_times() {
+    // The benchmark itself fails unless outflow's and the reference's programs both ran.
     let s = bench(&[
         "traffic",
         "--seconds",
@@ -94,6 +160,7 @@ fn traffic_cost_reads_the_programs_run_times() {
         "small",
     ]);
     assert!(rows(&s) >= 1, "{s}");
+    assert!(is_ns(cell(&s, 0, "flow hash")), "{s}");
 }
 
 #[test]

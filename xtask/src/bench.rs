@@ -20,7 +20,8 @@ use crate::{cmd, demo, setup, test::cargo_command};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run only these (comma-separated): packet, traffic, throughput, agent, ingest, alert.
+    /// Run only these (comma-separated): packet, capture, traffic, requests, throughput,
+    /// agent, ingest, alert.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Fewer and shorter runs (minutes less), to check the benchmarks themselves; writes
@@ -34,7 +35,7 @@ pub struct Args {
 
 /// The benchmarks, in the order they run: `outflow-bench` subcommands with their arguments
 /// (full, quick), then the demo's time to alert.
-const BENCHES: [(&str, &[&str], &[&str]); 5] = [
+const BENCHES: [(&str, &[&str], &[&str]); 7] = [
     (
         "packet",
         &[],
@@ -47,7 +48,9 @@ const BENCHES: [(&str, &[&str], &[&str]); 5] = [
             "200000",
         ],
     ),
+    ("capture", &[], &["--rounds", "3", "--runs", "20000"]),
     ("traffic", &[], &["--seconds", "2", "--runs", "1"]),
+    ("requests", &[], &["--seconds", "2", "--runs", "1"]),
     ("throughput", &[], &["--seconds", "2", "--runs", "1"]),
     (
         "agent",
@@ -88,7 +91,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let known = [
         "packet",
+        "capture",
         "traffic",
+        "requests",
         "throughput",
         "agent",
         "ingest",
