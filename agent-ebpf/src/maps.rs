@@ -39,6 +39,18 @@ pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new()
 #[btf_map]
 pub static EVENTS: RingBuf<TurnEvent, { 8 << 20 }> = RingBuf::new();
 
+/// Where an event is put together before it is copied into [`EVENTS`] at its real length
+/// (a ring buffer reservation has a constant size: 4 KiB for every request would hold ten
+/// times fewer requests).
+#[btf_map]
+pub static EVENT_SCRATCH: PerCpuArray<TurnEvent, 1> = PerCpuArray::new();
+
+/// The ring buffer's map pointer, for the helpers aya-ebpf does not wrap.
+#[inline(always)]
+pub fn events_ptr() -> *mut core::ffi::c_void {
+    (&raw const EVENTS).cast_mut().cast()
+}
+
 /// Runtime settings, written by the agent.
 #[btf_map]
 pub static CONFIG: Array<KernelConfig, 1> = Array::new();

@@ -5,20 +5,21 @@ use agent_common::{
     AF_INET, AF_INET6, ANNOTATION_MAX, CAPTURE_MAX, ConnSlot, Counters, EVENT_ANNOTATION,
     EVENT_MORE, EVENT_TURN, OUTFLOW_CLIENT_ID, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
     SK_AWAIT_TURN, SK_CAPTURE, SK_NEED_CGROUP, SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE,
-    SOL_OUTFLOW, SkState, SlotRef, TupleKey, slot, stat,
+    SOL_OUTFLOW, SkState, SlotRef, TupleKey, TurnEvent, slot, stat,
 };
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id,
-        bpf_skb_load_bytes, bpf_sock_ops_cb_flags_set,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ringbuf_output, bpf_ringbuf_query,
+        bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_skb, cgroup_sockopt, sock_ops, tracepoint},
     programs::{SkBuffContext, SockOpsContext, SockoptContext, TracePointContext},
 };
 
 use crate::maps::{
-    CONFIG, CONNS, EVENTS, FREE_SLOTS, LEGACY, OVERFLOW, STATS, sk_state, sk_state_delete,
+    CONFIG, CONNS, EVENT_SCRATCH, FREE_SLOTS, LEGACY, OVERFLOW, STATS, events_ptr, sk_state,
+    sk_state_delete,
 };
 use crate::packet;
 
@@ -190,30 +191,53 @@ fn capture(skb: *mut __sk_buff, st: &mut SkState, off: u32, len: u32, at: &Count
     }
 }
 
+/// Header bytes of a [`TurnEvent`] (before `data`).
+const EVENT_HEADER: u32 = (size_of::<TurnEvent>() - CAPTURE_MAX) as u32;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
+
 /// Writes one turn event of `n` (1..=CAPTURE_MAX) bytes; false if the ring buffer is full.
 #[inline(always)]
 fn emit(skb: *mut __sk_buff, st: &SkState, off: u32, n: u32, start: bool, at: &Counters) -> bool {
-    let Some(mut entry) = EVENTS.reserve(0) else {
+    let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` points to reserved ring buffer memory of a whole TurnEvent; `n` is bounded
-    // by the data array's size.
-    let loaded = unsafe {
+    let len = bounded_len(n);
+    // SAFETY: `e` points to this CPU's scratch event; `len` is bounded by its data array.
+    unsafe {
         (*e).slot = st.slot;
         (*e).generation = st.generation;
         (*e).turn = st.turn;
         (*e).kind = if start { EVENT_TURN } else { EVENT_MORE };
-        (*e).len = n as u16;
+        (*e).len = len as u16;
         (*e).at = *at;
-        bpf_skb_load_bytes(skb.cast(), off, (&raw mut (*e).data).cast(), bounded_len(n)) == 0
-    };
-    if loaded {
-        entry.submit(0);
-    } else {
-        entry.discard(0);
+        if bpf_skb_load_bytes(skb.cast(), off, (&raw mut (*e).data).cast(), len) != 0 {
+            return false;
+        }
     }
-    loaded
+    output(e, len)
+}
+
+/// Copies the first `len` data bytes of the scratch event `e` into the ring buffer. The agent
+/// is woken only once an eighth of the ring is waiting (it also reads at every interval): a
+/// wake-up per request would cost several times the capture itself.
+#[inline(always)]
+fn output(e: *mut TurnEvent, len: u32) -> bool {
+    // SAFETY: helpers on the ring buffer map; `e` is a map value of EVENT_HEADER + CAPTURE_MAX
+    // bytes and the size is at most that.
+    unsafe {
+        let ring = events_ptr();
+        let waiting = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
+        let size = bpf_ringbuf_query(ring, BPF_RB_RING_SIZE);
+        let flags = if waiting >= size / 8 {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        bpf_ringbuf_output(ring, e.cast(), u64::from(EVENT_HEADER + len), flags) == 0
+    }
 }
 
 /// `n` (1..=CAPTURE_MAX) in a form the verifier can bound: the compiler knows the range and
@@ -665,17 +689,12 @@ fn annotate_socket(ctx: &SockoptContext) {
         bump(stat::ANNOTATIONS_UNTRACKED);
         return;
     };
-    let Some(mut entry) = EVENTS.reserve(0) else {
-        bump(stat::ANNOTATIONS_LOST);
-        // The bytes from here on cannot be attributed: the agent treats the turn as lost.
-        // SAFETY: pointer into the array map.
-        unsafe { core::ptr::write_volatile(&raw mut (*s).lost_turn, st.turn) };
+    let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let e = entry.as_mut_ptr();
-    // SAFETY: reserved ring buffer memory of a whole TurnEvent; the slot pointer from the map;
-    // the option value is read byte by byte within [optval, optval_end).
-    unsafe {
+    // SAFETY: this CPU's scratch event; the slot pointer from the map; the option value is
+    // read byte by byte within [optval, optval_end).
+    let n = unsafe {
         (*e).slot = st.slot;
         (*e).generation = st.generation;
         (*e).turn = st.turn;
@@ -694,6 +713,12 @@ fn annotate_socket(ctx: &SockoptContext) {
             n += 1;
         }
         (*e).len = n as u16;
+        n as u32
+    };
+    if !output(e, n) {
+        bump(stat::ANNOTATIONS_LOST);
+        // The bytes from here on cannot be attributed: the agent treats the turn as lost.
+        // SAFETY: pointer into the array map.
+        unsafe { core::ptr::write_volatile(&raw mut (*s).lost_turn, st.turn) };
     }
-    entry.submit(0);
 }
