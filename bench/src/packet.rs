@@ -32,9 +32,9 @@ use crate::{
 use agent_common::{
     ConnSlot, SLOT_LIVE,
     bench::{
-        BenchConfig, FLOW_EGRESS, FLOW_STAT_COUNT, FlowCounters, FlowKey, LookupTuple, PACKET_CLIENT_ADDR,
-        PACKET_CLIENT_PORT, PACKET_SERVER_ADDR, PACKET_SERVER_PORT, PICK_RANDOM,
-        PICK_SEQUENTIAL, flow_stat,
+        BenchConfig, FLOW_EGRESS, FLOW_STAT_COUNT, FlowCounters, FlowKey, LookupTuple,
+        PACKET_CLIENT_ADDR, PACKET_CLIENT_PORT, PACKET_SERVER_ADDR, PACKET_SERVER_PORT,
+        PICK_RANDOM, PICK_SEQUENTIAL, flow_stat,
     },
     names,
 };
@@ -562,14 +562,8 @@ pub(crate) fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
 /// (the addresses and ports the flow-map driver expects to swap).
 fn test_packet() -> Vec<u8> {
     tcp_packet(
-        (
-            Ipv4Addr::from(PACKET_SERVER_ADDR),
-            PACKET_SERVER_PORT,
-        ),
-        (
-            Ipv4Addr::from(PACKET_CLIENT_ADDR),
-            PACKET_CLIENT_PORT,
-        ),
+        (Ipv4Addr::from(PACKET_SERVER_ADDR), PACKET_SERVER_PORT),
+        (Ipv4Addr::from(PACKET_CLIENT_ADDR), PACKET_CLIENT_PORT),
         &[b'x'; 44],
     )
 }

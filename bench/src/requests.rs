@@ -29,8 +29,8 @@ use crate::{
     capture::http_request,
     report::{Section, median, thousands},
     testbed::{
-        BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, DIRECTIONS, RunningAgent, attached_named, attached_prog_ids, harness, in_netns, prog_stats,
-        runs_range, seconds_range, wait_detached,
+        BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, DIRECTIONS, RunningAgent, attached_named,
+        attached_prog_ids, harness, in_netns, prog_stats, runs_range, seconds_range, wait_detached,
     },
     traffic::DirCost,
 };
@@ -141,9 +141,8 @@ pub fn run(args: &Args) -> Result<Section> {
                     ", agent process {:.1} % of a core",
                     c.as_secs_f64() / run.load.seconds * 100.0
                 )),
-                run.turns.map_or_else(String::new, |(t, l)| format!(
-                    ", {t} turns, {l} lost"
-                )),
+                run.turns
+                    .map_or_else(String::new, |(t, l)| format!(", {t} turns, {l} lost")),
             );
             runs[mode as usize].push(run);
         }
@@ -301,7 +300,11 @@ fn section(args: &Args, runs: &[Vec<Run>; 3]) -> Section {
         ("--runs", args.runs as usize, DEFAULT_RUNS as usize),
         ("--conns", args.conns as usize, DEFAULT_CONNS as usize),
         ("--request-bytes", args.request_bytes, DEFAULT_REQUEST_BYTES),
-        ("--response-bytes", args.response_bytes, DEFAULT_RESPONSE_BYTES),
+        (
+            "--response-bytes",
+            args.response_bytes,
+            DEFAULT_RESPONSE_BYTES,
+        ),
     ] {
         if value != default {
             command.push_str(&format!(" {flag} {value}"));
@@ -328,9 +331,9 @@ fn section(args: &Args, runs: &[Vec<Run>; 3]) -> Section {
         let v = &runs[mode as usize];
         let r = rates(v);
         let rate = median(&r);
-        let (lo, hi) = r
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
         let prog = |i: usize| {
             let ns = median(
                 &v.iter()
@@ -401,7 +404,11 @@ fn section(args: &Args, runs: &[Vec<Run>; 3]) -> Section {
                 dash()
             },
             if mode == Mode::CaptureOn {
-                format!("{} / {}", thousands(turns.0 as f64), thousands(turns.1 as f64))
+                format!(
+                    "{} / {}",
+                    thousands(turns.0 as f64),
+                    thousands(turns.1 as f64)
+                )
             } else {
                 dash()
             },
@@ -534,8 +541,8 @@ pub struct ServeArgs {
 /// small response, until killed. Prints `ready` once it listens.
 pub fn run_serve(args: &ServeArgs) -> Result<()> {
     die_with_parent()?;
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     println!("ready");
     io::stdout().flush()?;
     let mut response = format!(
@@ -568,7 +575,10 @@ fn serve(mut stream: TcpStream, response: &[u8]) -> io::Result<()> {
             have -= used;
         }
         if have == buf.len() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request too large",
+            ));
         }
         let n = stream.read(&mut buf[have..])?;
         if n == 0 {
@@ -604,7 +614,9 @@ fn message_len(buf: &[u8], kind: Kind) -> io::Result<Option<usize>> {
     }
     let mut body = 0;
     for line in lines {
-        let (name, value) = line.split_once(':').ok_or_else(|| bad("a header without ':'"))?;
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad("a header without ':'"))?;
         if name.eq_ignore_ascii_case("content-length") {
             body = value
                 .trim()
@@ -659,7 +671,9 @@ pub fn run_load(args: &LoadArgs) -> Result<()> {
         error: None,
     };
     for t in threads {
-        let (n, error) = t.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        let (n, error) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
         result.requests += n;
         if result.error.is_none() {
             result.error = error.map(|e| e.to_string());
@@ -698,7 +712,10 @@ fn load(mut stream: TcpStream, request: &[u8], deadline: Instant) -> (u64, Optio
             if have == buf.len() {
                 return (
                     done,
-                    Some(io::Error::new(io::ErrorKind::InvalidData, "response too large")),
+                    Some(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "response too large",
+                    )),
                 );
             }
             match stream.read(&mut buf[have..]) {

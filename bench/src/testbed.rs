@@ -158,7 +158,11 @@ impl Bed {
             );
         }
         for i in 0..wanted {
-            ids.push(attached_named(self.cgroup.path(), attach_types[i], names[i])?);
+            ids.push(attached_named(
+                self.cgroup.path(),
+                attach_types[i],
+                names[i],
+            )?);
         }
         let stats = || -> Result<Vec<DirCost>> {
             ids.iter()

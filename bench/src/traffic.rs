@@ -195,12 +195,16 @@ pub fn run_cost(args: &CostArgs) -> Result<Section> {
         type Pick = fn(&CostRun) -> DirCost;
         // A run without the reference gives NaN, which the median leaves out.
         let directions: [(&str, Pick, Pick); 2] = [
-            ("egress", |r| r.egress, |r| {
-                r.reference.map_or_else(DirCost::default, |d| d[0])
-            }),
-            ("ingress", |r| r.ingress, |r| {
-                r.reference.map_or_else(DirCost::default, |d| d[1])
-            }),
+            (
+                "egress",
+                |r| r.egress,
+                |r| r.reference.map_or_else(DirCost::default, |d| d[0]),
+            ),
+            (
+                "ingress",
+                |r| r.ingress,
+                |r| r.reference.map_or_else(DirCost::default, |d| d[1]),
+            ),
         ];
         for (dir, pick, pick_reference) in directions {
             let ns = |v: &[CostRun], pick: Pick| {

@@ -88,15 +88,7 @@ fn capture_cost_reads_one_event_per_request_start() {
 fn request_rate_accounts_for_every_request_with_capture_on() {
     // The benchmark itself fails unless, with capture on, the agent's turns read plus events
     // lost equal the requests completed, and with capture off there are none.
-    let s = bench(&[
-        "requests",
-        "--seconds",
-        "1",
-        "--runs",
-        "1",
-        "--conns",
-        "2",
-    ]);
+    let s = bench(&["requests", "--seconds", "1", "--runs", "1", "--conns", "2"]);
     assert_eq!(rows(&s), 3, "{s}");
     let turns = cell(&s, 2, "Turns read / lost").replace(',', "");
     let total: u64 = turns
@@ -122,7 +114,10 @@ fn agent_load_reports_the_active_connections() {
     ]);
     assert_eq!(rows(&s), 2, "{s}");
     // 100 connections send every second: the collector applied deltas.
-    let reported = s["rows"][1][2].as_str().unwrap_or_default().replace(',', "");
+    let reported = s["rows"][1][2]
+        .as_str()
+        .unwrap_or_default()
+        .replace(',', "");
     assert!(
         reported.parse::<f64>().is_ok_and(|d| d > 0.0),
         "no deltas reported: {s}"
