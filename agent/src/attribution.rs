@@ -269,13 +269,6 @@ impl Attributor {
         }
         split
     }
-
-    /// Forgets connections whose slot was given back without a closing delta (a restarted
-    /// agent's table, a filter): called with the slots still held.
-    pub fn retain(&mut self, live: impl Fn(u32, u32) -> bool) {
-        self.conns
-            .retain(|&(slot, generation), _| live(slot, generation));
-    }
 }
 
 impl Conn {
