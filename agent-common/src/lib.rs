@@ -4,13 +4,18 @@
 //! size assertion beside it so the two sides cannot drift apart.
 //!
 //! # How counting works
-//! The per-packet path touches two places: the socket's own local storage ([`SkState`], found
-//! through `skb->sk` in constant time) and one 64-byte line of the connection table ([`ConnSlot`],
-//! an array indexed by the slot number kept in [`SkState`]). The table is a memory-mapped array:
-//! the agent reads every slot's counters without a system call and writes back, into the same
-//! slot, what it has reported. Slots are handed out by the kernel from a stack of free slot
-//! numbers and given back only by the agent, after it has reported a closed connection's final
-//! counts, so nothing counted is ever thrown away by the kernel.
+//! The per-packet path touches one 64-byte line: the first line of the connection's slot in
+//! the connection table ([`ConnSlot`]), which holds its counters, its sequence watermarks and
+//! the address of the socket that owns it ([`ConnSlot::owner`]). A slot is placed by a hash of
+//! that address, in a group of [`SLOT_GROUP`] slots, so the packet path finds it from
+//! `skb->sk` alone, without a lookup keyed by the connection and without the socket's local
+//! storage ([`SkState`]), which only the cold paths use (a connection's first packet, its
+//! turns, its close, and slots that could not be placed in their group). The table is a
+//! memory-mapped array: the agent reads every slot's counters without a system call and
+//! writes back, into the same slot, what it has reported. The kernel claims a slot (an
+//! insert into [`names::SLOT_CLAIMS`] that fails if another CPU got there first) and only the
+//! agent gives it back, after it has reported a closed connection's final counts, so nothing
+//! counted is ever thrown away by the kernel.
 #![no_std]
 
 /// Cumulative per-connection counters. Used for the kernel's counts, for what the agent has
@@ -91,25 +96,22 @@ pub const ROLE_CLIENT: u8 = 2;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// One connection's line in the connection table: three 64-byte cache lines, each with one
+/// One connection's slot in the connection table: four 64-byte cache lines, each with one
 /// writer pattern, so the per-packet path touches only the first.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnSlot {
     // Line 1, written by the kernel per packet.
+    /// Address of the socket that counts here, `|` the [`OWNER_FLAGS`] bits (the address is at
+    /// least 8-byte aligned); 0 in its address part while no packet path may use the slot (not
+    /// yet published, or closed). Only kernel programs read it as an address.
+    pub owner: u64,
     /// Cumulative counts since the connection was first seen.
     pub counters: Counters,
-    /// Generation of the slot, bumped by the agent each time it frees the slot; the socket's
-    /// [`SkState::gen`] must match it for the kernel to write here.
-    pub generation: u32,
-    /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
-    pub state: u32,
-    /// Number of the connection's latest turn (see [`TurnEvent`]), written when it starts, after
-    /// its event is submitted and before any byte after it is counted; 0 = none yet.
-    pub turn: u32,
-    /// Number of the latest turn whose start event the ring buffer had no room for (0 = none):
-    /// the agent cannot know who the bytes after that turn's start belong to.
-    pub lost_turn: u32,
+    /// One past the highest sequence number sent (the egress watermark).
+    pub snd_max: u32,
+    /// One past the highest sequence number received.
+    pub rcv_max: u32,
 
     // Line 2, written by the agent: what it has reported so far.
     /// Counters the agent has already reported (its watermark): the next delta is
@@ -120,7 +122,8 @@ pub struct ConnSlot {
     /// `CLOCK_BOOTTIME` nanoseconds at which the agent last saw this slot's counters change.
     pub last_seen_ns: u64,
 
-    // Line 3, written once by the kernel when the slot is taken.
+    // Line 3, written once by the kernel when the slot is taken (and the generation and state
+    // by the agent when it gives the slot back).
     /// `CLOCK_BOOTTIME` nanoseconds at which the connection was first seen.
     pub first_seen_ns: u64,
     /// Id of the socket's cgroup v2 (the inode number of its directory).
@@ -136,11 +139,59 @@ pub struct ConnSlot {
     /// [`ROLE_UNKNOWN`], [`ROLE_SERVER`] or [`ROLE_CLIENT`].
     pub role: u8,
     pub _pad1: u8,
-    pub _pad2: u64,
+    /// Generation of the slot, bumped by the agent each time it frees the slot; the socket's
+    /// [`SkState::generation`] must match it for the kernel's cold paths to write here.
+    pub generation: u32,
+    /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
+    pub state: u32,
+
+    // Line 4, written by the kernel once per turn (request).
+    /// Number of the connection's latest turn (see [`TurnEvent`]), written when it starts, after
+    /// its event is submitted and before any byte after it is counted; 0 = none yet.
+    pub turn: u32,
+    /// Number of the latest turn whose start event the ring buffer had no room for (0 = none):
+    /// the agent cannot know who the bytes after that turn's start belong to.
+    pub lost_turn: u32,
+    pub _pad2: [u64; 7],
 }
-const _: () = assert!(size_of::<ConnSlot>() == 192);
+const _: () = assert!(size_of::<ConnSlot>() == 256);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, snd_max) == 56);
 const _: () = assert!(core::mem::offset_of!(ConnSlot, reported) == 64);
 const _: () = assert!(core::mem::offset_of!(ConnSlot, first_seen_ns) == 128);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, generation) == 184);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, turn) == 192);
+
+/// Slots per placement group: a socket's slot is one of the [`SLOT_GROUP`] slots of the group
+/// its address hashes to (its *home*), or, when those are taken, one found further on, which
+/// the packet path then reaches through the socket's storage. The table's capacity is a
+/// multiple of it.
+pub const SLOT_GROUP: u32 = 8;
+/// Groups after its home that a new connection looks through for a free slot before it
+/// overflows.
+pub const SLOT_PLACE_GROUPS: u32 = 16;
+
+/// [`ConnSlot::owner`] bits: the connection's turns are captured (an accepted connection,
+/// capture on).
+pub const OWNER_CAPTURE: u64 = 1;
+/// [`ConnSlot::owner`] bits: the next incoming payload starts a turn (set at establishment and
+/// by every outgoing payload of a captured connection).
+pub const OWNER_AWAIT_TURN: u64 = 2;
+/// [`ConnSlot::owner`] bits: the current turn's first bytes are still being captured.
+pub const OWNER_CAPTURING: u64 = 4;
+/// Every flag bit of [`ConnSlot::owner`].
+pub const OWNER_FLAGS: u64 = 7;
+
+/// The home group of a socket at address `key` with ports `ports` (both ports, as the packet
+/// path reads them from the socket) in a table of `groups` groups: a multiplicative hash,
+/// reduced to the range by a multiply-shift (no power-of-two size needed). The ports are in it
+/// because the kernel hands a closed socket's memory to the next socket at once: by address
+/// alone, a burst of short connections would all go to the same few groups.
+#[inline(always)]
+#[must_use]
+pub const fn home_group(key: u64, ports: u32, groups: u32) -> u32 {
+    let h = (((key >> 3) ^ ports as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32;
+    ((h as u64 * groups as u64) >> 32) as u32
+}
 
 /// `SkState::slot` values that are not slot numbers.
 pub mod slot {
@@ -152,18 +203,14 @@ pub mod slot {
     pub const IGNORED: u32 = u32::MAX - 2;
 }
 
-/// `SkState::flags`: the highest sequence number sent has been seen.
+/// `SkState::flags`: the highest sequence number sent has been seen (a socket without a slot:
+/// a slot keeps its own watermarks, set when it is taken).
 pub const SK_SND_INIT: u32 = 1;
-/// `SkState::flags`: the highest sequence number received has been seen.
+/// `SkState::flags`: the highest sequence number received has been seen (as above).
 pub const SK_RCV_INIT: u32 = 2;
 /// `SkState::flags`: the slot's `cgroup_id` is still to be written (by the first packet: sock_ops
 /// cannot read a socket's cgroup).
 pub const SK_NEED_CGROUP: u32 = 4;
-/// `SkState::flags`: the connection's turns are captured (an accepted connection, capture on).
-pub const SK_CAPTURE: u32 = 8;
-/// `SkState::flags`: the next incoming payload starts a turn (set at establishment and by every
-/// outgoing payload of a captured connection).
-pub const SK_AWAIT_TURN: u32 = 16;
 
 /// Per-socket state kept in socket local storage (freed with the socket).
 #[repr(C)]
@@ -173,11 +220,12 @@ pub struct SkState {
     pub slot: u32,
     /// Generation of the slot when it was taken.
     pub generation: u32,
-    /// One past the highest sequence number sent.
+    /// One past the highest sequence number sent (a socket without a slot; a slot keeps its
+    /// own, [`ConnSlot::snd_max`]).
     pub snd_max: u32,
-    /// One past the highest sequence number received.
+    /// One past the highest sequence number received (as above).
     pub rcv_max: u32,
-    /// [`SK_SND_INIT`] | [`SK_RCV_INIT`].
+    /// [`SK_SND_INIT`] | [`SK_RCV_INIT`] | [`SK_NEED_CGROUP`].
     pub flags: u32,
     /// Role as set by sock_ops (0 for connections that predate the agent).
     pub role: u32,
@@ -247,8 +295,14 @@ pub mod stat {
     pub const ANNOTATIONS_LOST: u32 = 6;
     /// Annotations on a socket without a slot (not counted, overflowed, or not TCP).
     pub const ANNOTATIONS_UNTRACKED: u32 = 7;
+    /// Connections whose slot is outside their home group (it was full): their packets find
+    /// the slot through the socket's storage, the slower way.
+    pub const PLACED_AWAY: u32 = 8;
+    /// Slots whose owner was a socket gone without its close being seen (found and cleared when
+    /// a new socket at the same address took a slot).
+    pub const STALE_OWNERS: u32 = 9;
 }
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_COUNT: u32 = 10;
 
 /// Runtime settings of the kernel programs, in a one-element array map.
 #[repr(C)]
@@ -259,11 +313,14 @@ pub struct KernelConfig {
     /// Bytes captured at the start of each turn of an accepted connection, at most
     /// [`CAPTURE_MAX`]; 0 = no capture.
     pub capture_bytes: u32,
+    /// Placement groups of the connection table (its capacity / [`SLOT_GROUP`]).
+    pub slot_groups: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelConfig>() == 8);
+const _: () = assert!(size_of::<KernelConfig>() == 16);
 
 /// Layout version of the pinned state; an agent refuses to adopt state of another layout.
-pub const STATE_LAYOUT: u32 = 2;
+pub const STATE_LAYOUT: u32 = 3;
 
 /// Most bytes captured per turn (the data size of a [`TurnEvent`]).
 pub const CAPTURE_MAX: usize = 4096;
@@ -317,7 +374,7 @@ const _: () = assert!(size_of::<TurnEvent>() == 64 + CAPTURE_MAX);
 pub struct AgentState {
     /// [`STATE_LAYOUT`] of the agent that created the pinned state.
     pub layout: u32,
-    /// Non-zero once the free-slot stack is filled and the programs may be attached.
+    /// Non-zero once the state is set up and the programs may be attached.
     pub ready: u32,
     /// cgroup id (inode) of the directory the programs are attached to.
     pub cgroup_id: u64,
@@ -423,7 +480,9 @@ pub mod bench {
 /// Names of the maps, as the loader and the pins see them.
 pub mod names {
     pub const CONNS: &str = "CONNS";
-    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    /// Claimed slot numbers: a new connection takes a slot by inserting its number (an insert
+    /// that fails when another CPU claimed it first); the agent removes it when it frees the slot.
+    pub const SLOT_CLAIMS: &str = "SLOT_CLAIMS";
     pub const SK_STATE: &str = "SK_STATE";
     pub const LEGACY: &str = "LEGACY";
     pub const OVERFLOW: &str = "OVERFLOW";
@@ -434,7 +493,7 @@ pub mod names {
     /// Every map, for pinning.
     pub const ALL: [&str; 9] = [
         CONNS,
-        FREE_SLOTS,
+        SLOT_CLAIMS,
         SK_STATE,
         LEGACY,
         OVERFLOW,

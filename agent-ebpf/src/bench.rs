@@ -10,7 +10,8 @@
 //!
 //! - `bench_empty`: nothing (the floor any cgroup_skb program pays);
 //! - `bench_lookup`: pick + socket lookup + release (what the stack pays anyway);
-//! - `bench_state`: + the socket-storage lookup;
+//! - `bench_state`: + finding the connection's slot from its socket (`programs::find_slot`:
+//!   the socket's address, hashed to its home group, whose slots' owners are compared);
 //! - `bench_count`: + the whole per-packet path, `programs::count`, exactly as `count_egress`
 //!   runs it;
 //! - `bench_flowhash`: pick + socket lookup + release, the socket unused, + the reference's
@@ -42,7 +43,7 @@ mod reference;
 mod runtime;
 
 use agent_common::{
-    SK_AWAIT_TURN, SK_CAPTURE, SK_RCV_INIT,
+    OWNER_AWAIT_TURN, OWNER_CAPTURE, OWNER_FLAGS,
     bench::{
         BenchConfig, FLOW_EGRESS, FlowKey, LookupTuple, PACKET_CLIENT_ADDR, PACKET_CLIENT_PORT,
         PACKET_SERVER_ADDR, PACKET_SERVER_PORT, PICK_SEQUENTIAL,
@@ -86,7 +87,9 @@ pub fn bench_lookup(ctx: SkBuffContext) -> i32 {
 pub fn bench_state(ctx: SkBuffContext) -> i32 {
     // Kept, so that the compiler does not drop the lookup.
     with_socket(&ctx, |_, sk| {
-        core::hint::black_box(maps::sk_state(sk, None));
+        let groups = maps::CONFIG.get(0).map_or(0, |c| c.slot_groups);
+        let (key, ports) = (programs::sock_key(sk), programs::sock_ports(sk));
+        core::hint::black_box(programs::find_slot(key, ports, groups).is_some());
     });
     ALLOW
 }
@@ -135,8 +138,8 @@ fn xor4(addr: &mut [u8; 16], was: [u8; 4], now: u32) {
 
 #[cgroup_skb]
 pub fn bench_rx_prep(ctx: SkBuffContext) -> i32 {
-    with_socket(&ctx, |_, sk| {
-        prepare_rx(sk, false);
+    with_socket(&ctx, |skb, sk| {
+        prepare_rx(skb, sk, false);
     });
     ALLOW
 }
@@ -144,7 +147,7 @@ pub fn bench_rx_prep(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb]
 pub fn bench_rx(ctx: SkBuffContext) -> i32 {
     with_socket(&ctx, |skb, sk| {
-        if prepare_rx(sk, false) {
+        if prepare_rx(skb, sk, false) {
             programs::count::<false>(skb, sk);
         }
     });
@@ -154,29 +157,36 @@ pub fn bench_rx(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb]
 pub fn bench_rx_turn(ctx: SkBuffContext) -> i32 {
     with_socket(&ctx, |skb, sk| {
-        if prepare_rx(sk, true) {
+        if prepare_rx(skb, sk, true) {
             programs::count::<false>(skb, sk);
         }
     });
     ALLOW
 }
 
-/// Sets the socket's state as the next packet of new payload finds it on a captured
-/// connection: capture on, the receive watermark unset (so the packet's whole payload is new,
-/// run after run), and, with `turn`, the server's response just sent (the packet starts a turn);
-/// without, the request's capture done (the packet is a later segment: the fast path). False if
-/// the socket has no state (the first pass gives every connection one).
+/// Sets the connection's state as the next packet of new payload finds it on a captured
+/// connection: capture on, the receive watermark at the packet's sequence number (so the
+/// packet's whole payload is new, run after run), and, with `turn`, the server's response just
+/// sent (the packet starts a turn); without, the request's capture done (the packet is a later
+/// segment: the fast path). False if the socket has no slot (the first pass gives every
+/// connection one).
 #[inline(always)]
-fn prepare_rx(sk: *mut bpf_sock, turn: bool) -> bool {
+fn prepare_rx(skb: *mut __sk_buff, sk: *mut bpf_sock, turn: bool) -> bool {
     let st = maps::sk_state(sk, None);
     if st.is_null() {
         return false;
     }
     // SAFETY: non-null socket storage pointer returned by the helper.
     let st = unsafe { &mut *st };
-    let flags = (st.flags | SK_CAPTURE) & !(SK_RCV_INIT | SK_AWAIT_TURN);
-    st.flags = if turn { flags | SK_AWAIT_TURN } else { flags };
     st.capture_left = 0;
+    let Some(s) = maps::CONNS.get_ptr_mut(st.slot) else {
+        return false;
+    };
+    // SAFETY: pointer into the connection table, checked by the lookup.
+    let s = unsafe { &mut *s };
+    let owner = s.owner & !OWNER_FLAGS;
+    s.owner = owner | OWNER_CAPTURE | if turn { OWNER_AWAIT_TURN } else { 0 };
+    s.rcv_max = packet::parse(skb).seq;
     true
 }
 

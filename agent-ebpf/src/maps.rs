@@ -5,7 +5,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, Stack},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::btf_map,
 };
@@ -17,9 +17,13 @@ const TABLE: usize = 65536;
 #[btf_map]
 pub static CONNS: Array<ConnSlot, TABLE, { BPF_F_MMAPABLE as usize }> = Array::new();
 
-/// Free slot numbers. The kernel pops; only the agent pushes (after reporting a closed slot).
+/// Claimed slot numbers (the value is unused). A new connection claims a free slot by inserting
+/// its number with `BPF_NOEXIST`, which fails for all but one CPU; the agent removes the number
+/// after it has reported the closed connection's last counts and reset the slot. Preallocated
+/// (about 64 bytes per slot): an insert then never fails for want of memory, which a burst of
+/// connections in softirq context makes happen to an allocating map.
 #[btf_map]
-pub static FREE_SLOTS: Stack<u32, TABLE> = Stack::new();
+pub static SLOT_CLAIMS: HashMap<u32, u32, TABLE> = HashMap::new();
 
 /// Connections that predate the agent, by tuple, so the close tracepoint can find their slot.
 #[btf_map]
@@ -44,6 +48,12 @@ pub static EVENTS: RingBuf<TurnEvent, { 8 << 20 }> = RingBuf::new();
 /// times fewer requests).
 #[btf_map]
 pub static EVENT_SCRATCH: PerCpuArray<TurnEvent, 1> = PerCpuArray::new();
+
+/// Where the packet path turns its socket pointer into a number ([`crate::programs`]'s
+/// `sock_key`): the verifier lets a privileged program store a pointer into a map value but
+/// not compute with it.
+#[btf_map]
+pub static SOCK_KEY: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// The ring buffer's map pointer, for the helpers aya-ebpf does not wrap.
 #[inline(always)]

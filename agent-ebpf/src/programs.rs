@@ -3,23 +3,25 @@
 
 use agent_common::{
     AF_INET, AF_INET6, ANNOTATION_MAX, CAPTURE_MAX, ConnSlot, Counters, EVENT_ANNOTATION,
-    EVENT_MORE, EVENT_TURN, OUTFLOW_CLIENT_ID, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
-    SK_AWAIT_TURN, SK_CAPTURE, SK_NEED_CGROUP, SK_RCV_INIT, SK_SND_INIT, SLOT_CLOSED, SLOT_LIVE,
-    SOL_OUTFLOW, SkState, SlotRef, TupleKey, TurnEvent, slot, stat,
+    EVENT_MORE, EVENT_TURN, OUTFLOW_CLIENT_ID, OWNER_AWAIT_TURN, OWNER_CAPTURE, OWNER_CAPTURING,
+    OWNER_FLAGS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_NEED_CGROUP, SK_RCV_INIT, SK_SND_INIT,
+    SLOT_CLOSED, SLOT_FREE, SLOT_GROUP, SLOT_LIVE, SLOT_PLACE_GROUPS, SOL_OUTFLOW, SkState,
+    SlotRef, TupleKey, TurnEvent, home_group, slot, stat,
 };
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock},
+    bindings::{__sk_buff, BPF_NOEXIST, bpf_sock},
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ringbuf_output, bpf_ringbuf_query,
         bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_sock_ops_cb_flags_set,
+        bpf_tcp_sock,
     },
     macros::{cgroup_skb, cgroup_sockopt, sock_ops, tracepoint},
     programs::{SkBuffContext, SockOpsContext, SockoptContext, TracePointContext},
 };
 
 use crate::maps::{
-    CONFIG, CONNS, EVENT_SCRATCH, FREE_SLOTS, LEGACY, OVERFLOW, STATS, events_ptr, sk_state,
-    sk_state_delete,
+    CONFIG, CONNS, EVENT_SCRATCH, LEGACY, OVERFLOW, SLOT_CLAIMS, SOCK_KEY, STATS, events_ptr,
+    sk_state, sk_state_delete,
 };
 use crate::packet;
 
@@ -65,34 +67,124 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
     if sk.is_null() {
         return;
     }
-    // The fast path: the socket's state, straight from the packet's socket. The helper itself
-    // refuses request and time-wait sockets, and only TCP sockets ever get a state, so there is
-    // nothing to check first.
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    if cfg.exclude_loopback != 0 && sock_is_loopback(sk) {
+        return;
+    }
+    // The fast path: the slot whose owner is this socket, among the few of its home group. No
+    // lookup is keyed by the connection, and nothing but the slot's first line is touched.
+    let key = sock_key(sk);
+    let ports = sock_ports(sk);
+    let s = match find_slot(key, ports, cfg.slot_groups) {
+        Some(s) => s,
+        None => match slow_path::<EGRESS>(skb, sk, key, ports) {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    // SAFETY: a pointer into the connection table, checked by the lookup.
+    count_in_slot::<EGRESS>(skb, sk, unsafe { &mut *s });
+}
+
+/// The socket's address as a number, the key its slot is placed by (0 if it cannot be had).
+/// The pointer goes through this CPU's scratch value: a privileged program may store a
+/// pointer into a map value, and what it reads back is a plain number.
+#[inline(always)]
+pub(crate) fn sock_key<S>(sk: *mut S) -> u64 {
+    let Some(p) = SOCK_KEY.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch value, written and read back at once.
+    unsafe {
+        core::ptr::write_volatile(p.cast::<*mut S>(), sk);
+        core::ptr::read_volatile(p)
+    }
+}
+
+/// Both ports of the socket, for its placement (from the socket's common part, which the stack
+/// has just used).
+#[inline(always)]
+pub(crate) fn sock_ports(sk: *mut bpf_sock) -> u32 {
+    // SAFETY: fields of the socket's common part, readable from every program type here.
+    unsafe { ((*sk).src_port << 16) ^ u32::from((*sk).dst_port) }
+}
+
+/// The live slot whose owner is the socket `key` (with `ports`), if it is in its home group.
+#[inline(always)]
+pub(crate) fn find_slot(key: u64, ports: u32, groups: u32) -> Option<*mut ConnSlot> {
+    if key == 0 || key & OWNER_FLAGS != 0 || groups == 0 {
+        return None;
+    }
+    let base = home_group(key, ports, groups) * SLOT_GROUP;
+    let mut i = 0;
+    while i < SLOT_GROUP {
+        let s = CONNS.get_ptr_mut(base + i)?;
+        // SAFETY: pointer into the array map, checked by the lookup.
+        if unsafe { core::ptr::read_volatile(&raw const (*s).owner) } & !OWNER_FLAGS == key {
+            return Some(s);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The way through the socket's storage: a connection's first packets (adopting it, taking
+/// or publishing its slot), slots placed away from their home group, and sockets without a
+/// slot (counted here, in overflow). Returns the slot to count in, if there is one.
+#[inline(never)]
+fn slow_path<const EGRESS: bool>(
+    skb: *mut __sk_buff,
+    sk: *mut bpf_sock,
+    key: u64,
+    ports: u32,
+) -> Option<*mut ConnSlot> {
+    // The helper itself refuses request and time-wait sockets, and only TCP sockets ever get a
+    // state, so there is nothing to check first.
     let mut st = sk_state(sk, None);
     if st.is_null() {
         st = adopt(sk);
         if st.is_null() {
-            return;
+            return None;
         }
     }
     // SAFETY: non-null socket storage pointer returned by the helper.
     let st = unsafe { &mut *st };
     if st.slot == slot::UNALLOCATED {
-        take_slot_from_skb(skb, sk, st);
+        take_slot_from_skb(skb, sk, key, ports, st);
     }
     if st.slot == slot::IGNORED {
-        return;
+        return None;
     }
     if st.flags & SK_NEED_CGROUP != 0 {
         set_cgroup(skb, st);
     }
+    if let Some(s) = slot_of(st) {
+        // SAFETY: pointer into the array map, checked by the lookup.
+        let owner = unsafe { &raw mut (*s).owner };
+        // SAFETY: as above.
+        unsafe {
+            let o = core::ptr::read_volatile(owner);
+            if o & !OWNER_FLAGS == 0 && key != 0 && key & OWNER_FLAGS == 0 {
+                // Published: from now on the fast path finds it (if it is in its home group).
+                core::ptr::write_volatile(owner, key | (o & OWNER_FLAGS));
+            }
+        }
+        return Some(s);
+    }
+    count_unslotted::<EGRESS>(skb, st);
+    None
+}
 
+/// A socket without a slot (the table was full, or its slot was given back): its bytes go to
+/// the overflow counters, against the watermarks of its own storage.
+#[inline(always)]
+fn count_unslotted<const EGRESS: bool>(skb: *mut __sk_buff, st: &mut SkState) {
     let pkt = packet::parse(skb);
     if !pkt.parsed {
         bump(stat::UNPARSED_PACKETS);
     }
-    // Payload advance: the new sequence space this packet covers beyond the highest seen, so a
-    // retransmission is not counted twice.
     let mut advance = 0u64;
     if pkt.payload > 0 {
         let end = pkt.seq.wrapping_add(pkt.payload);
@@ -111,29 +203,56 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
             *max = end;
         }
     }
-
-    let counters: *mut Counters = match slot_counters(st) {
-        Some(c) => c,
-        None => match OVERFLOW.get_ptr_mut(0) {
-            Some(c) => c,
-            None => return,
-        },
+    let Some(c) = OVERFLOW.get_ptr_mut(0) else {
+        return;
     };
-    // SAFETY: a pointer into an array map value (or the per-CPU overflow value) checked above.
-    let c = unsafe { &mut *counters };
+    // SAFETY: this CPU's overflow value.
+    add(unsafe { &mut *c }, EGRESS, advance, &pkt);
+}
+
+/// Counts the packet in the connection's slot: the payload's advance beyond the highest
+/// sequence number seen (so a retransmission is not counted twice), its wire bytes and
+/// segments, and, for a captured connection, the turns.
+#[inline(always)]
+fn count_in_slot<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot) {
+    let pkt = packet::parse(skb);
+    if !pkt.parsed {
+        bump(stat::UNPARSED_PACKETS);
+    }
+    let mut advance = 0u64;
+    if pkt.payload > 0 {
+        let end = pkt.seq.wrapping_add(pkt.payload);
+        let max = if EGRESS {
+            &mut s.snd_max
+        } else {
+            &mut s.rcv_max
+        };
+        let adv = end.wrapping_sub(*max) as i32;
+        if adv > 0 {
+            advance = adv as u64;
+            *max = end;
+        }
+    }
     // Turns of an accepted connection, for client attribution: any new outgoing payload ends
     // the client's turn; the next new incoming payload starts one and is captured (a cold path,
     // once per request, not per packet).
-    if advance > 0 && st.flags & SK_CAPTURE != 0 {
+    if advance > 0 && s.owner & OWNER_CAPTURE != 0 {
         if EGRESS {
-            st.flags |= SK_AWAIT_TURN;
-        } else if st.flags & SK_AWAIT_TURN != 0 || st.capture_left != 0 {
+            if s.owner & OWNER_AWAIT_TURN == 0 {
+                s.owner |= OWNER_AWAIT_TURN;
+            }
+        } else if s.owner & (OWNER_AWAIT_TURN | OWNER_CAPTURING) != 0 {
             // The new bytes are the last `advance` of the payload (the rest was retransmitted).
             let off = pkt.payload_offset + (pkt.payload - advance as u32);
-            capture(skb, st, off, advance as u32, c);
+            capture(skb, sk, s, off, advance as u32);
         }
     }
-    if EGRESS {
+    add(&mut s.counters, EGRESS, advance, &pkt);
+}
+
+#[inline(always)]
+fn add(c: &mut Counters, egress: bool, advance: u64, pkt: &packet::Packet) {
+    if egress {
         c.bytes_out += advance;
         c.wire_bytes_out += pkt.wire_bytes;
         c.segments_out += pkt.segments;
@@ -145,22 +264,21 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
 }
 
 /// Captures the start of a turn (or more of its first bytes), for the agent to read the client
-/// from: `len` new payload bytes at `off` in the packet; `at` the connection's counters before
-/// them.
+/// from: `len` new payload bytes at `off` in the packet, before the slot `s` counts them. The
+/// turn's number and the bytes left to capture are in the socket's storage (this runs once or
+/// twice per request, not per packet).
 #[inline(never)]
-fn capture(skb: *mut __sk_buff, st: &mut SkState, off: u32, len: u32, at: &Counters) {
-    if st.slot >= slot::IGNORED {
-        // No slot, no records to split: nothing to attribute.
-        st.flags &= !SK_AWAIT_TURN;
-        st.capture_left = 0;
+fn capture(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot, off: u32, len: u32) {
+    let owner = s.owner;
+    let st = sk_state(sk, None);
+    if st.is_null() {
+        s.owner = owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING);
         return;
     }
-    let Some(s) = CONNS.get_ptr_mut(st.slot) else {
-        return;
-    };
-    let start = st.flags & SK_AWAIT_TURN != 0;
+    // SAFETY: non-null socket storage pointer returned by the helper.
+    let st = unsafe { &mut *st };
+    let start = owner & OWNER_AWAIT_TURN != 0;
     if start {
-        st.flags &= !SK_AWAIT_TURN;
         st.turn += 1;
         let budget = CONFIG.get(0).map_or(0, |c| c.capture_bytes);
         st.capture_left = if budget > CAPTURE_MAX as u32 {
@@ -174,20 +292,26 @@ fn capture(skb: *mut __sk_buff, st: &mut SkState, off: u32, len: u32, at: &Count
     } else {
         st.capture_left
     };
-    let sent = n > 0 && n <= CAPTURE_MAX as u32 && emit(skb, st, off, n, start, at);
+    let sent = n > 0 && n <= CAPTURE_MAX as u32 && emit(skb, st, off, n, start, &s.counters);
     if sent {
         st.capture_left -= n;
     } else {
         st.capture_left = 0;
         bump(stat::TURN_EVENTS_LOST);
-        // SAFETY: pointer into the array map.
-        unsafe { core::ptr::write_volatile(&raw mut (*s).lost_turn, st.turn) };
+        // SAFETY: a field of the slot.
+        unsafe { core::ptr::write_volatile(&raw mut s.lost_turn, st.turn) };
     }
+    let flags = if st.capture_left != 0 {
+        OWNER_CAPTURING
+    } else {
+        0
+    };
+    s.owner = (owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING)) | flags;
     if start {
         // After the event, before any byte of the turn is counted: the agent reads the
         // counters, then this, then the ring buffer.
-        // SAFETY: pointer into the array map.
-        unsafe { core::ptr::write_volatile(&raw mut (*s).turn, st.turn) };
+        // SAFETY: a field of the slot.
+        unsafe { core::ptr::write_volatile(&raw mut s.turn, st.turn) };
     }
 }
 
@@ -275,21 +399,20 @@ fn adopt(sk: *mut bpf_sock) -> *mut SkState {
     sk_state(full, Some(&SkState::new(ROLE_UNKNOWN)))
 }
 
-/// The counters of the socket's slot, or `None` when its bytes go to the overflow counters.
+/// The socket's slot, or `None` when its bytes go to the overflow counters.
 #[inline(always)]
-fn slot_counters(st: &SkState) -> Option<*mut Counters> {
+fn slot_of(st: &SkState) -> Option<*mut ConnSlot> {
     if st.slot >= slot::IGNORED {
         return None;
     }
     let s = CONNS.get_ptr_mut(st.slot)?;
     // SAFETY: pointer into the array map, checked by the lookup.
-    if unsafe { (*s).generation } != st.generation {
+    if unsafe { core::ptr::read_volatile(&raw const (*s).generation) } != st.generation {
         // The agent gave the slot back while the socket still sends: count, but in overflow.
         bump(stat::STALE_SLOT);
         return None;
     }
-    // SAFETY: as above.
-    Some(unsafe { &raw mut (*s).counters })
+    Some(s)
 }
 
 /// Who a new connection is, as the slot records it.
@@ -297,20 +420,55 @@ struct NewConn {
     key: TupleKey,
     cookie: u64,
     cgroup_id: u64,
+    /// The socket's address as a number ([`sock_key`]) and its ports ([`sock_ports`]): its
+    /// slot's placement key.
+    sock: u64,
+    ports: u32,
+    /// Where counting starts: the next sequence numbers to send and to receive.
+    snd_nxt: u32,
+    rcv_nxt: u32,
+    /// [`OWNER_FLAGS`] bits the slot starts with.
+    flags: u64,
+    /// The slot is published at once (its owner set): its cgroup is known.
+    publish: bool,
 }
 
-/// A connection seen first by a packet (it predates the agent): its identity from the skb.
+/// A connection seen first by a packet (it predates the agent): its identity from the skb,
+/// where counting starts from its TCP state.
 #[inline(never)]
-fn take_slot_from_skb(skb: *mut __sk_buff, sk: *mut bpf_sock, st: &mut SkState) {
-    // SAFETY: helpers on the program's own skb.
-    let (cookie, cgroup_id) =
-        unsafe { (bpf_get_socket_cookie(skb.cast()), bpf_skb_cgroup_id(skb)) };
+fn take_slot_from_skb(
+    skb: *mut __sk_buff,
+    sk: *mut bpf_sock,
+    sock: u64,
+    ports: u32,
+    st: &mut SkState,
+) {
+    // SAFETY: helpers on the program's own skb and on its socket.
+    let (cookie, cgroup_id, tp) = unsafe {
+        (
+            bpf_get_socket_cookie(skb.cast()),
+            bpf_skb_cgroup_id(skb),
+            bpf_tcp_sock(sk),
+        )
+    };
+    if tp.is_null() {
+        overflow(st);
+        return;
+    }
+    // SAFETY: a TCP socket pointer checked for null.
+    let (snd_nxt, rcv_nxt) = unsafe { ((*tp).snd_nxt, (*tp).rcv_nxt) };
     take_slot(
         st,
         &NewConn {
             key: tuple_of(sk),
             cookie,
             cgroup_id,
+            sock,
+            ports,
+            snd_nxt,
+            rcv_nxt,
+            flags: 0,
+            publish: true,
         },
     );
 }
@@ -324,7 +482,7 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
         st.slot = slot::IGNORED;
         return;
     }
-    let Some(idx) = FREE_SLOTS.pop().ok().flatten() else {
+    let Some(idx) = place(c.sock, c.ports) else {
         overflow(st);
         return;
     };
@@ -332,10 +490,13 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
         overflow(st);
         return;
     };
-    // SAFETY: pointer into the array map; the slot was free, so only this CPU writes it now.
+    // SAFETY: pointer into the array map; this CPU claimed the slot, so only it writes it now.
     let s: &mut ConnSlot = unsafe { &mut *s };
     let generation = s.generation;
+    s.owner = c.flags;
     s.counters = Counters::default();
+    s.snd_max = c.snd_nxt;
+    s.rcv_max = c.rcv_nxt;
     s.reported = Counters::default();
     s.cookie = c.cookie;
     s.cgroup_id = c.cgroup_id;
@@ -348,12 +509,18 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
     s.remote_port = key.remote_port;
     s.family = key.family;
     s.role = st.role as u8;
+    s.turn = 0;
+    s.lost_turn = 0;
     // The identity must be written before the agent can see the slot live. An empty asm block
     // is a compiler barrier (BPF has no fence instruction; x86 keeps stores in order).
     // SAFETY: emits no instruction.
     unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
     // SAFETY: aligned field of the slot.
     unsafe { core::ptr::write_volatile(&raw mut s.state, SLOT_LIVE) };
+    if c.publish && c.sock != 0 && c.sock & OWNER_FLAGS == 0 {
+        // SAFETY: aligned field of the slot.
+        unsafe { core::ptr::write_volatile(&raw mut s.owner, c.sock | c.flags) };
+    }
     st.slot = idx;
     st.generation = generation;
 
@@ -380,6 +547,58 @@ fn set_cgroup(skb: *mut __sk_buff, st: &mut SkState) {
         // SAFETY: pointer into the array map; helper on the program's own skb.
         unsafe { (*s).cgroup_id = bpf_skb_cgroup_id(skb) };
     }
+}
+
+/// Claims a free slot for the socket `sock`: one of its home group's if one is free, else the
+/// first free one of the next [`SLOT_PLACE_GROUPS`] groups (found later through the socket's
+/// storage). First clears, in the home group, any owner left by a socket at the same address
+/// whose close was not seen (it would catch this socket's packets).
+#[inline(never)]
+fn place(sock: u64, ports: u32) -> Option<u32> {
+    let groups = CONFIG.get(0)?.slot_groups;
+    if groups == 0 {
+        return None;
+    }
+    let usable = sock != 0 && sock & OWNER_FLAGS == 0;
+    let home = home_group(sock, ports, groups);
+    if usable {
+        let base = home * SLOT_GROUP;
+        let mut i = 0;
+        while i < SLOT_GROUP {
+            if let Some(s) = CONNS.get_ptr_mut(base + i) {
+                // SAFETY: pointer into the array map.
+                unsafe {
+                    let owner = &raw mut (*s).owner;
+                    if core::ptr::read_volatile(owner) & !OWNER_FLAGS == sock {
+                        core::ptr::write_volatile(owner, 0);
+                        bump(stat::STALE_OWNERS);
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
+    let mut g = 0;
+    while g < SLOT_PLACE_GROUPS {
+        let base = ((home + g) % groups) * SLOT_GROUP;
+        let mut i = 0;
+        while i < SLOT_GROUP {
+            let idx = base + i;
+            if let Some(s) = CONNS.get_ptr(idx) {
+                // SAFETY: pointer into the array map.
+                let free = unsafe { core::ptr::read_volatile(&raw const (*s).state) } == SLOT_FREE;
+                if free && SLOT_CLAIMS.insert(idx, 0, u64::from(BPF_NOEXIST)).is_ok() {
+                    if g != 0 || !usable {
+                        bump(stat::PLACED_AWAY);
+                    }
+                    return Some(idx);
+                }
+            }
+            i += 1;
+        }
+        g += 1;
+    }
+    None
 }
 
 #[inline(always)]
@@ -459,6 +678,34 @@ fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
     out
 }
 
+/// The socket's remote address is loopback (read from the socket, which the stack has just
+/// used: no cache miss).
+#[inline(always)]
+fn sock_is_loopback(sk: *mut bpf_sock) -> bool {
+    // SAFETY: fields of the socket's common part, readable from cgroup_skb.
+    unsafe {
+        let family = (*sk).family;
+        if family == u32::from(AF_INET) {
+            return (*sk).dst_ip4.to_ne_bytes()[0] == 127;
+        }
+        if family != u32::from(AF_INET6) {
+            return false;
+        }
+        let w = [
+            read_field(&raw const (*sk).dst_ip6[0]),
+            read_field(&raw const (*sk).dst_ip6[1]),
+            read_field(&raw const (*sk).dst_ip6[2]),
+            read_field(&raw const (*sk).dst_ip6[3]),
+        ];
+        let key = TupleKey {
+            remote_addr: ip6_bytes(&w),
+            family: AF_INET6,
+            ..TupleKey::default()
+        };
+        is_loopback(&key)
+    }
+}
+
 /// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104.
 #[inline(always)]
 fn is_loopback(key: &TupleKey) -> bool {
@@ -495,14 +742,19 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
                 // SAFETY: non-null storage pointer.
                 let st = unsafe { &mut *st };
                 st.role = u32::from(role);
-                if role == ROLE_SERVER && CONFIG.get(0).is_some_and(|c| c.capture_bytes != 0) {
-                    // The client speaks first: its first payload starts turn 1.
-                    st.flags |= SK_CAPTURE | SK_AWAIT_TURN;
-                }
+                // The client speaks first: its first payload starts turn 1.
+                let flags =
+                    if role == ROLE_SERVER && CONFIG.get(0).is_some_and(|c| c.capture_bytes != 0) {
+                        OWNER_CAPTURE | OWNER_AWAIT_TURN
+                    } else {
+                        0
+                    };
                 if st.slot == slot::UNALLOCATED {
                     // Take the slot now: no other CPU can count this socket's packets yet
                     // (until now it was in a handshake state, which the packet path skips).
-                    take_slot(st, &conn_of_ops(&ctx));
+                    // Its first packet writes its cgroup and publishes it.
+                    let conn = conn_of_ops(&ctx, sock_key(sk), sock_ports(sk), flags);
+                    take_slot(st, &conn);
                     st.flags |= SK_NEED_CGROUP;
                 }
             }
@@ -532,9 +784,10 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Identity of an establishing connection, from the sock_ops context.
+/// Identity of an establishing connection, from the sock_ops context; `sock` and `ports` its
+/// placement key, `flags` the slot's first [`OWNER_FLAGS`].
 #[inline(always)]
-fn conn_of_ops(ctx: &SockOpsContext) -> NewConn {
+fn conn_of_ops(ctx: &SockOpsContext, sock: u64, ports: u32, flags: u64) -> NewConn {
     // SAFETY: fields of the program's context; helpers on it and on its socket.
     unsafe {
         let ops = &*ctx.ops;
@@ -568,6 +821,12 @@ fn conn_of_ops(ctx: &SockOpsContext) -> NewConn {
             key,
             cookie: bpf_get_socket_cookie(ctx.ops.cast()),
             cgroup_id: 0,
+            sock,
+            ports,
+            snd_nxt: ops.snd_nxt,
+            rcv_nxt: ops.rcv_nxt,
+            flags,
+            publish: false,
         }
     }
 }
@@ -586,6 +845,9 @@ fn close_slot(idx: u32, generation: u32) {
         // SAFETY: pointer into the array map.
         unsafe {
             if (*s).generation == generation && (*s).state == SLOT_LIVE {
+                // Unpublished first (the socket's memory may soon be another socket's), then
+                // final.
+                core::ptr::write_volatile(&raw mut (*s).owner, 0);
                 core::ptr::write_volatile(&raw mut (*s).state, SLOT_CLOSED);
             }
         }

@@ -62,13 +62,8 @@ pub fn flowhash_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 pub fn flow_of(skb: *mut __sk_buff, direction: u8) -> Option<(FlowKey, u64)> {
     // SAFETY: `skb` is the program's context.
-    let (len, data, data_end) = unsafe {
-        (
-            (*skb).len,
-            (*skb).data as usize,
-            (*skb).data_end as usize,
-        )
-    };
+    let (len, data, data_end) =
+        unsafe { ((*skb).len, (*skb).data as usize, (*skb).data_end as usize) };
     let key = parse(data, data_end, direction);
     if key.is_none() {
         bump(flow_stat::UNPARSED);

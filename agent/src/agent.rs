@@ -231,6 +231,8 @@ impl Agent {
             legacy_untracked: stats[stat::LEGACY_UNTRACKED as usize],
             unparsed_packets: stats[stat::UNPARSED_PACKETS as usize],
             stale_slot: stats[stat::STALE_SLOT as usize],
+            placed_away: stats[stat::PLACED_AWAY as usize],
+            stale_owners: stats[stat::STALE_OWNERS as usize],
             capacity: self.kernel.table.capacity(),
             // Closed slots in this batch are freed by the commit below.
             live: self.kernel.table.in_use() - deltas.iter().filter(|d| d.closed).count() as u32,

@@ -68,7 +68,10 @@ pub struct Config {
     /// bpffs directory where kernel state is pinned so that a restarted agent adopts it.
     pub pin_dir: PathBuf,
     /// Capacity of the kernel connection table (live connections tracked one by one; beyond it,
-    /// bytes are still counted, in the overflow counters). Fixed when the state is first pinned.
+    /// bytes are still counted, in the overflow counters), rounded up to a multiple of 8. Keep
+    /// it at about twice the peak of live connections: a slot is placed in a group chosen by a
+    /// hash of the socket's address, and a connection whose group is full takes the slower way
+    /// (`placed_away` in the stats record). Fixed when the state is first pinned.
     pub max_connections: u32,
     pub filter: FilterConfig,
     pub export: ExportConfig,

@@ -13,10 +13,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{AgentState, ConnSlot, KernelConfig, STATE_LAYOUT, names};
+use agent_common::{AgentState, ConnSlot, KernelConfig, SLOT_GROUP, STATE_LAYOUT, names};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapInfo, RingBuf, Stack},
+    maps::{Array, HashMap, MapData, MapInfo, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockopt, SockOps, TracePoint,
         links::{FdLink, LinkError},
@@ -319,8 +319,10 @@ impl Kernel {
             // Leftovers of an agent that died before it was ready: start clean.
             remove_map_pins(s.pin_dir)?;
         }
-        let capacity = pinned_capacity.unwrap_or(s.max_connections);
-        if capacity != s.max_connections {
+        // Slots are placed by groups of SLOT_GROUP: the capacity is a multiple of it.
+        let wanted = s.max_connections.next_multiple_of(SLOT_GROUP);
+        let capacity = pinned_capacity.unwrap_or(wanted);
+        if capacity != wanted {
             warn!(
                 "keeping the pinned table's capacity {capacity} (max_connections {} applies after `outflow-agent detach`)",
                 s.max_connections
@@ -337,7 +339,7 @@ impl Kernel {
         }
         loader
             .map_max_entries(names::CONNS, capacity)
-            .map_max_entries(names::FREE_SLOTS, capacity)
+            .map_max_entries(names::SLOT_CLAIMS, capacity)
             .map_max_entries(names::LEGACY, capacity)
             .map_max_entries(names::EVENTS, s.ring_bytes);
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error("maps", &e))?;
@@ -362,24 +364,23 @@ impl Kernel {
             let kc = KernelConfig {
                 exclude_loopback: u32::from(s.exclude_loopback),
                 capture_bytes: s.capture_bytes,
+                slot_groups: capacity / SLOT_GROUP,
+                _pad: 0,
             };
             config.set(0, kc, 0).map_err(map_err("write CONFIG"))?;
         }
 
-        let free: Stack<MapData, u32> = Stack::try_from(
-            ebpf.take_map(names::FREE_SLOTS)
-                .ok_or_else(|| missing(names::FREE_SLOTS))?,
+        let claims: HashMap<MapData, u32, u32> = HashMap::try_from(
+            ebpf.take_map(names::SLOT_CLAIMS)
+                .ok_or_else(|| missing(names::SLOT_CLAIMS))?,
         )
-        .map_err(map_err("FREE_SLOTS"))?;
+        .map_err(map_err("SLOT_CLAIMS"))?;
         let conns = ebpf
             .take_map(names::CONNS)
             .ok_or_else(|| missing(names::CONNS))?;
-        let mut table =
-            ConnTable::map(conns, free, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
+        let table =
+            ConnTable::map(conns, claims, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
         if !adopted {
-            table
-                .fill_free_stack()
-                .map_err(|e| KernelError::Map(e.to_string()))?;
             let st = AgentState {
                 layout: STATE_LAYOUT,
                 ready: 1,

@@ -58,7 +58,8 @@ struct Cli {
     #[arg(long, global = true)]
     pin_dir: Option<PathBuf>,
 
-    /// Connections tracked one by one; beyond, bytes go to the overflow counters [default: 65536]
+    /// Connections tracked one by one (about twice the peak of live ones; a multiple of 8);
+    /// beyond, bytes go to the overflow counters [default: 65536]
     #[arg(long, global = true)]
     max_connections: Option<u32>,
 

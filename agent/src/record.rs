@@ -61,6 +61,12 @@ pub struct StatsRecord {
     pub legacy_untracked: u64,
     pub unparsed_packets: u64,
     pub stale_slot: u64,
+    /// Connections whose slot is away from their home group (it was full): their packets take
+    /// the slower way, through the socket's storage. Many of them: raise `max_connections`.
+    pub placed_away: u64,
+    /// Slots left with the owner of a socket whose close was not seen, cleared when another
+    /// socket at the same address took a slot.
+    pub stale_owners: u64,
     pub capacity: u32,
     pub live: u32,
     pub attribution: AttributionStatsRecord,
@@ -344,14 +350,16 @@ impl<W: Write> Sink for Text<W> {
             .collect();
         writeln!(
             self.0,
-            "stats: {}/{} slots in use, {} connections overflowed ({} closed), {} untracked closes, {} unparsed packets, {} stale; attribution: {} turns, {} annotations, {} ignored claims, unattributed [{}], {} events lost",
+            "stats: {}/{} slots in use ({} placed away), {} connections overflowed ({} closed), {} untracked closes, {} unparsed packets, {} stale, {} stale owners; attribution: {} turns, {} annotations, {} ignored claims, unattributed [{}], {} events lost",
             r.live,
             r.capacity,
+            r.placed_away,
             r.conns_overflowed,
             r.overflow_closed,
             r.legacy_untracked,
             r.unparsed_packets,
             r.stale_slot,
+            r.stale_owners,
             a.agent.turns,
             a.agent.annotations,
             a.agent.ignored_claims,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use agent_common::{AF_INET6, ConnSlot, Counters, SLOT_CLOSED, SLOT_FREE, SLOT_LIVE};
-use aya::maps::{Map, MapData, Stack};
+use aya::maps::{HashMap, Map, MapData, MapError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -107,7 +107,9 @@ pub struct ConnTable {
     base: NonNull<ConnSlot>,
     capacity: u32,
     len_bytes: usize,
-    free: Stack<MapData, u32>,
+    /// The kernel's claims on slots ([`agent_common::names::SLOT_CLAIMS`]); a freed slot's claim
+    /// is removed, which hands it back.
+    claims: HashMap<MapData, u32, u32>,
     /// Keeps the map's fd open for as long as the mapping lives.
     _map: Map,
 }
@@ -123,7 +125,11 @@ macro_rules! field {
 
 impl ConnTable {
     /// Maps the table (an array map created with `BPF_F_MMAPABLE`) into memory.
-    pub fn map(map: Map, free: Stack<MapData, u32>, capacity: u32) -> Result<Self, TableError> {
+    pub fn map(
+        map: Map,
+        claims: HashMap<MapData, u32, u32>,
+        capacity: u32,
+    ) -> Result<Self, TableError> {
         let Map::Array(data) = &map else {
             return Err(TableError::NotArray);
         };
@@ -150,7 +156,7 @@ impl ConnTable {
             base,
             capacity,
             len_bytes,
-            free,
+            claims,
             _map: map,
         })
     }
@@ -163,17 +169,6 @@ impl ConnTable {
         debug_assert!(index < self.capacity);
         // SAFETY: index < capacity, within the mapping.
         unsafe { self.base.as_ptr().add(index as usize) }
-    }
-
-    /// Puts every slot on the free stack, slot 0 on top (first use only).
-    pub fn fill_free_stack(&mut self) -> Result<(), TableError> {
-        for index in (0..self.capacity).rev() {
-            self.free.push(index, 0).map_err(|e| TableError::Free {
-                slot: index,
-                reason: e.to_string(),
-            })?;
-        }
-        Ok(())
     }
 
     /// Number of slots currently held by connections (live or closed but not yet reported).
@@ -290,15 +285,26 @@ impl ConnTable {
             ptr::write_volatile(field!(s, reported), c.snapshot);
             ptr::write_volatile(field!(s, last_seen_ns), now_boot_ns);
             if c.closed {
-                // A new generation first, so a late packet of the old socket cannot count
-                // into the next connection; then free, then hand the slot back.
+                // No owner (the kernel cleared it at the close; again, in case a packet of the
+                // closing socket raced it) and a new generation first, so a late packet of the
+                // old socket cannot count into the next connection; then free, then remove the
+                // claim, which hands the slot back.
+                ptr::write_volatile(field!(s, owner), 0);
                 ptr::write_volatile(field!(s, generation), c.generation.wrapping_add(1));
                 ptr::write_volatile(field!(s, state), SLOT_FREE);
                 std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-                self.free.push(c.index, 0).map_err(|e| TableError::Free {
-                    slot: c.index,
-                    reason: e.to_string(),
-                })?;
+                match self.claims.remove(&c.index) {
+                    Ok(()) => {}
+                    // Not there: a redone commit whose removal was done.
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => {
+                        return Err(TableError::Free {
+                            slot: c.index,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
             }
         }
         Ok(true)

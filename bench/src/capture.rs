@@ -33,8 +33,7 @@ use std::{
 };
 
 use agent_common::{
-    CAPTURE_MAX, ConnSlot, EVENT_TURN, KernelConfig, bench::PICK_RANDOM, bench::PICK_SEQUENTIAL,
-    names, stat,
+    CAPTURE_MAX, ConnSlot, EVENT_TURN, bench::PICK_RANDOM, bench::PICK_SEQUENTIAL, names, stat,
 };
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -45,9 +44,7 @@ use aya::{
 use crate::{
     holder::{HoldOptions, Holders},
     object,
-    packet::{
-        add_tuples, configure, enter_private_netns, fill_free_slots, run_program, tcp_packet,
-    },
+    packet::{add_tuples, configure, enter_private_netns, run_program, tcp_packet},
     report::{Section, median, thousands},
 };
 
@@ -133,17 +130,7 @@ pub fn run(args: &Args) -> Result<Section> {
     let n = args.conns;
     let mut ebpf = object::load(n)?;
     object::load_programs(&mut ebpf, &PROGRAMS)?;
-    fill_free_slots(&mut ebpf, n)?;
-    let mut config: Array<&mut MapData, KernelConfig> =
-        Array::try_from(ebpf.map_mut(names::CONFIG).context("config map missing")?)?;
-    config.set(
-        0,
-        KernelConfig {
-            exclude_loopback: 0,
-            capture_bytes: args.capture_bytes,
-        },
-        0,
-    )?;
+    object::configure_kernel(&mut ebpf, n, args.capture_bytes)?;
     let reader = Reader::start(&mut ebpf)?;
 
     let mut held = Holders::default();
@@ -382,7 +369,7 @@ fn check_kernel(ebpf: &Ebpf, n: u32, expected: &Expected, seen: u64) -> Result<(
     let table: Array<&MapData, ConnSlot> =
         Array::try_from(ebpf.map(names::CONNS).context("connection table missing")?)?;
     let (mut segments, mut bytes) = (0, 0);
-    for i in 0..n {
+    for i in 0..object::table_slots(n) {
         let slot = table.get(&i, 0)?;
         segments += slot.counters.segments_in;
         bytes += slot.counters.bytes_in;

@@ -15,7 +15,8 @@
 //!   hash.
 //!
 //! The connections are real: N TCP connections on loopback in a network namespace of this
-//! process's own, each with its socket storage and its slot in the connection table, created by
+//! process's own, each with its socket storage and its slot in the connection table (of 2N
+//! slots, the headroom the agent's documentation asks for), created by
 //! the product's own code on a first pass that touches every connection once (the path of a
 //! connection that predates the agent); a first pass of the reference gives each its flow. Each
 //! run then picks one of the N at random (or the next one, `--pick sequential`).
@@ -41,7 +42,7 @@ use agent_common::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, Stack},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{CgroupSkb, TestRun as _, TestRunOptions},
 };
 
@@ -124,7 +125,7 @@ pub fn run(args: &Args) -> Result<Section> {
 
     let mut ebpf = object::load(max)?;
     object::load_programs(&mut ebpf, &PROGRAMS)?;
-    fill_free_slots(&mut ebpf, max)?;
+    object::configure_kernel(&mut ebpf, max, 0)?;
 
     let mut held = Holders::default();
     let packet = test_packet();
@@ -199,9 +200,23 @@ pub fn run(args: &Args) -> Result<Section> {
              flows with {flow_runs}: some runs did not reach the flow counters"
         );
     }
+    let away = kernel_stat(&ebpf, agent_common::stat::PLACED_AWAY)?;
     let mut s = section(args, &picks, &results);
+    s.notes.push(format!(
+        "Placement: of the {} connections, {away} found their home group full and took a slot \
+         further on (reached through the socket's storage: the slow way); the rest are found \
+         by the fast path.",
+        thousands(f64::from(max))
+    ));
     s.notes.extend(profiles);
     Ok(s)
+}
+
+/// The sum over CPUs of the kernel programs' event counter `index` (`agent_common::stat`).
+fn kernel_stat(ebpf: &Ebpf, index: u32) -> Result<u64> {
+    let stats: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(names::STATS).context("stats map missing")?)?;
+    Ok(stats.get(&index, 0)?.iter().sum())
 }
 
 struct Measured {
@@ -258,7 +273,8 @@ fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
          cache state) and swaps the parsed tuple for that connection's, so each run counts one \
          of N live flows; `bench_lookup` is subtracted from it too. The N connections are real loopback TCP \
          connections in a private network namespace, each with its socket storage and its slot \
-         in the connection table, made by the product's code on a first pass over all of them, \
+         in the connection table (of 2N slots, the headroom the agent's documentation asks \
+         for), made by the product's code on a first pass over all of them, \
          and a first pass of the reference gives each its flow; the run checks that N slots are \
          live, that the reference's map holds N flows, and that both sets of counters saw every \
          run. Each figure is the median of {} rounds of {} runs per program, the programs taking \
@@ -288,10 +304,10 @@ fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
         "access",
         "empty",
         "pick + lookup",
-        "+ socket storage",
+        "+ slot lookup",
         "+ counting",
         "counting cost",
-        "of which storage",
+        "of which slot lookup",
         "outflow per packet",
         "outflow x empty",
         "+ flow hash",
@@ -339,16 +355,21 @@ fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
     }
     s.notes.push(
         "\"counting cost\" = (+ counting) − (pick + lookup): everything outflow adds to a \
-         packet the stack has already matched to its socket. \"of which storage\" = \
-         (+ socket storage) − (pick + lookup): the socket-storage lookup that finds the \
-         connection's slot. The rest is header parsing, the sequence \
-         watermark and the counter update in the slot's first cache line."
+         packet the stack has already matched to its socket. \"of which slot lookup\" = \
+         (+ slot lookup) − (pick + lookup): finding the connection's slot from the socket \
+         (`programs::find_slot`: the socket's address hashed to its group of 8 slots, whose \
+         owners are compared). The rest is header parsing, the sequence watermark and the \
+         counter update, in the same cache line as the owner."
             .into(),
     );
     s.notes.push(
-        "No lookup is keyed by connection: the socket's own storage holds its slot, so the \
-         cost grows with the number of connections only through cache misses on that storage \
-         and on the slot (192 bytes per connection) as the working set outgrows the caches."
+        "No lookup is keyed by connection and nothing but the slot's first line is read: the \
+         slot is placed by a hash of the socket's address, which the packet carries, so the \
+         cost grows with the number of connections only through the cache (and TLB) misses on \
+         that one line as the table (256 bytes per slot) outgrows the caches. The socket's \
+         local storage, which held the slot number before, is now only the slow way (a \
+         connection's first packet, request captures, slots placed away from their home \
+         group); it cost two dependent misses before the slot's."
             .into(),
     );
     s.notes.push(
@@ -451,9 +472,10 @@ fn profile(ebpf: &mut Ebpf, which: usize, packet: &[u8]) -> Result<String> {
     ensure!(!top.is_empty(), "perf report found no samples");
     let reading = if which == COUNT {
         "`__inet_lookup_established` and `sk_lookup` are the driver's socket lookup (the \
-         stack's own work, subtracted above); `bpf_sk_storage_get` is outflow's socket-storage \
-         lookup; `bpf_prog_*_bench_count` is the program's own instructions (parsing, the \
-         slot's counters)."
+         stack's own work, subtracted above); `bpf_prog_*_bench_count` is the program's own \
+         instructions: finding the slot by the socket's address (its cache miss lands here), \
+         parsing, the slot's watermark and counters. No helper of outflow's shows: the fast \
+         path calls none."
     } else {
         "`htab_map_lookup_elem` (and `lookup_nulls_elem_raw`, `jhash` when they show) is the \
          flow map's lookup: hashing the tuple and walking its bucket; \
@@ -487,17 +509,6 @@ pub(crate) fn add_tuples(ebpf: &mut Ebpf, first: u32, conns: &[Conn]) -> Result<
 }
 
 /// Gives the kernel `n` free slots, as the agent does at start.
-pub(crate) fn fill_free_slots(ebpf: &mut Ebpf, n: u32) -> Result<()> {
-    let mut free: Stack<&mut MapData, u32> = Stack::try_from(
-        ebpf.map_mut(names::FREE_SLOTS)
-            .context("free-slot map missing")?,
-    )?;
-    for slot in (0..n).rev() {
-        free.push(slot, 0)?;
-    }
-    Ok(())
-}
-
 pub(crate) fn configure(ebpf: &mut Ebpf, conns: u32, pick: u32) -> Result<()> {
     let mut cfg: Array<&mut MapData, BenchConfig> = Array::try_from(
         ebpf.map_mut(agent_common::bench::CONFIG)
@@ -550,7 +561,7 @@ pub(crate) fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
     let table: Array<&MapData, ConnSlot> =
         Array::try_from(ebpf.map(names::CONNS).context("connection table missing")?)?;
     let (mut live, mut segments) = (0, 0);
-    for i in 0..max {
+    for i in 0..object::table_slots(max) {
         let slot = table.get(&i, 0)?;
         live += u64::from(slot.state == SLOT_LIVE);
         segments += slot.counters.segments_out;
