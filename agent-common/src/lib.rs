@@ -4,9 +4,10 @@
 //! size assertion beside it so the two sides cannot drift apart.
 //!
 //! # How counting works
-//! The per-packet path touches one 64-byte line: the first line of the connection's slot in
-//! the connection table ([`ConnSlot`]), which holds its counters, its sequence watermarks and
-//! the address of the socket that owns it ([`ConnSlot::owner`]). A slot is placed by a hash of
+//! The per-packet path touches one 64-byte line: the connection's line in the table of hot
+//! lines ([`ConnHot`], beside the connection table of [`ConnSlot`]s and indexed alike), which
+//! holds its counters, its sequence watermarks and the address of the socket that owns it
+//! ([`ConnHot::owner`]). A slot is placed by a hash of
 //! that address, in a group of [`SLOT_GROUP`] slots, so the packet path finds it from
 //! `skb->sk` alone, without a lookup keyed by the connection and without the socket's local
 //! storage ([`SkState`]), which only the cold paths use (a connection's first packet, its
@@ -77,7 +78,7 @@ impl Counters {
     }
 }
 
-/// [`ConnSlot::state`]: the slot is on the free stack.
+/// [`ConnSlot::state`]: the slot is free (unclaimed).
 pub const SLOT_FREE: u32 = 0;
 /// [`ConnSlot::state`]: a live connection owns the slot.
 pub const SLOT_LIVE: u32 = 1;
@@ -96,12 +97,12 @@ pub const ROLE_CLIENT: u8 = 2;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// One connection's slot in the connection table: four 64-byte cache lines, each with one
-/// writer pattern, so the per-packet path touches only the first.
+/// What the per-packet path reads and writes of one connection: one cache line, in a table of
+/// its own ([`names::CONN_HOT`], indexed like the connection table), so that the lines the
+/// packets touch lie as close together as they can.
 #[repr(C, align(64))]
-#[derive(Clone, Copy, Debug)]
-pub struct ConnSlot {
-    // Line 1, written by the kernel per packet.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnHot {
     /// Address of the socket that counts here, `|` the [`OWNER_FLAGS`] bits (the address is at
     /// least 8-byte aligned); 0 in its address part while no packet path may use the slot (not
     /// yet published, or closed). Only kernel programs read it as an address.
@@ -112,17 +113,25 @@ pub struct ConnSlot {
     pub snd_max: u32,
     /// One past the highest sequence number received.
     pub rcv_max: u32,
+}
+const _: () = assert!(size_of::<ConnHot>() == 64);
 
-    // Line 2, written by the agent: what it has reported so far.
+/// The rest of one connection's slot in the connection table: three 64-byte cache lines, each
+/// with one writer pattern, none of them touched per packet.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSlot {
+    // Line 1, written by the agent: what it has reported so far.
     /// Counters the agent has already reported (its watermark): the next delta is
-    /// `counters - reported`. Lives in the kernel so a restarted agent neither repeats nor loses.
+    /// `ConnHot::counters - reported`. Lives in the kernel so a restarted agent neither repeats
+    /// nor loses.
     pub reported: Counters,
     /// The kernel's socket cookie: unique per connection for the boot.
     pub cookie: u64,
     /// `CLOCK_BOOTTIME` nanoseconds at which the agent last saw this slot's counters change.
     pub last_seen_ns: u64,
 
-    // Line 3, written once by the kernel when the slot is taken (and the generation and state
+    // Line 2, written once by the kernel when the slot is taken (and the generation and state
     // by the agent when it gives the slot back).
     /// `CLOCK_BOOTTIME` nanoseconds at which the connection was first seen.
     pub first_seen_ns: u64,
@@ -145,7 +154,7 @@ pub struct ConnSlot {
     /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
     pub state: u32,
 
-    // Line 4, written by the kernel once per turn (request).
+    // Line 3, written by the kernel once per turn (request).
     /// Number of the connection's latest turn (see [`TurnEvent`]), written when it starts, after
     /// its event is submitted and before any byte after it is counted; 0 = none yet.
     pub turn: u32,
@@ -154,12 +163,10 @@ pub struct ConnSlot {
     pub lost_turn: u32,
     pub _pad2: [u64; 7],
 }
-const _: () = assert!(size_of::<ConnSlot>() == 256);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, snd_max) == 56);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, reported) == 64);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, first_seen_ns) == 128);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, generation) == 184);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, turn) == 192);
+const _: () = assert!(size_of::<ConnSlot>() == 192);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, first_seen_ns) == 64);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, generation) == 120);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, turn) == 128);
 
 /// Slots per placement group: a socket's slot is one of the [`SLOT_GROUP`] slots of the group
 /// its address hashes to (its *home*), or, when those are taken, one found further on, which
@@ -170,15 +177,15 @@ pub const SLOT_GROUP: u32 = 8;
 /// overflows.
 pub const SLOT_PLACE_GROUPS: u32 = 16;
 
-/// [`ConnSlot::owner`] bits: the connection's turns are captured (an accepted connection,
+/// [`ConnHot::owner`] bits: the connection's turns are captured (an accepted connection,
 /// capture on).
 pub const OWNER_CAPTURE: u64 = 1;
-/// [`ConnSlot::owner`] bits: the next incoming payload starts a turn (set at establishment and
+/// [`ConnHot::owner`] bits: the next incoming payload starts a turn (set at establishment and
 /// by every outgoing payload of a captured connection).
 pub const OWNER_AWAIT_TURN: u64 = 2;
-/// [`ConnSlot::owner`] bits: the current turn's first bytes are still being captured.
+/// [`ConnHot::owner`] bits: the current turn's first bytes are still being captured.
 pub const OWNER_CAPTURING: u64 = 4;
-/// Every flag bit of [`ConnSlot::owner`].
+/// Every flag bit of [`ConnHot::owner`].
 pub const OWNER_FLAGS: u64 = 7;
 
 /// The home group of a socket at address `key` with ports `ports` (both ports, as the packet
@@ -221,7 +228,7 @@ pub struct SkState {
     /// Generation of the slot when it was taken.
     pub generation: u32,
     /// One past the highest sequence number sent (a socket without a slot; a slot keeps its
-    /// own, [`ConnSlot::snd_max`]).
+    /// own, [`ConnHot::snd_max`]).
     pub snd_max: u32,
     /// One past the highest sequence number received (as above).
     pub rcv_max: u32,
@@ -480,6 +487,8 @@ pub mod bench {
 /// Names of the maps, as the loader and the pins see them.
 pub mod names {
     pub const CONNS: &str = "CONNS";
+    /// The connections' hot lines ([`crate::ConnHot`]), indexed like [`CONNS`].
+    pub const CONN_HOT: &str = "CONN_HOT";
     /// Claimed slot numbers: a new connection takes a slot by inserting its number (an insert
     /// that fails when another CPU claimed it first); the agent removes it when it frees the slot.
     pub const SLOT_CLAIMS: &str = "SLOT_CLAIMS";
@@ -491,8 +500,9 @@ pub mod names {
     pub const AGENT_STATE: &str = "AGENT_STATE";
     pub const EVENTS: &str = "EVENTS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONNS,
+        CONN_HOT,
         SLOT_CLAIMS,
         SK_STATE,
         LEGACY,
@@ -506,10 +516,13 @@ pub mod names {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{AgentState, ConnSlot, Counters, KernelConfig, SkState, SlotRef, TupleKey};
+    use super::{
+        AgentState, ConnHot, ConnSlot, Counters, KernelConfig, SkState, SlotRef, TupleKey,
+    };
     // SAFETY: all are repr(C), Copy, without padding or invalid bit patterns.
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ConnSlot {}
+    unsafe impl aya::Pod for ConnHot {}
     unsafe impl aya::Pod for SkState {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SlotRef {}

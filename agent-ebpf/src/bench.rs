@@ -179,10 +179,10 @@ fn prepare_rx(skb: *mut __sk_buff, sk: *mut bpf_sock, turn: bool) -> bool {
     // SAFETY: non-null socket storage pointer returned by the helper.
     let st = unsafe { &mut *st };
     st.capture_left = 0;
-    let Some(s) = maps::CONNS.get_ptr_mut(st.slot) else {
+    let Some(s) = maps::CONN_HOT.get_ptr_mut(st.slot) else {
         return false;
     };
-    // SAFETY: pointer into the connection table, checked by the lookup.
+    // SAFETY: pointer into the hot lines' table, checked by the lookup.
     let s = unsafe { &mut *s };
     let owner = s.owner & !OWNER_FLAGS;
     s.owner = owner | OWNER_CAPTURE | if turn { OWNER_AWAIT_TURN } else { 0 };

@@ -1,7 +1,8 @@
 //! The maps, shared by all programs. Sizes here are defaults: the agent sets the connection
 //! table's size at load time, and pins every map so that a restarted agent adopts them.
 use agent_common::{
-    AgentState, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey, TurnEvent,
+    AgentState, ConnHot, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey,
+    TurnEvent,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
@@ -16,6 +17,11 @@ const TABLE: usize = 65536;
 /// The connection table, memory-mapped by the agent.
 #[btf_map]
 pub static CONNS: Array<ConnSlot, TABLE, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+/// The connections' hot lines (what the packet path touches), indexed like [`CONNS`],
+/// memory-mapped by the agent.
+#[btf_map]
+pub static CONN_HOT: Array<ConnHot, TABLE, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Claimed slot numbers (the value is unused). A new connection claims a free slot by inserting
 /// its number with `BPF_NOEXIST`, which fails for all but one CPU; the agent removes the number

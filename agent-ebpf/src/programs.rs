@@ -2,7 +2,7 @@
 //! benchmark object (`bench.rs`), so that what is measured is what runs.
 
 use agent_common::{
-    AF_INET, AF_INET6, ANNOTATION_MAX, CAPTURE_MAX, ConnSlot, Counters, EVENT_ANNOTATION,
+    AF_INET, AF_INET6, ANNOTATION_MAX, CAPTURE_MAX, ConnHot, ConnSlot, Counters, EVENT_ANNOTATION,
     EVENT_MORE, EVENT_TURN, OUTFLOW_CLIENT_ID, OWNER_AWAIT_TURN, OWNER_CAPTURE, OWNER_CAPTURING,
     OWNER_FLAGS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SK_NEED_CGROUP, SK_RCV_INIT, SK_SND_INIT,
     SLOT_CLOSED, SLOT_FREE, SLOT_GROUP, SLOT_LIVE, SLOT_PLACE_GROUPS, SOL_OUTFLOW, SkState,
@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    CONFIG, CONNS, EVENT_SCRATCH, LEGACY, OVERFLOW, SLOT_CLAIMS, SOCK_KEY, STATS, events_ptr,
-    sk_state, sk_state_delete,
+    CONFIG, CONN_HOT, CONNS, EVENT_SCRATCH, LEGACY, OVERFLOW, SLOT_CLAIMS, SOCK_KEY, STATS,
+    events_ptr, sk_state, sk_state_delete,
 };
 use crate::packet;
 
@@ -111,16 +111,17 @@ pub(crate) fn sock_ports(sk: *mut bpf_sock) -> u32 {
     unsafe { ((*sk).src_port << 16) ^ u32::from((*sk).dst_port) }
 }
 
-/// The live slot whose owner is the socket `key` (with `ports`), if it is in its home group.
+/// The hot line of the live slot whose owner is the socket `key` (with `ports`), if it is in
+/// its home group.
 #[inline(always)]
-pub(crate) fn find_slot(key: u64, ports: u32, groups: u32) -> Option<*mut ConnSlot> {
+pub(crate) fn find_slot(key: u64, ports: u32, groups: u32) -> Option<*mut ConnHot> {
     if key == 0 || key & OWNER_FLAGS != 0 || groups == 0 {
         return None;
     }
     let base = home_group(key, ports, groups) * SLOT_GROUP;
     let mut i = 0;
     while i < SLOT_GROUP {
-        let s = CONNS.get_ptr_mut(base + i)?;
+        let s = CONN_HOT.get_ptr_mut(base + i)?;
         // SAFETY: pointer into the array map, checked by the lookup.
         if unsafe { core::ptr::read_volatile(&raw const (*s).owner) } & !OWNER_FLAGS == key {
             return Some(s);
@@ -139,7 +140,7 @@ fn slow_path<const EGRESS: bool>(
     sk: *mut bpf_sock,
     key: u64,
     ports: u32,
-) -> Option<*mut ConnSlot> {
+) -> Option<*mut ConnHot> {
     // The helper itself refuses request and time-wait sockets, and only TCP sockets ever get a
     // state, so there is nothing to check first.
     let mut st = sk_state(sk, None);
@@ -214,7 +215,7 @@ fn count_unslotted<const EGRESS: bool>(skb: *mut __sk_buff, st: &mut SkState) {
 /// sequence number seen (so a retransmission is not counted twice), its wire bytes and
 /// segments, and, for a captured connection, the turns.
 #[inline(always)]
-fn count_in_slot<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot) {
+fn count_in_slot<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnHot) {
     let pkt = packet::parse(skb);
     if !pkt.parsed {
         bump(stat::UNPARSED_PACKETS);
@@ -264,19 +265,25 @@ fn add(c: &mut Counters, egress: bool, advance: u64, pkt: &packet::Packet) {
 }
 
 /// Captures the start of a turn (or more of its first bytes), for the agent to read the client
-/// from: `len` new payload bytes at `off` in the packet, before the slot `s` counts them. The
-/// turn's number and the bytes left to capture are in the socket's storage (this runs once or
-/// twice per request, not per packet).
+/// from: `len` new payload bytes at `off` in the packet, before the hot line `h` counts them.
+/// The turn's number and the bytes left to capture are in the socket's storage (this runs once
+/// or twice per request, not per packet).
 #[inline(never)]
-fn capture(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot, off: u32, len: u32) {
-    let owner = s.owner;
+fn capture(skb: *mut __sk_buff, sk: *mut bpf_sock, h: &mut ConnHot, off: u32, len: u32) {
+    let owner = h.owner;
     let st = sk_state(sk, None);
-    if st.is_null() {
-        s.owner = owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING);
+    let slot = if st.is_null() {
+        None
+    } else {
+        // SAFETY: non-null socket storage pointer returned by the helper.
+        CONNS.get_ptr_mut(unsafe { (*st).slot })
+    };
+    let Some(s) = slot else {
+        h.owner = owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING);
         return;
-    }
-    // SAFETY: non-null socket storage pointer returned by the helper.
-    let st = unsafe { &mut *st };
+    };
+    // SAFETY: non-null socket storage pointer, and a pointer into the connection table.
+    let (st, s) = unsafe { (&mut *st, &mut *s) };
     let start = owner & OWNER_AWAIT_TURN != 0;
     if start {
         st.turn += 1;
@@ -292,7 +299,7 @@ fn capture(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot, off: u32, l
     } else {
         st.capture_left
     };
-    let sent = n > 0 && n <= CAPTURE_MAX as u32 && emit(skb, st, off, n, start, &s.counters);
+    let sent = n > 0 && n <= CAPTURE_MAX as u32 && emit(skb, st, off, n, start, &h.counters);
     if sent {
         st.capture_left -= n;
     } else {
@@ -306,7 +313,7 @@ fn capture(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnSlot, off: u32, l
     } else {
         0
     };
-    s.owner = (owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING)) | flags;
+    h.owner = (owner & !(OWNER_AWAIT_TURN | OWNER_CAPTURING)) | flags;
     if start {
         // After the event, before any byte of the turn is counted: the agent reads the
         // counters, then this, then the ring buffer.
@@ -399,9 +406,9 @@ fn adopt(sk: *mut bpf_sock) -> *mut SkState {
     sk_state(full, Some(&SkState::new(ROLE_UNKNOWN)))
 }
 
-/// The socket's slot, or `None` when its bytes go to the overflow counters.
+/// The hot line of the socket's slot, or `None` when its bytes go to the overflow counters.
 #[inline(always)]
-fn slot_of(st: &SkState) -> Option<*mut ConnSlot> {
+fn slot_of(st: &SkState) -> Option<*mut ConnHot> {
     if st.slot >= slot::IGNORED {
         return None;
     }
@@ -412,7 +419,7 @@ fn slot_of(st: &SkState) -> Option<*mut ConnSlot> {
         bump(stat::STALE_SLOT);
         return None;
     }
-    Some(s)
+    CONN_HOT.get_ptr_mut(st.slot)
 }
 
 /// Who a new connection is, as the slot records it.
@@ -486,17 +493,17 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
         overflow(st);
         return;
     };
-    let Some(s) = CONNS.get_ptr_mut(idx) else {
+    let (Some(s), Some(h)) = (CONNS.get_ptr_mut(idx), CONN_HOT.get_ptr_mut(idx)) else {
         overflow(st);
         return;
     };
-    // SAFETY: pointer into the array map; this CPU claimed the slot, so only it writes it now.
-    let s: &mut ConnSlot = unsafe { &mut *s };
+    // SAFETY: pointers into the array maps; this CPU claimed the slot, so only it writes it now.
+    let (s, h): (&mut ConnSlot, &mut ConnHot) = unsafe { (&mut *s, &mut *h) };
     let generation = s.generation;
-    s.owner = c.flags;
-    s.counters = Counters::default();
-    s.snd_max = c.snd_nxt;
-    s.rcv_max = c.rcv_nxt;
+    h.owner = c.flags;
+    h.counters = Counters::default();
+    h.snd_max = c.snd_nxt;
+    h.rcv_max = c.rcv_nxt;
     s.reported = Counters::default();
     s.cookie = c.cookie;
     s.cgroup_id = c.cgroup_id;
@@ -518,8 +525,8 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
     // SAFETY: aligned field of the slot.
     unsafe { core::ptr::write_volatile(&raw mut s.state, SLOT_LIVE) };
     if c.publish && c.sock != 0 && c.sock & OWNER_FLAGS == 0 {
-        // SAFETY: aligned field of the slot.
-        unsafe { core::ptr::write_volatile(&raw mut s.owner, c.sock | c.flags) };
+        // SAFETY: aligned field of the hot line.
+        unsafe { core::ptr::write_volatile(&raw mut h.owner, c.sock | c.flags) };
     }
     st.slot = idx;
     st.generation = generation;
@@ -565,10 +572,10 @@ fn place(sock: u64, ports: u32) -> Option<u32> {
         let base = home * SLOT_GROUP;
         let mut i = 0;
         while i < SLOT_GROUP {
-            if let Some(s) = CONNS.get_ptr_mut(base + i) {
+            if let Some(h) = CONN_HOT.get_ptr_mut(base + i) {
                 // SAFETY: pointer into the array map.
                 unsafe {
-                    let owner = &raw mut (*s).owner;
+                    let owner = &raw mut (*h).owner;
                     if core::ptr::read_volatile(owner) & !OWNER_FLAGS == sock {
                         core::ptr::write_volatile(owner, 0);
                         bump(stat::STALE_OWNERS);
@@ -841,13 +848,13 @@ fn close_slot(idx: u32, generation: u32) {
     if idx >= slot::IGNORED {
         return;
     }
-    if let Some(s) = CONNS.get_ptr_mut(idx) {
-        // SAFETY: pointer into the array map.
+    if let (Some(s), Some(h)) = (CONNS.get_ptr_mut(idx), CONN_HOT.get_ptr_mut(idx)) {
+        // SAFETY: pointers into the array maps.
         unsafe {
             if (*s).generation == generation && (*s).state == SLOT_LIVE {
                 // Unpublished first (the socket's memory may soon be another socket's), then
                 // final.
-                core::ptr::write_volatile(&raw mut (*s).owner, 0);
+                core::ptr::write_volatile(&raw mut (*h).owner, 0);
                 core::ptr::write_volatile(&raw mut (*s).state, SLOT_CLOSED);
             }
         }
@@ -943,10 +950,10 @@ fn annotate_socket(ctx: &SockoptContext) {
     }
     // SAFETY: non-null socket storage pointer.
     let st = unsafe { &*st };
-    let Some(s) = (if st.slot < slot::IGNORED {
-        CONNS.get_ptr_mut(st.slot)
+    let (Some(s), Some(h)) = (if st.slot < slot::IGNORED {
+        (CONNS.get_ptr_mut(st.slot), CONN_HOT.get_ptr_mut(st.slot))
     } else {
-        None
+        (None, None)
     }) else {
         bump(stat::ANNOTATIONS_UNTRACKED);
         return;
@@ -961,7 +968,7 @@ fn annotate_socket(ctx: &SockoptContext) {
         (*e).generation = st.generation;
         (*e).turn = st.turn;
         (*e).kind = EVENT_ANNOTATION;
-        (*e).at = (*s).counters;
+        (*e).at = (*h).counters;
         let start = (*so).__bindgen_anon_2.optval as usize;
         let end = (*so).__bindgen_anon_3.optval_end as usize;
         let optlen = (*so).optlen;

@@ -339,6 +339,7 @@ impl Kernel {
         }
         loader
             .map_max_entries(names::CONNS, capacity)
+            .map_max_entries(names::CONN_HOT, capacity)
             .map_max_entries(names::SLOT_CLAIMS, capacity)
             .map_max_entries(names::LEGACY, capacity)
             .map_max_entries(names::EVENTS, s.ring_bytes);
@@ -378,8 +379,11 @@ impl Kernel {
         let conns = ebpf
             .take_map(names::CONNS)
             .ok_or_else(|| missing(names::CONNS))?;
-        let table =
-            ConnTable::map(conns, claims, capacity).map_err(|e| KernelError::Map(e.to_string()))?;
+        let hot = ebpf
+            .take_map(names::CONN_HOT)
+            .ok_or_else(|| missing(names::CONN_HOT))?;
+        let table = ConnTable::map(conns, hot, claims, capacity)
+            .map_err(|e| KernelError::Map(e.to_string()))?;
         if !adopted {
             let st = AgentState {
                 layout: STATE_LAYOUT,

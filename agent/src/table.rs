@@ -11,7 +11,7 @@ use std::{
     ptr::{self, NonNull},
 };
 
-use agent_common::{AF_INET6, ConnSlot, Counters, SLOT_CLOSED, SLOT_FREE, SLOT_LIVE};
+use agent_common::{AF_INET6, ConnHot, ConnSlot, Counters, SLOT_CLOSED, SLOT_FREE, SLOT_LIVE};
 use aya::maps::{HashMap, Map, MapData, MapError};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,41 +103,24 @@ pub struct CommitPlan {
     pub overflow: Option<OverflowCommit>,
 }
 
-pub struct ConnTable {
-    base: NonNull<ConnSlot>,
-    capacity: u32,
+/// An array map created with `BPF_F_MMAPABLE`, mapped into memory.
+struct Mapping<T> {
+    base: NonNull<T>,
     len_bytes: usize,
-    /// The kernel's claims on slots ([`agent_common::names::SLOT_CLAIMS`]); a freed slot's claim
-    /// is removed, which hands it back.
-    claims: HashMap<MapData, u32, u32>,
     /// Keeps the map's fd open for as long as the mapping lives.
     _map: Map,
 }
 
-// SAFETY: the mapping is owned by this value and only accessed through &self/&mut self.
-unsafe impl Send for ConnTable {}
-
-macro_rules! field {
-    ($base:expr, $field:ident) => {
-        ptr::addr_of_mut!((*$base).$field)
-    };
-}
-
-impl ConnTable {
-    /// Maps the table (an array map created with `BPF_F_MMAPABLE`) into memory.
-    pub fn map(
-        map: Map,
-        claims: HashMap<MapData, u32, u32>,
-        capacity: u32,
-    ) -> Result<Self, TableError> {
+impl<T> Mapping<T> {
+    fn new(map: Map, capacity: u32) -> Result<Self, TableError> {
         let Map::Array(data) = &map else {
             return Err(TableError::NotArray);
         };
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len_bytes = (size_of::<ConnSlot>() * capacity as usize).div_ceil(page) * page;
+        let len_bytes = (size_of::<T>() * capacity as usize).div_ceil(page) * page;
         let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: a shared read-write mapping of a BPF array map of `capacity` slots.
+        // SAFETY: a shared read-write mapping of a BPF array map of `capacity` values.
         let p = unsafe {
             libc::mmap(
                 ptr::null_mut(),
@@ -151,13 +134,54 @@ impl ConnTable {
         if p == libc::MAP_FAILED {
             return Err(TableError::Mmap(std::io::Error::last_os_error()));
         }
-        let base = NonNull::new(p.cast::<ConnSlot>()).ok_or(TableError::NotArray)?;
+        let base = NonNull::new(p.cast::<T>()).ok_or(TableError::NotArray)?;
         Ok(Self {
             base,
-            capacity,
             len_bytes,
-            claims,
             _map: map,
+        })
+    }
+}
+
+impl<T> Drop for Mapping<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
+pub struct ConnTable {
+    slots: Mapping<ConnSlot>,
+    /// The hot lines (counters, watermarks, owner), indexed like the slots.
+    hot: Mapping<ConnHot>,
+    capacity: u32,
+    /// The kernel's claims on slots ([`agent_common::names::SLOT_CLAIMS`]); a freed slot's claim
+    /// is removed, which hands it back.
+    claims: HashMap<MapData, u32, u32>,
+}
+
+// SAFETY: the mappings are owned by this value and only accessed through &self/&mut self.
+unsafe impl Send for ConnTable {}
+
+macro_rules! field {
+    ($base:expr, $field:ident) => {
+        ptr::addr_of_mut!((*$base).$field)
+    };
+}
+
+impl ConnTable {
+    /// Maps the table and its hot lines (array maps created with `BPF_F_MMAPABLE`) into memory.
+    pub fn map(
+        slots: Map,
+        hot: Map,
+        claims: HashMap<MapData, u32, u32>,
+        capacity: u32,
+    ) -> Result<Self, TableError> {
+        Ok(Self {
+            slots: Mapping::new(slots, capacity)?,
+            hot: Mapping::new(hot, capacity)?,
+            capacity,
+            claims,
         })
     }
 
@@ -168,7 +192,13 @@ impl ConnTable {
     fn slot(&self, index: u32) -> *mut ConnSlot {
         debug_assert!(index < self.capacity);
         // SAFETY: index < capacity, within the mapping.
-        unsafe { self.base.as_ptr().add(index as usize) }
+        unsafe { self.slots.base.as_ptr().add(index as usize) }
+    }
+
+    fn hot(&self, index: u32) -> *mut ConnHot {
+        debug_assert!(index < self.capacity);
+        // SAFETY: index < capacity, within the mapping.
+        unsafe { self.hot.base.as_ptr().add(index as usize) }
     }
 
     /// Number of slots currently held by connections (live or closed but not yet reported).
@@ -194,7 +224,7 @@ impl ConnTable {
                 }
                 // Read the state before the counters: once CLOSED is seen they are final.
                 std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-                let snapshot = ptr::read_volatile(field!(s, counters));
+                let snapshot = ptr::read_volatile(field!(self.hot(index), counters));
                 let reported = ptr::read_volatile(field!(s, reported));
                 let delta = snapshot.delta_since(&reported);
                 let closed = state == SLOT_CLOSED;
@@ -289,7 +319,7 @@ impl ConnTable {
                 // closing socket raced it) and a new generation first, so a late packet of the
                 // old socket cannot count into the next connection; then free, then remove the
                 // claim, which hands the slot back.
-                ptr::write_volatile(field!(s, owner), 0);
+                ptr::write_volatile(field!(self.hot(c.index), owner), 0);
                 ptr::write_volatile(field!(s, generation), c.generation.wrapping_add(1));
                 ptr::write_volatile(field!(s, state), SLOT_FREE);
                 std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
@@ -339,13 +369,6 @@ fn addr(family: u16, b: [u8; 16]) -> IpAddr {
         v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
     } else {
         IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    }
-}
-
-impl Drop for ConnTable {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len_bytes) };
     }
 }
 

@@ -33,7 +33,7 @@ use std::{
 };
 
 use agent_common::{
-    CAPTURE_MAX, ConnSlot, EVENT_TURN, bench::PICK_RANDOM, bench::PICK_SEQUENTIAL, names, stat,
+    CAPTURE_MAX, ConnHot, EVENT_TURN, bench::PICK_RANDOM, bench::PICK_SEQUENTIAL, names, stat,
 };
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -366,13 +366,15 @@ fn check_kernel(ebpf: &Ebpf, n: u32, expected: &Expected, seen: u64) -> Result<(
         lost == 0,
         "the kernel lost {lost} turn events (ring buffer full)"
     );
-    let table: Array<&MapData, ConnSlot> =
-        Array::try_from(ebpf.map(names::CONNS).context("connection table missing")?)?;
+    let hot: Array<&MapData, ConnHot> = Array::try_from(
+        ebpf.map(names::CONN_HOT)
+            .context("hot lines' table missing")?,
+    )?;
     let (mut segments, mut bytes) = (0, 0);
     for i in 0..object::table_slots(n) {
-        let slot = table.get(&i, 0)?;
-        segments += slot.counters.segments_in;
-        bytes += slot.counters.bytes_in;
+        let line = hot.get(&i, 0)?;
+        segments += line.counters.segments_in;
+        bytes += line.counters.bytes_in;
     }
     ensure!(
         segments == expected.segments && bytes == expected.bytes,

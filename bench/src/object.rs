@@ -45,6 +45,7 @@ pub fn load(conns: u32) -> Result<Ebpf> {
     let conns = conns.max(1);
     EbpfLoader::new()
         .map_max_entries(agent_common::names::CONNS, table_slots(conns))
+        .map_max_entries(agent_common::names::CONN_HOT, table_slots(conns))
         .map_max_entries(agent_common::names::SLOT_CLAIMS, table_slots(conns))
         .map_max_entries(agent_common::names::LEGACY, conns)
         .map_max_entries(agent_common::bench::TUPLES, conns)

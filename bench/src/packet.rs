@@ -31,7 +31,7 @@ use crate::{
     report::{Section, median, thousands},
 };
 use agent_common::{
-    ConnSlot, SLOT_LIVE,
+    ConnHot, ConnSlot, SLOT_LIVE,
     bench::{
         BenchConfig, FLOW_EGRESS, FLOW_STAT_COUNT, FlowCounters, FlowKey, LookupTuple,
         PACKET_CLIENT_ADDR, PACKET_CLIENT_PORT, PACKET_SERVER_ADDR, PACKET_SERVER_PORT,
@@ -356,9 +356,9 @@ fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
     s.notes.push(
         "\"counting cost\" = (+ counting) − (pick + lookup): everything outflow adds to a \
          packet the stack has already matched to its socket. \"of which slot lookup\" = \
-         (+ slot lookup) − (pick + lookup): finding the connection's slot from the socket \
-         (`programs::find_slot`: the socket's address hashed to its group of 8 slots, whose \
-         owners are compared). The rest is header parsing, the sequence watermark and the \
+         (+ slot lookup) − (pick + lookup): finding the connection's hot line from the socket \
+         (`programs::find_slot`: the socket's address and ports hashed to its group of 8 \
+         slots, whose owners are compared). The rest is header parsing, the sequence watermark and the \
          counter update, in the same cache line as the owner."
             .into(),
     );
@@ -366,7 +366,8 @@ fn section(args: &Args, picks: &[Pick], results: &[Measured]) -> Section {
         "No lookup is keyed by connection and nothing but the slot's first line is read: the \
          slot is placed by a hash of the socket's address, which the packet carries, so the \
          cost grows with the number of connections only through the cache (and TLB) misses on \
-         that one line as the table (256 bytes per slot) outgrows the caches. The socket's \
+         that one line as the table of hot lines (64 bytes per slot, apart from the rest of the \
+         slot) outgrows the caches. The socket's \
          local storage, which held the slot number before, is now only the slow way (a \
          connection's first packet, request captures, slots placed away from their home \
          group); it cost two dependent misses before the slot's."
@@ -555,16 +556,19 @@ pub(crate) fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Over the first `max` slots of the connection table: how many are live, and the segments
+/// Over the connection table sized for `max` connections: how many are live, and the segments
 /// counted out (one per run of the counting driver).
 pub(crate) fn table_totals(ebpf: &Ebpf, max: u32) -> Result<(u64, u64)> {
     let table: Array<&MapData, ConnSlot> =
         Array::try_from(ebpf.map(names::CONNS).context("connection table missing")?)?;
+    let hot: Array<&MapData, ConnHot> = Array::try_from(
+        ebpf.map(names::CONN_HOT)
+            .context("hot lines' table missing")?,
+    )?;
     let (mut live, mut segments) = (0, 0);
     for i in 0..object::table_slots(max) {
-        let slot = table.get(&i, 0)?;
-        live += u64::from(slot.state == SLOT_LIVE);
-        segments += slot.counters.segments_out;
+        live += u64::from(table.get(&i, 0)?.state == SLOT_LIVE);
+        segments += hot.get(&i, 0)?.counters.segments_out;
     }
     Ok((live, segments))
 }
