@@ -121,18 +121,21 @@ const _: () = assert!(size_of::<ConnHot>() == 64);
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnSlot {
-    // Line 1, written by the agent: what it has reported so far.
+    // Line 1, written by the agent (the state also by the kernel, when it takes or closes the
+    // slot): what the agent reads of every slot at every interval.
     /// Counters the agent has already reported (its watermark): the next delta is
     /// `ConnHot::counters - reported`. Lives in the kernel so a restarted agent neither repeats
     /// nor loses.
     pub reported: Counters,
-    /// The kernel's socket cookie: unique per connection for the boot.
-    pub cookie: u64,
+    /// Generation of the slot, bumped by the agent each time it frees the slot; the socket's
+    /// [`SkState::generation`] must match it for the kernel's cold paths to write here.
+    pub generation: u32,
+    /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
+    pub state: u32,
     /// `CLOCK_BOOTTIME` nanoseconds at which the agent last saw this slot's counters change.
     pub last_seen_ns: u64,
 
-    // Line 2, written once by the kernel when the slot is taken (and the generation and state
-    // by the agent when it gives the slot back).
+    // Line 2, written once by the kernel when the slot is taken.
     /// `CLOCK_BOOTTIME` nanoseconds at which the connection was first seen.
     pub first_seen_ns: u64,
     /// Id of the socket's cgroup v2 (the inode number of its directory).
@@ -148,11 +151,8 @@ pub struct ConnSlot {
     /// [`ROLE_UNKNOWN`], [`ROLE_SERVER`] or [`ROLE_CLIENT`].
     pub role: u8,
     pub _pad1: u8,
-    /// Generation of the slot, bumped by the agent each time it frees the slot; the socket's
-    /// [`SkState::generation`] must match it for the kernel's cold paths to write here.
-    pub generation: u32,
-    /// [`SLOT_FREE`], [`SLOT_LIVE`] or [`SLOT_CLOSED`]; written last when a slot is taken.
-    pub state: u32,
+    /// The kernel's socket cookie: unique per connection for the boot.
+    pub cookie: u64,
 
     // Line 3, written by the kernel once per turn (request).
     /// Number of the connection's latest turn (see [`TurnEvent`]), written when it starts, after
@@ -164,8 +164,8 @@ pub struct ConnSlot {
     pub _pad2: [u64; 7],
 }
 const _: () = assert!(size_of::<ConnSlot>() == 192);
+const _: () = assert!(core::mem::offset_of!(ConnSlot, generation) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnSlot, first_seen_ns) == 64);
-const _: () = assert!(core::mem::offset_of!(ConnSlot, generation) == 120);
 const _: () = assert!(core::mem::offset_of!(ConnSlot, turn) == 128);
 
 /// Slots per placement group: a socket's slot is one of the [`SLOT_GROUP`] slots of the group
