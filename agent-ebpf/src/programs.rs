@@ -84,7 +84,7 @@ pub(crate) fn count<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock) 
             None => return,
         },
     };
-    // SAFETY: a pointer into the connection table, checked by the lookup.
+    // SAFETY: a pointer into the hot lines' table, checked by the lookup.
     count_in_slot::<EGRESS>(skb, sk, unsafe { &mut *s });
 }
 
@@ -103,6 +103,12 @@ pub(crate) fn sock_key<S>(sk: *mut S) -> u64 {
     }
 }
 
+/// A socket key that can own a slot: a socket address (not 0, its flag bits clear).
+#[inline(always)]
+fn placeable(key: u64) -> bool {
+    key != 0 && key & OWNER_FLAGS == 0
+}
+
 /// Both ports of the socket, for its placement (from the socket's common part, which the stack
 /// has just used).
 #[inline(always)]
@@ -115,7 +121,7 @@ pub(crate) fn sock_ports(sk: *mut bpf_sock) -> u32 {
 /// its home group.
 #[inline(always)]
 pub(crate) fn find_slot(key: u64, ports: u32, groups: u32) -> Option<*mut ConnHot> {
-    if key == 0 || key & OWNER_FLAGS != 0 || groups == 0 {
+    if !placeable(key) || groups == 0 {
         return None;
     }
     let base = home_group(key, ports, groups) * SLOT_GROUP;
@@ -167,7 +173,7 @@ fn slow_path<const EGRESS: bool>(
         // SAFETY: as above.
         unsafe {
             let o = core::ptr::read_volatile(owner);
-            if o & !OWNER_FLAGS == 0 && key != 0 && key & OWNER_FLAGS == 0 {
+            if o & !OWNER_FLAGS == 0 && placeable(key) {
                 // Published: from now on the fast path finds it (if it is in its home group).
                 core::ptr::write_volatile(owner, key | (o & OWNER_FLAGS));
             }
@@ -182,28 +188,17 @@ fn slow_path<const EGRESS: bool>(
 /// the overflow counters, against the watermarks of its own storage.
 #[inline(always)]
 fn count_unslotted<const EGRESS: bool>(skb: *mut __sk_buff, st: &mut SkState) {
-    let pkt = packet::parse(skb);
-    if !pkt.parsed {
-        bump(stat::UNPARSED_PACKETS);
+    let pkt = parse_counted(skb);
+    let (max, init) = if EGRESS {
+        (&mut st.snd_max, SK_SND_INIT)
+    } else {
+        (&mut st.rcv_max, SK_RCV_INIT)
+    };
+    if pkt.payload > 0 && st.flags & init == 0 {
+        *max = pkt.seq;
+        st.flags |= init;
     }
-    let mut advance = 0u64;
-    if pkt.payload > 0 {
-        let end = pkt.seq.wrapping_add(pkt.payload);
-        let (max, init) = if EGRESS {
-            (&mut st.snd_max, SK_SND_INIT)
-        } else {
-            (&mut st.rcv_max, SK_RCV_INIT)
-        };
-        if st.flags & init == 0 {
-            *max = pkt.seq;
-            st.flags |= init;
-        }
-        let adv = end.wrapping_sub(*max) as i32;
-        if adv > 0 {
-            advance = adv as u64;
-            *max = end;
-        }
-    }
+    let advance = advance(&pkt, max);
     let Some(c) = OVERFLOW.get_ptr_mut(0) else {
         return;
     };
@@ -211,29 +206,47 @@ fn count_unslotted<const EGRESS: bool>(skb: *mut __sk_buff, st: &mut SkState) {
     add(unsafe { &mut *c }, EGRESS, advance, &pkt);
 }
 
+/// The packet's headers; a packet whose headers cannot be read is counted.
+#[inline(always)]
+fn parse_counted(skb: *mut __sk_buff) -> packet::Packet {
+    let pkt = packet::parse(skb);
+    if !pkt.parsed {
+        bump(stat::UNPARSED_PACKETS);
+    }
+    pkt
+}
+
+/// The new sequence space the packet's payload covers beyond the highest seen, `max` (which it
+/// moves to the payload's end): a retransmission is not counted twice.
+#[inline(always)]
+fn advance(pkt: &packet::Packet, max: &mut u32) -> u64 {
+    if pkt.payload == 0 {
+        return 0;
+    }
+    let end = pkt.seq.wrapping_add(pkt.payload);
+    let adv = end.wrapping_sub(*max) as i32;
+    if adv > 0 {
+        *max = end;
+        adv as u64
+    } else {
+        0
+    }
+}
+
 /// Counts the packet in the connection's slot: the payload's advance beyond the highest
 /// sequence number seen (so a retransmission is not counted twice), its wire bytes and
 /// segments, and, for a captured connection, the turns.
 #[inline(always)]
 fn count_in_slot<const EGRESS: bool>(skb: *mut __sk_buff, sk: *mut bpf_sock, s: &mut ConnHot) {
-    let pkt = packet::parse(skb);
-    if !pkt.parsed {
-        bump(stat::UNPARSED_PACKETS);
-    }
-    let mut advance = 0u64;
-    if pkt.payload > 0 {
-        let end = pkt.seq.wrapping_add(pkt.payload);
-        let max = if EGRESS {
+    let pkt = parse_counted(skb);
+    let advance = advance(
+        &pkt,
+        if EGRESS {
             &mut s.snd_max
         } else {
             &mut s.rcv_max
-        };
-        let adv = end.wrapping_sub(*max) as i32;
-        if adv > 0 {
-            advance = adv as u64;
-            *max = end;
-        }
-    }
+        },
+    );
     // Turns of an accepted connection, for client attribution: any new outgoing payload ends
     // the client's turn; the next new incoming payload starts one and is captured (a cold path,
     // once per request, not per packet).
@@ -524,7 +537,7 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
     unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
     // SAFETY: aligned field of the slot.
     unsafe { core::ptr::write_volatile(&raw mut s.state, SLOT_LIVE) };
-    if c.publish && c.sock != 0 && c.sock & OWNER_FLAGS == 0 {
+    if c.publish && placeable(c.sock) {
         // SAFETY: aligned field of the hot line.
         unsafe { core::ptr::write_volatile(&raw mut h.owner, c.sock | c.flags) };
     }
@@ -566,7 +579,7 @@ fn place(sock: u64, ports: u32) -> Option<u32> {
     if groups == 0 {
         return None;
     }
-    let usable = sock != 0 && sock & OWNER_FLAGS == 0;
+    let usable = placeable(sock);
     let home = home_group(sock, ports, groups);
     if usable {
         let base = home * SLOT_GROUP;
