@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     aggregate::{Map, State},
-    detect::{DetectorKind, Finding, Severity, Subject, Verdict, human},
+    detect::{DetectorKind, Finding, HourBytes, Severity, Subject, Verdict, human},
     metrics::Metrics,
 };
 
@@ -32,6 +32,7 @@ impl From<DetectorKind> for v1::Detector {
             DetectorKind::Deviation => v1::Detector::Deviation,
             DetectorKind::Coordinated => v1::Detector::Coordinated,
             DetectorKind::Sustained => v1::Detector::Sustained,
+            DetectorKind::Cohort => v1::Detector::Cohort,
         }
     }
 }
@@ -53,6 +54,7 @@ fn detector_name(d: i32) -> &'static str {
         Ok(v1::Detector::Deviation) => "deviation",
         Ok(v1::Detector::Coordinated) => "coordinated",
         Ok(v1::Detector::Sustained) => "sustained",
+        Ok(v1::Detector::Cohort) => "cohort",
         _ => "unspecified",
     }
 }
@@ -85,6 +87,44 @@ struct OpenAlert {
     /// Last batch time the condition held.
     last_true_ms: u64,
     published_observed: u64,
+    episode: Episode,
+}
+
+/// Where the episode's byte total stands: the hour of the last judgement and the subject's
+/// bytes in that hour then (`None` after a restart: the next judgement only resynchronizes).
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    hour: u64,
+    seen: Option<u64>,
+}
+
+impl Episode {
+    /// Adds to `total` what the subject pulled since the last judgement, by `now`.
+    fn advance(&mut self, now: HourBytes, total: &mut u64) {
+        let added = match self.seen {
+            Some(seen) if now.hour == self.hour => now.bytes.saturating_sub(seen),
+            Some(seen) if now.hour == self.hour + 1 => {
+                now.prev.saturating_sub(seen).saturating_add(now.bytes)
+            }
+            // Judged again after more than an hour: the hour before is all that is held.
+            Some(_) if now.hour > self.hour => now.prev.saturating_add(now.bytes),
+            _ => 0,
+        };
+        *total = total.saturating_add(added);
+        *self = Episode {
+            hour: now.hour,
+            seen: Some(now.bytes),
+        };
+    }
+}
+
+/// Client or service alert, from its subject.
+fn scope_of(subject: &Subject) -> v1::Scope {
+    if subject.is_service() {
+        v1::Scope::Service
+    } else {
+        v1::Scope::Client
+    }
 }
 
 #[derive(Debug, Default)]
@@ -138,9 +178,25 @@ impl AlertHub {
                 Ok(v1::Detector::Deviation) => DetectorKind::Deviation,
                 Ok(v1::Detector::Coordinated) => DetectorKind::Coordinated,
                 Ok(v1::Detector::Sustained) => DetectorKind::Sustained,
+                Ok(v1::Detector::Cohort) => DetectorKind::Cohort,
                 _ => continue,
             };
-            match (open, Subject::of_alert(&a.key, &a.client_id, st)) {
+            let mut a = a;
+            let subject = Subject::of_alert(&a.key, &a.client_id, st);
+            if a.scope == v1::Scope::Unspecified as i32 {
+                // Stored before scopes: a key that is no address, prefix or id is a workload.
+                a.scope = match &subject {
+                    Some(s) => scope_of(s),
+                    None if a.client_id.is_empty()
+                        && a.key.parse::<ipnet::IpNet>().is_err()
+                        && a.key.parse::<std::net::IpAddr>().is_err() =>
+                    {
+                        v1::Scope::Service
+                    }
+                    None => v1::Scope::Client,
+                } as i32;
+            }
+            match (open, subject) {
                 (true, Some(subject)) => {
                     metrics.alert_open_gauge(detector.name(), 1);
                     book.open.insert(
@@ -149,6 +205,10 @@ impl AlertHub {
                             subject,
                             last_true_ms: a.last_seen_ms,
                             published_observed: a.observed_bytes,
+                            episode: Episode {
+                                hour: a.last_seen_ms / 3_600_000,
+                                seen: None,
+                            },
                             alert: a,
                         },
                     );
@@ -181,11 +241,14 @@ impl AlertHub {
         let mut book = self.book.write().unwrap_or_else(PoisonError::into_inner);
         for v in verdicts {
             let k = (v.subject, v.detector);
+            let hours = v.hours;
             match (v.finding, book.open.get_mut(&k)) {
                 (Some(f), Some(o)) => {
                     o.last_true_ms = end_ms;
                     let sev_before = o.alert.severity;
                     fill(&mut o.alert, &f, st);
+                    o.alert.peak_bytes = o.alert.peak_bytes.max(f.observed_bytes);
+                    o.episode.advance(hours, &mut o.alert.episode_bytes);
                     o.alert.last_seen_ms = end_ms;
                     let moved = (f.observed_bytes as f64 - o.published_observed as f64).abs()
                         >= REPUBLISH_CHANGE * o.published_observed.max(1) as f64;
@@ -208,6 +271,9 @@ impl AlertHub {
                         state: v1::AlertState::Open as i32,
                         first_seen_ms: end_ms,
                         last_seen_ms: end_ms,
+                        scope: scope_of(&k.0) as i32,
+                        peak_bytes: f.observed_bytes,
+                        episode_bytes: f.observed_bytes,
                         ..Default::default()
                     };
                     fill(&mut alert, &f, st);
@@ -219,10 +285,16 @@ impl AlertHub {
                             subject: k.0,
                             last_true_ms: end_ms,
                             published_observed: f.observed_bytes,
+                            episode: Episode {
+                                hour: hours.hour,
+                                seen: Some(hours.bytes),
+                            },
                         },
                     );
                 }
                 (None, Some(o)) => {
+                    // Still the episode until it resolves: its bytes count.
+                    o.episode.advance(hours, &mut o.alert.episode_bytes);
                     if end_ms >= o.last_true_ms.saturating_add(resolve_after_ms)
                         && let Some(mut o) = book.open.remove(&k)
                     {
@@ -273,15 +345,26 @@ impl AlertHub {
         }
     }
 
+    /// Whether `a` is listed and streamed for a caller that asked `include_service`.
+    pub fn wanted(a: &v1::Alert, include_service: bool) -> bool {
+        include_service || a.scope != v1::Scope::Service as i32
+    }
+
     /// A receiver of changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<v1::Alert> {
         self.tx.subscribe()
     }
 
-    /// Open alerts (largest observed first), then resolved (newest first), at most `limit`.
-    pub fn list(&self, open_only: bool, limit: usize) -> Vec<v1::Alert> {
+    /// Open alerts (newest first, then largest observed first), then resolved (newest
+    /// first), at most `limit`; service alerts only with `include_service`.
+    pub fn list(&self, open_only: bool, limit: usize, include_service: bool) -> Vec<v1::Alert> {
         let book = self.book.read().unwrap_or_else(PoisonError::into_inner);
-        let mut open: Vec<v1::Alert> = book.open.values().map(|o| o.alert.clone()).collect();
+        let mut open: Vec<v1::Alert> = book
+            .open
+            .values()
+            .filter(|o| Self::wanted(&o.alert, include_service))
+            .map(|o| o.alert.clone())
+            .collect();
         open.sort_by(|a, b| {
             b.last_seen_ms
                 .cmp(&a.last_seen_ms)
@@ -291,7 +374,14 @@ impl AlertHub {
         open.truncate(limit);
         if !open_only {
             let room = limit - open.len();
-            open.extend(book.resolved.iter().rev().take(room).cloned());
+            open.extend(
+                book.resolved
+                    .iter()
+                    .rev()
+                    .filter(|a| Self::wanted(a, include_service))
+                    .take(room)
+                    .cloned(),
+            );
         }
         open
     }
@@ -355,6 +445,7 @@ mod tests {
                 subject: Subject::ClientId(id.into()),
                 detector: DetectorKind::Volume,
                 finding: Some(f),
+                hours: HourBytes::default(),
             }],
             1000,
             500,
@@ -390,6 +481,7 @@ mod tests {
                 subject: s.clone(),
                 detector: DetectorKind::Volume,
                 finding: f,
+                hours: HourBytes::default(),
             }]
         };
         let ch = hub.apply(v(Some(finding(100))), 1000, 500, &st);
@@ -404,7 +496,75 @@ mod tests {
         assert!(hub.apply(v(None), 1600, 500, &st).is_empty());
         let ch = hub.apply(v(None), 1700, 500, &st);
         assert_eq!(ch.upserts[0].state, v1::AlertState::Resolved as i32);
-        assert_eq!(hub.list(true, 10).len(), 0);
-        assert_eq!(hub.list(false, 10).len(), 1);
+        assert_eq!(hub.list(true, 10, false).len(), 0);
+        assert_eq!(hub.list(false, 10, false).len(), 1);
+    }
+
+    #[test]
+    fn an_alert_carries_its_episodes_peak_and_total() {
+        let hub = AlertHub::new();
+        let st = State::default();
+        let s = Subject::Client("203.0.113.8".parse().unwrap());
+        let h = 480_000;
+        let v = |obs: Option<u64>, hour: u64, bytes: u64, prev: u64| {
+            vec![Verdict {
+                subject: s.clone(),
+                detector: DetectorKind::Volume,
+                finding: obs.map(finding),
+                hours: HourBytes { hour, bytes, prev },
+            }]
+        };
+        // Opened at 100 in the window (60 of them this hour), then 30 more this hour, 50 in
+        // the rest of it and 20 in the next, the last 10 of them while no longer over.
+        hub.apply(v(Some(100), h, 60, 40), 1000, 10_000, &st);
+        hub.apply(v(Some(130), h, 90, 40), 2000, 10_000, &st);
+        hub.apply(v(Some(120), h + 1, 10, 140), 3000, 10_000, &st);
+        hub.apply(v(None, h + 1, 20, 140), 4000, 10_000, &st);
+        let a = &hub.list(true, 10, false)[0];
+        assert_eq!(
+            (a.peak_bytes, a.episode_bytes),
+            (130, 100 + 30 + 50 + 10 + 10)
+        );
+        assert_eq!(a.scope, v1::Scope::Client as i32);
+    }
+
+    #[test]
+    fn service_alerts_are_listed_only_when_asked_for() {
+        let mut st = State::default();
+        st.add_host(0, "gpu-0".into());
+        let hub = AlertHub::new();
+        let workload = Subject::Workload(crate::keys::Workload {
+            host: 0,
+            cgroup: "/system.slice/vllm.service".into(),
+            comm: "vllm".into(),
+        });
+        let client = Subject::Client("203.0.113.9".parse().unwrap());
+        let verdicts = [workload, client]
+            .into_iter()
+            .map(|subject| Verdict {
+                subject,
+                detector: DetectorKind::Deviation,
+                finding: Some(finding(100)),
+                hours: HourBytes::default(),
+            })
+            .collect();
+        hub.apply(verdicts, 1000, 500, &st);
+        let listed = hub.list(false, 10, false);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].key, "203.0.113.9");
+        let all = hub.list(false, 10, true);
+        assert_eq!(all.len(), 2);
+        let service = all.iter().find(|a| a.key != "203.0.113.9").unwrap();
+        assert_eq!(service.scope, v1::Scope::Service as i32);
+        // An alert stored before scopes is read as a service alert by its key.
+        let mut old = service.clone();
+        old.scope = v1::Scope::Unspecified as i32;
+        let hub = AlertHub::new();
+        hub.load(vec![old], &st, &Metrics::new());
+        assert!(hub.list(false, 10, false).is_empty());
+        assert_eq!(
+            hub.list(false, 10, true)[0].scope,
+            v1::Scope::Service as i32
+        );
     }
 }

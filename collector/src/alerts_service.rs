@@ -35,7 +35,7 @@ impl AlertsService {
         let limit = if r.limit == 0 { DEFAULT_LIMIT } else { r.limit };
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(v1::ListAlertsResponse {
-            alerts: self.hub.list(r.open_only, limit),
+            alerts: self.hub.list(r.open_only, limit, r.include_service),
         })
     }
 }
@@ -55,14 +55,15 @@ impl Alerts for AlertsService {
 
     async fn watch(
         &self,
-        _request: Request<v1::WatchAlertsRequest>,
+        request: Request<v1::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let include_service = request.into_inner().include_service;
         let hub = self.hub.clone();
         let mut changes = hub.subscribe();
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         tokio::spawn(shutdown.run_until_cancelled_owned(async move {
-            let replay = |hub: &AlertHub| hub.list(true, usize::MAX);
+            let replay = |hub: &AlertHub| hub.list(true, usize::MAX, include_service);
             for a in replay(&hub) {
                 if tx.send(Ok(a)).await.is_err() {
                     return;
@@ -70,6 +71,7 @@ impl Alerts for AlertsService {
             }
             loop {
                 match changes.recv().await {
+                    Ok(a) if !AlertHub::wanted(&a, include_service) => {}
                     Ok(a) => {
                         if tx.send(Ok(a)).await.is_err() {
                             return;

@@ -149,7 +149,8 @@ pub async fn alerts_client(opts: &ClientOptions) -> Result<AlertsClient, ClientE
     Ok(GenAlertsClient::with_interceptor(channel, token))
 }
 
-/// One line per alert: state, severity, detector, key, observed bytes, then its summary.
+/// One line per alert: state, severity, detector, key, observed bytes, then its summary (a
+/// service alert's detector reads `service/DETECTOR`).
 pub fn alerts_table(r: &v1::ListAlertsResponse, exact: bool) -> String {
     let mut out = String::new();
     for a in &r.alerts {
@@ -158,13 +159,19 @@ pub fn alerts_table(r: &v1::ListAlertsResponse, exact: bool) -> String {
         } else {
             "resolved"
         };
+        let service = a.scope == v1::Scope::Service as i32;
         let severity = v1::Severity::try_from(a.severity)
             .map_or("?", |s| s.as_str_name().trim_start_matches("SEVERITY_"));
         let detector = v1::Detector::try_from(a.detector)
             .map_or("?", |d| d.as_str_name().trim_start_matches("DETECTOR_"));
+        let detector = if service {
+            format!("service/{detector}")
+        } else {
+            detector.to_owned()
+        };
         let _ = writeln!(
             out,
-            "{state:<8} {severity:<8} {detector:<11} {:<22} {:>12}  {}",
+            "{state:<8} {severity:<8} {detector:<19} {:<22} {:>12}  {}",
             a.key,
             bytes(a.observed_bytes, exact),
             a.summary

@@ -21,29 +21,8 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
 /// Default data directory (holds `collector.redb`).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outflow-collector";
 
-/// A configuration that cannot be used, with the file or field at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config field `{field}`: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
-
-pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
+pub use crate::config_error::ConfigError;
+use crate::config_error::invalid;
 
 /// Everything the collector needs to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +40,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Bulk-exfiltration detection (`[detect.*]`, see `detect`).
     pub detect: crate::detect::DetectConfig,
+    /// Alert changes POSTed to a URL (`[webhook]`, see `sinks::webhook`).
+    pub webhook: crate::sinks::webhook::WebhookConfig,
 }
 
 impl Default for Config {
@@ -74,6 +55,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             detect: crate::detect::DetectConfig::default(),
+            webhook: crate::sinks::webhook::WebhookConfig::default(),
         }
     }
 }
@@ -272,6 +254,7 @@ impl Config {
             ));
         }
         self.detect.validate()?;
+        self.webhook.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",
@@ -313,6 +296,42 @@ mod tests {
         assert!(e.to_string().contains("lissen"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "[tls]\ncertificate = \"x\"").unwrap_err();
         assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn the_readmes_detection_config_is_valid_and_says_the_defaults() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("```toml\n[detect]\n")
+            .expect("the [detect] example")
+            + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let text = &readme[start..start + len];
+        let c = Config::parse(Path::new("README.md"), text).unwrap();
+        c.validate().unwrap();
+        // Every default it states is the default (the example's own lists aside).
+        let d = crate::detect::DetectConfig::default();
+        let mut stated = c.detect.clone();
+        stated.volume.overrides.clear();
+        stated.allowlist = d.allowlist.clone();
+        assert_eq!(stated, d);
+    }
+
+    #[test]
+    fn the_old_webhook_section_says_where_it_moved() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[detect.webhook]\nurl = \"http://x/\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`detect.webhook`") && e.contains("[webhook]"),
+            "{e}"
+        );
+        let c = Config::parse(Path::new("c.toml"), "[webhook]\nurl = \"http://x/\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.webhook.url.as_deref(), Some("http://x/"));
     }
 
     #[test]

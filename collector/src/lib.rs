@@ -1,8 +1,8 @@
 //! The outflow collector: agents stream per-connection byte deltas to it over gRPC
 //! (`outflow.v1.Ingest`); it applies each batch exactly once, aggregates response and request
 //! bytes per client address, client prefix, host, workload, client id and TCP peer in rolling
-//! windows of batch time (1 m, 10 m, 1 h, 24 h), keeps what must survive a restart in an
-//! embedded redb file, and answers `outflow.v1.Query`.
+//! windows of batch time (1 m, 10 m, 1 h, 24 h; the detectors keep 7 and 30 days), keeps what
+//! must survive a restart in an embedded redb file, and answers `outflow.v1.Query`.
 //!
 //! The path of a batch:
 //!
@@ -11,9 +11,14 @@
 //!   ratelimit, aggregate: fold per key) ─► writer (group commit: dedup by watermark, merge
 //!   rollups, one redb transaction, then memory) ─► Ack
 //! query ─► aggregate::State (window sums over window::Rollup buckets)
-//! writer, after each commit ─► detect (per touched key, batch time) ─► alerts (open/update/
-//!   resolve; `alerts` table; log; metrics; broadcast) ─► alerts_service (List, Watch)
+//! writer, at each eval_interval of batch time ─► detect (the keys touched since) ─► alerts (open/update/
+//!   resolve; `alerts` table; log; metrics; broadcast) ─► alerts_service (List, Watch),
+//!   sinks (webhook)
 //! ```
+//!
+//! Imports run one way: `model` ◄ `aggregate` ◄ `detect` ◄ `alerts` ◄ `sinks`; each section of
+//! the config is defined beside what it configures and [`config::Config`] gathers them, with
+//! one error type ([`config_error::ConfigError`]) that every section's `validate()` returns.
 //!
 //! Start one in-process with [`server::Server::start`]; drive the protocol without a network
 //! with [`collector::Collector::session`].
@@ -25,6 +30,7 @@ pub mod client;
 pub mod codec;
 pub mod collector;
 pub mod config;
+pub mod config_error;
 pub mod detect;
 pub mod error;
 pub mod ingest;
@@ -35,8 +41,8 @@ pub mod model;
 pub mod query;
 pub mod ratelimit;
 pub mod server;
+pub mod sinks;
 pub mod store;
-pub mod webhook;
 pub mod window;
 pub mod writer;
 

@@ -223,6 +223,10 @@ struct AlertsArgs {
     /// Only open alerts
     #[arg(long)]
     open: bool,
+    /// Service alerts too (workload volume changes, marked `service`); by default only alerts
+    /// that name a client are listed
+    #[arg(long)]
+    service: bool,
 }
 
 fn main() -> ExitCode {
@@ -335,6 +339,7 @@ async fn alerts(a: AlertsArgs) -> Result<()> {
         .list(v1::ListAlertsRequest {
             open_only: a.open,
             limit: 0,
+            include_service: a.service,
         })
         .await
         .map_err(status)?

@@ -15,7 +15,7 @@
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
-//! | `outflow_collector_detect_seconds` | histogram | detection after one group commit |
+//! | `outflow_collector_detect_seconds` | histogram | one judgement (every `detect.eval_interval` of batch time) |
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
@@ -149,7 +149,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "detect",
-            "Detection after one group commit",
+            "One judgement of the detectors (every detect.eval_interval of batch time)",
             Unit::Seconds,
             m.detect_seconds.clone(),
         );

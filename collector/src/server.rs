@@ -32,7 +32,7 @@ use crate::{
     ingest::IngestService,
     metrics::{self, Metrics},
     query::QueryService,
-    webhook,
+    sinks::webhook,
 };
 
 /// Names of the services reported SERVING by gRPC health checking.
@@ -182,13 +182,13 @@ impl Server {
                 r
             })
         };
-        if let Some(url) = &config.detect.webhook.url {
+        if let Some(url) = &config.webhook.url {
             // Checked by validate().
             if let Ok(target) = webhook::Target::parse(url) {
                 webhook::spawn(
                     collector.alerts(),
                     target,
-                    config.detect.webhook.clone(),
+                    config.webhook.clone(),
                     shutdown.clone(),
                 );
                 info!("alerts are POSTed to {url}");

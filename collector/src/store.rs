@@ -41,6 +41,11 @@ const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("wate
 const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
 const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
+/// One row of a table: key and value bytes.
+pub type Row = (Vec<u8>, Vec<u8>);
+
+/// What the detectors learnt, as `detect::persist` encodes it (opaque here).
+const DETECT_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("detect_state");
 
 /// A store that cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +214,7 @@ impl Store {
             tx.open_table(HOSTS).map_err(|e| self.err(e))?;
             tx.open_table(ROLLUPS).map_err(|e| self.err(e))?;
             tx.open_table(ALERTS).map_err(|e| self.err(e))?;
+            tx.open_table(DETECT_STATE).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -281,30 +287,66 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes (by id) and deletes alerts in one transaction.
-    pub fn put_alerts(
+    /// Every row of the detectors' state.
+    pub fn load_detect_state(&self) -> Result<Vec<Row>, StoreError> {
+        let e = |x: redb::Error| self.err(x);
+        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let table = tx.open_table(DETECT_STATE).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes and deletes rows of the detectors' state in one transaction.
+    pub fn put_detect_state(&self, puts: &[Row], deletes: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.transact(|tx| {
+            let mut t = tx.open_table(DETECT_STATE)?;
+            for k in deletes {
+                t.remove(k.as_slice())?;
+            }
+            for (k, v) in puts {
+                t.insert(k.as_slice(), v.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` in one write transaction and commits it (durably if `fsync`).
+    fn transact(
         &self,
-        upserts: &[outflow_proto::v1::Alert],
-        deletes: &[String],
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
         let run = || -> Result<(), redb::Error> {
             let mut tx = self.db.begin_write()?;
             if !self.fsync {
                 tx.set_durability(Durability::None)?;
             }
-            {
-                let mut t = tx.open_table(ALERTS)?;
-                for id in deletes {
-                    t.remove(id.as_str())?;
-                }
-                for a in upserts {
-                    t.insert(a.id.as_str(), &*prost::Message::encode_to_vec(a))?;
-                }
-            }
+            f(&tx)?;
             tx.commit()?;
             Ok(())
         };
         run().map_err(|e| self.err(e))
+    }
+
+    /// Writes (by id) and deletes alerts in one transaction.
+    pub fn put_alerts(
+        &self,
+        upserts: &[outflow_proto::v1::Alert],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        self.transact(|tx| {
+            let mut t = tx.open_table(ALERTS)?;
+            for id in deletes {
+                t.remove(id.as_str())?;
+            }
+            for a in upserts {
+                t.insert(a.id.as_str(), &*prost::Message::encode_to_vec(a))?;
+            }
+            Ok(())
+        })
     }
 
     /// Writes `changes` in one transaction and commits it (durably if `fsync`).

@@ -280,6 +280,16 @@ impl Rollup {
             .map(|s| (u64::from(s.bucket), s.totals))
     }
 
+    /// The buckets of window `w` that are held: (start of the bucket, ms, and its totals), in
+    /// no particular order.
+    pub fn buckets(&self, w: Window) -> impl Iterator<Item = (u64, Totals)> + '_ {
+        let tier = w.index() as u8;
+        self.slots
+            .iter()
+            .filter(move |s| s.tier == tier)
+            .map(move |s| (u64::from(s.bucket) * w.bucket_ms(), s.totals))
+    }
+
     /// Hosts that served the key at or after `start_ms`.
     pub fn hosts_since(&self, start_ms: u64) -> impl Iterator<Item = HostId> + '_ {
         self.hosts
@@ -307,9 +317,11 @@ impl Rollup {
     /// Adds every bucket, host and link of `other` (sums buckets, keeps the later times).
     pub fn merge(&mut self, other: &Rollup) {
         for o in &other.slots {
+            // From the back: the newest slots are the likeliest to match.
             match self
                 .slots
                 .iter_mut()
+                .rev()
                 .find(|s| s.bucket == o.bucket && s.tier == o.tier)
             {
                 Some(s) => s.totals.add(&o.totals),

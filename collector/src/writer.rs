@@ -9,21 +9,20 @@
 //! then applies the same sums to memory and answers. So an Ack always means applied and
 //! persisted, and a failed commit changes nothing anywhere.
 use std::{
-    collections::HashSet,
     net::IpAddr,
     sync::{Arc, PoisonError, RwLock},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use log::{debug, error};
+use log::{debug, error, warn};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     aggregate::{BatchAggregate, Map, State},
     alerts::AlertHub,
-    detect::{ClientObs, DetectConfig, Detector, Subject},
-    keys::{Group, HostId, Key},
+    detect::{DetectConfig, Detector, Subject},
+    keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
     model::AgentKey,
@@ -33,6 +32,7 @@ use crate::{
 
 /// Requests queued for the writer at most (senders wait beyond: backpressure).
 const QUEUE: usize = 1024;
+const HOUR_MS: u64 = 3_600_000;
 /// A group commit stops taking batches beyond this many deltas.
 const MAX_GROUP_DELTAS: usize = 2_000_000;
 
@@ -118,10 +118,23 @@ impl Writer {
         alerts: Arc<AlertHub>,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let detector = detect.enabled.then(|| {
+        let (detector, next_judgement_ms) = {
             let st = state.read().unwrap_or_else(PoisonError::into_inner);
-            Detector::new(detect.clone(), &st)
-        });
+            let mut d = detect.enabled.then(|| Detector::new(detect.clone(), &st));
+            if let Some(d) = &mut d {
+                match store.load_detect_state() {
+                    Ok(rows) => match d.restore(rows) {
+                        (n, 0) => debug!("detection: {n} learnt rows restored"),
+                        (n, bad) => warn!(
+                            "detection: {n} learnt rows restored, {bad} not understood (those subjects learn again)"
+                        ),
+                    },
+                    Err(e) => warn!("detection: learnt state not read ({e}); learning again"),
+                }
+            }
+            let next = d.as_ref().map_or(0, |d| d.next_judgement(st.end_ms()));
+            (d, next)
+        };
         let w = Worker {
             store,
             state,
@@ -130,6 +143,7 @@ impl Writer {
             gc_interval,
             last_gc: Instant::now(),
             detector,
+            next_judgement_ms,
             alerts,
             staging: Staging::default(),
             staged: Vec::new(),
@@ -356,6 +370,26 @@ fn subjects_of(staged: &[(Key, Staged)]) -> Vec<Subject> {
         .collect()
 }
 
+/// What a commit added to each /24 and /64 (`staged`, in key order), as rollups of their own:
+/// the wider prefixes the detectors aggregate are sums of them.
+fn prefix_changes(
+    staging: &Staging,
+    staged: &[(Key, Staged)],
+    end_ms: u64,
+) -> Vec<(Prefix, Rollup)> {
+    staged
+        .iter()
+        .filter_map(|(k, s)| match k {
+            Key::Prefix(p) => {
+                let mut r = Rollup::default();
+                staging.apply(s, &mut r, end_ms);
+                Some((*p, r))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The spill of a key, made on first use.
 fn spill_of<'a>(spill: &'a mut Vec<Spill>, at: &mut Option<u32>) -> &'a mut Spill {
     let i = match *at {
@@ -378,6 +412,8 @@ struct Worker {
     gc_interval: Duration,
     last_gc: Instant,
     detector: Option<Detector>,
+    /// Batch time of the next judgement (with detection on).
+    next_judgement_ms: u64,
     alerts: Arc<AlertHub>,
     staging: Staging,
     /// The keys of `staging` in key order (kept for its capacity).
@@ -391,14 +427,21 @@ fn now_ms() -> u64 {
 }
 
 impl Worker {
+    /// Takes requests in arrival order, in groups of at most `max_batches` (one commit each).
+    /// With detection on, a group never holds batches of two judgements: a batch later than
+    /// the next judgement's batch time ends the group before it, and the subjects are judged
+    /// on everything applied up to then; the batch then starts the next group. So what a
+    /// judgement sees depends on the order batches arrived in, not on how they were grouped.
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut stop = false;
+        let mut carried = None;
         while !stop {
-            let Some(first) = rx.blocking_recv() else {
+            let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
                 break;
             };
             let mut group = Vec::new();
             let mut deltas = 0;
+            let mut judge_at = None;
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
@@ -406,7 +449,15 @@ impl Worker {
                         stop = true;
                         break;
                     }
-                    Request::Batch { ref batch, .. } => deltas += batch.deltas,
+                    Request::Batch { ref batch, .. } => {
+                        let time_ms = batch.aggregate.time_ms;
+                        if self.detector.is_some() && time_ms > self.next_judgement_ms {
+                            judge_at = Some(time_ms);
+                            carried = Some(req);
+                            break;
+                        }
+                        deltas += batch.deltas;
+                    }
                     Request::Hello { .. } => {}
                 }
                 group.push(req);
@@ -417,10 +468,14 @@ impl Worker {
             if !group.is_empty() {
                 self.apply(group);
             }
+            if let Some(time_ms) = judge_at {
+                self.judge(time_ms);
+            }
             if self.last_gc.elapsed() >= self.gc_interval {
                 self.gc();
             }
         }
+        self.save_detect_state();
         // Requests queued after Stop are answered with Stopped when `rx` drops.
         debug!("store writer stopped");
     }
@@ -433,7 +488,6 @@ impl Worker {
         staging.clear();
         let mut replies = Vec::with_capacity(group.len());
         let detecting = self.detector.is_some();
-        let mut obs: Vec<ClientObs> = Vec::new();
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let mut end_ms = st.end_ms();
         for req in group {
@@ -476,19 +530,6 @@ impl Worker {
                     } else {
                         ch.watermarks.insert(batch.agent, batch.seq);
                         end_ms = end_ms.max(agg.time_ms);
-                        if detecting {
-                            obs.extend(agg.entries.iter().filter_map(|(k, t)| match k {
-                                Key::Direct(addr) | Key::Proxied(addr) if addr.is_ipv6() => {
-                                    Some(ClientObs {
-                                        addr: *addr,
-                                        time_ms: agg.time_ms,
-                                        host: agg.host,
-                                        totals: *t,
-                                    })
-                                }
-                                _ => None,
-                            }));
-                        }
                         for (key, totals) in agg.entries {
                             staging.add(key, agg.time_ms, agg.host, &totals);
                         }
@@ -550,10 +591,13 @@ impl Worker {
         match result {
             Ok(()) => {
                 let touched = !staged.is_empty();
-                let subjects = if detecting {
-                    subjects_of(&staged)
+                let (subjects, prefixes) = if detecting {
+                    (
+                        subjects_of(&staged),
+                        prefix_changes(&staging, &staged, end_ms),
+                    )
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 };
                 {
                     let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
@@ -578,8 +622,10 @@ impl Worker {
                 if touched {
                     self.update_key_gauges();
                 }
-                if detecting && !subjects.is_empty() {
-                    self.detect(&obs, subjects);
+                if let Some(det) = self.detector.as_mut()
+                    && !subjects.is_empty()
+                {
+                    det.observe(subjects, &prefixes, self.next_judgement_ms);
                 }
                 let now = now_ms();
                 for r in replies {
@@ -635,37 +681,24 @@ impl Worker {
         self.staging = staging;
     }
 
-    /// Runs the detectors on the subjects a commit touched (and, when due, on the subjects of
-    /// open alerts), stores the alert changes, then publishes them.
-    fn detect(&mut self, obs: &[ClientObs], mut subjects: Vec<Subject>) {
+    /// Judges at the next judgement's batch time, once a batch at `later_ms` (after it)
+    /// arrived: stores the alert changes, then publishes them. The judgement after it is the
+    /// first at or after `later_ms`.
+    fn judge(&mut self, later_ms: u64) {
         let Some(det) = self.detector.as_mut() else {
             return;
         };
+        let at_ms = self.next_judgement_ms;
+        self.next_judgement_ms = det.next_judgement(later_ms - 1);
+        let new_hour = at_ms / HOUR_MS != self.next_judgement_ms / HOUR_MS;
         let t0 = Instant::now();
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let end = st.end_ms();
-        let p48 = det.observe(&subjects, obs, end);
-        subjects.extend(p48);
-        // Only this thread opens and resolves alerts. A verdict without a finding changes
-        // nothing unless its subject has an open alert: the others are not kept (every touched
-        // key may be judged, four verdicts each).
-        let open_subjects = self.alerts.open_subjects();
-        let open: HashSet<&Subject, foldhash::fast::RandomState> = open_subjects.iter().collect();
-        let mut verdicts = Vec::new();
-        let mut judged = Vec::new();
-        for s in &subjects {
-            det.evaluate(&st, s, end, false, &mut judged);
-            let keep_all = open.contains(s);
-            verdicts.extend(judged.drain(..).filter(|v| keep_all || v.finding.is_some()));
-        }
-        if det.sweep_due(end) {
-            for s in &open_subjects {
-                det.evaluate(&st, s, end, true, &mut verdicts);
-            }
-        }
+        // Only this thread opens and resolves alerts.
+        let open = self.alerts.open_subjects();
+        let verdicts = det.judge(&st, at_ms, &open);
         let resolve_after =
             u64::try_from(det.config().resolve_after.as_millis()).unwrap_or(u64::MAX);
-        let changes = self.alerts.apply(verdicts, end, resolve_after, &st);
+        let changes = self.alerts.apply(verdicts, at_ms, resolve_after, &st);
         drop(st);
         if !changes.is_empty() {
             match self.store.put_alerts(&changes.upserts, &changes.deletes) {
@@ -678,6 +711,22 @@ impl Worker {
         self.metrics
             .detect_seconds
             .observe(t0.elapsed().as_secs_f64());
+        // What was learnt is saved once an hour of batch time, and at stop.
+        if new_hour {
+            self.save_detect_state();
+        }
+    }
+
+    /// Writes what the detectors learnt since the last save.
+    fn save_detect_state(&mut self) {
+        let Some(det) = self.detector.as_mut() else {
+            return;
+        };
+        let snap = det.snapshot();
+        if let Err(e) = self.store.put_detect_state(&snap.puts, &snap.deletes) {
+            // Learnt again after a restart; the next save writes what changed after this one.
+            error!("store detection state: {e}");
+        }
     }
 
     /// Drops buckets and hosts that left every window, in memory and on disk.

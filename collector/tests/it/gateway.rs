@@ -222,6 +222,7 @@ async fn clients_behind_gateways_are_told_apart() {
         .list(v1::ListAlertsRequest {
             open_only: false,
             limit: 0,
+            include_service: false,
         })
         .await
         .unwrap()

@@ -1,7 +1,7 @@
 //! The webhook sink: every alert change (open, significant update, resolve) is POSTed as JSON
-//! to `detect.webhook.url` (plain `http://` only; put a TLS proxy in front for https), with up
-//! to `detect.webhook.max_attempts` attempts and exponential backoff from
-//! `detect.webhook.initial_backoff` (doubling, at most 30 s). A change that still fails is
+//! to `webhook.url` (plain `http://` only; put a TLS proxy in front for https), with up
+//! to `webhook.max_attempts` attempts and exponential backoff from
+//! `webhook.initial_backoff` (doubling, at most 30 s). A change that still fails is
 //! logged and dropped; alerts stay available from List and Watch.
 use std::{sync::Arc, time::Duration};
 
@@ -15,12 +15,15 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::alerts::AlertHub;
+use crate::{
+    alerts::AlertHub,
+    config_error::{ConfigError, invalid},
+};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `[detect.webhook]`.
+/// `[webhook]`: where alert changes are POSTed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
@@ -30,6 +33,8 @@ pub struct WebhookConfig {
     pub max_attempts: u32,
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
+    /// Service alerts too (workload volume changes); by default only client alerts are sent.
+    pub include_service: bool,
 }
 
 impl Default for WebhookConfig {
@@ -38,7 +43,21 @@ impl Default for WebhookConfig {
             url: None,
             max_attempts: 5,
             initial_backoff: Duration::from_millis(500),
+            include_service: false,
         }
+    }
+}
+
+impl WebhookConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.url {
+            Target::parse(url).map_err(|m| invalid("webhook.url", m))?;
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("webhook.max_attempts", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -83,11 +102,14 @@ pub fn body(a: &v1::Alert) -> String {
         "detector": name(v1::Detector::try_from(a.detector).map(|d| d.as_str_name()).map_err(|_| ())),
         "severity": name(v1::Severity::try_from(a.severity).map(|d| d.as_str_name()).map_err(|_| ())),
         "state": name(v1::AlertState::try_from(a.state).map(|d| d.as_str_name()).map_err(|_| ())),
+        "scope": name(v1::Scope::try_from(a.scope).map(|d| d.as_str_name()).map_err(|_| ())),
         "window_seconds": a.window_seconds,
         "observed_bytes": a.observed_bytes,
         "baseline_bytes": a.baseline_bytes,
         "threshold_bytes": a.threshold_bytes,
         "request_bytes": a.request_bytes,
+        "peak_bytes": a.peak_bytes,
+        "episode_bytes": a.episode_bytes,
         "hosts": a.hosts,
         "members": a.members,
         "client_id": a.client_id,
@@ -174,6 +196,7 @@ pub fn spawn(
             .run_until_cancelled(async {
                 loop {
                     match rx.recv().await {
+                        Ok(a) if !AlertHub::wanted(&a, cfg.include_service) => {}
                         Ok(a) => post(&target, &cfg, &a).await,
                         Err(RecvError::Lagged(n)) => {
                             warn!("webhook: {n} alert changes skipped (sink too slow)");

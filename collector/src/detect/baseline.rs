@@ -1,0 +1,105 @@
+//! What each subject's detectors learn over time: an EWMA baseline of its active hours, a CUSUM
+//! of how far above it they run, and, per subject kind, the peers' response/request ratio.
+//!
+//! Completed hours are folded lazily, when a subject is judged in a later hour: the hourly
+//! buckets of its 24 h window hold them until then.
+use super::days::Days;
+use crate::window::Totals;
+
+/// A subject's baseline (deviation) and slow-rise (sustained) state.
+#[derive(Debug, Clone, Default)]
+pub struct Track {
+    /// Hours before this one are folded into the baseline.
+    pub next_hour: u64,
+    /// EWMA of log2(response bytes) of active hours, and of its variance.
+    pub mean: f64,
+    pub var: f64,
+    /// Active hours folded (learnt or not).
+    pub points: u32,
+    /// CUSUM of the standardized log-bytes of active hours.
+    pub cusum: f64,
+    /// Batch time of the last evaluation (0: never).
+    pub last_eval_ms: u64,
+    /// What it pulled per day, for the 7-day and 30-day windows.
+    pub days: Days,
+}
+
+/// Peers' response/request ratio of one subject kind: EWMA of log2 ratio of active hours.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peers {
+    pub mean: f64,
+    pub n: u32,
+}
+
+/// Weight of one active hour in the peers' ratio.
+const PEER_ALPHA: f64 = 0.01;
+
+/// How [`fold`] learns (from `[detect]`, `[detect.deviation]` and `[detect.sustained]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Learning {
+    /// EWMA weight of a new active hour.
+    pub alpha: f64,
+    /// Hours with fewer response bytes are idle: not learnt.
+    pub active_hour_bytes: u64,
+    /// Points before the CUSUM runs.
+    pub min_history_hours: u32,
+    /// Lower bound of σ (log2 units).
+    pub min_sigma: f64,
+    pub cusum_slack: f64,
+    pub cusum_threshold: f64,
+}
+
+impl Track {
+    /// σ of the baseline, at least `min_sigma`.
+    pub fn sigma(&self, min_sigma: f64) -> f64 {
+        self.var.sqrt().max(min_sigma)
+    }
+}
+
+/// Folds the completed hours before `cur_hour` not yet folded into the baseline, the CUSUM
+/// and the peers' ratio.
+pub fn fold(
+    l: &Learning,
+    t: &mut Track,
+    peers: &mut Peers,
+    hours: &[(u64, Totals)],
+    cur_hour: u64,
+) {
+    for (h, tot) in hours {
+        if *h < t.next_hour || *h >= cur_hour || tot.response_bytes < l.active_hour_bytes {
+            continue;
+        }
+        let x = (tot.response_bytes as f64).log2();
+        // The baseline is frozen while the CUSUM accumulates (so a slow rise is not learnt as
+        // normal), until it has run to twice its threshold: then the new level is learnt.
+        let mut learn = true;
+        if t.points >= l.min_history_hours {
+            let sigma = t.sigma(l.min_sigma);
+            t.cusum = (t.cusum + (x - t.mean) / sigma - l.cusum_slack).max(0.0);
+            learn = t.cusum == 0.0 || t.cusum > 2.0 * l.cusum_threshold;
+        }
+        if !learn {
+            t.points = t.points.saturating_add(1);
+            continue;
+        }
+        if t.points == 0 {
+            t.mean = x;
+            t.var = 0.0;
+        } else {
+            let d = x - t.mean;
+            t.mean += l.alpha * d;
+            t.var = (1.0 - l.alpha) * (t.var + l.alpha * d * d);
+        }
+        t.points = t.points.saturating_add(1);
+        if tot.request_bytes > 0 {
+            let r = (tot.response_bytes as f64 / tot.request_bytes as f64).log2();
+            if peers.n == 0 {
+                peers.mean = r;
+            } else {
+                peers.mean += PEER_ALPHA * (r - peers.mean);
+            }
+            peers.n = peers.n.saturating_add(1);
+        }
+    }
+    t.next_hour = t.next_hour.max(cur_hour);
+}
