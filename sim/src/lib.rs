@@ -25,7 +25,7 @@ use outflow_proto::v1;
 use serde::Serialize;
 use tonic::Code;
 
-pub use model::{BenignStats, StepTotals, allowlist, heavy_clients};
+pub use model::{BenignStats, LookAlike, StepTotals, lookalike_clients, lookalikes};
 pub use report::{AlertView, AttackReport, HostTotals, Report};
 
 use crate::{
@@ -33,35 +33,51 @@ use crate::{
     net::{AgentStream, Bearer},
 };
 
-/// A traffic scenario: benign traffic alone, or benign traffic with one injected attack.
+/// A traffic scenario: benign traffic alone, or benign traffic with one injected attack. Each
+/// attack sits 1.1 to 1.3 times above the default limit it must cross.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// Benign traffic only: every alert is a false alert.
     Benign,
-    /// One address (203.0.113.7) pulling 16 × 40 KB/s from the attack start on.
+    /// One address (203.0.113.7) pulling 16 × 22 KB/s (1.27 GB an hour) from the attack start
+    /// on.
     Bulk,
     /// 50 addresses of 198.51.100.0/24, each one stream of 30 KB/s (108 MB/h, a tenth of a 1 GiB/h
     /// per-client threshold), together 1.5 MB/s.
     Prefix,
-    /// One client inside 2001:db8:bad:1::/64 taking a new address every 5 minutes, 16 × 40 KB/s.
+    /// One client inside 2001:db8:bad:1::/64 taking a new address every 5 minutes, 16 × 22 KB/s.
     Rotate6,
     /// One address (100.64.77.77) at 2 KB/s rising linearly to 200 KB/s over the last day.
     SlowRise,
-    /// One address (100.64.99.99) with 64 parallel connections of 6 KB/s each.
+    /// One address (100.64.99.99) with 64 parallel connections of 5.4 KB/s each.
     Parallel,
+    /// 240 addresses, 2 in each of 120 /24s of 100.96.0.0/16, each one stream of 22.2 KB/s:
+    /// together 19.2 GB an hour, 1.12 times the /16's limit (16 × 1 GiB); each /24 and /20 far
+    /// under theirs.
+    Wide,
+    /// A proxy pool: 250 addresses in 250 unrelated /24s, each one stream of 5.56 KB/s (20 MB
+    /// an hour): together 5 GB an hour, 1.16 times 4 × 1 GiB.
+    Pool,
+    /// One address (100.64.88.88) pulling 6.5 GiB a day (0.27 GiB an hour) from the first
+    /// simulated day on, with a benign response/request ratio: 45.5 GiB a week, 1.14 times the
+    /// weekly limit; far under the hourly and daily ones.
+    LowSlow,
     /// Every attack at once (each scored on its own).
     All,
 }
 
 impl Scenario {
     /// The attacks, in the order they are scored.
-    pub const ATTACKS: [Scenario; 5] = [
+    pub const ATTACKS: [Scenario; 8] = [
         Scenario::Bulk,
         Scenario::Prefix,
         Scenario::Rotate6,
         Scenario::SlowRise,
         Scenario::Parallel,
+        Scenario::Wide,
+        Scenario::Pool,
+        Scenario::LowSlow,
     ];
 
     /// `self` as a list of single attacks (`All` expands, `Benign` is none).
@@ -81,6 +97,9 @@ impl Scenario {
             Scenario::Rotate6 => "rotate6",
             Scenario::SlowRise => "slowrise",
             Scenario::Parallel => "parallel",
+            Scenario::Wide => "wide",
+            Scenario::Pool => "pool",
+            Scenario::LowSlow => "lowslow",
             Scenario::All => "all",
         }
     }
@@ -100,7 +119,7 @@ impl FromStr for Scenario {
             .chain(Self::ATTACKS)
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                format!("unknown scenario `{s}`: want benign, bulk, prefix, rotate6, slowrise, parallel or all")
+                format!("unknown scenario `{s}`: want benign, bulk, prefix, rotate6, slowrise, parallel, wide, pool, lowslow or all")
             })
     }
 }
@@ -138,11 +157,11 @@ impl Default for SimConfig {
         Self {
             collector: "http://127.0.0.1:7411".into(),
             token: None,
-            hosts: 100,
+            hosts: 20,
             clients: 3000,
-            days: 1,
+            days: 7,
             seed: 1,
-            batch_secs: 60,
+            batch_secs: 300,
             start_ms: None,
             attack_start_hour: 9,
             max_batches_per_second: 0.0,

@@ -19,8 +19,6 @@ struct Cli {
 enum Command {
     /// Stream a simulated fleet's traffic to a collector, then score its alerts.
     Run(RunArgs),
-    /// Print the CIDRs of the heavy benign clients (for the collector's allowlist).
-    Allowlist,
 }
 
 #[derive(clap::Args)]
@@ -35,22 +33,24 @@ struct RunArgs {
     /// File holding the bearer token.
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// benign, bulk, prefix, rotate6, slowrise, parallel, or all (every attack at once).
+    /// benign, bulk, prefix, rotate6, slowrise, parallel, wide, pool, lowslow, or all (every
+    /// attack at once).
     #[arg(long, default_value = "all")]
     scenario: Scenario,
     /// Synthetic hosts (agents).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 20)]
     hosts: usize,
     /// Benign client addresses.
     #[arg(long, default_value_t = 3000)]
     clients: usize,
-    /// Simulated days (the attacks happen on the last one).
-    #[arg(long, default_value_t = 1)]
+    /// Simulated days (the attacks happen on the last one; lowslow from the first, and it needs
+    /// 7 to be caught).
+    #[arg(long, default_value_t = 7)]
     days: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Batch interval, seconds (must divide 3600).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 300)]
     batch_secs: u64,
     /// Hour of the last day (UTC) at which the attacks begin.
     #[arg(long, default_value_t = 9)]
@@ -76,15 +76,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let args = match cli.command {
-        Command::Allowlist => {
-            for n in outflow_sim::allowlist() {
-                println!("{n}");
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Run(a) => a,
-    };
+    let Command::Run(args) = cli.command;
     let token = args
         .token_file
         .as_deref()

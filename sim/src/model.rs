@@ -1,6 +1,7 @@
-//! The traffic model: benign LLM streaming clients, allowlisted heavy batch clients and the
-//! injected attacks, generated step by step in batch time from one seeded RNG, with a ledger of
-//! every byte sent.
+//! The traffic model: benign LLM streaming clients, benign heavy look-alikes that come close to
+//! the collector's default limits without crossing them (not allowlisted), and the injected
+//! attacks that sit just above them, generated step by step in batch time from one seeded RNG,
+//! with a ledger of every byte sent.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -34,33 +35,102 @@ pub const CLIENTS_PER_V4_PREFIX: usize = 8;
 pub const CLIENTS_PER_V6_PREFIX: usize = 2;
 /// The daily cycle's floor (at 03:00 UTC) relative to its peak (at 15:00 UTC).
 pub const NIGHT_FACTOR: f64 = 0.1;
-/// Heavy (allowlisted) batch clients: connections each and bytes per second per connection.
-pub const HEAVY_CONNS: usize = 8;
-pub const HEAVY_BPS_PER_CONN: u64 = 50_000;
+/// Benign sessions on Saturdays and Sundays (UTC), relative to weekdays.
+pub const WEEKEND_FACTOR: f64 = 0.4;
+/// Prompt (request) size of the look-alikes' connections: enterprise clients send long
+/// contexts, so their response/request ratio stays near the benign clients'.
+pub const LOOKALIKE_PROMPT_BYTES: (u64, u64) = (20_000, 60_000);
 
 /// Where benign IPv4 clients live (198.18.0.0/15, 512 /24s) and IPv6 clients (2001:db8:1::/48).
 const V4_POOL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 const V6_POOL: [u16; 3] = [0x2001, 0x0db8, 0x0001];
 
-/// The allowlisted heavy benign clients and the prefixes that hold them (nothing else lives in
-/// those prefixes).
-pub fn heavy_clients() -> Vec<IpAddr> {
+/// A benign heavy client: what a detector's defaults must leave alone. None is allowlisted.
+#[derive(Clone, Debug)]
+pub struct LookAlike {
+    pub name: &'static str,
+    pub addrs: Vec<IpAddr>,
+    /// Connections per address and bytes per second of each.
+    pub conns: usize,
+    pub bps_per_conn: u64,
+    pub schedule: Schedule,
+}
+
+/// When a source sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Always,
+    /// Monday to Friday, 09:00 to 17:00 UTC.
+    OfficeHours,
+    /// Every night, 00:00 to 06:00 UTC.
+    Nightly,
+}
+
+impl Schedule {
+    /// If the source sends at `t_ms`: until when it goes on without a break.
+    pub fn active_until(self, t_ms: u64) -> Option<u64> {
+        let day = t_ms / DAY_MS * DAY_MS;
+        let hour = (t_ms % DAY_MS) / HOUR_MS;
+        match self {
+            Schedule::Always => Some(u64::MAX),
+            Schedule::OfficeHours => {
+                (!is_weekend(t_ms) && (9..17).contains(&hour)).then_some(day + 17 * HOUR_MS)
+            }
+            Schedule::Nightly => (hour < 6).then_some(day + 6 * HOUR_MS),
+        }
+    }
+}
+
+/// Whether `t_ms` falls on a Saturday or a Sunday (UTC; 1970-01-01 was a Thursday).
+pub fn is_weekend(t_ms: u64) -> bool {
+    matches!((t_ms / DAY_MS + 4) % 7, 0 | 6)
+}
+
+/// The benign heavy clients, each under every default limit by 10 to 20 %: a customer behind
+/// one NAT address at 0.85 GiB an hour in office hours (6.8 GiB a day, 34 GiB a week), an
+/// all-day integration at 0.2 GiB an hour (4.8 GiB a day, 33.6 GiB a week), a nightly IPv6
+/// batch job at 0.8 GiB an hour for 6 hours (33.6 GiB a week), and a fleet of 20 workers of
+/// one customer in one /26, steady at 40 MB an hour each.
+pub fn lookalikes() -> Vec<LookAlike> {
     vec![
-        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
-        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)),
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10)),
+        LookAlike {
+            name: "nat",
+            addrs: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))],
+            conns: 16,
+            bps_per_conn: 15_850,
+            schedule: Schedule::OfficeHours,
+        },
+        LookAlike {
+            name: "integration",
+            addrs: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11))],
+            conns: 4,
+            bps_per_conn: 14_900,
+            schedule: Schedule::Always,
+        },
+        LookAlike {
+            name: "nightly",
+            addrs: vec![IpAddr::V6(Ipv6Addr::new(
+                0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10,
+            ))],
+            conns: 8,
+            bps_per_conn: 29_800,
+            schedule: Schedule::Nightly,
+        },
+        LookAlike {
+            name: "fleet",
+            addrs: (64..84u8)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
+                .collect(),
+            conns: 1,
+            bps_per_conn: 11_100,
+            schedule: Schedule::Always,
+        },
     ]
 }
 
-/// The CIDRs a collector should allowlist for the simulated heavy batch clients.
-pub fn allowlist() -> Vec<IpNet> {
-    vec![
-        IpNet::V4(Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24).expect("valid prefix")),
-        IpNet::V6(
-            Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0), 64)
-                .expect("valid prefix"),
-        ),
-    ]
+/// Every look-alike address.
+pub fn lookalike_clients() -> Vec<IpAddr> {
+    lookalikes().into_iter().flat_map(|l| l.addrs).collect()
 }
 
 /// What the generator needs to know.
@@ -94,7 +164,7 @@ impl Params {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Owner {
     Benign,
-    Heavy,
+    LookAlike,
     Attack(usize),
 }
 
@@ -122,7 +192,8 @@ enum Addrs {
 }
 
 /// A persistent traffic source: `conns_per_addr` connections per address kept open from
-/// `start_ms` to `end_ms`, each renewed after about `conn_ms`.
+/// `start_ms` to `end_ms` while its schedule says so, each renewed after about `conn_ms`
+/// (on a batch boundary, so that a connection follows the last without a gap).
 #[derive(Clone, Debug)]
 struct Source {
     owner: Owner,
@@ -132,6 +203,8 @@ struct Source {
     start_ms: u64,
     end_ms: u64,
     rate: Rate,
+    schedule: Schedule,
+    prompt: (u64, u64),
     /// Whether each (address slot, connection slot) has a live connection.
     alive: Vec<bool>,
 }
@@ -300,52 +373,69 @@ impl Generator {
         }
 
         let end = params.end_ms();
-        let mut sources = vec![Source {
-            owner: Owner::Heavy,
-            addrs: Addrs::Fixed(heavy_clients()),
-            conns_per_addr: HEAVY_CONNS,
-            conn_ms: HOUR_MS,
-            start_ms: params.start_ms,
+        // A source: `conns` connections per address of `conn_ms`, from `start`, always on,
+        // with the benign prompt sizes.
+        let source = |owner, addrs, conns, conn_ms, start, rate| Source {
+            owner,
+            addrs,
+            conns_per_addr: conns,
+            conn_ms,
+            start_ms: start,
             end_ms: end,
-            rate: Rate::Const(HEAVY_BPS_PER_CONN),
+            rate,
+            schedule: Schedule::Always,
+            prompt: PROMPT_BYTES,
             alive: Vec::new(),
-        }];
+        };
+        let mut sources: Vec<Source> = lookalikes()
+            .into_iter()
+            .map(|l| Source {
+                schedule: l.schedule,
+                prompt: LOOKALIKE_PROMPT_BYTES,
+                ..source(
+                    Owner::LookAlike,
+                    Addrs::Fixed(l.addrs),
+                    l.conns,
+                    10 * 60_000,
+                    params.start_ms,
+                    Rate::Const(l.bps_per_conn),
+                )
+            })
+            .collect();
         let mut attacks = Vec::new();
         let attack_start = params.attack_start_ms();
+        let v4 = |a: [u8; 4]| IpAddr::V4(Ipv4Addr::from(a));
         for &s in scenarios {
-            let idx = attacks.len();
-            let owner = Owner::Attack(idx);
+            let owner = Owner::Attack(attacks.len());
+            let fixed = Addrs::Fixed;
             let (source, prefix, start) = match s {
                 Scenario::Benign => continue,
+                Scenario::All => unreachable!("expanded by Scenario::attacks"),
                 Scenario::Bulk => (
-                    Source {
+                    source(
                         owner,
-                        addrs: Addrs::Fixed(vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))]),
-                        conns_per_addr: BULK_CONNS,
-                        conn_ms: 20 * 60_000,
-                        start_ms: attack_start,
-                        end_ms: end,
-                        rate: Rate::Const(BULK_BPS_PER_CONN),
-                        alive: Vec::new(),
-                    },
+                        fixed(vec![v4([203, 0, 113, 7])]),
+                        BULK_CONNS,
+                        20 * 60_000,
+                        attack_start,
+                        Rate::Const(BULK_BPS_PER_CONN),
+                    ),
                     None,
                     attack_start,
                 ),
                 Scenario::Prefix => (
-                    Source {
+                    source(
                         owner,
-                        addrs: Addrs::Fixed(
+                        fixed(
                             (1..=PREFIX_MEMBERS as u8)
-                                .map(|i| IpAddr::V4(Ipv4Addr::new(198, 51, 100, i)))
+                                .map(|i| v4([198, 51, 100, i]))
                                 .collect(),
                         ),
-                        conns_per_addr: 1,
-                        conn_ms: 10 * 60_000,
-                        start_ms: attack_start,
-                        end_ms: end,
-                        rate: Rate::Const(PREFIX_BPS_PER_ADDR),
-                        alive: Vec::new(),
-                    },
+                        1,
+                        10 * 60_000,
+                        attack_start,
+                        Rate::Const(PREFIX_BPS_PER_ADDR),
+                    ),
                     Some(IpNet::V4(
                         Ipv4Net::new(Ipv4Addr::new(198, 51, 100, 0), 24).expect("valid"),
                     )),
@@ -356,19 +446,17 @@ impl Generator {
                         Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 1, 0, 0, 0, 0), 64)
                             .expect("valid");
                     (
-                        Source {
+                        source(
                             owner,
-                            addrs: Addrs::Rotate {
+                            Addrs::Rotate {
                                 prefix,
                                 every_ms: ROTATE_EVERY_MS,
                             },
-                            conns_per_addr: ROTATE_CONNS,
-                            conn_ms: ROTATE_EVERY_MS,
-                            start_ms: attack_start,
-                            end_ms: end,
-                            rate: Rate::Const(ROTATE_BPS_PER_CONN),
-                            alive: Vec::new(),
-                        },
+                            ROTATE_CONNS,
+                            ROTATE_EVERY_MS,
+                            attack_start,
+                            Rate::Const(ROTATE_BPS_PER_CONN),
+                        ),
                         Some(IpNet::V6(prefix)),
                         attack_start,
                     )
@@ -376,39 +464,77 @@ impl Generator {
                 Scenario::SlowRise => {
                     let ramp_start = end - DAY_MS;
                     (
-                        Source {
+                        source(
                             owner,
-                            addrs: Addrs::Fixed(vec![IpAddr::V4(Ipv4Addr::new(100, 64, 77, 77))]),
-                            conns_per_addr: SLOWRISE_CONNS,
-                            conn_ms: 15 * 60_000,
-                            start_ms: params.start_ms,
-                            end_ms: end,
-                            rate: Rate::Ramp {
+                            fixed(vec![v4([100, 64, 77, 77])]),
+                            SLOWRISE_CONNS,
+                            15 * 60_000,
+                            params.start_ms,
+                            Rate::Ramp {
                                 from: SLOWRISE_BPS.0 / SLOWRISE_CONNS as u64,
                                 to: SLOWRISE_BPS.1 / SLOWRISE_CONNS as u64,
                                 ramp_start_ms: ramp_start,
                             },
-                            alive: Vec::new(),
-                        },
+                        ),
                         None,
                         ramp_start,
                     )
                 }
                 Scenario::Parallel => (
-                    Source {
+                    source(
                         owner,
-                        addrs: Addrs::Fixed(vec![IpAddr::V4(Ipv4Addr::new(100, 64, 99, 99))]),
-                        conns_per_addr: PARALLEL_CONNS,
-                        conn_ms: 10 * 60_000,
-                        start_ms: attack_start,
-                        end_ms: end,
-                        rate: Rate::Const(PARALLEL_BPS_PER_CONN),
-                        alive: Vec::new(),
-                    },
+                        fixed(vec![v4([100, 64, 99, 99])]),
+                        PARALLEL_CONNS,
+                        10 * 60_000,
+                        attack_start,
+                        Rate::Const(PARALLEL_BPS_PER_CONN),
+                    ),
                     None,
                     attack_start,
                 ),
-                Scenario::All => unreachable!("expanded by Scenario::attacks"),
+                Scenario::Wide => (
+                    source(
+                        owner,
+                        fixed(
+                            (0..WIDE_MEMBERS as u32)
+                                .map(|i| v4([100, 96, (i / 2 * 2) as u8, 10 + (i % 2) as u8]))
+                                .collect(),
+                        ),
+                        1,
+                        20 * 60_000,
+                        attack_start,
+                        Rate::Const(WIDE_BPS_PER_ADDR),
+                    ),
+                    Some(IpNet::V4(
+                        Ipv4Net::new(Ipv4Addr::new(100, 96, 0, 0), 16).expect("valid"),
+                    )),
+                    attack_start,
+                ),
+                Scenario::Pool => (
+                    source(
+                        owner,
+                        fixed((0..POOL_MEMBERS as u32).map(pool_addr).collect()),
+                        1,
+                        20 * 60_000,
+                        attack_start,
+                        Rate::Const(POOL_BPS_PER_ADDR),
+                    ),
+                    None,
+                    attack_start,
+                ),
+                Scenario::LowSlow => {
+                    let mut src = source(
+                        owner,
+                        fixed(vec![v4([100, 64, 88, 88])]),
+                        LOWSLOW_CONNS,
+                        10 * 60_000,
+                        params.start_ms,
+                        Rate::Const(LOWSLOW_BPS_PER_CONN),
+                    );
+                    // Long prompts: a ratio like the benign clients', so only its week shows.
+                    src.prompt = LOOKALIKE_PROMPT_BYTES;
+                    (src, None, params.start_ms)
+                }
             };
             attacks.push(Attack {
                 scenario: s,
@@ -464,7 +590,7 @@ impl Generator {
         self.step += 1;
 
         // New benign sessions.
-        let f = daily_cycle(t0);
+        let f = daily_cycle(t0) * if is_weekend(t0) { WEEKEND_FACTOR } else { 1.0 };
         let frac = (t1 - t0) as f64 / HOUR_MS as f64;
         for c in 0..self.clients.len() {
             let (addr, per_hour) = self.clients[c];
@@ -501,13 +627,18 @@ impl Generator {
             if start >= t1 {
                 continue;
             }
+            let Some(until) = s.schedule.active_until(start) else {
+                continue;
+            };
             for slot in 0..s.alive.len() {
                 let s = &self.sources[si];
                 if s.alive[slot] {
                     continue;
                 }
                 let jitter = 0.5 + self.rng.random::<f64>();
-                let mut end = (start + (s.conn_ms as f64 * jitter) as u64).min(s.end_ms);
+                // Ends on a batch boundary: the next connection follows without a gap.
+                let len = ((s.conn_ms as f64 * jitter) as u64).div_ceil(batch_ms) * batch_ms;
+                let mut end = (start + len).min(s.end_ms).min(until);
                 let client = match &s.addrs {
                     Addrs::Fixed(a) => a[slot / s.conns_per_addr],
                     Addrs::Rotate { prefix, every_ms } => {
@@ -516,7 +647,7 @@ impl Generator {
                         rotated_addr(*prefix, seed, period)
                     }
                 };
-                let owner = s.owner;
+                let (owner, prompt) = (s.owner, s.prompt);
                 let host = self.rng.random_range(0..hosts);
                 let conn = Conn {
                     host,
@@ -527,7 +658,7 @@ impl Generator {
                     end_ms: end,
                     bps: 0,
                     source: Some((si, slot)),
-                    request_bytes: self.rng.random_range(PROMPT_BYTES.0..=PROMPT_BYTES.1),
+                    request_bytes: self.rng.random_range(prompt.0..=prompt.1),
                     owner,
                     first: true,
                 };
@@ -586,7 +717,7 @@ impl Generator {
                     self.benign_seen.0.insert(c.client);
                     self.benign_seen.1.insert(pfx);
                 }
-                Owner::Heavy => {}
+                Owner::LookAlike => {}
             }
             c.first = false;
             if closed {
@@ -642,19 +773,39 @@ impl Generator {
     }
 }
 
-/// Attack magnitudes (see the crate docs).
+/// Attack magnitudes (see [`Scenario`](crate::Scenario)): each 1.1 to 1.3 times the default
+/// limit it must cross.
 pub const BULK_CONNS: usize = 16;
-pub const BULK_BPS_PER_CONN: u64 = 40_000;
+pub const BULK_BPS_PER_CONN: u64 = 22_000;
 pub const PREFIX_MEMBERS: usize = 50;
 pub const PREFIX_BPS_PER_ADDR: u64 = 30_000;
 pub const ROTATE_EVERY_MS: u64 = 5 * 60_000;
 pub const ROTATE_CONNS: usize = 16;
-pub const ROTATE_BPS_PER_CONN: u64 = 40_000;
+pub const ROTATE_BPS_PER_CONN: u64 = 22_000;
 pub const SLOWRISE_CONNS: usize = 2;
 /// Total bytes per second of the slow riser: before the rise, and at the end of the day.
 pub const SLOWRISE_BPS: (u64, u64) = (2_000, 200_000);
 pub const PARALLEL_CONNS: usize = 64;
-pub const PARALLEL_BPS_PER_CONN: u64 = 6_000;
+pub const PARALLEL_BPS_PER_CONN: u64 = 5_400;
+pub const WIDE_MEMBERS: usize = 240;
+pub const WIDE_BPS_PER_ADDR: u64 = 22_200;
+pub const POOL_MEMBERS: usize = 250;
+pub const POOL_BPS_PER_ADDR: u64 = 5_560;
+pub const LOWSLOW_CONNS: usize = 4;
+/// 6.5 GiB a day.
+pub const LOWSLOW_BPS_PER_CONN: u64 = 20_200;
+
+/// Member `i` (below 251) of the proxy pool: an address in a /24 of its own, in 170 different
+/// /8s, none of the benign clients', the look-alikes' or the other attacks'.
+pub fn pool_addr(i: u32) -> IpAddr {
+    let mut first = 21 + (i % 170) as u8;
+    for taken in [100, 127] {
+        if first >= taken {
+            first += 1;
+        }
+    }
+    IpAddr::V4(Ipv4Addr::new(first, (i * 37 % 251) as u8, 7, 1))
+}
 
 /// The address of rotation `period` inside `prefix`: deterministic in (seed, period).
 fn rotated_addr(prefix: Ipv6Net, seed: u64, period: u64) -> IpAddr {

@@ -186,6 +186,7 @@ pub async fn list_alerts(channel: Channel, bearer: Bearer) -> Result<Vec<v1::Ale
         .list(v1::ListAlertsRequest {
             open_only: false,
             limit: 1000,
+            include_service: true,
         })
         .await?;
     Ok(r.into_inner().alerts)

@@ -13,6 +13,8 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AlertView {
     pub key: String,
+    /// `SCOPE_CLIENT` or `SCOPE_SERVICE`.
+    pub scope: String,
     pub detector: String,
     pub severity: String,
     pub state: String,
@@ -27,6 +29,10 @@ impl From<&v1::Alert> for AlertView {
         let name = |n: Option<&str>, v: i32| n.map_or_else(|| v.to_string(), str::to_owned);
         AlertView {
             key: a.key.clone(),
+            scope: name(
+                v1::Scope::try_from(a.scope).ok().map(|d| d.as_str_name()),
+                a.scope,
+            ),
             detector: name(
                 v1::Detector::try_from(a.detector)
                     .ok()
@@ -64,15 +70,55 @@ pub struct AttackReport {
     pub start_ms: u64,
     /// Response bytes the attacker pulled from `start_ms` to the end of the run.
     pub bytes_total: u64,
-    /// Whether an alert's key covers an attacker address (the address, or a prefix of it).
+    /// Whether a client alert opened at or after `start_ms` has a key that covers an attacker
+    /// address (the address, or a prefix of it). An alert that opened before the attack began
+    /// is not a detection of it.
     pub detected: bool,
     /// The earliest such alert.
     pub alert: Option<AlertView>,
-    /// Batch time from `start_ms` to the alert's `first_seen_ms` (0 if flagged before).
+    /// Batch time from `start_ms` to the alert's `first_seen_ms`.
     pub time_to_detect_ms: Option<u64>,
     /// Response bytes pulled from `start_ms` up to the alert (batches ending at or before its
     /// `first_seen_ms`).
     pub bytes_before_alert: Option<u64>,
+    /// The time to detect it must be within: a bulk client 2 batch intervals after its last
+    /// hour crossed 1 GiB; a group (prefix, wide, pool) 1 hour; the slow rise 24 hours; the
+    /// week-long pull 7 days.
+    pub ttd_bound_ms: u64,
+    /// Detected within that bound.
+    pub in_time: bool,
+}
+
+/// The default per-client hourly limit (`detect.volume.client_per_hour`).
+pub const CLIENT_PER_HOUR: u64 = 1 << 30;
+
+/// See [`AttackReport::ttd_bound_ms`].
+fn ttd_bound(atk: &model::Attack, params: &Params) -> u64 {
+    const HOUR: u64 = model::HOUR_MS;
+    match atk.scenario {
+        Scenario::Bulk | Scenario::Rotate6 | Scenario::Parallel => {
+            // The first batch end at which the last hour holds the limit.
+            let at = |t: u64| {
+                atk.cumulative
+                    .iter()
+                    .take_while(|(end, _)| *end <= t)
+                    .last()
+                    .map_or(0, |(_, b)| *b)
+            };
+            let crossed = atk
+                .cumulative
+                .iter()
+                .find(|(end, b)| b - at(end.saturating_sub(HOUR)) >= CLIENT_PER_HOUR)
+                .map_or(u64::MAX, |(end, _)| *end);
+            crossed
+                .saturating_add(2 * params.batch_ms)
+                .saturating_sub(atk.start_ms)
+        }
+        Scenario::Prefix | Scenario::Wide | Scenario::Pool => HOUR,
+        Scenario::SlowRise => 24 * HOUR,
+        Scenario::LowSlow => 7 * model::DAY_MS,
+        Scenario::Benign | Scenario::All => u64::MAX,
+    }
 }
 
 /// Bytes one host sent.
@@ -101,8 +147,8 @@ pub struct Report {
     pub request_bytes: u64,
     /// Wall time from the first batch to the last Ack.
     pub ingest_wall_ms: u64,
-    /// CIDRs of the heavy benign clients, for the collector's allowlist.
-    pub allowlist: Vec<String>,
+    /// The benign heavy clients (not allowlisted): name and addresses.
+    pub lookalikes: Vec<(String, Vec<String>)>,
     pub benign: BenignStats,
     /// Why the alerts could not be read (e.g. `Unimplemented: ...`); `None` when they were.
     pub alerts_error: Option<String>,
@@ -112,12 +158,12 @@ pub struct Report {
     /// Alerts listed (open and resolved).
     pub alerts_total: usize,
     pub attacks: Vec<AttackReport>,
-    /// Alerts on a client address or prefix covering no attacker, and workload/host alerts
-    /// that began before any attack did.
+    /// Client alerts whose key covers no attacker address (or that opened before the attack
+    /// on the attacker's key began).
     pub false_alerts: Vec<AlertView>,
-    /// Workload/host alerts (keys that are no client address) that began once an attack was
-    /// under way: side effects of the attack, neither detections nor false alerts.
-    pub collateral_alerts: Vec<AlertView>,
+    /// Service alerts (a workload's own volume changed): listed apart, neither detections nor
+    /// false alerts.
+    pub service_alerts: Vec<AlertView>,
     pub host_totals: Vec<HostTotals>,
     /// Per step: its end and what it sent (for exactness checks).
     #[serde(skip)]
@@ -128,10 +174,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether the alerts were read, every attack was detected and nothing else was flagged.
+    /// Whether the alerts were read, every attack was detected in time and nothing else was
+    /// flagged.
     pub fn passed(&self) -> bool {
         self.alerts_error.is_none()
-            && self.attacks.iter().all(|a| a.detected)
+            && self.attacks.iter().all(|a| a.in_time)
             && self.false_alerts.is_empty()
     }
 
@@ -173,32 +220,55 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "allowlist (heavy batch clients): {}",
-            self.allowlist.join(", ")
+            "benign look-alikes (not allowlisted): {}",
+            self.lookalikes
+                .iter()
+                .map(|(n, a)| format!("{n} ({} address(es), first {})", a.len(), a[0]))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if let Some(e) = &self.alerts_error {
             let _ = writeln!(s, "ALERTS NOT READ: {e}");
         }
         let _ = writeln!(
             s,
-            "{:<9} {:<8} {:<22} {:<20} {:>10} {:>16} {:>16}",
-            "attack", "detected", "alert key", "detector", "ttd", "bytes before", "bytes total"
+            "{:<9} {:<8} {:<30} {:<20} {:>11} {:>11} {:>16} {:>16}",
+            "attack",
+            "detected",
+            "alert key",
+            "detector",
+            "ttd",
+            "ttd bound",
+            "bytes before",
+            "bytes total"
         );
+        let time = |ms: u64| {
+            if ms == u64::MAX {
+                "-".to_owned()
+            } else if ms >= 2 * model::DAY_MS {
+                format!("{:.2} d", ms as f64 / model::DAY_MS as f64)
+            } else {
+                format!("{:.1} min", ms as f64 / 60_000.0)
+            }
+        };
         for a in &self.attacks {
-            let detected = match (&self.alerts_error, a.detected) {
-                (Some(_), _) => "unknown",
-                (None, true) => "yes",
-                (None, false) => "NO",
+            let detected = match (&self.alerts_error, a.detected, a.in_time) {
+                (Some(_), _, _) => "unknown",
+                (None, true, true) => "yes",
+                (None, true, false) => "LATE",
+                (None, false, _) => "NO",
             };
             let _ = writeln!(
                 s,
-                "{:<9} {:<8} {:<22} {:<20} {:>10} {:>16} {:>16}",
+                "{:<9} {:<8} {:<30} {:<20} {:>11} {:>11} {:>16} {:>16}",
                 a.scenario.name(),
                 detected,
                 a.alert.as_ref().map_or("-", |x| x.key.as_str()),
-                a.alert.as_ref().map_or("-", |x| x.detector.as_str()),
-                a.time_to_detect_ms
-                    .map_or_else(|| "-".into(), |t| format!("{:.1} min", t as f64 / 60_000.0)),
+                a.alert
+                    .as_ref()
+                    .map_or("-", |x| { x.detector.trim_start_matches("DETECTOR_") }),
+                a.time_to_detect_ms.map_or_else(|| "-".into(), time),
+                time(a.ttd_bound_ms),
                 a.bytes_before_alert
                     .map_or_else(|| "-".into(), |b| b.to_string()),
                 a.bytes_total
@@ -206,13 +276,20 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "alerts: {} listed, {} false, {} collateral (workload alerts during an attack)",
+            "alerts: {} listed, {} false, {} service (workload volume changes)",
             self.alerts_total,
             self.false_alerts.len(),
-            self.collateral_alerts.len()
+            self.service_alerts.len()
         );
-        for f in &self.collateral_alerts {
-            let _ = writeln!(s, "  collateral: {} {} {}", f.key, f.detector, f.severity);
+        // Service alerts are not the client list an operator reads: a count per detector.
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in &self.service_alerts {
+            *per.entry(f.detector.trim_start_matches("DETECTOR_"))
+                .or_default() += 1;
+        }
+        if !per.is_empty() {
+            let list: Vec<String> = per.iter().map(|(d, n)| format!("{d} {n}")).collect();
+            let _ = writeln!(s, "  service: {} (with --json: each)", list.join(", "));
         }
         for f in &self.false_alerts {
             let _ = writeln!(
@@ -253,13 +330,27 @@ pub(crate) fn score(
     let covers_any = |key: &str, addrs: &std::collections::HashSet<IpAddr>| {
         addrs.iter().any(|a| crate::key_covers(key, *a))
     };
+    let service = |al: &v1::Alert| al.scope == v1::Scope::Service as i32;
+    // A client alert on an attacker's key, opened once the attack was under way.
+    // (A cohort's key names its traits; its members are in `client_addrs`.)
+    let detects = |al: &v1::Alert, atk: &model::Attack| {
+        let members = || {
+            al.client_addrs
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .any(|a| atk.addrs.contains(&a))
+        };
+        !service(al)
+            && al.first_seen_ms >= atk.start_ms
+            && (covers_any(&al.key, &atk.addrs) || members())
+    };
     let attacks = generator
         .attacks
         .iter()
         .map(|atk| {
             let first = alerts
                 .iter()
-                .filter(|al| covers_any(&al.key, &atk.addrs))
+                .filter(|al| detects(al, atk))
                 .min_by_key(|al| al.first_seen_ms);
             let ttd = first.map(|al| al.first_seen_ms.saturating_sub(atk.start_ms));
             let before = first.map(|al| {
@@ -269,7 +360,10 @@ pub(crate) fn score(
                     .last()
                     .map_or(0, |(_, b)| *b)
             });
+            let bound = ttd_bound(atk, params);
             AttackReport {
+                ttd_bound_ms: bound,
+                in_time: ttd.is_some_and(|t| t <= bound),
                 scenario: atk.scenario,
                 addresses: atk.addrs.len(),
                 prefix: atk.prefix.map(|p| p.to_string()),
@@ -282,21 +376,12 @@ pub(crate) fn score(
             }
         })
         .collect();
-    let first_attack = generator.attacks.iter().map(|a| a.start_ms).min();
-    let (collateral_alerts, false_alerts): (Vec<AlertView>, Vec<AlertView>) = alerts
+    let (service_alerts, false_alerts): (Vec<&v1::Alert>, Vec<&v1::Alert>) = alerts
         .iter()
-        .filter(|al| {
-            !generator
-                .attacks
-                .iter()
-                .any(|a| covers_any(&al.key, &a.addrs))
-        })
-        .map(AlertView::from)
-        .partition(|al| {
-            let client_key =
-                al.key.parse::<IpAddr>().is_ok() || al.key.parse::<ipnet::IpNet>().is_ok();
-            !client_key && first_attack.is_some_and(|s| al.first_seen_ms >= s)
-        });
+        .filter(|al| !generator.attacks.iter().any(|a| detects(al, a)))
+        .partition(|al| service(al));
+    let service_alerts = service_alerts.into_iter().map(AlertView::from).collect();
+    let false_alerts = false_alerts.into_iter().map(AlertView::from).collect();
     let host_totals = generator
         .host_totals
         .iter()
@@ -321,14 +406,22 @@ pub(crate) fn score(
         response_bytes: generator.steps.iter().map(|s| s.response_bytes).sum(),
         request_bytes: generator.steps.iter().map(|s| s.request_bytes).sum(),
         ingest_wall_ms: ingest_wall.as_millis() as u64,
-        allowlist: model::allowlist().iter().map(ToString::to_string).collect(),
+        lookalikes: model::lookalikes()
+            .into_iter()
+            .map(|l| {
+                (
+                    l.name.to_owned(),
+                    l.addrs.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect(),
         benign: generator.benign.clone(),
         alerts_error,
         alerts_code,
         alerts_total: alerts.len(),
         attacks,
         false_alerts,
-        collateral_alerts,
+        service_alerts,
         host_totals,
         client_totals: generator.client_totals_sorted(),
         steps: generator.steps,
