@@ -124,10 +124,12 @@ pub fn run(args: &Args) -> Result<Section> {
         .build()
         .context("starting the async runtime")?;
     let mut runs = Vec::new();
-    for i in 1..=args.runs {
-        let r = one_run(&rt, &bin, &load, args, i).with_context(|| format!("run {i}"))?;
+    // Each run twice: with detection (the default, the target) and without (its cost).
+    for (i, detect) in (1..=args.runs).flat_map(|i| [(i, true), (i, false)]) {
+        let r = one_run(&rt, &bin, &load, args, (i, detect))
+            .with_context(|| format!("run {i}, detection {detect}"))?;
         eprintln!(
-            "ingest: run {i}/{}: {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}",
+            "ingest: run {i}/{} (detection {detect}): {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}",
             args.runs,
             thousands(r.deltas_per_second),
             r.seconds,
@@ -265,6 +267,8 @@ fn encode(args: &Args) -> Load {
 
 /// What one run measured.
 struct RunResult {
+    /// Detection on (the default) or off.
+    detect: bool,
     seconds: f64,
     deltas_per_second: f64,
     /// The collector's CPU time over the measured window, in % of one core.
@@ -291,10 +295,20 @@ struct CollectorProcess {
 }
 
 impl CollectorProcess {
-    fn start(bin: &Path, dir: &Path, listen: SocketAddr, metrics: SocketAddr) -> Result<Self> {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        listen: SocketAddr,
+        metrics: SocketAddr,
+        detect: bool,
+    ) -> Result<Self> {
         let config = dir.join("collector.toml");
-        std::fs::write(&config, COLLECTOR_CONFIG)
-            .with_context(|| format!("writing {}", config.display()))?;
+        let text = if detect {
+            COLLECTOR_CONFIG.to_owned()
+        } else {
+            format!("{COLLECTOR_CONFIG}[detect]\nenabled = false\n")
+        };
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut command = Command::new(bin);
         command
             .arg("run")
@@ -355,16 +369,17 @@ fn one_run(
     bin: &Path,
     load: &Load,
     args: &Args,
-    run: u32,
+    (run, detect): (u32, bool),
 ) -> Result<RunResult> {
-    let dir = TempDir::new(&format!("bench-ingest-{run}"));
+    let dir = TempDir::new(&format!("bench-ingest-{run}-{detect}"));
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     eprintln!(
-        "ingest: run {run}/{}: a fresh collector on {listen}",
-        args.runs
+        "ingest: run {run}/{}, detection {}: a fresh collector on {listen}",
+        args.runs,
+        if detect { "on" } else { "off" }
     );
-    let collector = CollectorProcess::start(bin, dir.path(), listen, metrics)?;
+    let collector = CollectorProcess::start(bin, dir.path(), listen, metrics, detect)?;
     let pid = collector.pid();
     let before =
         Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;
@@ -404,6 +419,7 @@ fn one_run(
         args.total_deltas()
     );
     Ok(RunResult {
+        detect,
         seconds,
         deltas_per_second: args.total_deltas() as f64 / seconds.max(1e-9),
         cpu_percent: 100.0 * cpu.as_secs_f64() / seconds.max(1e-9),
@@ -588,14 +604,20 @@ impl AgentStream {
     }
 }
 
-fn section(args: &Args, runs: &[RunResult]) -> Section {
+fn section(args: &Args, all: &[RunResult]) -> Section {
     let mut s = Section::new("ingest", "Collector ingest");
-    let med = |f: &dyn Fn(&RunResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let (runs, without): (Vec<&RunResult>, Vec<&RunResult>) = all.iter().partition(|r| r.detect);
+    let of = |set: &[&RunResult], f: &dyn Fn(&RunResult) -> f64| {
+        median(&set.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let med = |f: &dyn Fn(&RunResult) -> f64| of(&runs, f);
+    let med_off = |f: &dyn Fn(&RunResult) -> f64| of(&without, f);
     let shape = format!("{} x {} x {}", args.agents, args.batches, args.deltas);
     s.method = format!(
         "The real `outflow-collector` runs as its own process on loopback, with a fresh data \
-         directory for each run ({runs} runs), its default configuration except for the per-agent \
-         rate limits (off): detection on, fsync on (every group commit durable before its Acks). \
+         directory for each run ({runs} runs, each once with detection on, its default, and once \
+         with `[detect] enabled = false`), its default configuration except for the per-agent \
+         rate limits (off): fsync on (every group commit durable before its Acks). \
          {agents} agents, each one gRPC stream, send {batches} batches of {deltas} server-side \
          connection deltas, as the agent sends them: one batch per 1 s interval of batch time, \
          at most {WINDOW} unacknowledged. The batches of all agents go round {clients} distinct \
@@ -623,6 +645,7 @@ fn section(args: &Args, runs: &[RunResult]) -> Section {
     ];
     s.header = [
         "run",
+        "detection",
         "clients",
         "clients per /24",
         "agents x batches x deltas",
@@ -634,9 +657,10 @@ fn section(args: &Args, runs: &[RunResult]) -> Section {
     ]
     .map(String::from)
     .to_vec();
-    for (i, r) in runs.iter().enumerate() {
+    for (i, r) in all.iter().enumerate() {
         s.row([
-            (i + 1).to_string(),
+            (i / 2 + 1).to_string(),
+            if r.detect { "on" } else { "off" }.to_string(),
             thousands(args.clients.into()),
             args.clients_per_prefix.to_string(),
             shape.clone(),
@@ -653,17 +677,22 @@ fn section(args: &Args, runs: &[RunResult]) -> Section {
     } else {
         thousands(args.clients.into())
     };
-    s.row([
-        "median".to_string(),
-        thousands(args.clients.into()),
-        args.clients_per_prefix.to_string(),
-        shape,
-        thousands(median_deltas),
-        format!("{:.0}%", med(&|r| r.cpu_percent)),
-        sys::mib(med(&|r| r.rss as f64) as u64),
-        sys::mib(med(&|r| r.peak_rss as f64) as u64),
-        format!("{:.1}", med(&|r| r.commits / r.seconds)),
-    ]);
+    for (name, set) in [("on", &runs), ("off", &without)] {
+        let m = |f: &dyn Fn(&RunResult) -> f64| of(set, f);
+        s.row([
+            "median".to_string(),
+            name.to_string(),
+            thousands(args.clients.into()),
+            args.clients_per_prefix.to_string(),
+            shape.clone(),
+            thousands(m(&|r| r.deltas_per_second)),
+            format!("{:.0}%", m(&|r| r.cpu_percent)),
+            sys::mib(m(&|r| r.rss as f64) as u64),
+            sys::mib(m(&|r| r.peak_rss as f64) as u64),
+            format!("{:.1}", m(&|r| r.commits / r.seconds)),
+        ]);
+    }
+    let median_off = med_off(&|r| r.deltas_per_second);
     s.target(
         &format!("deltas/s applied, detection on, {clients} clients"),
         ">= 1,000,000",
@@ -673,13 +702,21 @@ fn section(args: &Args, runs: &[RunResult]) -> Section {
     let total_batches = f64::from(args.agents) * f64::from(args.batches);
     s.notes = vec![
         format!(
+            "Detection costs {:.0}% of the deltas/s at {} clients: {} deltas/s with it, {} \
+             without (medians); its judgements took {:.1} ms each, {:.1} a second of wall time.",
+            100.0 * (1.0 - median_deltas / median_off.max(1.0)),
+            thousands(args.clients.into()),
+            thousands(median_deltas),
+            thousands(median_off),
+            med(&|r| 1000.0 * r.detect_seconds / r.detect_runs.max(1.0)),
+            med(&|r| r.detect_runs / r.seconds),
+        ),
+        format!(
             "Detection and fsync on, as by default. Group commits: {:.1} per second, {:.1} batches \
-             each, {:.0} ms each; detection after each: {:.1} ms (medians over runs, from the \
-             collector's /metrics).",
+             each, {:.0} ms each (medians over runs, from the collector's /metrics).",
             med(&|r| r.commits / r.seconds),
             med(&|r| total_batches / r.commits.max(1.0)),
             med(&|r| 1000.0 * r.commit_seconds / r.commits.max(1.0)),
-            med(&|r| 1000.0 * r.detect_seconds / r.detect_runs.max(1.0)),
         ),
         format!(
             "Every delta sent was applied (`outflow_collector_deltas_total`); at the end the \

@@ -7,6 +7,7 @@
 
 mod agent_load;
 mod capture;
+mod detect;
 mod holder;
 mod ingest;
 mod object;
@@ -54,8 +55,11 @@ enum Command {
     Throughput(throughput::ThroughputArgs),
     /// The agent's CPU and memory with many live connections.
     Agent(agent_load::Args),
-    /// Collector ingest: connection deltas applied per second over gRPC, with detection on.
+    /// Collector ingest: connection deltas applied per second over gRPC, with detection on
+    /// and off.
     Ingest(ingest::Args),
+    /// The detectors' cost per judgement at 100k and 1M active clients, cohorts included.
+    Detect(detect::Args),
     /// (internal) Hold live connections open for the other benchmarks.
     #[command(hide = true)]
     Hold(holder::HoldArgs),
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Throughput(a) => throughput::run_throughput(a),
         Command::Agent(a) => agent_load::run(a),
         Command::Ingest(a) => ingest::run(a),
+        Command::Detect(a) => detect::run(a),
         Command::Requests(a) => requests::run(a),
         Command::Hold(a) => return helper("hold", holder::run_hold(a)),
         Command::HttpServe(a) => return helper("http-serve", requests::run_serve(a)),

@@ -21,7 +21,7 @@ use crate::{cmd, demo, setup, test::cargo_command};
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only these (comma-separated): packet, capture, traffic, requests, throughput,
-    /// agent, ingest, alert.
+    /// agent, ingest, detect, alert.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Fewer and shorter runs (minutes less), to check the benchmarks themselves; writes
@@ -35,7 +35,7 @@ pub struct Args {
 
 /// The benchmarks, in the order they run: `outflow-bench` subcommands with their arguments
 /// (full, quick), then the demo's time to alert.
-const BENCHES: [(&str, &[&str], &[&str]); 7] = [
+const BENCHES: [(&str, &[&str], &[&str]); 8] = [
     (
         "packet",
         &[],
@@ -61,6 +61,11 @@ const BENCHES: [(&str, &[&str], &[&str]); 7] = [
         "ingest",
         &[],
         &["--clients", "20000", "--batches", "10", "--runs", "1"],
+    ),
+    (
+        "detect",
+        &[],
+        &["--clients", "20000", "--steady-percent", "100"],
     ),
 ];
 const ALERT_RUNS: (usize, usize) = (3, 1);
@@ -97,6 +102,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "throughput",
         "agent",
         "ingest",
+        "detect",
         "alert",
     ];
     if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
