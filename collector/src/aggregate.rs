@@ -15,7 +15,7 @@ use std::{
 use outflow_proto::limits::MAX_CLIENT_ID_LEN;
 
 use crate::{
-    keys::{Group, HostId, Key, Prefix, Workload},
+    keys::{Group, HostId, Key, Net, Prefix, Workload},
     links::LinkKind,
     model::{AgentKey, Batch, Delta, Role, ValidationError},
     window::{Rollup, Totals, Window, WindowStats},
@@ -283,6 +283,8 @@ pub struct State {
     hosts: Map<HostId, Rollup>,
     workloads: Map<Workload, Rollup>,
     ids: Map<Box<str>, Rollup>,
+    /// Prefixes folded into wider networks when the key budget was full.
+    folded: Map<Net, Rollup>,
     /// Addresses with both a `Direct` and a `Proxied` key, and with both a `Direct` and a
     /// `Relayed` key: what the key counts of the client-address and peer groups count twice.
     direct_and_proxied: usize,
@@ -444,6 +446,7 @@ impl State {
             Key::Host(h) => self.hosts.get(h),
             Key::Workload(w) => self.workloads.get(w),
             Key::ClientId(id) => self.ids.get(id),
+            Key::Folded(n) => self.folded.get(n),
         }
     }
 
@@ -457,6 +460,7 @@ impl State {
             Key::Host(h) => self.hosts.get_mut(h),
             Key::Workload(w) => self.workloads.get_mut(w),
             Key::ClientId(id) => self.ids.get_mut(id),
+            Key::Folded(n) => self.folded.get_mut(n),
         }
     }
 
@@ -488,11 +492,27 @@ impl State {
                 self.direct.len() + self.proxied.len() - self.direct_and_proxied
             }
             Group::Peer => self.direct.len() + self.relayed.len() - self.direct_and_relayed,
-            Group::ClientPrefix => self.prefixes.len(),
+            Group::ClientPrefix => self.prefixes.len() + self.folded.len(),
             Group::Host => self.hosts.len(),
             Group::Workload => self.workloads.len(),
             Group::ClientId => self.ids.len(),
         }
+    }
+
+    /// The keys the key budget bounds: client addresses, peers, client ids, prefixes and
+    /// workloads (each address key once per kind).
+    pub fn budgeted_keys(&self) -> usize {
+        self.direct.len()
+            + self.proxied.len()
+            + self.relayed.len()
+            + self.ids.len()
+            + self.prefixes.len()
+            + self.workloads.len()
+    }
+
+    /// The networks prefixes were folded into.
+    pub fn folded_keys(&self) -> usize {
+        self.folded.len()
     }
 
     /// Every key with its rollup.
@@ -507,7 +527,14 @@ impl State {
             .iter()
             .map(|(k, r)| (Key::Workload(k.clone()), r));
         let i = self.ids.iter().map(|(k, r)| (Key::ClientId(k.clone()), r));
-        d.chain(x).chain(y).chain(p).chain(h).chain(w).chain(i)
+        let f = self.folded.iter().map(|(k, r)| (Key::Folded(*k), r));
+        d.chain(x)
+            .chain(y)
+            .chain(p)
+            .chain(h)
+            .chain(w)
+            .chain(i)
+            .chain(f)
     }
 
     /// Replaces (or, if it is empty, removes) the rollup of a key.
@@ -534,6 +561,7 @@ impl State {
             Key::Host(h) => drop(put_in(&mut self.hosts, h, rollup)),
             Key::Workload(w) => drop(put_in(&mut self.workloads, w, rollup)),
             Key::ClientId(id) => drop(put_in(&mut self.ids, id, rollup)),
+            Key::Folded(n) => drop(put_in(&mut self.folded, n, rollup)),
         }
     }
 
@@ -568,9 +596,27 @@ impl State {
                 top_k(each_of_both(&self.direct, &self.relayed, w, end), limit),
                 IpAddr::to_string,
             ),
-            Group::ClientPrefix => rows(top_k(each(&self.prefixes, w, end), limit), |p| {
-                p.to_string()
-            }),
+            Group::ClientPrefix => {
+                // The /24s and /64s, and the networks some were folded into: together every
+                // byte once.
+                let mut r = rows(top_k(each(&self.prefixes, w, end), limit), |p| {
+                    p.to_string()
+                });
+                if !self.folded.is_empty() {
+                    r.extend(rows(top_k(each(&self.folded, w, end), limit), |n| {
+                        n.to_string()
+                    }));
+                    r.sort_by(|a, b| {
+                        let rank = |t: &Talker| {
+                            let t = t.stats.totals;
+                            (t.response_bytes, t.request_bytes, t.connections_closed)
+                        };
+                        rank(b).cmp(&rank(a)).then_with(|| a.key.cmp(&b.key))
+                    });
+                    r.truncate(limit);
+                }
+                r
+            }
             Group::Host => rows(top_k(each(&self.hosts, w, end), limit), |h| {
                 self.host_name(*h).to_owned()
             }),

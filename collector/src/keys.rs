@@ -93,6 +93,73 @@ impl fmt::Display for Prefix {
     }
 }
 
+/// A network that stands for the /24s and /64s folded into it when the key budget was full
+/// (see `budget`): an IPv4 /16, /8 or /0, an IPv6 /48, /32, /16 or /0, stored as its network
+/// address and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Net {
+    addr: IpAddr,
+    len: u8,
+}
+
+/// The lengths a prefix folds into, narrowest first.
+const V4_FOLDS: [u8; 3] = [16, 8, 0];
+const V6_FOLDS: [u8; 4] = [48, 32, 16, 0];
+
+impl Net {
+    /// The network of `addr` with `len` bits (at most the address's), host bits cleared.
+    pub fn new(addr: IpAddr, len: u8) -> Self {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let len = len.min(32);
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from_bits(a.to_bits() & mask))
+            }
+            IpAddr::V6(a) => {
+                let len = len.min(128);
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from_bits(a.to_bits() & mask))
+            }
+        };
+        let len = len.min(if addr.is_ipv4() { 32 } else { 128 });
+        Net { addr, len }
+    }
+
+    /// The first network a /24 or /64 folds into: its /16 or /48.
+    pub fn fold_of(p: Prefix) -> Self {
+        let folds: &[u8] = if p.0.is_ipv4() { &V4_FOLDS } else { &V6_FOLDS };
+        Net::new(p.0, folds[0])
+    }
+
+    /// The next wider network a fold goes to, `None` at /0.
+    pub fn wider(self) -> Option<Self> {
+        let folds: &[u8] = if self.addr.is_ipv4() {
+            &V4_FOLDS
+        } else {
+            &V6_FOLDS
+        };
+        folds
+            .iter()
+            .find(|&&l| l < self.len)
+            .map(|&l| Net::new(self.addr, l))
+    }
+
+    /// The network address.
+    pub fn network(self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(self) -> u8 {
+        self.len
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// A serving workload: the host, the socket's cgroup and the server's process name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Workload {
@@ -115,6 +182,8 @@ pub enum Key {
     Workload(Workload),
     /// A client id as the agent sent it (at most `MAX_CLIENT_ID_LEN` characters).
     ClientId(Box<str>),
+    /// The /24s and /64s folded into a wider network when the key budget was full.
+    Folded(Net),
 }
 
 impl std::hash::Hash for Key {
@@ -138,6 +207,10 @@ impl std::hash::Hash for Key {
                 state.write_u128(u128::from(TAG_CLIENT_ID) << 64);
                 id.hash(state);
             }
+            Key::Folded(n) => {
+                state.write_u128(ip(TAG_FOLDED, n.addr));
+                state.write_u8(n.len);
+            }
         }
     }
 }
@@ -150,6 +223,7 @@ const TAG_WORKLOAD: u8 = 4;
 const TAG_PROXIED: u8 = 5;
 const TAG_RELAYED: u8 = 6;
 const TAG_CLIENT_ID: u8 = 7;
+const TAG_FOLDED: u8 = 8;
 
 fn ip_bytes(out: &mut Vec<u8>, a: IpAddr) {
     match a {
@@ -205,6 +279,11 @@ impl Key {
                 out.push(TAG_CLIENT_ID);
                 out.extend_from_slice(id.as_bytes());
             }
+            Key::Folded(n) => {
+                out.push(TAG_FOLDED);
+                out.push(n.len);
+                ip_bytes(out, n.addr);
+            }
         }
     }
 
@@ -238,6 +317,12 @@ impl Key {
             TAG_CLIENT_ID if !rest.is_empty() => std::str::from_utf8(rest)
                 .ok()
                 .map(|id| Key::ClientId(id.into())),
+            TAG_FOLDED => {
+                let (&len, addr) = rest.split_first()?;
+                let addr = ip_from(addr)?;
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                (len <= max).then(|| Key::Folded(Net::new(addr, len)))
+            }
             _ => None,
         }
     }
@@ -249,6 +334,7 @@ impl Key {
             Key::Direct(a) | Key::Proxied(a) | Key::Relayed(a) => a.to_string(),
             Key::ClientId(id) => id.to_string(),
             Key::Prefix(p) => p.to_string(),
+            Key::Folded(n) => n.to_string(),
             Key::Host(h) => host_name(*h).to_owned(),
             Key::Workload(w) => format!("{}/{}/{}", host_name(w.host), w.cgroup, w.comm),
         }
@@ -278,6 +364,8 @@ mod tests {
             Key::ClientId("é/x y".into()),
             Key::Prefix(Prefix::of("198.51.100.1".parse().unwrap())),
             Key::Prefix(Prefix::of("2001:db8::1".parse().unwrap())),
+            Key::Folded(Net::new("198.51.0.0".parse().unwrap(), 16)),
+            Key::Folded(Net::new("::".parse().unwrap(), 0)),
             Key::Host(7),
             Key::Workload(Workload {
                 host: 3,
@@ -301,9 +389,32 @@ mod tests {
             &[4, 0, 0, 0, 1, 0, 0, 0, 9, b'a'],
             &[7],
             &[7, 0xff],
+            &[8, 33, 1, 2, 3, 4],
+            &[8, 16, 1, 2, 3],
         ] {
             assert_eq!(Key::decode(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn prefixes_fold_wider_and_wider() {
+        let chain = |p: Prefix| {
+            let mut n = Some(Net::fold_of(p));
+            std::iter::from_fn(move || {
+                let cur = n?;
+                n = cur.wider();
+                Some(cur.to_string())
+            })
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            chain(Prefix::of("198.51.100.7".parse().unwrap())),
+            ["198.51.0.0/16", "198.0.0.0/8", "0.0.0.0/0"]
+        );
+        assert_eq!(
+            chain(Prefix::of("2001:db8:1:2::9".parse().unwrap())),
+            ["2001:db8:1::/48", "2001:db8::/32", "2001::/16", "::/0"]
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod aggregate;
 pub mod alerts;
 pub mod alerts_service;
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod codec;
 pub mod collector;

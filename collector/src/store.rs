@@ -158,17 +158,21 @@ impl RollupWriter<'_> {
 
 impl Store {
     /// Opens (creating if needed) `dir/collector.redb` and loads everything into a [`State`].
-    /// `fsync`: make every commit durable before it returns.
-    pub fn open(dir: &Path, fsync: bool) -> Result<(Store, State), StoreError> {
+    /// `fsync`: make every commit durable before it returns; `cache_bytes`: the most memory
+    /// redb caches pages in (its default, 1 GiB, would be most of the collector's memory).
+    pub fn open(dir: &Path, fsync: bool, cache_bytes: usize) -> Result<(Store, State), StoreError> {
         std::fs::create_dir_all(dir).map_err(|error| StoreError::CreateDir {
             path: dir.to_path_buf(),
             error,
         })?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|error| StoreError::Open {
-            path: path.clone(),
-            error,
-        })?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|error| StoreError::Open {
+                path: path.clone(),
+                error,
+            })?;
         let store = Store { db, path, fsync };
         store.init()?;
         let state = store.load()?;
@@ -420,7 +424,7 @@ mod tests {
         };
         let key = Key::Direct("203.0.113.7".parse().unwrap());
         {
-            let (store, mut state) = Store::open(dir.path(), false).unwrap();
+            let (store, mut state) = Store::open(dir.path(), false, 1 << 20).unwrap();
             let mut r = Rollup::default();
             r.add(
                 5000,
@@ -438,7 +442,7 @@ mod tests {
             store.commit(&ch).unwrap();
             ch.install(&mut state);
         }
-        let (_store, state) = Store::open(dir.path(), true).unwrap();
+        let (_store, state) = Store::open(dir.path(), true, 1 << 20).unwrap();
         assert_eq!(state.watermark(&agent), 3);
         assert_eq!(state.end_ms(), 5000);
         assert_eq!(state.host_name(0), "h0");
@@ -460,7 +464,7 @@ mod tests {
             tx.open_table(META).unwrap().insert("schema", 2).unwrap();
             tx.commit().unwrap();
         }
-        let e = Store::open(dir.path(), false).unwrap_err();
+        let e = Store::open(dir.path(), false, 1 << 20).unwrap_err();
         assert!(matches!(e, StoreError::Schema { found: 2, .. }), "{e:?}");
         let m = e.to_string();
         assert!(!m.contains('\n'), "{m}");
@@ -473,8 +477,8 @@ mod tests {
     #[test]
     fn second_open_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path(), false).unwrap();
-        let e = Store::open(dir.path(), false).unwrap_err();
+        let _first = Store::open(dir.path(), false, 1 << 20).unwrap();
+        let e = Store::open(dir.path(), false, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("collector.redb"), "{e}");
     }
 }

@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     aggregate::{BatchAggregate, Map, State},
     alerts::AlertHub,
+    budget::{Folds, KeyBudget},
+    config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
@@ -112,15 +114,24 @@ impl Writer {
         store: Store,
         state: Arc<RwLock<State>>,
         metrics: Arc<Metrics>,
-        max_batches_per_commit: usize,
-        gc_interval: Duration,
+        store_cfg: &StoreConfig,
+        limits: &LimitsConfig,
         detect: &DetectConfig,
         alerts: Arc<AlertHub>,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let mut budget = KeyBudget::new(limits.max_keys, limits.max_keys_per_agent_percent);
+        metrics
+            .key_budget
+            .set(i64::try_from(limits.max_keys).unwrap_or(i64::MAX));
         let (detector, next_judgement_ms) = {
             let st = state.read().unwrap_or_else(PoisonError::into_inner);
-            let mut d = detect.enabled.then(|| Detector::new(detect.clone(), &st));
+            budget.recount(&st);
+            let mut d = detect.enabled.then(|| {
+                let mut d = Detector::new(detect.clone(), &st);
+                d.set_max_tracks(limits.max_keys);
+                d
+            });
             if let Some(d) = &mut d {
                 match store.load_detect_state() {
                     Ok(rows) => match d.restore(rows) {
@@ -139,9 +150,10 @@ impl Writer {
             store,
             state,
             metrics,
-            max_batches: max_batches_per_commit.max(1),
-            gc_interval,
+            max_batches: store_cfg.max_batches_per_commit.max(1),
+            gc_interval: store_cfg.gc_interval,
             last_gc: Instant::now(),
+            budget,
             detector,
             next_judgement_ms,
             alerts,
@@ -267,6 +279,11 @@ impl Staging {
             self.staged.push(Staged::default());
         }
         i as usize
+    }
+
+    /// Whether `key` is staged.
+    fn contains(&self, key: &Key) -> bool {
+        self.keys.contains_key(key)
     }
 
     /// Records that `key` was seen with `addr` as `kind` in a batch at `time_ms`.
@@ -411,6 +428,8 @@ struct Worker {
     max_batches: usize,
     gc_interval: Duration,
     last_gc: Instant,
+    /// Decides which new keys are made.
+    budget: KeyBudget,
     detector: Option<Detector>,
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
@@ -490,6 +509,8 @@ impl Worker {
         let detecting = self.detector.is_some();
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let mut end_ms = st.end_ms();
+        let mut folds = Folds::default();
+        self.budget.start_group();
         for req in group {
             match req {
                 Request::Hello {
@@ -531,10 +552,21 @@ impl Worker {
                         ch.watermarks.insert(batch.agent, batch.seq);
                         end_ms = end_ms.max(agg.time_ms);
                         for (key, totals) in agg.entries {
-                            staging.add(key, agg.time_ms, agg.host, &totals);
+                            // New keys past the key budget are folded (or only counted in
+                            // their prefix).
+                            let is_new = |k: &Key| !staging.contains(k) && st.get(k).is_none();
+                            let routed = self
+                                .budget
+                                .route(&st, key, agg.host, &totals, is_new, &mut folds);
+                            if let Some(key) = routed {
+                                staging.add(key, agg.time_ms, agg.host, &totals);
+                            }
                         }
                         for (key, kind, addr) in agg.links {
-                            staging.link(key, agg.time_ms, kind, addr);
+                            // The links of a key not made go with it.
+                            if staging.contains(&key) {
+                                staging.link(key, agg.time_ms, kind, addr);
+                            }
                         }
                         Outcome::Applied
                     };
@@ -622,6 +654,11 @@ impl Worker {
                 if touched {
                     self.update_key_gauges();
                 }
+                if !folds.is_empty() {
+                    self.metrics.folded(&folds);
+                    let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+                    self.budget.note(&folds, &st);
+                }
                 if let Some(det) = self.detector.as_mut()
                     && !subjects.is_empty()
                 {
@@ -696,6 +733,14 @@ impl Worker {
         // Only this thread opens and resolves alerts.
         let open = self.alerts.open_subjects();
         let verdicts = det.judge(&st, at_ms, &open);
+        let evicted = det.take_evicted();
+        if evicted > 0 {
+            self.metrics.tracks_evicted.inc_by(evicted);
+            warn!(
+                "detection: {evicted} learnt subjects dropped (least recently judged first) to keep at most limits.max_keys = {}; they learn again if they come back",
+                self.budget.max_keys()
+            );
+        }
         let resolve_after =
             u64::try_from(det.config().resolve_after.as_millis()).unwrap_or(u64::MAX);
         let changes = self.alerts.apply(verdicts, at_ms, resolve_after, &st);
@@ -750,6 +795,8 @@ impl Worker {
             }
         }
         if ch.is_empty() {
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            self.budget.recount(&st);
             return;
         }
         let n = ch.rollups.len();
@@ -758,6 +805,7 @@ impl Worker {
             Ok(()) => {
                 let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
                 ch.install(&mut st);
+                self.budget.recount(&st);
                 drop(st);
                 self.update_key_gauges();
                 debug!("gc: pruned {n} keys in {:?}", t0.elapsed());
@@ -771,5 +819,8 @@ impl Worker {
         for g in Group::ALL {
             self.metrics.set_keys(g.name(), st.key_count(g));
         }
+        self.metrics
+            .budgeted_keys
+            .set(i64::try_from(st.budgeted_keys()).unwrap_or(i64::MAX));
     }
 }

@@ -107,6 +107,10 @@ pub struct Detector {
     dropped: Vec<Subject>,
     /// Steady clients by their traits.
     cohorts: cohort::Cohorts,
+    /// Most tracks kept (the key budget): past it, the least recently judged go first.
+    max_tracks: usize,
+    /// Tracks dropped for `max_tracks` since the last [`Detector::take_evicted`].
+    evicted: u64,
 }
 
 /// What to write to the store's `detect_state` table.
@@ -142,6 +146,8 @@ impl Detector {
             saved_ms: 0,
             dropped: Vec::new(),
             cohorts: cohort::Cohorts::default(),
+            max_tracks: usize::MAX,
+            evicted: 0,
         };
         let end = st.end_ms();
         for (key, rollup) in st.iter() {
@@ -293,13 +299,24 @@ impl Detector {
         cohorts.sort_unstable();
         cohorts.dedup();
         self.judge_cohorts(&cohorts, at_ms, open, &mut verdicts);
-        self.prune(at_ms);
+        self.prune(at_ms, open);
         verdicts
     }
 
-    /// Drops members, wide prefixes' buckets and tracks that left their windows (once per
-    /// hour).
-    fn prune(&mut self, end_ms: u64) {
+    /// Keeps at most `n` learnt subjects (checked once an hour of batch time).
+    pub fn set_max_tracks(&mut self, n: usize) {
+        self.max_tracks = n;
+    }
+
+    /// Learnt subjects dropped to stay within the most kept, since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Drops members, wide prefixes' buckets and tracks that left their windows, and the
+    /// least recently judged tracks beyond the most kept (not those with an alert `open`);
+    /// once per hour.
+    fn prune(&mut self, end_ms: u64, open: &[Subject]) {
         let hour = end_ms / HOUR_MS;
         if hour == self.last_prune_hour {
             return;
@@ -327,6 +344,24 @@ impl Detector {
             }
             kept
         });
+        if self.tracks.len() > self.max_tracks {
+            let over = self.tracks.len() - self.max_tracks;
+            let mut times: Vec<u64> = self.tracks.values().map(|t| t.last_eval_ms).collect();
+            let (_, &mut cut, _) = times.select_nth_unstable(over - 1);
+            let mut left = over;
+            let saved_ms = self.saved_ms;
+            self.tracks.retain(|s, t| {
+                if left == 0 || t.last_eval_ms > cut || open.binary_search(s).is_ok() {
+                    return true;
+                }
+                left -= 1;
+                if t.last_eval_ms <= saved_ms {
+                    dropped.push(s.clone());
+                }
+                false
+            });
+            self.evicted += (over - left) as u64;
+        }
     }
 
     /// Judges `subject` at batch time `end_ms`: verdicts for every detector that applies.
@@ -564,6 +599,30 @@ mod tests {
             .entry(Prefix::of(addr))
             .or_default()
             .add(time_ms, 0, t);
+    }
+
+    #[test]
+    fn learnt_subjects_stay_within_the_most_kept() {
+        let mut st = State::default();
+        st.add_host(0, "gpu-0".into());
+        let mut det = Detector::new(DetectConfig::default(), &st);
+        det.set_max_tracks(10);
+        let mut added = Map::default();
+        // 50 clients, one judged per hour; the prune at each new hour keeps the 10 newest.
+        for i in 0..50u64 {
+            let a = IpAddr::from([203, 0, 113, i as u8]);
+            let at = T0 + i * HOUR_MS;
+            put(&mut st, &mut added, a, at, &tot(1000, 10));
+            st.set_end_ms(at);
+            let mut v = Vec::new();
+            det.evaluate(&st, &Subject::Client(a), at, &mut v);
+            det.prune(at, &[]);
+        }
+        assert_eq!(det.tracks.len(), 10);
+        assert_eq!(det.take_evicted(), 40);
+        assert_eq!(det.take_evicted(), 0);
+        let newest = IpAddr::from([203, 0, 113, 49]);
+        assert!(det.tracks.contains_key(&Subject::Client(newest)));
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl Subject {
             Key::Prefix(p) => Some(Subject::Prefix(*p)),
             Key::Workload(w) => Some(Subject::Workload(w.clone())),
             Key::ClientId(id) => Some(Subject::ClientId(id.clone())),
-            Key::Host(_) | Key::Relayed(_) => None,
+            Key::Host(_) | Key::Relayed(_) | Key::Folded(_) => None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Integration tests of the collector: a real server (in-process on 127.0.0.1:0, or the built
 //! binary) and real gRPC clients speaking the protocol. One test binary to keep linking cheap.
 mod auth;
+mod budget;
 mod cli;
 mod common;
 mod dedup;
