@@ -63,6 +63,29 @@ fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ExportError> {
     })
 }
 
+/// Reads a secret (the token, the private key), refusing a file that group or others may read
+/// or write.
+fn read_secret(what: &'static str, path: &Path) -> Result<Vec<u8>, ExportError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|source| ExportError::ReadFile {
+        what,
+        path: path.into(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ExportError::BadFile {
+            what,
+            path: path.into(),
+            message: format!(
+                "readable or writable by group or others (mode {mode:04o}): run `chmod 600 {}`",
+                path.display()
+            ),
+        });
+    }
+    read_file(what, path)
+}
+
 /// rustls skips what it cannot parse and then reports something vague: check the PEM block
 /// is there, to name the file instead.
 fn require_pem(
@@ -131,7 +154,7 @@ pub fn prepare(cfg: &ExportConfig) -> Result<Option<Prepared>, ExportError> {
             let cert_pem = read_file(what, cert)?;
             require_pem(what, cert, &cert_pem, "CERTIFICATE-----")?;
             let what = "client key (export.tls.key)";
-            let key_pem = read_file(what, key)?;
+            let key_pem = read_secret(what, key)?;
             require_pem(what, key, &key_pem, "PRIVATE KEY-----")?;
             c = c.identity(TlsIdentity::from_pem(cert_pem, key_pem));
         }
@@ -149,7 +172,7 @@ pub fn prepare(cfg: &ExportConfig) -> Result<Option<Prepared>, ExportError> {
         None => None,
         Some(path) => {
             let what = "token file (export.token_file)";
-            let bytes = read_file(what, path)?;
+            let bytes = read_secret(what, path)?;
             let bad = |message: &str| ExportError::BadFile {
                 what,
                 path: path.clone(),
@@ -483,7 +506,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").expect("write");
-        c.token_file = Some(empty);
+        c.token_file = Some(empty.clone());
+        // Others may read it: refused before anything else.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let e = err(&c);
+            assert!(
+                e.contains("readable or writable by group or others (mode 0644)")
+                    && e.contains("chmod 600"),
+                "{e}"
+            );
+            std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }
         assert!(err(&c).contains("empty"));
 
         let mut c = cfg("https://collector.example:4317");

@@ -282,6 +282,8 @@ async fn batches_are_streamed_in_order_and_acknowledged() {
     let mut cfg = config(dir.path(), addr);
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret\n").expect("token");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     cfg.token_file = Some(token);
     let exporter = start(&cfg);
     let records = Recorder::default();
@@ -545,6 +547,8 @@ async fn a_rejected_token_is_retried_not_fatal() {
     let mut cfg = config(dir.path(), addr);
     let token = dir.path().join("token");
     std::fs::write(&token, "wrong").expect("token");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     cfg.token_file = Some(token);
     let exporter = start(&cfg);
     let mut sink = exporter.sink(Box::new(Recorder::default()));

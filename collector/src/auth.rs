@@ -1,22 +1,37 @@
-//! Who may call: a shared bearer token and/or TLS client certificates (mTLS).
+//! Who may call: bearer tokens and/or TLS client certificates (mTLS).
 //!
-//! With a token configured, every Ingest and Query call must carry
-//! `authorization: Bearer <token>`. With `tls.client_ca`, the TLS handshake asks for a client
-//! certificate and verifies any that is offered against the CA (a certificate of another CA
-//! fails the handshake); a call over a connection without one is refused with UNAUTHENTICATED.
-//! Health checking and reflection stay open (load balancers and `grpcurl` use them).
+//! Three kinds of token, each from a file of its own that only its owner may read:
+//!
+//! * agent tokens (`auth.agent_tokens_file`, a line `AGENT_ID TOKEN` each): Ingest only, and
+//!   only under that agent id (a Hello with another id gets PERMISSION_DENIED);
+//! * the read token (`auth.read_token_file`): Query and Alerts only;
+//! * the shared token (`auth.token_file`): everything, under any agent id.
+//!
+//! With any token configured, every Ingest, Query and Alerts call must carry
+//! `authorization: Bearer <token>`: an unknown token gets UNAUTHENTICATED, a known one on the
+//! wrong service PERMISSION_DENIED. Tokens are compared in constant time (`subtle`). With
+//! `tls.client_ca`, the TLS handshake asks for a client certificate and verifies any that is
+//! offered against the CA (a certificate of another CA fails the handshake); a call over a
+//! connection without one is refused with UNAUTHENTICATED. Health checking and reflection
+//! stay open (load balancers and `grpcurl` use them).
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+use subtle::ConstantTimeEq as _;
 use tonic::{
     Request, Status,
     service::Interceptor,
     transport::{Certificate, Identity, ServerTlsConfig},
 };
 
-use crate::{config::TlsConfig, error::ApiError, metrics::Metrics};
+use crate::{
+    config::{AuthConfig, TlsConfig},
+    error::ApiError,
+    metrics::Metrics,
+    model::MAX_AGENT_ID_CHARS,
+};
 
 /// A credential file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +46,15 @@ pub enum AuthError {
     Invalid {
         field: &'static str,
         path: PathBuf,
-        message: &'static str,
+        message: String,
+    },
+    #[error(
+        "{field} {path}: readable or writable by group or others (mode {mode:04o}): run `chmod 600 {path}` (and make its owner the collector's user)"
+    )]
+    Loose {
+        field: &'static str,
+        path: PathBuf,
+        mode: u32,
     },
 }
 
@@ -43,25 +66,95 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
     })
 }
 
+/// Reads a secret file (a token or a private key), refusing one that group or others may
+/// read or write.
+fn read_secret(field: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|error| AuthError::Read {
+        field,
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(AuthError::Loose {
+            field,
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    read(field, path)
+}
+
+/// Whether a token is usable: one word of visible ASCII.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be one word of visible ASCII (no spaces or line breaks inside)".into());
+    }
+    Ok(())
+}
+
 /// Reads a token file: its content without surrounding whitespace, which must be a non-empty
 /// single line of visible ASCII.
+/// Group and others must not be able to read or write it.
 pub fn load_token(field: &'static str, path: &Path) -> Result<String, AuthError> {
-    let invalid = |message| AuthError::Invalid {
+    let invalid = |message: String| AuthError::Invalid {
         field,
         path: path.to_path_buf(),
         message,
     };
-    let text = String::from_utf8(read(field, path)?).map_err(|_| invalid("not UTF-8 text"))?;
+    let text = String::from_utf8(read_secret(field, path)?)
+        .map_err(|_| invalid("not UTF-8 text".into()))?;
     let token = text.trim();
-    if token.is_empty() {
-        return Err(invalid("empty"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "must be one word of visible ASCII (no spaces or line breaks inside)",
-        ));
-    }
+    check_token(token).map_err(invalid)?;
     Ok(token.to_owned())
+}
+
+/// Reads an agent tokens file: a line `AGENT_ID TOKEN` per agent (blank lines and lines
+/// starting with `#` aside); every token used once. Group and others must not be able to
+/// read or write it.
+pub fn load_agent_tokens(
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<(String, String)>, AuthError> {
+    let invalid = |message: String| AuthError::Invalid {
+        field,
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = String::from_utf8(read_secret(field, path)?)
+        .map_err(|_| invalid("not UTF-8 text".into()))?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |m: String| invalid(format!("line {}: {m}", i + 1));
+        let mut words = line.split_ascii_whitespace();
+        let (Some(agent), Some(token), None) = (words.next(), words.next(), words.next()) else {
+            return Err(at("want `AGENT_ID TOKEN`".into()));
+        };
+        if agent.chars().count() > MAX_AGENT_ID_CHARS {
+            return Err(at(format!(
+                "agent id longer than {MAX_AGENT_ID_CHARS} characters"
+            )));
+        }
+        check_token(token).map_err(at)?;
+        if out.iter().any(|(_, t)| t == token) {
+            return Err(at(
+                "the same token as an earlier line: give every agent its own".into(),
+            ));
+        }
+        out.push((agent.to_owned(), token.to_owned()));
+    }
+    if out.is_empty() {
+        return Err(invalid("no `AGENT_ID TOKEN` line".into()));
+    }
+    Ok(out)
 }
 
 /// The tonic TLS settings for `cfg`, or `None` if TLS is off.
@@ -76,13 +169,13 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<Option<ServerTlsConfig>, AuthError>
             Err(AuthError::Invalid {
                 field,
                 path: path.to_path_buf(),
-                message: "not a PEM file",
+                message: "not a PEM file".into(),
             })
         }
     };
     let cert_pem = read("tls.cert", cert)?;
     check_pem("tls.cert", cert, &cert_pem)?;
-    let key_pem = read("tls.key", key)?;
+    let key_pem = read_secret("tls.key", key)?;
     check_pem("tls.key", key, &key_pem)?;
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
     if let Some(ca) = &cfg.client_ca {
@@ -97,25 +190,112 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<Option<ServerTlsConfig>, AuthError>
     Ok(Some(tls))
 }
 
-/// Compares in time independent of where the inputs differ.
+/// Whether two byte strings are equal, in time independent of where they differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(a.ct_eq(b))
 }
 
-/// The interceptor on Ingest and Query.
+/// What a service takes: Ingest, or reading (Query, Alerts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Read,
+}
+
+/// The agent id an agent token is bound to, put in the request's extensions for Ingest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundAgent(pub Arc<str>);
+
+/// Every token, loaded once and shared by the interceptors.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    /// `Bearer <token>` values.
+    shared: Option<Vec<u8>>,
+    read: Option<Vec<u8>>,
+    agents: Vec<(Arc<str>, Vec<u8>)>,
+}
+
+impl Tokens {
+    /// Loads the token files of `cfg` (each refused if group or others may read it).
+    pub fn load(cfg: &AuthConfig) -> Result<Tokens, AuthError> {
+        let bearer = |t: String| format!("Bearer {t}").into_bytes();
+        let one = |field, p: &Option<PathBuf>| {
+            p.as_deref()
+                .map(|p| load_token(field, p).map(bearer))
+                .transpose()
+        };
+        let agents = match &cfg.agent_tokens_file {
+            None => Vec::new(),
+            Some(p) => load_agent_tokens("auth.agent_tokens_file", p)?
+                .into_iter()
+                .map(|(a, t)| (Arc::from(a), bearer(t)))
+                .collect(),
+        };
+        let tokens = Tokens {
+            shared: one("auth.token_file", &cfg.token_file)?,
+            read: one("auth.read_token_file", &cfg.read_token_file)?,
+            agents,
+        };
+        Ok(tokens)
+    }
+
+    /// Tokens given directly (tests, examples): the shared one.
+    pub fn shared(token: &str) -> Tokens {
+        Tokens {
+            shared: Some(format!("Bearer {token}").into_bytes()),
+            ..Tokens::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shared.is_none() && self.read.is_none() && self.agents.is_empty()
+    }
+
+    /// Which token `given` is: every token is compared, each in constant time.
+    fn find(&self, given: &[u8]) -> Option<Found> {
+        let mut found = None;
+        if self.shared.as_deref().is_some_and(|t| same(given, t)) {
+            found = Some(Found::Shared);
+        }
+        if self.read.as_deref().is_some_and(|t| same(given, t)) {
+            found = found.or(Some(Found::Read));
+        }
+        for (agent, t) in &self.agents {
+            if same(given, t) {
+                found = found.or_else(|| Some(Found::Agent(agent.clone())));
+            }
+        }
+        found
+    }
+}
+
+enum Found {
+    Shared,
+    Read,
+    Agent(Arc<str>),
+}
+
+/// The interceptor of one service: Ingest, or the reading ones.
 #[derive(Debug, Clone)]
 pub struct Auth {
-    /// The expected `authorization` value, `Bearer <token>`.
-    expected: Option<Arc<[u8]>>,
+    tokens: Arc<Tokens>,
+    role: Role,
     require_client_cert: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Auth {
-    /// Requires `token` if given, and a verified client certificate if `require_client_cert`.
-    pub fn new(token: Option<&str>, require_client_cert: bool, metrics: Arc<Metrics>) -> Self {
+    /// Requires one of `tokens` that may take `role` if any is configured, and a verified
+    /// client certificate if `require_client_cert`.
+    pub fn new(
+        tokens: Arc<Tokens>,
+        role: Role,
+        require_client_cert: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            expected: token.map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
+            tokens,
+            role,
             require_client_cert,
             metrics,
         }
@@ -123,34 +303,49 @@ impl Auth {
 
     /// Whether any check is configured.
     pub fn is_open(&self) -> bool {
-        self.expected.is_none() && !self.require_client_cert
+        self.tokens.is_empty() && !self.require_client_cert
     }
 
-    /// Checks one call.
-    pub fn check<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
+    /// Checks one call; for Ingest with an agent token, the agent id it is bound to.
+    pub fn check<T>(&self, request: &Request<T>) -> Result<Option<BoundAgent>, ApiError> {
         if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
             return Err(ApiError::Unauthenticated(
                 "a client certificate signed by the collector's client CA is required",
             ));
         }
-        if let Some(expected) = &self.expected {
-            let Some(given) = request.metadata().get("authorization") else {
-                return Err(ApiError::Unauthenticated(
-                    "missing `authorization: Bearer <token>` metadata",
-                ));
-            };
-            if !same(given.as_bytes(), expected) {
-                return Err(ApiError::Unauthenticated("invalid bearer token"));
-            }
+        if self.tokens.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        let Some(given) = request.metadata().get("authorization") else {
+            return Err(ApiError::Unauthenticated(
+                "missing `authorization: Bearer <token>` metadata",
+            ));
+        };
+        match (self.tokens.find(given.as_bytes()), self.role) {
+            (None, _) => Err(ApiError::Unauthenticated("invalid bearer token")),
+            (Some(Found::Shared), _) | (Some(Found::Read), Role::Read) => Ok(None),
+            (Some(Found::Agent(a)), Role::Ingest) => Ok(Some(BoundAgent(a))),
+            (Some(Found::Agent(_)), Role::Read) => Err(ApiError::PermissionDenied(
+                "an agent's token may only ingest: read with the token of auth.read_token_file"
+                    .into(),
+            )),
+            (Some(Found::Read), Role::Ingest) => Err(ApiError::PermissionDenied(
+                "the read token may not ingest: agents use their own token (auth.agent_tokens_file)"
+                    .into(),
+            )),
+        }
     }
 }
 
 impl Interceptor for Auth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         match self.check(&request) {
-            Ok(()) => Ok(request),
+            Ok(bound) => {
+                if let Some(b) = bound {
+                    request.extensions_mut().insert(b);
+                }
+                Ok(request)
+            }
             Err(e) => {
                 if let Some(reason) = e.reject_reason() {
                     self.metrics.reject(reason);
@@ -165,35 +360,121 @@ impl Interceptor for Auth {
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn with(token: &str) -> Request<()> {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    }
+
     #[test]
     fn token_checks() {
         let m = Arc::new(Metrics::new());
-        let auth = Auth::new(Some("s3cret"), false, m.clone());
-        let mut req = Request::new(());
-        assert!(auth.check(&req).is_err());
-        req.metadata_mut()
-            .insert("authorization", "Bearer s3cre".parse().unwrap());
-        assert!(auth.check(&req).is_err());
-        req.metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(auth.check(&req).is_ok());
-        assert!(Auth::new(None, false, m.clone()).is_open());
-        assert!(Auth::new(None, true, m).check(&Request::new(())).is_err());
+        let auth = Auth::new(
+            Arc::new(Tokens::shared("s3cret")),
+            Role::Ingest,
+            false,
+            m.clone(),
+        );
+        assert!(auth.check(&Request::new(())).is_err());
+        assert!(auth.check(&with("s3cre")).is_err());
+        assert_eq!(auth.check(&with("s3cret")).unwrap(), None);
+        let none = Arc::new(Tokens::default());
+        assert!(Auth::new(none.clone(), Role::Read, false, m.clone()).is_open());
+        assert!(
+            Auth::new(none, Role::Read, true, m)
+                .check(&Request::new(()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn each_token_has_its_role_and_an_agent_token_its_agent() {
+        let m = Arc::new(Metrics::new());
+        let tokens = Arc::new(Tokens {
+            shared: None,
+            read: Some(b"Bearer r".to_vec()),
+            agents: vec![
+                (Arc::from("gpu-1"), b"Bearer a1".to_vec()),
+                (Arc::from("gpu-2"), b"Bearer a2".to_vec()),
+            ],
+        });
+        let ingest = Auth::new(tokens.clone(), Role::Ingest, false, m.clone());
+        let read = Auth::new(tokens, Role::Read, false, m);
+        assert_eq!(
+            ingest.check(&with("a2")).unwrap(),
+            Some(BoundAgent(Arc::from("gpu-2")))
+        );
+        let denied = |r: Result<_, ApiError>| matches!(r, Err(ApiError::PermissionDenied(_)));
+        assert!(denied(ingest.check(&with("r"))));
+        assert!(denied(read.check(&with("a1"))));
+        assert_eq!(read.check(&with("r")).unwrap(), None);
+        assert!(matches!(
+            read.check(&with("x")),
+            Err(ApiError::Unauthenticated(_))
+        ));
+    }
+
+    fn private(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn secret_files_only_their_owner_may_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        private(&p, "abc\n");
+        assert_eq!(load_token("auth.token_file", &p).unwrap(), "abc");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = load_token("auth.token_file", &p).unwrap_err().to_string();
+        assert!(
+            e.contains("readable or writable by group or others (mode 0640)")
+                && e.contains("chmod 600"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn agent_tokens_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agents");
+        let f = "auth.agent_tokens_file";
+        private(&p, "# fleet\ngpu-1 tok1\n\n  gpu-2\ttok2  \n");
+        assert_eq!(
+            load_agent_tokens(f, &p).unwrap(),
+            [
+                ("gpu-1".into(), "tok1".into()),
+                ("gpu-2".into(), "tok2".into())
+            ]
+        );
+        for (text, want) in [
+            ("gpu-1 tok1\ngpu-2 tok1\n", "line 2: the same token"),
+            ("gpu-1\n", "line 1: want `AGENT_ID TOKEN`"),
+            ("gpu-1 a b\n", "line 1: want"),
+            ("# nothing\n", "no `AGENT_ID TOKEN` line"),
+        ] {
+            private(&p, text);
+            let e = load_agent_tokens(f, &p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]
     fn token_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
-        std::fs::write(&p, " abc\n").unwrap();
+        private(&p, " abc\n");
         assert_eq!(load_token("auth.token_file", &p).unwrap(), "abc");
-        std::fs::write(&p, "\n").unwrap();
+        private(&p, "\n");
         let e = load_token("auth.token_file", &p).unwrap_err().to_string();
         assert!(
             e.starts_with("auth.token_file ") && e.ends_with(": empty"),
             "{e}"
         );
-        std::fs::write(&p, "a b").unwrap();
+        private(&p, "a b");
         assert!(load_token("auth.token_file", &p).is_err());
         let e = load_token("auth.token_file", &dir.path().join("nope")).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");

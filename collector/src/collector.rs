@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use crate::{
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
     alerts::AlertHub,
+    auth::BoundAgent,
     config::{Config, LimitsConfig},
     error::ApiError,
     keys::{Group, HostId},
@@ -72,7 +73,7 @@ impl Collector {
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<Collector, OpenError> {
-        let (store, state) = Store::open(dir, config.store.fsync)?;
+        let (store, state) = Store::open(dir, config.store.fsync, config.store.cache_bytes)?;
         let alerts = Arc::new(AlertHub::new());
         alerts.load(store.load_alerts()?, &state, &metrics);
         let state = Arc::new(RwLock::new(state));
@@ -80,8 +81,8 @@ impl Collector {
             store,
             state.clone(),
             metrics.clone(),
-            config.store.max_batches_per_commit,
-            config.store.gc_interval,
+            &config.store,
+            &config.limits,
             &config.detect,
             alerts.clone(),
         )
@@ -98,9 +99,16 @@ impl Collector {
 
     /// A new agent stream's protocol state.
     pub fn session(self: &Arc<Self>) -> Session {
+        self.session_for(None)
+    }
+
+    /// A new agent stream's protocol state; with `bound`, its Hello must name that agent id
+    /// (the one its token was issued to).
+    pub fn session_for(self: &Arc<Self>, bound: Option<BoundAgent>) -> Session {
         Session {
             collector: self.clone(),
             agent: None,
+            bound,
         }
     }
 
@@ -202,6 +210,7 @@ struct SessionAgent {
 pub struct Session {
     collector: Arc<Collector>,
     agent: Option<SessionAgent>,
+    bound: Option<BoundAgent>,
 }
 
 /// The answer to a message, possibly still waiting for its commit.
@@ -268,6 +277,14 @@ impl Session {
             return Err(ApiError::OutOfOrder("second Hello on the stream"));
         }
         let hello = Hello::try_from(h)?;
+        if let Some(BoundAgent(id)) = &self.bound
+            && *id != hello.agent.agent_id
+        {
+            return Err(ApiError::PermissionDenied(format!(
+                "this token is agent {id:?}'s: it may not send as agent {:?}",
+                hello.agent.agent_id
+            )));
+        }
         let c = &self.collector;
         let reply = c
             .writer

@@ -60,12 +60,20 @@ impl Default for Config {
     }
 }
 
-/// Bearer-token authentication of agents and query clients.
+/// Bearer-token authentication of agents and readers (see `auth`). Every file must be
+/// readable by its owner only (mode 600 or 400).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// File holding the shared token (surrounding whitespace ignored). Every Ingest and Query
-    /// call must then carry `authorization: Bearer <token>`.
+    /// File of a line `AGENT_ID TOKEN` per agent: the token may ingest, only under that
+    /// agent id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_tokens_file: Option<PathBuf>,
+    /// File holding the read token (surrounding whitespace ignored): Query and Alerts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_token_file: Option<PathBuf>,
+    /// File holding a shared token that may do everything, under any agent id (simple
+    /// setups; prefer agent tokens and a read token).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
 }
@@ -112,7 +120,27 @@ pub struct LimitsConfig {
     pub deltas_per_second: f64,
     /// Per agent: deltas that may arrive at once; at least `max_deltas_per_batch`.
     pub delta_burst: u64,
+    /// Most keys held of client addresses, peers, client ids, /24 and /64 prefixes and
+    /// workloads together: what bounds the collector's memory whatever the agents send. Past
+    /// it a new key is folded, counted and logged: a new address is counted only in its
+    /// prefix, a new prefix in a wider network (/16, /8, /0; /48, /32, /16, /0), a new
+    /// workload in its host's `(folded)` one. Totals stay exact at the coarser level. The
+    /// detectors learn at most as many subjects.
+    pub max_keys: usize,
+    /// The share of `max_keys`, in percent, that the keys one host serves may take: one agent
+    /// cannot take the whole budget.
+    pub max_keys_per_agent_percent: u8,
+    /// Ingest streams open at once from one IP address, at most (an agent uses one).
+    pub max_streams_per_peer: usize,
+    /// How long a new Ingest stream may stay silent before its Hello.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
 }
+
+/// The default key budget: the collector's resident memory stays under 1 GiB whatever the
+/// agents send (measured by `outflow-bench ingest` with 10 million distinct clients; see
+/// BENCHMARKS.md).
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -124,6 +152,10 @@ impl Default for LimitsConfig {
             batch_burst: 1000,
             deltas_per_second: 1_000_000.0,
             delta_burst: 2_000_000,
+            max_keys: DEFAULT_MAX_KEYS,
+            max_keys_per_agent_percent: 50,
+            max_streams_per_peer: 64,
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +173,9 @@ pub struct StoreConfig {
     /// How often rollups that left every window are dropped from memory and disk.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Memory the store caches its pages in, bytes. Queries read memory, not the store, so
+    /// this only speeds up commits.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -149,6 +184,7 @@ impl Default for StoreConfig {
             fsync: true,
             max_batches_per_commit: 512,
             gc_interval: Duration::from_secs(60),
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -189,10 +225,14 @@ impl Config {
                 format!("same address as `listen` ({})", self.listen),
             ));
         }
-        if let Some(p) = &self.auth.token_file
-            && p.as_os_str().is_empty()
-        {
-            return Err(invalid("auth.token_file", "must not be empty"));
+        for (field, p) in [
+            ("auth.token_file", &self.auth.token_file),
+            ("auth.read_token_file", &self.auth.read_token_file),
+            ("auth.agent_tokens_file", &self.auth.agent_tokens_file),
+        ] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(invalid(field, "must not be empty"));
+            }
         }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(invalid("tls.key", "required with tls.cert")),
@@ -247,6 +287,36 @@ impl Config {
                 ),
             ));
         }
+        if !(1_000..=1 << 32).contains(&l.max_keys) {
+            return Err(invalid(
+                "limits.max_keys",
+                format!("must be between 1000 and 4294967296 (got {})", l.max_keys),
+            ));
+        }
+        if !(1..=100).contains(&l.max_keys_per_agent_percent) {
+            return Err(invalid(
+                "limits.max_keys_per_agent_percent",
+                format!(
+                    "must be between 1 and 100 (got {})",
+                    l.max_keys_per_agent_percent
+                ),
+            ));
+        }
+        if l.max_streams_per_peer == 0 {
+            return Err(invalid("limits.max_streams_per_peer", "must be at least 1"));
+        }
+        if l.hello_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "limits.hello_timeout",
+                format!("must be at least 100ms (got {:?})", l.hello_timeout),
+            ));
+        }
+        if self.store.cache_bytes < 1 << 20 {
+            return Err(invalid(
+                "store.cache_bytes",
+                format!("must be at least 1048576 (got {})", self.store.cache_bytes),
+            ));
+        }
         if self.store.max_batches_per_commit == 0 {
             return Err(invalid(
                 "store.max_batches_per_commit",
@@ -296,6 +366,20 @@ mod tests {
         assert!(e.to_string().contains("lissen"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "[tls]\ncertificate = \"x\"").unwrap_err();
         assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn the_readmes_config_is_valid_and_says_the_default_limits() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("```toml\nlisten = ")
+            .expect("the config example")
+            + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let c = Config::parse(Path::new("README.md"), &readme[start..start + len]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.store, StoreConfig::default());
     }
 
     #[test]

@@ -20,12 +20,18 @@ pub enum ApiError {
     /// Above the agent's rate limit (RESOURCE_EXHAUSTED).
     #[error("agent {agent}: rate limit: {limit}")]
     RateLimited { agent: String, limit: String },
+    /// More Ingest streams of one peer than allowed (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    TooManyStreams(String),
     /// A message above the size limit (RESOURCE_EXHAUSTED).
     #[error("{0}")]
     TooLarge(String),
     /// No valid token or client certificate (UNAUTHENTICATED).
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// A valid credential that may not do this (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The asked-for key is not held (NOT_FOUND).
     #[error("{0}")]
     NotFound(String),
@@ -61,7 +67,9 @@ impl ApiError {
             ApiError::OutOfOrder(_) => Some("failed_precondition"),
             ApiError::RateLimited { .. } => Some("rate_limited"),
             ApiError::TooLarge(_) => Some("too_large"),
+            ApiError::TooManyStreams(_) => Some("too_many_streams"),
             ApiError::Unauthenticated(_) => Some("unauthenticated"),
+            ApiError::PermissionDenied(_) => Some("permission_denied"),
             ApiError::NotFound(_)
             | ApiError::ShuttingDown
             | ApiError::Store(_)
@@ -77,8 +85,11 @@ impl From<ApiError> for Status {
             ApiError::Invalid(_) => Status::invalid_argument(msg),
             ApiError::Malformed(_) => Status::invalid_argument(msg),
             ApiError::OutOfOrder(_) => Status::failed_precondition(msg),
-            ApiError::RateLimited { .. } | ApiError::TooLarge(_) => Status::resource_exhausted(msg),
+            ApiError::RateLimited { .. } | ApiError::TooLarge(_) | ApiError::TooManyStreams(_) => {
+                Status::resource_exhausted(msg)
+            }
             ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ApiError::PermissionDenied(_) => Status::permission_denied(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::ShuttingDown | ApiError::Store(_) => Status::unavailable(msg),
             ApiError::Transport(status) => status,
@@ -100,6 +111,10 @@ mod tests {
         assert_eq!(code(ApiError::OutOfOrder("x")), Code::FailedPrecondition);
         assert_eq!(code(ApiError::Unauthenticated("x")), Code::Unauthenticated);
         assert_eq!(code(ApiError::NotFound("x".into())), Code::NotFound);
+        assert_eq!(
+            code(ApiError::PermissionDenied("x".into())),
+            Code::PermissionDenied
+        );
         assert_eq!(
             code(ApiError::TooLarge("x".into())),
             Code::ResourceExhausted

@@ -11,8 +11,10 @@
 //! UNAVAILABLE.
 use std::{
     convert::Infallible,
-    sync::Arc,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use log::{debug, info};
@@ -27,8 +29,11 @@ use tonic::{
 };
 
 use crate::{
+    aggregate::Map,
+    auth::BoundAgent,
     codec::AgentCodec,
-    collector::{Collector, Pending},
+    collector::{Collector, Pending, Session},
+    config::LimitsConfig,
     error::ApiError,
 };
 
@@ -42,60 +47,143 @@ pub struct IngestService {
     shutdown: CancellationToken,
     max_message_bytes: usize,
     max_deltas: usize,
+    hello_timeout: Duration,
+    peers: Arc<PeerStreams>,
+}
+
+/// Ingest streams open per peer address, and the most allowed.
+#[derive(Debug)]
+struct PeerStreams {
+    open: Mutex<Map<IpAddr, usize>>,
+    max: usize,
+}
+
+/// One open stream of a peer: counted while it lives.
+struct PeerSlot {
+    peers: Arc<PeerStreams>,
+    addr: IpAddr,
+}
+
+impl PeerStreams {
+    /// A slot for a new stream of `addr`, or `None` if it has `max` open already.
+    fn take(self: &Arc<Self>, addr: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(addr).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .peers
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
 }
 
 impl IngestService {
-    /// The service over `collector`; streams end when `shutdown` is cancelled.
+    /// The service over `collector` with the stream limits of `limits`; streams end when
+    /// `shutdown` is cancelled.
     pub fn new(
         collector: Arc<Collector>,
         shutdown: CancellationToken,
-        max_message_bytes: usize,
-        max_deltas: usize,
+        limits: &LimitsConfig,
     ) -> Self {
         Self {
             collector,
             shutdown,
-            max_message_bytes,
-            max_deltas,
+            max_message_bytes: limits.max_message_bytes,
+            max_deltas: limits.max_deltas_per_batch,
+            hello_timeout: limits.hello_timeout,
+            peers: Arc::new(PeerStreams {
+                open: Mutex::new(Map::default()),
+                max: limits.max_streams_per_peer,
+            }),
         }
     }
 
     fn stream(
         &self,
         request: tonic::Request<Streaming<AgentMessage>>,
-    ) -> ReceiverStream<Result<CollectorMessage, Status>> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "?".to_owned(), |a| a.to_string());
+    ) -> Result<ReceiverStream<Result<CollectorMessage, Status>>, Status> {
+        let remote = request.remote_addr();
+        let peer = remote.map_or_else(|| "?".to_owned(), |a| a.to_string());
+        let slot = match remote {
+            Some(a) => match self.peers.take(a.ip().to_canonical()) {
+                Some(slot) => Some(slot),
+                None => {
+                    let e = ApiError::TooManyStreams(format!(
+                        "{} Ingest streams from {} are open already (limits.max_streams_per_peer)",
+                        self.peers.max,
+                        a.ip()
+                    ));
+                    info!("peer {peer}: refused: {e}");
+                    if let Some(reason) = e.reject_reason() {
+                        self.collector.metrics().reject(reason);
+                    }
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        // An agent token (auth) binds the stream to its agent id.
+        let bound = request.extensions().get::<BoundAgent>().cloned();
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         let (ptx, prx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(ack(prx, tx, self.collector.clone()));
-        tokio::spawn(read(
-            self.collector.clone(),
-            self.shutdown.clone(),
-            request.into_inner(),
-            ptx,
-            peer,
-        ));
-        ReceiverStream::new(rx)
+        let session = self.collector.session_for(bound);
+        let stream = Inbound {
+            messages: request.into_inner(),
+            hello_timeout: self.hello_timeout,
+            _slot: slot,
+        };
+        tokio::spawn(read(session, self.shutdown.clone(), stream, ptx, peer));
+        Ok(ReceiverStream::new(rx))
     }
+}
+
+/// A stream's messages, what the Hello must come within, and the stream's peer slot.
+struct Inbound {
+    messages: Streaming<AgentMessage>,
+    hello_timeout: Duration,
+    _slot: Option<PeerSlot>,
 }
 
 /// Takes the stream's messages in order until it ends, fails, or the collector shuts down.
 async fn read(
-    collector: Arc<Collector>,
+    mut session: Session,
     shutdown: CancellationToken,
-    mut inbound: Streaming<AgentMessage>,
+    mut inbound: Inbound,
     pending: mpsc::Sender<Result<Pending, ApiError>>,
     peer: String,
 ) {
-    let mut session = collector.session();
+    let hello_by = tokio::time::Instant::now() + inbound.hello_timeout;
     let end = loop {
         let msg = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Some(ApiError::ShuttingDown),
             () = pending.closed() => break None,
-            m = inbound.message() => m,
+            () = tokio::time::sleep_until(hello_by), if session.agent().is_none() => {
+                break Some(ApiError::OutOfOrder(
+                    "no Hello within limits.hello_timeout: a stream must start with a Hello",
+                ));
+            }
+            m = inbound.messages.message() => m,
         };
         let step = match msg {
             Ok(Some(m)) => session.begin(m).await,
@@ -163,7 +251,7 @@ impl StreamingService<AgentMessage> for StreamSvc {
 
     fn call(&mut self, request: tonic::Request<Streaming<AgentMessage>>) -> Self::Future {
         let stream = self.0.stream(request);
-        Box::pin(async move { Ok(tonic::Response::new(stream)) })
+        Box::pin(async move { Ok(tonic::Response::new(stream?)) })
     }
 }
 

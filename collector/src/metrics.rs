@@ -6,12 +6,17 @@
 //! | `outflow_collector_batches_total` | counter | batches applied |
 //! | `outflow_collector_deltas_total` | counter | deltas (records) of applied batches |
 //! | `outflow_collector_duplicate_batches_total` | counter | batches acknowledged without applying (already applied) |
-//! | `outflow_collector_rejects_total{reason}` | counter | calls refused: `unauthenticated`, `invalid_argument`, `failed_precondition`, `rate_limited`, `too_large` |
+//! | `outflow_collector_rejects_total{reason}` | counter | calls refused: `unauthenticated`, `permission_denied`, `invalid_argument`, `failed_precondition`, `rate_limited`, `too_large`, `too_many_streams` |
 //! | `outflow_collector_lost_batches_total` | counter | batches agents reported lost (spool full) |
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
 //! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
 //! | `outflow_collector_keys{group}` | gauge | keys held per group (`client-address`, `client-prefix`, `host`, `workload`, `client-id`, `peer`) |
+//! | `outflow_collector_key_budget` | gauge | `limits.max_keys`: the most budgeted keys held |
+//! | `outflow_collector_budgeted_keys` | gauge | keys held that count against it (addresses, peers, ids, prefixes, workloads) |
+//! | `outflow_collector_folded_keys_total{kind}` | counter | new keys not made past the budget: `address` (counted in its prefix), `prefix` (in a wider network), `workload` (in its host's `(folded)` one) |
+//! | `outflow_collector_folded_response_bytes_total{kind}` | counter | response bytes those keys carried, counted at the coarser level only |
+//! | `outflow_collector_detect_tracks_evicted_total` | counter | learnt subjects dropped (least recently judged first) to keep the detectors within the key budget |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
@@ -43,6 +48,12 @@ pub struct GroupLabel {
     pub group: &'static str,
 }
 
+/// Label of the fold metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FoldLabel {
+    pub kind: &'static str,
+}
+
 /// Label of the alert metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectorLabel {
@@ -62,6 +73,11 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
     pub keys: Family<GroupLabel, Gauge>,
+    pub key_budget: Gauge,
+    pub budgeted_keys: Gauge,
+    pub folded_keys: Family<FoldLabel, Counter>,
+    pub folded_bytes: Family<FoldLabel, Counter>,
+    pub tracks_evicted: Counter,
     pub alerts_opened: Family<DetectorLabel, Counter>,
     pub alerts_resolved: Family<DetectorLabel, Counter>,
     pub alerts_open: Family<DetectorLabel, Gauge>,
@@ -90,6 +106,11 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             keys: Family::default(),
+            key_budget: Gauge::default(),
+            budgeted_keys: Gauge::default(),
+            folded_keys: Family::default(),
+            folded_bytes: Family::default(),
+            tracks_evicted: Counter::default(),
             alerts_opened: Family::default(),
             alerts_resolved: Family::default(),
             alerts_open: Family::default(),
@@ -133,6 +154,31 @@ impl Metrics {
         );
         registry.register("keys", "Keys held, by group", m.keys.clone());
         registry.register(
+            "key_budget",
+            "limits.max_keys: the most keys of addresses, peers, ids, prefixes and workloads held",
+            m.key_budget.clone(),
+        );
+        registry.register(
+            "budgeted_keys",
+            "Keys held that count against limits.max_keys",
+            m.budgeted_keys.clone(),
+        );
+        registry.register(
+            "folded_keys",
+            "New keys not made past the key budget, by kind (counted at a coarser level)",
+            m.folded_keys.clone(),
+        );
+        registry.register(
+            "folded_response_bytes",
+            "Response bytes of folded keys, counted at the coarser level only, by kind",
+            m.folded_bytes.clone(),
+        );
+        registry.register(
+            "detect_tracks_evicted",
+            "Learnt subjects dropped to keep the detectors within the key budget",
+            m.tracks_evicted.clone(),
+        );
+        registry.register(
             "alerts_opened",
             "Alerts opened, by detector",
             m.alerts_opened.clone(),
@@ -166,6 +212,20 @@ impl Metrics {
         self.keys
             .get_or_create(&GroupLabel { group })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts keys folded past the key budget.
+    pub fn folded(&self, folds: &crate::budget::Folds) {
+        for kind in crate::budget::FoldKind::ALL {
+            let i = kind.index();
+            if folds.keys[i] > 0 {
+                let l = FoldLabel { kind: kind.name() };
+                self.folded_keys.get_or_create(&l).inc_by(folds.keys[i]);
+                self.folded_bytes
+                    .get_or_create(&l)
+                    .inc_by(folds.response_bytes[i]);
+            }
+        }
     }
 
     /// Counts an opened alert.

@@ -26,7 +26,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     alerts_service::AlertsService,
-    auth::{self, Auth, AuthError},
+    auth::{self, Auth, AuthError, Role},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
     ingest::IngestService,
@@ -84,19 +84,17 @@ impl Server {
     /// Validates `config`, opens the store, binds both addresses and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         config.validate()?;
-        let token = config
-            .auth
-            .token_file
-            .as_deref()
-            .map(|p| auth::load_token("auth.token_file", p))
-            .transpose()?;
+        let tokens = Arc::new(auth::Tokens::load(&config.auth)?);
         let tls = auth::server_tls(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
-        let auth = Auth::new(
-            token.as_deref(),
-            config.tls.client_ca.is_some(),
-            metrics.clone(),
-        );
+        let need_cert = config.tls.client_ca.is_some();
+        let ingest_auth = Auth::new(tokens.clone(), Role::Ingest, need_cert, metrics.clone());
+        let auth = Auth::new(tokens, Role::Read, need_cert, metrics.clone());
+        if config.auth.token_file.is_some() {
+            info!(
+                "auth.token_file: one token may ingest under any agent id and read; auth.agent_tokens_file and auth.read_token_file keep them apart"
+            );
+        }
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -143,12 +141,7 @@ impl Server {
             })
             .ok();
 
-        let ingest = IngestService::new(
-            collector.clone(),
-            shutdown.clone(),
-            config.limits.max_message_bytes,
-            config.limits.max_deltas_per_batch,
-        );
+        let ingest = IngestService::new(collector.clone(), shutdown.clone(), &config.limits);
         let query = QueryServer::new(QueryService::new(collector.clone()));
         let alerts = AlertsServer::new(AlertsService::new(
             collector.alerts().clone(),
@@ -156,16 +149,20 @@ impl Server {
         ));
         let open = auth.is_open();
 
+        // A connection that stops answering pings is dropped; one connection holds at most 64
+        // streams and calls at once.
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(64))
+            .concurrency_limit_per_connection(64);
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).map_err(StartError::Tls)?;
         }
         let router = builder
             .add_service(health_service)
             .add_optional_service(reflection)
-            .add_service(InterceptedService::new(ingest, auth.clone()))
+            .add_service(InterceptedService::new(ingest, ingest_auth))
             .add_service(InterceptedService::new(query, auth.clone()))
             .add_service(InterceptedService::new(alerts, auth));
         let incoming = TcpIncoming::from(listener)
@@ -201,7 +198,7 @@ impl Server {
         ));
         if open {
             warn!(
-                "no auth.token_file and no tls.client_ca: ingest and query are open to anyone who can reach {}",
+                "no auth token files and no tls.client_ca: ingest and query are open to anyone who can reach {}",
                 addr
             );
         }

@@ -15,10 +15,99 @@ use tonic::{
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_and_read_tokens_are_apart_and_an_agent_token_is_bound_to_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("data"));
+    cfg.auth.agent_tokens_file = Some(write(
+        dir.path(),
+        "agents",
+        "# agent id, token\ngpu-1 tok-one\ngpu-2 tok-two\n",
+    ));
+    cfg.auth.read_token_file = Some(write(dir.path(), "read", "tok-read\n"));
+    let server = start(cfg.clone()).await;
+    let u = url(&server);
+    let stats = |token: &'static str| {
+        let u = u.clone();
+        async move {
+            let mut req = tonic::Request::new(v1::ClientStatsRequest {
+                client: "192.0.2.1".into(),
+            });
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            query(&u).await.client_stats(req).await
+        }
+    };
+
+    // An agent token ingests under its own id...
+    let mut a = Agent::open(channel(&u).await, Some("tok-one"))
+        .await
+        .unwrap();
+    a.hello("gpu-1", 1, "gpu-1").await.unwrap();
+    let b = batch(1, now_ms(), vec![delta([192, 0, 2, 1], 5, 5, false)]);
+    assert_eq!(a.batch(b).await.unwrap(), 1);
+    a.close().await;
+    // ...and no other.
+    let mut a = Agent::open(channel(&u).await, Some("tok-two"))
+        .await
+        .unwrap();
+    let e = a.hello("gpu-1", 1, "gpu-1").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("agent \"gpu-2\"'s"), "{e:?}");
+    // An agent token cannot read, the read token cannot ingest.
+    let e = stats("tok-one").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = Agent::open(channel(&u).await, Some("tok-read"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = stats("tok-nope").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let r = stats("tok-read").await.unwrap().into_inner();
+    assert_eq!(r.windows[0].response_bytes, 5);
+    // The alerts are reading too.
+    let mut req = tonic::Request::new(v1::ListAlertsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer tok-one".parse().unwrap());
+    let e = v1::alerts_client::AlertsClient::new(channel(&u).await)
+        .list(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // The Hello of another agent, the reads and the ingest: each counted.
+    let text = metrics(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "outflow_collector_rejects_total{reason=\"permission_denied\"} "
+        ),
+        4.0,
+        "{text}"
+    );
+    server.shutdown().await.unwrap();
+
+    // A token file others may read is refused, in one line that says what to do.
+    let loose = write(dir.path(), "loose", "tok\n");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    cfg.auth.read_token_file = Some(loose.clone());
+    let e = outflow_collector::Server::start(cfg).await.err().unwrap();
+    let e = e.to_string();
+    assert!(
+        e.contains("auth.read_token_file")
+            && e.contains("mode 0644")
+            && e.contains(&format!("chmod 600 {}", loose.display()))
+            && !e.contains('\n'),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_is_required() {
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let token_file = write(dir.path(), "token", "s3cret-token\n");
     let mut cfg = config(&dir.path().join("data"));
     cfg.auth.token_file = Some(token_file.clone());
     let server = start(cfg).await;
@@ -131,9 +220,12 @@ fn leaf(ca: &Ca, name: &str, server: bool) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// Writes a file only its owner may read (as the collector wants secrets).
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 

@@ -201,3 +201,53 @@ async fn rate_limit_gives_resource_exhausted() {
     assert_eq!(b.batch(batch(1, t, vec![])).await.unwrap(), 1);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_hold_more_streams_than_allowed_nor_a_silent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.max_streams_per_peer = 2;
+    cfg.limits.hello_timeout = std::time::Duration::from_millis(300);
+    let server = start(cfg).await;
+    let u = url(&server);
+
+    let mut a = Agent::connect(&u).await;
+    a.hello("agent-1", 1, "gpu-1").await.unwrap();
+    let mut b = Agent::connect(&u).await;
+    b.hello("agent-2", 1, "gpu-2").await.unwrap();
+    let e = Agent::open(channel(&u).await, None).await.err().unwrap();
+    check(&e, Code::ResourceExhausted, "limits.max_streams_per_peer");
+    // A stream that ends frees its place.
+    b.close().await;
+    let mut c = Agent::connect(&u).await;
+    c.hello("agent-3", 1, "gpu-3").await.unwrap();
+    c.close().await;
+
+    // A stream that never says Hello is ended, and frees its place too.
+    let mut silent = Agent::connect(&u).await;
+    let s = silent.next().await.unwrap_err();
+    check(
+        &s,
+        Code::FailedPrecondition,
+        "no Hello within limits.hello_timeout",
+    );
+    let mut d = Agent::connect(&u).await;
+    d.hello("agent-4", 1, "gpu-4").await.unwrap();
+    let text = metrics(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "outflow_collector_rejects_total{reason=\"too_many_streams\"} "
+        ),
+        1.0
+    );
+    // The first stream, idle after its Hello all along, still works.
+    let t = now_ms() - 1000;
+    assert_eq!(
+        a.batch(batch(1, t, vec![delta([203, 0, 113, 9], 5, 1, false)]))
+            .await
+            .unwrap(),
+        1
+    );
+    server.shutdown().await.unwrap();
+}
