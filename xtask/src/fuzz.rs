@@ -1,11 +1,15 @@
-//! `cargo xtask fuzz [--seconds N] [TARGET ...]`: the attribution parsers under libFuzzer.
+//! `cargo xtask fuzz [--seconds N] [TARGET ...]`: the parsers of untrusted bytes under
+//! libFuzzer.
 //!
 //! The PROXY, HTTP head and forwarding-header parsers and the per-turn resolver read bytes that
-//! anyone who can connect to an inference host chooses. Their fuzz targets live in
-//! `attribution/fuzz/` (a cargo-fuzz project outside the workspace: nightly and sanitizers).
-//! This installs cargo-fuzz if missing and runs each target for a bounded time with a fixed
-//! seed; `cargo xtask test` runs it too, briefly. A crash fails the command and leaves the
-//! input in `attribution/fuzz/artifacts/<target>/`.
+//! anyone who can connect to an inference host chooses (targets in `attribution/fuzz/`); the
+//! collector decodes, validates, folds and stores what any agent sends, and reads its config
+//! file (targets in `collector/fuzz/`). Each is a cargo-fuzz project outside the workspace
+//! (nightly and sanitizers). This installs cargo-fuzz if missing and runs each target for a
+//! bounded time with a fixed seed, from the checked-in seeds in `<project>/seeds/<target>/`
+//! if there are any; `cargo xtask test` runs it too, briefly. A crash fails the command and
+//! leaves the input in `<project>/artifacts/<target>/`; a crash found becomes a regression
+//! test beside the code it broke.
 
 use std::process::Command;
 
@@ -13,8 +17,17 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
-/// Every fuzz target of `attribution/fuzz`.
-pub const TARGETS: [&str; 4] = ["proxy", "http", "forwarded", "turn"];
+/// Every fuzz target, with the cargo-fuzz project it is in.
+const PROJECTS: [(&str, &str); 6] = [
+    ("proxy", "attribution/fuzz"),
+    ("http", "attribution/fuzz"),
+    ("forwarded", "attribution/fuzz"),
+    ("turn", "attribution/fuzz"),
+    ("ingest", "collector/fuzz"),
+    ("config", "collector/fuzz"),
+];
+/// Every fuzz target.
+pub const TARGETS: [&str; 6] = ["proxy", "http", "forwarded", "turn", "ingest", "config"];
 /// cargo-fuzz release installed when missing (0.13 builds with the stable toolchain here).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -23,7 +36,7 @@ pub struct Args {
     /// How long each target runs
     #[arg(long, default_value_t = 60)]
     seconds: u32,
-    /// Targets to run [default: all: proxy, http, forwarded, turn]
+    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, config]
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
 }
@@ -40,13 +53,22 @@ pub fn run(args: &Args) -> Result<()> {
 /// Runs `targets` for `seconds` each; an error names the first target that found a crash.
 pub fn run_targets(targets: &[&str], seconds: u32) -> Result<()> {
     ensure_cargo_fuzz()?;
-    let dir = cmd::workspace_root().join("attribution/fuzz");
     for t in targets {
+        let Some((_, project)) = PROJECTS.iter().find(|(name, _)| name == t) else {
+            bail!("no fuzz target `{t}`");
+        };
+        let dir = cmd::workspace_root().join(project);
         let mut c = nightly_cargo();
-        c.current_dir(&dir).args([
-            "fuzz",
-            "run",
-            t,
+        c.current_dir(&dir).args(["fuzz", "run", t]);
+        let seeds = dir.join("seeds").join(t);
+        if seeds.is_dir() {
+            // New inputs go to the first directory (not checked in); the seeds are read only.
+            let corpus = dir.join("corpus").join(t);
+            std::fs::create_dir_all(&corpus)
+                .with_context(|| format!("creating {}", corpus.display()))?;
+            c.arg(&corpus).arg(&seeds);
+        }
+        c.args([
             "--",
             &format!("-max_total_time={seconds}"),
             "-seed=1",
