@@ -10,6 +10,7 @@
 //! | `outflow_collector_lost_batches_total` | counter | batches agents reported lost (spool full) |
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
+//! | `outflow_collector_store_failures_total` | counter | writes the store could not make (full disk, I/O error): their batches were refused with UNAVAILABLE, not applied; the store is reopened before the next |
 //! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
 //! | `outflow_collector_keys{group}` | gauge | keys held per group (`client-address`, `client-prefix`, `host`, `workload`, `client-id`, `peer`) |
 //! | `outflow_collector_key_budget` | gauge | `limits.max_keys`: the most budgeted keys held |
@@ -72,6 +73,7 @@ pub struct Metrics {
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
+    pub store_failures: Counter,
     pub keys: Family<GroupLabel, Gauge>,
     pub key_budget: Gauge,
     pub budgeted_keys: Gauge,
@@ -105,6 +107,7 @@ impl Metrics {
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            store_failures: Counter::default(),
             keys: Family::default(),
             key_budget: Gauge::default(),
             budgeted_keys: Gauge::default(),
@@ -151,6 +154,11 @@ impl Metrics {
             "commit_batches",
             "Batches per write transaction",
             m.commit_batches.clone(),
+        );
+        registry.register(
+            "store_failures",
+            "Writes the store could not make (their batches refused, not applied)",
+            m.store_failures.clone(),
         );
         registry.register("keys", "Keys held, by group", m.keys.clone());
         registry.register(

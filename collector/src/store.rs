@@ -122,9 +122,11 @@ impl Changes {
 
 /// The open database.
 pub struct Store {
-    db: Database,
+    /// `None` only while it is reopened.
+    db: Option<Database>,
     path: PathBuf,
     fsync: bool,
+    cache_bytes: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -156,6 +158,17 @@ impl RollupWriter<'_> {
     }
 }
 
+/// Opens (creating if needed) the database file at `path`.
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|error| StoreError::Open {
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
 impl Store {
     /// Opens (creating if needed) `dir/collector.redb` and loads everything into a [`State`].
     /// `fsync`: make every commit durable before it returns; `cache_bytes`: the most memory
@@ -166,17 +179,30 @@ impl Store {
             error,
         })?;
         let path = dir.join(DB_FILE);
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .map_err(|error| StoreError::Open {
-                path: path.clone(),
-                error,
-            })?;
-        let store = Store { db, path, fsync };
+        let db = open_db(&path, cache_bytes)?;
+        let store = Store {
+            db: Some(db),
+            path,
+            fsync,
+            cache_bytes,
+        };
         store.init()?;
         let state = store.load()?;
         Ok((store, state))
+    }
+
+    /// The database (an error only if a reopen failed: it is closed then).
+    fn db(&self) -> Result<&Database, redb::Error> {
+        self.db.as_ref().ok_or(redb::Error::PreviousIo)
+    }
+
+    /// Closes the database and opens it again. After a failed write (a full disk, an I/O
+    /// error) redb refuses every transaction until then; what it holds is what the last
+    /// commit wrote.
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        self.db = None;
+        self.db = Some(open_db(&self.path, self.cache_bytes)?);
+        Ok(())
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -195,7 +221,10 @@ impl Store {
 
     /// Creates the tables and checks the schema version.
     fn init(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self
+            .db()
+            .and_then(|d| Ok(d.begin_write()?))
+            .map_err(|e| self.err(e))?;
         {
             let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
             let found = meta
@@ -225,7 +254,7 @@ impl Store {
 
     fn load(&self) -> Result<State, StoreError> {
         let e = |x: redb::Error| self.err(x);
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let tx = self.db().and_then(|d| Ok(d.begin_read()?)).map_err(e)?;
         let mut state = State::default();
         let meta = tx.open_table(META).map_err(|x| e(x.into()))?;
         if let Some(v) = meta.get("end_ms").map_err(|x| e(x.into()))? {
@@ -279,7 +308,7 @@ impl Store {
     /// Every stored alert.
     pub fn load_alerts(&self) -> Result<Vec<outflow_proto::v1::Alert>, StoreError> {
         let e = |x: redb::Error| self.err(x);
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let tx = self.db().and_then(|d| Ok(d.begin_read()?)).map_err(e)?;
         let table = tx.open_table(ALERTS).map_err(|x| e(x.into()))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|x| e(x.into()))? {
@@ -294,7 +323,7 @@ impl Store {
     /// Every row of the detectors' state.
     pub fn load_detect_state(&self) -> Result<Vec<Row>, StoreError> {
         let e = |x: redb::Error| self.err(x);
-        let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let tx = self.db().and_then(|d| Ok(d.begin_read()?)).map_err(e)?;
         let table = tx.open_table(DETECT_STATE).map_err(|x| e(x.into()))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|x| e(x.into()))? {
@@ -324,7 +353,7 @@ impl Store {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
         let run = || -> Result<(), redb::Error> {
-            let mut tx = self.db.begin_write()?;
+            let mut tx = self.db()?.begin_write()?;
             if !self.fsync {
                 tx.set_durability(Durability::None)?;
             }
@@ -382,7 +411,7 @@ impl Store {
         changes: &Changes,
         rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
     ) -> Result<(), redb::Error> {
-        let mut tx = self.db.begin_write()?;
+        let mut tx = self.db()?.begin_write()?;
         if !self.fsync {
             tx.set_durability(Durability::None)?;
         }

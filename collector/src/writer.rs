@@ -154,6 +154,7 @@ impl Writer {
             gc_interval: store_cfg.gc_interval,
             last_gc: Instant::now(),
             budget,
+            store_failed: false,
             detector,
             next_judgement_ms,
             alerts,
@@ -421,6 +422,17 @@ fn spill_of<'a>(spill: &'a mut Vec<Spill>, at: &mut Option<u32>) -> &'a mut Spil
     &mut spill[i]
 }
 
+/// Reopens the store if a write failed since it was opened (redb refuses every transaction
+/// after an I/O error, a full disk included, until then).
+fn reopen_if_failed(store: &mut Store, failed: &mut bool) -> Result<(), StoreError> {
+    if *failed {
+        store.reopen()?;
+        *failed = false;
+        warn!("store reopened after a failed write: committing again");
+    }
+    Ok(())
+}
+
 struct Worker {
     store: Store,
     state: Arc<RwLock<State>>,
@@ -430,6 +442,8 @@ struct Worker {
     last_gc: Instant,
     /// Decides which new keys are made.
     budget: KeyBudget,
+    /// A write failed: the store is reopened before the next one.
+    store_failed: bool,
     detector: Option<Detector>,
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
@@ -585,7 +599,9 @@ impl Worker {
             ch.end_ms = Some(end_ms);
         }
         staging.sorted(&mut staged);
-        let result = if ch.is_empty() && staged.is_empty() {
+        let result = if let Err(e) = reopen_if_failed(&mut self.store, &mut self.store_failed) {
+            Err(e)
+        } else if ch.is_empty() && staged.is_empty() {
             Ok(())
         } else {
             let t0 = Instant::now();
@@ -697,9 +713,11 @@ impl Worker {
             }
             Err(e) => {
                 error!(
-                    "store commit failed, {} requests refused: {e}",
+                    "store commit failed, {} requests refused (their agents send them again): {e}",
                     replies.len()
                 );
+                self.store_failed = true;
+                self.metrics.store_failures.inc();
                 let e = Arc::new(e);
                 for r in replies {
                     match r {
@@ -749,7 +767,11 @@ impl Worker {
             match self.store.put_alerts(&changes.upserts, &changes.deletes) {
                 Ok(()) => {}
                 // The alerts stay in memory and are written with their next change.
-                Err(e) => error!("store alerts: {e}"),
+                Err(e) => {
+                    error!("store alerts: {e}");
+                    self.store_failed = true;
+                    self.metrics.store_failures.inc();
+                }
             }
             self.alerts.publish(&changes, &self.metrics);
         }
@@ -771,6 +793,8 @@ impl Worker {
         if let Err(e) = self.store.put_detect_state(&snap.puts, &snap.deletes) {
             // Learnt again after a restart; the next save writes what changed after this one.
             error!("store detection state: {e}");
+            self.store_failed = true;
+            self.metrics.store_failures.inc();
         }
     }
 
@@ -810,7 +834,11 @@ impl Worker {
                 self.update_key_gauges();
                 debug!("gc: pruned {n} keys in {:?}", t0.elapsed());
             }
-            Err(e) => error!("gc: store commit failed: {e}"),
+            Err(e) => {
+                error!("gc: store commit failed: {e}");
+                self.store_failed = true;
+                self.metrics.store_failures.inc();
+            }
         }
     }
 

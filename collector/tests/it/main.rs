@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod dedup;
 mod detect;
+mod faults;
 mod fleet;
 mod gateway;
 mod hostile;

@@ -1,0 +1,143 @@
+//! Faults of the collector's own machine: its data directory full. Batches it cannot commit are
+//! refused with UNAVAILABLE and not applied; when space returns it commits again (without a
+//! restart), the refused batch sent again is applied once, and the totals are exact.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use outflow_proto::v1;
+use tonic::Code;
+
+use crate::common::*;
+
+/// A tmpfs of `size` mounted on a new directory, unmounted on drop. Needs root, as the whole
+/// suite does (`cargo xtask test` runs it as root): without it the test fails, it never skips.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs on {} failed (the fault tests run as root: cargo xtask test): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system of `path` with a file there; returns it.
+fn fill(dir: &Path) -> PathBuf {
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+            Err(e) => panic!("filling {}: {e}", p.display()),
+        }
+    }
+    // What is left in the last, partial block.
+    while f.write_all(&[0]).is_ok() {}
+    p
+}
+
+/// A batch of `n` server deltas from distinct clients (numbered from `first`), `bytes` each.
+fn wide(seq: u64, t: u64, first: u32, n: u32, bytes: u64) -> v1::Batch {
+    let deltas = (first..first + n)
+        .map(|i| delta((0x0b00_0000 + i * 7).to_be_bytes(), bytes, 1, false))
+        .collect();
+    batch(seq, t, deltas)
+}
+
+async fn host_total(u: &str) -> u64 {
+    let top = top(u, v1::GroupBy::Host, v1::Window::Window24h, 10).await;
+    top.talkers.iter().map(|t| t.response_bytes).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_directory_refuses_batches_and_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("data"), "6m");
+    let mut cfg = config(&fs.0);
+    cfg.detect.enabled = false;
+    cfg.store.cache_bytes = 1 << 20;
+    let server = start(cfg.clone()).await;
+    let u = url(&server);
+    let t = now_ms() - 60_000;
+
+    let mut a = Agent::connect(&u).await;
+    a.hello("agent-f", 1, "gpu-f").await.unwrap();
+    a.batch(wide(1, t, 0, 100, 10)).await.unwrap();
+    let mut acked = 100 * 10;
+    let filler = fill(&fs.0);
+
+    // New keys need new pages: with the disk full, a commit fails.
+    let mut refused = None;
+    for seq in 2..=400u64 {
+        let b = wide(seq, t + seq, (seq as u32) * 1000, 1000, 3);
+        match a.batch(b.clone()).await {
+            Ok(s) => {
+                assert_eq!(s, seq);
+                acked += 1000 * 3;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(e.message().contains("store"), "{e:?}");
+                eprintln!("batch {seq} refused: {e:?}");
+                refused = Some(b);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the full disk never refused a batch");
+    // Nothing of it was applied; the collector goes on answering.
+    assert_eq!(host_total(&u).await, acked);
+    let text = metrics(&server).await;
+    assert!(
+        metric(&text, "outflow_collector_store_failures_total ") >= 1.0,
+        "{text}"
+    );
+
+    // Space returns: the same batch, sent again, is applied once.
+    std::fs::remove_file(&filler).unwrap();
+    let mut a = Agent::connect(&u).await;
+    let applied = a.hello("agent-f", 1, "gpu-f").await.unwrap();
+    assert_eq!(applied, refused.seq - 1);
+    let seq = refused.seq;
+    assert_eq!(a.batch(refused.clone()).await.unwrap(), seq);
+    acked += 1000 * 3;
+    assert_eq!(
+        a.batch(refused).await.unwrap(),
+        seq,
+        "a duplicate is acknowledged"
+    );
+    assert_eq!(host_total(&u).await, acked);
+
+    // And all of it is on disk.
+    server.shutdown().await.unwrap();
+    let server = start(cfg).await;
+    assert_eq!(host_total(&url(&server)).await, acked);
+    server.shutdown().await.unwrap();
+}
