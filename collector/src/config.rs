@@ -140,7 +140,7 @@ pub struct LimitsConfig {
 /// The default key budget: the collector's resident memory stays under 1 GiB whatever the
 /// agents send (measured by `outflow-bench ingest` with 10 million distinct clients; see
 /// BENCHMARKS.md).
-pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+pub const DEFAULT_MAX_KEYS: usize = 300_000;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -154,7 +154,7 @@ impl Default for LimitsConfig {
             delta_burst: 2_000_000,
             max_keys: DEFAULT_MAX_KEYS,
             max_keys_per_agent_percent: 50,
-            max_streams_per_peer: 64,
+            max_streams_per_peer: 1024,
             hello_timeout: Duration::from_secs(10),
         }
     }
