@@ -13,7 +13,7 @@ use log::info;
 use outflow_proto::v1::{
     self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
@@ -50,6 +50,10 @@ impl From<WriteError> for ApiError {
 
 /// Limiters kept for agents without a stream are dropped beyond this many.
 const LIMITERS_KEPT: usize = 4096;
+/// Deltas of all streams folded and waiting for their commit, at most: past it, streams wait
+/// before taking their next batch (HTTP/2 flow control holds the agents back), so the memory
+/// of queued batches is bounded however many agents send at once (about 80 bytes a delta).
+pub const MAX_QUEUED_DELTAS: u32 = 2_000_000;
 
 /// The aggregates, their store and the ingest rules.
 #[derive(Debug)]
@@ -60,6 +64,8 @@ pub struct Collector {
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
     limiters: Mutex<Map<Arc<str>, Arc<Mutex<AgentLimiter>>>>,
+    /// [`MAX_QUEUED_DELTAS`] permits: a batch holds one per delta until it is answered.
+    queued: Arc<Semaphore>,
 }
 
 impl Collector {
@@ -94,6 +100,7 @@ impl Collector {
             metrics,
             limits: config.limits.clone(),
             limiters: Mutex::new(Map::default()),
+            queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
         })
     }
 
@@ -222,6 +229,8 @@ pub enum Pending {
     Batch {
         seq: u64,
         rx: oneshot::Receiver<Result<Outcome, WriteError>>,
+        /// Its place among the queued deltas, given back with the answer.
+        queued: OwnedSemaphorePermit,
     },
 }
 
@@ -230,7 +239,7 @@ impl Pending {
     pub async fn finish(self) -> Result<CollectorMessage, ApiError> {
         match self {
             Pending::Ready(m) => Ok(m),
-            Pending::Batch { seq, rx } => {
+            Pending::Batch { seq, rx, .. } => {
                 rx.await.map_err(|_| ApiError::ShuttingDown)??;
                 Ok(CollectorMessage {
                     msg: Some(collector_message::Msg::Ack(v1::Ack { seq })),
@@ -329,6 +338,15 @@ impl Session {
                 limit,
             })?;
         let seq = batch.seq;
+        // Waits while the queue is full (at most a batch's worth: MAX_DELTAS_PER_BATCH is far
+        // under MAX_QUEUED_DELTAS).
+        let n = u32::try_from(batch.deltas.len()).unwrap_or(MAX_QUEUED_DELTAS);
+        let queued = c
+            .queued
+            .clone()
+            .acquire_many_owned(n.min(MAX_QUEUED_DELTAS))
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
         let request = BatchRequest {
             agent: agent.key.clone(),
             seq,
@@ -337,6 +355,6 @@ impl Session {
             aggregate: aggregate(&batch, agent.host),
         };
         let rx = c.writer.submit(request).await?;
-        Ok(Pending::Batch { seq, rx })
+        Ok(Pending::Batch { seq, rx, queued })
     }
 }
