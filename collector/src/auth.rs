@@ -86,6 +86,21 @@ fn read_secret(field: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
     read(field, path)
 }
 
+/// A secret text file, and how to report what is wrong inside it.
+fn read_secret_text(
+    field: &'static str,
+    path: &Path,
+) -> Result<(String, impl Fn(String) -> AuthError), AuthError> {
+    let invalid = move |message: String| AuthError::Invalid {
+        field,
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = String::from_utf8(read_secret(field, path)?)
+        .map_err(|_| invalid("not UTF-8 text".into()))?;
+    Ok((text, invalid))
+}
+
 /// Whether a token is usable: one word of visible ASCII.
 fn check_token(token: &str) -> Result<(), String> {
     if token.is_empty() {
@@ -101,13 +116,7 @@ fn check_token(token: &str) -> Result<(), String> {
 /// single line of visible ASCII.
 /// Group and others must not be able to read or write it.
 pub fn load_token(field: &'static str, path: &Path) -> Result<String, AuthError> {
-    let invalid = |message: String| AuthError::Invalid {
-        field,
-        path: path.to_path_buf(),
-        message,
-    };
-    let text = String::from_utf8(read_secret(field, path)?)
-        .map_err(|_| invalid("not UTF-8 text".into()))?;
+    let (text, invalid) = read_secret_text(field, path)?;
     let token = text.trim();
     check_token(token).map_err(invalid)?;
     Ok(token.to_owned())
@@ -120,13 +129,7 @@ pub fn load_agent_tokens(
     field: &'static str,
     path: &Path,
 ) -> Result<Vec<(String, String)>, AuthError> {
-    let invalid = |message: String| AuthError::Invalid {
-        field,
-        path: path.to_path_buf(),
-        message,
-    };
-    let text = String::from_utf8(read_secret(field, path)?)
-        .map_err(|_| invalid("not UTF-8 text".into()))?;
+    let (text, invalid) = read_secret_text(field, path)?;
     let mut out: Vec<(String, String)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
