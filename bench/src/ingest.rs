@@ -76,18 +76,25 @@ pub struct Args {
     /// Runs, each against a fresh collector; the figures are their median.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// The collector's key budget (`[limits] max_keys`; default: the collector's default). The
+    /// throughput runs set it above the keys they make, so that every key is kept.
+    #[arg(long)]
+    max_keys: Option<u64>,
 }
 
 impl Args {
     fn command(&self) -> String {
         format!(
-            "sudo target/release/outflow-bench ingest --clients {} --clients-per-prefix {} --agents {} --batches {} --deltas {} --runs {}",
+            "sudo target/release/outflow-bench ingest --clients {} --clients-per-prefix {} --agents {} --batches {} --deltas {} --runs {}{}",
             self.clients,
             self.clients_per_prefix,
             self.agents,
             self.batches,
             self.deltas,
-            self.runs
+            self.runs,
+            self.max_keys
+                .map(|k| format!(" --max-keys {k}"))
+                .unwrap_or_default()
         )
     }
 
@@ -301,13 +308,16 @@ impl CollectorProcess {
         listen: SocketAddr,
         metrics: SocketAddr,
         detect: bool,
+        max_keys: Option<u64>,
     ) -> Result<Self> {
         let config = dir.join("collector.toml");
-        let text = if detect {
-            COLLECTOR_CONFIG.to_owned()
-        } else {
-            format!("{COLLECTOR_CONFIG}[detect]\nenabled = false\n")
-        };
+        let mut text = COLLECTOR_CONFIG.to_owned();
+        if let Some(k) = max_keys {
+            text += &format!("max_keys = {k}\n");
+        }
+        if !detect {
+            text += "[detect]\nenabled = false\n";
+        }
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut command = Command::new(bin);
         command
@@ -379,7 +389,8 @@ fn one_run(
         args.runs,
         if detect { "on" } else { "off" }
     );
-    let collector = CollectorProcess::start(bin, dir.path(), listen, metrics, detect)?;
+    let collector =
+        CollectorProcess::start(bin, dir.path(), listen, metrics, detect, args.max_keys)?;
     let pid = collector.pid();
     let before =
         Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;

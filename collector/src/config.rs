@@ -140,7 +140,7 @@ pub struct LimitsConfig {
 /// The default key budget: the collector's resident memory stays under 1 GiB whatever the
 /// agents send (measured by `outflow-bench ingest` with 10 million distinct clients; see
 /// BENCHMARKS.md).
-pub const DEFAULT_MAX_KEYS: usize = 300_000;
+pub const DEFAULT_MAX_KEYS: usize = 150_000;
 
 impl Default for LimitsConfig {
     fn default() -> Self {

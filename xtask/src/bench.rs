@@ -59,8 +59,17 @@ const BENCHES: [(&str, &[&str], &[&str]); 8] = [
     ),
     (
         "ingest",
-        &[],
-        &["--clients", "20000", "--batches", "10", "--runs", "1"],
+        &["--max-keys", "1000000"],
+        &[
+            "--clients",
+            "20000",
+            "--batches",
+            "10",
+            "--runs",
+            "1",
+            "--max-keys",
+            "1000000",
+        ],
     ),
     (
         "detect",
