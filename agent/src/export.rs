@@ -510,6 +510,8 @@ mod tests {
         // Others may read it: refused before anything else.
         {
             use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
             let e = err(&c);
             assert!(
                 e.contains("readable or writable by group or others (mode 0644)")
