@@ -787,6 +787,7 @@ mod tests {
             batches: 3,
             deltas: 300,
             runs: 1,
+            max_keys: None,
         };
         let mut clients: Vec<Vec<u8>> = (1..=2)
             .flat_map(|s| (0..2).map(move |a| (a, s)))
