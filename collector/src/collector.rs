@@ -9,7 +9,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use log::info;
+use log::{info, warn};
 use outflow_proto::v1::{
     self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
 };
@@ -27,7 +27,7 @@ use crate::{
     ratelimit::AgentLimiter,
     store::{Store, StoreError},
     window::{Window, WindowStats},
-    writer::{BatchRequest, Outcome, WriteError, Writer},
+    writer::{BatchRequest, Gaps, Outcome, WriteError, Writer},
 };
 
 /// The collector could not start.
@@ -115,6 +115,7 @@ impl Collector {
         Session {
             collector: self.clone(),
             agent: None,
+            shift_warned: false,
             bound,
         }
     }
@@ -218,6 +219,8 @@ pub struct Session {
     collector: Arc<Collector>,
     agent: Option<SessionAgent>,
     bound: Option<BoundAgent>,
+    /// A batch of this stream was moved back in time (its agent's clock is ahead).
+    shift_warned: bool,
 }
 
 /// The answer to a message, possibly still waiting for its commit.
@@ -328,6 +331,16 @@ impl Session {
             ));
         };
         let batch = Batch::from_wire(b, &c.batch_limits())?;
+        if batch.shifted_ms > 0 {
+            c.metrics.shifted_batches.inc();
+            if !self.shift_warned {
+                self.shift_warned = true;
+                warn!(
+                    "agent {}: batch {} ends {} ms beyond this collector's clock plus limits.max_clock_skew: applied at the latest time allowed (is the agent's clock ahead?); outflow_collector_shifted_batches_total counts such batches",
+                    agent.key.agent_id, batch.seq, batch.shifted_ms
+                );
+            }
+        }
         agent
             .limiter
             .lock()
@@ -351,7 +364,11 @@ impl Session {
             agent: agent.key.clone(),
             seq,
             deltas: batch.deltas.len(),
-            lost_batches: batch.lost_batches,
+            gaps: Gaps {
+                lost_batches: batch.lost_batches,
+                lost_response_bytes: batch.lost.bytes_out,
+                unattributed_response_bytes: batch.overflow.bytes_out,
+            },
             aggregate: aggregate(&batch, agent.host),
         };
         let rx = c.writer.submit(request).await?;

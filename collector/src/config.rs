@@ -109,7 +109,8 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Most deltas in one batch (at most the protocol's 100000).
     pub max_deltas_per_batch: usize,
-    /// How far a batch's `end_ms` may be ahead of the collector's clock ("0s": no check).
+    /// How far a batch's `end_ms` may be ahead of the collector's clock ("0s": no check); a
+    /// batch further ahead is applied at the latest time allowed, and counted.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
     /// Per agent: sustained batches per second (0: unlimited).

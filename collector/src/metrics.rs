@@ -8,6 +8,9 @@
 //! | `outflow_collector_duplicate_batches_total` | counter | batches acknowledged without applying (already applied) |
 //! | `outflow_collector_rejects_total{reason}` | counter | calls refused: `unauthenticated`, `permission_denied`, `invalid_argument`, `failed_precondition`, `rate_limited`, `too_large`, `too_many_streams` |
 //! | `outflow_collector_lost_batches_total` | counter | batches agents reported lost (spool full) |
+//! | `outflow_collector_shifted_batches_total` | counter | batches whose `end_ms` was beyond the collector's clock plus `limits.max_clock_skew`: applied at the latest time allowed |
+//! | `outflow_collector_lost_response_bytes_total` | counter | response bytes of those batches |
+//! | `outflow_collector_unattributed_response_bytes_total` | counter | response bytes agents counted for connections their kernel table had no slot for (in no client's totals) |
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
 //! | `outflow_collector_store_failures_total` | counter | writes the store could not make (full disk, I/O error): their batches were refused with UNAVAILABLE, not applied; the store is reopened before the next |
@@ -70,6 +73,9 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub rejects: Family<ReasonLabel, Counter>,
     pub lost_batches: Counter,
+    pub lost_response_bytes: Counter,
+    pub shifted_batches: Counter,
+    pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
@@ -104,6 +110,9 @@ impl Metrics {
             duplicates: Counter::default(),
             rejects: Family::default(),
             lost_batches: Counter::default(),
+            lost_response_bytes: Counter::default(),
+            shifted_batches: Counter::default(),
+            unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
@@ -137,6 +146,21 @@ impl Metrics {
             "lost_batches",
             "Batches agents reported lost",
             m.lost_batches.clone(),
+        );
+        registry.register(
+            "lost_response_bytes",
+            "Response bytes of the batches agents reported lost",
+            m.lost_response_bytes.clone(),
+        );
+        registry.register(
+            "shifted_batches",
+            "Batches ahead of the collector's clock by more than the allowed skew, applied at the latest time allowed",
+            m.shifted_batches.clone(),
+        );
+        registry.register(
+            "unattributed_response_bytes",
+            "Response bytes agents counted without a connection slot, in no client's totals",
+            m.unattributed_response_bytes.clone(),
         );
         registry.register_with_unit(
             "ingest_lag",

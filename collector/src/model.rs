@@ -167,6 +167,9 @@ pub struct Batch {
     pub seq: u64,
     pub start_ms: u64,
     pub end_ms: u64,
+    /// How far back its times were moved: its `end_ms` was this far beyond the latest allowed
+    /// ([`BatchLimits::latest_end_ms`]).
+    pub shifted_ms: u64,
     pub deltas: Vec<Delta>,
     pub overflow: Counters,
     pub lost_batches: u64,
@@ -428,18 +431,17 @@ impl Batch {
                 format!("{} is after the year 3000", b.end_ms),
             ));
         }
-        if let Some(latest) = limits.latest_end_ms
-            && b.end_ms > latest
-        {
-            return Err(ValidationError::new(
-                "end_ms",
-                format!(
-                    "{} is {} ms ahead of the collector's clock, more than the allowed skew",
-                    b.end_ms,
-                    b.end_ms.saturating_sub(latest)
-                ),
-            ));
-        }
+        // A batch from a clock ahead of ours by more than the allowed skew is applied at the
+        // latest time allowed, not refused: refusing it would stop its agent for good (every
+        // later batch waits behind it), and its bytes are real. A hostile agent gains nothing:
+        // its times can still not run ahead.
+        let shifted_ms = limits
+            .latest_end_ms
+            .map_or(0, |latest| b.end_ms.saturating_sub(latest));
+        let (start_ms, end_ms) = (
+            b.start_ms.saturating_sub(shifted_ms),
+            b.end_ms - shifted_ms,
+        );
         if b.deltas.len() > limits.max_deltas {
             return Err(ValidationError::new(
                 "deltas",
@@ -457,8 +459,9 @@ impl Batch {
         }
         Ok(Self {
             seq: b.seq,
-            start_ms: b.start_ms,
-            end_ms: b.end_ms,
+            start_ms,
+            end_ms,
+            shifted_ms,
             deltas,
             overflow: b.overflow.map(Counters::from).unwrap_or_default(),
             lost_batches: b.lost_batches,
@@ -576,15 +579,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "deltas: 3 deltas, at most 2");
-        let e = Batch::from_wire(
-            batch(vec![]),
+        // Ahead of the collector's clock: moved back, not refused.
+        let mut b = batch(vec![]);
+        (b.start_ms, b.end_ms) = (1900, 2000);
+        let b = Batch::from_wire(
+            b,
             &BatchLimits {
                 max_deltas: 2,
                 latest_end_ms: Some(1500),
             },
         )
-        .unwrap_err();
-        assert_eq!(e.field, "end_ms");
+        .unwrap();
+        assert_eq!((b.start_ms, b.end_ms, b.shifted_ms), (1400, 1500, 500));
         let mut d = good_delta();
         d.remote_addr = vec![0; 16];
         assert!(err(batch(vec![d])).starts_with("deltas[0].remote_addr: :: and local_addr"));

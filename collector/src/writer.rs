@@ -72,9 +72,20 @@ pub struct BatchRequest {
     pub seq: u64,
     /// Number of deltas (for metrics and group sizing).
     pub deltas: usize,
-    /// Batches the agent reported lost before this one.
-    pub lost_batches: u64,
+    /// What the agent reported it could not count per connection.
+    pub gaps: Gaps,
     pub aggregate: BatchAggregate,
+}
+
+/// What a batch reports its agent could not count per connection: batches its spool dropped
+/// before this one and their response bytes, and response bytes of connections its kernel
+/// table had no slot for (counted, not attributed to a client). Metrics only: these are not in
+/// any key's rollups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gaps {
+    pub lost_batches: u64,
+    pub lost_response_bytes: u64,
+    pub unattributed_response_bytes: u64,
 }
 
 enum Request {
@@ -220,7 +231,7 @@ enum Reply {
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
         outcome: Outcome,
         deltas: usize,
-        lost_batches: u64,
+        gaps: Gaps,
         time_ms: u64,
     },
 }
@@ -588,7 +599,7 @@ impl Worker {
                         reply,
                         outcome,
                         deltas: batch.deltas,
-                        lost_batches: batch.lost_batches,
+                        gaps: batch.gaps,
                         time_ms: agg.time_ms,
                     });
                 }
@@ -690,14 +701,20 @@ impl Worker {
                             reply,
                             outcome,
                             deltas,
-                            lost_batches,
+                            gaps,
                             time_ms,
                         } => {
                             match outcome {
                                 Outcome::Applied => {
                                     self.metrics.batches.inc();
                                     self.metrics.deltas.inc_by(deltas as u64);
-                                    self.metrics.lost_batches.inc_by(lost_batches);
+                                    self.metrics.lost_batches.inc_by(gaps.lost_batches);
+                                    self.metrics
+                                        .lost_response_bytes
+                                        .inc_by(gaps.lost_response_bytes);
+                                    self.metrics
+                                        .unattributed_response_bytes
+                                        .inc_by(gaps.unattributed_response_bytes);
                                     self.metrics
                                         .ingest_lag
                                         .observe(now.saturating_sub(time_ms) as f64 / 1000.0);

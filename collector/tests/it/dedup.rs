@@ -60,6 +60,15 @@ async fn batches_apply_once_across_streams_and_restarts() {
     // A gap (the agent lost batches 3 and 4, and says so) is accepted ...
     let mut b5 = batch(5, t + 2000, vec![delta(c, 1, 1, false)]);
     b5.lost_batches = 2;
+    b5.lost = Some(v1::Counters {
+        bytes_out: 4_000,
+        ..Default::default()
+    });
+    // Bytes of connections the agent's table had no slot for: counted, in no client.
+    b5.overflow = Some(v1::Counters {
+        bytes_out: 700,
+        ..Default::default()
+    });
     assert_eq!(a.batch(b5).await.unwrap(), 5);
     // ... and a late batch 3 is then a duplicate.
     assert_eq!(
@@ -82,6 +91,11 @@ async fn batches_apply_once_across_streams_and_restarts() {
     assert_eq!(totals(&u, "203.0.113.7").await, (1511, 16, 1, 1));
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "outflow_collector_lost_batches_total"), 2.0);
+    assert_eq!(metric(&m, "outflow_collector_lost_response_bytes_total"), 4000.0);
+    assert_eq!(
+        metric(&m, "outflow_collector_unattributed_response_bytes_total"),
+        700.0
+    );
     assert_eq!(metric(&m, "outflow_collector_duplicate_batches_total"), 3.0);
     assert_eq!(metric(&m, "outflow_collector_agents_connected"), 0.0);
     server.shutdown().await.unwrap();
