@@ -11,7 +11,9 @@ use crate::{
     enrich::{CgroupNames, Listeners},
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
-    record::{AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
+    record::{
+        AttributionStatsRecord, ConnRecord, Flushed, OverflowRecord, Role, Sink, StatsRecord,
+    },
     table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
 
@@ -248,9 +250,14 @@ impl Agent {
             self.last_stats = Some(s);
         }
         self.sink.commit_plan(&plan)?;
-        self.sink.flush()?;
+        if self.sink.flush()? == Flushed::Deferred {
+            // Not kept: the table keeps the interval's bytes for the next read.
+            self.attributor.deferred();
+            return Ok(());
+        }
 
         self.kernel.table.commit(&deltas, clock.boot_ns)?;
+        self.attributor.committed();
         if !overflow_delta.is_zero() {
             self.kernel.set_overflow_reported(overflow)?;
         }

@@ -113,6 +113,11 @@ pub fn peer_client(peer: IpAddr) -> Client {
 pub struct Attributor {
     resolver: Resolver,
     conns: HashMap<(u32, u32), Conn>,
+    /// What the splits of the interval under way reported, per connection: up to where, and
+    /// whether it closed. Segments before that point are forgotten only once the interval is
+    /// committed ([`Attributor::committed`]): an interval that is not ([`Attributor::deferred`])
+    /// is split again from the same watermark.
+    splits: Vec<((u32, u32), Counters, bool)>,
     pub stats: AttributionStats,
 }
 
@@ -121,6 +126,7 @@ impl Attributor {
         Self {
             resolver,
             conns: HashMap::new(),
+            splits: Vec::new(),
             stats: AttributionStats::default(),
         }
     }
@@ -251,7 +257,8 @@ impl Attributor {
         }
     }
 
-    /// Splits a slot's delta by client; forgets the connection when it closed.
+    /// Splits a slot's delta by client. Splitting the same slot again before
+    /// [`Attributor::committed`] gives the same parts (and more, for bytes counted since).
     pub fn split(&mut self, d: &SlotDelta) -> Split {
         let key = (d.index, d.generation);
         let Some(conn) = self.conns.get_mut(&key) else {
@@ -264,10 +271,26 @@ impl Attributor {
             };
         };
         let split = conn.split(d, &self.resolver, &mut self.stats);
-        if d.closed {
-            self.conns.remove(&key);
-        }
+        self.splits.push((key, split.upto, d.closed));
         split
+    }
+
+    /// The interval's splits are committed: segments wholly reported are done with, and
+    /// closed connections forgotten.
+    pub fn committed(&mut self) {
+        for (key, upto, closed) in self.splits.drain(..) {
+            if closed {
+                self.conns.remove(&key);
+            } else if let Some(conn) = self.conns.get_mut(&key) {
+                conn.settle(&upto);
+            }
+        }
+    }
+
+    /// The interval's splits were not committed: the next interval splits from the same
+    /// watermarks.
+    pub fn deferred(&mut self) {
+        self.splits.clear();
     }
 }
 
@@ -373,15 +396,18 @@ impl Conn {
                 _ => parts.push(Part { counters, client }),
             }
         }
-        // Segments wholly before the new watermark are done with.
+        Split { parts, upto }
+    }
+
+    /// Forgets the segments wholly before `upto`, once reported up to there.
+    fn settle(&mut self, upto: &Counters) {
         let done = self
             .segments
             .iter()
             .skip(1)
-            .take_while(|s| le(&s.start, &upto))
+            .take_while(|s| le(&s.start, upto))
             .count();
         self.segments.drain(..done);
-        Split { parts, upto }
     }
 }
 
@@ -532,12 +558,41 @@ mod tests {
             ]
         );
         assert_eq!(s.upto, at(1500, in2));
+        a.committed();
         // The next interval continues Bob's response.
         let s = a.split(&delta(at(1500, in2), at(1800, in2), 2, true));
         assert_eq!(
             summary(&s),
             vec![(300, 0, "198.51.100.2".into(), Some("bob".into()))]
         );
+        a.committed();
+        assert_eq!(a.tracked(), 0);
+    }
+
+    #[test]
+    fn an_interval_not_committed_is_split_again_whole() {
+        let mut a = attributor();
+        let r1 = request("198.51.100.1", "alice");
+        let r2 = request("198.51.100.2", "bob");
+        feed(&mut a, EVENT_TURN, 1, at(0, 0), &r1);
+        let in1 = r1.len() as u64;
+        feed(&mut a, EVENT_TURN, 2, at(1000, in1), &r2);
+        let in2 = in1 + r2.len() as u64;
+        let first = summary(&a.split(&delta(at(0, 0), at(1500, in2), 2, false)));
+        // The spool could not take the interval: the kernel's watermark stays where it was.
+        a.deferred();
+        // The connection closes meanwhile; the whole of it is split again, Alice's part too.
+        let s = a.split(&delta(at(0, 0), at(1800, in2), 2, true));
+        assert_eq!(
+            summary(&s),
+            vec![
+                (1000, in1, "198.51.100.1".into(), Some("alice".into())),
+                (800, in2 - in1, "198.51.100.2".into(), Some("bob".into())),
+            ]
+        );
+        assert_eq!(first[0], summary(&s)[0]);
+        assert_eq!(a.tracked(), 1, "forgotten only once committed");
+        a.committed();
         assert_eq!(a.tracked(), 0);
     }
 
@@ -550,6 +605,7 @@ mod tests {
         let s = a.split(&delta(at(0, 0), at(0, 20), 1, false));
         assert!(s.parts.is_empty());
         assert_eq!(s.upto, at(0, 0));
+        a.committed();
         // The rest arrives: decided.
         feed(&mut a, EVENT_MORE, 1, at(0, 0), &r1[20..]);
         let n = r1.len() as u64;
@@ -586,8 +642,10 @@ mod tests {
         // The slot says turn 2 started, its event is not here: hold back from turn 1's start.
         let s = a.split(&delta(at(0, 0), at(100, n + 10), 2, false));
         assert!(s.parts.is_empty());
+        a.committed();
         let s = a.split(&delta(at(0, 0), at(100, n + 10), 2, false));
         assert!(s.parts.is_empty());
+        a.committed();
         let s = a.split(&delta(at(0, 0), at(100, n + 10), 2, false));
         assert_eq!(summary(&s), vec![(100, n + 10, GATEWAY.to_string(), None)]);
     }
@@ -636,6 +694,7 @@ mod tests {
                     .fold(Counters::default(), |t, p| t.plus(&p.counters));
                 assert_eq!(sum, s.upto.delta_since(&reported));
                 reported = s.upto;
+                a.committed();
             }
         }
     }

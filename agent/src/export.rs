@@ -19,7 +19,7 @@ use tonic::{
 use crate::{
     config::{ExportConfig, parse_collector_url},
     identity::{Identity, IdentityError},
-    record::{ConnRecord, ExportRecord, OverflowRecord, Sink, StatsRecord},
+    record::{ConnRecord, ExportRecord, Flushed, OverflowRecord, Sink, StatsRecord},
     sender::{self, Link, Shared, chain},
     spool::{Spool, SpoolError},
     table::CommitPlan,
@@ -273,6 +273,8 @@ impl Exporter {
             overflow: None,
             plan: CommitPlan::default(),
             last: None,
+            deferred_intervals: 0,
+            deferring: None,
         }
     }
 
@@ -351,7 +353,17 @@ pub struct ExportSink {
     overflow: Option<v1::Counters>,
     plan: CommitPlan,
     last: Option<ExportRecord>,
+    /// Intervals the spool could not take (see [`Flushed::Deferred`]), since start.
+    deferred_intervals: u64,
+    /// Since when the spool refuses writes, as of the last warning about it.
+    deferring: Option<Instant>,
 }
+
+/// A step back of the wall clock up to this is absorbed (batches stay in order).
+const CLOCK_STEP_BACK_TOLERANCE_MS: u64 = 1_000;
+
+/// How often a spool that goes on refusing writes is warned about.
+const DEFER_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Sink for ExportSink {
     fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
@@ -397,14 +409,23 @@ impl Sink for ExportSink {
     /// Spools the interval with its commit plan (empty intervals are not sent: no batch means
     /// no bytes), then flushes stdout. An error leaves the interval uncommitted, to be read
     /// again. The batches are sent once `committed` says the kernel has recorded them.
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn flush(&mut self) -> std::io::Result<Flushed> {
         let ts = if self.ts == 0 { unix_ms_now() } else { self.ts };
+        let mut flushed = Flushed::Kept;
         let record = {
             let mut spool = self.shared.spool();
             let has_data = !self.deltas.is_empty() || self.overflow.is_some();
             if has_data || !spool.pending_loss().is_zero() {
-                // Batches tile time: [previous end, now), never empty even if the clock
-                // stepped back.
+                // Batches tile time: [previous end, now). A wall clock stepped back by more
+                // than a little starts the tiling over at the new time (batches are otherwise
+                // stuck at the old, future one); a small step back gives a 1 ms batch.
+                if self.start_ms > ts + CLOCK_STEP_BACK_TOLERANCE_MS {
+                    warn!(
+                        "the wall clock stepped back by {} ms: batch times follow it",
+                        self.start_ms - ts
+                    );
+                    self.start_ms = ts.saturating_sub(1);
+                }
                 let end_ms = ts.max(self.start_ms + 1);
                 let batches = split_interval(
                     std::mem::take(&mut self.deltas),
@@ -412,8 +433,36 @@ impl Sink for ExportSink {
                     self.start_ms,
                     end_ms,
                 );
-                spool.append(batches, &self.plan)?;
-                self.start_ms = end_ms;
+                match spool.append(batches, &self.plan) {
+                    Ok(_) => {
+                        self.start_ms = end_ms;
+                        if self.deferring.take().is_some() {
+                            info!(
+                                "spool {} writable again: the deferred intervals are spooled",
+                                spool.dir().display()
+                            );
+                        }
+                    }
+                    // The spool's disk is full (or failing): the interval stays in the kernel
+                    // table, uncommitted, and is read again with the next one. Nothing is lost
+                    // while the table has room; a table that fills counts in its overflow.
+                    Err(e @ SpoolError::Write { .. }) => {
+                        flushed = Flushed::Deferred;
+                        self.deferred_intervals += 1;
+                        let now = Instant::now();
+                        if self
+                            .deferring
+                            .is_none_or(|last| now.duration_since(last) >= DEFER_WARN_EVERY)
+                        {
+                            warn!(
+                                "{e}; the interval stays counted in the kernel table and is spooled once the write succeeds ({} intervals deferred so far)",
+                                self.deferred_intervals
+                            );
+                            self.deferring = Some(now);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             let lost = spool.lost_total();
             ExportRecord {
@@ -427,13 +476,15 @@ impl Sink for ExportSink {
                 spooled_bytes: spool.bytes(),
                 lost_batches: lost.batches,
                 lost_bytes_out: lost.counters.bytes_out,
+                deferred_intervals: self.deferred_intervals,
             }
         };
         if self.last.as_ref() != Some(&record) {
             self.inner.export(ts, &record)?;
             self.last = Some(record);
         }
-        self.inner.flush()
+        self.inner.flush()?;
+        Ok(flushed)
     }
 }
 

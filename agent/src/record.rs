@@ -158,6 +158,9 @@ pub struct ExportRecord {
     /// and their payload bytes out; each is also reported to the collector in the next batch.
     pub lost_batches: u64,
     pub lost_bytes_out: u64,
+    /// Intervals the spool could not be written (disk full) since this agent started: they
+    /// stayed counted in the kernel table and went out with a later interval.
+    pub deferred_intervals: u64,
 }
 
 #[derive(Serialize)]
@@ -210,8 +213,9 @@ pub trait Sink {
         let _ = plan;
         Ok(())
     }
-    /// Called at the end of each interval: everything written is out once this returns.
-    fn flush(&mut self) -> std::io::Result<()>;
+    /// Called at the end of each interval: everything written is out once this returns, and
+    /// the answer says whether the interval may be committed to the kernel table.
+    fn flush(&mut self) -> std::io::Result<Flushed>;
     /// The interval flushed last is committed to the kernel table.
     fn committed(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -222,6 +226,17 @@ pub trait Sink {
     fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
         Ok(None)
     }
+}
+
+/// What [`Sink::flush`] made of an interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Written (and durable, for a sink that keeps what it is given): commit the interval.
+    Kept,
+    /// Not kept (the export spool could not be written: its disk is full): leave the interval
+    /// uncommitted, so that the kernel table holds its bytes and the next interval reads them
+    /// again. Records already written out (stdout) are then written again with the next one.
+    Deferred,
 }
 
 /// One JSON object per line.
@@ -248,7 +263,7 @@ impl<W: Write> Sink for JsonLines<W> {
             adopted,
             capacity,
         })?;
-        self.flush()
+        self.0.flush()
     }
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
         self.line(&Tagged::Conn(r))
@@ -262,8 +277,9 @@ impl<W: Write> Sink for JsonLines<W> {
     fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
         self.line(&Tagged::Export { ts, export: r })
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+    fn flush(&mut self) -> std::io::Result<Flushed> {
+        self.0.flush()?;
+        Ok(Flushed::Kept)
     }
 }
 
@@ -370,7 +386,7 @@ impl<W: Write> Sink for Text<W> {
     fn export(&mut self, _ts: u64, r: &ExportRecord) -> std::io::Result<()> {
         writeln!(
             self.0,
-            "export: {} {}, agent {} epoch {}, seq {} acked {}, {} batches ({} B) spooled, {} batches ({} B out) lost",
+            "export: {} {}, agent {} epoch {}, seq {} acked {}, {} batches ({} B) spooled, {} batches ({} B out) lost, {} intervals deferred (spool not writable)",
             if r.connected {
                 "connected to"
             } else {
@@ -384,11 +400,13 @@ impl<W: Write> Sink for Text<W> {
             r.spooled_batches,
             r.spooled_bytes,
             r.lost_batches,
-            r.lost_bytes_out
+            r.lost_bytes_out,
+            r.deferred_intervals
         )
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+    fn flush(&mut self) -> std::io::Result<Flushed> {
+        self.0.flush()?;
+        Ok(Flushed::Kept)
     }
 }
 
@@ -408,7 +426,7 @@ impl Sink for Discard {
     fn stats(&mut self, _: u64, _: &StatsRecord) -> std::io::Result<()> {
         Ok(())
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn flush(&mut self) -> std::io::Result<Flushed> {
+        Ok(Flushed::Kept)
     }
 }

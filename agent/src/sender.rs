@@ -277,6 +277,7 @@ async fn stream(
             })
             .await
             .map_err(|_| protocol("the request stream closed"))?;
+            shared.spool().sent(seq);
             in_flight.push_back(seq);
         }
         tokio::select! {

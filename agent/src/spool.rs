@@ -312,6 +312,11 @@ pub struct Spool {
     next_seq: u64,
     /// Highest seq the sender may send: batches above it await their kernel commit.
     published: u64,
+    /// Highest seq written to a stream since the collector last said what it has applied (its
+    /// Welcome). Batches up to it may be applied without an Ack having come back yet (the Ack
+    /// is delayed, or the stream is cut after the collector received them): making room never
+    /// drops them, or their bytes would be both applied and reported lost.
+    sent_upto: u64,
     /// A commit the previous agent may not have done, for the read loop to redo.
     recovery: Option<CommitPlan>,
     /// `commit` was written by this spool and not yet removed.
@@ -552,6 +557,7 @@ impl Spool {
             state,
             next_seq,
             published,
+            sent_upto: 0,
             journal_written: recovery.is_some(),
             recovery,
             entries,
@@ -600,6 +606,11 @@ impl Spool {
     /// Highest seq the collector acknowledged.
     pub const fn acked_seq(&self) -> u64 {
         self.state.acked
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Batches spooled, not yet acknowledged.
@@ -685,8 +696,18 @@ impl Spool {
         let mut dropped_entries = Vec::new();
         let mut dropped = Loss::default();
         let mut dropped_own = Loss::default();
+        // The oldest batches not yet sent make room; batches in flight stay (so the spool may
+        // exceed its bound by the sender's window of them).
         while self.bytes + need > self.max_bytes {
-            let Some((seq, e)) = self.entries.pop_first() else {
+            let Some(seq) = self
+                .entries
+                .range(self.sent_upto.saturating_add(1)..)
+                .next()
+                .map(|(s, _)| *s)
+            else {
+                break;
+            };
+            let Some(e) = self.entries.remove(&seq) else {
                 break;
             };
             self.bytes -= e.bytes;
@@ -810,8 +831,15 @@ impl Spool {
         Ok(gone.len())
     }
 
+    /// The sender wrote batch `seq` to a stream: it may be applied from now on.
+    pub fn sent(&mut self, seq: u64) {
+        self.sent_upto = self.sent_upto.max(seq);
+    }
+
     /// The collector's Welcome: it has applied everything up to `applied` in this epoch.
     pub fn welcome(&mut self, applied: u64) -> Result<(), SpoolError> {
+        // What is above it was not applied (the stream it was sent on is gone).
+        self.sent_upto = applied;
         if applied <= self.last_seq() {
             // Batches not yet published are sent again once they are (and acknowledged as
             // duplicates if the collector has them).
@@ -1023,6 +1051,29 @@ mod tests {
         assert_eq!(a.dropped.batches, 2);
         assert_eq!(a.dropped.counters.bytes_out, 6);
         assert_eq!(s.lost_total().batches, 5, "each dropped batch counted once");
+    }
+
+    #[test]
+    fn batches_sent_and_not_yet_acknowledged_are_not_dropped_to_make_room() {
+        let d = dirs();
+        let one = (HEADER_LEN + batch(1, 2000).encoded_len()) as u64 + 8;
+        let max = one * 4 + LOSS_FIELDS_MAX;
+        let mut s = open(&d, max);
+        for i in 1..=4 {
+            add(&mut s, vec![batch(i, 1000 + i)]).expect("append");
+        }
+        // 1 and 2 went out on a stream whose Acks have not come back (a partition): the
+        // collector may have applied them.
+        s.sent(2);
+        let a = add(&mut s, vec![batch(5, 1005)]).expect("append");
+        assert_eq!(a.dropped_seqs, Some((3, 3)), "the oldest unsent goes");
+        assert_eq!(spooled(&s), vec![1, 2, 4, 5]);
+        // A new stream's Welcome says 1 was applied and 2 was not: 2 may go now.
+        s.welcome(1).expect("welcome");
+        add(&mut s, vec![batch(6, 1006)]).expect("append");
+        let a = add(&mut s, vec![batch(7, 1007)]).expect("append");
+        assert_eq!(a.dropped_seqs, Some((2, 2)));
+        assert_eq!(spooled(&s), vec![4, 5, 6, 7]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 use outflow_agent::{
     config::ExportConfig,
     export::{self, Exporter},
-    record::{ConnRecord, ExportRecord, OverflowRecord, Role, Sink, StatsRecord},
+    record::{ConnRecord, ExportRecord, Flushed, OverflowRecord, Role, Sink, StatsRecord},
     spool::Spool,
 };
 use outflow_proto::v1::{
@@ -195,8 +195,8 @@ impl Sink for Recorder {
             .push(r.clone());
         Ok(())
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn flush(&mut self) -> std::io::Result<Flushed> {
+        Ok(Flushed::Kept)
     }
 }
 
