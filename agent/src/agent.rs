@@ -1,5 +1,8 @@
 //! The read loop: each interval, read the table, emit what changed, then commit it.
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use agent_common::{Counters, stat};
 use aya::maps::{MapData, RingBuf};
@@ -71,7 +74,13 @@ pub struct Agent {
     attributor: Attributor,
     /// Turn and annotation events from the kernel.
     events: RingBuf<MapData>,
+    /// Free slots found claimed at start, and when: handed back once they still are after
+    /// [`STALE_CLAIM_WAIT`] (a previous agent killed mid-commit left them).
+    stale_claims: Option<(Instant, Vec<(u32, u32)>)>,
 }
+
+/// How long a free slot must stay claimed before its claim is taken for a leftover.
+const STALE_CLAIM_WAIT: Duration = Duration::from_secs(1);
 
 /// Most ring buffer records read in one go (the kernel may write as fast as they are read).
 const DRAIN_MAX: usize = 65_536;
@@ -142,6 +151,9 @@ impl Agent {
             }
             sink.committed()?;
         }
+        let stale_claims = kernel
+            .adopted
+            .then(|| (Instant::now(), kernel.table.claimed_free_slots()));
         sink.started(
             &rel,
             &cfg.pin_dir.display().to_string(),
@@ -157,6 +169,7 @@ impl Agent {
             last_stats: None,
             attributor: Attributor::new(resolver),
             events,
+            stale_claims,
         })
     }
 
@@ -183,6 +196,17 @@ impl Agent {
     /// that keeps the commit plan with its durable records lets the next agent finish the
     /// commit instead, so nothing is repeated either).
     pub fn poll(&mut self) -> Result<(), AgentError> {
+        if let Some((since, slots)) = &self.stale_claims
+            && since.elapsed() >= STALE_CLAIM_WAIT
+        {
+            let n = self.kernel.table.release_stale_claims(slots)?;
+            if n > 0 {
+                log::info!(
+                    "handed back {n} table slots a previous agent freed but was killed before releasing"
+                );
+            }
+            self.stale_claims = None;
+        }
         let clock = Clock::now();
         self.sink.begin(clock.unix_ms)?;
         let mut deltas = self.kernel.table.collect();

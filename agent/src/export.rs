@@ -273,6 +273,8 @@ impl Exporter {
             overflow: None,
             plan: CommitPlan::default(),
             last: None,
+            held_conns: Vec::new(),
+            held_overflow: None,
             deferred_intervals: 0,
             deferring: None,
         }
@@ -353,6 +355,9 @@ pub struct ExportSink {
     overflow: Option<v1::Counters>,
     plan: CommitPlan,
     last: Option<ExportRecord>,
+    /// The interval's records for the inner sink, passed on once the spool kept them.
+    held_conns: Vec<ConnRecord>,
+    held_overflow: Option<OverflowRecord>,
     /// Intervals the spool could not take (see [`Flushed::Deferred`]), since start.
     deferred_intervals: u64,
     /// Since when the spool refuses writes, as of the last warning about it.
@@ -391,13 +396,17 @@ impl Sink for ExportSink {
     ) -> std::io::Result<()> {
         self.inner.started(cgroup, pin_dir, adopted, capacity)
     }
+    // Connection and overflow records reach the inner sink once the spool has kept their
+    // interval: a deferred interval is read again, and would otherwise be printed again.
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
         self.deltas.push(r.into());
-        self.inner.conn(r)
+        self.held_conns.push(r.clone());
+        Ok(())
     }
     fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()> {
         self.overflow = Some((&r.counters).into());
-        self.inner.overflow(r)
+        self.held_overflow = Some(r.clone());
+        Ok(())
     }
     fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()> {
         self.inner.stats(ts, r)
@@ -479,6 +488,16 @@ impl Sink for ExportSink {
                 deferred_intervals: self.deferred_intervals,
             }
         };
+        let conns = std::mem::take(&mut self.held_conns);
+        let overflow = self.held_overflow.take();
+        if flushed == Flushed::Kept {
+            for r in &conns {
+                self.inner.conn(r)?;
+            }
+            if let Some(r) = &overflow {
+                self.inner.overflow(r)?;
+            }
+        }
         if self.last.as_ref() != Some(&record) {
             self.inner.export(ts, &record)?;
             self.last = Some(record);

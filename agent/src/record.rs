@@ -235,7 +235,7 @@ pub enum Flushed {
     Kept,
     /// Not kept (the export spool could not be written: its disk is full): leave the interval
     /// uncommitted, so that the kernel table holds its bytes and the next interval reads them
-    /// again. Records already written out (stdout) are then written again with the next one.
+    /// again (the export sink prints an interval's records only once it is kept).
     Deferred,
 }
 

@@ -211,6 +211,59 @@ impl ConnTable {
             .count() as u32
     }
 
+    /// Free slots that are still claimed, with their generation. A previous agent killed
+    /// between freeing a slot and removing its claim leaves such a slot, which no connection
+    /// can take again; a connection taking a free slot is in this state too, for an instant.
+    /// [`ConnTable::release_stale_claims`] tells the two apart by waiting.
+    pub fn claimed_free_slots(&self) -> Vec<(u32, u32)> {
+        (0..self.capacity)
+            .filter_map(|i| {
+                let s = self.slot(i);
+                // SAFETY: in-bounds slot pointer; volatile reads of aligned fields.
+                let (state, generation) = unsafe {
+                    (
+                        ptr::read_volatile(field!(s, state)),
+                        ptr::read_volatile(field!(s, generation)),
+                    )
+                };
+                (state == SLOT_FREE && self.claims.get(&i, 0).is_ok()).then_some((i, generation))
+            })
+            .collect()
+    }
+
+    /// Removes the claims of `slots` (from [`ConnTable::claimed_free_slots`], a while ago)
+    /// that are still free in the same generation and still claimed: no connection is taking
+    /// them, they were left behind. Returns how many were handed back.
+    pub fn release_stale_claims(&mut self, slots: &[(u32, u32)]) -> Result<usize, TableError> {
+        let mut n = 0;
+        for &(index, generation) in slots {
+            if index >= self.capacity {
+                continue;
+            }
+            let s = self.slot(index);
+            // SAFETY: in-bounds slot pointer; volatile reads of aligned fields.
+            let unchanged = unsafe {
+                ptr::read_volatile(field!(s, state)) == SLOT_FREE
+                    && ptr::read_volatile(field!(s, generation)) == generation
+            };
+            if !unchanged || self.claims.get(&index, 0).is_err() {
+                continue;
+            }
+            match self.claims.remove(&index) {
+                Ok(()) => n += 1,
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(TableError::Free {
+                        slot: index,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Every slot whose counters moved since its last report, and every closed slot.
     pub fn collect(&self) -> Vec<SlotDelta> {
         let mut out = Vec::new();
