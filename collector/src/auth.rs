@@ -87,7 +87,7 @@ fn read_secret(field: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
 }
 
 /// A secret text file, and how to report what is wrong inside it.
-fn read_secret_text(
+pub(crate) fn read_secret_text(
     field: &'static str,
     path: &Path,
 ) -> Result<(String, impl Fn(String) -> AuthError), AuthError> {

@@ -21,6 +21,8 @@
 //! | `outflow_collector_folded_keys_total{kind}` | counter | new keys not made past the budget: `address` (counted in its prefix), `prefix` (in a wider network), `workload` (in its host's `(folded)` one) |
 //! | `outflow_collector_folded_response_bytes_total{kind}` | counter | response bytes those keys carried, counted at the coarser level only |
 //! | `outflow_collector_detect_tracks_evicted_total` | counter | learnt subjects dropped (least recently judged first) to keep the detectors within the key budget |
+//! | `outflow_collector_webhook_sent_total` | counter | alert changes the webhook receiver accepted |
+//! | `outflow_collector_webhook_dropped_total` | counter | alert changes given up (every attempt failed) or skipped (the receiver too slow) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
@@ -75,6 +77,8 @@ pub struct Metrics {
     pub lost_batches: Counter,
     pub lost_response_bytes: Counter,
     pub shifted_batches: Counter,
+    pub webhook_sent: Counter,
+    pub webhook_dropped: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -112,6 +116,8 @@ impl Metrics {
             lost_batches: Counter::default(),
             lost_response_bytes: Counter::default(),
             shifted_batches: Counter::default(),
+            webhook_sent: Counter::default(),
+            webhook_dropped: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -151,6 +157,16 @@ impl Metrics {
             "lost_response_bytes",
             "Response bytes of the batches agents reported lost",
             m.lost_response_bytes.clone(),
+        );
+        registry.register(
+            "webhook_sent",
+            "Alert changes the webhook receiver accepted",
+            m.webhook_sent.clone(),
+        );
+        registry.register(
+            "webhook_dropped",
+            "Alert changes the webhook gave up (every attempt failed) or skipped (receiver too slow)",
+            m.webhook_dropped.clone(),
         );
         registry.register(
             "shifted_batches",

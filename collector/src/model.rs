@@ -438,10 +438,7 @@ impl Batch {
         let shifted_ms = limits
             .latest_end_ms
             .map_or(0, |latest| b.end_ms.saturating_sub(latest));
-        let (start_ms, end_ms) = (
-            b.start_ms.saturating_sub(shifted_ms),
-            b.end_ms - shifted_ms,
-        );
+        let (start_ms, end_ms) = (b.start_ms.saturating_sub(shifted_ms), b.end_ms - shifted_ms);
         if b.deltas.len() > limits.max_deltas {
             return Err(ValidationError::new(
                 "deltas",

@@ -48,6 +48,8 @@ pub enum StartError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
+    #[error(transparent)]
     Open(#[from] OpenError),
     #[error("cannot listen on {addr} ({what}): {error}")]
     Bind {
@@ -179,17 +181,15 @@ impl Server {
                 r
             })
         };
-        if let Some(url) = &config.webhook.url {
-            // Checked by validate().
-            if let Ok(target) = webhook::Target::parse(url) {
-                webhook::spawn(
-                    collector.alerts(),
-                    target,
-                    config.webhook.clone(),
-                    shutdown.clone(),
-                );
-                info!("alerts are POSTed to {url}");
-            }
+        if let Some(hook) = webhook::Webhook::new(&config.webhook)? {
+            info!("alerts are POSTed to {}", hook.url());
+            webhook::spawn(
+                collector.alerts(),
+                hook,
+                config.webhook.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
         }
         let metrics_task = tokio::spawn(metrics::serve(
             metrics_listener,

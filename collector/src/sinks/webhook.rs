@@ -1,23 +1,32 @@
 //! The webhook sink: every alert change (open, significant update, resolve) is POSTed as JSON
-//! to `webhook.url` (plain `http://` only; put a TLS proxy in front for https), with up
-//! to `webhook.max_attempts` attempts and exponential backoff from
-//! `webhook.initial_backoff` (doubling, at most 30 s). A change that still fails is
-//! logged and dropped; alerts stay available from List and Watch.
-use std::{sync::Arc, time::Duration};
+//! to `webhook.url` (`http://` or `https://`; the receiver's certificate is verified against the
+//! system's roots, or `webhook.tls_ca`), with the `Authorization` header read from
+//! `webhook.auth_header_file` if set, up to `webhook.max_attempts` attempts and exponential
+//! backoff from `webhook.initial_backoff` (doubling, at most 30 s). A change that still fails,
+//! or that a slow receiver made the sink skip, is logged and counted
+//! (`outflow_collector_webhook_dropped_total`); alerts stay available from List and Watch.
+//!
+//! The HTTP client is reqwest (hyper underneath) with rustls on the ring provider, the one
+//! tonic's TLS already uses here.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use log::{debug, warn};
 use outflow_proto::v1;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use rustls_pki_types::pem::PemObject as _;
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    sync::broadcast::error::RecvError,
-};
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     alerts::AlertHub,
+    auth::{self, AuthError},
     config_error::{ConfigError, invalid},
+    metrics::Metrics,
 };
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -27,9 +36,16 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// `http://host:port/path`; none: no webhook.
+    /// `http://host:port/path` or `https://...`; none: no webhook.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// File holding the `Authorization` header's value (`Bearer ...`, `Basic ...`), private to
+    /// the collector's user (mode 600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_header_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify an https receiver with, instead of the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
     pub max_attempts: u32,
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
@@ -41,6 +57,8 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
             url: None,
+            auth_header_file: None,
+            tls_ca: None,
             max_attempts: 5,
             initial_backoff: Duration::from_millis(500),
             include_service: false,
@@ -52,7 +70,7 @@ impl WebhookConfig {
     /// Checks the values; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.url {
-            Target::parse(url).map_err(|m| invalid("webhook.url", m))?;
+            parse_url(url).map_err(|m| invalid("webhook.url", m))?;
         }
         if self.max_attempts == 0 {
             return Err(invalid("webhook.max_attempts", "must be at least 1"));
@@ -61,36 +79,167 @@ impl WebhookConfig {
     }
 }
 
-/// A parsed `http://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub authority: String,
-    pub path: String,
+/// Checks a webhook URL: `http://` or `https://`, with a host.
+pub fn parse_url(url: &str) -> Result<reqwest::Url, String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!(
+            "{url:?}: only http:// and https:// URLs are supported"
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok(u)
 }
 
-impl Target {
-    /// Parses `http://host[:port][/path]`; the error says what is wrong.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+/// The webhook's files or TLS setup cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error(transparent)]
+    File(#[from] AuthError),
+    #[error("webhook.auth_header_file {path}: {message}")]
+    Header { path: PathBuf, message: String },
+    #[error("webhook.tls_ca {path}: {message}")]
+    Ca { path: PathBuf, message: String },
+    #[error("webhook.url: {0}")]
+    Url(String),
+    #[error("webhook HTTP client: {0}")]
+    Client(String),
+}
+
+/// Where and how alert changes are sent.
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    authorization: Option<HeaderValue>,
+}
+
+impl Webhook {
+    /// Reads the header and CA files and builds the client; `None` without a URL.
+    pub fn new(cfg: &WebhookConfig) -> Result<Option<Self>, WebhookError> {
+        let Some(url) = &cfg.url else {
+            return Ok(None);
         };
-        if authority.is_empty() {
-            return Err(format!("{url:?}: no host"));
+        let url = parse_url(url).map_err(WebhookError::Url)?;
+        let authorization = cfg
+            .auth_header_file
+            .as_deref()
+            .map(read_auth_header)
+            .transpose()?;
+        let tls = tls_config(cfg.tls_ca.as_deref())?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(TIMEOUT)
+            .user_agent(concat!("outflow-collector/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| WebhookError::Client(e.to_string()))?;
+        if authorization.is_some() && url.scheme() == "http" {
+            warn!("webhook: the Authorization header is sent to {url} unencrypted: use https://");
         }
-        let authority = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        Ok(Target {
-            authority,
-            path: path.to_owned(),
-        })
+        Ok(Some(Self {
+            client,
+            url,
+            authorization,
+        }))
     }
+
+    /// The URL, for logs.
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    async fn post_once(&self, body: &str) -> Result<(), String> {
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_owned());
+        if let Some(a) = &self.authorization {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        let resp = req.send().await.map_err(|e| chain(&e))?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP status {}", status.as_u16()))
+        }
+    }
+}
+
+/// An error and its sources, `: `-joined (reqwest's own message omits the cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+fn read_auth_header(path: &Path) -> Result<HeaderValue, WebhookError> {
+    let (text, _) = auth::read_secret_text("webhook.auth_header_file", path)?;
+    let bad = |message: &str| WebhookError::Header {
+        path: path.to_path_buf(),
+        message: message.to_owned(),
+    };
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(bad(
+            "empty: want the Authorization header's value, e.g. `Bearer <token>`",
+        ));
+    }
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| bad("not a valid header value (one line of visible ASCII)"))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// rustls on the ring provider, verifying with `ca` or the system's roots.
+fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, WebhookError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let bad = |message: String| WebhookError::Ca {
+                path: path.to_path_buf(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let mut n = 0;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(bad("no CERTIFICATE in it".into()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                warn!(
+                    "webhook: no system root certificates found: https receivers cannot be verified (set webhook.tls_ca)"
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WebhookError::Client(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
 }
 
 /// The JSON body of one alert.
@@ -124,61 +273,26 @@ pub fn body(a: &v1::Alert) -> String {
     .to_string()
 }
 
-async fn post_once(t: &Target, body: &str) -> Result<(), String> {
-    let mut s = TcpStream::connect(&t.authority)
-        .await
-        .map_err(|e| format!("connect {}: {e}", t.authority))?;
-    let req = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        t.path,
-        t.authority,
-        body.len()
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut head = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        let m = s
-            .read(&mut head[n..])
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if m == 0 {
-            break;
-        }
-        n += m;
-    }
-    let status = std::str::from_utf8(&head[..n])
-        .ok()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse::<u16>().ok());
-    match status {
-        Some(c) if (200..300).contains(&c) => Ok(()),
-        Some(c) => Err(format!("HTTP status {c}")),
-        None => Err("no HTTP status line".into()),
-    }
-}
-
-async fn post(t: &Target, cfg: &WebhookConfig, a: &v1::Alert) {
+async fn post(hook: &Webhook, cfg: &WebhookConfig, metrics: &Metrics, a: &v1::Alert) {
     let body = body(a);
     let mut backoff = cfg.initial_backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
-        match tokio::time::timeout(TIMEOUT, post_once(t, &body)).await {
-            Ok(Ok(())) => {
+        match hook.post_once(&body).await {
+            Ok(()) => {
                 debug!("webhook: alert {} sent", a.id);
+                metrics.webhook_sent.inc();
                 return;
             }
-            Ok(Err(e)) => warn!("webhook: alert {} attempt {attempt}: {e}", a.id),
-            Err(_) => warn!("webhook: alert {} attempt {attempt}: timed out", a.id),
+            Err(e) => warn!("webhook: alert {} attempt {attempt}: {e}", a.id),
         }
         if attempt < cfg.max_attempts {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+    metrics.webhook_dropped.inc();
     warn!(
-        "webhook: alert {} dropped after {} attempts",
+        "webhook: alert {} dropped after {} attempts (outflow_collector_webhook_dropped_total)",
         a.id, cfg.max_attempts
     );
 }
@@ -186,8 +300,9 @@ async fn post(t: &Target, cfg: &WebhookConfig, a: &v1::Alert) {
 /// Sends every alert change of `hub` to the webhook until `shutdown`.
 pub fn spawn(
     hub: &Arc<AlertHub>,
-    target: Target,
+    hook: Webhook,
     cfg: WebhookConfig,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let mut rx = hub.subscribe();
@@ -197,9 +312,12 @@ pub fn spawn(
                 loop {
                     match rx.recv().await {
                         Ok(a) if !AlertHub::wanted(&a, cfg.include_service) => {}
-                        Ok(a) => post(&target, &cfg, &a).await,
+                        Ok(a) => post(&hook, &cfg, &metrics, &a).await,
                         Err(RecvError::Lagged(n)) => {
-                            warn!("webhook: {n} alert changes skipped (sink too slow)");
+                            metrics.webhook_dropped.inc_by(n);
+                            warn!(
+                                "webhook: {n} alert changes skipped (sink too slow; outflow_collector_webhook_dropped_total)"
+                            );
                         }
                         Err(RecvError::Closed) => return,
                     }
@@ -215,11 +333,30 @@ mod tests {
 
     #[test]
     fn urls() {
-        let t = Target::parse("http://hooks.local:8080/outflow").unwrap();
-        assert_eq!(t.authority, "hooks.local:8080");
-        assert_eq!(t.path, "/outflow");
-        assert_eq!(Target::parse("http://h").unwrap().authority, "h:80");
-        assert!(Target::parse("https://h/").is_err());
-        assert!(Target::parse("http:///x").is_err());
+        assert!(parse_url("http://hooks.local:8080/outflow").is_ok());
+        assert!(parse_url("https://hooks.local/outflow").is_ok());
+        assert!(
+            parse_url("ftp://h/")
+                .unwrap_err()
+                .contains("only http:// and https://")
+        );
+        assert!(parse_url("http://").is_err());
+        assert!(parse_url("hooks.local/x").is_err());
+    }
+
+    #[test]
+    fn a_loose_or_bad_header_file_is_refused_in_one_line() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("auth");
+        std::fs::write(&p, "Bearer abc\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_auth_header(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_auth_header(&p).unwrap(), "Bearer abc");
+        std::fs::write(&p, "Bearer a\nb\n").unwrap();
+        let e = read_auth_header(&p).unwrap_err().to_string();
+        assert!(e.contains("header value"), "{e}");
     }
 }

@@ -181,12 +181,12 @@ async fn bearer_token_is_required() {
     server.shutdown().await.unwrap();
 }
 
-struct Ca {
-    cert_pem: String,
+pub(crate) struct Ca {
+    pub(crate) cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -203,7 +203,7 @@ fn ca(name: &str) -> Ca {
 }
 
 /// (cert PEM, key PEM) signed by `ca`.
-fn leaf(ca: &Ca, name: &str, server: bool) -> (String, String) {
+pub(crate) fn leaf(ca: &Ca, name: &str, server: bool) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(vec![name.to_owned()]).unwrap();
     p.distinguished_name.push(DnType::CommonName, name);
@@ -221,7 +221,7 @@ fn leaf(ca: &Ca, name: &str, server: bool) -> (String, String) {
 }
 
 /// Writes a file only its owner may read (as the collector wants secrets).
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

@@ -91,7 +91,10 @@ async fn batches_apply_once_across_streams_and_restarts() {
     assert_eq!(totals(&u, "203.0.113.7").await, (1511, 16, 1, 1));
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "outflow_collector_lost_batches_total"), 2.0);
-    assert_eq!(metric(&m, "outflow_collector_lost_response_bytes_total"), 4000.0);
+    assert_eq!(
+        metric(&m, "outflow_collector_lost_response_bytes_total"),
+        4000.0
+    );
     assert_eq!(
         metric(&m, "outflow_collector_unattributed_response_bytes_total"),
         700.0

@@ -397,6 +397,162 @@ async fn webhook_gets_alerts_with_retries() {
     server.shutdown().await.unwrap();
 }
 
+/// An https webhook receiver with a certificate of `ca` for 127.0.0.1: answers 200 and sends
+/// on the Authorization header and the body of each request.
+async fn tls_receiver(
+    ca: &crate::auth::Ca,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(Option<String>, String)>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    };
+    let (cert, key) = crate::auth::leaf(ca, "localhost", true);
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/hook", l.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(mut s) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (auth, body) = loop {
+                let m = s.read(&mut chunk).await.unwrap_or(0);
+                if m == 0 {
+                    break (None, String::new());
+                }
+                buf.extend_from_slice(&chunk[..m]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let header = |name: &str| {
+                        text[..i].lines().find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                        })
+                    };
+                    let len: usize = header("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= i + 4 + len {
+                        break (header("authorization"), text[i + 4..].to_owned());
+                    }
+                }
+            };
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            let _ = s.shutdown().await;
+            let _ = tx.send((auth, body));
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_over_https_carries_the_auth_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::auth::ca("hooks CA");
+    let (hook, mut calls) = tls_receiver(&ca).await;
+    let mut c = cfg(dir.path());
+    // The receiver's certificate names localhost and 127.0.0.1.
+    c.webhook.url = Some(hook);
+    c.webhook.tls_ca = Some(crate::auth::write(dir.path(), "ca.pem", &ca.cert_pem));
+    c.webhook.auth_header_file = Some(crate::auth::write(
+        dir.path(),
+        "auth",
+        "Bearer hook-secret\n",
+    ));
+    let server = start(c).await;
+    let mut s = server.collector().session();
+    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
+    for i in 1..=6u64 {
+        let b = batch(
+            i,
+            T0 + i * STEP,
+            vec![d([203, 0, 113, 98], 256 << 20, 1 << 20)],
+        );
+        s.handle(batch_msg(b)).await.unwrap();
+    }
+    let (auth, body) = tokio::time::timeout(Duration::from_secs(10), calls.recv())
+        .await
+        .expect("no webhook call in 10 s")
+        .unwrap();
+    assert_eq!(auth.as_deref(), Some("Bearer hook-secret"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["key"], "203.0.113.98", "{body}");
+    // Counted once the collector has read the answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&server).await;
+        if metric(&m, "outflow_collector_webhook_sent_total") >= 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not counted: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_of_another_ca_is_refused_and_the_change_counted_as_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, mut calls) = tls_receiver(&crate::auth::ca("someone else")).await;
+    let mut c = cfg(dir.path());
+    c.webhook.url = Some(hook);
+    c.webhook.tls_ca = Some(crate::auth::write(
+        dir.path(),
+        "ca.pem",
+        &crate::auth::ca("hooks CA").cert_pem,
+    ));
+    c.webhook.max_attempts = 2;
+    c.webhook.initial_backoff = Duration::from_millis(10);
+    let server = start(c).await;
+    let mut s = server.collector().session();
+    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
+    for i in 1..=6u64 {
+        let b = batch(
+            i,
+            T0 + i * STEP,
+            vec![d([203, 0, 113, 97], 256 << 20, 1 << 20)],
+        );
+        s.handle(batch_msg(b)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&server).await;
+        if metric(&m, "outflow_collector_webhook_dropped_total") >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dropped: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(calls.try_recv().is_err(), "the receiver got a request");
+    server.shutdown().await.unwrap();
+}
+
 /// What makes two alerts the same judgements: id, key, detector, state, first and last
 /// seen, observed, peak and episode bytes, severity.
 type Judgement = (String, String, i32, i32, [u64; 5], i32);

@@ -92,7 +92,6 @@ async fn hostile_input_is_refused_and_the_server_goes_on() {
     let s = refused(&u, true, batch_msg(b)).await;
     check(&s, Code::InvalidArgument, "end_ms:");
 
-
     let s = refused(
         &u,
         true,
@@ -179,7 +178,7 @@ async fn hostile_input_is_refused_and_the_server_goes_on() {
             &m,
             "outflow_collector_rejects_total{reason=\"invalid_argument\"}"
         ),
-        10.0
+        9.0
     );
     assert_eq!(
         metric(
