@@ -91,8 +91,17 @@ impl Agent {
 
     /// Like [`Agent::start`] with another binary (a stand-in that speaks the same protocol).
     pub fn start_bin(bin: &Path, args: &[&str]) -> Self {
+        Self::start_bin_env(bin, args, &[])
+    }
+
+    /// Like [`Agent::start`] with environment variables added (e.g. an `LD_PRELOAD`).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_bin_env(&agent_bin(), args, env)
+    }
+
+    fn start_bin_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(bin);
-        command.args(args);
+        command.args(args).envs(env.iter().copied());
         if !args
             .iter()
             .any(|a| *a == "--output" || a.starts_with("--output="))

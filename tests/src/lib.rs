@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod collector;
+pub mod faults;
 pub mod gateway;
 pub mod http;
 mod lines;

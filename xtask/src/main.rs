@@ -8,6 +8,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod faults;
 mod fuzz;
 mod setup;
 mod test;
@@ -40,7 +41,8 @@ enum Command {
     ///
     /// The nightly toolchain with rust-src, bpf-linker built against that nightly's LLVM, and
     /// the Debian packages the tests and benchmarks use (iproute2, util-linux, procps, iperf3,
-    /// ethtool, linux-perf). Takes about a second when all is present.
+    /// ethtool, linux-perf, nginx, haproxy, nftables, libfaketime). Takes about a second when
+    /// all is present.
     Setup,
     /// Run `setup`, build the binaries, then `cargo test`; needs root.
     ///
@@ -53,6 +55,13 @@ enum Command {
     /// namespaces; one client starts extracting in bulk. Prints the collector's top talkers
     /// (and alerts) as it goes, then cleans up.
     Demo,
+    /// The fault suite at full size, and its table (about 20 minutes; needs root).
+    ///
+    /// The real agent and collector through packet loss, delay, stalls, resets, a one-minute
+    /// partition, full disks on both sides, 50 SIGKILLs of each, clock steps of hours, a
+    /// connection storm and 500 agents reconnecting at once; each run ends with the collector's
+    /// totals compared with what the clients received, to the byte. Prints the table.
+    Faults(faults::Args),
     /// Fuzz the attribution parsers (PROXY, HTTP heads, forwarding headers, the resolver).
     ///
     /// Installs cargo-fuzz if missing; runs each target for --seconds with a fixed seed.
@@ -68,6 +77,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Faults(args) => faults::run(&args),
         Command::Fuzz(args) => {
             fuzz::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -51,6 +51,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "linux-perf",
     "nginx",
     "haproxy",
+    // The fault suite: network faults on one port, and an agent's wall clock stepped alone.
+    "nftables",
+    "libfaketime",
 ];
 
 /// Packages whose maintainer scripts enable and start a system daemon (listening on port 80
