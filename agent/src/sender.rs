@@ -256,7 +256,17 @@ async fn stream(
     let mut waiting_since = Instant::now();
     loop {
         while in_flight.len() < WINDOW {
-            let Some((seq, path)) = shared.spool().next_after(sent) else {
+            // Marked as sent before it is read and sent, under the spool's lock: from here on
+            // making room may not drop it (it may reach the collector).
+            let next = {
+                let mut spool = shared.spool();
+                let next = spool.next_after(sent);
+                if let Some((seq, _)) = &next {
+                    spool.sent(*seq);
+                }
+                next
+            };
+            let Some((seq, path)) = next else {
                 break;
             };
             sent = seq;
@@ -277,7 +287,6 @@ async fn stream(
             })
             .await
             .map_err(|_| protocol("the request stream closed"))?;
-            shared.spool().sent(seq);
             in_flight.push_back(seq);
         }
         tokio::select! {

@@ -312,10 +312,11 @@ pub struct Spool {
     next_seq: u64,
     /// Highest seq the sender may send: batches above it await their kernel commit.
     published: u64,
-    /// Highest seq written to a stream since the collector last said what it has applied (its
-    /// Welcome). Batches up to it may be applied without an Ack having come back yet (the Ack
-    /// is delayed, or the stream is cut after the collector received them): making room never
-    /// drops them, or their bytes would be both applied and reported lost.
+    /// Highest seq written to a stream. Batches up to it may be applied without their Ack
+    /// having come back (the Ack is delayed, the stream was cut after the collector received
+    /// them, or a stream this agent gave up on still delivers what its socket held): making
+    /// room never drops them, or their bytes would be both applied and reported lost. The
+    /// spool may exceed its bound by them until they are acknowledged.
     sent_upto: u64,
     /// A commit the previous agent may not have done, for the read loop to redo.
     recovery: Option<CommitPlan>,
@@ -838,8 +839,6 @@ impl Spool {
 
     /// The collector's Welcome: it has applied everything up to `applied` in this epoch.
     pub fn welcome(&mut self, applied: u64) -> Result<(), SpoolError> {
-        // What is above it was not applied (the stream it was sent on is gone).
-        self.sent_upto = applied;
         if applied <= self.last_seq() {
             // Batches not yet published are sent again once they are (and acknowledged as
             // duplicates if the collector has them).
@@ -1068,12 +1067,16 @@ mod tests {
         let a = add(&mut s, vec![batch(5, 1005)]).expect("append");
         assert_eq!(a.dropped_seqs, Some((3, 3)), "the oldest unsent goes");
         assert_eq!(spooled(&s), vec![1, 2, 4, 5]);
-        // A new stream's Welcome says 1 was applied and 2 was not: 2 may go now.
+        // A new stream's Welcome says 1 was applied and 2 not yet: 2 stays, for the old
+        // stream's socket may still deliver it; it goes once acknowledged.
         s.welcome(1).expect("welcome");
         add(&mut s, vec![batch(6, 1006)]).expect("append");
         let a = add(&mut s, vec![batch(7, 1007)]).expect("append");
-        assert_eq!(a.dropped_seqs, Some((2, 2)));
-        assert_eq!(spooled(&s), vec![4, 5, 6, 7]);
+        assert_eq!(a.dropped_seqs, Some((4, 4)));
+        assert_eq!(spooled(&s), vec![2, 5, 6, 7]);
+        s.publish();
+        s.ack(2).expect("ack");
+        assert_eq!(spooled(&s), vec![5, 6, 7]);
     }
 
     #[test]
