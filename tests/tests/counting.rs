@@ -15,6 +15,7 @@ use std::{
 use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
+    faults::nft::{NetFault, Nft},
     netns::{self, NetnsPair},
     peer::{Client, Outcome, Server},
     protocol::{HEADER_LEN, RequestHeader, ServerResult},
@@ -202,6 +203,50 @@ fn counts_every_connection_exactly_over_ipv4_and_ipv6() {
     assert!(
         of_type(&records, "overflow").next().is_none(),
         "nothing overflowed"
+    );
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn a_retransmitted_byte_is_counted_once_under_packet_loss() {
+    let bench = Bench::new("loss");
+    // 10% of the packets to and from the server's port dropped in the client's namespace,
+    // after the server sent them: segments are sent again, and acknowledged late.
+    let nft = Nft::in_netns_to(bench.pair.client_ns(), PORT);
+    nft.set(NetFault::Loss(10));
+    let (agent, _) = bench.agent(&[]);
+    let sizes = [(3_000_000, 20_000), (500_000, 1_000), (1, 1)];
+    let outcomes = bench
+        .client
+        .request_many(bench.pair.server_v4(PORT), 9, &sizes, 3);
+    let results = bench.server.wait_results(outcomes.len(), WAIT);
+    let records = agent.wait_until(WAIT, |r| all_closed(r, &outcomes));
+    let conns = conn_records(&records);
+    let mut retransmitted = 0;
+    for o in &outcomes {
+        let result = o.server_result(&results);
+        // Payload once, whatever was sent again: the client's view and tcp_info's.
+        assert_exact(&conns, o, result, &bench);
+        let t = totals(&of_outcome(&conns, o));
+        // Segments, retransmissions included, as TCP counts them: tcp_info is read before the
+        // close, so the agent has the FIN exchange on top (a few segments, more if one of them
+        // is lost and sent again), and it counts from establishment, without the handshake.
+        let (out, inb) = (u64::from(result.segs_out), u64::from(result.segs_in));
+        assert!(
+            (out..=out + 8).contains(&t.segments_out),
+            "segments_out {} vs tcp_info segs_out {out}: {result:?}",
+            t.segments_out
+        );
+        assert!(
+            (inb.saturating_sub(3)..=inb + 3).contains(&t.segments_in),
+            "segments_in {} vs tcp_info segs_in {inb}: {result:?}",
+            t.segments_in
+        );
+        retransmitted += result.total_retrans;
+    }
+    assert!(
+        retransmitted > 0,
+        "nothing was retransmitted: the loss was not applied"
     );
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }

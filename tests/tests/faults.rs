@@ -134,6 +134,22 @@ impl Rig {
         self.agent_with(url, None, &[], &[])
     }
 
+    /// The fault is over: stops the traffic, waits until the collector holds every byte the
+    /// clients received, reports the row, and stops the agent.
+    fn healed(&self, fault: String, traffic: Traffic, collector: &Collector, agent: &Agent) -> Row {
+        let healed = Instant::now();
+        let outcomes = traffic.finish();
+        let row = settle(
+            fault,
+            collector,
+            self.metrics_addr(),
+            &Truth::of(&outcomes),
+            healed,
+        );
+        assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+        row
+    }
+
     /// Requests from the client namespace, in a loop, until [`Traffic::finish`].
     fn traffic(&self, sizes: &'static [(u64, u64)]) -> Traffic {
         Traffic::start(&self.pair, self.pair.server_v4(PORT), sizes, 20, 4)
@@ -291,16 +307,7 @@ fn network_fault(tag: &str, fault: &str, apply: impl FnOnce(&FaultProxy, &Nft)) 
     apply(&proxy, &nft);
     nft.set(NetFault::Heal);
     proxy.set(ProxyFault::Pass);
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    settle(
-        fault.to_owned(),
-        &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes),
-        healed,
-    );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    rig.healed(fault.to_owned(), traffic, &collector, &agent);
 }
 
 #[test]
@@ -427,7 +434,9 @@ fn agent_spool_disk_full() {
     let secs = Scale::from_env().pick(5, 30);
     let rig = Rig::new("f-spool");
     let collector = rig.collector();
-    let disk = Tmpfs::new("spool", 4 << 20);
+    // Room, once the filler goes, for the interval that waited (up to the table's capacity
+    // of connections: about 10 MB at 65 536 slots).
+    let disk = Tmpfs::new("spool", 64 << 20);
     let spool = disk.path().join("spool");
     let agent = rig.agent_with(&collector.url(), Some(&spool), &[], &[]);
     let traffic = rig.traffic(MIXED);
@@ -444,16 +453,12 @@ fn agent_spool_disk_full() {
     );
     thread::sleep(Duration::from_secs(secs));
     std::fs::remove_file(&filler).expect("remove the filler");
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    settle(
+    rig.healed(
         format!("agent's spool disk full for {secs} s"),
+        traffic,
         &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes),
-        healed,
+        &agent,
     );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
 #[test]
@@ -551,16 +556,12 @@ fn collector_killed_again_and_again() {
         collector.kill();
         collector = rig.collector();
     }
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    settle(
+    rig.healed(
         format!("collector SIGKILLed {kills} times under traffic"),
+        traffic,
         &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes),
-        healed,
+        &agent,
     );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
 #[test]
@@ -590,16 +591,12 @@ fn agent_clock_stepped() {
         std::fs::write(&offset, step).expect("step the agent's clock");
     }
     thread::sleep(Duration::from_secs(secs));
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    settle(
+    rig.healed(
         format!("agent's wall clock stepped +{hours} h, -{hours} h, back"),
+        traffic,
         &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes),
-        healed,
+        &agent,
     );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
 #[test]

@@ -45,6 +45,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "faults",
         "--test",
         "faults_fleet",
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ]);

@@ -319,6 +319,16 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
     eprintln!("three days replayed in {:?}", started.elapsed());
 }
 
+/// 1.5 GiB in 30 minutes from `addr`: a volume alert.
+async fn bulk_from_one_address(server: &Server, addr: [u8; 4]) {
+    let mut s = server.collector().session();
+    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
+    for i in 1..=6u64 {
+        let b = batch(i, T0 + i * STEP, vec![d(addr, 256 << 20, 1 << 20)]);
+        s.handle(batch_msg(b)).await.unwrap();
+    }
+}
+
 /// A webhook receiver: answers 500 to the first request, 200 after; sends each body on.
 async fn receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -371,17 +381,7 @@ async fn webhook_gets_alerts_with_retries() {
     c.webhook.url = Some(hook);
     c.webhook.initial_backoff = Duration::from_millis(20);
     let server = start(c).await;
-    let mut s = server.collector().session();
-    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
-    // 1.5 GiB in 30 minutes from one address.
-    for i in 1..=6u64 {
-        let b = batch(
-            i,
-            T0 + i * STEP,
-            vec![d([203, 0, 113, 99], 256 << 20, 1 << 20)],
-        );
-        s.handle(batch_msg(b)).await.unwrap();
-    }
+    bulk_from_one_address(&server, [203, 0, 113, 99]).await;
     let body = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
         .await
         .expect("no webhook call in 10 s")
@@ -483,16 +483,7 @@ async fn webhook_over_https_carries_the_auth_header() {
         "Bearer hook-secret\n",
     ));
     let server = start(c).await;
-    let mut s = server.collector().session();
-    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
-    for i in 1..=6u64 {
-        let b = batch(
-            i,
-            T0 + i * STEP,
-            vec![d([203, 0, 113, 98], 256 << 20, 1 << 20)],
-        );
-        s.handle(batch_msg(b)).await.unwrap();
-    }
+    bulk_from_one_address(&server, [203, 0, 113, 98]).await;
     let (auth, body) = tokio::time::timeout(Duration::from_secs(10), calls.recv())
         .await
         .expect("no webhook call in 10 s")
@@ -527,16 +518,7 @@ async fn a_webhook_receiver_of_another_ca_is_refused_and_the_change_counted_as_d
     c.webhook.max_attempts = 2;
     c.webhook.initial_backoff = Duration::from_millis(10);
     let server = start(c).await;
-    let mut s = server.collector().session();
-    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
-    for i in 1..=6u64 {
-        let b = batch(
-            i,
-            T0 + i * STEP,
-            vec![d([203, 0, 113, 97], 256 << 20, 1 << 20)],
-        );
-        s.handle(batch_msg(b)).await.unwrap();
-    }
+    bulk_from_one_address(&server, [203, 0, 113, 97]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let m = metrics(&server).await;

@@ -1,9 +1,10 @@
 //! Network faults on one TCP port of this host, by nftables: random loss, resets, a partition.
 //!
-//! Each [`Nft`] is a table of its own (`inet outflow-fault-<pid>-<serial>`) whose one chain,
-//! on the input hook, matches only packets to or from its port: other traffic of the host
-//! (loopback included) is untouched. Packets between two local sockets pass the input hook
-//! once per direction, so one chain covers both directions.
+//! Each [`Nft`] is a table of its own (`inet outflow-fault-<pid>-<serial>`), on this host or in
+//! a network namespace, whose two chains match only packets of its port: those to it on the
+//! input hook, those from it on the output hook, so that each packet is matched once also
+//! between two sockets of one host (loopback packets pass both hooks). Other traffic is
+//! untouched.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -26,20 +27,41 @@ pub enum NetFault {
 pub struct Nft {
     table: String,
     port: u16,
+    /// The network namespace the table is in (this host's if None).
+    netns: Option<String>,
+    /// Whether the port is a local one there (a listener: packets to it come in) or the
+    /// remote end's (packets from it come in).
+    local: bool,
 }
 
 impl Nft {
-    /// A table for `port`, passing everything.
+    /// A table for the local `port` of a listener on this host, passing everything.
     pub fn new(port: u16) -> Self {
+        sweep_stale();
+        Self::create(port, None, true)
+    }
+
+    /// A table in the network namespace `netns` (removed with it) for the traffic of its
+    /// connections to `port` of another namespace, passing everything: what comes from that
+    /// port is dropped on arrival, after it left the other namespace.
+    pub fn in_netns_to(netns: &str, port: u16) -> Self {
+        Self::create(port, Some(netns.to_owned()), false)
+    }
+
+    fn create(port: u16, netns: Option<String>, local: bool) -> Self {
         let table = format!(
             "outflow-fault-{}-{}",
             std::process::id(),
             crate::next_serial()
         );
-        sweep_stale();
-        let nft = Self { table, port };
+        let nft = Self {
+            table,
+            port,
+            netns,
+            local,
+        };
         nft.apply(&format!(
-            "table inet {t} {{\n  chain input {{ type filter hook input priority -10; policy accept; }}\n}}\n",
+            "table inet {t} {{\n  chain input {{ type filter hook input priority -10; policy accept; }}\n  chain output {{ type filter hook output priority -10; policy accept; }}\n}}\n",
             t = nft.table
         ));
         nft
@@ -48,30 +70,51 @@ impl Nft {
     /// Replaces the fault in force.
     pub fn set(&self, fault: NetFault) {
         let (t, p) = (&self.table, self.port);
+        // Packets coming in match the port as their destination (a local port) or source.
+        let (inp, out) = if self.local {
+            ("dport", "sport")
+        } else {
+            ("sport", "dport")
+        };
         let rules = match fault {
             NetFault::Heal => String::new(),
             NetFault::Loss(pct) => {
                 assert!((1..=99).contains(&pct), "loss {pct}% is not in 1-99");
                 format!(
-                    "add rule inet {t} input tcp dport {p} numgen random mod 100 < {pct} drop\n\
-                     add rule inet {t} input tcp sport {p} numgen random mod 100 < {pct} drop\n"
+                    "add rule inet {t} input tcp {inp} {p} numgen random mod 100 < {pct} drop\n\
+                     add rule inet {t} output tcp {out} {p} numgen random mod 100 < {pct} drop\n"
                 )
             }
             NetFault::Reset => format!(
-                "add rule inet {t} input tcp dport {p} reject with tcp reset\n\
-                 add rule inet {t} input tcp sport {p} drop\n"
+                "add rule inet {t} input tcp {inp} {p} reject with tcp reset\n\
+                 add rule inet {t} output tcp {out} {p} drop\n"
             ),
             NetFault::Partition => format!(
-                "add rule inet {t} input tcp dport {p} drop\n\
-                 add rule inet {t} input tcp sport {p} drop\n"
+                "add rule inet {t} input tcp {inp} {p} drop\n\
+                 add rule inet {t} output tcp {out} {p} drop\n"
             ),
         };
-        // One transaction: the flush and the new rules apply together.
-        self.apply(&format!("flush chain inet {t} input\n{rules}"));
+        // One transaction: the flushes and the new rules apply together.
+        self.apply(&format!(
+            "flush chain inet {t} input\nflush chain inet {t} output\n{rules}"
+        ));
+    }
+
+    /// `nft`, in the table's namespace.
+    fn nft(&self) -> Command {
+        match &self.netns {
+            None => Command::new("nft"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+        }
     }
 
     fn apply(&self, script: &str) {
-        let mut child = Command::new("nft")
+        let mut child = self
+            .nft()
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,7 +142,8 @@ impl Nft {
 
 impl Drop for Nft {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
+        let _ = self
+            .nft()
             .args(["delete", "table", "inet", &self.table])
             .stderr(Stdio::null())
             .status();
