@@ -783,13 +783,22 @@ impl Spool {
             self.entries.insert(b.seq, Entry::new(*len, b));
         }
         self.next_seq = last_seq + 1;
-        // Their loss is on record in a durable batch now.
+        // Their loss is on record in a durable batch now. The new batches are durable: what
+        // follows must not fail the append (the interval would be read and spooled again).
         for (seq, _) in &dropped_entries {
-            remove(&self.path(*seq))?;
+            if let Err(e) = remove(&self.path(*seq)) {
+                warn!(
+                    "{e}: a dropped batch left behind (its loss is reported): a restart would send it too"
+                );
+            }
         }
         if !self.state.pending.is_zero() {
             self.state.pending = Loss::default();
-            self.write_state()?;
+            if let Err(e) = self.write_state() {
+                warn!(
+                    "{e}: the loss reported in batch {first_seq} may be reported again if the agent restarts before the state is written"
+                );
+            }
         }
         self.lost_total.add(&dropped_own);
         let dropped_seqs = dropped_entries
