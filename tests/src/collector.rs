@@ -7,7 +7,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use outflow_proto::v1::{ClientStatsRequest, ClientStatsResponse, query_client::QueryClient};
+use outflow_proto::v1::{
+    ClientStatsRequest, ClientStatsResponse, Window, query_client::QueryClient,
+};
 
 use crate::agent::find_bin;
 use crate::process::{CapturedText, ChildProcess};
@@ -109,6 +111,16 @@ impl Collector {
                 self.stderr.tail(30)
             )
         })
+    }
+
+    /// `(response, request)` bytes of `client` (an address, a prefix or a client id) in the
+    /// 24 h window; `(0, 0)` if the collector has none.
+    pub fn day_bytes(&self, client: &str) -> (u64, u64) {
+        self.client_stats(client)
+            .windows
+            .iter()
+            .find(|w| w.window == Window::Window24h as i32)
+            .map_or((0, 0), |w| (w.response_bytes, w.request_bytes))
     }
 
     /// `outflow.v1.Query/ClientStats` for an address or prefix; a client the collector has no

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use outflow_proto::v1::Window;
 use outflow_tests::agent::{Agent, PinDir};
 use outflow_tests::cgroup::TestCgroup;
 use outflow_tests::collector::{Collector, TempDir, free_port};
@@ -435,16 +434,6 @@ fn annotations_name_the_tenant_of_each_request() {
     agent.stop();
 }
 
-/// The collector's response bytes of `client` (an address or an id) in the 24 h window.
-fn collected(collector: &Collector, client: &str) -> u64 {
-    collector
-        .client_stats(client)
-        .windows
-        .iter()
-        .find(|w| w.window == Window::Window24h as i32)
-        .map_or(0, |w| w.response_bytes)
-}
-
 /// End to end through nginx: the agent streams to a real collector, whose totals per client
 /// address and per client id equal what the server wrote for each client, to the byte; the
 /// gateway's own address has no client bytes.
@@ -493,11 +482,11 @@ fn collector_totals_per_client_address_and_id_are_exact() {
     let got = || {
         let addr: BTreeMap<String, u64> = want_addr
             .keys()
-            .map(|k| (k.clone(), collected(&collector, k)))
+            .map(|k| (k.clone(), collector.day_bytes(k).0))
             .collect();
         let id: BTreeMap<String, u64> = want_id
             .keys()
-            .map(|k| (k.clone(), collected(&collector, &format!("id:{k}"))))
+            .map(|k| (k.clone(), collector.day_bytes(&format!("id:{k}")).0))
             .collect();
         (addr, id)
     };
@@ -512,7 +501,7 @@ fn collector_totals_per_client_address_and_id_are_exact() {
     );
     // The gateway's address is the peer of every connection, the client of none.
     assert_eq!(
-        collected(&collector, "198.18.0.2"),
+        collector.day_bytes("198.18.0.2").0,
         0,
         "the gateway is no client"
     );

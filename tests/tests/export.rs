@@ -6,7 +6,6 @@
 
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
-use outflow_proto::v1::{ClientStatsResponse, Window};
 use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
@@ -31,15 +30,6 @@ fn truth(outcomes: &[Outcome]) -> BTreeMap<IpAddr, (u64, u64)> {
     t
 }
 
-/// The 24 h window of a ClientStats answer (every test here runs well inside it).
-fn day(stats: &ClientStatsResponse) -> (u64, u64) {
-    stats
-        .windows
-        .iter()
-        .find(|w| w.window == Window::Window24h as i32)
-        .map_or((0, 0), |w| (w.response_bytes, w.request_bytes))
-}
-
 /// The collector's (response, request) bytes for each client of `truth`.
 fn observed(
     collector: &Collector,
@@ -47,7 +37,7 @@ fn observed(
 ) -> BTreeMap<IpAddr, (u64, u64)> {
     truth
         .keys()
-        .map(|ip| (*ip, day(&collector.client_stats(&ip.to_string()))))
+        .map(|ip| (*ip, collector.day_bytes(&ip.to_string())))
         .collect()
 }
 
@@ -169,7 +159,7 @@ fn collector_totals_per_client_equal_the_ground_truth() {
         ("2001:db8::/64", "2001:db8::2"),
     ] {
         let ip: IpAddr = ip.parse().expect("ip");
-        assert_eq!(day(&collector.client_stats(prefix)), truth[&ip], "{prefix}");
+        assert_eq!(collector.day_bytes(prefix), truth[&ip], "{prefix}");
     }
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
     assert_eq!(

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use outflow_proto::v1::Window;
 use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
@@ -229,14 +228,7 @@ struct Held {
 fn held(collector: &Collector, metrics: SocketAddr, clients: &[IpAddr]) -> Held {
     let per_client = clients
         .iter()
-        .map(|ip| {
-            collector
-                .client_stats(&ip.to_string())
-                .windows
-                .iter()
-                .find(|w| w.window == Window::Window24h as i32)
-                .map_or(0, |w| w.response_bytes)
-        })
+        .map(|ip| collector.day_bytes(&ip.to_string()).0)
         .sum();
     let m = Metrics::fetch(metrics).unwrap_or_else(|e| panic!("scrape {metrics}: {e}"));
     Held {

@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use outflow_proto::v1::Window;
 use outflow_tests::{
     collector::{Collector, Metrics, TempDir, free_port},
     faults::{
@@ -49,16 +48,6 @@ fn unix_ms_now() -> u64 {
 /// Seconds from `since_ms` to `ms` (Unix milliseconds), for messages.
 fn secs_after(ms: u64, since_ms: u64) -> f64 {
     ms.saturating_sub(since_ms) as f64 / 1000.0
-}
-
-/// The collector's (response, request) bytes of `client` in its 24 h window.
-fn day(collector: &Collector, client: &str) -> (u64, u64) {
-    collector
-        .client_stats(client)
-        .windows
-        .iter()
-        .find(|w| w.window == Window::Window24h as i32)
-        .map_or((0, 0), |w| (w.response_bytes, w.request_bytes))
 }
 
 fn metrics(addr: SocketAddr) -> Metrics {
@@ -169,7 +158,7 @@ fn a_fleet_reconnects_after_a_collector_crash_without_a_stampede_or_a_lost_batch
     let mut wrong = Vec::new();
     for i in 0..n {
         let client = client_addr(i).to_string();
-        let held = day(&collector, &client);
+        let held = collector.day_bytes(&client);
         let sent = (
             done.sent_bytes_out_by_agent[i],
             done.sent_bytes_in_by_agent[i],
