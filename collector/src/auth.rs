@@ -205,9 +205,83 @@ pub enum Role {
     Read,
 }
 
-/// The agent id an agent token is bound to, put in the request's extensions for Ingest.
+/// An agent id a credential binds an Ingest stream to, put in the request's extensions (one
+/// per credential: a stream with an agent token over a certificate has two, and its Hello
+/// must satisfy both).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BoundAgent(pub Arc<str>);
+pub enum BoundAgent {
+    /// An agent token: the agent id it was issued to.
+    Token(Arc<str>),
+    /// A client certificate: the names it carries (subject common names, DNS subjectAltNames).
+    Certificate(Arc<[String]>),
+}
+
+impl BoundAgent {
+    /// Whether a Hello may name `agent_id`.
+    pub fn allows(&self, agent_id: &str) -> bool {
+        match self {
+            BoundAgent::Token(id) => **id == *agent_id,
+            BoundAgent::Certificate(names) => names.iter().any(|n| n == agent_id),
+        }
+    }
+
+    /// Why a Hello naming `agent_id` is refused.
+    pub fn refusal(&self, agent_id: &str) -> String {
+        match self {
+            BoundAgent::Token(id) => {
+                format!("this token is agent {id:?}'s: it may not send as agent {agent_id:?}")
+            }
+            BoundAgent::Certificate(names) => format!(
+                "the client certificate names {names:?}: it may not send as agent {agent_id:?} (put the agent id in the certificate's CN or a DNS subjectAltName, or set tls.agent_id_from_cert = false)"
+            ),
+        }
+    }
+}
+
+/// The names of a DER client certificate an agent id may take: its subject's common names
+/// and the DNS names of its subjectAltName.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    names.retain(|n| !n.is_empty() && n.chars().count() <= MAX_AGENT_ID_CHARS);
+    names.dedup();
+    Ok(names)
+}
+
+/// What the collector asks of client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// Nothing (no `tls.client_ca`).
+    Off,
+    /// A certificate of the client CA on every call.
+    Required,
+    /// Required, and an Ingest stream may only send as an agent id its certificate names.
+    BindAgentId,
+}
+
+impl ClientCerts {
+    /// What `cfg` asks for.
+    pub fn of(cfg: &TlsConfig) -> Self {
+        match (cfg.client_ca.is_some(), cfg.agent_id_from_cert) {
+            (false, _) => ClientCerts::Off,
+            (true, false) => ClientCerts::Required,
+            (true, true) => ClientCerts::BindAgentId,
+        }
+    }
+}
 
 /// Every token, loaded once and shared by the interceptors.
 #[derive(Debug, Default)]
@@ -283,39 +357,52 @@ enum Found {
 pub struct Auth {
     tokens: Arc<Tokens>,
     role: Role,
-    require_client_cert: bool,
+    certs: ClientCerts,
     metrics: Arc<Metrics>,
 }
 
 impl Auth {
     /// Requires one of `tokens` that may take `role` if any is configured, and a verified
-    /// client certificate if `require_client_cert`.
-    pub fn new(
-        tokens: Arc<Tokens>,
-        role: Role,
-        require_client_cert: bool,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// client certificate as `certs` says.
+    pub fn new(tokens: Arc<Tokens>, role: Role, certs: ClientCerts, metrics: Arc<Metrics>) -> Self {
         Self {
             tokens,
             role,
-            require_client_cert,
+            certs,
             metrics,
         }
     }
 
     /// Whether any check is configured.
     pub fn is_open(&self) -> bool {
-        self.tokens.is_empty() && !self.require_client_cert
+        self.tokens.is_empty() && self.certs == ClientCerts::Off
     }
 
-    /// Checks one call; for Ingest with an agent token, the agent id it is bound to.
-    pub fn check<T>(&self, request: &Request<T>) -> Result<Option<BoundAgent>, ApiError> {
-        if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
-            return Err(ApiError::Unauthenticated(
-                "a client certificate signed by the collector's client CA is required",
-            ));
+    /// Checks one call; for Ingest, the agent ids its credentials bind it to (none: any).
+    pub fn check<T>(&self, request: &Request<T>) -> Result<Vec<BoundAgent>, ApiError> {
+        let mut bound = Vec::new();
+        if self.certs != ClientCerts::Off {
+            let certs = request.peer_certs();
+            let Some(leaf) = certs.as_deref().and_then(|c| c.first()) else {
+                return Err(ApiError::Unauthenticated(
+                    "a client certificate signed by the collector's client CA is required",
+                ));
+            };
+            if self.certs == ClientCerts::BindAgentId && self.role == Role::Ingest {
+                let names = certificate_names(leaf).map_err(|e| {
+                    ApiError::PermissionDenied(format!("the client certificate: {e}"))
+                })?;
+                bound.push(BoundAgent::Certificate(names.into()));
+            }
         }
+        if let Some(token) = self.check_token(request)? {
+            bound.push(token);
+        }
+        Ok(bound)
+    }
+
+    /// The token check of one call; for Ingest with an agent token, its agent id.
+    fn check_token<T>(&self, request: &Request<T>) -> Result<Option<BoundAgent>, ApiError> {
         if self.tokens.is_empty() {
             return Ok(None);
         }
@@ -327,7 +414,7 @@ impl Auth {
         match (self.tokens.find(given.as_bytes()), self.role) {
             (None, _) => Err(ApiError::Unauthenticated("invalid bearer token")),
             (Some(Found::Shared), _) | (Some(Found::Read), Role::Read) => Ok(None),
-            (Some(Found::Agent(a)), Role::Ingest) => Ok(Some(BoundAgent(a))),
+            (Some(Found::Agent(a)), Role::Ingest) => Ok(Some(BoundAgent::Token(a))),
             (Some(Found::Agent(_)), Role::Read) => Err(ApiError::PermissionDenied(
                 "an agent's token may only ingest: read with the token of auth.read_token_file"
                     .into(),
@@ -344,8 +431,8 @@ impl Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         match self.check(&request) {
             Ok(bound) => {
-                if let Some(b) = bound {
-                    request.extensions_mut().insert(b);
+                if !bound.is_empty() {
+                    request.extensions_mut().insert(bound);
                 }
                 Ok(request)
             }
@@ -378,16 +465,16 @@ mod tests {
         let auth = Auth::new(
             Arc::new(Tokens::shared("s3cret")),
             Role::Ingest,
-            false,
+            ClientCerts::Off,
             m.clone(),
         );
         assert!(auth.check(&Request::new(())).is_err());
         assert!(auth.check(&with("s3cre")).is_err());
-        assert_eq!(auth.check(&with("s3cret")).unwrap(), None);
+        assert_eq!(auth.check(&with("s3cret")).unwrap(), []);
         let none = Arc::new(Tokens::default());
-        assert!(Auth::new(none.clone(), Role::Read, false, m.clone()).is_open());
+        assert!(Auth::new(none.clone(), Role::Read, ClientCerts::Off, m.clone()).is_open());
         assert!(
-            Auth::new(none, Role::Read, true, m)
+            Auth::new(none, Role::Read, ClientCerts::Required, m)
                 .check(&Request::new(()))
                 .is_err()
         );
@@ -404,20 +491,35 @@ mod tests {
                 (Arc::from("gpu-2"), b"Bearer a2".to_vec()),
             ],
         });
-        let ingest = Auth::new(tokens.clone(), Role::Ingest, false, m.clone());
-        let read = Auth::new(tokens, Role::Read, false, m);
+        let ingest = Auth::new(tokens.clone(), Role::Ingest, ClientCerts::Off, m.clone());
+        let read = Auth::new(tokens, Role::Read, ClientCerts::Off, m);
         assert_eq!(
             ingest.check(&with("a2")).unwrap(),
-            Some(BoundAgent(Arc::from("gpu-2")))
+            [BoundAgent::Token(Arc::from("gpu-2"))]
         );
         let denied = |r: Result<_, ApiError>| matches!(r, Err(ApiError::PermissionDenied(_)));
         assert!(denied(ingest.check(&with("r"))));
         assert!(denied(read.check(&with("a1"))));
-        assert_eq!(read.check(&with("r")).unwrap(), None);
+        assert_eq!(read.check(&with("r")).unwrap(), []);
         assert!(matches!(
             read.check(&with("x")),
             Err(ApiError::Unauthenticated(_))
         ));
+    }
+
+    #[test]
+    fn a_certificate_names_its_common_names_and_dns_alt_names() {
+        use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["gpu-7".to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "host-a");
+        p.subject_alt_names
+            .push(SanType::IpAddress("192.0.2.7".parse().unwrap()));
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(certificate_names(&der).unwrap(), ["host-a", "gpu-7"]);
+        let bound = BoundAgent::Certificate(certificate_names(&der).unwrap().into());
+        assert!(bound.allows("gpu-7") && bound.allows("host-a") && !bound.allows("gpu-8"));
+        assert!(certificate_names(b"not a certificate").is_err());
     }
 
     fn private(path: &Path, text: &str) {

@@ -106,12 +106,12 @@ impl Collector {
 
     /// A new agent stream's protocol state.
     pub fn session(self: &Arc<Self>) -> Session {
-        self.session_for(None)
+        self.session_for(Vec::new())
     }
 
-    /// A new agent stream's protocol state; with `bound`, its Hello must name that agent id
-    /// (the one its token was issued to).
-    pub fn session_for(self: &Arc<Self>, bound: Option<BoundAgent>) -> Session {
+    /// A new agent stream's protocol state; its Hello must name an agent id that each of
+    /// `bound` allows (its token's, its certificate's).
+    pub fn session_for(self: &Arc<Self>, bound: Vec<BoundAgent>) -> Session {
         Session {
             collector: self.clone(),
             agent: None,
@@ -218,7 +218,7 @@ struct SessionAgent {
 pub struct Session {
     collector: Arc<Collector>,
     agent: Option<SessionAgent>,
-    bound: Option<BoundAgent>,
+    bound: Vec<BoundAgent>,
     /// A batch of this stream was moved back in time (its agent's clock is ahead).
     shift_warned: bool,
 }
@@ -289,13 +289,9 @@ impl Session {
             return Err(ApiError::OutOfOrder("second Hello on the stream"));
         }
         let hello = Hello::try_from(h)?;
-        if let Some(BoundAgent(id)) = &self.bound
-            && *id != hello.agent.agent_id
-        {
-            return Err(ApiError::PermissionDenied(format!(
-                "this token is agent {id:?}'s: it may not send as agent {:?}",
-                hello.agent.agent_id
-            )));
+        let id = &hello.agent.agent_id;
+        if let Some(b) = self.bound.iter().find(|b| !b.allows(id)) {
+            return Err(ApiError::PermissionDenied(b.refusal(id)));
         }
         let c = &self.collector;
         let reply = c

@@ -79,7 +79,7 @@ pub struct AuthConfig {
 }
 
 /// TLS for the gRPC port, and client certificates (mTLS) when `client_ca` is set.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain of the collector.
@@ -92,6 +92,22 @@ pub struct TlsConfig {
     /// one of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: an Ingest stream may only send as an agent id that its client
+    /// certificate names (the subject's common name or a DNS name of its subjectAltName).
+    /// `false` lets any certificate of the CA send as any agent id (a fleet that shares one
+    /// certificate).
+    pub agent_id_from_cert: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            client_ca: None,
+            agent_id_from_cert: true,
+        }
+    }
 }
 
 impl TlsConfig {

@@ -141,8 +141,12 @@ impl IngestService {
             },
             None => None,
         };
-        // An agent token (auth) binds the stream to its agent id.
-        let bound = request.extensions().get::<BoundAgent>().cloned();
+        // An agent token or a client certificate (auth) binds the stream to its agent id.
+        let bound = request
+            .extensions()
+            .get::<Vec<BoundAgent>>()
+            .cloned()
+            .unwrap_or_default();
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         let (ptx, prx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(ack(prx, tx, self.collector.clone()));

@@ -26,7 +26,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     alerts_service::AlertsService,
-    auth::{self, Auth, AuthError, Role},
+    auth::{self, Auth, AuthError, ClientCerts, Role},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
     ingest::IngestService,
@@ -89,9 +89,9 @@ impl Server {
         let tokens = Arc::new(auth::Tokens::load(&config.auth)?);
         let tls = auth::server_tls(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
-        let need_cert = config.tls.client_ca.is_some();
-        let ingest_auth = Auth::new(tokens.clone(), Role::Ingest, need_cert, metrics.clone());
-        let auth = Auth::new(tokens, Role::Read, need_cert, metrics.clone());
+        let certs = ClientCerts::of(&config.tls);
+        let ingest_auth = Auth::new(tokens.clone(), Role::Ingest, certs, metrics.clone());
+        let auth = Auth::new(tokens, Role::Read, certs, metrics.clone());
         if config.auth.token_file.is_some() {
             info!(
                 "auth.token_file: one token may ingest under any agent id and read; auth.agent_tokens_file and auth.read_token_file keep them apart"

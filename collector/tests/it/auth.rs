@@ -279,6 +279,18 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
         1
     );
     a.close().await;
+    // The certificate binds the agent id: agent-1's may not send as agent-2.
+    let ch = tls_channel(&addr, &server_ca.cert_pem, Some(&good))
+        .await
+        .unwrap();
+    let mut a = Agent::open(ch, None).await.unwrap();
+    let e = a.hello("agent-2", 1, "gpu-2").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("the client certificate names [\"agent-1\"]"),
+        "{e:?}"
+    );
 
     // No certificate: UNAUTHENTICATED.
     let ch = tls_channel(&addr, &server_ca.cert_pem, None).await.unwrap();
@@ -311,5 +323,21 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
         .unwrap()
         .into_inner();
     assert_eq!(r.windows[3].response_bytes, 7);
+    server.shutdown().await.unwrap();
+
+    // A fleet sharing one certificate: `agent_id_from_cert = false` lets it send as any id.
+    let mut cfg = config(&dir.path().join("data2"));
+    cfg.tls.cert = Some(write(dir.path(), "server.crt", &scert));
+    cfg.tls.key = Some(write(dir.path(), "server.key", &skey));
+    cfg.tls.client_ca = Some(write(dir.path(), "agents-ca.crt", &client_ca.cert_pem));
+    cfg.tls.agent_id_from_cert = false;
+    let server = start(cfg).await;
+    let addr = server.addr().to_string();
+    let ch = tls_channel(&addr, &server_ca.cert_pem, Some(&good))
+        .await
+        .unwrap();
+    let mut a = Agent::open(ch, None).await.unwrap();
+    a.hello("agent-2", 1, "gpu-2").await.unwrap();
+    a.close().await;
     server.shutdown().await.unwrap();
 }
