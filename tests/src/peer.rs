@@ -65,6 +65,12 @@ impl Server {
         cgroup: &TestCgroup,
         listen: &[SocketAddr],
     ) -> Self {
+        Self::start_in(bin, pair.server_ns(), cgroup, listen)
+    }
+
+    /// Like [`Server::start_listening`], in the network namespace `netns` (for example the
+    /// client namespace, as the remote end of the counted host's outbound connections).
+    pub fn start_in(bin: &Path, netns: &str, cgroup: &TestCgroup, listen: &[SocketAddr]) -> Self {
         assert!(
             !listen.is_empty(),
             "Server::start_listening needs at least one address"
@@ -72,7 +78,7 @@ impl Server {
         let mut command = Command::new(bin);
         command
             .arg("serve")
-            .args(["--netns", pair.server_ns()])
+            .args(["--netns", netns])
             .arg("--cgroup")
             .arg(cgroup.path())
             .stdin(Stdio::null())

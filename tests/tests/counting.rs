@@ -8,6 +8,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
+    process::Command,
     thread,
     time::Duration,
 };
@@ -16,9 +17,9 @@ use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
     faults::nft::{NetFault, Nft},
-    netns::{self, NetnsPair},
+    netns::{self, CLIENT_V4, CLIENT_V6, NetnsPair, SERVER_V4, SERVER_V6},
     peer::{Client, Outcome, Server},
-    protocol::{HEADER_LEN, RequestHeader, ServerResult},
+    protocol::{DONE_BYTE, HEADER_LEN, RequestHeader, ServerResult},
     records::{ConnRecord, ConnTotals, Role, conn_records, of_type},
     testpeer_bin,
 };
@@ -38,9 +39,14 @@ struct Bench {
 
 impl Bench {
     fn new(tag: &str) -> Self {
+        Self::with_ports(tag, &[PORT])
+    }
+
+    /// A bench whose server listens at each of `ports`.
+    fn with_ports(tag: &str, ports: &[u16]) -> Self {
         let pair = NetnsPair::new(tag);
         let cgroup = TestCgroup::new(tag);
-        let server = Server::start(testpeer_bin!(), &pair, &cgroup, &[PORT]);
+        let server = Server::start(testpeer_bin!(), &pair, &cgroup, ports);
         let client = Client::new(&pair);
         let pin = PinDir::new(tag);
         Self {
@@ -427,9 +433,14 @@ fn connections_open_before_the_agent_are_counted_from_their_first_packet() {
     agent.stop();
 }
 
-/// One exchange of the test protocol over `stream`; returns (sent, received).
+/// One exchange of the test protocol with `addr`; returns (sent, received).
 fn exchange(addr: SocketAddr, resp_len: u64, req_len: u64) -> (u64, u64) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    exchange_on(&mut s, resp_len, req_len)
+}
+
+/// One exchange of the test protocol over the connected `s`; returns (sent, received).
+fn exchange_on(s: &mut TcpStream, resp_len: u64, req_len: u64) -> (u64, u64) {
     let header = RequestHeader {
         resp_len,
         req_len,
@@ -441,7 +452,7 @@ fn exchange(addr: SocketAddr, resp_len: u64, req_len: u64) -> (u64, u64) {
         .expect("write body");
     let mut got = vec![0u8; resp_len as usize];
     s.read_exact(&mut got).expect("read response");
-    s.write_all(&[1]).expect("write done byte");
+    s.write_all(&[DONE_BYTE]).expect("write done byte");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("read to EOF");
     (header.client_bytes(), resp_len + rest.len() as u64)
@@ -504,4 +515,234 @@ fn loopback_is_excluded_by_default_and_included_on_request() {
         "loopback counted exactly"
     );
     agent.stop();
+}
+
+/// The stats record of the agent's newest interval.
+fn last_stats(records: &[Value]) -> Value {
+    of_type(records, "stats")
+        .last()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn connections_the_host_makes_are_counted_as_client_exactly() {
+    let bench = Bench::new("role");
+    // The remote end: a server in the client's namespace, in a cgroup of its own (not counted).
+    let remote_cgroup = TestCgroup::new("role-remote");
+    const REMOTE_PORT: u16 = 9000;
+    let remote = Server::start_in(
+        testpeer_bin!(),
+        bench.pair.client_ns(),
+        &remote_cgroup,
+        &[
+            SocketAddr::new(IpAddr::V4(CLIENT_V4), REMOTE_PORT),
+            SocketAddr::new(IpAddr::V6(CLIENT_V6), REMOTE_PORT),
+        ],
+    );
+    let (agent, _) = bench.agent(&[]);
+    // The counted host's own outbound requests: a process in its cgroup and namespace.
+    let mut requests = 0;
+    for (from, to) in [
+        (IpAddr::V4(SERVER_V4), IpAddr::V4(CLIENT_V4)),
+        (IpAddr::V6(SERVER_V6), IpAddr::V6(CLIENT_V6)),
+    ] {
+        let out = Command::new(testpeer_bin!())
+            .args(["load", "--netns", bench.pair.server_ns(), "--cgroup"])
+            .arg(bench.cgroup.path())
+            .args(["--connect", &SocketAddr::new(to, REMOTE_PORT).to_string()])
+            .args(["--from", &from.to_string()])
+            .args(["--resp", "300000", "--parallel", "2", "--seconds", "1"])
+            .output()
+            .expect("running outflow-testpeer load");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "load: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n: usize = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("requests="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("load's summary: {text}"));
+        assert!(n > 0, "{text}");
+        requests += n;
+    }
+    let results = remote.wait_results(requests, WAIT);
+    // The host's side of them (the kernel reuses the client ports of bind-before-connect, so
+    // the connections are told apart by their close, not their port).
+    let ours = |conns: &[ConnRecord]| -> Vec<ConnRecord> {
+        conns
+            .iter()
+            .filter(|c| c.remote_port == REMOTE_PORT)
+            .cloned()
+            .collect()
+    };
+    let records = agent.wait_until(WAIT, |recs| {
+        ours(&conn_records(recs))
+            .iter()
+            .filter(|c| c.closed)
+            .count()
+            >= requests
+    });
+    let recs = ours(&conn_records(&records));
+    let t = totals(&recs.iter().collect::<Vec<_>>());
+    assert_eq!(t.closed, requests, "each closed once");
+    assert!(recs.iter().all(|c| c.role == Role::Client), "{recs:#?}");
+    assert!(
+        recs.iter()
+            .all(|c| c.cgroup == bench.cgroup.relative_path()),
+        "{recs:#?}"
+    );
+    // What the host sent is what the remote read; what it received, what the remote sent
+    // and had acknowledged (tcp_info of the remote's sockets).
+    let sum = |f: fn(&ServerResult) -> u64| results.iter().map(f).sum::<u64>();
+    assert_eq!(t.bytes_out, sum(|r| r.bytes_received), "{t:?}");
+    assert_eq!(t.bytes_out, sum(|r| r.received), "{t:?}");
+    assert_eq!(t.bytes_in, sum(|r| r.bytes_acked), "{t:?}");
+    assert_eq!(t.bytes_in, sum(|r| r.sent), "{t:?}");
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn the_filter_reports_only_its_ports_and_networks() {
+    let bench = Bench::with_ports("filter", &[PORT, PORT + 1]);
+    let (agent, _) = bench.agent(&[
+        "--local-port",
+        &PORT.to_string(),
+        "--remote-cidr",
+        "198.18.0.0/24",
+    ]);
+    let other_port = bench
+        .client
+        .request(bench.pair.server_v4(PORT + 1), 20_000, 10, 0, 0);
+    let other_net = bench
+        .client
+        .request(bench.pair.server_v6(PORT), 30_000, 20, 0, 0);
+    // Made last: once its close is out, the others would have been.
+    let admitted = bench
+        .client
+        .request(bench.pair.server_v4(PORT), 40_000, 30, 0, 0);
+    let results = bench.server.wait_results(3, WAIT);
+    let records = agent.wait_until(WAIT, |r| {
+        all_closed(r, std::slice::from_ref(&admitted)) && last_stats(r)["live"] == 0
+    });
+    let conns = conn_records(&records);
+    assert_exact(&conns, &admitted, admitted.server_result(&results), &bench);
+    for o in [&other_port, &other_net] {
+        assert!(
+            of_outcome(&conns, o).is_empty(),
+            "{o:?} reported: {conns:#?}"
+        );
+    }
+    assert!(
+        conns
+            .iter()
+            .all(|c| c.local_port == PORT && c.remote_addr.is_ipv4()),
+        "{conns:#?}"
+    );
+    // Filtered connections are still tracked, and their slots given back.
+    assert_eq!(last_stats(&records)["conns_overflowed"], 0);
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn packets_whose_headers_are_not_read_are_counted_as_unparsed() {
+    let bench = Bench::new("unparsed");
+    let (agent, _) = bench.agent(&[]);
+    // An IPv6 client whose every packet carries a Destination Options header (8 bytes, a PadN
+    // option): the programs read no header chain but Hop-by-Hop, so the server's side sees
+    // these packets as unparsed (their wire bytes count, their payload does not).
+    let addr = bench.pair.server_v6(PORT);
+    let (sent, received, port) = bench.client.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .expect("socket");
+        let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        // SAFETY: a valid socket and an 8-byte buffer for IPV6_DSTOPTS.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                opts.as_ptr().cast(),
+                opts.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        s.connect(&addr.into()).expect("connect");
+        let mut s: TcpStream = s.into();
+        let port = s.local_addr().expect("local address").port();
+        let (sent, received) = exchange_on(&mut s, 50_000, 100);
+        (sent, received, port)
+    });
+    // Stats follow an interval's connection records: wait for both.
+    let records = agent.wait_until(WAIT, |r| {
+        conn_records(r)
+            .iter()
+            .any(|c| c.remote_port == port && c.closed)
+            && last_stats(r)["unparsed_packets"].as_u64() > Some(0)
+    });
+    let conns = conn_records(&records);
+    let recs: Vec<&ConnRecord> = conns.iter().filter(|c| c.remote_port == port).collect();
+    let t = totals(&recs);
+    // The server's own packets are plain: counted exactly.
+    assert_eq!(t.bytes_out, received, "{recs:#?}");
+    // The client's carry the extension header: every one of them is unparsed, its payload
+    // not counted, and the stat says how many.
+    assert_eq!(t.bytes_in, 0, "{recs:#?} (sent {sent})");
+    assert!(t.wire_bytes_in > sent, "{t:?}");
+    let unparsed = last_stats(&records)["unparsed_packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        unparsed >= t.segments_in && t.segments_in > 0,
+        "unparsed {unparsed}, segments in {}",
+        t.segments_in
+    );
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn a_connection_older_than_the_agent_without_room_to_track_its_close_is_counted_and_reported() {
+    let bench = Bench::new("untracked");
+    // Open before the agent, idle until after it: a legacy connection (no sock_ops events).
+    let conn = bench
+        .client
+        .open(bench.pair.server_v4(PORT), 200_000, 5_000);
+    let (agent, started) = bench.agent(&["--max-connections", "16"]);
+    let capacity = started["capacity"].as_u64().expect("capacity");
+    // The map of legacy connections whose close the state tracepoint finds by tuple holds as
+    // many as the table: fill it, as a host with that many older connections would.
+    let pinned = bench.pin.path().join("maps").join("LEGACY");
+    let map = aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(&pinned).expect("open the pinned LEGACY map"),
+    );
+    let mut legacy: aya::maps::HashMap<_, agent_common::TupleKey, agent_common::SlotRef> =
+        aya::maps::HashMap::try_from(map).expect("LEGACY is a hash map");
+    for i in 0..capacity {
+        let mut key = agent_common::TupleKey {
+            family: 2,
+            local_port: 1,
+            remote_port: u16::try_from(i).expect("port"),
+            ..agent_common::TupleKey::default()
+        };
+        key.remote_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        legacy
+            .insert(key, agent_common::SlotRef::default(), 0)
+            .expect("fill LEGACY");
+    }
+    let o = conn.finish();
+    let records = agent.wait_until(WAIT, |r| {
+        last_stats(r)["legacy_untracked"] == 1
+            && totals(&of_outcome(&conn_records(r), &o)).bytes_out == o.received
+    });
+    let conns = conn_records(&records);
+    let t = totals(&of_outcome(&conns, &o));
+    // Its bytes are counted (all of the response came after the agent)...
+    assert_eq!(t.bytes_out, o.received, "{t:?}");
+    assert_eq!(t.bytes_in, o.sent - HEADER_LEN as u64, "{t:?}");
+    // ...its close is what cannot be seen, and the stat says so.
+    assert_eq!(t.closed, 0, "{t:?}");
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }

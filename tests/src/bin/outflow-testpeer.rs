@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]
-//! outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...]
+//! outflow-testpeer load --netns NAME [--cgroup DIR] --connect ADDR:PORT --from IP [--from IP ...]
 //!                       --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S
 //! ```
 //!
@@ -11,7 +11,7 @@
 //! `ready`, then serves each connection on its own thread with the protocol of
 //! `outflow_tests::protocol`, printing one JSON `ServerResult` line per finished connection.
 //!
-//! `load` enters the namespace and, from each source address, keeps `parallel` requests going
+//! `load` joins the cgroup DIR if given, enters the namespace and, from each source address, keeps `parallel` requests going
 //! one after another for `seconds`: each asks for `resp` bytes (in `chunk`-byte pieces every
 //! `interval-ms`, like a token stream, when `chunk` is set). At the end it prints one line per
 //! source address: requests made and bytes received.
@@ -53,7 +53,7 @@ use outflow_tests::protocol::{
 };
 use outflow_tests::{cgroup, netns};
 
-const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S\n       outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [...] [--proxy-protocol] [--annotate HEADER]\n       outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,...] [...] --requests N [--max-bytes B] [--seed S] [--parallel P] [--id-header NAME] [--cycle-ids] [--forge-xff ADDR] [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]\n       outflow-testpeer http-chat --netns NAME --connect ADDR:PORT --client IP=ID [...] --bytes N --chunk C --pace-ms MS [--parallel P] [--id-header NAME] --seconds S";
+const USAGE: &str = "usage: outflow-testpeer serve --netns NAME --cgroup DIR --listen ADDR:PORT [--listen ADDR:PORT ...]\n       outflow-testpeer load --netns NAME [--cgroup DIR] --connect ADDR:PORT --from IP [--from IP ...] --resp BYTES [--chunk BYTES --interval-ms MS] [--parallel N] --seconds S\n       outflow-testpeer http-serve --netns NAME --cgroup DIR --listen ADDR:PORT [...] [--proxy-protocol] [--annotate HEADER]\n       outflow-testpeer http-load --netns NAME --connect ADDR:PORT --client IP[=ID,...] [...] --requests N [--max-bytes B] [--seed S] [--parallel P] [--id-header NAME] [--cycle-ids] [--forge-xff ADDR] [--forge-proxy v1|v2 --forge-src ADDR] [--pipeline]\n       outflow-testpeer http-chat --netns NAME --connect ADDR:PORT --client IP=ID [...] --bytes N --chunk C --pace-ms MS [--parallel P] [--id-header NAME] --seconds S";
 
 struct Args {
     netns: String,
@@ -238,6 +238,8 @@ fn serve(mut stream: TcpStream) -> Result<()> {
 /// What `load` does.
 struct LoadArgs {
     netns: String,
+    /// A cgroup to join first (the load is then the counted host's own outbound traffic).
+    cgroup: Option<PathBuf>,
     connect: SocketAddr,
     from: Vec<std::net::IpAddr>,
     resp: u64,
@@ -250,6 +252,7 @@ struct LoadArgs {
 fn parse_load_args(mut args: impl Iterator<Item = String>) -> Result<LoadArgs> {
     let mut a = LoadArgs {
         netns: String::new(),
+        cgroup: None,
         connect: SocketAddr::from(([0, 0, 0, 0], 0)),
         from: Vec::new(),
         resp: 0,
@@ -265,6 +268,7 @@ fn parse_load_args(mut args: impl Iterator<Item = String>) -> Result<LoadArgs> {
         let bad = || format!("{flag} {value}: not a valid value\n{USAGE}");
         match flag.as_str() {
             "--netns" => a.netns = value,
+            "--cgroup" => a.cgroup = Some(PathBuf::from(value)),
             "--connect" => a.connect = value.parse().with_context(bad)?,
             "--from" => a.from.push(value.parse().with_context(bad)?),
             "--resp" => a.resp = value.parse().with_context(bad)?,
@@ -283,6 +287,9 @@ fn parse_load_args(mut args: impl Iterator<Item = String>) -> Result<LoadArgs> {
 }
 
 fn load(a: &LoadArgs) -> Result<()> {
+    if let Some(dir) = &a.cgroup {
+        cgroup::move_pid(dir, std::process::id()).context("joining the cgroup")?;
+    }
     netns::enter(&a.netns)?;
     let until = std::time::Instant::now() + Duration::from_secs(a.seconds);
     let header = RequestHeader {
