@@ -2,7 +2,8 @@
 //! reads the connection table each interval and turns it into per-connection deltas.
 //!
 //! Modules, one concern each:
-//! - [`config`]: the TOML file, command-line overrides, validation.
+//! - [`config`]: the TOML file, its defaults, validation (the `outflow-agent-config` crate,
+//!   apart so that it can be fuzzed without the eBPF build; command-line overrides are in main.rs).
 //! - [`kernel`]: environment checks, loading, pinning and adopting kernel state, attaching.
 //! - [`table`]: the memory-mapped connection table: deltas, closes, giving slots back.
 //! - [`enrich`]: cgroup paths and process names for the records.
@@ -18,7 +19,6 @@
 //! - [`export`]: settings checked at start, the sink that spools each interval, shutdown.
 pub mod agent;
 pub mod attribution;
-pub mod config;
 pub mod enrich;
 pub mod export;
 pub mod filter;
@@ -29,3 +29,5 @@ pub mod sender;
 pub mod spool;
 pub mod table;
 pub mod wire;
+
+pub use outflow_agent_config as config;

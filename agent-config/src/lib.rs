@@ -1,4 +1,8 @@
 //! The agent's configuration: a TOML file whose every field has a default, overridden by flags.
+//!
+//! The agent re-exports this crate as `outflow_agent::config`. It is a crate of its own, without
+//! the agent's eBPF build and gRPC stack, so that its fuzz target (`agent-config/fuzz/`) builds
+//! in seconds: [`Config::parse`] and [`Config::validate`] read text the operator writes.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -148,8 +152,8 @@ pub const MAX_LABEL_LEN: usize = 128;
 
 /// Parses and checks a collector URL: `http` or `https`, a host, nothing after the authority
 /// but an optional `/`.
-pub fn parse_collector_url(url: &str) -> Result<tonic::transport::Uri, String> {
-    let uri: tonic::transport::Uri = url
+pub fn parse_collector_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("not a URL ({e}): {url:?}"))?;
     match uri.scheme_str() {
