@@ -480,6 +480,23 @@ mod tests {
         assert!(e.contains("`export.tls.key`"), "{e}");
     }
 
+    /// The fuzz target's seeds (the README's examples among them) are valid configs, so that
+    /// fuzzing starts deep inside the parser and the validation.
+    #[test]
+    fn the_fuzz_seeds_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/agent-config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("seeds folder") {
+            let path = entry.expect("seed").path();
+            let text = std::fs::read_to_string(&path).expect("seed text");
+            let c = Config::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            c.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 4, "{n} seeds in {}", dir.display());
+    }
+
     fn export_error(f: impl FnOnce(&mut ExportConfig)) -> String {
         let mut c = Config::default();
         c.export.collector = Some("https://collector:4317".into());

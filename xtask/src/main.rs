@@ -62,7 +62,8 @@ enum Command {
     /// connection storm and 500 agents reconnecting at once; each run ends with the collector's
     /// totals compared with what the clients received, to the byte. Prints the table.
     Faults(faults::Args),
-    /// Fuzz the attribution parsers (PROXY, HTTP heads, forwarding headers, the resolver).
+    /// Fuzz the parsers of untrusted input (PROXY, HTTP heads, forwarding headers, the
+    /// resolver, the collector's ingest path) and both config files (collector, agent).
     ///
     /// Installs cargo-fuzz if missing; runs each target for --seconds with a fixed seed.
     Fuzz(fuzz::Args),

@@ -3,7 +3,8 @@
 //! Checks for root, runs `setup`, builds the workspace's default members' binaries (the
 //! integration tests start the agent binary), then runs `cargo test` over the default
 //! members with the extra arguments, and exits with `cargo test`'s status. Without extra
-//! arguments (the whole suite) it first fuzzes the attribution parsers for a few seconds each.
+//! arguments (the whole suite) it first runs every fuzz target (the attribution parsers, the
+//! collector's ingest path and config file, the agent's config file) for a few seconds each.
 //!
 //! The eBPF crate is left out of both on purpose: it is not a default member, builds only
 //! for the bpf target, and reaches the agent through its build script.
