@@ -32,6 +32,7 @@ pub mod codec;
 pub mod collector;
 pub mod config;
 pub mod config_error;
+pub mod crash;
 pub mod detect;
 pub mod error;
 pub mod ingest;

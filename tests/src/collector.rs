@@ -2,6 +2,7 @@
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -54,11 +55,17 @@ impl Collector {
     /// Starts the collector with `--listen 127.0.0.1:<port>` and `extra` arguments, and waits
     /// until it accepts connections.
     pub fn start(port: u16, extra: &[&str]) -> Self {
+        Self::start_env(port, extra, &[])
+    }
+
+    /// Like [`Collector::start`] with environment variables added (e.g. crash points).
+    pub fn start_env(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut command = Command::new(collector_bin());
         command
             .args(["--listen", &listen.to_string()])
             .args(extra)
+            .envs(env.iter().copied())
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -76,11 +83,15 @@ impl Collector {
             listen,
         };
         wait_for(START_TIMEOUT, "the collector to accept connections", || {
-            assert!(
-                collector.process.try_status().is_none(),
-                "the collector exited early; stderr:\n{}",
-                collector.stderr.tail(30)
-            );
+            if let Some(status) = collector.process.try_status() {
+                // One with crash points armed may have reached one already.
+                assert!(
+                    !env.is_empty() && status.signal() == Some(libc::SIGKILL),
+                    "the collector exited early ({status}); stderr:\n{}",
+                    collector.stderr.tail(30)
+                );
+                return true;
+            }
             TcpStream::connect(listen).is_ok()
         });
         collector
@@ -99,6 +110,16 @@ impl Collector {
     /// SIGKILL: a crash, nothing flushed on the way out.
     pub fn kill(&self) -> ExitStatus {
         self.process.kill()
+    }
+
+    /// Waits until it exits by itself (e.g. at a crash point); panics after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        self.process.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!(
+                "the collector did not exit within {timeout:?}:\n{}",
+                self.stderr.tail(30)
+            )
+        })
     }
 
     /// SIGTERM and wait.

@@ -99,6 +99,21 @@ impl Rig {
         self.collector_in(None)
     }
 
+    /// A collector with the crash points of `failpoints` armed (`OUTFLOW_FAILPOINTS`).
+    fn collector_armed(&self, failpoints: &str) -> Collector {
+        let metrics = self.metrics_addr().to_string();
+        Collector::start_env(
+            self.collector_port,
+            &[
+                "--data-dir",
+                self.collector_data.as_arg(),
+                "--metrics-listen",
+                &metrics,
+            ],
+            &[("OUTFLOW_FAILPOINTS", failpoints)],
+        )
+    }
+
     /// An agent streaming to `url`, its spool in `spool` (under its state directory if None).
     fn agent_with(
         &self,
@@ -550,6 +565,56 @@ fn collector_killed_again_and_again() {
     }
     rig.healed(
         format!("collector SIGKILLed {kills} times under traffic"),
+        traffic,
+        &collector,
+        &agent,
+    );
+}
+
+/// The collector's crash points (`collector/src/crash.rs`).
+const COLLECTOR_POINTS: &[&str] = &[
+    "store::before_commit",
+    "writer::after_commit",
+    "writer::after_acks",
+];
+
+/// A process ended by its own crash point: killed by SIGKILL.
+fn assert_killed(status: std::process::ExitStatus, point: &str, stderr: &str) {
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: not killed there ({status}):\n{stderr}"
+    );
+}
+
+#[test]
+fn collector_killed_at_each_point_of_its_group_commit() {
+    let rig = Rig::new("f-cpoint");
+    let mut collector = rig.collector();
+    let agent = rig.agent(&collector.url());
+    let traffic = rig.traffic(MIXED);
+    let mut kills = 0;
+    for point in COLLECTOR_POINTS {
+        // At its first pass there and at a later one (other agents' batches in the group).
+        for skip in [0, 3] {
+            assert_eq!(collector.stop().code(), Some(0), "{}", collector.stderr());
+            let actions = match skip {
+                0 => "return".to_owned(),
+                n => format!("{n}*off->return"),
+            };
+            collector = rig.collector_armed(&format!("{point}={actions}"));
+            let status = collector.wait_exit(START);
+            assert_killed(status, point, &collector.stderr());
+            kills += 1;
+            collector = rig.collector();
+        }
+    }
+    rig.healed(
+        format!(
+            "collector SIGKILLed at each of {} points of its group commit ({kills} kills)",
+            COLLECTOR_POINTS.len()
+        ),
         traffic,
         &collector,
         &agent,
