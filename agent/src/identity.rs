@@ -1,12 +1,14 @@
 //! Who the agent is to a collector: a stable agent id kept in the state directory, the host's
-//! name and boot id, the agent's version and the operator's labels. Also the small durable-file
-//! helpers the state files and the spool share.
+//! name and boot id, the agent's version and the operator's labels.
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
-    io,
-    os::unix::fs::DirBuilderExt as _,
+    fs, io,
     path::{Path, PathBuf},
+};
+
+use crate::{
+    durable_file::{create_private_dir, write_durably},
+    random::random_bytes,
 };
 
 /// Name of the agent id's file in the state directory.
@@ -102,37 +104,6 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Random bytes from the kernel (`getrandom(2)`, blocking only before the pool is seeded).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: writes at most N - filled bytes into buf[filled..].
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            // getrandom(2) cannot fail otherwise on Linux >= 3.17; never hand out zeros.
-            let fallback = fastrand::u128(..).to_le_bytes();
-            for (i, b) in buf[filled..].iter_mut().enumerate() {
-                *b = fallback[i % fallback.len()];
-            }
-            filled = N;
-        }
-    }
-    buf
-}
-
-/// A random, non-zero u64.
-pub fn random_nonzero_u64() -> u64 {
-    loop {
-        let v = u64::from_le_bytes(random_bytes());
-        if v != 0 {
-            return v;
-        }
-    }
-}
-
 /// A random (version 4) UUID in its usual text form.
 pub fn new_uuid() -> String {
     let mut b: [u8; 16] = random_bytes();
@@ -147,27 +118,6 @@ pub fn new_uuid() -> String {
         &h[16..20],
         &h[20..32]
     )
-}
-
-/// Creates `dir` (and its parents) readable by root only, if missing.
-pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-/// fsyncs a directory, so that the creations, renames and removals in it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Writes `path` so that after a crash it holds either its old content or `bytes`, never a
-/// mix: a temporary file beside it, fsync'd, renamed over it, and the directory fsync'd.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = crate::spool::write_tmp(path, bytes)?;
-    fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 #[cfg(test)]
@@ -198,12 +148,5 @@ mod tests {
         fs::write(state.join(AGENT_ID_FILE), "\n").expect("write");
         let e = Identity::load(&state, BTreeMap::new()).expect_err("empty id");
         assert!(e.to_string().contains("agent-id"), "{e}");
-    }
-
-    #[test]
-    fn random_u64s_are_nonzero() {
-        for _ in 0..100 {
-            assert_ne!(random_nonzero_u64(), 0);
-        }
     }
 }

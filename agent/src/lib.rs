@@ -12,18 +12,22 @@
 //! - [`agent`]: the read loop that ties them together.
 //!
 //! Export to a collector (`outflow.v1.Ingest`), when one is configured:
-//! - [`identity`]: the agent id, host name, boot id; durable small files.
+//! - [`identity`]: the agent id, host name, boot id.
+//! - [`durable_file`]: small files written all or nothing (the agent id, the epoch, the spool's).
+//! - [`random`]: random numbers from the kernel (the agent id, the epoch).
 //! - [`wire`]: records to wire types, at the edge.
 //! - [`spool`]: the bounded disk spool of batches and the sequence state (epoch, seq).
 //! - [`sender`]: the task that streams the spool to the collector, with backoff.
 //! - [`export`]: settings checked at start, the sink that spools each interval, shutdown.
 pub mod agent;
 pub mod attribution;
+pub mod durable_file;
 pub mod enrich;
 pub mod export;
 pub mod filter;
 pub mod identity;
 pub mod kernel;
+pub mod random;
 pub mod record;
 pub mod sender;
 pub mod spool;

@@ -126,8 +126,8 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::plan;
     use super::*;
-    use crate::spool::testing::plan;
 
     #[test]
     fn the_commit_file_round_trips() {

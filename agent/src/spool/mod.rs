@@ -36,7 +36,7 @@ mod testing;
 use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
-    io::{self, Write as _},
+    io,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
@@ -56,13 +56,12 @@ use self::{
     state_file::{SeqState, write_state},
 };
 use crate::{
-    identity::{create_private_dir, sync_dir},
+    durable_file::{create_private_dir, remove_if_exists, sync_dir, write_tmp},
     table::CommitPlan,
     wire::Loss,
 };
 
 const LOCK_FILE: &str = "lock";
-const TMP_SUFFIX: &str = ".tmp";
 /// Upper bound of the encoded `lost_batches` and `lost` fields, which are set after the size
 /// of a new batch is reckoned.
 const LOSS_FIELDS_MAX: u64 = 96;
@@ -524,31 +523,11 @@ impl Spool {
     }
 }
 
-/// Writes and fsyncs `data` beside `path` under a temporary name, which it returns.
-pub(crate) fn write_tmp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(TMP_SUFFIX);
-    let tmp = PathBuf::from(tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    Ok(tmp)
-}
-
 fn remove(path: &Path) -> Result<(), SpoolError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(SpoolError::Remove {
-            path: path.into(),
-            source,
-        }),
-    }
+    remove_if_exists(path).map_err(|source| SpoolError::Remove {
+        path: path.into(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -17,14 +17,15 @@ use std::{
 use log::{info, warn};
 
 use super::{
-    Entry, SpoolError, TMP_SUFFIX,
+    Entry, SpoolError,
     batch_file::{BatchFileError, batch_name, parse_batch_name, read_batch_file},
     commit_file::{COMMIT_FILE, Journal},
     describe, remove,
     state_file::{EPOCH_FILE, STATE_FILE, SeqState, parse_epoch, render_epoch, write_state},
 };
 use crate::{
-    identity::{random_nonzero_u64, write_durably},
+    durable_file::{TMP_SUFFIX, write_durably},
+    random::random_nonzero_u64,
     table::CommitPlan,
     wire::Loss,
 };

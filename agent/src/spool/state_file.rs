@@ -7,7 +7,7 @@ use std::path::Path;
 use outflow_proto::v1;
 
 use super::SpoolError;
-use crate::{identity::write_durably, wire::Loss};
+use crate::{durable_file::write_durably, wire::Loss};
 
 /// Name of the epoch's file in the state directory.
 pub const EPOCH_FILE: &str = "epoch";
