@@ -11,12 +11,11 @@ use outflow_attribution::{Client, Resolver};
 use crate::{
     attribution::{Attributor, Part},
     config::Config,
+    durability::{Durability, DurabilityError, Flushed, Interval},
     enrich::{CgroupNames, Listeners},
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
-    record::{
-        AttributionStatsRecord, ConnRecord, Flushed, OverflowRecord, Role, Sink, StatsRecord,
-    },
+    record::{AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
     table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
 
@@ -28,6 +27,8 @@ pub enum AgentError {
     Table(#[from] TableError),
     #[error("cannot write records: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Durability(#[from] DurabilityError),
     #[error("attribution: {0}")]
     Attribution(String),
 }
@@ -70,6 +71,8 @@ pub struct Agent {
     listeners: Listeners,
     filter: Filter,
     sink: Box<dyn Sink + Send>,
+    /// What keeps each interval before it is committed (the export's spool), if anything does.
+    durability: Option<Box<dyn Durability + Send>>,
     last_stats: Option<StatsRecord>,
     attributor: Attributor,
     /// Turn and annotation events from the kernel.
@@ -77,6 +80,14 @@ pub struct Agent {
     /// Free slots found claimed at start, and when: handed back once they still are after
     /// [`STALE_CLAIM_WAIT`] (a previous agent killed mid-commit left them).
     stale_claims: Option<(Instant, Vec<(u32, u32)>)>,
+}
+
+/// An interval's connection and overflow records, held back from the sink until the
+/// durability step has kept the interval.
+#[derive(Default)]
+struct Held {
+    conns: Vec<ConnRecord>,
+    overflow: Option<OverflowRecord>,
 }
 
 /// How long a free slot must stay claimed before its claim is taken for a leftover.
@@ -121,7 +132,13 @@ fn redo(kernel: &mut Kernel, plan: &CommitPlan) -> Result<(), AgentError> {
 
 impl Agent {
     /// Checks the environment, loads or adopts the kernel state, attaches, and says so.
-    pub fn start(cfg: &Config, mut sink: Box<dyn Sink + Send>) -> Result<Self, AgentError> {
+    /// `durability`: the step that keeps each interval before it is committed (the export's
+    /// spool), if any.
+    pub fn start(
+        cfg: &Config,
+        mut sink: Box<dyn Sink + Send>,
+        mut durability: Option<Box<dyn Durability + Send>>,
+    ) -> Result<Self, AgentError> {
         kernel::require_root()?;
         let resolver = resolver(cfg)?;
         let mount = kernel::cgroup2_mount()?;
@@ -145,11 +162,13 @@ impl Agent {
         );
         // A previous agent may have made an interval durable and died before committing it.
         // (Without adopted state there is nothing to redo: that table is gone.)
-        if let Some(plan) = sink.recover()? {
+        if let Some(d) = &mut durability
+            && let Some(plan) = d.recover()?
+        {
             if kernel.adopted {
                 redo(&mut kernel, &plan)?;
             }
-            sink.committed()?;
+            d.committed()?;
         }
         let stale_claims = kernel
             .adopted
@@ -166,6 +185,7 @@ impl Agent {
             listeners: Listeners::default(),
             filter: Filter::new(cfg.filter.clone()),
             sink,
+            durability,
             last_stats: None,
             attributor: Attributor::new(resolver),
             events,
@@ -191,10 +211,13 @@ impl Agent {
         }
     }
 
-    /// One interval: emit every changed or closed connection, the overflow, the stats; flush;
-    /// then record what was emitted as reported (so a crash repeats rather than loses; a sink
-    /// that keeps the commit plan with its durable records lets the next agent finish the
-    /// commit instead, so nothing is repeated either).
+    /// One interval: read every changed or closed connection, the overflow, the stats, and emit
+    /// them; with a durability step, make the interval durable with its commit plan first (its
+    /// connection and overflow records are emitted once it is: a deferred interval is neither
+    /// emitted nor committed, and the next read has its bytes again); flush; then record what
+    /// was emitted as reported, and tell the durability step. A crash before the commit repeats
+    /// rather than loses; a durability step that keeps the commit plan with its durable records
+    /// lets the next agent finish the commit instead, so nothing is repeated either.
     pub fn poll(&mut self) -> Result<(), AgentError> {
         if let Some((since, slots)) = &self.stale_claims
             && since.elapsed() >= STALE_CLAIM_WAIT
@@ -214,6 +237,7 @@ impl Agent {
         // the ring buffer by now.
         self.drain_events();
         let mut plan = CommitPlan::default();
+        let mut held = Held::default();
         for d in &mut deltas {
             let split = self.attributor.split(d);
             // Bytes of a turn whose client is not known yet stay unreported, uncommitted.
@@ -229,11 +253,11 @@ impl Agent {
             if split.parts.is_empty() && d.closed {
                 let client = crate::attribution::peer_client(d.identity.remote_addr);
                 let r = self.record(d, &Counters::default(), &client, true, clock);
-                self.sink.conn(&r)?;
+                self.conn(&mut held, r)?;
             }
             for (i, Part { counters, client }) in split.parts.iter().enumerate() {
                 let r = self.record(d, counters, client, d.closed && i == last, clock);
-                self.sink.conn(&r)?;
+                self.conn(&mut held, r)?;
             }
             plan.slots.push(SlotCommit::from(&*d));
         }
@@ -242,10 +266,11 @@ impl Agent {
         let reported = self.kernel.overflow_reported()?;
         let overflow_delta = overflow.delta_since(&reported);
         if !overflow_delta.is_zero() {
-            self.sink.overflow(&OverflowRecord {
+            let r = OverflowRecord {
                 ts: clock.unix_ms,
                 counters: overflow_delta.into(),
-            })?;
+            };
+            self.overflow(&mut held, r)?;
             plan.overflow = Some(OverflowCommit {
                 before: reported,
                 after: overflow,
@@ -273,8 +298,9 @@ impl Agent {
             self.sink.stats(clock.unix_ms, &s)?;
             self.last_stats = Some(s);
         }
-        self.sink.commit_plan(&plan)?;
-        if self.sink.flush()? == Flushed::Deferred {
+        let flushed = self.make_durable(clock.unix_ms, held, &plan)?;
+        self.sink.flush()?;
+        if flushed == Flushed::Deferred {
             // Not kept: the table keeps the interval's bytes for the next read.
             self.attributor.deferred();
             return Ok(());
@@ -285,8 +311,62 @@ impl Agent {
         if !overflow_delta.is_zero() {
             self.kernel.set_overflow_reported(overflow)?;
         }
-        self.sink.committed()?;
+        if let Some(d) = &mut self.durability {
+            d.committed()?;
+        }
         Ok(())
+    }
+
+    /// A connection record: to the sink, or held until the durability step has kept its
+    /// interval (a deferred interval is read again, and would otherwise be output twice).
+    fn conn(&mut self, held: &mut Held, r: ConnRecord) -> Result<(), AgentError> {
+        if self.durability.is_some() {
+            held.conns.push(r);
+        } else {
+            self.sink.conn(&r)?;
+        }
+        Ok(())
+    }
+
+    /// The overflow record: to the sink, or held as connection records are.
+    fn overflow(&mut self, held: &mut Held, r: OverflowRecord) -> Result<(), AgentError> {
+        if self.durability.is_some() {
+            held.overflow = Some(r);
+        } else {
+            self.sink.overflow(&r)?;
+        }
+        Ok(())
+    }
+
+    /// The durability step, if there is one: makes the interval durable with its commit plan,
+    /// then outputs the records it held if it was kept, and the export record if it changed.
+    fn make_durable(
+        &mut self,
+        ts: u64,
+        held: Held,
+        plan: &CommitPlan,
+    ) -> Result<Flushed, AgentError> {
+        let Some(durability) = &mut self.durability else {
+            return Ok(Flushed::Kept);
+        };
+        let flushed = durability.make_durable(&Interval {
+            ts,
+            conns: &held.conns,
+            overflow: held.overflow.as_ref(),
+            plan,
+        })?;
+        if flushed == Flushed::Kept {
+            for r in &held.conns {
+                self.sink.conn(r)?;
+            }
+            if let Some(r) = &held.overflow {
+                self.sink.overflow(r)?;
+            }
+        }
+        if let Some(r) = durability.report() {
+            self.sink.export(ts, &r)?;
+        }
+        Ok(flushed)
     }
 
     fn record(

@@ -1,6 +1,6 @@
-//! Export to a collector: the settings read and checked at start ([`prepare`]), the sink that
-//! turns each interval's records into batches in the disk spool ([`ExportSink`], beside the
-//! stdout sink it wraps), and the sender task's lifetime ([`Exporter`]).
+//! Export to a collector: the settings read and checked at start ([`prepare`]), the read loop's
+//! durability step that turns each interval's records into batches in the disk spool
+//! ([`Spooler`]), and the sender task's lifetime ([`Exporter`]).
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,8 +18,9 @@ use tonic::{
 
 use crate::{
     config::{ExportConfig, parse_collector_url},
+    durability::{Durability, DurabilityError, Flushed, Interval},
     identity::{Identity, IdentityError},
-    record::{ConnRecord, ExportRecord, Flushed, OverflowRecord, Sink, StatsRecord},
+    record::ExportRecord,
     sender::{self, Link, Shared, chain},
     spool::{Spool, SpoolError},
     table::CommitPlan,
@@ -260,21 +261,14 @@ impl Exporter {
         })
     }
 
-    /// A sink that spools every interval and passes every record on to `inner` (stdout).
-    pub fn sink(&self, inner: Box<dyn Sink + Send>) -> ExportSink {
-        ExportSink {
-            inner,
+    /// The read loop's durability step: spools every interval.
+    pub fn spooler(&self) -> Spooler {
+        Spooler {
             shared: Arc::clone(&self.shared),
             collector: self.collector.clone(),
             agent_id: self.agent_id.clone(),
-            ts: 0,
             start_ms: self.start_ms,
-            deltas: Vec::new(),
-            overflow: None,
-            plan: CommitPlan::default(),
             last: None,
-            held_conns: Vec::new(),
-            held_overflow: None,
             deferred_intervals: 0,
             deferring: None,
         }
@@ -340,24 +334,17 @@ pub fn split_interval(
     out
 }
 
-/// Wraps the stdout sink: passes every record on, and at each flush spools the interval as a
-/// batch (durably, before `flush` returns) and emits the export record when it changed.
-pub struct ExportSink {
-    inner: Box<dyn Sink + Send>,
+/// The durability step with a collector: spools each interval as batches (durably, before
+/// [`Durability::make_durable`] returns) and hands them to the sender once the kernel has
+/// recorded them as reported.
+pub struct Spooler {
     shared: Arc<Shared>,
     collector: String,
     agent_id: String,
-    /// When the current interval's table was read.
-    ts: u64,
     /// Where the next batch starts: the end of the previous one.
     start_ms: u64,
-    deltas: Vec<v1::ConnDelta>,
-    overflow: Option<v1::Counters>,
-    plan: CommitPlan,
+    /// The export record reported last.
     last: Option<ExportRecord>,
-    /// The interval's records for the inner sink, passed on once the spool kept them.
-    held_conns: Vec<ConnRecord>,
-    held_overflow: Option<OverflowRecord>,
     /// Intervals the spool could not take (see [`Flushed::Deferred`]), since start.
     deferred_intervals: u64,
     /// Since when the spool refuses writes, as of the last warning about it.
@@ -370,109 +357,87 @@ const CLOCK_STEP_BACK_TOLERANCE_MS: u64 = 1_000;
 /// How often a spool that goes on refusing writes is warned about.
 const DEFER_WARN_EVERY: Duration = Duration::from_secs(60);
 
-impl Sink for ExportSink {
-    fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
+impl Durability for Spooler {
+    fn recover(&mut self) -> Result<Option<CommitPlan>, DurabilityError> {
         Ok(self.shared.spool().take_recovery())
-    }
-    fn commit_plan(&mut self, plan: &CommitPlan) -> std::io::Result<()> {
-        self.plan.clone_from(plan);
-        self.inner.commit_plan(plan)
-    }
-    fn committed(&mut self) -> std::io::Result<()> {
-        self.shared.spool().publish();
-        self.shared.spooled.notify_one();
-        self.inner.committed()
-    }
-    fn begin(&mut self, ts: u64) -> std::io::Result<()> {
-        self.ts = ts;
-        self.inner.begin(ts)
-    }
-    fn started(
-        &mut self,
-        cgroup: &str,
-        pin_dir: &str,
-        adopted: bool,
-        capacity: u32,
-    ) -> std::io::Result<()> {
-        self.inner.started(cgroup, pin_dir, adopted, capacity)
-    }
-    // Connection and overflow records reach the inner sink once the spool has kept their
-    // interval: a deferred interval is read again, and would otherwise be printed again.
-    fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
-        self.deltas.push(r.into());
-        self.held_conns.push(r.clone());
-        Ok(())
-    }
-    fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()> {
-        self.overflow = Some((&r.counters).into());
-        self.held_overflow = Some(r.clone());
-        Ok(())
-    }
-    fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()> {
-        self.inner.stats(ts, r)
-    }
-    fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
-        self.inner.export(ts, r)
     }
 
     /// Spools the interval with its commit plan (empty intervals are not sent: no batch means
-    /// no bytes), then flushes stdout. An error leaves the interval uncommitted, to be read
-    /// again. The batches are sent once `committed` says the kernel has recorded them.
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        let ts = if self.ts == 0 { unix_ms_now() } else { self.ts };
-        let mut flushed = Flushed::Kept;
-        let record = {
-            let mut spool = self.shared.spool();
-            let has_data = !self.deltas.is_empty() || self.overflow.is_some();
-            if has_data || !spool.pending_loss().is_zero() {
-                // Batches tile time: [previous end, now). A wall clock stepped back by more
-                // than a little starts the tiling over at the new time (batches are otherwise
-                // stuck at the old, future one); a small step back gives a 1 ms batch.
-                if self.start_ms > ts + CLOCK_STEP_BACK_TOLERANCE_MS {
-                    warn!(
-                        "the wall clock stepped back by {} ms: batch times follow it",
-                        self.start_ms - ts
+    /// no bytes). A spool that cannot be written (its disk is full) defers the interval, to be
+    /// read again. The batches are sent once `committed` says the kernel has recorded them.
+    fn make_durable(&mut self, interval: &Interval<'_>) -> Result<Flushed, DurabilityError> {
+        let ts = interval.ts;
+        let mut spool = self.shared.spool();
+        let has_data = !interval.conns.is_empty() || interval.overflow.is_some();
+        if !has_data && spool.pending_loss().is_zero() {
+            return Ok(Flushed::Kept);
+        }
+        // Batches tile time: [previous end, now). A wall clock stepped back by more than a
+        // little starts the tiling over at the new time (batches are otherwise stuck at the
+        // old, future one); a small step back gives a 1 ms batch.
+        if self.start_ms > ts + CLOCK_STEP_BACK_TOLERANCE_MS {
+            warn!(
+                "the wall clock stepped back by {} ms: batch times follow it",
+                self.start_ms - ts
+            );
+            self.start_ms = ts.saturating_sub(1);
+        }
+        let end_ms = ts.max(self.start_ms + 1);
+        let batches = split_interval(
+            interval.conns.iter().map(Into::into).collect(),
+            interval.overflow.map(|r| (&r.counters).into()),
+            self.start_ms,
+            end_ms,
+        );
+        match spool.append(batches, interval.plan) {
+            Ok(_) => {
+                self.start_ms = end_ms;
+                if self.deferring.take().is_some() {
+                    info!(
+                        "spool {} writable again: the deferred intervals are spooled",
+                        spool.dir().display()
                     );
-                    self.start_ms = ts.saturating_sub(1);
                 }
-                let end_ms = ts.max(self.start_ms + 1);
-                let batches = split_interval(
-                    std::mem::take(&mut self.deltas),
-                    self.overflow.take(),
-                    self.start_ms,
-                    end_ms,
-                );
-                match spool.append(batches, &self.plan) {
-                    Ok(_) => {
-                        self.start_ms = end_ms;
-                        if self.deferring.take().is_some() {
-                            info!(
-                                "spool {} writable again: the deferred intervals are spooled",
-                                spool.dir().display()
-                            );
-                        }
-                    }
-                    // The spool's disk is full (or failing): the interval stays in the kernel
-                    // table, uncommitted, and is read again with the next one. Nothing is lost
-                    // while the table has room; a table that fills counts in its overflow.
-                    Err(e @ SpoolError::Write { .. }) => {
-                        flushed = Flushed::Deferred;
-                        self.deferred_intervals += 1;
-                        let now = Instant::now();
-                        if self
-                            .deferring
-                            .is_none_or(|last| now.duration_since(last) >= DEFER_WARN_EVERY)
-                        {
-                            warn!(
-                                "{e}; the interval stays counted in the kernel table and is spooled once the write succeeds ({} intervals deferred so far)",
-                                self.deferred_intervals
-                            );
-                            self.deferring = Some(now);
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                Ok(Flushed::Kept)
             }
+            // The spool's disk is full (or failing): the interval stays in the kernel table,
+            // uncommitted, and is read again with the next one. Nothing is lost while the
+            // table has room; a table that fills counts in its overflow.
+            Err(source @ SpoolError::Write { .. }) => {
+                self.deferred_intervals += 1;
+                let now = Instant::now();
+                if self
+                    .deferring
+                    .is_none_or(|last| now.duration_since(last) >= DEFER_WARN_EVERY)
+                {
+                    let e = DurabilityError::Spool {
+                        dir: spool.dir().into(),
+                        source,
+                    };
+                    warn!(
+                        "{e}; the interval stays counted in the kernel table and is spooled once the write succeeds ({} intervals deferred so far)",
+                        self.deferred_intervals
+                    );
+                    self.deferring = Some(now);
+                }
+                Ok(Flushed::Deferred)
+            }
+            Err(source) => Err(DurabilityError::Spool {
+                dir: spool.dir().into(),
+                source,
+            }),
+        }
+    }
+
+    fn committed(&mut self) -> Result<(), DurabilityError> {
+        self.shared.spool().publish();
+        self.shared.spooled.notify_one();
+        Ok(())
+    }
+
+    fn report(&mut self) -> Option<ExportRecord> {
+        let record = {
+            let spool = self.shared.spool();
             let lost = spool.lost_total();
             ExportRecord {
                 collector: self.collector.clone(),
@@ -488,22 +453,11 @@ impl Sink for ExportSink {
                 deferred_intervals: self.deferred_intervals,
             }
         };
-        let conns = std::mem::take(&mut self.held_conns);
-        let overflow = self.held_overflow.take();
-        if flushed == Flushed::Kept {
-            for r in &conns {
-                self.inner.conn(r)?;
-            }
-            if let Some(r) = &overflow {
-                self.inner.overflow(r)?;
-            }
+        if self.last.as_ref() == Some(&record) {
+            return None;
         }
-        if self.last.as_ref() != Some(&record) {
-            self.inner.export(ts, &record)?;
-            self.last = Some(record);
-        }
-        self.inner.flush()?;
-        Ok(flushed)
+        self.last = Some(record.clone());
+        Some(record)
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`enrich`]: cgroup paths and process names for the records.
 //! - [`filter`]: which connections are reported.
 //! - [`record`]: the records the agent emits, and their JSON and text forms.
+//! - [`durability`]: the read loop's step that keeps an interval before it is committed.
 //! - [`agent`]: the read loop that ties them together.
 //!
 //! Export to a collector (`outflow.v1.Ingest`), when one is configured:
@@ -18,9 +19,11 @@
 //! - [`wire`]: records to wire types, at the edge.
 //! - [`spool`]: the bounded disk spool of batches and the sequence state (epoch, seq).
 //! - [`sender`]: the task that streams the spool to the collector, with backoff.
-//! - [`export`]: settings checked at start, the sink that spools each interval, shutdown.
+//! - [`export`]: settings checked at start, the durability step that spools each interval,
+//!   shutdown.
 pub mod agent;
 pub mod attribution;
+pub mod durability;
 pub mod durable_file;
 pub mod enrich;
 pub mod export;

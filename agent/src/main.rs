@@ -13,6 +13,7 @@ use log::info;
 use outflow_agent::{
     agent::Agent,
     config::{Config, DEFAULT_CONFIG_PATH, OutputFormat},
+    durability::Durability,
     export::{self, Exporter, SHUTDOWN_GRACE},
     kernel,
     record::{Discard, JsonLines, Sink, Text},
@@ -356,11 +357,10 @@ async fn run_agent(cfg: Config) -> Result<()> {
         }
         None => None,
     };
-    let sink = match &exporter {
-        Some(e) => Box::new(e.sink(sink)),
-        None => sink,
-    };
-    let mut agent = Agent::start(&cfg, sink)?;
+    let durability = exporter
+        .as_ref()
+        .map(|e| Box::new(e.spooler()) as Box<dyn Durability + Send>);
+    let mut agent = Agent::start(&cfg, sink, durability)?;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Turn events are read as they come, so that the ring buffer does not fill between reads.

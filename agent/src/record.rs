@@ -4,8 +4,6 @@ use std::{io::Write, net::IpAddr};
 use agent_common::{Counters, ROLE_CLIENT, ROLE_SERVER};
 use serde::Serialize;
 
-use crate::table::CommitPlan;
-
 /// One connection's counts since its previous record (deltas: a consumer's sum is the total).
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRecord {
@@ -186,7 +184,9 @@ enum Tagged<'a> {
     },
 }
 
-/// Where records go. Each interval: `begin`, the records, `flush`.
+/// Where records go. Each interval: `begin`, the records, `flush`. (Whether an interval is
+/// kept across a crash before it is committed is the durability step's:
+/// [`crate::durability`].)
 pub trait Sink {
     /// An interval's records follow, read from the table at Unix milliseconds `ts`.
     fn begin(&mut self, ts: u64) -> std::io::Result<()> {
@@ -208,35 +208,8 @@ pub trait Sink {
         let _ = (ts, r);
         Ok(())
     }
-    /// What committing this interval will write to the kernel table; called before `flush`.
-    fn commit_plan(&mut self, plan: &CommitPlan) -> std::io::Result<()> {
-        let _ = plan;
-        Ok(())
-    }
-    /// Called at the end of each interval: everything written is out once this returns, and
-    /// the answer says whether the interval may be committed to the kernel table.
-    fn flush(&mut self) -> std::io::Result<Flushed>;
-    /// The interval flushed last is committed to the kernel table.
-    fn committed(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    /// At start, once the kernel state is open: the commit of an interval that a previous
-    /// agent made durable but may have died before committing. The agent redoes what of it is
-    /// undone, then calls `committed`.
-    fn recover(&mut self) -> std::io::Result<Option<CommitPlan>> {
-        Ok(None)
-    }
-}
-
-/// What [`Sink::flush`] made of an interval.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flushed {
-    /// Written (and durable, for a sink that keeps what it is given): commit the interval.
-    Kept,
-    /// Not kept (the export spool could not be written: its disk is full): leave the interval
-    /// uncommitted, so that the kernel table holds its bytes and the next interval reads them
-    /// again (the export sink prints an interval's records only once it is kept).
-    Deferred,
+    /// Called at the end of each interval: everything written is out once this returns.
+    fn flush(&mut self) -> std::io::Result<()>;
 }
 
 /// One JSON object per line.
@@ -277,9 +250,8 @@ impl<W: Write> Sink for JsonLines<W> {
     fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
         self.line(&Tagged::Export { ts, export: r })
     }
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        self.0.flush()?;
-        Ok(Flushed::Kept)
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -404,9 +376,8 @@ impl<W: Write> Sink for Text<W> {
             r.deferred_intervals
         )
     }
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        self.0.flush()?;
-        Ok(Flushed::Kept)
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -426,7 +397,7 @@ impl Sink for Discard {
     fn stats(&mut self, _: u64, _: &StatsRecord) -> std::io::Result<()> {
         Ok(())
     }
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        Ok(Flushed::Kept)
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

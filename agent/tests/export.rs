@@ -1,4 +1,5 @@
-//! The export path without the kernel: records go through the export sink into the spool and
+//! The export path without the kernel: records go through the export's durability step (the
+//! spooler, driven as the read loop drives it) into the spool and
 //! are streamed to a small in-process `Ingest` server that stands in for the collector (it
 //! applies each (agent_id, epoch, seq) at most once, and can drop a stream or answer with a
 //! chosen Welcome). The lead's end-to-end tests use the real collector.
@@ -12,9 +13,11 @@ use std::{
 
 use outflow_agent::{
     config::ExportConfig,
-    export::{self, Exporter},
-    record::{ConnRecord, ExportRecord, Flushed, OverflowRecord, Role, Sink, StatsRecord},
+    durability::{Durability, Interval},
+    export::{self, Exporter, Spooler},
+    record::{ConnRecord, ExportRecord, Role},
     spool::Spool,
+    table::CommitPlan,
 };
 use outflow_proto::v1::{
     self, AgentMessage, CollectorMessage, agent_message, collector_message,
@@ -171,32 +174,35 @@ fn closed_port() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-/// Keeps the export records the export sink emits.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<ExportRecord>>>);
+/// The export's durability step, driven as the read loop drives it, with the export records it
+/// reports.
+struct Step {
+    spooler: Spooler,
+    records: Vec<ExportRecord>,
+}
 
-impl Sink for Recorder {
-    fn started(&mut self, _: &str, _: &str, _: bool, _: u32) -> std::io::Result<()> {
-        Ok(())
+impl Step {
+    fn new(exporter: &Exporter) -> Self {
+        Self {
+            spooler: exporter.spooler(),
+            records: Vec::new(),
+        }
     }
-    fn conn(&mut self, _: &ConnRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn overflow(&mut self, _: &OverflowRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn stats(&mut self, _: u64, _: &StatsRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn export(&mut self, _: u64, r: &ExportRecord) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(r.clone());
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        Ok(Flushed::Kept)
+
+    /// One interval read at time `ts`: made durable, its export record, its commit.
+    fn interval(&mut self, ts: u64, conns: &[ConnRecord]) {
+        self.spooler
+            .make_durable(&Interval {
+                ts,
+                conns,
+                overflow: None,
+                plan: &CommitPlan::default(),
+            })
+            .expect("make_durable");
+        if let Some(r) = self.spooler.report() {
+            self.records.push(r);
+        }
+        self.spooler.committed().expect("committed");
     }
 }
 
@@ -244,12 +250,9 @@ fn conn(conn_id: u64, bytes_out: u64, padding: usize) -> ConnRecord {
     }
 }
 
-/// One interval through the sink: `bytes_out` on connection 1 at time `ts`.
-fn interval(sink: &mut dyn Sink, ts: u64, bytes_out: u64, padding: usize) {
-    sink.begin(ts).expect("begin");
-    sink.conn(&conn(1, bytes_out, padding)).expect("conn");
-    sink.flush().expect("flush");
-    sink.committed().expect("committed");
+/// One interval through the step: `bytes_out` on connection 1 at time `ts`.
+fn interval(step: &mut Step, ts: u64, bytes_out: u64, padding: usize) {
+    step.interval(ts, &[conn(1, bytes_out, padding)]);
 }
 
 fn now_ms() -> u64 {
@@ -286,15 +289,12 @@ async fn batches_are_streamed_in_order_and_acknowledged() {
         .expect("chmod");
     cfg.token_file = Some(token);
     let exporter = start(&cfg);
-    let records = Recorder::default();
-    let mut sink = exporter.sink(Box::new(records.clone()));
+    let mut step = Step::new(&exporter);
     for i in 1..=5 {
-        interval(&mut sink, t0 + i * 1000, i * 100, 0);
+        interval(&mut step, t0 + i * 1000, i * 100, 0);
     }
     // An empty interval makes no batch.
-    sink.begin(t0 + 6000).expect("begin");
-    sink.flush().expect("flush");
-    sink.committed().expect("committed");
+    step.interval(t0 + 6000, &[]);
     wait_for("5 batches applied", || c.applied_seqs().len() == 5).await;
     assert_eq!(c.applied_seqs(), vec![1, 2, 3, 4, 5]);
 
@@ -325,29 +325,18 @@ async fn batches_are_streamed_in_order_and_acknowledged() {
         assert_eq!((d.pid, d.comm.as_str()), (1187, "vllm"));
     }
     wait_for("the spool to empty", || {
-        sink.begin(t0 + 7000).expect("begin");
-        sink.flush().expect("flush");
-        sink.committed().expect("committed");
-        records
-            .0
-            .lock()
-            .expect("records")
+        step.interval(t0 + 7000, &[]);
+        step.records
             .last()
             .is_some_and(|r| r.spooled_batches == 0 && r.connected)
     })
     .await;
-    let last = records
-        .0
-        .lock()
-        .expect("records")
-        .last()
-        .cloned()
-        .expect("a record");
+    let last = step.records.last().cloned().expect("a record");
     assert_eq!(
         (last.last_seq, last.acked_seq, last.lost_batches),
         (5, 5, 0)
     );
-    drop(sink);
+    drop(step);
     let t = Instant::now();
     exporter.shutdown(Duration::from_secs(2)).await;
     assert!(t.elapsed() < Duration::from_secs(1), "nothing to wait for");
@@ -367,9 +356,9 @@ async fn a_dropped_stream_resumes_from_the_first_unacknowledged_batch() {
     let addr = serve(c.clone()).await;
     let cfg = config(dir.path(), addr);
     let exporter = start(&cfg);
-    let mut sink = exporter.sink(Box::new(Recorder::default()));
+    let mut step = Step::new(&exporter);
     for i in 1..=6 {
-        interval(&mut sink, t0 + i * 1000, i, 0);
+        interval(&mut step, t0 + i * 1000, i, 0);
     }
     wait_for("6 batches applied", || c.applied_seqs().len() == 6).await;
     assert_eq!(
@@ -396,7 +385,7 @@ async fn a_dropped_stream_resumes_from_the_first_unacknowledged_batch() {
             "in order: {resent:?}"
         );
     }
-    drop(sink);
+    drop(step);
     exporter.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -407,11 +396,11 @@ async fn the_welcome_skips_what_the_collector_has_applied() {
     // Spooled while the collector is away.
     let away = config(dir.path(), closed_port());
     let exporter = start(&away);
-    let mut sink = exporter.sink(Box::new(Recorder::default()));
+    let mut step = Step::new(&exporter);
     for i in 1..=5 {
-        interval(&mut sink, t0 + i * 1000, i, 0);
+        interval(&mut step, t0 + i * 1000, i, 0);
     }
-    drop(sink);
+    drop(step);
     exporter.shutdown(Duration::from_millis(100)).await;
 
     let c = Collector {
@@ -435,11 +424,11 @@ async fn a_restarted_agent_sends_its_spool_first_and_continues_the_numbering() {
     let t0 = now_ms() + 1000;
     let away = config(dir.path(), closed_port());
     let exporter = start(&away);
-    let mut sink = exporter.sink(Box::new(Recorder::default()));
+    let mut step = Step::new(&exporter);
     for i in 1..=3 {
-        interval(&mut sink, t0 + i * 1000, i, 0);
+        interval(&mut step, t0 + i * 1000, i, 0);
     }
-    drop(sink);
+    drop(step);
     let t = Instant::now();
     exporter.shutdown(Duration::from_millis(500)).await;
     assert!(
@@ -450,8 +439,8 @@ async fn a_restarted_agent_sends_its_spool_first_and_continues_the_numbering() {
     let c = Collector::default();
     let addr = serve(c.clone()).await;
     let exporter = start(&config(dir.path(), addr));
-    let mut sink = exporter.sink(Box::new(Recorder::default()));
-    interval(&mut sink, t0 + 10_000, 4, 0);
+    let mut step = Step::new(&exporter);
+    interval(&mut step, t0 + 10_000, 4, 0);
     wait_for("4 batches applied", || c.applied_seqs().len() == 4).await;
     assert_eq!(c.applied_seqs(), vec![1, 2, 3, 4]);
     {
@@ -470,7 +459,7 @@ async fn a_restarted_agent_sends_its_spool_first_and_continues_the_numbering() {
         );
         assert_eq!(s.hellos.len(), 1);
     }
-    drop(sink);
+    drop(step);
     exporter.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -481,24 +470,17 @@ async fn a_full_spool_loses_the_oldest_batches_and_says_so() {
     let mut away = config(dir.path(), closed_port());
     away.spool_max_bytes = 1 << 20;
     let exporter = start(&away);
-    let records = Recorder::default();
-    let mut sink = exporter.sink(Box::new(records.clone()));
+    let mut step = Step::new(&exporter);
     // About 200 kB per batch: the 1 MiB spool holds 5.
     let n = 12;
     for i in 1..=n {
-        interval(&mut sink, t0 + i * 1000, i, 200_000);
+        interval(&mut step, t0 + i * 1000, i, 200_000);
     }
-    let r = records
-        .0
-        .lock()
-        .expect("records")
-        .last()
-        .cloned()
-        .expect("record");
+    let r = step.records.last().cloned().expect("record");
     assert!(r.lost_batches > 0 && r.spooled_batches <= 5, "{r:?}");
     assert_eq!(r.lost_batches + r.spooled_batches, n);
     assert_eq!(r.last_seq, n);
-    drop(sink);
+    drop(step);
     exporter.shutdown(Duration::from_millis(100)).await;
 
     let c = Collector::default();
@@ -551,11 +533,11 @@ async fn a_rejected_token_is_retried_not_fatal() {
         .expect("chmod");
     cfg.token_file = Some(token);
     let exporter = start(&cfg);
-    let mut sink = exporter.sink(Box::new(Recorder::default()));
-    interval(&mut sink, t0 + 1000, 1, 0);
+    let mut step = Step::new(&exporter);
+    interval(&mut step, t0 + 1000, 1, 0);
     wait_for("two attempts", || c.seen().streams >= 2).await;
     assert!(c.applied_seqs().is_empty());
-    drop(sink);
+    drop(step);
     exporter.shutdown(Duration::from_millis(100)).await;
     // Kept for the next start.
     let s = Spool::open(

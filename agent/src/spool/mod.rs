@@ -12,11 +12,12 @@
 //!   fsync) on every acknowledgement, before acknowledged batch files are removed.
 //! - `commit`: the kernel commit of the newest interval and its seqs (`commit_file`), written
 //!   before its batch files are renamed into place. The read loop commits an interval to the
-//!   kernel only after `flush()`, and the sender sees its batches only after that commit; an
-//!   agent killed in between leaves batches whose deltas the kernel still holds as unreported,
-//!   and the next agent redoes the commit from this file (only where the slots are as they were
-//!   read) rather than reporting those deltas twice. If the interval's batch files are not all
-//!   there, it was not durable: its files are removed and the kernel's deltas are read again.
+//!   kernel only once it is durable ([`crate::durability`]), and the sender sees its batches
+//!   only after that commit ([`Spool::publish`]); an agent killed in between leaves batches
+//!   whose deltas the kernel still holds as unreported, and the next agent redoes the commit
+//!   from this file (only where the slots are as they were read) rather than reporting those
+//!   deltas twice. If the interval's batch files are not all there, it was not durable: its
+//!   files are removed and the kernel's deltas are read again.
 //! - `lock`: `flock`ed while an agent uses the spool.
 //!
 //! The epoch lives in `state_dir/epoch` and is valid only together with the sequence state:
@@ -80,12 +81,6 @@ pub enum SpoolError {
     Write { path: PathBuf, source: io::Error },
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
-}
-
-impl From<SpoolError> for io::Error {
-    fn from(e: SpoolError) -> Self {
-        Self::other(e)
-    }
 }
 
 /// A spooled batch, as the spool remembers it without reading its file.

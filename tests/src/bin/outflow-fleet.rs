@@ -8,9 +8,10 @@
 //!
 //! Agent `i` is the agent's own export (`outflow_agent::export`: identity, disk spool, sender
 //! with exponential backoff and full jitter) with its state in `DIR/agent-<i>/state` and its
-//! spool in `DIR/agent-<i>/spool`. It is polled every 100 ms as the agent's read loop polls its
-//! sink (`begin`, the connection's record if it has bytes, `commit_plan`, `flush`, and
-//! `committed` unless the flush deferred the interval). Its one connection, the server side of
+//! spool in `DIR/agent-<i>/spool`. It is polled every 100 ms as the agent's read loop drives its
+//! durability step (`make_durable` with the connection's record if it has bytes, `report` for
+//! the export record, and `committed` unless the interval was deferred). Its one connection,
+//! the server side of
 //! one from `outflow_tests::faults::fleet::client_addr(i)`, carries `1000 + i` response bytes
 //! and `100 + i % 100` request bytes every interval, the agents' intervals spread evenly over
 //! it. Bytes not yet flushed stay pending, as the kernel table keeps them, and go with a later
@@ -37,14 +38,15 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use outflow_agent::{
     config::{Config, ExportConfig},
-    export::{ExportSink, Exporter, prepare},
-    record::{ConnRecord, ExportRecord, Flushed, OverflowRecord, Role, Sink, StatsRecord},
+    durability::{Durability, Flushed, Interval},
+    export::{Exporter, Spooler, prepare},
+    record::{ConnRecord, ExportRecord, Role},
     table::CommitPlan,
 };
 use outflow_tests::faults::fleet::{Done, FleetLine, MAX_AGENTS, Progress, client_addr};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// How often every agent's sink is polled (its export record refreshed, pending bytes flushed).
+/// How often every agent is polled (its export record refreshed, pending bytes spooled).
 const POLL: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How long a stopping fleet waits for its spools to empty.
@@ -242,7 +244,7 @@ async fn fleet(configs: Vec<ExportConfig>, interval: Duration) -> Result<()> {
     let n = configs.len();
     let state = Arc::new(FleetState::new(n));
     let mut exporters = Vec::with_capacity(n);
-    let mut sinks = Vec::with_capacity(n);
+    let mut spoolers = Vec::with_capacity(n);
     for (i, cfg) in configs.iter().enumerate() {
         let prepared = prepare(cfg)
             .with_context(|| format!("agent {i}: the export settings"))?
@@ -254,16 +256,13 @@ async fn fleet(configs: Vec<ExportConfig>, interval: Duration) -> Result<()> {
                 cfg.spool_dir.display()
             )
         })?;
-        sinks.push(exporter.sink(Box::new(Recorder {
-            state: Arc::clone(&state),
-            index: i,
-        })));
+        spoolers.push(exporter.spooler());
         exporters.push(exporter);
     }
 
     let driver = {
         let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
-        tokio::task::spawn_blocking(move || drive(sinks, &state, &stop, interval))
+        tokio::task::spawn_blocking(move || drive(spoolers, &state, &stop, interval))
     };
     tokio::pin!(driver);
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
@@ -281,16 +280,16 @@ async fn fleet(configs: Vec<ExportConfig>, interval: Duration) -> Result<()> {
     emit(&FleetLine::Done(state.done(drained)))
 }
 
-/// Polls every agent's sink every [`POLL`], giving each connection another interval of
-/// traffic when its turn comes, until told to stop; then polls on until every spool is
-/// empty. Returns how long that took.
+/// Polls every agent every [`POLL`], giving each connection another interval of traffic when
+/// its turn comes, until told to stop; then polls on until every spool is empty. Returns how
+/// long that took.
 fn drive(
-    mut sinks: Vec<ExportSink>,
+    mut spoolers: Vec<Spooler>,
     state: &FleetState,
     stop: &Stop,
     interval: Duration,
 ) -> Result<Duration> {
-    let n = sinks.len();
+    let n = spoolers.len();
     let start = Instant::now();
     let first_seen = unix_ms_now();
     let mut conns: Vec<Conn> = (0..n)
@@ -302,18 +301,17 @@ fn drive(
             pending_in: 0,
         })
         .collect();
-    for (i, sink) in sinks.iter_mut().enumerate() {
+    for (i, spooler) in spoolers.iter_mut().enumerate() {
         // As the agent starts: a commit a previous run made durable but did not finish.
-        if sink
+        if spooler
             .recover()
             .with_context(|| format!("agent {i}: recover"))?
             .is_some()
         {
-            sink.committed()
+            spooler
+                .committed()
                 .with_context(|| format!("agent {i}: committed"))?;
         }
-        sink.started("/outflow-fleet", "", false, 1)
-            .with_context(|| format!("agent {i}: started"))?;
     }
     let mut next_poll = start;
     let mut draining: Option<Instant> = None;
@@ -321,7 +319,7 @@ fn drive(
         if draining.is_none() && stop.is_set() {
             draining = Some(Instant::now());
         }
-        for (sink, conn) in sinks.iter_mut().zip(&mut conns) {
+        for (spooler, conn) in spoolers.iter_mut().zip(&mut conns) {
             let now = Instant::now();
             if draining.is_none() && now >= conn.due {
                 let (out, inn) = conn.traffic();
@@ -331,7 +329,7 @@ fn drive(
                     conn.due = now + interval;
                 }
             }
-            conn.poll(sink)
+            conn.poll(spooler, state)
                 .with_context(|| format!("agent {}", conn.index))?;
         }
         if let Some(since) = draining {
@@ -358,7 +356,7 @@ fn drive(
     }
 }
 
-/// One agent's synthetic connection, and what of its bytes the sink has not kept yet (what a
+/// One agent's synthetic connection, and what of its bytes the spool has not kept yet (what a
 /// kernel table would still hold).
 struct Conn {
     index: usize,
@@ -383,20 +381,30 @@ impl Conn {
         self.pending_out == 0 && self.pending_in == 0
     }
 
-    /// One poll, as the agent's read loop makes it.
-    fn poll(&mut self, sink: &mut ExportSink) -> Result<()> {
+    /// One poll, as the agent's read loop makes it; the export record goes to `state`.
+    fn poll(&mut self, spooler: &mut Spooler, state: &FleetState) -> Result<()> {
         let ts = unix_ms_now();
-        sink.begin(ts).context("begin")?;
-        if !self.flushed() {
-            sink.conn(&self.record(ts)).context("conn")?;
+        let conns = if self.flushed() {
+            Vec::new()
+        } else {
+            vec![self.record(ts)]
+        };
+        let flushed = spooler
+            .make_durable(&Interval {
+                ts,
+                conns: &conns,
+                overflow: None,
+                plan: &CommitPlan::default(),
+            })
+            .context("make_durable")?;
+        if let Some(r) = spooler.report() {
+            state.export(self.index, ts, &r);
         }
-        sink.commit_plan(&CommitPlan::default())
-            .context("commit_plan")?;
-        match sink.flush().context("flush")? {
+        match flushed {
             Flushed::Kept => {
                 self.pending_out = 0;
                 self.pending_in = 0;
-                sink.committed().context("committed")?;
+                spooler.committed().context("committed")?;
             }
             // The spool could not take it: it stays pending, for the next poll.
             Flushed::Deferred => {}
@@ -561,34 +569,5 @@ impl FleetState {
             reconnects: p.reconnects,
             drain_ms: drained.as_millis() as u64,
         }
-    }
-}
-
-/// The sink inside each agent's export sink (where the agent prints its records): keeps the
-/// export record for the fleet's progress, drops the rest.
-struct Recorder {
-    state: Arc<FleetState>,
-    index: usize,
-}
-
-impl Sink for Recorder {
-    fn started(&mut self, _: &str, _: &str, _: bool, _: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn conn(&mut self, _: &ConnRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn overflow(&mut self, _: &OverflowRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn stats(&mut self, _: u64, _: &StatsRecord) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn export(&mut self, ts: u64, r: &ExportRecord) -> std::io::Result<()> {
-        self.state.export(self.index, ts, r);
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<Flushed> {
-        Ok(Flushed::Kept)
     }
 }

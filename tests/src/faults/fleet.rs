@@ -1,7 +1,7 @@
 //! Many agents against one collector: `outflow-fleet` runs N instances of the agent's export
 //! pipeline (identity, disk spool, sender with exponential backoff and full jitter) in one
 //! process, each fed one synthetic connection, and [`FleetProcess`] drives it. N real agents
-//! would each load the kernel programs; this keeps everything from the sink on real.
+//! would each load the kernel programs; this keeps everything from the durability step on real.
 //!
 //! Agent `i` is the server side of one connection from [`client_addr`]`(i)`. Its state and
 //! spool live under `--base-dir/agent-<i>/` (a [`Tmpfs`] here: the spool fsyncs every
@@ -69,7 +69,7 @@ pub enum FleetLine {
     },
 }
 
-/// The agents' state, from the export record each agent's sink emitted last (the agents are
+/// The agents' state, from the export record each agent's spooler reported last (the agents are
 /// polled every 100 ms, so this is at most that much behind).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
