@@ -11,6 +11,7 @@
 //! - [`record`]: the records the agent emits, and their JSON and text forms.
 //! - [`durability`]: the read loop's step that keeps an interval before it is committed.
 //! - [`agent`]: the read loop that ties them together.
+//! - [`crash`]: crash points the fault suite arms to kill the agent at chosen places.
 //!
 //! Export to a collector (`outflow.v1.Ingest`), when one is configured:
 //! - [`identity`]: the agent id, host name, boot id.
@@ -23,6 +24,7 @@
 //!   shutdown.
 pub mod agent;
 pub mod attribution;
+pub mod crash;
 pub mod durability;
 pub mod durable_file;
 pub mod enrich;

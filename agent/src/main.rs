@@ -287,6 +287,10 @@ fn main() -> ExitCode {
         eprintln!("error: internal error: {p} (please report this)");
     }));
     let cli = Cli::parse();
+    if let Err(e) = outflow_agent::crash::arm_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -227,6 +227,19 @@ impl Agent {
         status
     }
 
+    /// Waits until the agent exits by itself (e.g. at a crash point) and its output is read;
+    /// panics after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        let status = self.process.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!(
+                "the agent did not exit within {timeout:?}:\n{}",
+                self.stderr.tail(30)
+            )
+        });
+        self.wait_output_closed();
+        status
+    }
+
     /// Kills the agent (SIGKILL), as a crash would, and returns its exit status.
     pub fn kill(&self) -> ExitStatus {
         let status = self.process.kill();

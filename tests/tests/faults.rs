@@ -621,6 +621,57 @@ fn collector_killed_at_each_point_of_its_group_commit() {
     );
 }
 
+/// The agent's crash points (`agent/src/crash.rs`), in the order an interval passes them.
+const AGENT_POINTS: &[&str] = &[
+    "spool::files_written",
+    "spool::journal_in_place",
+    "spool::before_dir_sync",
+    "agent::before_kernel_commit",
+    "agent::after_kernel_commit",
+    "sender::after_send",
+    "spool::acked_before_removal",
+];
+
+#[test]
+fn agent_killed_at_each_point_of_its_spool_and_commit_window() {
+    let rig = Rig::new("f-apoint");
+    let collector = rig.collector();
+    let mut agent = rig.agent(&collector.url());
+    let traffic = rig.traffic(MIXED);
+    let mut kills = 0;
+    // At its first pass there, and (full run) at a later one.
+    let skips: &[u32] = Scale::from_env().pick(&[0], &[0, 3]);
+    for point in AGENT_POINTS {
+        for &skip in skips {
+            assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+            let actions = match skip {
+                0 => "return".to_owned(),
+                n => format!("{n}*off->return"),
+            };
+            let armed = format!("{point}={actions}");
+            agent = rig.agent_with(
+                &collector.url(),
+                None,
+                &[],
+                &[("OUTFLOW_FAILPOINTS", armed.as_str())],
+            );
+            let status = agent.wait_exit(START);
+            assert_killed(status, point, &agent.stderr());
+            kills += 1;
+            agent = rig.agent(&collector.url());
+        }
+    }
+    rig.healed(
+        format!(
+            "agent SIGKILLed at each of {} points of its spool and commit window ({kills} kills)",
+            AGENT_POINTS.len()
+        ),
+        traffic,
+        &collector,
+        &agent,
+    );
+}
+
 #[test]
 fn agent_clock_stepped() {
     let (hours, secs) = Scale::from_env().pick((3, 2), (6, 10));
