@@ -744,5 +744,63 @@ fn a_connection_older_than_the_agent_without_room_to_track_its_close_is_counted_
     assert_eq!(t.bytes_in, o.sent - HEADER_LEN as u64, "{t:?}");
     // ...its close is what cannot be seen, and the stat says so.
     assert_eq!(t.closed, 0, "{t:?}");
+    // Its slot keeps the gone socket as owner until a new socket at the same address (the
+    // kernel reuses freed sockets' memory) takes a slot in that group and clears it: counted.
+    let mut made = 0;
+    while last_stats(&agent.records())["stale_owners"] == 0 {
+        assert!(
+            made < 4_000,
+            "no socket reused the gone one's address in {made} connections"
+        );
+        for _ in 0..20 {
+            bench
+                .client
+                .request(bench.pair.server_v4(PORT), 100, 1, 0, 0);
+        }
+        made += 20;
+        let seen = agent.records().len();
+        agent.wait_until(WAIT, |r| {
+            r.len() > seen && of_type(&r[seen..], "stats").next().is_some()
+        });
+    }
+    eprintln!("stale owner cleared after {made} connections");
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn a_connection_whose_home_group_is_full_is_placed_away_and_counted_exactly() {
+    for round in 0..20 {
+        // A fresh table of two groups of 8 slots each round (slots are given back only after
+        // the interval that reported their close).
+        let bench = Bench::new(&format!("away{round}"));
+        let (agent, started) = bench.agent(&["--max-connections", "16"]);
+        assert_eq!(started["capacity"], 16, "{started}");
+        // 16 connections at once: unless they split 8 and 8 between the groups' homes (about
+        // one time in five), a home group fills first and the rest go to the other group.
+        let open: Vec<_> = (0..16u64)
+            .map(|i| {
+                bench
+                    .client
+                    .open(bench.pair.server_v4(PORT), 20_000 + i * 1_001, 10 + i)
+            })
+            .collect();
+        let outcomes: Vec<Outcome> = open.into_iter().map(|c| c.finish()).collect();
+        let records = agent.wait_until(WAIT, |r| {
+            all_closed(r, &outcomes) && last_stats(r)["live"] == 0
+        });
+        let stats = last_stats(&records);
+        assert_eq!(stats["conns_overflowed"], 0, "{stats}");
+        if stats["placed_away"].as_u64() > Some(0) {
+            let results = bench.server.wait_results(outcomes.len(), WAIT);
+            let conns = conn_records(&records);
+            for o in &outcomes {
+                assert_exact(&conns, o, o.server_result(&results), &bench);
+            }
+            eprintln!("placed away in round {round}: {stats}");
+            assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+            return;
+        }
+        assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    }
+    panic!("20 rounds of 16 connections and none was placed away");
 }
