@@ -306,9 +306,9 @@ impl Agent {
             return Ok(());
         }
 
-        crate::crash_point!("agent::before_kernel_commit");
+        outflow_crashpoint::crash_point!("agent::before_kernel_commit");
         self.kernel.table.commit(&deltas, clock.boot_ns)?;
-        crate::crash_point!("agent::after_kernel_commit");
+        outflow_crashpoint::crash_point!("agent::after_kernel_commit");
         self.attributor.committed();
         if !overflow_delta.is_zero() {
             self.kernel.set_overflow_reported(overflow)?;

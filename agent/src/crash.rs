@@ -16,36 +16,4 @@
 //! - `spool::acked_before_removal`: an Ack is recorded in the state file, the acknowledged
 //!   batch files not yet removed.
 
-/// The environment variable that arms crash points.
-pub const ENV: &str = "OUTFLOW_FAILPOINTS";
-
-/// Arms the crash points [`ENV`] names; an error names the part that is not understood.
-pub fn arm_from_env() -> Result<(), String> {
-    let Ok(spec) = std::env::var(ENV) else {
-        return Ok(());
-    };
-    for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-        let (name, actions) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{ENV}: `{part}`: want NAME=ACTIONS"))?;
-        fail::cfg(name.trim(), actions.trim()).map_err(|e| format!("{ENV}: `{part}`: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Ends the process at once with SIGKILL: nothing is flushed, no destructor runs.
-pub fn kill_self() -> ! {
-    // SAFETY: signals this process; no memory is touched.
-    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-    loop {
-        std::thread::park();
-    }
-}
-
-/// A crash point named `$name` (see the module's list).
-#[macro_export]
-macro_rules! crash_point {
-    ($name:literal) => {
-        fail::fail_point!($name, |_| $crate::crash::kill_self())
-    };
-}
+pub use outflow_crashpoint::{ENV, arm_from_env};

@@ -287,7 +287,7 @@ async fn stream(
             })
             .await
             .map_err(|_| protocol("the request stream closed"))?;
-            crate::crash_point!("sender::after_send");
+            outflow_crashpoint::crash_point!("sender::after_send");
             in_flight.push_back(seq);
         }
         tokio::select! {

@@ -434,7 +434,7 @@ impl Store {
             };
             rollups(&mut w)?;
         }
-        crate::crash_point!("store::before_commit");
+        outflow_crashpoint::crash_point!("store::before_commit");
         tx.commit()?;
         Ok(())
     }

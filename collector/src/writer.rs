@@ -649,7 +649,7 @@ impl Worker {
         drop(st);
         match result {
             Ok(()) => {
-                crate::crash_point!("writer::after_commit");
+                outflow_crashpoint::crash_point!("writer::after_commit");
                 let touched = !staged.is_empty();
                 let (subjects, prefixes) = if detecting {
                     (
@@ -728,7 +728,7 @@ impl Worker {
                         }
                     }
                 }
-                crate::crash_point!("writer::after_acks");
+                outflow_crashpoint::crash_point!("writer::after_acks");
             }
             Err(e) => {
                 error!(

@@ -369,18 +369,18 @@ impl Spool {
                 written.push((path.clone(), data.len() as u64));
                 staged.push((tmp, path));
             }
-            crate::crash_point!("spool::files_written");
+            outflow_crashpoint::crash_point!("spool::files_written");
             for (i, (tmp, path)) in staged.iter().enumerate() {
                 fs::rename(tmp, path).map_err(|source| SpoolError::Write {
                     path: path.clone(),
                     source,
                 })?;
                 if i == 0 {
-                    crate::crash_point!("spool::journal_in_place");
+                    outflow_crashpoint::crash_point!("spool::journal_in_place");
                 }
             }
             self.journal_written = true;
-            crate::crash_point!("spool::before_dir_sync");
+            outflow_crashpoint::crash_point!("spool::before_dir_sync");
             sync_dir(&self.dir).map_err(|source| SpoolError::Write {
                 path: self.dir.clone(),
                 source,
@@ -456,7 +456,7 @@ impl Spool {
             self.state.acked_end_ms = e.end_ms;
         }
         self.write_state()?;
-        crate::crash_point!("spool::acked_before_removal");
+        outflow_crashpoint::crash_point!("spool::acked_before_removal");
         for (s, e) in &gone {
             self.bytes -= e.bytes;
             remove(&self.path(*s))?;
