@@ -9,6 +9,7 @@
 //!
 //! The traffic model and its parameters are in [`model`]; [`Scenario`] lists the attacks.
 //! Everything is drawn from one seeded RNG: the same seed gives the same bytes.
+pub mod ingest;
 pub mod model;
 pub mod net;
 mod report;
@@ -29,8 +30,9 @@ pub use model::{BenignStats, LookAlike, StepTotals, lookalike_clients, lookalike
 pub use report::{AlertView, AttackReport, HostTotals, Report};
 
 use crate::{
+    ingest::Bearer,
     model::{DAY_MS, Generator, Params},
-    net::{AgentStream, Bearer},
+    net::AgentStream,
 };
 
 /// A traffic scenario: benign traffic alone, or benign traffic with one injected attack. Each
@@ -188,10 +190,11 @@ pub enum SimError {
     },
     #[error("the token is not a valid header value")]
     Token,
-    #[error("{what}: {} ({})", status.code(), status.message())]
-    Status {
-        what: String,
-        status: Box<tonic::Status>,
+    /// A synthetic agent's stream failed.
+    #[error("{host}: {error}")]
+    Ingest {
+        host: String,
+        error: ingest::IngestError,
     },
     #[error("{0}")]
     Protocol(String),
@@ -273,7 +276,7 @@ pub async fn run_scenarios(
     attack_list.dedup();
     let mut generator = Generator::new(params.clone(), &attack_list);
 
-    let bearer = Bearer::new(cfg.token.as_deref())?;
+    let bearer = Bearer::new(cfg.token.as_deref()).map_err(|_| SimError::Token)?;
     let channel = net::connect(&cfg.collector).await?;
     // A fresh epoch per run, so a rerun against the same collector is not deduplicated away
     // (it does not influence the traffic).

@@ -1,50 +1,17 @@
-//! The simulator's side of the wire: one `outflow.v1.Ingest` stream per synthetic host over a
-//! shared channel, and the Alerts client.
+//! The simulator's side of the wire: one fake agent ([`crate::ingest::IngestStream`]) per
+//! synthetic host over a shared channel, and the Alerts client.
 use std::time::Duration;
 
-use outflow_proto::v1::{
-    self, AgentMessage, CollectorMessage, agent_message::Msg, alerts_client::AlertsClient,
-    collector_message, ingest_client::IngestClient,
-};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use outflow_proto::v1::{self, alerts_client::AlertsClient};
 use tonic::{
-    Request, Status, Streaming,
-    metadata::{Ascii, MetadataValue},
-    service::Interceptor,
+    Status,
     transport::{Channel, Endpoint},
 };
 
-use crate::SimError;
-
-/// How long one answer (Welcome or Ack) may take.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Adds `authorization: Bearer <token>` when a token is set.
-#[derive(Clone, Debug, Default)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    pub fn new(token: Option<&str>) -> Result<Bearer, SimError> {
-        token
-            .map(|t| {
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .map_err(|_| SimError::Token)
-            })
-            .transpose()
-            .map(Bearer)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
+use crate::{
+    SimError,
+    ingest::{Bearer, IngestError, IngestStream, Options},
+};
 
 /// Connects to `url` (http:// only).
 pub async fn connect(url: &str) -> Result<Channel, SimError> {
@@ -61,19 +28,11 @@ pub async fn connect(url: &str) -> Result<Channel, SimError> {
         })
 }
 
-fn status(what: impl Into<String>, status: Status) -> SimError {
-    SimError::Status {
-        what: what.into(),
-        status: Box::new(status),
-    }
-}
-
-/// One synthetic agent's stream.
+/// One synthetic agent's stream, its errors named by its host.
 #[derive(Debug)]
 pub struct AgentStream {
-    name: String,
-    tx: mpsc::Sender<AgentMessage>,
-    rx: Streaming<CollectorMessage>,
+    host: String,
+    stream: IngestStream,
 }
 
 impl AgentStream {
@@ -86,94 +45,67 @@ impl AgentStream {
         epoch: u64,
         hostname: &str,
     ) -> Result<AgentStream, SimError> {
-        let (tx, rx) = mpsc::channel(64);
-        let resp = IngestClient::with_interceptor(channel, bearer)
-            .max_encoding_message_size(usize::MAX)
-            .stream(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| status(format!("{hostname}: open Ingest stream"), s))?;
-        let mut a = AgentStream {
-            name: hostname.to_owned(),
-            tx,
-            rx: resp.into_inner(),
+        let failed = |error| SimError::Ingest {
+            host: hostname.to_owned(),
+            error,
         };
-        a.send(Msg::Hello(v1::Hello {
-            agent_id: agent_id.to_owned(),
-            epoch,
-            hostname: hostname.to_owned(),
-            boot_id: format!("{epoch:032x}"),
-            version: concat!("outflow-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
-            labels: [("role".to_owned(), "inference".to_owned())].into(),
-        }))
-        .await?;
-        match a.next().await?.msg {
-            Some(collector_message::Msg::Welcome(w)) if w.applied_seq == 0 => Ok(a),
-            Some(collector_message::Msg::Welcome(w)) => Err(SimError::Protocol(format!(
+        let options = Options {
+            bearer,
+            ..Options::default()
+        };
+        let mut stream = IngestStream::open_with(channel, options)
+            .await
+            .map_err(failed)?;
+        let welcome = stream
+            .hello(v1::Hello {
+                agent_id: agent_id.to_owned(),
+                epoch,
+                hostname: hostname.to_owned(),
+                boot_id: format!("{epoch:032x}"),
+                version: concat!("outflow-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
+                labels: [("role".to_owned(), "inference".to_owned())].into(),
+            })
+            .await
+            .map_err(failed)?;
+        if welcome.applied_seq != 0 {
+            return Err(SimError::Protocol(format!(
                 "{hostname}: the collector already applied seq {} of this epoch",
-                w.applied_seq
-            ))),
-            other => Err(SimError::Protocol(format!(
-                "{hostname}: want a Welcome, got {other:?}"
-            ))),
+                welcome.applied_seq
+            )));
         }
+        Ok(AgentStream {
+            host: hostname.to_owned(),
+            stream,
+        })
     }
 
-    async fn send(&mut self, msg: Msg) -> Result<(), SimError> {
-        if self.tx.send(AgentMessage { msg: Some(msg) }).await.is_ok() {
-            return Ok(());
-        }
-        // The server ended the stream: its status comes from the response side.
-        self.next().await?;
-        Err(SimError::Protocol(format!(
-            "{}: the collector closed the stream",
-            self.name
-        )))
-    }
-
-    async fn next(&mut self) -> Result<CollectorMessage, SimError> {
-        match tokio::time::timeout(ANSWER_TIMEOUT, self.rx.message()).await {
-            Ok(Ok(Some(m))) => Ok(m),
-            Ok(Ok(None)) => Err(SimError::Protocol(format!(
-                "{}: the collector ended the stream",
-                self.name
-            ))),
-            Ok(Err(s)) => Err(status(format!("{}: Ingest stream", self.name), s)),
-            Err(_) => Err(SimError::Protocol(format!(
-                "{}: no answer in {ANSWER_TIMEOUT:?}",
-                self.name
-            ))),
+    fn failed(&self, error: IngestError) -> SimError {
+        SimError::Ingest {
+            host: self.host.clone(),
+            error,
         }
     }
 
     /// Sends a batch (does not wait for its Ack).
     pub async fn send_batch(&mut self, batch: v1::Batch) -> Result<(), SimError> {
-        self.send(Msg::Batch(batch)).await
+        let sent = self.stream.send_batch(batch).await;
+        sent.map_err(|e| self.failed(e))
     }
 
     /// Waits for the Ack of `seq`.
     pub async fn ack(&mut self, seq: u64) -> Result<(), SimError> {
         loop {
-            match self.next().await?.msg {
-                Some(collector_message::Msg::Ack(a)) if a.seq >= seq => return Ok(()),
-                Some(collector_message::Msg::Ack(_)) => {}
-                other => {
-                    return Err(SimError::Protocol(format!(
-                        "{}: want an Ack, got {other:?}",
-                        self.name
-                    )));
-                }
+            match self.stream.next_ack().await {
+                Ok(acked) if acked >= seq => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(self.failed(e)),
             }
         }
     }
 
     /// Half-closes the stream and waits for the server to end it.
     pub async fn close(self) {
-        let AgentStream { tx, mut rx, .. } = self;
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Ok(Some(_)) = rx.message().await {}
-        })
-        .await;
+        self.stream.close().await;
     }
 }
 
