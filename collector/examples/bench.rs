@@ -12,10 +12,8 @@ use std::{
 };
 
 use outflow_collector::{Config, Server};
-use outflow_proto::v1::{
-    self, AgentMessage, agent_message::Msg, collector_message, ingest_client::IngestClient,
-};
-use tokio_stream::wrappers::ReceiverStream;
+use outflow_proto::v1;
+use outflow_sim::ingest::{IngestStream, Options};
 
 fn arg(i: usize, default: u64) -> u64 {
     std::env::args()
@@ -90,55 +88,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Encode everything first: the clock measures the collector, not the load generator.
     let mut work = Vec::new();
     for a in 0..agents {
-        let msgs: Vec<AgentMessage> = (1..=batches)
-            .map(|s| AgentMessage {
-                msg: Some(Msg::Batch(batch(a, s, deltas, clients, now + s * step))),
-            })
+        let batches: Vec<v1::Batch> = (1..=batches)
+            .map(|s| batch(a, s, deltas, clients, now + s * step))
             .collect();
         let channel = tonic::transport::Endpoint::from_shared(url.clone())?
             .connect()
             .await?;
-        work.push((a, msgs, channel));
+        work.push((a, batches, channel));
     }
     let start = Arc::new(tokio::sync::Barrier::new(work.len() + 1));
     let mut tasks = Vec::new();
-    for (a, msgs, channel) in work {
+    for (a, batches, channel) in work {
         let start = start.clone();
         tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(8);
-            let mut stream = IngestClient::new(channel)
-                .max_encoding_message_size(usize::MAX)
-                .stream(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            tx.send(AgentMessage {
-                msg: Some(Msg::Hello(v1::Hello {
+            let options = Options {
+                queue: 8,
+                ..Options::default()
+            };
+            let mut stream = IngestStream::open_with(channel, options).await?;
+            stream
+                .hello(v1::Hello {
                     agent_id: format!("bench-{a}"),
                     epoch: 1,
                     hostname: format!("gpu-{a}"),
                     ..Default::default()
-                })),
-            })
-            .await?;
-            stream.message().await?;
+                })
+                .await?;
             start.wait().await;
-            let n = msgs.len() as u64;
-            let sender = tokio::spawn(async move {
-                for m in msgs {
-                    if tx.send(m).await.is_err() {
+            let n = batches.len();
+            // Pipelined: one task sends every batch, this one counts the Acks.
+            let (sender, mut answers) = stream.split();
+            let sending = tokio::spawn(async move {
+                for b in batches {
+                    if sender.send_batch(b).await.is_err() {
                         break;
                     }
                 }
-                tx
+                sender
             });
-            let mut acked = 0;
-            while acked < n {
-                match stream.message().await?.and_then(|m| m.msg) {
-                    Some(collector_message::Msg::Ack(_)) => acked += 1,
-                    other => return Err(format!("unexpected {other:?}").into()),
-                }
+            for _ in 0..n {
+                answers.next_ack().await?;
             }
-            drop(sender.await?);
+            drop(sending.await?);
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         }));
     }

@@ -39,27 +39,29 @@ async fn ingest_and_read_tokens_are_apart_and_an_agent_token_is_bound_to_its_age
     };
 
     // An agent token ingests under its own id...
-    let mut a = Agent::open(channel(&u).await, Some("tok-one"))
+    let mut a = IngestStream::open(channel(&u).await, Some("tok-one"))
         .await
         .unwrap();
-    a.hello("gpu-1", 1, "gpu-1").await.unwrap();
+    a.hello(hello("gpu-1", 1, "gpu-1")).await.unwrap();
     let b = batch(1, now_ms(), vec![delta([192, 0, 2, 1], 5, 5, false)]);
     assert_eq!(a.batch(b).await.unwrap(), 1);
     a.close().await;
     // ...and no other.
-    let mut a = Agent::open(channel(&u).await, Some("tok-two"))
+    let mut a = IngestStream::open(channel(&u).await, Some("tok-two"))
         .await
         .unwrap();
-    let e = a.hello("gpu-1", 1, "gpu-1").await.unwrap_err();
+    let e = status(a.hello(hello("gpu-1", 1, "gpu-1")).await.unwrap_err());
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("agent \"gpu-2\"'s"), "{e:?}");
     // An agent token cannot read, the read token cannot ingest.
     let e = stats("tok-one").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = Agent::open(channel(&u).await, Some("tok-read"))
-        .await
-        .err()
-        .unwrap();
+    let e = status(
+        IngestStream::open(channel(&u).await, Some("tok-read"))
+            .await
+            .err()
+            .unwrap(),
+    );
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = stats("tok-nope").await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -113,12 +115,19 @@ async fn bearer_token_is_required() {
     let server = start(cfg).await;
     let u = url(&server);
 
-    let e = Agent::open(channel(&u).await, None).await.err().unwrap();
+    let e = status(
+        IngestStream::open(channel(&u).await, None)
+            .await
+            .err()
+            .unwrap(),
+    );
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = Agent::open(channel(&u).await, Some("wrong"))
-        .await
-        .err()
-        .unwrap();
+    let e = status(
+        IngestStream::open(channel(&u).await, Some("wrong"))
+            .await
+            .err()
+            .unwrap(),
+    );
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let e = client_stats(&u, "1.2.3.4").await.unwrap_err();
     assert_eq!(
@@ -127,10 +136,10 @@ async fn bearer_token_is_required() {
         "query without token: {e:?}"
     );
 
-    let mut a = Agent::open(channel(&u).await, Some("s3cret-token"))
+    let mut a = IngestStream::open(channel(&u).await, Some("s3cret-token"))
         .await
         .unwrap();
-    a.hello("agent-t", 1, "gpu-t").await.unwrap();
+    a.hello(hello("agent-t", 1, "gpu-t")).await.unwrap();
     assert_eq!(
         a.batch(batch(1, now_ms(), vec![delta([192, 0, 2, 1], 5, 5, false)]))
             .await
@@ -270,8 +279,8 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
     let ch = tls_channel(&addr, &server_ca.cert_pem, Some(&good))
         .await
         .unwrap();
-    let mut a = Agent::open(ch, None).await.unwrap();
-    a.hello("agent-1", 1, "gpu-1").await.unwrap();
+    let mut a = IngestStream::open(ch, None).await.unwrap();
+    a.hello(hello("agent-1", 1, "gpu-1")).await.unwrap();
     assert_eq!(
         a.batch(batch(1, now_ms(), vec![delta([192, 0, 2, 2], 7, 0, false)]))
             .await
@@ -283,8 +292,8 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
     let ch = tls_channel(&addr, &server_ca.cert_pem, Some(&good))
         .await
         .unwrap();
-    let mut a = Agent::open(ch, None).await.unwrap();
-    let e = a.hello("agent-2", 1, "gpu-2").await.unwrap_err();
+    let mut a = IngestStream::open(ch, None).await.unwrap();
+    let e = status(a.hello(hello("agent-2", 1, "gpu-2")).await.unwrap_err());
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(
         e.message()
@@ -294,13 +303,13 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
 
     // No certificate: UNAUTHENTICATED.
     let ch = tls_channel(&addr, &server_ca.cert_pem, None).await.unwrap();
-    let e = Agent::open(ch, None).await.err().unwrap();
+    let e = status(IngestStream::open(ch, None).await.err().unwrap());
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
     // A certificate of another CA: the handshake fails, nothing gets through.
     let refused = match tls_channel(&addr, &server_ca.cert_pem, Some(&rogue)).await {
         Err(_) => true,
-        Ok(ch) => Agent::open(ch, None).await.is_err(),
+        Ok(ch) => IngestStream::open(ch, None).await.is_err(),
     };
     assert!(refused, "a certificate of a foreign CA was accepted");
 
@@ -336,8 +345,8 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
     let ch = tls_channel(&addr, &server_ca.cert_pem, Some(&good))
         .await
         .unwrap();
-    let mut a = Agent::open(ch, None).await.unwrap();
-    a.hello("agent-2", 1, "gpu-2").await.unwrap();
+    let mut a = IngestStream::open(ch, None).await.unwrap();
+    a.hello(hello("agent-2", 1, "gpu-2")).await.unwrap();
     a.close().await;
     server.shutdown().await.unwrap();
 }

@@ -34,8 +34,8 @@ async fn one_agent_cannot_take_the_key_budget_and_totals_stay_exact() {
     let t = now_ms() - 10_000;
 
     // The hostile agent: 3000 distinct clients in 3000 /24s, 6 times what its share holds.
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-a", 1, "gpu-a").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-a", 1, "gpu-a")).await.unwrap();
     for seq in 1..=3u64 {
         let first = (seq as u32 - 1) * 1000;
         a.batch(batch(seq, t + seq, spread(first, 1000, 100)))
@@ -43,8 +43,8 @@ async fn one_agent_cannot_take_the_key_budget_and_totals_stay_exact() {
             .unwrap();
     }
     // A well-behaved agent after it: 100 clients in two /24s.
-    let mut b = Agent::connect(&u).await;
-    b.hello("agent-b", 1, "gpu-b").await.unwrap();
+    let mut b = agent_stream(&u).await;
+    b.hello(hello("agent-b", 1, "gpu-b")).await.unwrap();
     let clients: Vec<[u8; 4]> = (0..100u8)
         .map(|i| {
             if i < 50 {
@@ -120,8 +120,8 @@ async fn one_agent_cannot_take_the_key_budget_and_totals_stay_exact() {
     let text = metrics(&server).await;
     assert_eq!(check(text), held);
     assert_eq!(totals(u.clone()).await, (hosts, prefixes, addresses));
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-a", 1, "gpu-a").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-a", 1, "gpu-a")).await.unwrap();
     a.batch(batch(4, t + 20, spread(3000, 1000, 100)))
         .await
         .unwrap();

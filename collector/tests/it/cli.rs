@@ -124,8 +124,8 @@ async fn serves_answers_the_cli_and_stops_on_sigterm() {
     );
     let u = format!("http://{addr}");
     let t = now_ms() - 5000;
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-cli", 1, "gpu-cli").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-cli", 1, "gpu-cli")).await.unwrap();
     a.batch(batch(
         1,
         t,

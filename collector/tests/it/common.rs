@@ -1,19 +1,14 @@
-//! Helpers: start a collector, speak the agent protocol, query.
+//! Helpers: start a collector, speak the agent protocol (as `outflow_sim`'s fake agent), query.
 use std::{
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use outflow_collector::{Config, Server};
-use outflow_proto::v1::{
-    self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
-    ingest_client::IngestClient, query_client::QueryClient,
-};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use outflow_proto::v1::{self, AgentMessage, agent_message::Msg, query_client::QueryClient};
+pub use outflow_sim::ingest::{IngestError, IngestStream};
 use tonic::{
-    Status, Streaming,
-    metadata::MetadataValue,
+    Status,
     transport::{Channel, Endpoint},
 };
 
@@ -53,97 +48,37 @@ pub async fn channel(url: &str) -> Channel {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-/// One agent stream.
-pub struct Agent {
-    tx: mpsc::Sender<AgentMessage>,
-    rx: Streaming<CollectorMessage>,
+/// A fake agent's stream to `url`, without token.
+pub async fn agent_stream(url: &str) -> IngestStream {
+    IngestStream::open(channel(url).await, None)
+        .await
+        .unwrap_or_else(|e| panic!("open an Ingest stream to {url}: {e}"))
 }
 
-impl Agent {
-    /// Opens a stream over `channel`, with `token` as bearer token if given.
-    pub async fn open(channel: Channel, token: Option<&str>) -> Result<Agent, Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(t) = token {
-            let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
-            req.metadata_mut().insert("authorization", v);
-        }
-        let resp = IngestClient::new(channel)
-            .max_encoding_message_size(usize::MAX)
-            .stream(req)
-            .await?;
-        Ok(Agent {
-            tx,
-            rx: resp.into_inner(),
-        })
-    }
-
-    pub async fn connect(url: &str) -> Agent {
-        Agent::open(channel(url).await, None).await.unwrap()
-    }
-
-    pub async fn send(&self, msg: AgentMessage) {
-        // The server may have ended the stream already: its status comes from `next`.
-        let _ = self.tx.send(msg).await;
-    }
-
-    /// The next answer: Ok(message), or the status that ended the stream.
-    pub async fn next(&mut self) -> Result<CollectorMessage, Status> {
-        match tokio::time::timeout(Duration::from_secs(20), self.rx.message()).await {
-            Ok(Ok(Some(m))) => Ok(m),
-            Ok(Ok(None)) => Err(Status::ok("stream ended")),
-            Ok(Err(s)) => Err(s),
-            Err(_) => panic!("no answer in 20 s"),
-        }
-    }
-
-    /// Sends a Hello and returns the Welcome's applied_seq.
-    pub async fn hello(
-        &mut self,
-        agent_id: &str,
-        epoch: u64,
-        hostname: &str,
-    ) -> Result<u64, Status> {
-        self.send(hello(agent_id, epoch, hostname)).await;
-        match self.next().await?.msg {
-            Some(collector_message::Msg::Welcome(w)) => Ok(w.applied_seq),
-            other => panic!("want a Welcome, got {other:?}"),
-        }
-    }
-
-    /// Sends a batch and waits for its Ack.
-    pub async fn batch(&mut self, b: v1::Batch) -> Result<u64, Status> {
-        self.send(AgentMessage {
-            msg: Some(Msg::Batch(b)),
-        })
-        .await;
-        self.ack().await
-    }
-
-    pub async fn ack(&mut self) -> Result<u64, Status> {
-        match self.next().await?.msg {
-            Some(collector_message::Msg::Ack(a)) => Ok(a.seq),
-            other => panic!("want an Ack, got {other:?}"),
-        }
-    }
-
-    /// Ends the stream (half-close) and waits for the server to end it.
-    pub async fn close(mut self) {
-        drop(self.tx);
-        while let Ok(Some(_)) = self.rx.message().await {}
+/// The status a stream failed with; panics if it failed otherwise (a timeout, an answer out
+/// of protocol, an end without a status).
+pub fn status(e: IngestError) -> Status {
+    match e {
+        IngestError::Open(s) | IngestError::Status(s) => *s,
+        e => panic!("want a status from the collector, got: {e}"),
     }
 }
 
-pub fn hello(agent_id: &str, epoch: u64, hostname: &str) -> AgentMessage {
+/// A Hello as the tests' agents send it.
+pub fn hello(agent_id: &str, epoch: u64, hostname: &str) -> v1::Hello {
+    v1::Hello {
+        agent_id: agent_id.into(),
+        epoch,
+        hostname: hostname.into(),
+        boot_id: "b".into(),
+        version: "0.1.0".into(),
+        labels: [("region".to_owned(), "test".to_owned())].into(),
+    }
+}
+
+pub fn hello_msg(agent_id: &str, epoch: u64, hostname: &str) -> AgentMessage {
     AgentMessage {
-        msg: Some(Msg::Hello(v1::Hello {
-            agent_id: agent_id.into(),
-            epoch,
-            hostname: hostname.into(),
-            boot_id: "b".into(),
-            version: "0.1.0".into(),
-            labels: [("region".to_owned(), "test".to_owned())].into(),
-        })),
+        msg: Some(Msg::Hello(hello(agent_id, epoch, hostname))),
     }
 }
 

@@ -29,16 +29,28 @@ async fn batches_apply_once_across_streams_and_restarts() {
 
     let server = start(config(dir.path())).await;
     let u = url(&server);
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-1", 7, "gpu-1").await.unwrap(), 0);
+    let mut a = agent_stream(&u).await;
+    assert_eq!(
+        a.hello(hello("agent-1", 7, "gpu-1"))
+            .await
+            .unwrap()
+            .applied_seq,
+        0
+    );
     assert_eq!(a.batch(b1.clone()).await.unwrap(), 1);
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     // Resent on the same stream: acknowledged, not applied.
     assert_eq!(a.batch(b1.clone()).await.unwrap(), 1);
     a.close().await;
     // Resent on a new stream, after the Welcome told the agent it was applied.
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-1", 7, "gpu-1").await.unwrap(), 2);
+    let mut a = agent_stream(&u).await;
+    assert_eq!(
+        a.hello(hello("agent-1", 7, "gpu-1"))
+            .await
+            .unwrap()
+            .applied_seq,
+        2
+    );
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     a.close().await;
     assert_eq!(totals(&u, "203.0.113.7").await, (1500, 15, 1, 1));
@@ -53,8 +65,14 @@ async fn batches_apply_once_across_streams_and_restarts() {
     let u = url(&server);
     assert_eq!(totals(&u, "203.0.113.7").await, (1500, 15, 1, 1));
     assert_eq!(totals(&u, "203.0.113.0/24").await, (1500, 15, 1, 1));
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-1", 7, "gpu-1").await.unwrap(), 2);
+    let mut a = agent_stream(&u).await;
+    assert_eq!(
+        a.hello(hello("agent-1", 7, "gpu-1"))
+            .await
+            .unwrap()
+            .applied_seq,
+        2
+    );
     assert_eq!(a.batch(b1.clone()).await.unwrap(), 1);
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     // A gap (the agent lost batches 3 and 4, and says so) is accepted ...
@@ -79,8 +97,14 @@ async fn batches_apply_once_across_streams_and_restarts() {
     );
     a.close().await;
     // A new epoch starts its numbering over.
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-1", 8, "gpu-1").await.unwrap(), 0);
+    let mut a = agent_stream(&u).await;
+    assert_eq!(
+        a.hello(hello("agent-1", 8, "gpu-1"))
+            .await
+            .unwrap()
+            .applied_seq,
+        0
+    );
     assert_eq!(
         a.batch(batch(1, t + 3000, vec![delta(c, 10, 0, false)]))
             .await
@@ -115,18 +139,19 @@ async fn pipelined_batches_are_acked_in_order() {
     let server = start(config(dir.path())).await;
     let u = url(&server);
     let t = now_ms() - 60_000;
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-p", 1, "gpu-p").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-p", 1, "gpu-p")).await.unwrap();
     for seq in 1..=40u64 {
-        a.send(batch_msg(batch(
+        a.send_batch(batch(
             seq,
             t + seq,
             vec![delta([192, 0, 2, 1], seq, 0, false)],
-        )))
-        .await;
+        ))
+        .await
+        .unwrap();
     }
     for seq in 1..=40u64 {
-        assert_eq!(a.ack().await.unwrap(), seq);
+        assert_eq!(a.next_ack().await.unwrap(), seq);
     }
     a.close().await;
     let top = top(&u, v1::GroupBy::Host, v1::Window::Window1m, 0).await;

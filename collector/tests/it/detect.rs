@@ -111,7 +111,7 @@ impl Agents {
         let mut sessions = Vec::new();
         for i in 0..2 {
             let mut s = server.collector().session();
-            s.handle(hello(&format!("agent-{i}"), 1, &format!("gpu-{i}")))
+            s.handle(hello_msg(&format!("agent-{i}"), 1, &format!("gpu-{i}")))
                 .await
                 .unwrap();
             sessions.push(s);
@@ -322,7 +322,7 @@ async fn detects_exfiltration_over_three_days_and_not_benign_traffic() {
 /// 1.5 GiB in 30 minutes from `addr`: a volume alert.
 async fn bulk_from_one_address(server: &Server, addr: [u8; 4]) {
     let mut s = server.collector().session();
-    s.handle(hello("a", 1, "gpu-0")).await.unwrap();
+    s.handle(hello_msg("a", 1, "gpu-0")).await.unwrap();
     for i in 1..=6u64 {
         let b = batch(i, T0 + i * STEP, vec![d(addr, 256 << 20, 1 << 20)]);
         s.handle(batch_msg(b)).await.unwrap();
@@ -574,7 +574,7 @@ async fn replay_grouped(together: bool) -> Vec<v1::Alert> {
     let mut sessions = Vec::new();
     for i in 0..4 {
         let mut s = server.collector().session();
-        s.handle(hello(&format!("agent-{i}"), 1, &format!("gpu-{i}")))
+        s.handle(hello_msg(&format!("agent-{i}"), 1, &format!("gpu-{i}")))
             .await
             .unwrap();
         sessions.push(s);
@@ -635,7 +635,7 @@ async fn a_week_long_pull_is_caught_across_a_restart() {
     let mut seq = 0;
     let mut replay = async |server: &Server, from_step: u64, to_step: u64| {
         let mut s = server.collector().session();
-        s.handle(hello("agent-0", 1, "gpu-0")).await.unwrap();
+        s.handle(hello_msg("agent-0", 1, "gpu-0")).await.unwrap();
         for step in from_step..to_step {
             seq += 1;
             let b = batch(

@@ -87,8 +87,8 @@ async fn a_full_data_directory_refuses_batches_and_recovers_when_space_returns()
     let u = url(&server);
     let t = now_ms() - 60_000;
 
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-f", 1, "gpu-f").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-f", 1, "gpu-f")).await.unwrap();
     a.batch(wide(1, t, 0, 100, 10)).await.unwrap();
     let mut acked = 100 * 10;
     let filler = fill(&fs.0);
@@ -103,6 +103,7 @@ async fn a_full_data_directory_refuses_batches_and_recovers_when_space_returns()
                 acked += 1000 * 3;
             }
             Err(e) => {
+                let e = status(e);
                 assert_eq!(e.code(), Code::Unavailable, "{e:?}");
                 assert!(e.message().contains("store"), "{e:?}");
                 eprintln!("batch {seq} refused: {e:?}");
@@ -122,8 +123,12 @@ async fn a_full_data_directory_refuses_batches_and_recovers_when_space_returns()
 
     // Space returns: the same batch, sent again, is applied once.
     std::fs::remove_file(&filler).unwrap();
-    let mut a = Agent::connect(&u).await;
-    let applied = a.hello("agent-f", 1, "gpu-f").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    let applied = a
+        .hello(hello("agent-f", 1, "gpu-f"))
+        .await
+        .unwrap()
+        .applied_seq;
     assert_eq!(applied, refused.seq - 1);
     let seq = refused.seq;
     assert_eq!(a.batch(refused.clone()).await.unwrap(), seq);

@@ -33,15 +33,16 @@ async fn two_hundred_agents_sum_exactly() {
     for agent in 0..AGENTS {
         let u = u.clone();
         tasks.spawn(async move {
-            let mut a = Agent::connect(&u).await;
+            let mut a = agent_stream(&u).await;
             let applied = a
-                .hello(
+                .hello(hello(
                     &format!("agent-{agent}"),
                     1 + agent as u64,
                     &format!("host-{agent:03}"),
-                )
+                ))
                 .await
-                .unwrap();
+                .unwrap()
+                .applied_seq;
             assert_eq!(applied, 0);
             let mut sent: HashMap<usize, Sum> = HashMap::new();
             // Pipelined: all batches, then all acks.
@@ -59,10 +60,12 @@ async fn two_hundred_agents_sum_exactly() {
                     s.hosts.insert(agent);
                     deltas.push(delta(client(c), out, 3, closed));
                 }
-                a.send(batch_msg(batch(seq, t0 + seq * 1000, deltas))).await;
+                a.send_batch(batch(seq, t0 + seq * 1000, deltas))
+                    .await
+                    .unwrap();
             }
             for seq in 1..=BATCHES {
-                assert_eq!(a.ack().await.unwrap(), seq);
+                assert_eq!(a.next_ack().await.unwrap(), seq);
             }
             a.close().await;
             (agent, sent)

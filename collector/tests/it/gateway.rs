@@ -116,7 +116,7 @@ async fn replay(server: &outflow_collector::Server) -> Sent {
     let mut sessions: Vec<Session> = Vec::new();
     for h in 0..2 {
         let mut s = server.collector().session();
-        s.handle(hello(&format!("agent-{h}"), 1, &format!("gpu-{h}")))
+        s.handle(hello_msg(&format!("agent-{h}"), 1, &format!("gpu-{h}")))
             .await
             .unwrap();
         sessions.push(s);

@@ -12,8 +12,8 @@ async fn a_batch_from_a_clock_far_ahead_is_applied_at_the_latest_time_allowed() 
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
     let u = url(&server);
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-ahead", 1, "gpu-a").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-ahead", 1, "gpu-a")).await.unwrap();
     let ahead = now_ms() + 86_400_000;
     let b = batch(1, ahead, vec![delta([203, 0, 113, 44], 4_321, 1, false)]);
     assert_eq!(a.batch(b).await.unwrap(), 1);
@@ -32,14 +32,16 @@ async fn a_batch_from_a_clock_far_ahead_is_applied_at_the_latest_time_allowed() 
 
 /// Opens a stream, says Hello (if `hello`), sends `msg`, returns the status that ends it.
 async fn refused(u: &str, hello_first: bool, msg: AgentMessage) -> tonic::Status {
-    let mut a = Agent::connect(u).await;
+    let mut a = agent_stream(u).await;
     if hello_first {
-        a.hello("agent-h", 1, "gpu-h").await.unwrap();
+        a.hello(hello("agent-h", 1, "gpu-h")).await.unwrap();
     }
-    a.send(msg).await;
+    if let Err(e) = a.send(msg).await {
+        return status(e);
+    }
     match a.next().await {
         Ok(m) => panic!("accepted: {m:?}"),
-        Err(s) => s,
+        Err(e) => status(e),
     }
 }
 
@@ -112,13 +114,13 @@ async fn hostile_input_is_refused_and_the_server_goes_on() {
     let s = refused(&u, true, AgentMessage { msg: None }).await;
     check(&s, Code::InvalidArgument, "msg: empty AgentMessage");
 
-    let s = refused(&u, true, hello("agent-h", 1, "gpu-h")).await;
+    let s = refused(&u, true, hello_msg("agent-h", 1, "gpu-h")).await;
     check(&s, Code::FailedPrecondition, "second Hello");
 
-    let s = refused(&u, false, hello("agent-h", 0, "gpu-h")).await;
+    let s = refused(&u, false, hello_msg("agent-h", 0, "gpu-h")).await;
     check(&s, Code::InvalidArgument, "epoch: must not be 0");
 
-    let s = refused(&u, false, hello(&"x".repeat(200), 1, "gpu-h")).await;
+    let s = refused(&u, false, hello_msg(&"x".repeat(200), 1, "gpu-h")).await;
     check(
         &s,
         Code::InvalidArgument,
@@ -126,21 +128,28 @@ async fn hostile_input_is_refused_and_the_server_goes_on() {
     );
 
     // Acks of what came before an error are sent before the error.
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-h", 1, "gpu-h").await.unwrap();
-    a.send(batch_msg(batch(1, t, vec![good()]))).await;
-    a.send(batch_msg(batch(2, t, vec![v1::ConnDelta::default()])))
-        .await;
-    assert_eq!(a.ack().await.unwrap(), 1);
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-h", 1, "gpu-h")).await.unwrap();
+    a.send_batch(batch(1, t, vec![good()])).await.unwrap();
+    a.send_batch(batch(2, t, vec![v1::ConnDelta::default()]))
+        .await
+        .unwrap();
+    assert_eq!(a.next_ack().await.unwrap(), 1);
     check(
-        &a.next().await.unwrap_err(),
+        &status(a.next().await.unwrap_err()),
         Code::InvalidArgument,
         "deltas[0].local_addr",
     );
 
     // Still serving: a well-behaved agent and a query work.
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-h", 1, "gpu-h").await.unwrap(), 1);
+    let mut a = agent_stream(&u).await;
+    assert_eq!(
+        a.hello(hello("agent-h", 1, "gpu-h"))
+            .await
+            .unwrap()
+            .applied_seq,
+        1
+    );
     assert_eq!(a.batch(batch(2, t, vec![good()])).await.unwrap(), 2);
     a.close().await;
     let r = client_stats(&u, "203.0.113.9").await.unwrap();
@@ -203,23 +212,29 @@ async fn rate_limit_gives_resource_exhausted() {
     let server = start(cfg).await;
     let u = url(&server);
     let t = now_ms() - 1000;
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-r", 1, "gpu-r").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-r", 1, "gpu-r")).await.unwrap();
     for seq in 1..=3 {
         assert_eq!(a.batch(batch(seq, t, vec![])).await.unwrap(), seq);
     }
-    let s = a.batch(batch(4, t, vec![])).await.unwrap_err();
+    let s = status(a.batch(batch(4, t, vec![])).await.unwrap_err());
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("agent-r: rate limit"), "{s:?}");
     // The limit is per agent, across streams; other agents are not affected.
-    let mut a = Agent::connect(&u).await;
-    assert_eq!(a.hello("agent-r", 1, "gpu-r").await.unwrap(), 3);
+    let mut a = agent_stream(&u).await;
     assert_eq!(
-        a.batch(batch(4, t, vec![])).await.unwrap_err().code(),
+        a.hello(hello("agent-r", 1, "gpu-r"))
+            .await
+            .unwrap()
+            .applied_seq,
+        3
+    );
+    assert_eq!(
+        status(a.batch(batch(4, t, vec![])).await.unwrap_err()).code(),
         Code::ResourceExhausted
     );
-    let mut b = Agent::connect(&u).await;
-    b.hello("agent-other", 1, "gpu-o").await.unwrap();
+    let mut b = agent_stream(&u).await;
+    b.hello(hello("agent-other", 1, "gpu-o")).await.unwrap();
     assert_eq!(b.batch(batch(1, t, vec![])).await.unwrap(), 1);
     server.shutdown().await.unwrap();
 }
@@ -233,28 +248,33 @@ async fn a_peer_cannot_hold_more_streams_than_allowed_nor_a_silent_one() {
     let server = start(cfg).await;
     let u = url(&server);
 
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-1", 1, "gpu-1").await.unwrap();
-    let mut b = Agent::connect(&u).await;
-    b.hello("agent-2", 1, "gpu-2").await.unwrap();
-    let e = Agent::open(channel(&u).await, None).await.err().unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-1", 1, "gpu-1")).await.unwrap();
+    let mut b = agent_stream(&u).await;
+    b.hello(hello("agent-2", 1, "gpu-2")).await.unwrap();
+    let e = status(
+        IngestStream::open(channel(&u).await, None)
+            .await
+            .err()
+            .unwrap(),
+    );
     check(&e, Code::ResourceExhausted, "limits.max_streams_per_peer");
     // A stream that ends frees its place.
     b.close().await;
-    let mut c = Agent::connect(&u).await;
-    c.hello("agent-3", 1, "gpu-3").await.unwrap();
+    let mut c = agent_stream(&u).await;
+    c.hello(hello("agent-3", 1, "gpu-3")).await.unwrap();
     c.close().await;
 
     // A stream that never says Hello is ended, and frees its place too.
-    let mut silent = Agent::connect(&u).await;
-    let s = silent.next().await.unwrap_err();
+    let mut silent = agent_stream(&u).await;
+    let s = status(silent.next().await.unwrap_err());
     check(
         &s,
         Code::FailedPrecondition,
         "no Hello within limits.hello_timeout",
     );
-    let mut d = Agent::connect(&u).await;
-    d.hello("agent-4", 1, "gpu-4").await.unwrap();
+    let mut d = agent_stream(&u).await;
+    d.hello(hello("agent-4", 1, "gpu-4")).await.unwrap();
     let text = metrics(&server).await;
     assert_eq!(
         metric(

@@ -17,7 +17,7 @@ use outflow_proto::v1::{self, AgentMessage, agent_message::Msg, collector_messag
 use proptest::{collection::vec, option, prelude::*};
 use prost::Message as _;
 
-use crate::common::{config, hello, now_ms};
+use crate::common::{config, hello_msg, now_ms};
 
 /// A fresh collector in a temporary directory (fsync off: the data is thrown away).
 fn collector() -> (tempfile::TempDir, Arc<Collector>) {
@@ -189,7 +189,7 @@ async fn feed(session: &mut Session, msg: &AgentMessage) -> Result<v1::Collector
 /// The collector still works: a fresh agent's valid batch is applied.
 async fn still_works(c: &Arc<Collector>) {
     let mut s = c.session();
-    s.handle(hello("probe", 1, "probe-host")).await.unwrap();
+    s.handle(hello_msg("probe", 1, "probe-host")).await.unwrap();
     let t = now_ms();
     let seq = c.watermark(&outflow_collector::model::AgentKey {
         agent_id: "probe".into(),
@@ -209,7 +209,7 @@ proptest! {
             let (_dir, c) = collector();
             let mut s = c.session();
             if hello_first {
-                s.handle(hello("a", 1, "h")).await.unwrap();
+                s.handle(hello_msg("a", 1, "h")).await.unwrap();
             }
             for m in &msgs {
                 match feed(&mut s, m).await {
@@ -234,7 +234,7 @@ proptest! {
         rt().block_on(async {
             let (_dir, c) = collector();
             let mut s = c.session();
-            s.handle(hello("a", 1, "h")).await.unwrap();
+            s.handle(hello_msg("a", 1, "h")).await.unwrap();
             for bytes in &chunks {
                 if let Ok(m) = decode_agent_message(bytes, 100_000) {
                     let _ = s.handle(m).await;
@@ -255,7 +255,7 @@ proptest! {
         rt().block_on(async {
             let (_dir, c) = collector();
             let mut s = c.session();
-            s.handle(hello("a", 9, "h")).await.unwrap();
+            s.handle(hello_msg("a", 9, "h")).await.unwrap();
             let t = now_ms() - 10_000;
             let mut want: HashMap<IpAddr, (u64, u64, u64)> = HashMap::new();
             let mut want_id: HashMap<String, (u64, u64, u64)> = HashMap::new();

@@ -61,8 +61,8 @@ async fn stop_ends_agent_streams_with_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
     let u = url(&server);
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-s", 1, "gpu-s").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-s", 1, "gpu-s")).await.unwrap();
     assert_eq!(
         a.batch(batch(1, now_ms(), vec![delta([192, 0, 2, 3], 1, 1, false)]))
             .await
@@ -71,7 +71,7 @@ async fn stop_ends_agent_streams_with_unavailable() {
     );
     let t0 = Instant::now();
     let stop = tokio::spawn(server.shutdown());
-    let e = a.next().await.unwrap_err();
+    let e = status(a.next().await.unwrap_err());
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     stop.await.unwrap().unwrap();
     assert!(
@@ -94,8 +94,8 @@ async fn keys_older_than_every_window_are_dropped() {
     let server = start(cfg.clone()).await;
     let u = url(&server);
     let t = now_ms() - 30 * 3_600_000;
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-g", 1, "gpu-g").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-g", 1, "gpu-g")).await.unwrap();
     a.batch(batch(1, t, vec![delta([198, 51, 100, 1], 1, 1, false)]))
         .await
         .unwrap();

@@ -58,8 +58,8 @@ async fn batches_land_in_windows_by_batch_time() {
         .filter(|&i| i != 5 && i != 14)
         .collect();
     order.extend([5, 14]);
-    let mut a = Agent::connect(&u).await;
-    a.hello("agent-w", 1, "gpu-w").await.unwrap();
+    let mut a = agent_stream(&u).await;
+    a.hello(hello("agent-w", 1, "gpu-w")).await.unwrap();
     for (seq, &i) in order.iter().enumerate() {
         let client = [203, 0, 113, i as u8];
         let b = batch(
