@@ -14,20 +14,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use outflow_proto::v1::{self, AgentMessage, CollectorMessage, agent_message, collector_message};
+use outflow_proto::v1::{self, AgentMessage, agent_message};
+use outflow_sim::ingest::{IngestStream, Options};
 use outflow_tests::{
     collector::{COLLECTOR_BIN_ENV, Metrics, TempDir, free_port},
     process::{CapturedText, ChildProcess},
 };
 use prost::{Message as _, bytes::Bytes};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::http::uri::PathAndQuery,
-    transport::{Channel, Endpoint},
-};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     report::{Section, median, thousands},
@@ -172,7 +166,7 @@ struct Load {
 }
 
 struct AgentLoad {
-    hello: Bytes,
+    hello: v1::Hello,
     batches: Vec<Bytes>,
 }
 
@@ -243,15 +237,13 @@ fn encode(args: &Args) -> Load {
     let mut bytes = 0;
     let agents = (0..args.agents)
         .map(|a| {
-            let hello = AgentMessage {
-                msg: Some(agent_message::Msg::Hello(v1::Hello {
-                    agent_id: format!("bench-{a}"),
-                    epoch: 1,
-                    hostname: format!("gpu-{a}"),
-                    boot_id: "00000000-0000-0000-0000-000000000000".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..v1::Hello::default()
-                })),
+            let hello = v1::Hello {
+                agent_id: format!("bench-{a}"),
+                epoch: 1,
+                hostname: format!("gpu-{a}"),
+                boot_id: "00000000-0000-0000-0000-000000000000".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..v1::Hello::default()
             };
             let batches: Vec<Bytes> = (1..=args.batches)
                 .map(|s| {
@@ -263,10 +255,7 @@ fn encode(args: &Args) -> Load {
                 })
                 .collect();
             bytes += batches.iter().map(Bytes::len).sum::<usize>();
-            AgentLoad {
-                hello: Bytes::from(hello.encode_to_vec()),
-                batches,
-            }
+            AgentLoad { hello, batches }
         })
         .collect();
     Load { agents, bytes }
@@ -496,54 +485,9 @@ fn busiest(
         .unwrap_or_default()
 }
 
-/// Passes pre-encoded messages through to the wire.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-struct RawEncoder;
-
-struct AnswerDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = CollectorMessage;
-    type Encoder = RawEncoder;
-    type Decoder = AnswerDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> AnswerDecoder {
-        AnswerDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl Decoder for AnswerDecoder {
-    type Item = CollectorMessage;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CollectorMessage>, Status> {
-        CollectorMessage::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("decoding the collector's message: {e}")))
-    }
-}
-
 /// One agent's stream, past its Welcome, with its batches still to send.
 struct AgentStream {
-    tx: mpsc::Sender<Bytes>,
-    inbound: tonic::codec::Streaming<CollectorMessage>,
+    stream: IngestStream,
     batches: Vec<Bytes>,
 }
 
@@ -557,30 +501,20 @@ async fn open_streams(url: &str, load: &Load) -> Result<Vec<AgentStream>> {
             .connect()
             .await
             .with_context(|| format!("connecting to {url}"))?;
-        let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
-        grpc.ready().await.context("the gRPC channel")?;
-        let (tx, rx) = mpsc::channel(WINDOW as usize + 1);
-        tx.send(agent.hello.clone()).await?;
-        let mut inbound = grpc
-            .streaming(
-                tonic::Request::new(ReceiverStream::new(rx)),
-                PathAndQuery::from_static("/outflow.v1.Ingest/Stream"),
-                RawCodec,
-            )
+        let options = Options {
+            queue: WINDOW as usize + 1,
+            answer_timeout: ANSWER_TIMEOUT,
+            ..Options::default()
+        };
+        let mut stream = IngestStream::open_with(channel, options)
             .await
-            .context("opening outflow.v1.Ingest/Stream")?
-            .into_inner();
-        match tokio::time::timeout(ANSWER_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(CollectorMessage {
-                msg: Some(collector_message::Msg::Welcome(_)),
-            }))) => {}
-            Ok(Ok(other)) => bail!("expected a Welcome, got {other:?}"),
-            Ok(Err(s)) => return Err(s).context("waiting for the Welcome"),
-            Err(_) => bail!("no Welcome within {ANSWER_TIMEOUT:?}"),
-        }
+            .context("opening outflow.v1.Ingest/Stream")?;
+        stream
+            .hello(agent.hello.clone())
+            .await
+            .context("waiting for the Welcome")?;
         streams.push(AgentStream {
-            tx,
-            inbound,
+            stream,
             batches: agent.batches.clone(),
         });
     }
@@ -596,20 +530,18 @@ impl AgentStream {
         while acked < n {
             while sent < n && sent - acked < WINDOW {
                 let b = batches.next().context("a batch to send")?;
-                self.tx
-                    .send(b)
+                self.stream
+                    .send_encoded(b)
                     .await
-                    .map_err(|_| anyhow::anyhow!("the request stream closed"))?;
+                    .context("sending a batch")?;
                 sent += 1;
             }
-            let m = tokio::time::timeout(ANSWER_TIMEOUT, self.inbound.message())
-                .await
-                .map_err(|_| anyhow::anyhow!("no Ack within {ANSWER_TIMEOUT:?}"))?
-                .context("waiting for Acks")?;
-            match m.and_then(|m| m.msg) {
-                Some(collector_message::Msg::Ack(a)) if a.seq <= sent => acked = acked.max(a.seq),
-                other => bail!("expected an Ack of at most seq {sent}, got {other:?}"),
-            }
+            let seq = self.stream.next_ack().await.context("waiting for Acks")?;
+            ensure!(
+                seq <= sent,
+                "expected an Ack of at most seq {sent}, got one of {seq}"
+            );
+            acked = acked.max(seq);
         }
         Ok(())
     }
