@@ -21,20 +21,21 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod cgroup;
 pub mod collector;
 pub mod faults;
 pub mod gateway;
 pub mod http;
 mod lines;
-pub mod netns;
 pub mod peer;
 pub mod process;
 pub mod protocol;
 pub mod records;
-pub mod wait;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+// The namespace and cgroup guards are a crate of their own, outside the agent's eBPF build,
+// for users that must build before the eBPF toolchain is installed (xtask).
+pub use outflow_testbed::{cgroup, netns, wait};
+
+pub(crate) use outflow_testbed::{next_serial, process_exists, sanitize_tag};
 
 /// Path of the `outflow-testpeer` binary, for [`peer::Server::start`].
 ///
@@ -45,23 +46,4 @@ macro_rules! testpeer_bin {
     () => {
         ::std::path::Path::new(env!("CARGO_BIN_EXE_outflow-testpeer"))
     };
-}
-
-/// A number unique within this process, for names of kernel objects.
-pub(crate) fn next_serial() -> u32 {
-    static SERIAL: AtomicU32 = AtomicU32::new(0);
-    SERIAL.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Keeps the characters of `tag` that are safe in file and interface names, at most `max` of them.
-pub(crate) fn sanitize_tag(tag: &str, max: usize) -> String {
-    tag.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(max)
-        .collect()
-}
-
-/// Whether a process with this pid exists, for sweeping objects left by killed test runs.
-pub(crate) fn process_exists(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -1,0 +1,38 @@
+//! Network namespaces and cgroups for outflow's kernel tests and benchmarks.
+//!
+//! Everything here needs root and a Linux kernel with cgroup2 and network namespaces. Each
+//! piece is an RAII guard that cleans up when dropped, also while a test panics, and gets a
+//! name unique to its process so that tests can run in parallel; the first guard of a kind
+//! in a process removes what killed processes left:
+//!
+//! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
+//! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
+//!
+//! Failures panic with a message saying what failed: this is test code.
+
+#![warn(missing_docs)]
+
+pub mod cgroup;
+pub mod netns;
+pub mod wait;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A number unique within this process, for names of kernel objects.
+pub fn next_serial() -> u32 {
+    static SERIAL: AtomicU32 = AtomicU32::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Keeps the characters of `tag` that are safe in file and interface names, at most `max` of them.
+pub fn sanitize_tag(tag: &str, max: usize) -> String {
+    tag.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(max)
+        .collect()
+}
+
+/// Whether a process with this pid exists, for sweeping objects left by killed runs.
+pub fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
