@@ -21,7 +21,13 @@ const EMPTY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where cgroup2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts),
 /// read from `/proc/mounts`. Panics if there is no cgroup2 mount.
 pub fn cgroup2_mount() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/mounts").expect("reading /proc/mounts");
+    try_cgroup2_mount().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`cgroup2_mount`], but an error if there is no cgroup2 mount.
+pub fn try_cgroup2_mount() -> io::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")
+        .map_err(|e| io::Error::new(e.kind(), format!("reading /proc/mounts: {e}")))?;
     mounts
         .lines()
         .find_map(|line| {
@@ -29,7 +35,7 @@ pub fn cgroup2_mount() -> PathBuf {
             let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
             (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
         })
-        .expect("no cgroup2 file system in /proc/mounts")
+        .ok_or_else(|| io::Error::other("no cgroup2 file system in /proc/mounts"))
 }
 
 /// `/proc/mounts` escapes space, tab, newline and backslash as octal `\ooo`.
@@ -82,9 +88,14 @@ pub struct TestCgroup {
 }
 
 impl TestCgroup {
-    /// Creates `<cgroup2 mount>/outflow-test-<pid>-<serial>-<name>`.
+    /// Creates `<cgroup2 mount>/outflow-test-<pid>-<serial>-<name>`; panics if that fails.
     pub fn new(name: &str) -> Self {
-        let mount = cgroup2_mount();
+        Self::try_new(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`TestCgroup::new`], but an error if the cgroup cannot be made.
+    pub fn try_new(name: &str) -> io::Result<Self> {
+        let mount = try_cgroup2_mount()?;
         static SWEEP: Once = Once::new();
         SWEEP.call_once(|| sweep_stale(&mount));
 
@@ -95,11 +106,13 @@ impl TestCgroup {
             crate::sanitize_tag(name, 40)
         );
         let path = mount.join(&dir);
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self {
+        fs::create_dir(&path).map_err(|e| {
+            io::Error::new(e.kind(), format!("creating cgroup {}: {e}", path.display()))
+        })?;
+        Ok(Self {
             path,
             relative: format!("/{dir}"),
-        }
+        })
     }
 
     /// Absolute path of the cgroup directory.

@@ -1,4 +1,4 @@
-//! Network namespaces and cgroups for outflow's kernel tests and benchmarks.
+//! Network namespaces and cgroups for outflow's kernel tests, benchmarks and demo.
 //!
 //! Everything here needs root and a Linux kernel with cgroup2 and network namespaces. Each
 //! piece is an RAII guard that cleans up when dropped, also while a test panics, and gets a
@@ -8,7 +8,8 @@
 //! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
 //! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
 //!
-//! Failures panic with a message saying what failed: this is test code.
+//! The constructors panic with a message saying what failed, as test code wants; each has a
+//! `try_` twin that returns the error instead, for tools (xtask's demo).
 
 #![warn(missing_docs)]
 

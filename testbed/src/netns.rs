@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::wait::wait_for;
+use crate::wait::poll_until;
 
 /// IPv4 address of the server end of the veth pair (prefix /24).
 pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -53,11 +53,16 @@ pub fn enter(name: &str) -> io::Result<()> {
 /// Runs `f` on a new thread inside the named network namespace and returns its result.
 /// Panics if the namespace cannot be entered or `f` panics.
 pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    try_run_in(name, f).unwrap_or_else(|e| panic!("entering network namespace {name}: {e}"))
+}
+
+/// Like [`run_in`], but an error if the namespace cannot be entered.
+pub fn try_run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     thread::scope(|scope| {
         scope
             .spawn(|| {
-                enter(name).unwrap_or_else(|e| panic!("entering network namespace {name}: {e}"));
-                f()
+                enter(name)?;
+                Ok(f())
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -118,10 +123,17 @@ pub struct NetnsPair {
 }
 
 impl NetnsPair {
-    /// Creates the pair and waits until both ends are up and every address is usable.
+    /// Creates the pair and waits until both ends are up and every address is usable; panics
+    /// if that fails.
     ///
     /// `tag` (e.g. the test name) goes into the namespace names to tell them apart.
     pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`NetnsPair::new`], but an error if the pair cannot be made (what was made of it
+    /// is deleted).
+    pub fn try_new(tag: &str) -> io::Result<Self> {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_stale);
 
@@ -137,15 +149,15 @@ impl NetnsPair {
             server_if: format!("of{pid:x}-{serial_hex}s"),
             client_if: format!("of{pid:x}-{serial_hex}c"),
         };
-        // From here on a panic drops `pair`, which deletes whatever was created.
+        // From here on an early return drops `pair`, which deletes whatever was created.
         for ns in [&pair.server_ns, &pair.client_ns] {
-            ip(&["netns", "add", ns]);
+            ip(&["netns", "add", ns])?;
             // Interfaces created afterwards skip duplicate address detection, so their
             // addresses (link-local included) are never tentative.
-            run_in(ns, || {
-                let knob = "/proc/sys/net/ipv6/conf/default/accept_dad";
-                fs::write(knob, "0").unwrap_or_else(|e| panic!("writing 0 to {knob} in {ns}: {e}"));
-            });
+            let knob = "/proc/sys/net/ipv6/conf/default/accept_dad";
+            try_run_in(ns, || fs::write(knob, "0"))
+                .and_then(|written| written)
+                .map_err(|e| io::Error::other(format!("writing 0 to {knob} in {ns}: {e}")))?;
         }
         // Each end is created directly in its namespace, so the names never meet in ours.
         ip(&[
@@ -161,13 +173,13 @@ impl NetnsPair {
             &pair.client_if,
             "netns",
             &pair.client_ns,
-        ]);
+        ])?;
         for (ns, dev, v4, v6) in [
             (&pair.server_ns, &pair.server_if, SERVER_V4, SERVER_V6),
             (&pair.client_ns, &pair.client_if, CLIENT_V4, CLIENT_V6),
         ] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
             ip(&[
                 "-n",
                 ns,
@@ -178,11 +190,11 @@ impl NetnsPair {
                 "dev",
                 dev,
                 "nodad",
-            ]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        pair.wait_ready();
-        pair
+        pair.wait_ready()?;
+        Ok(pair)
     }
 
     /// Name of the server namespace (under `/run/netns`).
@@ -258,26 +270,38 @@ impl NetnsPair {
     }
 
     /// Waits until both veth ends have carrier and no address is tentative.
-    fn wait_ready(&self) {
+    fn wait_ready(&self) -> io::Result<()> {
         for (ns, dev, v4, v6) in [
             (&self.server_ns, &self.server_if, SERVER_V4, SERVER_V6),
             (&self.client_ns, &self.client_if, CLIENT_V4, CLIENT_V6),
         ] {
-            wait_for(
-                READY_TIMEOUT,
-                &format!("{dev} in {ns} to be up with usable addresses"),
-                || {
-                    let link = ip_output(&["-n", ns, "-o", "link", "show", "dev", dev]);
-                    let addrs = ip_output(&["-n", ns, "-o", "addr", "show", "dev", dev]);
-                    let tentative =
-                        ip_output(&["-n", ns, "-o", "addr", "show", "dev", dev, "tentative"]);
-                    link.contains("LOWER_UP")
-                        && addrs.contains(&format!("inet {v4}/24"))
-                        && addrs.contains(&format!("inet6 {v6}/64"))
-                        && tentative.trim().is_empty()
-                },
-            );
+            let ready = || -> io::Result<bool> {
+                let link = ip(&["-n", ns, "-o", "link", "show", "dev", dev])?;
+                let addrs = ip(&["-n", ns, "-o", "addr", "show", "dev", dev])?;
+                let tentative = ip(&["-n", ns, "-o", "addr", "show", "dev", dev, "tentative"])?;
+                Ok(link.contains("LOWER_UP")
+                    && addrs.contains(&format!("inet {v4}/24"))
+                    && addrs.contains(&format!("inet6 {v6}/64"))
+                    && tentative.trim().is_empty())
+            };
+            let mut failed = None;
+            let held = poll_until(READY_TIMEOUT, || {
+                ready().unwrap_or_else(|e| {
+                    failed = Some(e);
+                    true
+                })
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if !held {
+                return Err(io::Error::other(format!(
+                    "timed out after {READY_TIMEOUT:?} waiting for {dev} in {ns} to be up with \
+                     usable addresses"
+                )));
+            }
         }
+        Ok(())
     }
 }
 
@@ -286,7 +310,7 @@ impl Drop for NetnsPair {
         // No panics here: this may run while a test is already unwinding.
         for ns in [&self.server_ns, &self.client_ns] {
             if Path::new(NETNS_DIR).join(ns).exists()
-                && let Err(e) = try_ip(&["netns", "del", ns])
+                && let Err(e) = ip(&["netns", "del", ns])
             {
                 eprintln!("deleting network namespace {ns}: {e}");
             }
@@ -295,20 +319,20 @@ impl Drop for NetnsPair {
 }
 
 /// Runs `ip ARGS`, returning its stdout or an error with its stderr.
-fn try_ip(args: &[&str]) -> Result<String, String> {
+fn ip(args: &[&str]) -> io::Result<String> {
     let output = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("running ip: {e}"))?;
+        .map_err(|e| io::Error::new(e.kind(), format!("running ip: {e}")))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        Err(format!(
+        Err(io::Error::other(format!(
             "`ip {}` failed ({}): {}",
             args.join(" "),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        )))
     }
 }
 
@@ -342,16 +366,6 @@ fn ip_batch(ns: &str, batch: &str) {
     }
 }
 
-/// Runs `ip ARGS`; panics if it fails.
-fn ip(args: &[&str]) {
-    ip_output(args);
-}
-
-/// Runs `ip ARGS` and returns its stdout; panics if it fails.
-fn ip_output(args: &[&str]) -> String {
-    try_ip(args).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// Deletes namespaces left behind by test processes that no longer exist (killed runs).
 fn sweep_stale() {
     let Ok(entries) = fs::read_dir(NETNS_DIR) else {
@@ -367,7 +381,7 @@ fn sweep_stale() {
             continue;
         };
         if !crate::process_exists(pid)
-            && let Err(e) = try_ip(&["netns", "del", name])
+            && let Err(e) = ip(&["netns", "del", name])
         {
             eprintln!("deleting stale network namespace {name}: {e}");
         }
