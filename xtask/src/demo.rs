@@ -14,6 +14,7 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     thread,
@@ -21,18 +22,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use outflow_testbed::{cgroup::TestCgroup, netns::NetnsPair};
 
 use crate::{cmd, setup, test::cargo_command};
 
-const SERVER_NS: &str = "outflow-demo-s";
-const CLIENT_NS: &str = "outflow-demo-c";
-const SERVER_IF: &str = "ofdemo-s";
-const CLIENT_IF: &str = "ofdemo-c";
-const SERVER: &str = "198.18.0.1";
+/// The inference server's address: the server end of the test harness's veth pair.
+const SERVER: Ipv4Addr = outflow_testbed::netns::SERVER_V4;
 const SERVER_PORT: u16 = 8000;
-/// The gateway's address: it listens here for the clients and connects from here to the
-/// server, so it is the agent's one trusted peer (198.18.0.0/15 is reserved for benchmarks).
-const GATEWAY: &str = "198.18.0.2";
+/// The gateway's address, the client end of the veth pair: it listens here for the clients
+/// and connects from here to the server, so it is the agent's one trusted peer
+/// (198.18.0.0/15 is reserved for benchmarks).
+const GATEWAY: Ipv4Addr = outflow_testbed::netns::CLIENT_V4;
 const GATEWAY_PORT: u16 = 8080;
 /// Eight chat users behind the gateway (address, account id) and one extractor (documentation
 /// ranges: they are only ever on the demo's own loopback).
@@ -50,7 +50,8 @@ const EXTRACTOR: &str = "203.0.113.66";
 const EXTRACTOR_ID: &str = "acct-7731";
 const PIN_DIR: &str = "/sys/fs/bpf/outflow-demo";
 const WORK_DIR: &str = "/tmp/outflow-demo";
-const CGROUP: &str = "outflow-demo";
+/// In the names of the demo's network namespaces and cgroup.
+const TAG: &str = "demo";
 
 const DURATION: Duration = Duration::from_secs(48);
 const EXTRACTION_STARTS: Duration = Duration::from_secs(12);
@@ -126,7 +127,11 @@ struct Demo {
     /// The collector's gRPC and metrics addresses (free ports on 127.0.0.1).
     collector: String,
     metrics: String,
-    cgroup: PathBuf,
+    /// The server and client namespaces (the server in one, the gateway and the clients in
+    /// the other), deleted when dropped.
+    net: NetnsPair,
+    /// The server's cgroup, the agent's; emptied and removed when dropped.
+    cgroup: TestCgroup,
     work: PathBuf,
     children: Vec<(&'static str, Child)>,
     started: Instant,
@@ -136,12 +141,12 @@ struct Demo {
 
 impl Demo {
     fn new(bins: &Path, quiet: bool) -> Result<Self> {
-        let cgroup = cgroup2_mount()?.join(CGROUP);
         let demo = Self {
             bins: bins.to_owned(),
             collector: free_local_addr()?,
             metrics: free_local_addr()?,
-            cgroup,
+            net: NetnsPair::try_new(TAG).context("creating the demo's network namespaces")?,
+            cgroup: TestCgroup::try_new(TAG).context("creating the demo's cgroup")?,
             work: PathBuf::from(WORK_DIR),
             children: Vec::new(),
             started: Instant::now(),
@@ -165,9 +170,7 @@ impl Demo {
     /// Starts everything but the extractor; the chat users stream for `users_for`.
     fn start(&mut self, users_for: Duration) -> Result<()> {
         fs::create_dir_all(&self.work).context("creating the demo's work directory")?;
-        fs::create_dir_all(&self.cgroup)
-            .with_context(|| format!("creating cgroup {}", self.cgroup.display()))?;
-        self.network()?;
+        self.client_addresses()?;
 
         self.say(&format!(
             "demo: collector on {} (embedded store in {WORK_DIR}/collector; keys judged every \
@@ -201,14 +204,14 @@ impl Demo {
             "demo: agent attached to cgroup {} streaming to the collector; it trusts the gateway \
              {GATEWAY} for X-Forwarded-For and x-client-id (ids kept raw for the demo: in \
              production they are a keyed hash)",
-            self.cgroup.display()
+            self.cgroup.path().display()
         ));
         let state = self.work.join("agent");
         let agent = self.spawn_logged(
             "agent",
             Command::new(self.bin("outflow-agent")).args([
                 "--cgroup",
-                self.cgroup.to_str().unwrap_or("/"),
+                self.cgroup.as_arg(),
                 "--pin-dir",
                 PIN_DIR,
                 "--output",
@@ -232,16 +235,17 @@ impl Demo {
         self.wait_for_log("agent", "attached to")?;
 
         self.say(&format!(
-            "demo: inference server {SERVER}:{SERVER_PORT} in the cgroup, in namespace {SERVER_NS}"
+            "demo: inference server {SERVER}:{SERVER_PORT} in the cgroup, in namespace {}",
+            self.net.server_ns()
         ));
         let server = self.spawn_logged(
             "server",
             Command::new(self.bin("outflow-testpeer")).args([
                 "http-serve",
                 "--netns",
-                SERVER_NS,
+                self.net.server_ns(),
                 "--cgroup",
-                self.cgroup.to_str().unwrap_or("/"),
+                self.cgroup.as_arg(),
                 "--listen",
                 &format!("{SERVER}:{SERVER_PORT}"),
             ]),
@@ -250,12 +254,13 @@ impl Demo {
         self.wait_for_log("server", "ready")?;
 
         self.say(&format!(
-            "demo: nginx gateway {GATEWAY}:{GATEWAY_PORT} in namespace {CLIENT_NS}, a keep-alive \
-             pool of 4 upstream connections to the server"
+            "demo: nginx gateway {GATEWAY}:{GATEWAY_PORT} in namespace {}, a keep-alive pool of 4 \
+             upstream connections to the server",
+            self.net.client_ns()
         ));
         let gateway = self.spawn_logged("gateway", &mut self.nginx()?)?;
         self.children.push(("gateway", gateway));
-        self.wait_for_listen(CLIENT_NS, GATEWAY_PORT)?;
+        self.wait_for_listen(GATEWAY_PORT)?;
 
         self.say(&format!(
             "demo: {} chat users behind the gateway stream 30 kB answers as 200-byte tokens every 10 ms",
@@ -283,7 +288,7 @@ impl Demo {
         c.args([
             "http-chat",
             "--netns",
-            CLIENT_NS,
+            self.net.client_ns(),
             "--connect",
             &format!("{GATEWAY}:{GATEWAY_PORT}"),
         ])
@@ -331,7 +336,7 @@ http {{
         let path = dir.join("nginx.conf");
         fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", CLIENT_NS, "nginx", "-p"])
+        c.args(["netns", "exec", self.net.client_ns(), "nginx", "-p"])
             .arg(&dir)
             .arg("-c")
             .arg(&path)
@@ -340,15 +345,16 @@ http {{
         Ok(c)
     }
 
-    /// Waits until something listens on `port` in namespace `ns`.
-    fn wait_for_listen(&mut self, ns: &str, port: u16) -> Result<()> {
+    /// Waits until something listens on `port` in the client namespace.
+    fn wait_for_listen(&mut self, port: u16) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let needle = format!(":{port:04X} ");
+        let ns = self.net.client_ns().to_owned();
         loop {
             let out = cmd::output(Command::new("ip").args([
                 "netns",
                 "exec",
-                ns,
+                &ns,
                 "cat",
                 "/proc/net/tcp",
             ]))?;
@@ -503,56 +509,26 @@ http {{
             .with_context(|| format!("starting the {name}: {}", cmd::display(command)))
     }
 
-    fn network(&self) -> Result<()> {
-        let ip = |args: &[&str]| -> Result<()> {
-            let mut c = Command::new("ip");
-            c.args(args);
-            cmd::run(&mut c)
-        };
-        ip(&["netns", "add", SERVER_NS])?;
-        ip(&["netns", "add", CLIENT_NS])?;
-        ip(&[
-            "link", "add", SERVER_IF, "netns", SERVER_NS, "type", "veth", "peer", "name",
-            CLIENT_IF, "netns", CLIENT_NS,
-        ])?;
-        ip(&[
-            "-n",
-            SERVER_NS,
-            "addr",
-            "add",
-            &format!("{SERVER}/24"),
-            "dev",
-            SERVER_IF,
-        ])?;
-        ip(&[
-            "-n",
-            CLIENT_NS,
-            "addr",
-            "add",
-            &format!("{GATEWAY}/24"),
-            "dev",
-            CLIENT_IF,
-        ])?;
-        // The clients reach the gateway on the namespace's own loopback.
+    /// The clients' addresses, on the client namespace's loopback: they reach the gateway
+    /// there.
+    fn client_addresses(&self) -> Result<()> {
         for a in USERS.iter().map(|(a, _)| a).chain([&EXTRACTOR]) {
-            ip(&[
+            cmd::run(Command::new("ip").args([
                 "-n",
-                CLIENT_NS,
+                self.net.client_ns(),
                 "addr",
                 "add",
                 &format!("{a}/32"),
                 "dev",
                 "lo",
-            ])?;
-        }
-        for (ns, dev) in [(SERVER_NS, SERVER_IF), (CLIENT_NS, CLIENT_IF)] {
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ]))?;
         }
         Ok(())
     }
 
-    /// Removes what this demo (or an interrupted earlier one) left; never fails.
+    /// Removes the agent's pins and the work directory of this demo (or an interrupted earlier
+    /// one); never fails. The namespaces and the cgroup go with their guards, and the first
+    /// guards of a run remove those an interrupted one left.
     fn clean(&self) {
         let quiet = |c: &mut Command| {
             let _ = c
@@ -562,21 +538,6 @@ http {{
                 .status();
         };
         quiet(Command::new(self.bin("outflow-agent")).args(["detach", "--pin-dir", PIN_DIR]));
-        for ns in [SERVER_NS, CLIENT_NS] {
-            quiet(Command::new("ip").args(["netns", "del", ns]));
-        }
-        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                quiet(Command::new("kill").args(["-9", &pid.to_string()]));
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.cgroup).is_err()
-            && self.cgroup.exists()
-            && Instant::now() < deadline
-        {
-            thread::sleep(Duration::from_millis(100));
-        }
         let _ = fs::remove_dir_all(&self.work);
     }
 }
@@ -597,21 +558,8 @@ impl Drop for Demo {
             }
         }
         self.clean();
+        // Then the fields: `net` deletes the namespaces, `cgroup` kills what is left in it.
     }
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2"))
-                .then(|| f.get(1).map(PathBuf::from))
-                .flatten()
-        })
-        .min_by_key(|p| p.as_os_str().len())
-        .context("no cgroup2 file system is mounted")
 }
 
 /// `127.0.0.1:<port>` with a port nothing listens on now.
