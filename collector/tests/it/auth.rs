@@ -268,11 +268,14 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
     let good = leaf(&client_ca, "agent-1", false);
     let rogue = leaf(&rogue_ca, "agent-1", false);
 
-    let mut cfg = config(&dir.path().join("data"));
-    cfg.tls.cert = Some(write(dir.path(), "server.crt", &scert));
-    cfg.tls.key = Some(write(dir.path(), "server.key", &skey));
-    cfg.tls.client_ca = Some(write(dir.path(), "agents-ca.crt", &client_ca.cert_pem));
-    let server = start(cfg).await;
+    let mtls = |data: &str| {
+        let mut cfg = config(&dir.path().join(data));
+        cfg.tls.cert = Some(write(dir.path(), "server.crt", &scert));
+        cfg.tls.key = Some(write(dir.path(), "server.key", &skey));
+        cfg.tls.client_ca = Some(write(dir.path(), "agents-ca.crt", &client_ca.cert_pem));
+        cfg
+    };
+    let server = start(mtls("data")).await;
     let addr = server.addr().to_string();
 
     // A certificate of the client CA: accepted.
@@ -335,10 +338,7 @@ async fn mtls_requires_a_certificate_of_the_client_ca() {
     server.shutdown().await.unwrap();
 
     // A fleet sharing one certificate: `agent_id_from_cert = false` lets it send as any id.
-    let mut cfg = config(&dir.path().join("data2"));
-    cfg.tls.cert = Some(write(dir.path(), "server.crt", &scert));
-    cfg.tls.key = Some(write(dir.path(), "server.key", &skey));
-    cfg.tls.client_ca = Some(write(dir.path(), "agents-ca.crt", &client_ca.cert_pem));
+    let mut cfg = mtls("data2");
     cfg.tls.agent_id_from_cert = false;
     let server = start(cfg).await;
     let addr = server.addr().to_string();

@@ -76,6 +76,14 @@ pub fn hello(agent_id: &str, epoch: u64, hostname: &str) -> v1::Hello {
     }
 }
 
+/// Says Hello on `a`: the last seq of the epoch the collector had applied (its Welcome).
+pub async fn welcome_seq(a: &mut IngestStream, agent_id: &str, epoch: u64, hostname: &str) -> u64 {
+    a.hello(hello(agent_id, epoch, hostname))
+        .await
+        .unwrap_or_else(|e| panic!("hello as {agent_id}: {e}"))
+        .applied_seq
+}
+
 pub fn hello_msg(agent_id: &str, epoch: u64, hostname: &str) -> AgentMessage {
     AgentMessage {
         msg: Some(Msg::Hello(hello(agent_id, epoch, hostname))),

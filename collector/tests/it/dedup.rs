@@ -30,13 +30,7 @@ async fn batches_apply_once_across_streams_and_restarts() {
     let server = start(config(dir.path())).await;
     let u = url(&server);
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-1", 7, "gpu-1"))
-            .await
-            .unwrap()
-            .applied_seq,
-        0
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-1", 7, "gpu-1").await, 0);
     assert_eq!(a.batch(b1.clone()).await.unwrap(), 1);
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     // Resent on the same stream: acknowledged, not applied.
@@ -44,13 +38,7 @@ async fn batches_apply_once_across_streams_and_restarts() {
     a.close().await;
     // Resent on a new stream, after the Welcome told the agent it was applied.
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-1", 7, "gpu-1"))
-            .await
-            .unwrap()
-            .applied_seq,
-        2
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-1", 7, "gpu-1").await, 2);
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     a.close().await;
     assert_eq!(totals(&u, "203.0.113.7").await, (1500, 15, 1, 1));
@@ -66,13 +54,7 @@ async fn batches_apply_once_across_streams_and_restarts() {
     assert_eq!(totals(&u, "203.0.113.7").await, (1500, 15, 1, 1));
     assert_eq!(totals(&u, "203.0.113.0/24").await, (1500, 15, 1, 1));
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-1", 7, "gpu-1"))
-            .await
-            .unwrap()
-            .applied_seq,
-        2
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-1", 7, "gpu-1").await, 2);
     assert_eq!(a.batch(b1.clone()).await.unwrap(), 1);
     assert_eq!(a.batch(b2.clone()).await.unwrap(), 2);
     // A gap (the agent lost batches 3 and 4, and says so) is accepted ...
@@ -98,13 +80,7 @@ async fn batches_apply_once_across_streams_and_restarts() {
     a.close().await;
     // A new epoch starts its numbering over.
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-1", 8, "gpu-1"))
-            .await
-            .unwrap()
-            .applied_seq,
-        0
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-1", 8, "gpu-1").await, 0);
     assert_eq!(
         a.batch(batch(1, t + 3000, vec![delta(c, 10, 0, false)]))
             .await

@@ -143,13 +143,7 @@ async fn hostile_input_is_refused_and_the_server_goes_on() {
 
     // Still serving: a well-behaved agent and a query work.
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-h", 1, "gpu-h"))
-            .await
-            .unwrap()
-            .applied_seq,
-        1
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-h", 1, "gpu-h").await, 1);
     assert_eq!(a.batch(batch(2, t, vec![good()])).await.unwrap(), 2);
     a.close().await;
     let r = client_stats(&u, "203.0.113.9").await.unwrap();
@@ -222,13 +216,7 @@ async fn rate_limit_gives_resource_exhausted() {
     assert!(s.message().contains("agent-r: rate limit"), "{s:?}");
     // The limit is per agent, across streams; other agents are not affected.
     let mut a = agent_stream(&u).await;
-    assert_eq!(
-        a.hello(hello("agent-r", 1, "gpu-r"))
-            .await
-            .unwrap()
-            .applied_seq,
-        3
-    );
+    assert_eq!(welcome_seq(&mut a, "agent-r", 1, "gpu-r").await, 3);
     assert_eq!(
         status(a.batch(batch(4, t, vec![])).await.unwrap_err()).code(),
         Code::ResourceExhausted
