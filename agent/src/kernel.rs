@@ -764,7 +764,24 @@ fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Removes everything the agent pinned and attached under `pin_dir`. Returns what it removed.
+/// Detaches the pinned link at `pin` now (BPF_LINK_DETACH, Linux 5.9), rather than when the
+/// kernel gets round to releasing it after its pin is gone (a deferred work item). Links that
+/// cannot be detached that way (a tracepoint's perf link) go when their pin does.
+fn detach_link(pin: &Path) {
+    use std::os::fd::AsRawFd as _;
+    let Ok(fd) = bpf_obj_get(pin) else {
+        return;
+    };
+    let mut attr = [0u8; 128];
+    // union bpf_attr for BPF_LINK_DETACH: __u32 link_fd.
+    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    // SAFETY: bpf(2) with an attribute buffer that outlives the call; the answer is not needed.
+    let _ = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), attr.len()) };
+}
+
+/// Removes everything the agent pinned and attached under `pin_dir`, the programs detached from
+/// the cgroup by the time it returns. Returns what it removed.
 pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
     require_root()?;
     let mut removed = Vec::new();
@@ -784,6 +801,9 @@ pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
             let p = entry
                 .map_err(io_err(format!("read {}", dir.display())))?
                 .path();
+            if sub == "links" {
+                detach_link(&p);
+            }
             fs::remove_file(&p).map_err(io_err(format!("remove {}", p.display())))?;
             removed.push(p);
         }
