@@ -80,11 +80,12 @@ impl Rig {
         SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
     }
 
-    /// A collector on the rig's port, with its data in `data` (the rig's directory if None).
-    fn collector_in(&self, data: Option<&Path>) -> Collector {
+    /// A collector on the rig's port, with its data in `data` (the rig's directory if None)
+    /// and `env` added to its environment.
+    fn collector_env(&self, data: Option<&Path>, env: &[(&str, &str)]) -> Collector {
         let metrics = self.metrics_addr().to_string();
         let data = data.unwrap_or_else(|| self.collector_data.path());
-        Collector::start(
+        Collector::start_env(
             self.collector_port,
             &[
                 "--data-dir",
@@ -92,7 +93,12 @@ impl Rig {
                 "--metrics-listen",
                 &metrics,
             ],
+            env,
         )
+    }
+
+    fn collector_in(&self, data: Option<&Path>) -> Collector {
+        self.collector_env(data, &[])
     }
 
     fn collector(&self) -> Collector {
@@ -101,17 +107,7 @@ impl Rig {
 
     /// A collector with the crash points of `failpoints` armed (`OUTFLOW_FAILPOINTS`).
     fn collector_armed(&self, failpoints: &str) -> Collector {
-        let metrics = self.metrics_addr().to_string();
-        Collector::start_env(
-            self.collector_port,
-            &[
-                "--data-dir",
-                self.collector_data.as_arg(),
-                "--metrics-listen",
-                &metrics,
-            ],
-            &[("OUTFLOW_FAILPOINTS", failpoints)],
-        )
+        self.collector_env(None, &[("OUTFLOW_FAILPOINTS", failpoints)])
     }
 
     /// An agent streaming to `url`, its spool in `spool` (under its state directory if None).
@@ -578,6 +574,14 @@ const COLLECTOR_POINTS: &[&str] = &[
     "writer::after_acks",
 ];
 
+/// `OUTFLOW_FAILPOINTS` that kills the process at `point` after passing it `skip` times.
+fn kill_at(point: &str, skip: u32) -> String {
+    match skip {
+        0 => format!("{point}=return"),
+        n => format!("{point}={n}*off->return"),
+    }
+}
+
 /// A process ended by its own crash point: killed by SIGKILL.
 fn assert_killed(status: std::process::ExitStatus, point: &str, stderr: &str) {
     use std::os::unix::process::ExitStatusExt as _;
@@ -599,11 +603,7 @@ fn collector_killed_at_each_point_of_its_group_commit() {
         // At its first pass there and at a later one (other agents' batches in the group).
         for skip in [0, 3] {
             assert_eq!(collector.stop().code(), Some(0), "{}", collector.stderr());
-            let actions = match skip {
-                0 => "return".to_owned(),
-                n => format!("{n}*off->return"),
-            };
-            collector = rig.collector_armed(&format!("{point}={actions}"));
+            collector = rig.collector_armed(&kill_at(point, skip));
             let status = collector.wait_exit(START);
             assert_killed(status, point, &collector.stderr());
             kills += 1;
@@ -644,11 +644,7 @@ fn agent_killed_at_each_point_of_its_spool_and_commit_window() {
     for point in AGENT_POINTS {
         for &skip in skips {
             assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
-            let actions = match skip {
-                0 => "return".to_owned(),
-                n => format!("{n}*off->return"),
-            };
-            let armed = format!("{point}={actions}");
+            let armed = kill_at(point, skip);
             agent = rig.agent_with(
                 &collector.url(),
                 None,
