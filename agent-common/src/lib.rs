@@ -260,8 +260,7 @@ impl SkState {
     }
 }
 
-/// Key of the map that finds the slot of a connection that predates the agent when the
-/// `sock:inet_sock_set_state` tracepoint says it closed (sock_ops cannot see those closes).
+/// A connection's addresses and ports, as its slot records them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TupleKey {
@@ -274,7 +273,9 @@ pub struct TupleKey {
 }
 const _: () = assert!(size_of::<TupleKey>() == 40);
 
-/// Value of that map: where the connection's counts are.
+/// Where a connection's counts are: the value of `LEGACY`, which finds the slot of a connection
+/// that predates the agent, by socket address, when the `inet_sock_set_state` tracepoint says
+/// it closed (sock_ops cannot see those closes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotRef {
@@ -327,7 +328,7 @@ pub struct KernelConfig {
 const _: () = assert!(size_of::<KernelConfig>() == 16);
 
 /// Layout version of the pinned state; an agent refuses to adopt state of another layout.
-pub const STATE_LAYOUT: u32 = 3;
+pub const STATE_LAYOUT: u32 = 4;
 
 /// Most bytes captured per turn (the data size of a [`TurnEvent`]).
 pub const CAPTURE_MAX: usize = 4096;

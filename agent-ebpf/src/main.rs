@@ -5,8 +5,8 @@
 //!   (socket local storage is the slow way, for a connection's first packets and captures).
 //! - `sock_ops`: records the role (server/client) and claims the slot at establishment, and
 //!   asks for state callbacks, so that the close marks the slot final.
-//! - `sock_close` (tracepoint `sock:inet_sock_set_state`): marks the slot final for connections
-//!   that were open before the agent attached (sock_ops never saw them).
+//! - `sock_close` (raw tracepoint `inet_sock_set_state`): marks the slot final for connections
+//!   that were open before the agent attached (sock_ops never saw them), found by socket address.
 // Built for the kernel (bpfel-unknown-none, by the agent's build.rs). On the host it only
 // type-checks (`cargo check --workspace`, clippy) into an empty program.
 #![cfg_attr(target_arch = "bpf", no_std, no_main, feature(asm_experimental_arch))]

@@ -1,8 +1,7 @@
 //! The maps, shared by all programs. Sizes here are defaults: the agent sets the connection
 //! table's size at load time, and pins every map so that a restarted agent adopts them.
 use agent_common::{
-    AgentState, ConnHot, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TupleKey,
-    TurnEvent,
+    AgentState, ConnHot, ConnSlot, Counters, KernelConfig, STAT_COUNT, SkState, SlotRef, TurnEvent,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
@@ -31,10 +30,10 @@ pub static CONN_HOT: Array<ConnHot, TABLE, { BPF_F_MMAPABLE as usize }> = Array:
 #[btf_map]
 pub static SLOT_CLAIMS: HashMap<u32, u32, TABLE> = HashMap::new();
 
-/// Connections that predate the agent, by tuple, so the close tracepoint can find their slot.
+/// Connections that predate the agent, by socket address, so the close tracepoint can find
+/// their slot.
 #[btf_map]
-pub static LEGACY: HashMap<TupleKey, SlotRef, TABLE, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+pub static LEGACY: HashMap<u64, SlotRef, TABLE, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// Bytes of connections that found the table full.
 #[btf_map]

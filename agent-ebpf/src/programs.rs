@@ -15,8 +15,8 @@ use aya_ebpf::{
         bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_sock_ops_cb_flags_set,
         bpf_tcp_sock,
     },
-    macros::{cgroup_skb, cgroup_sockopt, sock_ops, tracepoint},
-    programs::{SkBuffContext, SockOpsContext, SockoptContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sockopt, raw_tracepoint, sock_ops},
+    programs::{RawTracePointContext, SkBuffContext, SockOpsContext, SockoptContext},
 };
 
 use crate::maps::{
@@ -477,20 +477,19 @@ fn take_slot_from_skb(
     }
     // SAFETY: a TCP socket pointer checked for null.
     let (snd_nxt, rcv_nxt) = unsafe { ((*tp).snd_nxt, (*tp).rcv_nxt) };
-    take_slot(
-        st,
-        &NewConn {
-            key: tuple_of(sk),
-            cookie,
-            cgroup_id,
-            sock,
-            ports,
-            snd_nxt,
-            rcv_nxt,
-            flags: 0,
-            publish: true,
-        },
-    );
+    let mut conn = NewConn {
+        key: TupleKey::default(),
+        cookie,
+        cgroup_id,
+        sock,
+        ports,
+        snd_nxt,
+        rcv_nxt,
+        flags: 0,
+        publish: true,
+    };
+    conn.key.family = tuple_of(sk, &mut conn.key);
+    take_slot(st, &conn);
 }
 
 /// Cold path, once per connection: take a free slot and write the connection's identity.
@@ -545,14 +544,19 @@ fn take_slot(st: &mut SkState, c: &NewConn) {
     st.generation = generation;
 
     if st.role == u32::from(ROLE_UNKNOWN) {
-        // sock_ops will not see this connection close; the state tracepoint will, by tuple.
-        let r = SlotRef {
-            slot: idx,
-            generation,
-        };
-        if LEGACY.insert(key, r, 0).is_err() {
-            bump(stat::LEGACY_UNTRACKED);
-        }
+        // sock_ops will not see this connection close; the state tracepoint will, by socket.
+        track_legacy_close(c.sock, idx, generation);
+    }
+}
+
+/// Registers a connection that predates the agent with the close tracepoint. A function of its
+/// own so that its key and value are not on the stack of the slot taker: Linux 5.10 refuses a
+/// call chain whose stacks add up to more than 512 bytes.
+#[inline(never)]
+fn track_legacy_close(sock: u64, slot: u32, generation: u32) {
+    let r = SlotRef { slot, generation };
+    if sock == 0 || LEGACY.insert(sock, r, 0).is_err() {
+        bump(stat::LEGACY_UNTRACKED);
     }
 }
 
@@ -635,14 +639,15 @@ fn bump(index: u32) {
     }
 }
 
-/// The socket's addresses and ports, laid out as the close tracepoint lays them out.
-#[inline(always)]
-fn tuple_of(sk: *mut bpf_sock) -> TupleKey {
-    let mut key = TupleKey::default();
+/// The socket's addresses and ports into `key`; returns its family. Not inlined, so that its
+/// temporaries are not on the stack of the slot taker: Linux 5.10 refuses a call chain whose
+/// stacks add up to more than 512 bytes. It returns a number, not nothing, because 5.10 also
+/// refuses a function that returns with a stack pointer in R0 (what LLVM may leave there).
+#[inline(never)]
+fn tuple_of(sk: *mut bpf_sock, key: &mut TupleKey) -> u16 {
     // SAFETY: a full socket pointer; the fields are readable from cgroup_skb.
     unsafe {
         let family = (*sk).family as u16;
-        key.family = family;
         key.local_port = (*sk).src_port as u16;
         key.remote_port = u16::from_be((*sk).dst_port);
         if family == AF_INET6 {
@@ -663,8 +668,8 @@ fn tuple_of(sk: *mut bpf_sock) -> TupleKey {
             put4(&mut key.local_addr, (*sk).src_ip4);
             put4(&mut key.remote_addr, (*sk).dst_ip4);
         }
+        family
     }
-    key
 }
 
 /// One load at a constant offset from a context or socket pointer.
@@ -874,55 +879,29 @@ fn close_slot(idx: u32, generation: u32) {
     }
 }
 
-// Offsets in the `sock:inet_sock_set_state` record (see its format file in tracefs).
-const TP_NEWSTATE: usize = 20;
-const TP_SPORT: usize = 24;
-const TP_DPORT: usize = 26;
-const TP_FAMILY: usize = 28;
-const TP_PROTOCOL: usize = 30;
-const TP_SADDR: usize = 32;
-const TP_DADDR: usize = 36;
-const TP_SADDR_V6: usize = 40;
-const TP_DADDR_V6: usize = 56;
+/// Arguments of the `inet_sock_set_state` tracepoint (its `TP_PROTO`): the socket, the old state,
+/// the new state.
+const TP_ARG_SOCK: usize = 0;
+const TP_ARG_NEWSTATE: usize = 2;
 
-#[tracepoint]
-pub fn sock_close(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_close(&ctx);
-    0
-}
-
-#[inline(always)]
-fn try_sock_close(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: reads within the tracepoint record whose layout the constants above describe.
-    unsafe {
-        let newstate: i32 = ctx.read_at(TP_NEWSTATE)?;
-        let protocol: u16 = ctx.read_at(TP_PROTOCOL)?;
-        if newstate != TCP_CLOSE as i32 || u32::from(protocol) != IPPROTO_TCP {
-            return Ok(());
-        }
-        let mut key = TupleKey {
-            local_port: ctx.read_at(TP_SPORT)?,
-            remote_port: ctx.read_at(TP_DPORT)?,
-            family: ctx.read_at(TP_FAMILY)?,
-            ..TupleKey::default()
-        };
-        if key.family == AF_INET6 {
-            key.local_addr = ctx.read_at(TP_SADDR_V6)?;
-            key.remote_addr = ctx.read_at(TP_DADDR_V6)?;
-        } else {
-            let s: [u8; 4] = ctx.read_at(TP_SADDR)?;
-            let d: [u8; 4] = ctx.read_at(TP_DADDR)?;
-            key.local_addr[..4].copy_from_slice(&s);
-            key.remote_addr[..4].copy_from_slice(&d);
-        }
-        let Some(r) = LEGACY.get_ptr(key) else {
-            return Ok(());
-        };
-        let r = *r;
-        close_slot(r.slot, r.generation);
-        let _ = LEGACY.remove(key);
+/// Raw tracepoint: its link is a BPF link (pinnable) on every kernel since 5.7, where a
+/// tracepoint's perf link needs 5.15, and it reads the socket's address straight from its
+/// arguments (no record to fill).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn sock_close(ctx: RawTracePointContext) -> i32 {
+    let newstate: u64 = ctx.arg(TP_ARG_NEWSTATE);
+    if newstate as u32 != TCP_CLOSE {
+        return 0;
     }
-    Ok(())
+    // Only TCP sockets are in LEGACY (the tracepoint also fires for other protocols).
+    let sock: u64 = ctx.arg(TP_ARG_SOCK);
+    if let Some(r) = LEGACY.get_ptr(sock) {
+        // SAFETY: a value of the map, copied out at once.
+        let r = unsafe { *r };
+        close_slot(r.slot, r.generation);
+        let _ = LEGACY.remove(sock);
+    }
+    0
 }
 
 /// The annotation API: `setsockopt(fd, SOL_OUTFLOW, OUTFLOW_CLIENT_ID, value, len)` from the

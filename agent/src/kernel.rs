@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapInfo, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockopt, SockOps, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockopt, RawTracePoint, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -31,9 +31,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const TRACEFS_MAGIC: i64 = 0x7472_6163;
-const TRACEFS_PATH: &str = "/sys/kernel/tracing";
-const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+/// The tracepoint whose raw form says a connection closed.
+const TRACEPOINT: &str = "inet_sock_set_state";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -234,14 +233,6 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn ensure_tracefs() -> Result<(), KernelError> {
-    let p = Path::new(TRACEFS_PATH);
-    if statfs_type(p).ok() == Some(TRACEFS_MAGIC) || p.join("events").is_dir() {
-        return Ok(());
-    }
-    mount_fs("tracefs", p)
-}
-
 fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join("maps").join(name)
 }
@@ -309,7 +300,6 @@ impl Kernel {
     pub fn open(s: &LoadSettings<'_>) -> Result<Self, KernelError> {
         require_root()?;
         ensure_bpffs(s.pin_dir)?;
-        ensure_tracefs()?;
         let cgroup_id =
             cgroup_id(s.cgroup).map_err(io_err(format!("stat {}", s.cgroup.display())))?;
 
@@ -608,18 +598,17 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
     }
 
     {
-        // Perf-event links cannot swap programs: attach the new one, then drop the old pin
+        // Raw tracepoint links cannot swap programs: attach the new one, then drop the old pin
         // (marking a slot closed twice is harmless), then pin the new one in its place.
-        let prog: &mut TracePoint = program(ebpf, SOCK_CLOSE)?;
+        let prog: &mut RawTracePoint = program(ebpf, SOCK_CLOSE)?;
         prog.load().map_err(|e| load_error(SOCK_CLOSE, &e))?;
         let id = prog
-            .attach(TRACEPOINT.0, TRACEPOINT.1)
+            .attach(TRACEPOINT)
             .map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
         let link: FdLink = prog
             .take_link(id)
             .map_err(|e| attach_err(SOCK_CLOSE)(&e))?
-            .try_into()
-            .map_err(|e: LinkError| attach_err(SOCK_CLOSE)(&e))?;
+            .into();
         let pin = link_pin(pin_dir, SOCK_CLOSE);
         match fs::remove_file(&pin) {
             Ok(()) => {}
@@ -766,7 +755,7 @@ fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
 
 /// Detaches the pinned link at `pin` now (BPF_LINK_DETACH, Linux 5.9), rather than when the
 /// kernel gets round to releasing it after its pin is gone (a deferred work item). Links that
-/// cannot be detached that way (a tracepoint's perf link) go when their pin does.
+/// cannot be detached that way (a raw tracepoint's link) go when their pin does.
 fn detach_link(pin: &Path) {
     use std::os::fd::AsRawFd as _;
     let Ok(fd) = bpf_obj_get(pin) else {

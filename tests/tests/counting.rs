@@ -712,24 +712,18 @@ fn a_connection_older_than_the_agent_without_room_to_track_its_close_is_counted_
         .open(bench.pair.server_v4(PORT), 200_000, 5_000);
     let (agent, started) = bench.agent(&["--max-connections", "16"]);
     let capacity = started["capacity"].as_u64().expect("capacity");
-    // The map of legacy connections whose close the state tracepoint finds by tuple holds as
-    // many as the table: fill it, as a host with that many older connections would.
+    // The map of legacy connections whose close the state tracepoint finds by socket address
+    // holds as many as the table: fill it, as a host with that many older connections would.
     let pinned = bench.pin.path().join("maps").join("LEGACY");
     let map = aya::maps::Map::HashMap(
         aya::maps::MapData::from_pin(&pinned).expect("open the pinned LEGACY map"),
     );
-    let mut legacy: aya::maps::HashMap<_, agent_common::TupleKey, agent_common::SlotRef> =
+    let mut legacy: aya::maps::HashMap<_, u64, agent_common::SlotRef> =
         aya::maps::HashMap::try_from(map).expect("LEGACY is a hash map");
-    for i in 0..capacity {
-        let mut key = agent_common::TupleKey {
-            family: 2,
-            local_port: 1,
-            remote_port: u16::try_from(i).expect("port"),
-            ..agent_common::TupleKey::default()
-        };
-        key.remote_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+    for i in 0..u64::from(capacity) {
+        // Addresses no socket has: odd ones (sockets are aligned).
         legacy
-            .insert(key, agent_common::SlotRef::default(), 0)
+            .insert(2 * i + 1, agent_common::SlotRef::default(), 0)
             .expect("fill LEGACY");
     }
     let o = conn.finish();
