@@ -12,6 +12,7 @@ mod faults;
 mod fuzz;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -41,10 +42,11 @@ enum Command {
     ///
     /// The nightly toolchain with rust-src, bpf-linker built against that nightly's LLVM, and
     /// the Debian packages the tests and benchmarks use (iproute2, util-linux, procps, iperf3,
-    /// ethtool, linux-perf, nginx, haproxy, nftables, libfaketime). Takes about a second when
-    /// all is present.
+    /// ethtool, linux-perf, nginx, haproxy, nftables, libfaketime), and for the VM kernel
+    /// matrix QEMU, virtme-ng (PyPI) and Debian's 5.10, 6.1 and 6.12 kernels (unpacked in
+    /// ~/.cache/outflow/vm, never installed). Takes about a second when all is present.
     Setup,
-    /// Run `setup`, build the binaries, then `cargo test`; needs root.
+    /// Run `setup`, build the binaries, then `cargo test`, then `vm-test`; needs root.
     ///
     /// Arguments after `--` go to `cargo test`, e.g.
     /// `cargo xtask test -- -p outflow-tests counts -- --nocapture`.
@@ -67,6 +69,13 @@ enum Command {
     ///
     /// Installs cargo-fuzz if missing; runs each target for --seconds with a fixed seed.
     Fuzz(fuzz::Args),
+    /// The kernel test suites (counting, operating, export) on Debian's 5.10, 6.1 and 6.12
+    /// kernels, each booted in a VM (about 20 minutes; needs root).
+    ///
+    /// virtme-ng boots each kernel on this machine's root file system under QEMU's software
+    /// emulation; the already-built test binaries run inside, as root. One line per kernel;
+    /// logs in target/vm-test/<series>/. `cargo xtask test` runs it after the host's tests.
+    VmTest(vm::Args),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -79,6 +88,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Faults(args) => faults::run(&args),
+        Command::VmTest(args) => vm::run(&args),
         Command::Fuzz(args) => {
             fuzz::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -10,6 +10,8 @@
 //! - the Debian packages the tests and benchmarks run: [`DEBIAN_PACKAGES`]. Installing them
 //!   starts no service (see [`NoServiceStarts`]): the tests run nginx and HAProxy themselves, in
 //!   their own network namespaces, with their own configuration.
+//! - the VM kernel matrix: virtme-ng in a venv and Debian's kernels, unpacked in a cache
+//!   ([`vm::install`]).
 //!
 //! Mounts (bpffs, tracefs) are not set up here: the agent mounts what it needs itself.
 
@@ -23,7 +25,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cmd;
+use crate::{cmd, vm};
 
 /// The nightly channel the eBPF crate builds with (unpinned: only the current nightly exists).
 const NIGHTLY: &str = "nightly";
@@ -54,6 +56,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The fault suite: network faults on one port, and an agent's wall clock stepped alone.
     "nftables",
     "libfaketime",
+    // The kernel matrix (`cargo xtask vm-test`): QEMU, and what virtme-ng needs on the host to
+    // boot a kernel on it (busybox for its init, kmod for depmod, udev or the guest's console
+    // is lost), and a venv for virtme-ng itself.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "udev",
+    "python3-venv",
 ];
 
 /// Packages whose maintainer scripts enable and start a system daemon (listening on port 80
@@ -79,6 +89,7 @@ pub fn run() -> Result<Report> {
     rust_src(&nightly)?;
     let bpf_linker = bpf_linker(&nightly)?;
     debian_packages()?;
+    vm::install()?;
     println!("setup: done in {:.2} s", started.elapsed().as_secs_f64());
     Ok(Report { bpf_linker })
 }

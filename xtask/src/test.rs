@@ -4,7 +4,8 @@
 //! integration tests start the agent binary), then runs `cargo test` over the default
 //! members with the extra arguments, and exits with `cargo test`'s status. Without extra
 //! arguments (the whole suite) it first runs every fuzz target (the attribution parsers, the
-//! collector's ingest path and config file, the agent's config file) for a few seconds each.
+//! collector's ingest path and config file, the agent's config file) for a few seconds each,
+//! and after `cargo test` the kernel suites in a VM on each kernel of the matrix ([`vm`]).
 //!
 //! The eBPF crate is left out of both on purpose: it is not a default member, builds only
 //! for the bpf target, and reaches the agent through its build script.
@@ -18,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, fuzz, setup};
+use crate::{cmd, fuzz, setup, vm};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,6 +71,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     test.args(&args.cargo_test_args);
     println!("xtask: {}", cmd::display(&test));
     let status = cmd::status(&mut test)?;
+    // The whole suite: then the kernel suites again, on each kernel of the VM matrix (after the
+    // host's tests, never beside them: both are timing-bound and the machine has 2 cores).
+    if args.cargo_test_args.is_empty() {
+        let vms_ok = vm::matrix(&report, &[])?;
+        if status.success() && !vms_ok {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     Ok(exit_code(status))
 }
 
