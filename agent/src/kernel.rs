@@ -24,13 +24,14 @@ use aya::{
 };
 use log::{info, warn};
 
-use crate::table::ConnTable;
+use crate::{
+    mounts::{self, PinFs},
+    table::ConnTable,
+};
 
 /// The compiled kernel programs, built by build.rs from agent-ebpf.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outflow"));
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The tracepoint whose raw form says a connection closed.
 const TRACEPOINT: &str = "inet_sock_set_state";
 
@@ -110,45 +111,9 @@ pub struct Kernel {
 
 /// The cgroup2 mount point, from /proc/mounts.
 pub fn cgroup2_mount() -> Result<PathBuf, KernelError> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(io_err("read /proc/mounts"))?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, path, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(path)))
-        })
-        .min_by_key(|p| p.as_os_str().len())
+    mounts::cgroup2_mount()
+        .map_err(io_err("read /proc/mounts"))?
         .ok_or(KernelError::NoCgroup2)
-}
-
-/// /proc/mounts escapes spaces and the like as octal.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn statfs_type(path: &Path) -> io::Result<i64> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_type)
 }
 
 /// The cgroup id of a cgroup v2 directory: its inode number.
@@ -164,8 +129,8 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, KernelError> 
     if !dir.is_dir() {
         return Err(KernelError::CgroupMissing(dir));
     }
-    match statfs_type(&dir) {
-        Ok(CGROUP2_SUPER_MAGIC) => Ok(dir),
+    match mounts::fs_type(&dir) {
+        Ok(mounts::CGROUP2_SUPER_MAGIC) => Ok(dir),
         Ok(_) => Err(KernelError::NotCgroup2(dir, mount)),
         Err(source) => Err(KernelError::Io {
             what: format!("statfs {}", dir.display()),
@@ -212,19 +177,10 @@ fn mount_fs(fs: &'static str, path: &Path) -> Result<(), KernelError> {
 
 /// Makes sure the pin directory is on bpffs, mounting /sys/fs/bpf when nothing is mounted there.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
-    let mut probe = pin_dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
-    }
-    if statfs_type(&probe).map_err(io_err(format!("statfs {}", probe.display())))? != BPF_FS_MAGIC {
-        let default = Path::new("/sys/fs/bpf");
-        if pin_dir.starts_with(default) && statfs_type(default).ok() != Some(BPF_FS_MAGIC) {
-            mount_fs("bpf", default)?;
-        } else {
-            return Err(KernelError::PinDirNotBpffs(pin_dir.into()));
-        }
+    match mounts::pin_fs(pin_dir).map_err(io_err(format!("statfs {}", pin_dir.display())))? {
+        PinFs::Bpffs => {}
+        PinFs::MountDefault => mount_fs("bpf", Path::new(mounts::DEFAULT_BPFFS))?,
+        PinFs::NotBpffs => return Err(KernelError::PinDirNotBpffs(pin_dir.into())),
     }
     for sub in ["maps", "links"] {
         let d = pin_dir.join(sub);

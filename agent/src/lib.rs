@@ -4,6 +4,7 @@
 //! Modules, one concern each:
 //! - [`config`]: the TOML file, its defaults, validation (the `outflow-agent-config` crate,
 //!   apart so that it can be fuzzed without the eBPF build; command-line overrides are in main.rs).
+//! - [`mounts`]: where cgroup v2 and bpffs are mounted.
 //! - [`kernel`]: environment checks, loading, pinning and adopting kernel state, attaching.
 //! - [`table`]: the memory-mapped connection table: deltas, closes, giving slots back.
 //! - [`enrich`]: cgroup paths and process names for the records.
@@ -32,6 +33,7 @@ pub mod export;
 pub mod filter;
 pub mod identity;
 pub mod kernel;
+pub mod mounts;
 pub mod random;
 pub mod record;
 pub mod sender;
