@@ -30,7 +30,8 @@ use crate::{
 };
 
 /// The compiled kernel programs, built by build.rs from agent-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outflow"));
+pub(crate) static PROGRAMS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outflow"));
 
 /// The tracepoint whose raw form says a connection closed.
 const TRACEPOINT: &str = "inet_sock_set_state";

@@ -4,6 +4,8 @@
 //! Modules, one concern each:
 //! - [`config`]: the TOML file, its defaults, validation (the `outflow-agent-config` crate,
 //!   apart so that it can be fuzzed without the eBPF build; command-line overrides are in main.rs).
+//! - [`probe`]: what the running kernel and the process offer (features, capabilities), and
+//!   what the agent does about it: refuse in one line, run without a part, or go on.
 //! - [`mounts`]: where cgroup v2 and bpffs are mounted.
 //! - [`kernel`]: environment checks, loading, pinning and adopting kernel state, attaching.
 //! - [`table`]: the memory-mapped connection table: deltas, closes, giving slots back.
@@ -34,6 +36,7 @@ pub mod filter;
 pub mod identity;
 pub mod kernel;
 pub mod mounts;
+pub mod probe;
 pub mod random;
 pub mod record;
 pub mod sender;
