@@ -15,6 +15,7 @@ use crate::{
     enrich::{CgroupNames, Listeners},
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
+    probe::Operation,
     record::{AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
     table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
@@ -139,7 +140,9 @@ impl Agent {
         mut sink: Box<dyn Sink + Send>,
         mut durability: Option<Box<dyn Durability + Send>>,
     ) -> Result<Self, AgentError> {
-        kernel::require_root()?;
+        kernel::require_capabilities(Operation::Run {
+            pin_dir: &cfg.pin_dir,
+        })?;
         let resolver = resolver(cfg)?;
         let mount = kernel::cgroup2_mount()?;
         let cgroup = kernel::resolve_cgroup(cfg.cgroup.as_deref())?;

@@ -1,5 +1,6 @@
-//! The kernel side, from userspace: checks the environment, loads the embedded programs, pins
-//! their maps and links under bpffs, adopts what an earlier agent pinned, and removes it all.
+//! The kernel side, from userspace: checks the environment, loads the embedded programs (what
+//! [`probe`] says this kernel allows), pins their maps and links under bpffs, adopts what an
+//! earlier agent pinned, and removes it all.
 //!
 //! Pinned layout under the pin directory:
 //! `maps/<NAME>` for every map and `links/<program>` for every attachment. Links keep the
@@ -13,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{AgentState, ConnSlot, KernelConfig, SLOT_GROUP, STATE_LAYOUT, names};
+use agent_common::{AgentState, ConnSlot, KernelConfig, SLOT_GROUP, STATE_LAYOUT, SlotRef, names};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapInfo, RingBuf},
@@ -26,6 +27,7 @@ use log::{info, warn};
 
 use crate::{
     mounts::{self, PinFs},
+    probe::{self, Operation, Plan, Verdict},
     table::ConnTable,
 };
 
@@ -33,13 +35,11 @@ use crate::{
 pub(crate) static PROGRAMS: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outflow"));
 
-/// The tracepoint whose raw form says a connection closed.
-const TRACEPOINT: &str = "inet_sock_set_state";
-
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("outflow-agent must run as root (it loads BPF programs and attaches them to a cgroup)")]
-    NotRoot,
+    /// The process lacks a capability, or the kernel a feature ([`probe`]).
+    #[error(transparent)]
+    Unsupported(#[from] probe::Refusal),
     #[error(
         "no cgroup v2 file system is mounted (looked in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1"
     )]
@@ -57,7 +57,7 @@ pub enum KernelError {
     #[error("{0} is not on a BPF file system: choose a pin_dir under /sys/fs/bpf")]
     PinDirNotBpffs(PathBuf),
     #[error(
-        "the kernel refused to load the counting programs: {0} (outflow needs Linux 5.15 or later with BTF and cgroup v2; RUST_LOG=debug shows the verifier's log)"
+        "the kernel refused to load the counting programs: {0} (outflow needs Linux 5.10 or later with cgroup v2: `outflow-agent check` shows what this kernel lacks; RUST_LOG=debug shows the verifier's log)"
     )]
     Load(String),
     #[error("cannot attach {program}: {reason}")]
@@ -140,12 +140,10 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, KernelError> 
     }
 }
 
-pub fn require_root() -> Result<(), KernelError> {
-    // SAFETY: no arguments, cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(KernelError::NotRoot);
-    }
-    Ok(())
+/// The capabilities `op` needs (not the user: root with fewer capabilities is refused, another
+/// user granted them is not).
+pub fn require_capabilities(op: Operation<'_>) -> Result<(), KernelError> {
+    Ok(probe::require_capabilities(op)?)
 }
 
 fn mount_fs(fs: &'static str, path: &Path) -> Result<(), KernelError> {
@@ -253,9 +251,12 @@ fn remove_map_pins(pin_dir: &Path) -> Result<(), KernelError> {
 }
 
 impl Kernel {
-    /// Loads (or adopts) and attaches everything.
+    /// Probes the kernel, then loads (or adopts) and attaches everything it allows.
     pub fn open(s: &LoadSettings<'_>) -> Result<Self, KernelError> {
-        require_root()?;
+        let plan = probe_kernel(s.pin_dir)?;
+        if plan.raise_memlock {
+            raise_memlock();
+        }
         ensure_bpffs(s.pin_dir)?;
         let cgroup_id =
             cgroup_id(s.cgroup).map_err(io_err(format!("stat {}", s.cgroup.display())))?;
@@ -288,9 +289,12 @@ impl Kernel {
             .map_max_entries(names::CONNS, capacity)
             .map_max_entries(names::CONN_HOT, capacity)
             .map_max_entries(names::SLOT_CLAIMS, capacity)
-            .map_max_entries(names::LEGACY, capacity)
+            .map_max_entries(names::LEGACY, legacy_entries(plan, capacity))
             .map_max_entries(names::EVENTS, s.ring_bytes);
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error("maps", &e))?;
+        if !plan.close_tracepoint {
+            fill_legacy(&mut ebpf)?;
+        }
 
         let st = agent_state_map(&mut ebpf)?
             .get(&0, 0)
@@ -343,7 +347,7 @@ impl Kernel {
                 .map_err(map_err("write AGENT_STATE"))?;
         }
 
-        attach_all(&mut ebpf, s.cgroup, s.pin_dir)?;
+        attach_all(&mut ebpf, s.cgroup, s.pin_dir, plan)?;
         info!(
             "{} kernel state in {} (table of {capacity} connections), attached to {}",
             if adopted { "adopted" } else { "created" },
@@ -421,6 +425,69 @@ impl Kernel {
     }
 }
 
+/// Runs the probe: refuses when the process or the kernel lacks what the agent needs, warns
+/// (once) about what it will do without, and says what the loader does differently.
+fn probe_kernel(pin_dir: &Path) -> Result<Plan, KernelError> {
+    let report = probe::probe(pin_dir);
+    match report.verdict() {
+        Verdict::Refused(refusal) => return Err(refusal.into()),
+        Verdict::Degraded(missing) => {
+            for r in missing {
+                if let probe::Need::Degrade { cost } = r.need {
+                    warn!(
+                        "this kernel ({}) lacks {}: {cost}",
+                        report.release, r.feature
+                    );
+                }
+            }
+        }
+        Verdict::Ready => {}
+    }
+    let unprobed: Vec<_> = report.unprobed().collect();
+    if let Some((first, why)) = unprobed.first() {
+        warn!(
+            "could not probe {} of what the agent needs ({}: {why}; `outflow-agent check` lists them): going on as if present",
+            unprobed.len(),
+            first.feature
+        );
+    }
+    Ok(report.plan())
+}
+
+/// Lifts RLIMIT_MEMLOCK, which kernels before 5.11 charge map memory to.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit, read during the call only.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "this kernel charges BPF maps to RLIMIT_MEMLOCK and the agent cannot lift it ({}): if loading fails with \"Operation not permitted\", raise it (systemd LimitMEMLOCK=infinity, ulimit -l unlimited) or grant CAP_SYS_RESOURCE",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Entries of LEGACY, the connections that predate the agent by socket address, which only
+/// the close tracepoint reads. Without the tracepoint it holds a single placeholder
+/// ([`fill_legacy`]): the programs' inserts then all fail, and `legacy_untracked` counts them.
+fn legacy_entries(plan: Plan, capacity: u32) -> u32 {
+    if plan.close_tracepoint { capacity } else { 1 }
+}
+
+/// Fills LEGACY's one entry with a key no socket has (0), so that it stays full.
+fn fill_legacy(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    let map = ebpf
+        .map_mut(names::LEGACY)
+        .ok_or_else(|| missing(names::LEGACY))?;
+    let mut legacy: HashMap<&mut MapData, u64, SlotRef> =
+        HashMap::try_from(map).map_err(map_err("LEGACY"))?;
+    legacy
+        .insert(0, SlotRef::default(), 0)
+        .map_err(map_err("write LEGACY"))
+}
+
 fn agent_state_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, AgentState>, KernelError> {
     let m = ebpf
         .map_mut(names::AGENT_STATE)
@@ -480,7 +547,12 @@ const SOCK_OPS: &str = "sock_ops";
 const SOCK_CLOSE: &str = "sock_close";
 const ANNOTATE: &str = "annotate";
 
-fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), KernelError> {
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    pin_dir: &Path,
+    plan: Plan,
+) -> Result<(), KernelError> {
     let cg = fs::File::open(cgroup).map_err(io_err(format!("open {}", cgroup.display())))?;
     let attach_err = |program: &'static str| {
         move |e: &dyn std::error::Error| KernelError::Attach {
@@ -554,13 +626,13 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), Kern
         })?;
     }
 
-    {
+    if plan.close_tracepoint {
         // Raw tracepoint links cannot swap programs: attach the new one, then drop the old pin
         // (marking a slot closed twice is harmless), then pin the new one in its place.
         let prog: &mut RawTracePoint = program(ebpf, SOCK_CLOSE)?;
         prog.load().map_err(|e| load_error(SOCK_CLOSE, &e))?;
         let id = prog
-            .attach(TRACEPOINT)
+            .attach(probe::CLOSE_TRACEPOINT)
             .map_err(|e| attach_err(SOCK_CLOSE)(&e))?;
         let link: FdLink = prog
             .take_link(id)
@@ -729,7 +801,7 @@ fn detach_link(pin: &Path) {
 /// Removes everything the agent pinned and attached under `pin_dir`, the programs detached from
 /// the cgroup by the time it returns. Returns what it removed.
 pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
-    require_root()?;
+    require_capabilities(Operation::Detach)?;
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);

@@ -15,7 +15,7 @@ use outflow_agent::{
     config::{Config, DEFAULT_CONFIG_PATH, OutputFormat},
     durability::Durability,
     export::{self, Exporter, SHUTDOWN_GRACE},
-    kernel,
+    kernel, probe,
     record::{Discard, JsonLines, Sink, Text},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -356,7 +356,9 @@ async fn run_agent(cfg: Config) -> Result<()> {
     // Everything about the collector that can be wrong is checked before anything starts.
     let exporter = match export::prepare(&cfg.export)? {
         Some(prepared) => {
-            kernel::require_root()?;
+            kernel::require_capabilities(probe::Operation::Run {
+                pin_dir: &cfg.pin_dir,
+            })?;
             Some(Exporter::start(prepared, &cfg.export)?)
         }
         None => None,

@@ -79,7 +79,7 @@ fn not_root_is_explained() {
         .expect("run setpriv (util-linux; cargo xtask setup installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_one_line_error(out.status, &stdout, &stderr, "must run as root");
+    assert_one_line_error(out.status, &stdout, &stderr, "run as root or grant them");
 }
 
 #[test]
