@@ -1,7 +1,7 @@
 //! `outflow-agent`: counts the bytes of every TCP connection in a cgroup with eBPF and emits
 //! per-connection deltas each interval.
 use std::{
-    io::{BufWriter, stdout},
+    io::{BufWriter, Write, stdout},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -15,7 +15,8 @@ use outflow_agent::{
     config::{Config, DEFAULT_CONFIG_PATH, OutputFormat},
     durability::Durability,
     export::{self, Exporter, SHUTDOWN_GRACE},
-    kernel, probe,
+    kernel,
+    probe::{self, Need, Outcome, Report, Verdict},
     record::{Discard, JsonLines, Sink, Text},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -32,7 +33,9 @@ use tokio::signal::unix::{SignalKind, signal};
 /// then the oldest batches go, and the loss is reported).
 ///
 /// Settings come from a TOML file (--config, else /etc/outflow/agent.toml if it exists) and are
-/// overridden by flags; `outflow-agent print-config` shows the result. Needs root.
+/// overridden by flags; `outflow-agent print-config` shows the result. Needs root, or the
+/// capabilities `outflow-agent check` lists; that command also shows whether this kernel has
+/// what the agent needs (Linux 5.10 or later).
 #[derive(Parser, Debug)]
 #[command(name = "outflow-agent", version, about, long_about)]
 struct Cli {
@@ -190,6 +193,18 @@ enum Command {
     Detach,
     /// Print the effective configuration as TOML and exit
     PrintConfig,
+    /// Show whether this kernel and this process have what the agent needs, and exit
+    ///
+    /// Probes every kernel feature the agent uses (program types, map types, the helpers each
+    /// program calls, BPF links, the close tracepoint) and the capabilities it needs, the way
+    /// the agent does at every start, and prints a table: the feature, what it is needed for,
+    /// the first Linux release that has it, and the result: ok, missing, not probed (without
+    /// the capabilities the kernel cannot be probed) or absent (not needed). Loads and attaches
+    /// nothing. The last line is the verdict: `ready`; `ready, degraded: ...` (the agent runs
+    /// without a part, and says what that costs); or `refused: ...` with the reason, the line
+    /// the agent would fail with. Exits 0 when the agent would start, 1 when it would refuse.
+    /// With --output json, prints one JSON object instead (`rows` and `verdict`).
+    Check,
 }
 
 impl Cli {
@@ -292,7 +307,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -316,12 +331,23 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-fn run(cli: &Cli) -> Result<()> {
+fn run(cli: &Cli) -> Result<ExitCode> {
     let cfg = cli.config()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::PrintConfig => {
             print!("{}", cfg.to_toml());
-            Ok(())
+        }
+        Command::Check => {
+            let report = probe::probe(&cfg.pin_dir);
+            let json = cli.output == Some(OutputFormat::Json);
+            match print_check(&report, json) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.context("write the report")?,
+            }
+            if matches!(report.verdict(), Verdict::Refused(_)) {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Detach => {
             let removed = kernel::detach(&cfg.pin_dir)?;
@@ -330,7 +356,6 @@ fn run(cli: &Cli) -> Result<()> {
                 removed.len(),
                 cfg.pin_dir.display()
             );
-            Ok(())
         }
         Command::Run => {
             // The read loop runs on this thread; the export's sender on the one worker.
@@ -339,9 +364,114 @@ fn run(cli: &Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
-            rt.block_on(run_agent(cfg))
+            rt.block_on(run_agent(cfg))?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The verdict in a word (`ready`, `degraded` or `refused`), and the line `check` ends with:
+/// `kernel <release>: ready`, `...: ready, degraded: <what the agent runs without, and what
+/// that costs>` or `...: refused: <why>`.
+fn verdict_line(report: &Report) -> (&'static str, String) {
+    let (status, text) = match report.verdict() {
+        Verdict::Ready => ("ready", "ready".to_string()),
+        Verdict::Degraded(missing) => {
+            let what: Vec<String> = missing
+                .iter()
+                .map(|r| match r.need {
+                    Need::Degrade { cost } => format!("{} missing: {cost}", r.feature),
+                    _ => format!("{} missing", r.feature),
+                })
+                .collect();
+            ("degraded", format!("ready, degraded: {}", what.join("; ")))
+        }
+        Verdict::Refused(refusal) => ("refused", format!("refused: {refusal}")),
+    };
+    (status, format!("kernel {}: {text}", report.release))
+}
+
+/// What `check` shows as a probe's result: the outcome, and why a feature was not probed.
+fn result_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::NotProbed(why) => format!("not probed ({why})"),
+        o => o.label().to_string(),
+    }
+}
+
+/// The report on stdout, as a table or as one JSON object.
+fn print_check(report: &Report, json: bool) -> std::io::Result<()> {
+    let mut out = stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &check_json(report))?;
+        writeln!(out)?;
+    } else {
+        write_check_table(&mut out, report)?;
+    }
+    out.flush()
+}
+
+/// The report as a table, one row per requirement, then the verdict.
+fn write_check_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
+    let mut rows = vec![["feature", "needed for", "since", "result"].map(String::from)];
+    rows.extend(report.findings.iter().map(|f| {
+        let r = f.requirement;
+        [
+            r.feature.to_string(),
+            r.needed_for.to_string(),
+            r.since.to_string(),
+            result_text(&f.outcome),
+        ]
+    }));
+    let mut widths = [0; 3];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for [feature, needed_for, since, result] in &rows {
+        let [w0, w1, w2] = widths;
+        writeln!(
+            out,
+            "{feature:w0$}  {needed_for:w1$}  {since:w2$}  {result}"
+        )?;
+    }
+    writeln!(out, "{}", verdict_line(report).1)
+}
+
+/// The report as one JSON object: the kernel release, a row per requirement, the verdict.
+fn check_json(report: &Report) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = report
+        .findings
+        .iter()
+        .map(|f| {
+            let r = f.requirement;
+            let (need, without) = match r.need {
+                Need::Refuse => ("refuse", None),
+                Need::Degrade { cost } => ("degrade", Some(cost)),
+                Need::Info { without } => ("info", Some(without)),
+            };
+            let why = match &f.outcome {
+                Outcome::NotProbed(why) => Some(why.as_str()),
+                _ => None,
+            };
+            serde_json::json!({
+                "feature": r.feature,
+                "needed_for": r.needed_for,
+                "since": r.since,
+                "need": need,
+                "without": without,
+                "result": f.outcome.label(),
+                "not_probed_because": why,
+            })
+        })
+        .collect();
+    let (status, line) = verdict_line(report);
+    serde_json::json!({
+        "kernel": report.release,
+        "rows": rows,
+        "verdict": { "status": status, "line": line },
+    })
 }
 
 async fn run_agent(cfg: Config) -> Result<()> {
