@@ -1,5 +1,7 @@
 //! What an operator sees: bad input gives one line and a non-zero exit, never a panic; the
-//! effective configuration can be printed; `detach` removes everything the agent pinned.
+//! effective configuration can be printed; `check` says whether the kernel and the process
+//! have what the agent needs, and the agent refuses in one line when they do not; `detach`
+//! removes everything the agent pinned.
 //!
 //! Needs root (CI runs it as root).
 
@@ -80,6 +82,56 @@ fn not_root_is_explained() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(out.status, &stdout, &stderr, "run as root or grant them");
+}
+
+#[test]
+fn check_finds_this_kernel_ready() {
+    let (status, out, err) = run_to_completion(&["check", "--output", "json"]);
+    assert!(status.success(), "exit 0 when ready: {status:?} {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let rows = report["rows"].as_array().expect("rows");
+    assert!(rows.len() > 30, "every requirement is a row: {out}");
+    for row in rows {
+        if row["need"] != "info" {
+            assert_eq!(row["result"], "ok", "{row}");
+        }
+    }
+    assert_eq!(report["verdict"]["status"], "ready", "{out}");
+    assert!(!report["kernel"].as_str().expect("release").is_empty());
+
+    let (status, out, err) = run_to_completion(&["check"]);
+    assert!(status.success(), "{err}");
+    let last = out.lines().last().expect("a verdict line");
+    assert!(
+        last.starts_with("kernel ") && last.ends_with(": ready"),
+        "{out}"
+    );
+}
+
+#[test]
+fn missing_capabilities_are_named_at_start() {
+    let pin = PinDir::new("capabilities");
+    // Root, with the capability that lets programs store pointers in maps dropped (and
+    // CAP_SYS_ADMIN, which stands in for it) from every set.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--inh-caps=-perfmon,-sys_admin",
+            "--bounding-set=-perfmon,-sys_admin",
+            "--",
+        ])
+        .arg(agent_bin())
+        .args(["--pin-dir", pin.as_arg()])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run setpriv (util-linux; cargo xtask setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(out.status, &stdout, &stderr, "CAP_PERFMON");
+    assert!(
+        !pin.path().exists(),
+        "nothing pinned in {}",
+        pin.path().display()
+    );
 }
 
 #[test]
