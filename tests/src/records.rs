@@ -148,7 +148,15 @@ pub fn conn_records(records: &[Value]) -> Vec<ConnRecord> {
     of_type(records, "conn")
         .map(|r| {
             ConnRecord::deserialize(r)
-                .unwrap_or_else(|e| panic!("conn record does not fit the contract: {e}: {r}"))
+                .unwrap_or_else(|e| {
+                    // The other records of the same connection, to tell what happened to it.
+                    let same: Vec<&Value> = of_type(records, "conn")
+                        .filter(|o| o["remote_port"] == r["remote_port"] && o != &r)
+                        .collect();
+                    panic!(
+                        "conn record does not fit the contract: {e}: {r}; the connection's other records: {same:?}"
+                    )
+                })
         })
         .collect()
 }

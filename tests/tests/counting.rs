@@ -720,7 +720,7 @@ fn a_connection_older_than_the_agent_without_room_to_track_its_close_is_counted_
     );
     let mut legacy: aya::maps::HashMap<_, u64, agent_common::SlotRef> =
         aya::maps::HashMap::try_from(map).expect("LEGACY is a hash map");
-    for i in 0..u64::from(capacity) {
+    for i in 0..capacity {
         // Addresses no socket has: odd ones (sockets are aligned).
         legacy
             .insert(2 * i + 1, agent_common::SlotRef::default(), 0)

@@ -418,11 +418,72 @@ fn test_binaries(report: &setup::Report) -> Result<Vec<(&'static str, PathBuf)>>
 /// One kernel's outcome.
 struct VmResult {
     kernel: String,
+    /// `outflow-agent check` in the guest: its verdict line, and the features it found absent.
+    check: Check,
     suites: Vec<SuiteResult>,
     /// Why the VM did not give results, if it did not.
     failure: Option<String>,
     seconds: f64,
     out_dir: PathBuf,
+}
+
+#[derive(Default)]
+struct Check {
+    status: Option<i32>,
+    verdict: Option<String>,
+    absent: Vec<String>,
+}
+
+impl Check {
+    fn read(dir: &Path) -> Self {
+        let status = fs::read_to_string(dir.join("check.status"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let json: Option<serde_json::Value> = fs::read_to_string(dir.join("check.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok());
+        let Some(json) = json else {
+            return Self {
+                status,
+                ..Self::default()
+            };
+        };
+        let absent = json["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["result"] != "ok")
+            .map(|r| {
+                format!(
+                    "{} ({})",
+                    r["feature"].as_str().unwrap_or("?"),
+                    r["result"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        Self {
+            status,
+            verdict: json["verdict"]["line"].as_str().map(str::to_owned),
+            absent,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.status == Some(0) && self.verdict.is_some()
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "check: {}",
+            self.verdict
+                .as_deref()
+                .unwrap_or("no verdict (see check.err)")
+        );
+        if !self.absent.is_empty() {
+            s.push_str(&format!("; not on this kernel: {}", self.absent.join(", ")));
+        }
+        s
+    }
 }
 
 struct SuiteResult {
@@ -436,6 +497,7 @@ struct SuiteResult {
 impl VmResult {
     fn ok(&self) -> bool {
         self.failure.is_none()
+            && self.check.ok()
             && self
                 .suites
                 .iter()
@@ -443,7 +505,7 @@ impl VmResult {
     }
 
     fn line(&self) -> String {
-        let mut parts = Vec::new();
+        let mut parts = vec![self.check.describe()];
         for s in &self.suites {
             let mut p = format!("{} {} passed", s.name, s.passed);
             if !s.failed.is_empty() {
@@ -487,8 +549,12 @@ fn guest_script(out: &Path, binaries: &[(&'static str, PathBuf)]) -> String {
          modprobe veth 2> $out/setup.err || exit 90\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf 2>> $out/setup.err || exit 91\n\
          cd {} || exit 92\n\
-         export RUST_BACKTRACE=1\n",
-        tests_dir.display()
+         export RUST_BACKTRACE=1\n\
+         {agent} check > $out/check.txt 2>&1\n\
+         {agent} check --output json > $out/check.json 2> $out/check.err\n\
+         echo $? > $out/check.status\n",
+        tests_dir.display(),
+        agent = cmd::target_dir().join("debug/outflow-agent").display(),
     );
     for (name, exe) in binaries {
         s.push_str(&format!(
@@ -591,6 +657,7 @@ fn boot(kernel: &Kernel, binaries: &[(&'static str, PathBuf)]) -> Result<VmResul
         .collect();
     Ok(VmResult {
         kernel: format!("{release} ({} {})", kernel.spec.distro, kernel.spec.suite),
+        check: Check::read(&out),
         suites,
         failure,
         seconds,
