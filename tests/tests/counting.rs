@@ -132,8 +132,13 @@ fn assert_exact(conns: &[ConnRecord], o: &Outcome, result: &ServerResult, bench:
         t.wire_bytes_out >= t.bytes_out + hdr * t.segments_out,
         "wire out {t:?}"
     );
+    // When the handshake's last ACK is lost, the client's first data segment completes it: the
+    // kernel processes that segment on the listener, so its payload is counted (by sequence,
+    // from where the connection starts) but its wire bytes and segment are not the
+    // connection's. Seen under loss in a VM; at most one segment of at most one MSS.
+    const HANDSHAKE_SEGMENT: u64 = 1500;
     assert!(
-        t.wire_bytes_in >= t.bytes_in + hdr * t.segments_in,
+        t.wire_bytes_in + HANDSHAKE_SEGMENT >= t.bytes_in + hdr * t.segments_in,
         "wire in {t:?}"
     );
     for r in &recs {
