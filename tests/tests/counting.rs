@@ -681,12 +681,14 @@ fn packets_whose_headers_are_not_read_are_counted_as_unparsed() {
         let (sent, received) = exchange_on(&mut s, 50_000, 100);
         (sent, received, port)
     });
-    // Stats follow an interval's connection records: wait for both.
+    // An interval's stats follow its connection records: wait for the stats written after the
+    // close, which the agent read after the connection's last packet.
     let records = agent.wait_until(WAIT, |r| {
-        conn_records(r)
-            .iter()
-            .any(|c| c.remote_port == port && c.closed)
-            && last_stats(r)["unparsed_packets"].as_u64() > Some(0)
+        r.iter()
+            .position(|v| {
+                v["type"] == "conn" && v["remote_port"] == port && v["closed"] == true
+            })
+            .is_some_and(|closed| of_type(&r[closed..], "stats").next().is_some())
     });
     let conns = conn_records(&records);
     let recs: Vec<&ConnRecord> = conns.iter().filter(|c| c.remote_port == port).collect();
