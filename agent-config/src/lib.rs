@@ -5,12 +5,18 @@
 //! in seconds: [`Config::parse`] and [`Config::validate`] read text the operator writes.
 use std::{
     collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+/// Default address of the metrics and health endpoint: loopback only, port 9410 (the
+/// collector's is 9411).
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9410));
 
 /// Where the agent looks for its config file when `--config` is not given (used only if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outflow/agent.toml";
@@ -77,6 +83,10 @@ pub struct Config {
     /// hash of the socket's address, and a connection whose group is full takes the slower way
     /// (`placed_away` in the stats record). Fixed when the state is first pinned.
     pub max_connections: u32,
+    /// Address of the HTTP endpoint: Prometheus metrics at `/metrics`, liveness at `/healthz`,
+    /// readiness at `/readyz` (ready once the kernel programs are attached). Port 0 picks a
+    /// free port (the `started` record says which).
+    pub metrics_listen: SocketAddr,
     pub filter: FilterConfig,
     pub export: ExportConfig,
     /// Who the client is behind balancers and gateways (PROXY protocol, request headers,
@@ -268,6 +278,7 @@ impl Default for Config {
             output: OutputFormat::Text,
             pin_dir: PathBuf::from("/sys/fs/bpf/outflow"),
             max_connections: 65_536,
+            metrics_listen: DEFAULT_METRICS_LISTEN,
             filter: FilterConfig::default(),
             export: ExportConfig::default(),
             attribution: outflow_attribution::Settings::default(),

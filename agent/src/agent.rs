@@ -16,7 +16,9 @@ use crate::{
     filter::Filter,
     kernel::{self, Kernel, KernelError, LoadSettings},
     probe::Operation,
-    record::{AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StatsRecord},
+    record::{
+        AttributionStatsRecord, ConnRecord, OverflowRecord, Role, Sink, StartedRecord, StatsRecord,
+    },
     table::{CommitPlan, OverflowCommit, SlotCommit, SlotDelta, TableError},
 };
 
@@ -75,6 +77,9 @@ pub struct Agent {
     /// What keeps each interval before it is committed (the export's spool), if anything does.
     durability: Option<Box<dyn Durability + Send>>,
     last_stats: Option<StatsRecord>,
+    /// The overflow counters as last read (cumulative: every byte of connections that found
+    /// the table full, since the state was created).
+    overflow_total: Counters,
     attributor: Attributor,
     /// Turn and annotation events from the kernel.
     events: RingBuf<MapData>,
@@ -176,12 +181,13 @@ impl Agent {
         let stale_claims = kernel
             .adopted
             .then(|| (Instant::now(), kernel.table.claimed_free_slots()));
-        sink.started(
-            &rel,
-            &cfg.pin_dir.display().to_string(),
-            kernel.adopted,
-            kernel.table.capacity(),
-        )?;
+        sink.started(&StartedRecord {
+            cgroup: rel.clone(),
+            pin_dir: cfg.pin_dir.display().to_string(),
+            adopted: kernel.adopted,
+            capacity: kernel.table.capacity(),
+            metrics: cfg.metrics_listen,
+        })?;
         Ok(Self {
             kernel,
             cgroups: CgroupNames::new(mount, PathBuf::from(&cgroup)),
@@ -190,10 +196,26 @@ impl Agent {
             sink,
             durability,
             last_stats: None,
+            overflow_total: Counters::default(),
             attributor: Attributor::new(resolver),
             events,
             stale_claims,
         })
+    }
+
+    /// The stats record of the last interval, if one was read.
+    pub const fn stats(&self) -> Option<&StatsRecord> {
+        self.last_stats.as_ref()
+    }
+
+    /// The overflow counters as last read (cumulative).
+    pub const fn overflow_total(&self) -> &Counters {
+        &self.overflow_total
+    }
+
+    /// How often and for how long each kernel program ran (see [`Kernel::program_runs`]).
+    pub fn program_runs(&self) -> Vec<kernel::ProgramRuns> {
+        self.kernel.program_runs()
     }
 
     /// The ring buffer's fd, to wait for events on.
@@ -266,6 +288,7 @@ impl Agent {
         }
 
         let (overflow, stats) = self.kernel.read_overflow()?;
+        self.overflow_total = overflow;
         let reported = self.kernel.overflow_reported()?;
         let overflow_delta = overflow.delta_since(&reported);
         if !overflow_delta.is_zero() {

@@ -261,6 +261,14 @@ impl Exporter {
         })
     }
 
+    /// What the metrics endpoint reads of the export at each scrape.
+    pub fn status_source(&self, spool_max_bytes: u64) -> ExportStatusSource {
+        ExportStatusSource {
+            shared: Arc::clone(&self.shared),
+            spool_max_bytes,
+        }
+    }
+
     /// The read loop's durability step: spools every interval.
     pub fn spooler(&self) -> Spooler {
         Spooler {
@@ -334,6 +342,59 @@ pub fn split_interval(
     out
 }
 
+/// The export's state, read from the sender's shared state when asked (at each scrape of the
+/// metrics endpoint), without waiting for the read loop.
+#[derive(Clone)]
+pub struct ExportStatusSource {
+    shared: Arc<Shared>,
+    spool_max_bytes: u64,
+}
+
+impl std::fmt::Debug for ExportStatusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportStatusSource").finish_non_exhaustive()
+    }
+}
+
+/// The export's state at one moment (counts since this agent started).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportStatus {
+    pub connected: bool,
+    pub batches_spooled: u64,
+    pub batches_acked: u64,
+    /// Batches dropped unsent (spool full, unreadable spool files).
+    pub batches_lost: u64,
+    pub spool_bytes: u64,
+    pub spool_batches: u64,
+    pub spool_max_bytes: u64,
+    /// Since the collector last acknowledged something; `None` before it ever did.
+    pub since_last_ack: Option<Duration>,
+}
+
+impl ExportStatusSource {
+    pub fn read(&self) -> ExportStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (spool_bytes, spool_batches, batches_lost) = {
+            let spool = self.shared.spool();
+            (
+                spool.bytes(),
+                spool.len() as u64,
+                spool.lost_total().batches,
+            )
+        };
+        ExportStatus {
+            connected: self.shared.is_connected(),
+            batches_spooled: self.shared.batches_spooled.load(Relaxed),
+            batches_acked: self.shared.batches_acked.load(Relaxed),
+            batches_lost,
+            spool_bytes,
+            spool_batches,
+            spool_max_bytes: self.spool_max_bytes,
+            since_last_ack: self.shared.since_last_ack(),
+        }
+    }
+}
+
 /// The durability step with a collector: spools each interval as batches (durably, before
 /// [`Durability::make_durable`] returns) and hands them to the sender once the kernel has
 /// recorded them as reported.
@@ -389,8 +450,12 @@ impl Durability for Spooler {
             self.start_ms,
             end_ms,
         );
+        let n = batches.len() as u64;
         match spool.append(batches, interval.plan) {
             Ok(_) => {
+                self.shared
+                    .batches_spooled
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 self.start_ms = end_ms;
                 if self.deferring.take().is_some() {
                     info!(

@@ -110,6 +110,20 @@ pub struct Kernel {
     pub cgroup_id: u64,
 }
 
+/// How often one kernel program ran, and for how long in all (counted by the kernel only
+/// while `kernel.bpf_stats_enabled` is 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub program: String,
+    pub runs: u64,
+    pub time: std::time::Duration,
+}
+
+/// Whether the kernel counts program runs (`sysctl kernel.bpf_stats_enabled`).
+pub fn bpf_stats_enabled() -> bool {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
 /// The cgroup2 mount point, from /proc/mounts.
 pub fn cgroup2_mount() -> Result<PathBuf, KernelError> {
     mounts::cgroup2_mount()
@@ -121,6 +135,25 @@ pub fn cgroup2_mount() -> Result<PathBuf, KernelError> {
 pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     Ok(fs::metadata(dir)?.ino())
+}
+
+impl Kernel {
+    /// Run count and time of each of this agent's programs (the ones attached: an agent that
+    /// adopted pinned state swapped its own programs in). A program whose info cannot be read
+    /// is left out.
+    pub fn program_runs(&self) -> Vec<ProgramRuns> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramRuns {
+                    program: name.to_string(),
+                    runs: info.run_count(),
+                    time: info.run_time(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Resolves and checks the cgroup to attach to.

@@ -14,6 +14,7 @@
 //! - [`record`]: the records the agent emits, and their JSON and text forms.
 //! - [`durability`]: the read loop's step that keeps an interval before it is committed.
 //! - [`agent`]: the read loop that ties them together.
+//! - [`metrics`]: the HTTP endpoint: Prometheus metrics, liveness, readiness.
 //! - [`crash`]: crash points the fault suite arms to kill the agent at chosen places.
 //!
 //! Export to a collector (`outflow.v1.Ingest`), when one is configured:
@@ -35,6 +36,7 @@ pub mod export;
 pub mod filter;
 pub mod identity;
 pub mod kernel;
+pub mod metrics;
 pub mod mounts;
 pub mod probe;
 pub mod random;

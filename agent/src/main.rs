@@ -4,21 +4,24 @@ use std::{
     io::{BufWriter, Write, stdout},
     path::PathBuf,
     process::ExitCode,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use log::info;
+use log::{info, warn};
 use outflow_agent::{
     agent::Agent,
     config::{Config, DEFAULT_CONFIG_PATH, OutputFormat},
     durability::Durability,
     export::{self, Exporter, SHUTDOWN_GRACE},
     kernel,
+    metrics::{self, Metrics},
     probe::{self, Need, Outcome, Report, Verdict},
     record::{Discard, JsonLines, Sink, Text},
 };
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Counts the bytes of every TCP connection of a cgroup, exactly, with eBPF, and reports
@@ -78,6 +81,12 @@ struct Cli {
     /// Count and report loopback connections too (excluded by default)
     #[arg(long, global = true)]
     include_loopback: bool,
+
+    /// Address of the HTTP endpoint: Prometheus metrics at /metrics, liveness at /healthz,
+    /// readiness at /readyz (ready once the programs are attached); port 0 picks a free one
+    /// [default: 127.0.0.1:9410]
+    #[arg(long, global = true, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 
     /// Stream the deltas to this collector: http://HOST:PORT or https://HOST:PORT [default: no export]
     #[arg(long, global = true, value_name = "URL", help_heading = "Export")]
@@ -237,6 +246,9 @@ impl Cli {
         }
         if self.include_loopback {
             c.filter.include_loopback = true;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = v;
         }
         let e = &mut c.export;
         if let Some(v) = &self.collector {
@@ -474,10 +486,23 @@ fn check_json(report: &Report) -> serde_json::Value {
     })
 }
 
-async fn run_agent(cfg: Config) -> Result<()> {
+/// Tells systemd (a `Type=notify` unit) how the agent is doing; nothing without NOTIFY_SOCKET.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    }
+}
+
+async fn run_agent(mut cfg: Config) -> Result<()> {
     // First, so that a stop requested while starting still ends in the final report.
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    // Before anything is loaded: /healthz answers and /readyz says "not yet" while starting,
+    // and an address in use stops the agent before it attaches anything.
+    let metrics = Arc::new(Metrics::new());
+    let listener = metrics::bind(cfg.metrics_listen).await?;
+    cfg.metrics_listen = listener.local_addr().context("read the metrics address")?;
+    tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
     let sink: Box<dyn Sink + Send> = match cfg.output {
         OutputFormat::Json => Box::new(JsonLines(BufWriter::new(stdout()))),
         OutputFormat::Text => Box::new(Text(BufWriter::new(stdout()))),
@@ -489,7 +514,9 @@ async fn run_agent(cfg: Config) -> Result<()> {
             kernel::require_capabilities(probe::Operation::Run {
                 pin_dir: &cfg.pin_dir,
             })?;
-            Some(Exporter::start(prepared, &cfg.export)?)
+            let exporter = Exporter::start(prepared, &cfg.export)?;
+            metrics.set_export(exporter.status_source(cfg.export.spool_max_bytes));
+            Some(exporter)
         }
         None => None,
     };
@@ -497,8 +524,38 @@ async fn run_agent(cfg: Config) -> Result<()> {
         .as_ref()
         .map(|e| Box::new(e.spooler()) as Box<dyn Durability + Send>);
     let mut agent = Agent::start(&cfg, sink, durability)?;
+    metrics.set_ready(true);
+    info!(
+        "attached; metrics at http://{}/metrics, readiness at /readyz",
+        cfg.metrics_listen
+    );
+    notify(&[NotifyState::Ready, NotifyState::Status("counting")]);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // With WatchdogSec= in the unit: pinged from this loop, so a stuck read loop is restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| {
+            (d / 2).max(Duration::from_millis(10))
+        }));
+    let bpf_stats = kernel::bpf_stats_enabled;
+    let poll = |agent: &mut Agent| -> Result<()> {
+        let t0 = Instant::now();
+        agent.poll()?;
+        let stats_on = bpf_stats();
+        metrics.interval_done(
+            t0.elapsed(),
+            agent.stats(),
+            agent.overflow_total(),
+            stats_on,
+            if stats_on {
+                agent.program_runs()
+            } else {
+                Vec::new()
+            },
+        );
+        Ok(())
+    };
     // Turn events are read as they come, so that the ring buffer does not fill between reads.
     // SAFETY: the fd is the agent's ring buffer, open for as long as `agent` lives, which is
     // longer than `events` (declared after it, dropped before it).
@@ -511,7 +568,8 @@ async fn run_agent(cfg: Config) -> Result<()> {
     .context("watch the kernel's event ring buffer")?;
     loop {
         tokio::select! {
-            _ = tick.tick() => agent.poll()?,
+            _ = tick.tick() => poll(&mut agent)?,
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
             ready = events.readable() => {
                 let mut guard = ready.context("wait for kernel events")?;
                 agent.drain_events();
@@ -521,8 +579,13 @@ async fn run_agent(cfg: Config) -> Result<()> {
             _ = int.recv() => break,
         }
     }
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: final report"),
+    ]);
+    metrics.set_ready(false);
     // Report what was counted up to now; the kernel goes on counting for the next agent.
-    agent.poll()?;
+    poll(&mut agent)?;
     if let Some(e) = exporter {
         e.shutdown(SHUTDOWN_GRACE).await;
     }

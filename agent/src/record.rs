@@ -161,15 +161,22 @@ pub struct ExportRecord {
     pub deferred_intervals: u64,
 }
 
+/// The agent attached: where, with what state, and where its metrics are served.
+#[derive(Clone, Debug, Serialize)]
+pub struct StartedRecord {
+    pub cgroup: String,
+    pub pin_dir: String,
+    /// True when the agent adopted state an earlier agent pinned.
+    pub adopted: bool,
+    pub capacity: u32,
+    /// Address of the metrics and health endpoint (the bound port when 0 was asked for).
+    pub metrics: std::net::SocketAddr,
+}
+
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Tagged<'a> {
-    Started {
-        cgroup: &'a str,
-        pin_dir: &'a str,
-        adopted: bool,
-        capacity: u32,
-    },
+    Started(&'a StartedRecord),
     Conn(&'a ConnRecord),
     Overflow(&'a OverflowRecord),
     Stats {
@@ -193,13 +200,7 @@ pub trait Sink {
         let _ = ts;
         Ok(())
     }
-    fn started(
-        &mut self,
-        cgroup: &str,
-        pin_dir: &str,
-        adopted: bool,
-        capacity: u32,
-    ) -> std::io::Result<()>;
+    fn started(&mut self, r: &StartedRecord) -> std::io::Result<()>;
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()>;
     fn overflow(&mut self, r: &OverflowRecord) -> std::io::Result<()>;
     fn stats(&mut self, ts: u64, r: &StatsRecord) -> std::io::Result<()>;
@@ -223,19 +224,8 @@ impl<W: Write> JsonLines<W> {
 }
 
 impl<W: Write> Sink for JsonLines<W> {
-    fn started(
-        &mut self,
-        cgroup: &str,
-        pin_dir: &str,
-        adopted: bool,
-        capacity: u32,
-    ) -> std::io::Result<()> {
-        self.line(&Tagged::Started {
-            cgroup,
-            pin_dir,
-            adopted,
-            capacity,
-        })?;
+    fn started(&mut self, r: &StartedRecord) -> std::io::Result<()> {
+        self.line(&Tagged::Started(r))?;
         self.0.flush()
     }
     fn conn(&mut self, r: &ConnRecord) -> std::io::Result<()> {
@@ -279,17 +269,15 @@ fn endpoint(a: IpAddr, p: u16) -> String {
 }
 
 impl<W: Write> Sink for Text<W> {
-    fn started(
-        &mut self,
-        cgroup: &str,
-        pin_dir: &str,
-        adopted: bool,
-        capacity: u32,
-    ) -> std::io::Result<()> {
+    fn started(&mut self, r: &StartedRecord) -> std::io::Result<()> {
         writeln!(
             self.0,
-            "counting TCP connections in cgroup {cgroup} ({} state in {pin_dir}, table of {capacity})",
-            if adopted { "adopted" } else { "new" }
+            "counting TCP connections in cgroup {} ({} state in {}, table of {}); metrics at http://{}/metrics",
+            r.cgroup,
+            if r.adopted { "adopted" } else { "new" },
+            r.pin_dir,
+            r.capacity,
+            r.metrics
         )?;
         self.0.flush()
     }
@@ -385,7 +373,7 @@ impl<W: Write> Sink for Text<W> {
 pub struct Discard;
 
 impl Sink for Discard {
-    fn started(&mut self, _: &str, _: &str, _: bool, _: u32) -> std::io::Result<()> {
+    fn started(&mut self, _: &StartedRecord) -> std::io::Result<()> {
         Ok(())
     }
     fn conn(&mut self, _: &ConnRecord) -> std::io::Result<()> {

@@ -9,7 +9,7 @@ use std::{
     error::Error as StdError,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -52,6 +52,13 @@ pub struct Shared {
     pub acked: Notify,
     /// A stream is open (Welcome received).
     pub connected: AtomicBool,
+    /// Batches written to the spool since this agent started.
+    pub batches_spooled: AtomicU64,
+    /// Batches the collector acknowledged (by an Ack, or by a Welcome that says it has them)
+    /// since this agent started.
+    pub batches_acked: AtomicU64,
+    /// When the collector last acknowledged something (an Ack or a Welcome).
+    last_ack: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -61,7 +68,26 @@ impl Shared {
             spooled: Notify::new(),
             acked: Notify::new(),
             connected: AtomicBool::new(false),
+            batches_spooled: AtomicU64::new(0),
+            batches_acked: AtomicU64::new(0),
+            last_ack: Mutex::new(None),
         }
+    }
+
+    /// The collector acknowledged `batches` batches (possibly none: a Welcome or an Ack of
+    /// what it had already acknowledged still says it is there).
+    fn acknowledged(&self, batches: usize) {
+        self.batches_acked
+            .fetch_add(batches as u64, Ordering::Relaxed);
+        *self.last_ack.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Time since the collector last acknowledged something, if it ever did.
+    pub fn since_last_ack(&self) -> Option<Duration> {
+        self.last_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|t| t.elapsed())
     }
 
     pub fn spool(&self) -> MutexGuard<'_, Spool> {
@@ -238,7 +264,9 @@ async fn stream(
 
     let mut sent = {
         let mut spool = shared.spool();
+        let before = spool.len();
         spool.welcome(applied)?;
+        shared.acknowledged(before.saturating_sub(spool.len()));
         shared.connected.store(true, Ordering::Relaxed);
         info!(
             "streaming to collector {} (agent {} epoch {}): it has applied up to seq {applied}; {} batches spooled to send",
@@ -299,7 +327,8 @@ async fn stream(
                             a.seq
                         )));
                     }
-                    shared.spool().ack(a.seq)?;
+                    let acked = shared.spool().ack(a.seq)?;
+                    shared.acknowledged(acked);
                     while in_flight.front().is_some_and(|&s| s <= a.seq) {
                         in_flight.pop_front();
                     }

@@ -108,6 +108,14 @@ impl Agent {
         {
             command.args(["--output", "json"]);
         }
+        // Agents run side by side in the tests: each serves its metrics on a port of its own
+        // (the `started` record says which).
+        if !args
+            .iter()
+            .any(|a| *a == "--metrics-listen" || a.starts_with("--metrics-listen="))
+        {
+            command.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -154,6 +162,15 @@ impl Agent {
             .into_iter()
             .find(is_started)
             .expect("wait_until saw a started record")
+    }
+
+    /// The address of its metrics and health endpoint (from the `started` record).
+    pub fn metrics_addr(&self, timeout: Duration) -> std::net::SocketAddr {
+        let started = self.wait_started(timeout);
+        started["metrics"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {started}"))
     }
 
     /// Waits until `condition` holds for the records so far and returns them.

@@ -213,18 +213,78 @@ impl Drop for TempDir {
     }
 }
 
-/// A collector's Prometheus metrics (`GET /metrics` on its metrics address), as text.
+/// `GET path` on `addr` (plain HTTP/1.1): the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP response: {out:?}"),
+        )
+    };
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let body = out.split_once("\r\n\r\n").ok_or_else(bad)?.1.to_string();
+    Ok((status, body))
+}
+
+/// Prometheus metrics of the agent or the collector (`GET /metrics` on its metrics address),
+/// as text.
 pub struct Metrics(String);
 
 impl Metrics {
     /// Scrapes the metrics endpoint at `addr`.
     pub fn fetch(addr: SocketAddr) -> io::Result<Self> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(Self(out))
+        Ok(Self(http_get(addr, "/metrics")?.1))
+    }
+
+    /// The text as scraped.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a sample of `name` (any labels) is there.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples()
+            .any(|(n, _)| n.split('{').next() == Some(name))
+    }
+
+    /// Runs `promtool check metrics` (Debian's `prometheus` package, installed by
+    /// `cargo xtask setup`) on the text; panics with its complaints if it finds any.
+    pub fn check_with_promtool(&self) {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run promtool ({e}): run `cargo xtask setup` (it installs Debian's prometheus package)")
+            });
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(self.0.as_bytes())
+            .expect("write to promtool");
+        let out = child.wait_with_output().expect("wait for promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.0
+        );
     }
 
     /// The sample named exactly `name` (labels included); 0 if absent.

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
-    collector::{Collector, TempDir, free_port},
+    collector::{Collector, Metrics, TempDir, free_port, http_get},
     netns::NetnsPair,
     peer::{Client, Outcome, Server},
     testpeer_bin,
@@ -161,12 +161,48 @@ fn collector_totals_per_client_equal_the_ground_truth() {
         let ip: IpAddr = ip.parse().expect("ip");
         assert_eq!(collector.day_bytes(prefix), truth[&ip], "{prefix}");
     }
+    assert_agent_metrics_show_everything_acknowledged(&agent);
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
     assert_eq!(
         observed(&collector, &truth),
         truth,
         "nothing more after the agent's final batch"
     );
+}
+
+/// The agent's /metrics, once the collector has everything: every batch spooled was
+/// acknowledged, the spool is empty, the stream is up; /readyz says ready; promtool accepts
+/// the exposition.
+fn assert_agent_metrics_show_everything_acknowledged(agent: &Agent) {
+    let addr = agent.metrics_addr(WAIT);
+    assert_eq!(http_get(addr, "/readyz").expect("GET /readyz").0, 200);
+    assert_eq!(http_get(addr, "/healthz").expect("GET /healthz").0, 200);
+    let mut last = None;
+    let settled = poll_until(WAIT, || {
+        let m = Metrics::fetch(addr).expect("GET /metrics");
+        let spooled = m.value("outflow_agent_batches_spooled_total");
+        let done = spooled > 0.0
+            && m.value("outflow_agent_batches_acknowledged_total") == spooled
+            && m.value("outflow_agent_spool_bytes") == 0.0
+            && m.value("outflow_agent_collector_connected") == 1.0
+            && m.has("outflow_agent_last_ack_age_seconds");
+        last = Some(m);
+        done
+    });
+    let m = last.expect("scraped once");
+    assert!(
+        settled,
+        "the agent's metrics never showed everything acknowledged:\n{}",
+        m.text()
+    );
+    assert_eq!(m.value("outflow_agent_batches_lost_total"), 0.0);
+    assert_eq!(m.value("outflow_agent_ready"), 1.0);
+    assert!(
+        m.value("outflow_agent_interval_seconds_count") > 0.0,
+        "{}",
+        m.text()
+    );
+    m.check_with_promtool();
 }
 
 #[test]
