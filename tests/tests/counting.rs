@@ -16,12 +16,14 @@ use std::{
 use outflow_tests::{
     agent::{Agent, PinDir},
     cgroup::TestCgroup,
+    collector::Metrics,
     faults::nft::{NetFault, Nft},
     netns::{self, CLIENT_V4, CLIENT_V6, NetnsPair, SERVER_V4, SERVER_V6},
     peer::{Client, Outcome, Server},
     protocol::{DONE_BYTE, HEADER_LEN, RequestHeader, ServerResult},
     records::{ConnRecord, ConnTotals, Role, conn_records, of_type},
     testpeer_bin,
+    wait::poll_until,
 };
 use serde_json::Value;
 
@@ -241,7 +243,9 @@ fn a_retransmitted_byte_is_counted_once_under_packet_loss() {
         let t = totals(&of_outcome(&conns, o));
         // Segments, retransmissions included, as TCP counts them: tcp_info is read before the
         // close, so the agent has the FIN exchange on top (a few segments, more if one of them
-        // is lost and sent again), and it counts from establishment, without the handshake.
+        // is lost and sent again), and it counts from establishment, without the handshake
+        // (under loss the handshake's segments can be several: a lost SYN-ACK or last ACK is
+        // sent again; Linux 5.10 counted 5 more segments in than the agent, bytes still exact).
         let (out, inb) = (u64::from(result.segs_out), u64::from(result.segs_in));
         assert!(
             (out..=out + 8).contains(&t.segments_out),
@@ -249,7 +253,7 @@ fn a_retransmitted_byte_is_counted_once_under_packet_loss() {
             t.segments_out
         );
         assert!(
-            (inb.saturating_sub(3)..=inb + 3).contains(&t.segments_in),
+            (inb.saturating_sub(8)..=inb + 3).contains(&t.segments_in),
             "segments_in {} vs tcp_info segs_in {inb}: {result:?}",
             t.segments_in
         );
@@ -320,6 +324,7 @@ fn a_token_stream_is_reported_every_interval_and_sums_exactly() {
 
 #[test]
 fn a_full_table_still_counts_every_byte_in_overflow() {
+    let _stats = BpfStats::enable();
     let bench = Bench::new("small");
     let (agent, started) = bench.agent(&["--max-connections", "16"]);
     assert_eq!(started["capacity"], 16, "{started}");
@@ -369,7 +374,56 @@ fn a_full_table_still_counts_every_byte_in_overflow() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(stats["conns_overflowed"], 24, "{stats}");
+    // The metrics endpoint says the same, to the byte, and how often the programs ran.
+    let addr = agent.metrics_addr(WAIT);
+    let mut last = None;
+    let same = poll_until(WAIT, || {
+        let m = Metrics::fetch(addr).expect("GET /metrics");
+        let same = m.value("outflow_agent_overflow_bytes_total{direction=\"out\"}")
+            == overflow.0 as f64
+            && m.value("outflow_agent_overflow_bytes_total{direction=\"in\"}") == overflow.1 as f64
+            && m.sum("outflow_agent_program_runs_total") > 0.0;
+        last = Some(m);
+        same
+    });
+    let m = last.expect("scraped once");
+    assert!(
+        same,
+        "overflow {overflow:?} in the records; the metrics:\n{}",
+        m.text()
+    );
+    assert_eq!(m.value("outflow_agent_connections_overflowed_total"), 24.0);
+    assert_eq!(m.value("outflow_agent_overflow_closed_total"), 24.0);
+    assert_eq!(m.value("outflow_agent_connection_table_capacity"), 16.0);
+    assert_eq!(m.value("outflow_agent_connections_tracked"), 0.0);
+    assert_eq!(m.value("outflow_agent_bpf_stats_enabled"), 1.0);
+    assert!(
+        m.sum("outflow_agent_program_run_seconds_total") > 0.0,
+        "{}",
+        m.text()
+    );
+    m.check_with_promtool();
     agent.stop();
+}
+
+/// Turns `kernel.bpf_stats_enabled` on (the kernel counts program runs) and back to what it
+/// was when dropped.
+struct BpfStats(String);
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Self {
+        let was = std::fs::read_to_string(BPF_STATS_SYSCTL).expect("read kernel.bpf_stats_enabled");
+        std::fs::write(BPF_STATS_SYSCTL, "1").expect("turn kernel.bpf_stats_enabled on");
+        Self(was)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, self.0.trim());
+    }
 }
 
 #[test]
@@ -685,9 +739,7 @@ fn packets_whose_headers_are_not_read_are_counted_as_unparsed() {
     // close, which the agent read after the connection's last packet.
     let records = agent.wait_until(WAIT, |r| {
         r.iter()
-            .position(|v| {
-                v["type"] == "conn" && v["remote_port"] == port && v["closed"] == true
-            })
+            .position(|v| v["type"] == "conn" && v["remote_port"] == port && v["closed"] == true)
             .is_some_and(|closed| of_type(&r[closed..], "stats").next().is_some())
     });
     let conns = conn_records(&records);
