@@ -22,7 +22,7 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outflow-collector";
 
 pub use crate::config_error::ConfigError;
-use crate::config_error::invalid;
+use crate::{config_error::invalid, window::Window};
 
 /// Everything the collector needs to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,7 +30,8 @@ use crate::config_error::invalid;
 pub struct Config {
     /// gRPC address (Ingest, Query, health, reflection).
     pub listen: SocketAddr,
-    /// Address of the Prometheus `/metrics` endpoint (plain HTTP).
+    /// Address of the Prometheus `/metrics` endpoint and of `/healthz` and `/readyz` (plain
+    /// HTTP).
     pub metrics_listen: SocketAddr,
     /// Directory of the embedded database (`collector.redb`); created if missing.
     pub data_dir: PathBuf,
@@ -38,6 +39,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    pub metrics: MetricsConfig,
     /// Bulk-exfiltration detection (`[detect.*]`, see `detect`).
     pub detect: crate::detect::DetectConfig,
     /// Alert changes POSTed to a URL (`[webhook]`, see `sinks::webhook`).
@@ -54,6 +56,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
             detect: crate::detect::DetectConfig::default(),
             webhook: crate::sinks::webhook::WebhookConfig::default(),
         }
@@ -206,6 +209,60 @@ impl Default for StoreConfig {
     }
 }
 
+/// What `/metrics` shows beyond the collector's own counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The client addresses with the most response bytes in `top_window`, as many as this
+    /// (at most [`MAX_TOP_CLIENTS`]; 0: none), in
+    /// `outflow_collector_top_client_response_bytes{rank, client}`: what `outflow-collector
+    /// top -g client-address` shows, computed at each scrape.
+    pub top_clients: usize,
+    /// The window of those bytes: one the collector keeps (1m, 10m, 1h or 24h of batch time).
+    #[serde(with = "humantime_serde")]
+    pub top_window: Duration,
+}
+
+/// Most series of `outflow_collector_top_client_response_bytes`.
+pub const MAX_TOP_CLIENTS: usize = 100;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            top_clients: 10,
+            top_window: Duration::from_secs(600),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The window `top_window` names.
+    pub fn window(&self) -> Result<Window, ConfigError> {
+        Window::of_length(self.top_window).ok_or_else(|| {
+            invalid(
+                "metrics.top_window",
+                format!(
+                    "must be a window the collector keeps: 1m, 10m, 1h or 24h (got {})",
+                    humantime::format_duration(self.top_window)
+                ),
+            )
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.top_clients > MAX_TOP_CLIENTS {
+            return Err(invalid(
+                "metrics.top_clients",
+                format!(
+                    "must be between 0 and {MAX_TOP_CLIENTS} (got {})",
+                    self.top_clients
+                ),
+            ));
+        }
+        self.window().map(|_| ())
+    }
+}
+
 impl Config {
     /// Reads `path`. A missing file is an error only if `explicit` (given with `--config`);
     /// otherwise the defaults are used.
@@ -340,6 +397,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.metrics.validate()?;
         self.detect.validate()?;
         self.webhook.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
@@ -397,6 +455,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits, LimitsConfig::default());
         assert_eq!(c.store, StoreConfig::default());
+        assert_eq!(c.metrics, MetricsConfig::default());
     }
 
     #[test]
@@ -463,6 +522,34 @@ mod tests {
             "store.max_batches_per_commit",
         );
         check(&|c| c.metrics_listen = c.listen, "metrics_listen");
+        check(&|c| c.metrics.top_clients = 101, "metrics.top_clients");
+        check(
+            &|c| c.metrics.top_window = Duration::from_secs(300),
+            "metrics.top_window",
+        );
+    }
+
+    #[test]
+    fn the_metrics_section() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[metrics]\ntop_clients = 0\ntop_window = \"1h\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics.window().unwrap(), Window::H1);
+        assert_eq!(c.metrics.top_clients, 0);
+        assert!(
+            Config::default()
+                .to_toml()
+                .contains("[metrics]\ntop_clients = 10\ntop_window = \"10m\"")
+        );
+        let e = Config::parse(Path::new("c.toml"), "[metrics]\ntop_window = \"5m\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1m, 10m, 1h or 24h (got 5m)"), "{e}");
     }
 
     #[test]

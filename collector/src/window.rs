@@ -68,6 +68,13 @@ impl Window {
         }
     }
 
+    /// The window of `length`, if the collector keeps one that long.
+    pub fn of_length(length: std::time::Duration) -> Option<Window> {
+        Window::ALL
+            .into_iter()
+            .find(|w| u128::from(w.length_ms()) == length.as_millis())
+    }
+
     /// The width of its buckets, ms.
     pub const fn bucket_ms(self) -> u64 {
         match self {
@@ -494,6 +501,8 @@ impl Rollup {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const MIN: u64 = 60_000;
@@ -518,6 +527,15 @@ mod tests {
         assert!(Window::H1.contains(T0, T0 - HOUR));
         assert!(!Window::H1.contains(T0, T0 - HOUR - 1));
         assert_eq!(Window::M1.start_ms(5), 0);
+        assert_eq!(
+            Window::of_length(Duration::from_secs(600)),
+            Some(Window::M10)
+        );
+        assert_eq!(
+            Window::of_length(Duration::from_secs(86_400)),
+            Some(Window::H24)
+        );
+        assert_eq!(Window::of_length(Duration::from_secs(300)), None);
     }
 
     #[test]
