@@ -35,6 +35,7 @@ pub mod config_error;
 pub mod crash;
 pub mod detect;
 pub mod error;
+pub mod exposition;
 pub mod ingest;
 pub mod keys;
 pub mod links;

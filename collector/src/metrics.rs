@@ -1,4 +1,8 @@
-//! Prometheus metrics (OpenMetrics text at `/metrics` on the metrics address).
+//! Prometheus metrics (at `/metrics` on the metrics address: OpenMetrics text to a scraper that
+//! asks for it, else the Prometheus text format, see `exposition`), and the
+//! health endpoints beside them: `/healthz` answers 200 while the process serves HTTP,
+//! `/readyz` 200 once the store is open and gRPC serves, 503 before that and again while
+//! stopping.
 //!
 //! | metric | type | meaning |
 //! |--------|------|---------|
@@ -27,9 +31,17 @@
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
 //! | `outflow_collector_detect_seconds` | histogram | one judgement (every `detect.eval_interval` of batch time) |
+//! | `outflow_collector_ready` | gauge | 1 once the store is open and gRPC serves; 0 while starting and while stopping (as `/readyz`) |
+//! | `outflow_collector_top_client_response_bytes{rank,client}` | gauge | response bytes of the `metrics.top_clients` client addresses with the most in `metrics.top_window` (batch time), `rank` 1 the biggest; one series per rank held, computed at each scrape (see `top_clients`) |
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -41,6 +53,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::exposition;
 
 /// Label of `rejects_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +108,8 @@ pub struct Metrics {
     pub alerts_resolved: Family<DetectorLabel, Counter>,
     pub alerts_open: Family<DetectorLabel, Gauge>,
     pub detect_seconds: Histogram,
+    /// 1 while the collector serves (see [`Metrics::set_ready`]).
+    ready: Gauge,
     registry: Registry,
 }
 
@@ -133,6 +149,7 @@ impl Metrics {
             alerts_resolved: Family::default(),
             alerts_open: Family::default(),
             detect_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
+            ready: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -247,7 +264,28 @@ impl Metrics {
             Unit::Seconds,
             m.detect_seconds.clone(),
         );
+        registry.register(
+            "ready",
+            "1 once the store is open and gRPC serves, 0 while starting and while stopping",
+            m.ready.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Adds metrics that are computed at each scrape (before the metrics are shared).
+    pub fn register_collector(&mut self, c: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.register_collector(c);
+    }
+
+    /// Marks the collector ready (the store open, gRPC serving) or not (starting, stopping):
+    /// `/readyz` and `outflow_collector_ready`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Whether the collector is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
     }
 
     /// Counts a refused call.
@@ -307,17 +345,42 @@ impl Metrics {
     }
 }
 
-async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
+/// OpenMetrics to a client that asks for it, else the Prometheus text format (see
+/// `exposition`).
+async fn metrics_handler(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(exposition::wants_openmetrics);
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
+            m.encode(),
+        )
+    } else {
+        (
+            [(header::CONTENT_TYPE, exposition::PROMETHEUS_TEXT)],
+            exposition::prometheus_text(&m.encode()),
+        )
+    }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` is cancelled.
+/// `200 ok` while the process serves HTTP at all.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `200 ready` once the store is open and gRPC serves, `503` before and while stopping.
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -325,6 +388,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(metrics);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -356,5 +421,44 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} not in\n{text}");
         }
+    }
+
+    async fn status(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_readiness_and_healthz_does_not() {
+        let m = Arc::new(Metrics::new());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, m.clone(), stop.clone()));
+        assert_eq!(
+            status(addr, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
+        assert!(m.encode().contains("outflow_collector_ready 0"));
+        m.set_ready(true);
+        assert_eq!(status(addr, "/readyz").await, "HTTP/1.1 200 OK");
+        assert!(m.encode().contains("outflow_collector_ready 1"));
+        m.set_ready(false);
+        assert_eq!(
+            status(addr, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert_eq!(status(addr, "/healthz").await, "HTTP/1.1 200 OK");
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
 }
