@@ -155,6 +155,12 @@ impl Collector {
         self.read().watermark(agent)
     }
 
+    /// Waits until the store writer has applied (or refused) everything queued before: an
+    /// error if it has stopped. What the systemd watchdog pings.
+    pub async fn ping_writer(&self) -> Result<(), WriteError> {
+        self.writer.ping().await
+    }
+
     /// Applies everything already queued, then stops the writer and closes the store. Later
     /// batches are refused with UNAVAILABLE.
     pub async fn close(&self) {

@@ -98,6 +98,8 @@ enum Request {
         batch: BatchRequest,
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
     },
+    /// Answered with the replies of the group commit it was taken in.
+    Ping(oneshot::Sender<()>),
     Stop,
 }
 
@@ -113,6 +115,7 @@ impl std::fmt::Debug for Request {
         match self {
             Request::Hello { agent, .. } => write!(f, "Hello({agent})"),
             Request::Batch { batch, .. } => write!(f, "Batch({} #{})", batch.agent, batch.seq),
+            Request::Ping(_) => write!(f, "Ping"),
             Request::Stop => write!(f, "Stop"),
         }
     }
@@ -211,6 +214,18 @@ impl Writer {
         Ok(rx)
     }
 
+    /// Waits until the writer thread has taken every request queued before this one and
+    /// finished their group commit (failed or not): it is alive and keeping up. An error if
+    /// it has stopped.
+    pub async fn ping(&self) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Ping(reply))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)
+    }
+
     /// Applies everything queued so far, then stops the thread and closes the store.
     pub async fn stop(&self) {
         let _ = self.tx.send(Request::Stop).await;
@@ -227,6 +242,7 @@ impl Writer {
 
 enum Reply {
     Hello(oneshot::Sender<Result<HelloReply, WriteError>>, HelloReply),
+    Ping(oneshot::Sender<()>),
     Batch {
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
         outcome: Outcome,
@@ -502,7 +518,7 @@ impl Worker {
                         }
                         deltas += batch.deltas;
                     }
-                    Request::Hello { .. } => {}
+                    Request::Hello { .. } | Request::Ping(_) => {}
                 }
                 group.push(req);
                 if group.len() < self.max_batches && deltas < MAX_GROUP_DELTAS {
@@ -603,6 +619,7 @@ impl Worker {
                         time_ms: agg.time_ms,
                     });
                 }
+                Request::Ping(reply) => replies.push(Reply::Ping(reply)),
                 Request::Stop => {}
             }
         }
@@ -698,6 +715,9 @@ impl Worker {
                         Reply::Hello(tx, h) => {
                             let _ = tx.send(Ok(h));
                         }
+                        Reply::Ping(tx) => {
+                            let _ = tx.send(());
+                        }
                         Reply::Batch {
                             reply,
                             outcome,
@@ -745,6 +765,11 @@ impl Worker {
                         }
                         Reply::Batch { reply, .. } => {
                             let _ = reply.send(Err(WriteError::Store(e.clone())));
+                        }
+                        // The writer is alive: the store's failure shows in
+                        // store_failures_total and in the refused batches.
+                        Reply::Ping(tx) => {
+                            let _ = tx.send(());
                         }
                     }
                 }
