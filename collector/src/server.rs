@@ -1,5 +1,10 @@
-//! The running collector: gRPC (Ingest, Query, health, reflection) and `/metrics`, with a
-//! graceful stop.
+//! The running collector: gRPC (Ingest, Query, health, reflection) and `/metrics` (with
+//! `/healthz` and `/readyz`), with a graceful stop.
+//!
+//! Start order: both addresses are bound, then the metrics server answers (`/readyz` 503)
+//! while the store opens and loads, then gRPC serves, and only then is the collector ready
+//! (`/readyz` 200, `outflow_collector_ready` 1). A stop makes it not ready first, drains gRPC
+//! and closes the store, and stops the metrics server last.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,11 +20,18 @@
 //! server.shutdown().await?;
 //! # Ok(()) }
 //! ```
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use log::{error, info, warn};
 use outflow_proto::v1::{alerts_server::AlertsServer, query_server::QueryServer};
-use tokio::task::JoinHandle;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -33,6 +45,7 @@ use crate::{
     metrics::{self, Metrics},
     query::QueryService,
     sinks::webhook,
+    top_clients::TopClients,
 };
 
 /// Names of the services reported SERVING by gRPC health checking.
@@ -59,6 +72,10 @@ pub enum StartError {
     },
     #[error("TLS setup")]
     Tls(#[source] tonic::transport::Error),
+    #[error("the gRPC server ended before serving: {0}")]
+    NotServing(String),
+    #[error("the store cannot be opened: {0}")]
+    OpenTask(tokio::task::JoinError),
 }
 
 /// The gRPC server failed while running.
@@ -77,6 +94,8 @@ pub struct Server {
     metrics_addr: SocketAddr,
     collector: Arc<Collector>,
     shutdown: CancellationToken,
+    /// Stops the metrics server, after the rest.
+    http_stop: CancellationToken,
     health: HealthReporter,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: JoinHandle<std::io::Result<()>>,
@@ -88,7 +107,15 @@ impl Server {
         config.validate()?;
         let tokens = Arc::new(auth::Tokens::load(&config.auth)?);
         let tls = auth::server_tls(&config.tls)?;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        let top_clients = if config.metrics.top_clients > 0 {
+            let top = TopClients::new(config.metrics.top_clients, config.metrics.window()?);
+            metrics.register_collector(Box::new(top.clone()));
+            Some(top)
+        } else {
+            None
+        };
+        let metrics = Arc::new(metrics);
         let certs = ClientCerts::of(&config.tls);
         let ingest_auth = Auth::new(tokens.clone(), Role::Ingest, certs, metrics.clone());
         let auth = Auth::new(tokens, Role::Read, certs, metrics.clone());
@@ -125,8 +152,27 @@ impl Server {
                 error,
             })?;
 
-        let collector = Arc::new(Collector::open(&config, metrics.clone())?);
+        // Health and metrics answer while the store loads (not ready yet).
+        let http_stop = CancellationToken::new();
+        let http_guard = http_stop.clone().drop_guard();
+        let metrics_task = tokio::spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            http_stop.clone(),
+        ));
+
+        let collector = {
+            let (config, metrics) = (config.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || Collector::open(&config, metrics))
+                .await
+                .map_err(StartError::OpenTask)??
+        };
+        let collector = Arc::new(collector);
+        if let Some(top) = &top_clients {
+            top.attach(&collector);
+        }
         let shutdown = CancellationToken::new();
+        let shutdown_guard = shutdown.clone().drop_guard();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for s in SERVICES {
@@ -167,9 +213,13 @@ impl Server {
             .add_service(InterceptedService::new(ingest, ingest_auth))
             .add_service(InterceptedService::new(query, auth.clone()))
             .add_service(InterceptedService::new(alerts, auth));
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+        let (serving_tx, serving) = oneshot::channel();
+        let incoming = Serving {
+            inner: TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            first: Some(serving_tx),
+        };
         let grpc = {
             let token = shutdown.clone();
             tokio::spawn(async move {
@@ -191,11 +241,17 @@ impl Server {
                 shutdown.clone(),
             );
         }
-        let metrics_task = tokio::spawn(metrics::serve(
-            metrics_listener,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        if serving.await.is_err() {
+            let why = match grpc.await {
+                Ok(Ok(())) => "it stopped".to_owned(),
+                Ok(Err(e)) => format!("{e}"),
+                Err(e) => format!("{e}"),
+            };
+            return Err(StartError::NotServing(why));
+        }
+        metrics.set_ready(true);
+        shutdown_guard.disarm();
+        http_guard.disarm();
         if open {
             warn!(
                 "no auth token files and no tls.client_ca: ingest and query are open to anyone who can reach {}",
@@ -216,6 +272,7 @@ impl Server {
             metrics_addr,
             collector,
             shutdown,
+            http_stop,
             health,
             grpc,
             metrics: metrics_task,
@@ -253,6 +310,7 @@ impl Server {
     /// closes the store. Waits at most 10 s for clients to go.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         info!("shutting down");
+        self.collector.metrics().set_ready(false);
         for s in SERVICES {
             self.health
                 .set_service_status(s, ServingStatus::NotServing)
@@ -263,6 +321,7 @@ impl Server {
             collector,
             mut grpc,
             metrics,
+            http_stop,
             ..
         } = self;
         let result = match tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc).await {
@@ -275,13 +334,33 @@ impl Server {
                 Ok(())
             }
         };
+        collector.close().await;
+        // `/readyz` said 503 until here.
+        http_stop.cancel();
         match metrics.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("metrics server: {e}"),
             Err(e) => error!("metrics server task: {e}"),
         }
-        collector.close().await;
         info!("stopped");
         result
+    }
+}
+
+/// The gRPC listener's connections, telling `first` when the server first asks for one: it
+/// serves from then on.
+struct Serving<S> {
+    inner: S,
+    first: Option<oneshot::Sender<()>>,
+}
+
+impl<S: Stream + Unpin> Stream for Serving<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if let Some(tx) = self.first.take() {
+            let _ = tx.send(());
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }
