@@ -46,6 +46,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod sinks;
 pub mod store;
+pub mod systemd;
 pub mod top_clients;
 pub mod window;
 pub mod writer;

@@ -9,6 +9,7 @@ use outflow_collector::{
     client::{self, ClientOptions},
     config::{Config, DEFAULT_CONFIG_PATH},
     server::Server,
+    systemd,
 };
 use outflow_proto::v1;
 use tokio::signal::unix::{SignalKind, signal};
@@ -19,9 +20,12 @@ use tokio::signal::unix::{SignalKind, signal};
 ///
 /// Without a subcommand (or with `run`) it serves: gRPC (outflow.v1.Ingest and Query, health,
 /// reflection) on --listen [default: [::]:7411], Prometheus metrics on --metrics-listen
-/// [default: 127.0.0.1:9411], data in --data-dir [default: /var/lib/outflow-collector].
-/// Settings come from a TOML file (--config, else /etc/outflow/collector.toml if it exists),
-/// overridden by flags; `print-config` shows the result. SIGTERM/SIGINT stop it cleanly.
+/// [default: 127.0.0.1:9411] at /metrics, with /healthz (200 while running) and /readyz (200
+/// once the store is open and gRPC serves, 503 while starting and stopping), data in
+/// --data-dir [default: /var/lib/outflow-collector]. Settings come from a TOML file (--config,
+/// else /etc/outflow/collector.toml if it exists), overridden by flags; `print-config` shows
+/// the result. Under systemd (Type=notify) it sends READY=1 once ready, WATCHDOG=1 while its
+/// store writer keeps up (WatchdogSec=) and STOPPING=1; SIGTERM/SIGINT stop it cleanly.
 ///
 /// `top` and `client` ask a running collector and print a table.
 #[derive(Parser, Debug)]
@@ -61,7 +65,7 @@ struct ServeArgs {
     /// gRPC listen address [default: [::]:7411]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Prometheus /metrics listen address [default: 127.0.0.1:9411]
+    /// Address of /metrics, /healthz and /readyz [default: 127.0.0.1:9411]
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// Directory of the database [default: /var/lib/outflow-collector]
@@ -278,12 +282,19 @@ fn serve(args: &ServeArgs) -> Result<()> {
         let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
         let server = Server::start(cfg).await?;
+        systemd::ready();
+        // Ends when the shutdown starts.
+        let watchdog = systemd::spawn_watchdog(server.collector(), server.shutdown_token());
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
             () = server.stopped() => {}
         }
+        systemd::stopping();
         server.shutdown().await?;
+        if let Some(w) = watchdog {
+            let _ = w.await;
+        }
         Ok(())
     })
 }
