@@ -164,17 +164,38 @@ pub async fn top(
 
 /// GET /metrics over plain HTTP/1.1.
 pub async fn metrics(server: &Server) -> String {
+    let (status, body) = http_get(server.metrics_addr(), "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// GET `path` over plain HTTP/1.1: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_get_with(addr, path, "").await
+}
+
+/// GET `path` with `headers` (lines each ending in CRLF): the status code and the body.
+pub async fn http_get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(server.metrics_addr())
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    let status = out
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}{path}:\n{out}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    (status, body)
 }
 
 /// The value of a metric line that starts with `prefix` (`name{labels}`), 0 if absent.

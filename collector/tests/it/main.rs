@@ -10,6 +10,7 @@ mod faults;
 mod fleet;
 mod gateway;
 mod hostile;
+mod ops;
 mod props;
 mod services;
 mod windows;
