@@ -30,6 +30,7 @@ pub mod peer;
 pub mod process;
 pub mod protocol;
 pub mod records;
+pub mod tools;
 
 // The namespace and cgroup guards are a crate of their own, outside the agent's eBPF build,
 // for users that must build before the eBPF toolchain is installed (xtask).

@@ -1,0 +1,81 @@
+//! Checkers the deployment tests run that are not Rust: the tools venv (helm-python-sdk,
+//! kubernetes-validate) and Debian's promtool. Missing ones fail the test, naming
+//! `cargo xtask setup`; nothing skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Environment variable that overrides where the tools venv is.
+pub const TOOLS_VENV_ENV: &str = "OUTFLOW_TOOLS_VENV";
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace")
+        .to_path_buf()
+}
+
+/// The tools venv: `$OUTFLOW_TOOLS_VENV`, else `~/.cache/outflow/tools/venv`.
+pub fn tools_venv() -> PathBuf {
+    if let Some(dir) = std::env::var_os(TOOLS_VENV_ENV) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    Path::new(&home).join(".cache/outflow/tools/venv")
+}
+
+/// The venv's python, with the Python modules `modules` importable; panics naming
+/// `cargo xtask setup` otherwise.
+pub fn venv_python(modules: &[&str]) -> PathBuf {
+    let python = tools_venv().join("bin/python");
+    assert!(
+        python.is_file(),
+        "no tools venv at {} (helm-python-sdk, kubernetes-validate): run `cargo xtask setup`, \
+         or set {TOOLS_VENV_ENV}",
+        tools_venv().display()
+    );
+    for module in modules {
+        let out = Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+        assert!(
+            out.status.success(),
+            "the tools venv {} cannot import {module}: run `cargo xtask setup`\n{}",
+            tools_venv().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
+/// Path of a program on `PATH`; panics naming `cargo xtask setup` and the Debian package that
+/// has it otherwise.
+pub fn program(name: &str, debian_package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: `cargo xtask setup` installs it (Debian package \
+                 {debian_package})"
+            )
+        })
+}
+
+/// Runs `command`; panics with its output unless it exits 0.
+pub fn run_ok(what: &str, command: &mut Command) -> Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
