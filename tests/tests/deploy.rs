@@ -20,11 +20,11 @@ use std::{
 };
 
 use outflow_tests::{
-    agent::{Agent, PinDir, agent_bin, run_to_completion},
+    agent::{Agent, PinDir, agent_bin, run_bin_to_completion, run_to_completion},
     cgroup::TestCgroup,
     netns::NetnsPair,
-    peer::{Client, Server},
     peer::Outcome,
+    peer::{Client, Server},
     records::{ConnRecord, ConnTotals, Role, conn_records},
     testpeer_bin,
     tools::{program, run_ok, venv_python, workspace_root},
@@ -157,7 +157,10 @@ fn added_capabilities(container: &Value) -> Vec<String> {
 #[test]
 fn the_chart_renders_valid_objects_with_its_default_values() {
     let n = render_and_validate("default", None);
-    assert_eq!(n, 6, "two ConfigMaps, a DaemonSet, two Services, a StatefulSet");
+    assert_eq!(
+        n, 6,
+        "two ConfigMaps, a DaemonSet, two Services, a StatefulSet"
+    );
     let rendered = render(None);
     let objects = objects(&rendered);
     assert!(
@@ -171,7 +174,10 @@ fn the_chart_renders_valid_objects_with_its_default_values() {
 #[test]
 fn the_chart_renders_valid_objects_with_everything_turned_on() {
     let n = render_and_validate("everything", Some(&everything_values()));
-    assert_eq!(n, 8, "the default objects, a PodMonitor and a ServiceMonitor");
+    assert_eq!(
+        n, 8,
+        "the default objects, a PodMonitor and a ServiceMonitor"
+    );
     let rendered = render(Some(&everything_values()));
     let objects = objects(&rendered);
     object(&objects, "PodMonitor", "outflow-agent");
@@ -181,7 +187,11 @@ fn the_chart_renders_valid_objects_with_everything_turned_on() {
     let config = object(&objects, "ConfigMap", "outflow-agent")["data"]["agent.toml"]
         .as_str()
         .expect("agent.toml");
-    for line in ["[export.labels]", "[attribution]", "local_ports = [8000, 8080]"] {
+    for line in [
+        "[export.labels]",
+        "[attribution]",
+        "local_ports = [8000, 8080]",
+    ] {
         assert!(config.contains(line), "{line:?} in\n{config}");
     }
 }
@@ -289,10 +299,7 @@ fn services_and_monitors_select_the_pods_and_ports_they_mean() {
         &collector_pod
     ));
     assert!(
-        !selects(
-            &labels(&sts["spec"]["selector"]["matchLabels"]),
-            &agent_pod
-        ),
+        !selects(&labels(&sts["spec"]["selector"]["matchLabels"]), &agent_pod),
         "the collector's selector must not take the agents"
     );
     let agent_ports = port_names(&ds["spec"]["template"]["spec"]["containers"][0]);
@@ -317,15 +324,21 @@ fn services_and_monitors_select_the_pods_and_ports_they_mean() {
     );
     let headless = object(&objects, "Service", "outflow-collector-headless");
     assert_eq!(sts["spec"]["serviceName"], "outflow-collector-headless");
-    assert!(selects(&labels(&headless["spec"]["selector"]), &collector_pod));
+    assert!(selects(
+        &labels(&headless["spec"]["selector"]),
+        &collector_pod
+    ));
 
     // The agents' collector URL names the Service and its gRPC port.
     let config = object(&objects, "ConfigMap", "outflow-agent")["data"]["agent.toml"]
         .as_str()
         .expect("agent.toml");
     let default_objects = render(None);
-    let default_config = object(&self::objects(&default_objects), "ConfigMap", "outflow-agent")
-        ["data"]["agent.toml"]
+    let default_config = object(
+        &self::objects(&default_objects),
+        "ConfigMap",
+        "outflow-agent",
+    )["data"]["agent.toml"]
         .as_str()
         .expect("agent.toml")
         .to_string();
@@ -357,8 +370,14 @@ fn services_and_monitors_select_the_pods_and_ports_they_mean() {
         &labels(&pm["spec"]["selector"]["matchLabels"]),
         &agent_pod
     ));
-    for e in pm["spec"]["podMetricsEndpoints"].as_array().expect("endpoints") {
-        assert!(agent_ports.contains(e["port"].as_str().expect("port")), "{e}");
+    for e in pm["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .expect("endpoints")
+    {
+        assert!(
+            agent_ports.contains(e["port"].as_str().expect("port")),
+            "{e}"
+        );
     }
     let sm = object(&objects, "ServiceMonitor", "outflow-collector");
     assert!(selects(
@@ -436,8 +455,9 @@ fn the_rendered_configurations_are_accepted_by_the_agent_and_the_collector() {
         let agent_toml = object(&objects, "ConfigMap", "outflow-agent")["data"]["agent.toml"]
             .as_str()
             .expect("agent.toml");
-        let config = outflow_agent::config::Config::parse(agent_toml)
-            .unwrap_or_else(|e| panic!("the agent refuses the ConfigMap's agent.toml: {e}\n{agent_toml}"));
+        let config = outflow_agent::config::Config::parse(agent_toml).unwrap_or_else(|e| {
+            panic!("the agent refuses the ConfigMap's agent.toml: {e}\n{agent_toml}")
+        });
         config
             .validate()
             .unwrap_or_else(|e| panic!("the agent refuses the ConfigMap's agent.toml: {e}"));
@@ -446,11 +466,12 @@ fn the_rendered_configurations_are_accepted_by_the_agent_and_the_collector() {
             Some(Path::new("/sys/fs/cgroup/kubepods.slice"))
         );
 
-        let collector_toml = object(&objects, "ConfigMap", "outflow-collector")["data"]
-            ["collector.toml"]
-            .as_str()
-            .expect("collector.toml");
-        let dir = std::env::temp_dir().join(format!("outflow-deploy-config-{}", std::process::id()));
+        let collector_toml =
+            object(&objects, "ConfigMap", "outflow-collector")["data"]["collector.toml"]
+                .as_str()
+                .expect("collector.toml");
+        let dir =
+            std::env::temp_dir().join(format!("outflow-deploy-config-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join(format!("collector-{}.toml", values.is_some()));
         fs::write(&file, collector_toml).expect("write collector.toml");
@@ -588,7 +609,10 @@ fn the_dashboard_is_valid_json_with_a_query_in_every_panel() {
     let panels = dash["panels"].as_array().expect("panels");
     let mut ids = BTreeSet::new();
     for p in panels {
-        assert!(ids.insert(p["id"].as_u64().expect("an id")), "id twice: {p}");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("an id")),
+            "id twice: {p}"
+        );
         if p["type"] == "row" {
             continue;
         }
@@ -632,7 +656,11 @@ fn the_dashboard_and_the_rules_use_only_documented_metrics() {
     let root = workspace_root();
     let collector = documented_metrics(&root.join("collector/src/metrics.rs"));
     let agent = documented_metrics(&root.join("agent/src/metrics.rs"));
-    assert!(collector.iter().all(|n| n.starts_with("outflow_collector_")));
+    assert!(
+        collector
+            .iter()
+            .all(|n| n.starts_with("outflow_collector_"))
+    );
     assert!(agent.iter().all(|n| n.starts_with("outflow_agent_")));
     let documented: BTreeSet<String> = collector.union(&agent).cloned().collect();
 
@@ -647,8 +675,14 @@ fn the_dashboard_and_the_rules_use_only_documented_metrics() {
     assert!(in_dashboard.len() > 20 && in_rules.len() > 8);
     assert!(in_dashboard.contains("outflow_collector_top_client_response_bytes"));
     let missing: Vec<(&str, Vec<String>)> = [
-        ("deploy/grafana/outflow.json", undocumented(&in_dashboard, &documented)),
-        ("deploy/prometheus/rules.yaml", undocumented(&in_rules, &documented)),
+        (
+            "deploy/grafana/outflow.json",
+            undocumented(&in_dashboard, &documented),
+        ),
+        (
+            "deploy/prometheus/rules.yaml",
+            undocumented(&in_rules, &documented),
+        ),
     ]
     .into_iter()
     .filter(|(_, m)| !m.is_empty())
@@ -681,6 +715,51 @@ fn status_caps(pid: u32, field: &str) -> u64 {
     u64::from_str_radix(hex.trim(), 16).expect("a hex mask")
 }
 
+/// `setpriv` arguments that run `bin` as root with exactly `caps` (Kubernetes names) in the
+/// bounding, inheritable and ambient sets (so in the permitted and effective sets after exec),
+/// and no new privileges.
+fn setpriv_args(caps: &[String], bin: &Path) -> Vec<String> {
+    let list: Vec<String> = caps
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    let sets = format!("-all,{}", list.join(","));
+    vec![
+        format!("--bounding-set={sets}"),
+        format!("--inh-caps={sets}"),
+        format!("--ambient-caps={sets}"),
+        "--no-new-privs".into(),
+        "--".into(),
+        bin.to_str().expect("a UTF-8 path").into(),
+    ]
+}
+
+/// None of the DaemonSet's capabilities is one too many: without any one of them the agent
+/// refuses to start, in one line naming it.
+#[test]
+fn the_agent_refuses_to_start_without_any_one_of_the_daemonsets_capabilities() {
+    let rendered = render(None);
+    let caps = added_capabilities(&agent_container(&objects(&rendered)));
+    let setpriv = program("setpriv", "util-linux");
+    let pin = PinDir::new("deploy-fewer-caps");
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
+        let mut args = setpriv_args(&fewer, &agent_bin());
+        args.extend(["--pin-dir".to_string(), pin.as_arg().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, _, stderr) = run_bin_to_completion(&setpriv, &args);
+        assert!(!status.success(), "started without {dropped}: {stderr}");
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("error: missing capability")
+                    && l.contains(&format!("CAP_{dropped}"))),
+            "without {dropped}: {stderr}"
+        );
+        assert!(!pin.path().exists(), "nothing pinned without {dropped}");
+    }
+}
+
 const PORT: u16 = 8000;
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -693,14 +772,6 @@ fn the_agent_with_exactly_the_daemonsets_capabilities_counts_exactly() {
     let rendered = render(None);
     let caps = added_capabilities(&agent_container(&objects(&rendered)));
     let mask: u64 = caps.iter().map(|c| 1u64 << capability_number(c)).sum();
-    let list = caps
-        .iter()
-        .map(|c| format!("+{}", c.to_lowercase()))
-        .collect::<Vec<_>>()
-        .join(",");
-    let sets = format!("-all,{list}");
-    let setpriv = program("setpriv", "util-linux");
-
     let tag = "deploy-caps";
     let pair = NetnsPair::new(tag);
     let cgroup = TestCgroup::new(tag);
@@ -708,23 +779,20 @@ fn the_agent_with_exactly_the_daemonsets_capabilities_counts_exactly() {
     let client = Client::new(&pair);
     let pin = PinDir::new(tag);
     let bin = agent_bin();
-    let agent = Agent::start_bin(
-        &setpriv,
-        &[
-            &format!("--bounding-set={sets}"),
-            &format!("--inh-caps={sets}"),
-            &format!("--ambient-caps={sets}"),
-            "--no-new-privs",
-            "--",
-            bin.to_str().expect("a UTF-8 path"),
+    let mut args = setpriv_args(&caps, &bin);
+    args.extend(
+        [
             "--cgroup",
             cgroup.as_arg(),
             "--pin-dir",
             pin.as_arg(),
             "--interval",
             "200ms",
-        ],
+        ]
+        .map(String::from),
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start_bin(&program("setpriv", "util-linux"), &args);
     let started = agent.wait_started(WAIT);
     assert_eq!(started["adopted"], false, "{started}");
     for field in ["CapEff:", "CapPrm:", "CapBnd:", "CapInh:", "CapAmb:"] {
@@ -740,7 +808,13 @@ fn the_agent_with_exactly_the_daemonsets_capabilities_counts_exactly() {
         .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]));
     assert!(no_new_privs, "the agent runs with no_new_privs");
 
-    let sizes = [(10_000_000, 1_000), (1, 1), (0, 0), (65_536, 65_535), (1_448, 1_447)];
+    let sizes = [
+        (10_000_000, 1_000),
+        (1, 1),
+        (0, 0),
+        (65_536, 65_535),
+        (1_448, 1_447),
+    ];
     let outcomes = client.request_many(pair.server_v4(PORT), sizes.len(), &sizes, 2);
     let results = server.wait_results(outcomes.len(), WAIT);
     let of = |conns: &[ConnRecord], o: &Outcome| {
@@ -752,7 +826,9 @@ fn the_agent_with_exactly_the_daemonsets_capabilities_counts_exactly() {
     };
     let records = agent.wait_until(WAIT, |r| {
         let conns = conn_records(r);
-        outcomes.iter().all(|o| of(&conns, o).iter().any(|c| c.closed))
+        outcomes
+            .iter()
+            .all(|o| of(&conns, o).iter().any(|c| c.closed))
     });
     let conns = conn_records(&records);
     for o in &outcomes {
@@ -761,7 +837,10 @@ fn the_agent_with_exactly_the_daemonsets_capabilities_counts_exactly() {
         recs.iter().for_each(|r| t.add(r));
         let result = o.server_result(&results);
         assert_eq!(t.closed, 1, "closed exactly once: {o:?} {recs:#?}");
-        assert_eq!(t.bytes_out, o.received, "bytes_out vs the client's view: {o:?}");
+        assert_eq!(
+            t.bytes_out, o.received,
+            "bytes_out vs the client's view: {o:?}"
+        );
         assert_eq!(t.bytes_in, o.sent, "bytes_in vs the client's view: {o:?}");
         assert_eq!(t.bytes_out, result.bytes_acked, "vs tcp_info: {result:?}");
         assert_eq!(t.bytes_in, result.bytes_received, "vs tcp_info: {result:?}");
