@@ -10,6 +10,7 @@ mod cmd;
 mod demo;
 mod faults;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod vm;
@@ -76,6 +77,11 @@ enum Command {
     /// emulation; the already-built test binaries run inside, as root. One line per kernel;
     /// logs in target/vm-test/<series>/. `cargo xtask test` runs it after the host's tests.
     VmTest(vm::Args),
+    /// An OCI image of the agent and the collector, built offline with buildah from scratch.
+    ///
+    /// Release binaries, exactly the shared libraries ldd lists, CA certificates and users;
+    /// tagged localhost/outflow:<version>, also written to target/outflow-<version>.oci.tar.
+    Image(image::Args),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -89,6 +95,10 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(&args),
         Command::Faults(args) => faults::run(&args),
         Command::VmTest(args) => vm::run(&args),
+        Command::Image(args) => {
+            image::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fuzz(args) => {
             fuzz::run(&args)?;
             Ok(ExitCode::SUCCESS)
