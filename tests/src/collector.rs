@@ -107,6 +107,11 @@ impl Collector {
         self.stderr.text()
     }
 
+    /// Pid of the collector process.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// SIGKILL: a crash, nothing flushed on the way out.
     pub fn kill(&self) -> ExitStatus {
         self.process.kill()
