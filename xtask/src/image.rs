@@ -54,9 +54,10 @@ pub fn run(args: &Args) -> Result<()> {
         .tag
         .clone()
         .unwrap_or_else(|| format!("localhost/outflow:{version}"));
-    let archive = args.archive.clone().unwrap_or_else(|| {
-        cmd::target_dir().join(format!("outflow-{version}.oci.tar"))
-    });
+    let archive = args
+        .archive
+        .clone()
+        .unwrap_or_else(|| cmd::target_dir().join(format!("outflow-{version}.oci.tar")));
     for tool in ["buildah", "ldd"] {
         if cmd::find_on_path(tool).is_none() {
             bail!("`{tool}` is not installed: apt-get install buildah (ldd is in libc-bin)");
@@ -68,11 +69,21 @@ pub fn run(args: &Args) -> Result<()> {
         None => build_binaries(args.debug)?,
     };
     // One directory per tag, so that a test's image and a release one can be built at once.
-    let rootfs = cmd::target_dir()
+    let work = cmd::target_dir()
         .join("image")
-        .join(tag.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "-"))
-        .join("rootfs");
+        .join(tag.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "-"));
+    let rootfs = work.join("rootfs");
     assemble_rootfs(&bin_dir, &rootfs)?;
+    // The collector's data directory, apart: buildah gives a directory it creates the owner
+    // of `--chown`, but leaves one that exists (from the root-owned copy) as it is.
+    let data = work.join("data");
+    let data_dir = data.join("outflow-collector");
+    if data.exists() {
+        fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+    }
+    fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", data_dir.display()))?;
     let size = dir_size(&rootfs)?;
     println!(
         "xtask: root file system {} ({:.1} MiB)",
@@ -80,7 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
         size as f64 / (1 << 20) as f64
     );
 
-    build_image(&rootfs, &tag, version)?;
+    build_image(&rootfs, &data, &tag, version)?;
     if let Some(parent) = archive.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -137,9 +148,8 @@ fn assemble_rootfs(bin_dir: &Path, rootfs: &Path) -> Result<()> {
     for lib in &libraries {
         copy_into(rootfs, lib, lib)?;
     }
-    copy_into(rootfs, Path::new(CA_BUNDLE), Path::new(CA_BUNDLE)).context(
-        "the CA bundle is missing: apt-get install ca-certificates",
-    )?;
+    copy_into(rootfs, Path::new(CA_BUNDLE), Path::new(CA_BUNDLE))
+        .context("the CA bundle is missing: apt-get install ca-certificates")?;
     let etc = rootfs.join("etc");
     write(
         &etc.join("passwd"),
@@ -153,7 +163,7 @@ fn assemble_rootfs(bin_dir: &Path, rootfs: &Path) -> Result<()> {
         &format!("root:x:0:\noutflow:x:{IMAGE_UID}:\n"),
     )?;
     write(&etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
-    for dir in ["tmp", "var/lib/outflow", "var/lib/outflow-collector", "etc/outflow"] {
+    for dir in ["tmp", "var/lib/outflow", "etc/outflow"] {
         fs::create_dir_all(rootfs.join(dir))
             .with_context(|| format!("creating {}", rootfs.join(dir).display()))?;
     }
@@ -226,9 +236,10 @@ fn dir_size(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// `buildah from scratch`, the root file system copied in (root-owned but for the
-/// collector's data directory), the config, `buildah commit` as `tag`.
-fn build_image(rootfs: &Path, tag: &str, version: &str) -> Result<()> {
+/// `buildah from scratch`, the root file system copied in root-owned, then the collector's
+/// data directory (the only directory in `data`) owned by its user, the config, `buildah
+/// commit` as `tag`.
+fn build_image(rootfs: &Path, data: &Path, tag: &str, version: &str) -> Result<()> {
     let buildah = |args: &[&str]| {
         let mut c = Command::new("buildah");
         c.args(args);
@@ -242,7 +253,6 @@ fn build_image(rootfs: &Path, tag: &str, version: &str) -> Result<()> {
         cmd::run(&mut buildah(&[
             "copy", "--quiet", "--chown", "0:0", &container, &root, "/",
         ]))?;
-        let data = rootfs.join("var/lib/outflow-collector");
         cmd::run(&mut buildah(&[
             "copy",
             "--quiet",
@@ -250,7 +260,7 @@ fn build_image(rootfs: &Path, tag: &str, version: &str) -> Result<()> {
             &format!("{IMAGE_UID}:{IMAGE_UID}"),
             &container,
             &format!("{}/", data.display()),
-            "/var/lib/outflow-collector",
+            "/var/lib/",
         ]))?;
         let user = format!("{IMAGE_UID}:{IMAGE_UID}");
         let version_label = format!("org.opencontainers.image.version={version}");
@@ -276,7 +286,10 @@ fn build_image(rootfs: &Path, tag: &str, version: &str) -> Result<()> {
             "org.opencontainers.image.licenses=MIT OR Apache-2.0",
             &container,
         ]))?;
-        cmd::output(&mut buildah(&["commit", "--quiet", "--rm", &container, tag])).map(drop)
+        cmd::output(&mut buildah(&[
+            "commit", "--quiet", "--rm", &container, tag,
+        ]))
+        .map(drop)
     })();
     if result.is_err() {
         // The working container is left only when commit did not remove it.
