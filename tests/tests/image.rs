@@ -3,14 +3,16 @@
 //! Builds the image from the binaries of this test run (`--bin-dir`, debug ones under
 //! `cargo test`: the same assembly as the release image, faster), checks its config
 //! (entrypoint, user, labels) and its oci-archive, then runs it with podman, without a
-//! network: `outflow-collector --version`, `outflow-agent --version` and `outflow-agent check`
-//! (with the three capabilities, the host's bpffs and cgroup2 mounted in) work from inside.
+//! network: `outflow-collector --version`, the collector serving as its unprivileged user with
+//! its store in the image's data directory (and exiting 0 on SIGTERM), `outflow-agent
+//! --version` and `outflow-agent check` (with the three capabilities, the host's bpffs and
+//! cgroup2 mounted in) work from inside.
 //!
 //! Needs root, buildah and podman (Debian's), and the `xtask` binary beside the agent's (what
 //! `cargo xtask test` and `cargo build --bins` build); a missing one is a failure, never a skip.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output},
     time::Instant,
 };
@@ -27,10 +29,8 @@ fn tool(name: &str) -> PathBuf {
 
 /// The xtask binary: `$OUTFLOW_XTASK_BIN`, else beside the agent binary.
 fn xtask_bin() -> PathBuf {
-    let path = std::env::var_os("OUTFLOW_XTASK_BIN").map_or_else(
-        || agent_bin().with_file_name("xtask"),
-        PathBuf::from,
-    );
+    let path = std::env::var_os("OUTFLOW_XTASK_BIN")
+        .map_or_else(|| agent_bin().with_file_name("xtask"), PathBuf::from);
     assert!(
         path.is_file(),
         "{} not found: build it with `cargo build -p xtask` (same profile as the tests) or set \
@@ -65,6 +65,17 @@ impl Drop for Image {
     }
 }
 
+/// Removes a container when dropped.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", &self.0])
+            .output();
+    }
+}
+
 /// The cgroup2 mount point of this host, from /proc/mounts.
 fn cgroup2_mount() -> String {
     std::fs::read_to_string("/proc/mounts")
@@ -81,11 +92,12 @@ fn cgroup2_mount() -> String {
 #[test]
 fn the_image_builds_offline_and_runs() {
     let buildah = tool("buildah");
-    let podman = tool("podman");
+    let podman_bin = tool("podman");
     let dir = TempDir::new("image");
     let archive = dir.path().join("outflow.oci.tar");
     let image = Image(format!("localhost/outflow:test-{}", std::process::id()));
-    let bin_dir: &Path = &agent_bin().parent().expect("bin dir").to_owned();
+    let agent = agent_bin();
+    let bin_dir = agent.parent().expect("the binaries' directory");
 
     let started = Instant::now();
     run(Command::new(xtask_bin())
@@ -121,23 +133,65 @@ fn the_image_builds_offline_and_runs() {
     assert!(size > 1 << 20, "the archive holds the binaries");
 
     // It runs: the default entrypoint, as its unprivileged user, without a network.
-    let podman_run = |args: &[&str]| {
-        let mut c = Command::new(&podman);
+    let podman = |args: &[&str]| {
+        let mut c = Command::new(&podman_bin);
         // crun (podman's default runtime) refuses hosts with a hybrid cgroup layout (v1
         // controllers beside a cgroup2 mount, as here); runc runs on them.
         if !pure_cgroup2() {
             c.args(["--runtime", tool("runc").to_str().expect("utf-8")]);
         }
-        // Limits no higher than the test's own: podman's defaults are higher, and a root
-        // without CAP_SYS_RESOURCE (as on the CI machines) cannot raise them.
-        c.args(["run", "--rm", "--network=none"])
-            .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
-            .args(args);
+        c.args(args);
+        c
+    };
+    // Limits no higher than the test's own: podman's defaults are higher, and a root without
+    // CAP_SYS_RESOURCE (as on the CI machines) cannot raise them.
+    let run_args = [
+        "run",
+        "--network=none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+    ];
+    let podman_run = |args: &[&str]| {
+        let mut c = podman(&run_args);
+        c.arg("--rm").args(args);
         c
     };
     let out = run(&mut podman_run(&[&image.0, "--version"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("outflow-collector "), "{text}");
+
+    // The default entrypoint serves, as user 65532, its store in the image's data directory,
+    // and stops with 0 on SIGTERM.
+    let out = run(podman(&run_args).args(["--detach", &image.0]));
+    let container = Container(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = run(&mut podman(&["logs", &container.0]));
+        let logs = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        if logs.contains("listening on") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the collector in the image does not serve:\n{logs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    run(&mut podman(&["stop", "--time", "20", &container.0]));
+    let out = run(&mut podman(&[
+        "inspect",
+        "--format",
+        "{{.State.ExitCode}}",
+        &container.0,
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "the collector exits 0 on SIGTERM"
+    );
 
     let out = run(&mut podman_run(&[
         "--entrypoint",

@@ -72,10 +72,7 @@ fn units_with_built_binaries(dir: &Path) -> [PathBuf; 2] {
         let text = fs::read_to_string(deploy_dir().join(unit))
             .unwrap_or_else(|e| panic!("read deploy/systemd/{unit}: {e}"));
         let installed = format!("/usr/bin/{}", unit.trim_end_matches(".service"));
-        let exec_lines = text
-            .lines()
-            .filter(|l| l.starts_with("ExecStart="))
-            .count();
+        let exec_lines = text.lines().filter(|l| l.starts_with("ExecStart=")).count();
         assert_eq!(exec_lines, 1, "{unit} has one ExecStart=");
         let rewritten = text.replace(
             &format!("ExecStart={installed}"),
@@ -163,8 +160,13 @@ fn capabilities_the_agent_checks() -> BTreeSet<String> {
         .filter_map(|row| {
             let feature = row["feature"].as_str()?.strip_prefix("capability ")?;
             let needed_for = row["needed_for"].as_str().unwrap_or_default();
-            (!needed_for.contains("mounting bpffs"))
-                .then(|| feature.split_whitespace().next().unwrap_or_default().to_owned())
+            (!needed_for.contains("mounting bpffs")).then(|| {
+                feature
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
         })
         .collect();
     assert!(!caps.is_empty(), "no capability rows in the report: {out}");
@@ -392,7 +394,8 @@ fn the_agent_speaks_sd_notify() {
     );
     let pid = agent.pid();
     notify.expect("READY=1", pid, Duration::from_secs(60), "the agent");
-    // READY=1 means attached: the programs are on the cgroup by then.
+    // READY=1 means attached: the programs are on the cgroup once it has come (a check made
+    // after reading it, so it cannot catch a READY=1 sent a moment too early).
     use outflow_tests::cgroup::attach;
     for (kind, t) in [
         ("ingress", attach::INET_INGRESS),
@@ -441,8 +444,11 @@ fn the_agent_runs_unprivileged_as_its_unit_runs_it() {
         .status()
         .expect("run chown");
     assert!(chown.success());
-    fs::set_permissions(pin.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .expect("chmod the pin dir");
+    fs::set_permissions(
+        pin.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod the pin dir");
     let pin_dir = pin.as_arg();
     let hold = TempDir::new("unit-run-hold");
     let script = format!(
