@@ -500,3 +500,53 @@ fn the_agent_runs_unprivileged_as_its_unit_runs_it() {
         .count();
     assert!(maps > 0, "maps pinned");
 }
+
+/// The example configs in deploy/config/ are valid, and name the paths the units open up: the
+/// agent's pin_dir is what BindPaths= binds, its state under StateDirectory=, the collector's
+/// data_dir its StateDirectory=.
+#[test]
+fn the_example_configs_are_valid_and_match_the_units() {
+    let config = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config")
+            .join(name)
+            .to_str()
+            .expect("utf-8")
+            .to_owned()
+    };
+    let print = |bin: &Path, file: &str| {
+        let out = Command::new(bin)
+            .args(["print-config", "--config", file])
+            .output()
+            .expect("run print-config");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let agent = print(&agent_bin(), &config("agent.toml"));
+    let bind = unit_values("outflow-agent.service", "BindPaths");
+    let pin = bind.iter().next().expect("BindPaths=");
+    assert!(agent.contains(&format!("pin_dir = \"{pin}\"")), "{agent}");
+    let state = unit_values("outflow-agent.service", "StateDirectory");
+    let state = format!("/var/lib/{}", state.iter().next().expect("StateDirectory="));
+    assert!(
+        agent.contains(&format!("state_dir = \"{state}\"")),
+        "{agent}"
+    );
+    assert!(
+        agent.contains(&format!("spool_dir = \"{state}/spool\"")),
+        "{agent}"
+    );
+
+    let collector = print(&collector_bin(), &config("collector.toml"));
+    let state = unit_values("outflow-collector.service", "StateDirectory");
+    let state = format!("/var/lib/{}", state.iter().next().expect("StateDirectory="));
+    assert!(
+        collector.contains(&format!("data_dir = \"{state}\"")),
+        "{collector}"
+    );
+}
