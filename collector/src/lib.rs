@@ -35,7 +35,6 @@ pub mod config_error;
 pub mod crash;
 pub mod detect;
 pub mod error;
-pub mod exposition;
 pub mod ingest;
 pub mod keys;
 pub mod links;

@@ -1,5 +1,5 @@
 //! Prometheus metrics (at `/metrics` on the metrics address: OpenMetrics text to a scraper that
-//! asks for it, else the Prometheus text format, see `exposition`), and the
+//! asks for it, else the Prometheus text format; served by `outflow-metrics-http`), and the
 //! health endpoints beside them: `/healthz` answers 200 while the process serves HTTP,
 //! `/readyz` 200 once the store is open and gRPC serves, 503 before that and again while
 //! stopping.
@@ -35,13 +35,6 @@
 //! | `outflow_collector_top_client_response_bytes{rank,client}` | gauge | response bytes of the `metrics.top_clients` client addresses with the most in `metrics.top_window` (batch time), `rank` 1 the biggest; one series per rank held, computed at each scrape (see `top_clients`) |
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{
-    Router,
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
-    response::IntoResponse,
-    routing::get,
-};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -53,8 +46,6 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use tokio_util::sync::CancellationToken;
-
-use crate::exposition;
 
 /// Label of `rejects_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -345,38 +336,18 @@ impl Metrics {
     }
 }
 
-/// OpenMetrics to a client that asks for it, else the Prometheus text format (see
-/// `exposition`).
-async fn metrics_handler(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoResponse {
-    let openmetrics = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(exposition::wants_openmetrics);
-    if openmetrics {
-        (
-            [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
-            m.encode(),
-        )
-    } else {
-        (
-            [(header::CONTENT_TYPE, exposition::PROMETHEUS_TEXT)],
-            exposition::prometheus_text(&m.encode()),
-        )
+impl outflow_metrics_http::Exposition for Metrics {
+    fn openmetrics(&self) -> String {
+        self.encode()
     }
-}
 
-/// `200 ok` while the process serves HTTP at all.
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-/// `200 ready` once the store is open and gRPC serves, `503` before and while stopping.
-async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    /// Ready once the store is open and gRPC serves; not before, and not while stopping.
+    fn readiness(&self) -> Result<(), String> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err("the store is not open or gRPC is not serving (starting or stopping)".to_string())
+        }
     }
 }
 
@@ -386,12 +357,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(metrics);
-    axum::serve(listener, app)
+    axum::serve(listener, outflow_metrics_http::router(metrics))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
