@@ -10,6 +10,7 @@
 //! - the Debian packages the tests and benchmarks run: [`DEBIAN_PACKAGES`]. Installing them
 //!   starts no service (see [`NoServiceStarts`]): the tests run nginx and HAProxy themselves, in
 //!   their own network namespaces, with their own configuration.
+//! - the deploy checks' Python tools in a venv ([`TOOLS_PIP`]);
 //! - the VM kernel matrix: virtme-ng in a venv and Debian's kernels, unpacked in a cache
 //!   ([`vm::install`]).
 //!
@@ -64,12 +65,27 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "kmod",
     "udev",
     "python3-venv",
+    // Operators' checkers: promtool (`check metrics`, `check rules`, `test rules`) from
+    // Debian's prometheus; the container image is built with buildah and run with podman and
+    // runc (crun refuses hosts with a hybrid cgroup layout).
+    "prometheus",
+    "buildah",
+    "podman",
+    "runc",
 ];
 
 /// Packages whose maintainer scripts enable and start a system daemon (listening on port 80
 /// for nginx), with the service unit of each: setup keeps them stopped and disabled.
-const DAEMON_PACKAGES: &[(&str, &str)] =
-    &[("nginx", "nginx.service"), ("haproxy", "haproxy.service")];
+const DAEMON_PACKAGES: &[(&str, &str)] = &[
+    ("nginx", "nginx.service"),
+    ("haproxy", "haproxy.service"),
+    ("prometheus", "prometheus.service"),
+];
+
+/// Python packages of the tools venv (`~/.cache/outflow/tools/venv`) the deploy checks use:
+/// Kubernetes' schemas, and Helm's Go SDK as a library (no helm binary is packaged in the
+/// registries these machines reach).
+const TOOLS_PIP: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"];
 
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -89,9 +105,37 @@ pub fn run() -> Result<Report> {
     rust_src(&nightly)?;
     let bpf_linker = bpf_linker(&nightly)?;
     debian_packages()?;
+    tools_venv()?;
     vm::install()?;
     println!("setup: done in {:.2} s", started.elapsed().as_secs_f64());
     Ok(Report { bpf_linker })
+}
+
+/// The venv of [`TOOLS_PIP`] at `~/.cache/outflow/tools/venv` (where the tests look, unless
+/// `OUTFLOW_TOOLS_VENV` says otherwise); a marker file records what was installed.
+fn tools_venv() -> Result<()> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = Path::new(&home).join(".cache/outflow/tools/venv");
+    let marker = venv.join("outflow-tools.txt");
+    let want = TOOLS_PIP.join(" ");
+    if fs::read_to_string(&marker).is_ok_and(|v| v.trim() == want) {
+        println!("ok tools venv ({want})");
+        return Ok(());
+    }
+    println!("installing {want} (PyPI) into {}...", venv.display());
+    let _ = fs::remove_dir_all(&venv);
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+        "creating the tools venv (Debian package python3-venv; `cargo xtask setup` installs it)",
+    )?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(TOOLS_PIP),
+    )
+    .context("installing the deploy checks' tools from PyPI")?;
+    fs::write(&marker, &want).with_context(|| format!("writing {}", marker.display()))?;
+    println!("ok tools venv ({want})");
+    Ok(())
 }
 
 /// Facts about the installed nightly toolchain, from `rustc -vV` and its sysroot.
