@@ -1,17 +1,15 @@
 //! The operator interface: `/healthz` and `/readyz`, metrics `promtool check metrics` accepts,
-//! the bounded top-N of clients, and systemd's notifications from the binary.
+//! the bounded top-N of clients (systemd's notifications: `tests/tests/systemd.rs`).
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixDatagram,
+    io::Write as _,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use outflow_proto::v1;
 
 use crate::common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_outflow-collector");
 const TOP: &str = "outflow_collector_top_client_response_bytes";
 
 /// Runs `promtool check metrics` on `text`; panics with its verdict unless it passes.
@@ -219,128 +217,4 @@ async fn top_clients_zero_writes_no_series() {
     promtool_check(&text);
     a.close().await;
     server.shutdown().await.unwrap();
-}
-
-/// The notifications a test's `NOTIFY_SOCKET` received, in order.
-struct Notifications {
-    socket: UnixDatagram,
-    got: Vec<String>,
-}
-
-impl Notifications {
-    /// Waits (at most `within`) until a datagram says `state`; panics with what came instead.
-    fn wait_for(&mut self, state: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        let mut buf = [0u8; 4096];
-        while !self.got.iter().any(|m| m.lines().any(|l| l == state)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {state} within {within:?}; got {:?}",
-                self.got
-            );
-            self.socket.set_read_timeout(Some(left)).unwrap();
-            match self.socket.recv(&mut buf) {
-                Ok(n) => self
-                    .got
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("receive from the notify socket: {e}"),
-            }
-        }
-    }
-
-    /// Index of the first datagram that says `state`.
-    fn position(&self, state: &str) -> usize {
-        self.got
-            .iter()
-            .position(|m| m.lines().any(|l| l == state))
-            .unwrap_or_else(|| panic!("no {state} in {:?}", self.got))
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tells_systemd_ready_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("notify.sock");
-    let mut notes = Notifications {
-        socket: UnixDatagram::bind(&sock).unwrap(),
-        got: Vec::new(),
-    };
-    let data = dir.path().join("data");
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env("RUST_LOG", "info")
-        .env("NOTIFY_SOCKET", &sock)
-        // A 1 s watchdog: pings every 500 ms.
-        .env("WATCHDOG_USEC", "1000000")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("OUTFLOW_COLLECTOR_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The log's listening line names both bound addresses.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    let (grpc, metrics_addr) = loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("the collector ended before listening:\n{log}");
-        }
-        log.push_str(&line);
-        let addr_after = |marker: &str| {
-            line.split(marker)
-                .nth(1)
-                .and_then(|r| r.split(['/', ' ', ',']).find(|s| !s.is_empty()))
-                .map(str::to_owned)
-        };
-        if let (Some(g), Some(m)) = (addr_after("listening on "), addr_after("http://")) {
-            break (g, m);
-        }
-    };
-    let (grpc, metrics_addr): (std::net::SocketAddr, std::net::SocketAddr) =
-        (grpc.parse().unwrap(), metrics_addr.parse().unwrap());
-
-    notes.wait_for("READY=1", Duration::from_secs(20));
-    // Ready means ready: `/readyz` agrees, and gRPC takes an agent's batch.
-    assert_eq!(http_get(metrics_addr, "/readyz").await.0, 200);
-    let mut a = agent_stream(&format!("http://{grpc}")).await;
-    welcome_seq(&mut a, "agent-ops-sd", 1, "gpu-sd").await;
-    a.batch(batch(
-        1,
-        now_ms() - 5000,
-        vec![delta(client(7), 4242, 1, true)],
-    ))
-    .await
-    .unwrap();
-    a.close().await;
-
-    notes.wait_for("WATCHDOG=1", Duration::from_secs(20));
-    assert!(notes.position("READY=1") < notes.position("WATCHDOG=1"));
-
-    // SAFETY: kill(2) on the pid of the child we spawned.
-    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    notes.wait_for("STOPPING=1", Duration::from_secs(20));
-    let (status, rest) = tokio::task::spawn_blocking(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-        (child.wait().unwrap(), rest)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0), "exit {status:?}:\n{log}{rest}");
-    assert!(rest.contains("stopped"), "{log}{rest}");
 }
