@@ -35,6 +35,11 @@ use tokio::signal::unix::{SignalKind, signal};
 /// bounded disk spool (nothing is lost while the collector is away, unless the spool fills up:
 /// then the oldest batches go, and the loss is reported).
 ///
+/// Prometheus metrics, liveness (/healthz) and readiness (/readyz: ready once the programs are
+/// attached) are served over HTTP on --metrics-listen (127.0.0.1:9410). Under systemd
+/// (Type=notify), the agent tells it when it is ready, pings its watchdog from the read loop,
+/// and says when it stops.
+///
 /// Settings come from a TOML file (--config, else /etc/outflow/agent.toml if it exists) and are
 /// overridden by flags; `outflow-agent print-config` shows the result. Needs root, or the
 /// capabilities `outflow-agent check` lists; that command also shows whether this kernel has
