@@ -124,9 +124,11 @@ pub fn time_to_alert(bins: &Path) -> Result<Duration> {
 /// Everything the demo started; dropping it stops and removes all of it.
 struct Demo {
     bins: PathBuf,
-    /// The collector's gRPC and metrics addresses (free ports on 127.0.0.1).
+    /// The collector's gRPC and metrics addresses, and the agent's metrics address (free
+    /// ports on 127.0.0.1).
     collector: String,
     metrics: String,
+    agent_metrics: String,
     /// The server and client namespaces (the server in one, the gateway and the clients in
     /// the other), deleted when dropped.
     net: NetnsPair,
@@ -145,6 +147,7 @@ impl Demo {
             bins: bins.to_owned(),
             collector: free_local_addr()?,
             metrics: free_local_addr()?,
+            agent_metrics: free_local_addr()?,
             net: NetnsPair::try_new(TAG).context("creating the demo's network namespaces")?,
             cgroup: TestCgroup::try_new(TAG).context("creating the demo's cgroup")?,
             work: PathBuf::from(WORK_DIR),
@@ -229,10 +232,17 @@ impl Demo {
                 "--header",
                 "x-client-id=id",
                 "--raw-ids",
+                "--metrics-listen",
+                &self.agent_metrics,
             ]),
         )?;
         self.children.push(("agent", agent));
         self.wait_for_log("agent", "attached to")?;
+        self.say(&format!(
+            "demo: agent metrics at http://{0}/metrics, readiness at http://{0}/readyz; the \
+             collector's at http://{1}/metrics",
+            self.agent_metrics, self.metrics
+        ));
 
         self.say(&format!(
             "demo: inference server {SERVER}:{SERVER_PORT} in the cgroup, in namespace {}",
