@@ -323,10 +323,19 @@ fn read_records(stdout: impl Read, output: &SharedRecords) {
     }
 }
 
-/// Runs [`agent_bin()`] with exactly `args` until it exits (at most 60 s) and returns its
-/// exit status, stdout and stderr: for commands that end by themselves and for bad input.
+/// Runs [`agent_bin()`] with `args` until it exits (at most 60 s) and returns its exit status,
+/// stdout and stderr: for commands that end by themselves and for bad input. Like
+/// [`Agent::start`], it adds `--metrics-listen 127.0.0.1:0` unless `args` choose an address
+/// (an agent refused for another reason must not first find another test's port taken).
 pub fn run_to_completion(args: &[&str]) -> (ExitStatus, String, String) {
-    run_bin_to_completion(&agent_bin(), args)
+    let mut args = args.to_vec();
+    if !args
+        .iter()
+        .any(|a| *a == "--metrics-listen" || a.starts_with("--metrics-listen="))
+    {
+        args.extend(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    run_bin_to_completion(&agent_bin(), &args)
 }
 
 /// Like [`run_to_completion`] with another binary.

@@ -745,7 +745,9 @@ fn the_agent_refuses_to_start_without_any_one_of_the_daemonsets_capabilities() {
     for dropped in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
         let mut args = setpriv_args(&fewer, &agent_bin());
-        args.extend(["--pin-dir".to_string(), pin.as_arg().to_string()]);
+        args.extend(
+            ["--pin-dir", pin.as_arg(), "--metrics-listen", "127.0.0.1:0"].map(String::from),
+        );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (status, _, stderr) = run_bin_to_completion(&setpriv, &args);
         assert!(!status.success(), "started without {dropped}: {stderr}");

@@ -32,6 +32,30 @@ fn a_cgroup_that_does_not_exist_is_named() {
 }
 
 #[test]
+fn a_metrics_address_in_use_is_named_before_anything_is_attached() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    let cgroup = TestCgroup::new("port-taken");
+    let pin = PinDir::new("port-taken");
+    let (status, out, err) = run_to_completion(&[
+        "--cgroup",
+        cgroup.as_arg(),
+        "--pin-dir",
+        pin.as_arg(),
+        "--metrics-listen",
+        &addr,
+    ]);
+    assert_one_line_error(
+        status,
+        &out,
+        &err,
+        "set metrics_listen (or --metrics-listen)",
+    );
+    assert!(err.contains(&addr), "{err}");
+    assert!(!pin.path().exists(), "nothing pinned in {}", pin.as_arg());
+}
+
+#[test]
 fn a_directory_outside_cgroup2_is_refused() {
     let dir = std::env::temp_dir();
     let (status, out, err) = run_to_completion(&["--cgroup", dir.to_str().expect("utf-8 tmp")]);
@@ -76,6 +100,7 @@ fn not_root_is_explained() {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&bin)
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run setpriv (util-linux; cargo xtask setup installs it)");
@@ -120,7 +145,7 @@ fn missing_capabilities_are_named_at_start() {
             "--",
         ])
         .arg(agent_bin())
-        .args(["--pin-dir", pin.as_arg()])
+        .args(["--pin-dir", pin.as_arg(), "--metrics-listen", "127.0.0.1:0"])
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run setpriv (util-linux; cargo xtask setup installs it)");
