@@ -272,6 +272,9 @@ pub fn attached_programs(dir: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
         attach_flags: u32,
         prog_ids: u64,
         prog_cnt: u32,
+        // Explicit, so it is zero: an implicit padding's bytes are undefined, and Linux before
+        // 6.0 refuses any non-zero byte after prog_cnt (EINVAL).
+        _pad: u32,
     }
     const BPF_PROG_QUERY: libc::c_long = 16;
     let cgroup = fs::File::open(dir)
@@ -285,6 +288,7 @@ pub fn attached_programs(dir: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
         attach_flags: 0,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,
+        _pad: 0,
     };
     // SAFETY: Query is plain data that fits in the zeroed, 8-aligned attr buffer.
     unsafe { std::ptr::write(attr.as_mut_ptr().cast::<Query>(), query) };
