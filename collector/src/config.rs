@@ -22,7 +22,7 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outflow-collector";
 
 pub use crate::config_error::ConfigError;
-use crate::{config_error::invalid, window::Window};
+use crate::{config_error::invalid, keys::Group, window::Window};
 
 /// Everything the collector needs to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,9 @@ pub struct Config {
     pub detect: crate::detect::DetectConfig,
     /// Alert changes POSTed to a URL (`[webhook]`, see `sinks::webhook`).
     pub webhook: crate::sinks::webhook::WebhookConfig,
+    /// Per-client aggregates and alert counts pushed as OTLP metrics (`[otlp]`, see
+    /// `sinks::otlp`).
+    pub otlp: OtlpConfig,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             detect: crate::detect::DetectConfig::default(),
             webhook: crate::sinks::webhook::WebhookConfig::default(),
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -263,6 +267,150 @@ impl MetricsConfig {
     }
 }
 
+/// `[otlp]`: OpenTelemetry metrics pushed over OTLP/gRPC (to an OpenTelemetry Collector, or
+/// any OTLP receiver) every `interval`: the biggest clients of each group in `groups` with
+/// their bytes in `window`, and the alerts open and opened by detector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The receiver's OTLP/gRPC address, `http://host:4317` or `https://...`; none: no export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// File holding the `authorization` metadata value (`Bearer ...`, `Basic ...`), private to
+    /// the collector's user (mode 600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_header_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify an https receiver with, instead of the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// How often to push (at least 100ms); a push that fails is counted and the next one
+    /// carries the values of its time: gauges and cumulative sums lose nothing by a miss.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one push may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Keys of each group with the most response bytes in `window` that are pushed (1 to
+    /// [`MAX_OTLP_CLIENTS`]).
+    pub top_clients: usize,
+    /// The window of those bytes: 1m, 10m, 1h or 24h of batch time.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// The groups whose top keys are pushed: `client-address`, `client-prefix`, `client-id`,
+    /// `peer`, `host`, `workload`.
+    pub groups: Vec<String>,
+}
+
+/// Most keys per group an OTLP push carries.
+pub const MAX_OTLP_CLIENTS: usize = 1000;
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            auth_header_file: None,
+            tls_ca: None,
+            interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+            top_clients: 20,
+            window: Duration::from_secs(600),
+            groups: vec!["client-address".to_owned(), "client-id".to_owned()],
+        }
+    }
+}
+
+impl OtlpConfig {
+    /// The window `window` names.
+    pub fn window(&self) -> Result<Window, ConfigError> {
+        Window::of_length(self.window).ok_or_else(|| {
+            invalid(
+                "otlp.window",
+                format!(
+                    "must be a window the collector keeps: 1m, 10m, 1h or 24h (got {})",
+                    humantime::format_duration(self.window)
+                ),
+            )
+        })
+    }
+
+    /// The groups `groups` names, in its order.
+    pub fn groups(&self) -> Result<Vec<Group>, ConfigError> {
+        self.groups
+            .iter()
+            .map(|name| {
+                Group::ALL
+                    .into_iter()
+                    .find(|g| g.name() == name)
+                    .ok_or_else(|| {
+                        invalid(
+                            "otlp.groups",
+                            format!(
+                                "unknown group {name:?}: want client-address, client-prefix, \
+                                 client-id, peer, host or workload"
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(e) = &self.endpoint {
+            parse_endpoint(e).map_err(|m| invalid("otlp.endpoint", m))?;
+        }
+        if self.interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "otlp.interval",
+                format!(
+                    "must be at least 100ms (got {})",
+                    humantime::format_duration(self.interval)
+                ),
+            ));
+        }
+        if self.timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "otlp.timeout",
+                format!(
+                    "must be at least 100ms (got {})",
+                    humantime::format_duration(self.timeout)
+                ),
+            ));
+        }
+        if !(1..=MAX_OTLP_CLIENTS).contains(&self.top_clients) {
+            return Err(invalid(
+                "otlp.top_clients",
+                format!(
+                    "must be between 1 and {MAX_OTLP_CLIENTS} (got {})",
+                    self.top_clients
+                ),
+            ));
+        }
+        self.window()?;
+        self.groups().map(|_| ())
+    }
+}
+
+/// Checks an OTLP endpoint: `http://` or `https://` with a host, and at most a `/` path
+/// (OTLP/gRPC's path is the service's).
+pub fn parse_endpoint(endpoint: &str) -> Result<tonic::codegen::http::Uri, String> {
+    let uri: tonic::codegen::http::Uri =
+        endpoint.parse().map_err(|e| format!("{endpoint:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!(
+            "{endpoint:?}: want http://host:port or https://host:port (OTLP over gRPC)"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{endpoint:?}: no host"));
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "{endpoint:?}: no path (OTLP/gRPC's is the service's; the HTTP receiver's /v1/metrics is not supported)"
+        ));
+    }
+    Ok(uri)
+}
+
 impl Config {
     /// Reads `path`. A missing file is an error only if `explicit` (given with `--config`);
     /// otherwise the defaults are used.
@@ -400,6 +548,7 @@ impl Config {
         self.metrics.validate()?;
         self.detect.validate()?;
         self.webhook.validate()?;
+        self.otlp.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",
@@ -527,6 +676,36 @@ mod tests {
             &|c| c.metrics.top_window = Duration::from_secs(300),
             "metrics.top_window",
         );
+        check(
+            &|c| c.otlp.endpoint = Some("otel:4317".into()),
+            "otlp.endpoint",
+        );
+        check(
+            &|c| c.otlp.interval = Duration::from_millis(10),
+            "otlp.interval",
+        );
+        check(&|c| c.otlp.top_clients = 0, "otlp.top_clients");
+        check(&|c| c.otlp.groups = vec!["clients".into()], "otlp.groups");
+        check(&|c| c.otlp.window = Duration::from_secs(120), "otlp.window");
+    }
+
+    #[test]
+    fn the_otlp_section() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[otlp]\nendpoint = \"https://otel.example:4317\"\ninterval = \"15s\"\ngroups = [\"peer\", \"client-prefix\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.otlp.groups().unwrap(), [Group::Peer, Group::ClientPrefix]);
+        assert_eq!(c.otlp.interval, Duration::from_secs(15));
+        assert_eq!(c.otlp.window().unwrap(), Window::M10);
+        // Off by default; print-config shows the settings an endpoint would use.
+        let d = Config::default();
+        assert_eq!(d.otlp.endpoint, None);
+        assert!(d.to_toml().contains(
+            "[otlp]\ninterval = \"1m\"\ntimeout = \"10s\"\ntop_clients = 20\nwindow = \"10m\"\ngroups = [\"client-address\", \"client-id\"]"
+        ), "{}", d.to_toml());
     }
 
     #[test]

@@ -86,6 +86,10 @@ struct ServeArgs {
     /// Largest accepted gRPC message, bytes [default: 16777216]
     #[arg(long, value_name = "BYTES")]
     max_message_bytes: Option<usize>,
+    /// Push OpenTelemetry metrics (the top clients' bytes, alert counts) over OTLP/gRPC to this
+    /// receiver, e.g. http://otel-collector:4317 (the rest of it: `[otlp]` in the config file)
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -118,6 +122,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_message_bytes {
             c.limits.max_message_bytes = v;
+        }
+        if let Some(v) = &self.otlp_endpoint {
+            c.otlp.endpoint = Some(v.clone());
         }
         c.validate()?;
         Ok(c)

@@ -27,6 +27,9 @@
 //! | `outflow_collector_detect_tracks_evicted_total` | counter | learnt subjects dropped (least recently judged first) to keep the detectors within the key budget |
 //! | `outflow_collector_webhook_sent_total` | counter | alert changes the webhook receiver accepted |
 //! | `outflow_collector_webhook_dropped_total` | counter | alert changes given up (every attempt failed) or skipped (the receiver too slow) |
+//! | `outflow_collector_otlp_exports_total` | counter | OTLP pushes the receiver accepted (`[otlp]`) |
+//! | `outflow_collector_otlp_export_failures_total` | counter | OTLP pushes that failed (receiver away, refused, timed out); the next push carries the values of its time |
+//! | `outflow_collector_otlp_rejected_points_total` | counter | data points a receiver accepted the push of but said it rejected (OTLP partial success) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
@@ -84,6 +87,9 @@ pub struct Metrics {
     pub shifted_batches: Counter,
     pub webhook_sent: Counter,
     pub webhook_dropped: Counter,
+    pub otlp_exports: Counter,
+    pub otlp_export_failures: Counter,
+    pub otlp_rejected_points: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -125,6 +131,9 @@ impl Metrics {
             shifted_batches: Counter::default(),
             webhook_sent: Counter::default(),
             webhook_dropped: Counter::default(),
+            otlp_exports: Counter::default(),
+            otlp_export_failures: Counter::default(),
+            otlp_rejected_points: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -175,6 +184,21 @@ impl Metrics {
             "webhook_dropped",
             "Alert changes the webhook gave up (every attempt failed) or skipped (receiver too slow)",
             m.webhook_dropped.clone(),
+        );
+        registry.register(
+            "otlp_exports",
+            "OTLP metric pushes the receiver accepted",
+            m.otlp_exports.clone(),
+        );
+        registry.register(
+            "otlp_export_failures",
+            "OTLP metric pushes that failed (receiver away, refused, timed out)",
+            m.otlp_export_failures.clone(),
+        );
+        registry.register(
+            "otlp_rejected_points",
+            "Data points an OTLP receiver said it rejected (partial success)",
+            m.otlp_rejected_points.clone(),
         );
         registry.register(
             "shifted_batches",

@@ -44,7 +44,7 @@ use crate::{
     ingest::IngestService,
     metrics::{self, Metrics},
     query::QueryService,
-    sinks::webhook,
+    sinks::{otlp, webhook},
     top_clients::TopClients,
 };
 
@@ -62,6 +62,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("cannot listen on {addr} ({what}): {error}")]
@@ -99,6 +101,9 @@ pub struct Server {
     health: HealthReporter,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: JoinHandle<std::io::Result<()>>,
+    /// The OTLP exporter and what stops it (after the store has applied everything, so that
+    /// its last push has the final values).
+    otlp: Option<(JoinHandle<()>, CancellationToken)>,
 }
 
 impl Server {
@@ -107,6 +112,7 @@ impl Server {
         config.validate()?;
         let tokens = Arc::new(auth::Tokens::load(&config.auth)?);
         let tls = auth::server_tls(&config.tls)?;
+        let otlp = otlp::Otlp::new(&config.otlp)?;
         let mut metrics = Metrics::new();
         let top_clients = if config.metrics.top_clients > 0 {
             let top = TopClients::new(config.metrics.top_clients, config.metrics.window()?);
@@ -241,6 +247,16 @@ impl Server {
                 shutdown.clone(),
             );
         }
+        let otlp = otlp.map(|o| {
+            info!(
+                "metrics are pushed over OTLP to {} every {}",
+                o.endpoint(),
+                humantime::format_duration(config.otlp.interval)
+            );
+            let stop = CancellationToken::new();
+            (otlp::spawn(&collector, o, stop.clone()), stop)
+        });
+        let otlp_guard = otlp.as_ref().map(|(_, stop)| stop.clone().drop_guard());
         if serving.await.is_err() {
             let why = match grpc.await {
                 Ok(Ok(())) => "it stopped".to_owned(),
@@ -252,6 +268,9 @@ impl Server {
         metrics.set_ready(true);
         shutdown_guard.disarm();
         http_guard.disarm();
+        if let Some(g) = otlp_guard {
+            g.disarm();
+        }
         if open {
             warn!(
                 "no auth token files and no tls.client_ca: ingest and query are open to anyone who can reach {}",
@@ -276,6 +295,7 @@ impl Server {
             health,
             grpc,
             metrics: metrics_task,
+            otlp,
         })
     }
 
@@ -322,6 +342,7 @@ impl Server {
             mut grpc,
             metrics,
             http_stop,
+            otlp,
             ..
         } = self;
         let result = match tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc).await {
@@ -335,6 +356,13 @@ impl Server {
             }
         };
         collector.close().await;
+        if let Some((task, stop)) = otlp {
+            // The last push, with the values everything applied made.
+            stop.cancel();
+            if let Err(e) = task.await {
+                error!("otlp exporter task: {e}");
+            }
+        }
         // `/readyz` said 503 until here.
         http_stop.cancel();
         match metrics.await {

@@ -7,6 +7,7 @@
 //!
 //! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
 //! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
+//! - [`tools`]: the checkers and peers that are not Rust (promtool, the tools venv's Python).
 //!
 //! The constructors panic with a message saying what failed, as test code wants; each has a
 //! `try_` twin that returns the error instead, for tools (xtask's demo).
@@ -15,6 +16,7 @@
 
 pub mod cgroup;
 pub mod netns;
+pub mod tools;
 pub mod wait;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -267,29 +267,7 @@ impl Metrics {
     /// Runs `promtool check metrics` (Debian's `prometheus` package, installed by
     /// `cargo xtask setup`) on the text; panics with its complaints if it finds any.
     pub fn check_with_promtool(&self) {
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run promtool ({e}): run `cargo xtask setup` (it installs Debian's prometheus package)")
-            });
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(self.0.as_bytes())
-            .expect("write to promtool");
-        let out = child.wait_with_output().expect("wait for promtool");
-        assert!(
-            out.status.success(),
-            "promtool check metrics: {}{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.0
-        );
+        crate::tools::promtool_check(&self.0);
     }
 
     /// The sample named exactly `name` (labels included); 0 if absent.

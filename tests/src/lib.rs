@@ -30,11 +30,10 @@ pub mod peer;
 pub mod process;
 pub mod protocol;
 pub mod records;
-pub mod tools;
 
 // The namespace and cgroup guards are a crate of their own, outside the agent's eBPF build,
 // for users that must build before the eBPF toolchain is installed (xtask).
-pub use outflow_testbed::{cgroup, netns, wait};
+pub use outflow_testbed::{cgroup, netns, tools, wait};
 
 pub(crate) use outflow_testbed::{next_serial, process_exists, sanitize_tag};
 

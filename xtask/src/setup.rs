@@ -10,7 +10,7 @@
 //! - the Debian packages the tests and benchmarks run: [`DEBIAN_PACKAGES`]. Installing them
 //!   starts no service (see [`NoServiceStarts`]): the tests run nginx and HAProxy themselves, in
 //!   their own network namespaces, with their own configuration.
-//! - the deploy checks' Python tools in a venv ([`TOOLS_PIP`]);
+//! - the Python tools the tests use, in a venv ([`TOOLS_PIP`]);
 //! - the VM kernel matrix: virtme-ng in a venv and Debian's kernels, unpacked in a cache
 //!   ([`vm::install`]).
 //!
@@ -82,10 +82,17 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus.service"),
 ];
 
-/// Python packages of the tools venv (`~/.cache/outflow/tools/venv`) the deploy checks use:
-/// Kubernetes' schemas, and Helm's Go SDK as a library (no helm binary is packaged in the
-/// registries these machines reach).
-const TOOLS_PIP: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"];
+/// Python packages of the tools venv (`~/.cache/outflow/tools/venv`) the tests use:
+/// Kubernetes' schemas and Helm's Go SDK as a library for the deploy checks (no helm binary is
+/// packaged in the registries these machines reach); grpcio and the OpenTelemetry project's
+/// generated protos for the OTLP receiver the collector's OTLP sink is tested against.
+const TOOLS_PIP: &[&str] = &[
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "grpcio==1.85.3",
+    "opentelemetry-proto==1.45.2",
+    "protobuf==7.36.2",
+];
 
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

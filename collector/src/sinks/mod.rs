@@ -1,3 +1,5 @@
-//! Where alerts go besides the `outflow.v1.Alerts` service: each sink subscribes to the
-//! [`AlertHub`](crate::alerts::AlertHub) and never feeds back into detection.
+//! Where the collector's results go besides its gRPC services: the webhook subscribes to the
+//! [`AlertHub`](crate::alerts::AlertHub), the OTLP exporter reads the aggregates and alert
+//! counts; neither feeds back into detection.
+pub mod otlp;
 pub mod webhook;

@@ -11,6 +11,7 @@ mod fleet;
 mod gateway;
 mod hostile;
 mod ops;
+mod otlp;
 mod props;
 mod services;
 mod windows;

@@ -1,47 +1,13 @@
 //! The operator interface: `/healthz` and `/readyz`, metrics `promtool check metrics` accepts,
 //! the bounded top-N of clients (systemd's notifications: `tests/tests/systemd.rs`).
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use outflow_proto::v1;
+use outflow_testbed::tools::promtool_check;
 
 use crate::common::*;
 
 const TOP: &str = "outflow_collector_top_client_response_bytes";
-
-/// Runs `promtool check metrics` on `text`; panics with its verdict unless it passes.
-fn promtool_check(text: &str) {
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "promtool is not installed: run `cargo xtask setup` (it installs Debian's `prometheus` package, which has promtool)"
-        ),
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics refused the collector's metrics ({}):\n{}{}\n--- metrics:\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-}
 
 /// The `(rank, client, bytes)` of every top-client series in `text`, by rank.
 fn top_series(text: &str) -> Vec<(u32, String, u64)> {

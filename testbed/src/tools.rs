@@ -1,9 +1,10 @@
-//! Checkers the deployment tests run that are not Rust: the tools venv (helm-python-sdk,
-//! kubernetes-validate) and Debian's promtool. Missing ones fail the test, naming
-//! `cargo xtask setup`; nothing skips.
+//! Checkers and peers the tests run that are not Rust: the tools venv (helm-python-sdk,
+//! kubernetes-validate, an OTLP receiver's grpcio and opentelemetry-proto) and Debian's
+//! promtool. Missing ones fail the test, naming `cargo xtask setup`; nothing skips.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 /// Environment variable that overrides where the tools venv is.
 pub const TOOLS_VENV_ENV: &str = "OUTFLOW_TOOLS_VENV";
@@ -12,7 +13,7 @@ pub const TOOLS_VENV_ENV: &str = "OUTFLOW_TOOLS_VENV";
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the tests crate is inside the workspace")
+        .expect("the testbed crate is inside the workspace")
         .to_path_buf()
 }
 
@@ -31,8 +32,8 @@ pub fn venv_python(modules: &[&str]) -> PathBuf {
     let python = tools_venv().join("bin/python");
     assert!(
         python.is_file(),
-        "no tools venv at {} (helm-python-sdk, kubernetes-validate): run `cargo xtask setup`, \
-         or set {TOOLS_VENV_ENV}",
+        "no tools venv at {} (helm-python-sdk, kubernetes-validate, grpcio, \
+         opentelemetry-proto): run `cargo xtask setup`, or set {TOOLS_VENV_ENV}",
         tools_venv().display()
     );
     for module in modules {
@@ -78,4 +79,31 @@ pub fn run_ok(what: &str, command: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs `promtool check metrics` on `text` (a `/metrics` page); panics with promtool's verdict
+/// and the page unless it passes.
+pub fn promtool_check(text: &str) {
+    let promtool = program("promtool", "prometheus");
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", promtool.display()));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the metrics ({}):\n{}{}\n--- metrics:\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
 }
