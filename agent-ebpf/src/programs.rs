@@ -159,6 +159,13 @@ fn slow_path<const EGRESS: bool>(
     // SAFETY: non-null socket storage pointer returned by the helper.
     let st = unsafe { &mut *st };
     if st.slot == slot::UNALLOCATED {
+        if st.role != u32::from(ROLE_UNKNOWN) {
+            // sock_ops made this state and is taking the connection's slot on another CPU right
+            // now: a second slot here would split the connection in two. This packet's payload
+            // is counted by the next one (counting follows sequence numbers); only its segment
+            // and wire bytes are not, as for a packet of a handshake state.
+            return None;
+        }
         take_slot_from_skb(skb, sk, key, ports, st);
     }
     if st.slot == slot::IGNORED {
