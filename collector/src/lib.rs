@@ -47,6 +47,7 @@ pub mod sinks;
 pub mod store;
 pub mod systemd;
 pub mod top_clients;
+pub mod watch;
 pub mod window;
 pub mod writer;
 

@@ -1,7 +1,7 @@
 //! `outflow-collector`: receives per-connection byte deltas from outflow agents over gRPC,
 //! aggregates them across the fleet, and answers queries; `top` and `client` ask a running
 //! collector.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -27,7 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 /// the result. Under systemd (Type=notify) it sends READY=1 once ready, WATCHDOG=1 while its
 /// store writer keeps up (WatchdogSec=) and STOPPING=1; SIGTERM/SIGINT stop it cleanly.
 ///
-/// `top` and `client` ask a running collector and print a table.
+/// `top` and `client` ask a running collector and print a table; `top --watch` keeps it live.
 #[derive(Parser, Debug)]
 #[command(
     name = "outflow-collector",
@@ -216,6 +216,13 @@ struct TopArgs {
     /// How many keys (1 to 1000)
     #[arg(long, short = 'n', default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     limit: u32,
+    /// A live view: the table and the open alerts, asked again every --interval; keys: g/G
+    /// grouping, w/W window, r refresh, q quit
+    #[arg(long)]
+    watch: bool,
+    /// How often --watch asks, e.g. 2s, 500ms
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+    interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -310,22 +317,47 @@ fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 
-async fn top(a: TopArgs) -> Result<()> {
-    let mut q = client::query_client(&a.conn.options()).await?;
-    let (group, group_name) = match a.group_by {
+fn group_of(g: GroupArg) -> (v1::GroupBy, &'static str) {
+    match g {
         GroupArg::ClientAddress => (v1::GroupBy::ClientAddress, "client-address"),
         GroupArg::ClientPrefix => (v1::GroupBy::ClientPrefix, "client-prefix"),
         GroupArg::Host => (v1::GroupBy::Host, "host"),
         GroupArg::Workload => (v1::GroupBy::Workload, "workload"),
         GroupArg::ClientId => (v1::GroupBy::ClientId, "client-id"),
         GroupArg::Peer => (v1::GroupBy::Peer, "peer"),
-    };
-    let (window, window_name) = match a.window {
+    }
+}
+
+fn window_of(w: WindowArg) -> (v1::Window, &'static str) {
+    match w {
         WindowArg::M1 => (v1::Window::Window1m, "1m"),
         WindowArg::M10 => (v1::Window::Window10m, "10m"),
         WindowArg::H1 => (v1::Window::Window1h, "1h"),
         WindowArg::H24 => (v1::Window::Window24h, "24h"),
-    };
+    }
+}
+
+async fn top(a: TopArgs) -> Result<()> {
+    if a.watch {
+        use outflow_collector::watch::{self, GROUPS, View, WINDOWS};
+        let view = View {
+            group: GROUPS
+                .iter()
+                .position(|(g, _)| *g == group_of(a.group_by).0)
+                .unwrap_or(0),
+            window: WINDOWS
+                .iter()
+                .position(|(w, _)| *w == window_of(a.window).0)
+                .unwrap_or(0),
+            limit: a.limit,
+            interval: a.interval.max(Duration::from_millis(100)),
+            exact: a.conn.exact,
+        };
+        return Ok(watch::run(&a.conn.options(), view).await?);
+    }
+    let mut q = client::query_client(&a.conn.options()).await?;
+    let (group, group_name) = group_of(a.group_by);
+    let (window, window_name) = window_of(a.window);
     let r = q
         .top_talkers(v1::TopTalkersRequest {
             group_by: group as i32,

@@ -57,6 +57,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The fault suite: network faults on one port, and an agent's wall clock stepped alone.
     "nftables",
     "libfaketime",
+    // `outflow-collector top --watch` is tested in a real terminal.
+    "tmux",
     // The kernel matrix (`cargo xtask vm-test`): QEMU, and what virtme-ng needs on the host to
     // boot a kernel on it (busybox for its init, kmod for depmod, udev or the guest's console
     // is lost), and a venv for virtme-ng itself.

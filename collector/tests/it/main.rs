@@ -14,4 +14,5 @@ mod ops;
 mod otlp;
 mod props;
 mod services;
+mod watch;
 mod windows;
