@@ -22,6 +22,15 @@ pub fn config(dir: &Path) -> Config {
     }
 }
 
+/// [`config`] for replays: no fsync, no rate limits (batches come faster than agents send).
+pub fn replay_config(dir: &Path) -> Config {
+    let mut c = config(dir);
+    c.store.fsync = false;
+    c.limits.batches_per_second = 0.0;
+    c.limits.deltas_per_second = 0.0;
+    c
+}
+
 pub async fn start(cfg: Config) -> Server {
     Server::start(cfg)
         .await

@@ -93,10 +93,7 @@ fn traffic(rng: &mut Rng, t: u64) -> Vec<v1::ConnDelta> {
 }
 
 fn cfg(dir: &std::path::Path) -> Config {
-    let mut c = config(dir);
-    c.store.fsync = false;
-    c.limits.batches_per_second = 0.0;
-    c.limits.deltas_per_second = 0.0;
+    let mut c = replay_config(dir);
     c.detect.allowlist.cidrs = vec!["192.0.2.0/28".parse().unwrap()];
     c
 }

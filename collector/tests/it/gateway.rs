@@ -150,11 +150,7 @@ fn cli(args: Vec<String>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_behind_gateways_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.store.fsync = false;
-    cfg.limits.batches_per_second = 0.0;
-    cfg.limits.deltas_per_second = 0.0;
-    let server = start(cfg).await;
+    let server = start(replay_config(dir.path())).await;
     let u = url(&server);
     let sent = replay(&server).await;
     let gateways: Vec<String> = GATEWAYS

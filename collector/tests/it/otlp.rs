@@ -147,10 +147,7 @@ fn free_port() -> u16 {
 }
 
 fn cfg(dir: &std::path::Path, port: u16, interval: Duration) -> Config {
-    let mut c = config(dir);
-    c.store.fsync = false;
-    c.limits.batches_per_second = 0.0;
-    c.limits.deltas_per_second = 0.0;
+    let mut c = replay_config(dir);
     c.otlp.endpoint = Some(format!("http://127.0.0.1:{port}"));
     c.otlp.interval = interval;
     c.otlp.top_clients = 3;

@@ -123,11 +123,7 @@ async fn send(server: &Server, batches: Vec<(u64, Vec<outflow_proto::v1::ConnDel
 #[tokio::test]
 async fn the_live_view_follows_the_traffic_and_the_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.store.fsync = false;
-    cfg.limits.batches_per_second = 0.0;
-    cfg.limits.deltas_per_second = 0.0;
-    let server = start(cfg).await;
+    let server = start(replay_config(dir.path())).await;
     send(
         &server,
         vec![(
