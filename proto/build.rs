@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "outflow/v1/ingest.proto",
     "outflow/v1/query.proto",
     "outflow/v1/alerts.proto",
+    "outflow/v1/feed.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

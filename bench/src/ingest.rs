@@ -74,12 +74,16 @@ pub struct Args {
     /// throughput runs set it above the keys they make, so that every key is kept.
     #[arg(long)]
     max_keys: Option<u64>,
+    /// The collector's feed buffer (`[feed] buffer_entries`; default: the collector's default,
+    /// 0: no feed), to measure what holding applied batches for Feed followers costs.
+    #[arg(long)]
+    feed_entries: Option<usize>,
 }
 
 impl Args {
     fn command(&self) -> String {
         format!(
-            "sudo target/release/outflow-bench ingest --clients {} --clients-per-prefix {} --agents {} --batches {} --deltas {} --runs {}{}",
+            "sudo target/release/outflow-bench ingest --clients {} --clients-per-prefix {} --agents {} --batches {} --deltas {} --runs {}{}{}",
             self.clients,
             self.clients_per_prefix,
             self.agents,
@@ -88,6 +92,9 @@ impl Args {
             self.runs,
             self.max_keys
                 .map(|k| format!(" --max-keys {k}"))
+                .unwrap_or_default(),
+            self.feed_entries
+                .map(|n| format!(" --feed-entries {n}"))
                 .unwrap_or_default()
         )
     }
@@ -298,6 +305,7 @@ impl CollectorProcess {
         metrics: SocketAddr,
         detect: bool,
         max_keys: Option<u64>,
+        feed_entries: Option<usize>,
     ) -> Result<Self> {
         let config = dir.join("collector.toml");
         let mut text = COLLECTOR_CONFIG.to_owned();
@@ -306,6 +314,9 @@ impl CollectorProcess {
         }
         if !detect {
             text += "[detect]\nenabled = false\n";
+        }
+        if let Some(n) = feed_entries {
+            text += &format!("[feed]\nbuffer_entries = {n}\n");
         }
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut command = Command::new(bin);
@@ -378,8 +389,15 @@ fn one_run(
         args.runs,
         if detect { "on" } else { "off" }
     );
-    let collector =
-        CollectorProcess::start(bin, dir.path(), listen, metrics, detect, args.max_keys)?;
+    let collector = CollectorProcess::start(
+        bin,
+        dir.path(),
+        listen,
+        metrics,
+        detect,
+        args.max_keys,
+        args.feed_entries,
+    )?;
     let pid = collector.pid();
     let before =
         Metrics::fetch(metrics).with_context(|| format!("reading http://{metrics}/metrics"))?;
@@ -720,6 +738,7 @@ mod tests {
             deltas: 300,
             runs: 1,
             max_keys: None,
+            feed_entries: None,
         };
         let mut clients: Vec<Vec<u8>> = (1..=2)
             .flat_map(|s| (0..2).map(move |a| (a, s)))

@@ -21,6 +21,7 @@ use crate::{
     auth::BoundAgent,
     config::{Config, LimitsConfig},
     error::ApiError,
+    feed::{Feed, FeedBatch},
     keys::{Group, HostId},
     metrics::Metrics,
     model::{AgentKey, Batch, BatchLimits, Hello, ValidationError},
@@ -59,6 +60,7 @@ pub const MAX_QUEUED_DELTAS: u32 = 2_000_000;
 #[derive(Debug)]
 pub struct Collector {
     alerts: Arc<AlertHub>,
+    feed: Arc<Feed>,
     state: Arc<RwLock<State>>,
     writer: Writer,
     metrics: Arc<Metrics>,
@@ -83,6 +85,7 @@ impl Collector {
         let alerts = Arc::new(AlertHub::new());
         alerts.load(store.load_alerts()?, &state, &metrics);
         let state = Arc::new(RwLock::new(state));
+        let feed = Arc::new(Feed::new(&config.feed));
         let writer = Writer::start(
             store,
             state.clone(),
@@ -91,10 +94,12 @@ impl Collector {
             &config.limits,
             &config.detect,
             alerts.clone(),
+            feed.clone(),
         )
         .map_err(OpenError::Writer)?;
         Ok(Collector {
             alerts,
+            feed,
             state,
             writer,
             metrics,
@@ -123,6 +128,11 @@ impl Collector {
     /// The alerts raised by the detectors.
     pub fn alerts(&self) -> &Arc<AlertHub> {
         &self.alerts
+    }
+
+    /// The applied batches held for Feed followers.
+    pub fn feed(&self) -> &Arc<Feed> {
+        &self.feed
     }
 
     /// The metrics.
@@ -215,6 +225,7 @@ impl Drop for Connected {
 struct SessionAgent {
     key: AgentKey,
     host: HostId,
+    hostname: Arc<str>,
     limiter: Arc<Mutex<AgentLimiter>>,
     _connected: Connected,
 }
@@ -316,6 +327,7 @@ impl Session {
             limiter: c.limiter(&hello.agent.agent_id),
             key: hello.agent,
             host: reply.host,
+            hostname: hello.hostname.as_str().into(),
             _connected: Connected::new(&c.metrics),
         });
         Ok(Pending::Ready(CollectorMessage {
@@ -331,6 +343,12 @@ impl Session {
             return Err(ApiError::OutOfOrder(
                 "Batch before Hello: a stream must start with a Hello",
             ));
+        };
+        // The deltas as sent, for the feed's followers that want them (a copy, only then).
+        let raw = if c.feed.keeps_deltas() {
+            b.deltas.clone()
+        } else {
+            Vec::new()
         };
         let batch = Batch::from_wire(b, &c.batch_limits())?;
         if batch.shifted_ms > 0 {
@@ -362,6 +380,17 @@ impl Session {
             .acquire_many_owned(n.min(MAX_QUEUED_DELTAS))
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
+        let aggregate = aggregate(&batch, agent.host);
+        let feed = c.feed.enabled().then(|| FeedBatch {
+            agent: agent.key.clone(),
+            seq,
+            host: agent.hostname.clone(),
+            start_ms: batch.start_ms,
+            end_ms: batch.end_ms,
+            // The writer moves the aggregate's entries here once it has applied them.
+            totals: Vec::new(),
+            deltas: raw,
+        });
         let request = BatchRequest {
             agent: agent.key.clone(),
             seq,
@@ -371,7 +400,8 @@ impl Session {
                 lost_response_bytes: batch.lost.bytes_out,
                 unattributed_response_bytes: batch.overflow.bytes_out,
             },
-            aggregate: aggregate(&batch, agent.host),
+            aggregate,
+            feed,
         };
         let rx = c.writer.submit(request).await?;
         Ok(Pending::Batch { seq, rx, queued })

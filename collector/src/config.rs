@@ -47,6 +47,8 @@ pub struct Config {
     /// Per-client aggregates and alert counts pushed as OTLP metrics (`[otlp]`, see
     /// `sinks::otlp`).
     pub otlp: OtlpConfig,
+    /// The applied batches held for `outflow.v1.Feed` followers (`[feed]`, see `feed`).
+    pub feed: crate::feed::FeedConfig,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             detect: crate::detect::DetectConfig::default(),
             webhook: crate::sinks::webhook::WebhookConfig::default(),
             otlp: OtlpConfig::default(),
+            feed: crate::feed::FeedConfig::default(),
         }
     }
 }
@@ -549,6 +552,7 @@ impl Config {
         self.detect.validate()?;
         self.webhook.validate()?;
         self.otlp.validate()?;
+        self.feed.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",

@@ -35,6 +35,8 @@ pub mod config_error;
 pub mod crash;
 pub mod detect;
 pub mod error;
+pub mod feed;
+pub mod feed_service;
 pub mod ingest;
 pub mod keys;
 pub mod links;

@@ -30,6 +30,10 @@
 //! | `outflow_collector_otlp_exports_total` | counter | OTLP pushes the receiver accepted (`[otlp]`) |
 //! | `outflow_collector_otlp_export_failures_total` | counter | OTLP pushes that failed (receiver away, refused, timed out); the next push carries the values of its time |
 //! | `outflow_collector_otlp_rejected_points_total` | counter | data points a receiver accepted the push of but said it rejected (OTLP partial success) |
+//! | `outflow_collector_feed_followers` | gauge | `outflow.v1.Feed` Follow streams open |
+//! | `outflow_collector_feed_sent_batches_total` | counter | applied batches sent to Feed followers |
+//! | `outflow_collector_feed_dropped_batches_total` | counter | applied batches the feed's buffer let go (`feed.buffer_entries`); only a follower further behind misses them |
+//! | `outflow_collector_feed_gap_positions_total` | counter | positions followers asked for that were no longer held (each told with a FeedGap) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
@@ -90,6 +94,10 @@ pub struct Metrics {
     pub otlp_exports: Counter,
     pub otlp_export_failures: Counter,
     pub otlp_rejected_points: Counter,
+    pub feed_followers: Gauge,
+    pub feed_sent_batches: Counter,
+    pub feed_dropped_batches: Counter,
+    pub feed_gap_positions: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -134,6 +142,10 @@ impl Metrics {
             otlp_exports: Counter::default(),
             otlp_export_failures: Counter::default(),
             otlp_rejected_points: Counter::default(),
+            feed_followers: Gauge::default(),
+            feed_sent_batches: Counter::default(),
+            feed_dropped_batches: Counter::default(),
+            feed_gap_positions: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -199,6 +211,26 @@ impl Metrics {
             "otlp_rejected_points",
             "Data points an OTLP receiver said it rejected (partial success)",
             m.otlp_rejected_points.clone(),
+        );
+        registry.register(
+            "feed_followers",
+            "Feed Follow streams open",
+            m.feed_followers.clone(),
+        );
+        registry.register(
+            "feed_sent_batches",
+            "Applied batches sent to Feed followers",
+            m.feed_sent_batches.clone(),
+        );
+        registry.register(
+            "feed_dropped_batches",
+            "Applied batches the feed buffer let go (feed.buffer_entries)",
+            m.feed_dropped_batches.clone(),
+        );
+        registry.register(
+            "feed_gap_positions",
+            "Feed positions followers asked for that were no longer held",
+            m.feed_gap_positions.clone(),
         );
         registry.register(
             "shifted_batches",

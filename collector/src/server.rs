@@ -29,7 +29,9 @@ use std::{
 };
 
 use log::{error, info, warn};
-use outflow_proto::v1::{alerts_server::AlertsServer, query_server::QueryServer};
+use outflow_proto::v1::{
+    alerts_server::AlertsServer, feed_server::FeedServer, query_server::QueryServer,
+};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,7 @@ use crate::{
     auth::{self, Auth, AuthError, ClientCerts, Role},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
+    feed_service::FeedService,
     ingest::IngestService,
     metrics::{self, Metrics},
     query::QueryService,
@@ -49,7 +52,12 @@ use crate::{
 };
 
 /// Names of the services reported SERVING by gRPC health checking.
-pub const SERVICES: [&str; 3] = ["outflow.v1.Ingest", "outflow.v1.Query", "outflow.v1.Alerts"];
+pub const SERVICES: [&str; 4] = [
+    "outflow.v1.Ingest",
+    "outflow.v1.Query",
+    "outflow.v1.Alerts",
+    "outflow.v1.Feed",
+];
 /// How long a stop waits for streams and connections to end before cutting them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -201,6 +209,11 @@ impl Server {
             collector.alerts().clone(),
             shutdown.clone(),
         ));
+        let feed = FeedServer::new(FeedService::new(
+            collector.feed().clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         let open = auth.is_open();
 
         // A connection that stops answering pings is dropped; one connection holds at most 64
@@ -218,7 +231,8 @@ impl Server {
             .add_optional_service(reflection)
             .add_service(InterceptedService::new(ingest, ingest_auth))
             .add_service(InterceptedService::new(query, auth.clone()))
-            .add_service(InterceptedService::new(alerts, auth));
+            .add_service(InterceptedService::new(alerts, auth.clone()))
+            .add_service(InterceptedService::new(feed, auth));
         let (serving_tx, serving) = oneshot::channel();
         let incoming = Serving {
             inner: TcpIncoming::from(listener)

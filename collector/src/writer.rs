@@ -24,6 +24,7 @@ use crate::{
     budget::{Folds, KeyBudget},
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
+    feed::{Feed, FeedBatch},
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
@@ -75,6 +76,8 @@ pub struct BatchRequest {
     /// What the agent reported it could not count per connection.
     pub gaps: Gaps,
     pub aggregate: BatchAggregate,
+    /// What the feed shows of it once applied (none when the feed is off).
+    pub feed: Option<FeedBatch>,
 }
 
 /// What a batch reports its agent could not count per connection: batches its spool dropped
@@ -123,7 +126,12 @@ impl std::fmt::Debug for Request {
 
 impl Writer {
     /// Starts the writer thread on `store`, installing what it commits into `state`, and
-    /// running detection (if `detect.enabled`) into `alerts` after every commit.
+    /// running detection (if `detect.enabled`) into `alerts` after every commit, and
+    /// publishing every applied batch to `feed` before its Ack.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the writer's collaborators, each once"
+    )]
     pub fn start(
         store: Store,
         state: Arc<RwLock<State>>,
@@ -132,6 +140,7 @@ impl Writer {
         limits: &LimitsConfig,
         detect: &DetectConfig,
         alerts: Arc<AlertHub>,
+        feed: Arc<Feed>,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut budget = KeyBudget::new(limits.max_keys, limits.max_keys_per_agent_percent);
@@ -172,6 +181,7 @@ impl Writer {
             detector,
             next_judgement_ms,
             alerts,
+            feed,
             staging: Staging::default(),
             staged: Vec::new(),
         };
@@ -249,6 +259,8 @@ enum Reply {
         deltas: usize,
         gaps: Gaps,
         time_ms: u64,
+        /// The feed's copy of an applied batch.
+        feed: Option<FeedBatch>,
     },
 }
 
@@ -475,6 +487,8 @@ struct Worker {
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
     alerts: Arc<AlertHub>,
+    /// Applied batches are published here before their Acks.
+    feed: Arc<Feed>,
     staging: Staging,
     /// The keys of `staging` in key order (kept for its capacity).
     staged: Vec<(Key, Staged)>,
@@ -587,20 +601,37 @@ impl Worker {
                         .copied()
                         .unwrap_or_else(|| st.watermark(&batch.agent));
                     let agg = batch.aggregate;
+                    let mut feed = batch.feed;
                     let outcome = if batch.seq <= applied {
+                        feed = None;
                         Outcome::Duplicate
                     } else {
                         ch.watermarks.insert(batch.agent, batch.seq);
                         end_ms = end_ms.max(agg.time_ms);
-                        for (key, totals) in agg.entries {
+                        let mut add = |key: Key, totals: &Totals| {
                             // New keys past the key budget are folded (or only counted in
                             // their prefix).
                             let is_new = |k: &Key| !staging.contains(k) && st.get(k).is_none();
                             let routed = self
                                 .budget
-                                .route(&st, key, agg.host, &totals, is_new, &mut folds);
+                                .route(&st, key, agg.host, totals, is_new, &mut folds);
                             if let Some(key) = routed {
-                                staging.add(key, agg.time_ms, agg.host, &totals);
+                                staging.add(key, agg.time_ms, agg.host, totals);
+                            }
+                        };
+                        match feed.as_mut() {
+                            // The feed keeps the entries (an address key's copy is cheap;
+                            // moving the vector saves copying it).
+                            Some(f) => {
+                                for (key, totals) in &agg.entries {
+                                    add(key.clone(), totals);
+                                }
+                                f.totals = agg.entries;
+                            }
+                            None => {
+                                for (key, totals) in agg.entries {
+                                    add(key, &totals);
+                                }
                             }
                         }
                         for (key, kind, addr) in agg.links {
@@ -617,6 +648,7 @@ impl Worker {
                         deltas: batch.deltas,
                         gaps: batch.gaps,
                         time_ms: agg.time_ms,
+                        feed,
                     });
                 }
                 Request::Ping(reply) => replies.push(Reply::Ping(reply)),
@@ -709,6 +741,13 @@ impl Worker {
                 {
                     det.observe(subjects, &prefixes, self.next_judgement_ms);
                 }
+                // In the feed before their Acks leave.
+                let applied = replies.iter_mut().filter_map(|r| match r {
+                    Reply::Batch { feed, .. } => feed.take(),
+                    _ => None,
+                });
+                let dropped = self.feed.publish(applied);
+                self.metrics.feed_dropped_batches.inc_by(dropped as u64);
                 let now = now_ms();
                 for r in replies {
                     match r {
@@ -724,6 +763,7 @@ impl Worker {
                             deltas,
                             gaps,
                             time_ms,
+                            ..
                         } => {
                             match outcome {
                                 Outcome::Applied => {

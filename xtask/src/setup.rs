@@ -87,11 +87,14 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
 /// Python packages of the tools venv (`~/.cache/outflow/tools/venv`) the tests use:
 /// Kubernetes' schemas and Helm's Go SDK as a library for the deploy checks (no helm binary is
 /// packaged in the registries these machines reach); grpcio and the OpenTelemetry project's
-/// generated protos for the OTLP receiver the collector's OTLP sink is tested against.
+/// generated protos for the OTLP receiver the collector's OTLP sink is tested against;
+/// grpcio-tools for the Python Feed consumer (`clients/python`), which generates its code from
+/// our protos.
 const TOOLS_PIP: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
     "grpcio==1.85.3",
+    "grpcio-tools==1.85.1",
     "opentelemetry-proto==1.45.2",
     "protobuf==7.36.2",
 ];

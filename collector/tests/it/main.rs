@@ -7,6 +7,7 @@ mod common;
 mod dedup;
 mod detect;
 mod faults;
+mod feed;
 mod fleet;
 mod gateway;
 mod hostile;

@@ -138,14 +138,6 @@ fn clients(push: &Value, name: &str) -> Vec<(String, String, i64)> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn cfg(dir: &std::path::Path, port: u16, interval: Duration) -> Config {
     let mut c = replay_config(dir);
     c.otlp.endpoint = Some(format!("http://127.0.0.1:{port}"));
