@@ -786,9 +786,13 @@ fn a_connection_older_than_the_agent_without_room_to_track_its_close_is_counted_
             .expect("fill LEGACY");
     }
     let o = conn.finish();
+    // No close can be seen to wait for: wait for both directions' bytes (the client's last
+    // byte, sent after the whole response, may be reported an interval after the response).
     let records = agent.wait_until(WAIT, |r| {
+        let t = totals(&of_outcome(&conn_records(r), &o));
         last_stats(r)["legacy_untracked"] == 1
-            && totals(&of_outcome(&conn_records(r), &o)).bytes_out == o.received
+            && t.bytes_out == o.received
+            && t.bytes_in == o.sent - HEADER_LEN as u64
     });
     let conns = conn_records(&records);
     let t = totals(&of_outcome(&conns, &o));
