@@ -257,6 +257,41 @@ impl<'a> Parts<'a> {
     }
 }
 
+/// Response bytes per bucket of a window, oldest first, every bucket of the window (zeros
+/// included) up to the one holding the window's end.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Series {
+    /// Start of the first bucket, Unix ms.
+    pub start_ms: u64,
+    /// Width of each bucket, ms.
+    pub bucket_ms: u64,
+    pub bytes: Vec<u64>,
+}
+
+/// The response bytes of `rollups` summed per bucket of window `w` ending at `end_ms`.
+pub fn series<'a>(rollups: impl IntoIterator<Item = &'a Rollup>, w: Window, end_ms: u64) -> Series {
+    let bucket_ms = w.bucket_ms();
+    let start_ms = w.start_ms(end_ms);
+    let n = usize::try_from((end_ms - start_ms) / bucket_ms + 1).unwrap_or(0);
+    let mut bytes = vec![0; n];
+    for r in rollups {
+        for (t, totals) in r.buckets(w) {
+            if let Some(b) = t
+                .checked_sub(start_ms)
+                .and_then(|d| usize::try_from(d / bucket_ms).ok())
+                .and_then(|i| bytes.get_mut(i))
+            {
+                *b += totals.response_bytes;
+            }
+        }
+    }
+    Series {
+        start_ms,
+        bucket_ms,
+        bytes,
+    }
+}
+
 /// One row of a top-talkers answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Talker {
@@ -629,6 +664,53 @@ impl State {
             window_end_ms: end,
             talkers,
         }
+    }
+
+    /// The rollup of `key` of `group`, as [`State::top`] names keys (an address, a prefix, a
+    /// client id, a host name, `host/cgroup/comm`); `None` if it is not held.
+    pub fn rollup_of(&self, group: Group, key: &str) -> Option<Cow<'_, Rollup>> {
+        let addr = || key.parse::<IpAddr>().ok().map(|a| a.to_canonical());
+        match group {
+            Group::ClientAddress => self.client(addr()?).merged(),
+            Group::Peer => self.peer(addr()?).merged(),
+            Group::ClientPrefix => match ClientQuery::parse(key).ok()? {
+                ClientQuery::Prefix(p) => self.prefixes.get(&p).map(Cow::Borrowed),
+                _ => None,
+            },
+            Group::ClientId => self.ids.get(key).map(Cow::Borrowed),
+            Group::Host => self.hosts.get(&self.host_id(key)?).map(Cow::Borrowed),
+            Group::Workload => {
+                // host/cgroup/comm: host names and process names have no '/'.
+                let (host, rest) = key.split_once('/')?;
+                let (cgroup, comm) = rest.rsplit_once('/')?;
+                let w = Workload {
+                    host: self.host_id(host)?,
+                    cgroup: cgroup.into(),
+                    comm: comm.into(),
+                };
+                self.workloads.get(&w).map(Cow::Borrowed)
+            }
+        }
+    }
+
+    /// Response bytes of `rollup` in each bucket of window `w` (see [`series`]).
+    pub fn series(&self, rollup: &Rollup, w: Window) -> Series {
+        series([rollup], w, self.end_ms)
+    }
+
+    /// Response bytes of the whole fleet (every host) in each bucket of window `w`.
+    pub fn fleet_series(&self, w: Window) -> Series {
+        series(self.hosts.values(), w, self.end_ms)
+    }
+
+    /// Names of the hosts that served a rollup's key in window `w`.
+    pub fn hosts_of(&self, rollup: &Rollup, w: Window) -> Vec<String> {
+        let mut hosts: Vec<String> = rollup
+            .hosts_since(w.start_ms(self.end_ms))
+            .map(|h| self.host_name(h).to_owned())
+            .collect();
+        hosts.sort();
+        hosts
     }
 
     /// A client's stats in every window ([`Window::ALL`] order), or `None` if it has no

@@ -324,8 +324,19 @@ impl Tokens {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    /// No token is configured: calls need none.
+    pub fn is_empty(&self) -> bool {
         self.shared.is_none() && self.read.is_none() && self.agents.is_empty()
+    }
+
+    /// Whether an `Authorization` value may read (the dashboard's API): always when no token
+    /// is configured, else only the shared or the read token.
+    pub fn may_read(&self, authorization: Option<&[u8]>) -> bool {
+        self.is_empty()
+            || matches!(
+                authorization.and_then(|a| self.find(a)),
+                Some(Found::Shared | Found::Read)
+            )
     }
 
     /// Which token `given` is: every token is compared, each in constant time.

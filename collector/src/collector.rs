@@ -140,6 +140,11 @@ impl Collector {
         &self.metrics
     }
 
+    /// The aggregates, read-locked (the writer waits while this is held: keep it short).
+    pub fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.read()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }

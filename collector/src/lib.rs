@@ -33,6 +33,7 @@ pub mod collector;
 pub mod config;
 pub mod config_error;
 pub mod crash;
+pub mod dashboard;
 pub mod detect;
 pub mod error;
 pub mod feed;

@@ -411,9 +411,10 @@ impl outflow_metrics_http::Exposition for Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    more: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, outflow_metrics_http::router(metrics))
+    axum::serve(listener, outflow_metrics_http::router(metrics).merge(more))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
@@ -464,7 +465,12 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, m.clone(), stop.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            m.clone(),
+            axum::Router::new(),
+            stop.clone(),
+        ));
         assert_eq!(
             status(addr, "/readyz").await,
             "HTTP/1.1 503 Service Unavailable"

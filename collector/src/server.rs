@@ -43,6 +43,7 @@ use crate::{
     auth::{self, Auth, AuthError, ClientCerts, Role},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
+    dashboard::Dashboard,
     feed_service::FeedService,
     ingest::IngestService,
     metrics::{self, Metrics},
@@ -132,7 +133,7 @@ impl Server {
         let metrics = Arc::new(metrics);
         let certs = ClientCerts::of(&config.tls);
         let ingest_auth = Auth::new(tokens.clone(), Role::Ingest, certs, metrics.clone());
-        let auth = Auth::new(tokens, Role::Read, certs, metrics.clone());
+        let auth = Auth::new(tokens.clone(), Role::Read, certs, metrics.clone());
         if config.auth.token_file.is_some() {
             info!(
                 "auth.token_file: one token may ingest under any agent id and read; auth.agent_tokens_file and auth.read_token_file keep them apart"
@@ -169,9 +170,12 @@ impl Server {
         // Health and metrics answer while the store loads (not ready yet).
         let http_stop = CancellationToken::new();
         let http_guard = http_stop.clone().drop_guard();
+        // The dashboard answers once the store is open (503 before).
+        let dashboard = Dashboard::new(tokens.clone(), certs);
         let metrics_task = tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),
+            dashboard.router(),
             http_stop.clone(),
         ));
 
@@ -182,6 +186,7 @@ impl Server {
                 .map_err(StartError::OpenTask)??
         };
         let collector = Arc::new(collector);
+        dashboard.attach(&collector);
         if let Some(top) = &top_clients {
             top.attach(&collector);
         }
@@ -292,7 +297,7 @@ impl Server {
             );
         }
         info!(
-            "listening on {addr} ({}), metrics on http://{metrics_addr}/metrics, data in {}",
+            "listening on {addr} ({}), dashboard on http://{metrics_addr}/, metrics on http://{metrics_addr}/metrics, data in {}",
             if config.tls.enabled() {
                 "TLS"
             } else {

@@ -240,7 +240,8 @@ impl Demo {
         self.wait_for_log("agent", "attached to")?;
         self.say(&format!(
             "demo: agent metrics at http://{0}/metrics, readiness at http://{0}/readyz; the \
-             collector's at http://{1}/metrics",
+             collector's at http://{1}/metrics\ndemo: the dashboard: http://{1}/ (open it now: \
+             it follows the traffic live)",
             self.agent_metrics, self.metrics
         ));
 
@@ -405,6 +406,17 @@ http {{
         self.top("client-prefix", "10m")?;
         println!("\ndemo: by TCP peer: all of it came through the one gateway");
         self.top("peer", "10m")?;
+        let on_top = self.dashboard_top("client-address")?;
+        if on_top != EXTRACTOR {
+            bail!(
+                "the dashboard (http://{}/) shows {on_top:?} on top, not the extractor {EXTRACTOR}",
+                self.metrics
+            );
+        }
+        println!(
+            "\ndemo: the dashboard (http://{}/) shows the extractor {EXTRACTOR} on top",
+            self.metrics
+        );
         println!("\ndemo: done (logs in {WORK_DIR}/*.log); cleaning up");
         Ok(())
     }
@@ -473,6 +485,26 @@ http {{
         ])?;
         print!("{out}");
         Ok(())
+    }
+
+    /// The top key of `group` in the last 10 minutes, as the dashboard's API gives it.
+    fn dashboard_top(&self, group: &str) -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&self.metrics)
+            .with_context(|| format!("connect to the dashboard at {}", self.metrics))?;
+        write!(
+            s,
+            "GET /api/top?group={group}&window=10m&limit=1 HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body)
+            .with_context(|| format!("the dashboard's /api/top answered {answer:?}"))?;
+        Ok(v["talkers"][0]["key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 
     fn collector_cli(&self, args: &[&str]) -> Result<String> {

@@ -57,8 +57,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The fault suite: network faults on one port, and an agent's wall clock stepped alone.
     "nftables",
     "libfaketime",
-    // `outflow-collector top --watch` is tested in a real terminal.
+    // `outflow-collector top --watch` is tested in a real terminal, the dashboard in a real
+    // browser (headless, driven over the DevTools protocol).
     "tmux",
+    "chromium",
     // The kernel matrix (`cargo xtask vm-test`): QEMU, and what virtme-ng needs on the host to
     // boot a kernel on it (busybox for its init, kmod for depmod, udev or the guest's console
     // is lost), and a venv for virtme-ng itself.
@@ -89,12 +91,14 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
 /// packaged in the registries these machines reach); grpcio and the OpenTelemetry project's
 /// generated protos for the OTLP receiver the collector's OTLP sink is tested against;
 /// grpcio-tools for the Python Feed consumer (`clients/python`), which generates its code from
-/// our protos.
+/// our protos; websocket-client for the DevTools-protocol driver of the dashboard's browser
+/// test.
 const TOOLS_PIP: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
     "grpcio==1.85.3",
     "grpcio-tools==1.85.1",
+    "websocket-client==1.9.2",
     "opentelemetry-proto==1.45.2",
     "protobuf==7.36.2",
 ];

@@ -4,6 +4,7 @@ mod auth;
 mod budget;
 mod cli;
 mod common;
+mod dashboard;
 mod dedup;
 mod detect;
 mod faults;
