@@ -13,7 +13,10 @@
 //! query ─► aggregate::State (window sums over window::Rollup buckets)
 //! writer, at each eval_interval of batch time ─► detect (the keys touched since) ─► alerts (open/update/
 //!   resolve; `alerts` table; log; metrics; broadcast) ─► alerts_service (List, Watch),
-//!   sinks (webhook)
+//!   sinks (webhook, otlp)
+//! writer, after each commit, before the Acks ─► feed (applied batches by position)
+//!   ─► feed_service (outflow.v1.Feed/Follow)
+//! dashboard (the web page at / of the metrics address) ─► aggregate::State, alerts
 //! ```
 //!
 //! Imports run one way: `model` ◄ `aggregate` ◄ `detect` ◄ `alerts` ◄ `sinks`; each section of
