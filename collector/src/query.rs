@@ -34,6 +34,19 @@ impl TryFrom<v1::GroupBy> for Group {
     }
 }
 
+impl From<Group> for v1::GroupBy {
+    fn from(g: Group) -> Self {
+        match g {
+            Group::ClientAddress => v1::GroupBy::ClientAddress,
+            Group::ClientPrefix => v1::GroupBy::ClientPrefix,
+            Group::Host => v1::GroupBy::Host,
+            Group::Workload => v1::GroupBy::Workload,
+            Group::ClientId => v1::GroupBy::ClientId,
+            Group::Peer => v1::GroupBy::Peer,
+        }
+    }
+}
+
 impl TryFrom<v1::Window> for Window {
     type Error = ValidationError;
 
