@@ -15,10 +15,11 @@ use std::{
 use outflow_proto::limits::MAX_CLIENT_ID_LEN;
 
 use crate::{
+    history::{History, STACK_KEYS, Share},
     keys::{Group, HostId, Key, Net, Prefix, Workload},
     links::LinkKind,
     model::{AgentKey, Batch, Delta, Role, ValidationError},
-    window::{Rollup, Totals, Window, WindowStats},
+    window::{Rollup, Series, Totals, Window, WindowStats},
 };
 
 /// Hash maps keyed by data that agents send: a fast hasher with a random seed per map.
@@ -257,17 +258,6 @@ impl<'a> Parts<'a> {
     }
 }
 
-/// Response bytes per bucket of a window, oldest first, every bucket of the window (zeros
-/// included) up to the one holding the window's end.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Series {
-    /// Start of the first bucket, Unix ms.
-    pub start_ms: u64,
-    /// Width of each bucket, ms.
-    pub bucket_ms: u64,
-    pub bytes: Vec<u64>,
-}
-
 /// The response bytes of `rollups` summed per bucket of window `w` ending at `end_ms`.
 pub fn series<'a>(rollups: impl IntoIterator<Item = &'a Rollup>, w: Window, end_ms: u64) -> Series {
     let bucket_ms = w.bucket_ms();
@@ -328,6 +318,7 @@ pub struct State {
     host_ids: Map<Arc<str>, HostId>,
     watermarks: Map<AgentKey, u64>,
     end_ms: u64,
+    history: History,
 }
 
 /// Candidates for the top-k heap: more response bytes first, then more request bytes, more
@@ -410,6 +401,68 @@ fn each_of_both<'a>(
         .filter(|(a, _)| !direct.contains_key(*a))
         .map(move |(a, r)| (a, r.window(w, end_ms)));
     both.chain(only_other)
+}
+
+/// A key as the top-talkers answers name it.
+trait Named {
+    fn name(&self, st: &State) -> String;
+}
+
+impl Named for IpAddr {
+    fn name(&self, _: &State) -> String {
+        self.to_string()
+    }
+}
+
+impl Named for Prefix {
+    fn name(&self, _: &State) -> String {
+        self.to_string()
+    }
+}
+
+impl Named for Net {
+    fn name(&self, _: &State) -> String {
+        self.to_string()
+    }
+}
+
+impl Named for HostId {
+    fn name(&self, st: &State) -> String {
+        st.host_name(*self).to_owned()
+    }
+}
+
+impl Named for Workload {
+    fn name(&self, st: &State) -> String {
+        Key::Workload(self.clone()).display(|h| st.host_name(h))
+    }
+}
+
+impl Named for Box<str> {
+    fn name(&self, _: &State) -> String {
+        self.to_string()
+    }
+}
+
+/// The [`STACK_KEYS`] candidates with the most bytes (none with 0), most first, named; ties
+/// go to the smaller name.
+fn top_bytes<'a>(st: &State, candidates: impl Iterator<Item = (&'a dyn Named, u64)>) -> Vec<Share> {
+    let mut top: Vec<(String, u64)> = Vec::with_capacity(STACK_KEYS + 1);
+    for (k, b) in candidates.filter(|c| c.1 > 0) {
+        // Few keys have bytes in a given minute, and fewer beat the last: names are made
+        // only for those.
+        if top.len() == STACK_KEYS && top.last().is_some_and(|l| l.1 > b) {
+            continue;
+        }
+        let name = k.name(st);
+        let at = top
+            .iter()
+            .position(|t| t.1 < b || (t.1 == b && t.0 > name))
+            .unwrap_or(top.len());
+        top.insert(at, (name, b));
+        top.truncate(STACK_KEYS);
+    }
+    top.into_iter().map(|(k, b)| (k.into(), b)).collect()
 }
 
 /// Top-talkers rows, the keys named by `name`.
@@ -693,14 +746,72 @@ impl State {
         }
     }
 
+    /// The fleet's minutes of the last week (see [`History`]).
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn history_mut(&mut self) -> &mut History {
+        &mut self.history
+    }
+
+    /// The [`STACK_KEYS`] keys of `group` with the most response bytes in minute number
+    /// `minute`, most first (ties: the smaller name), named as [`State::top`] names them;
+    /// only while the 10-minute window holds the minute.
+    pub fn minute_top(&self, group: Group, minute: u64) -> Vec<Share> {
+        let m = minute;
+        match group {
+            Group::ClientAddress | Group::Peer => {
+                let other = if group == Group::Peer {
+                    &self.relayed
+                } else {
+                    &self.proxied
+                };
+                let both = self.direct.iter().map(|(a, r)| {
+                    let o = other.get(a).map_or(0, |o| o.minute_bytes(m));
+                    (a as &dyn Named, r.minute_bytes(m) + o)
+                });
+                let only_other = other
+                    .iter()
+                    .filter(|(a, _)| !self.direct.contains_key(*a))
+                    .map(|(a, r)| (a as &dyn Named, r.minute_bytes(m)));
+                top_bytes(self, both.chain(only_other))
+            }
+            Group::ClientPrefix => {
+                let p = self
+                    .prefixes
+                    .iter()
+                    .map(|(k, r)| (k as &dyn Named, r.minute_bytes(m)));
+                let f = self
+                    .folded
+                    .iter()
+                    .map(|(k, r)| (k as &dyn Named, r.minute_bytes(m)));
+                top_bytes(self, p.chain(f))
+            }
+            Group::Host => top_bytes(
+                self,
+                self.hosts
+                    .iter()
+                    .map(|(k, r)| (k as &dyn Named, r.minute_bytes(m))),
+            ),
+            Group::Workload => top_bytes(
+                self,
+                self.workloads
+                    .iter()
+                    .map(|(k, r)| (k as &dyn Named, r.minute_bytes(m))),
+            ),
+            Group::ClientId => top_bytes(
+                self,
+                self.ids
+                    .iter()
+                    .map(|(k, r)| (k as &dyn Named, r.minute_bytes(m))),
+            ),
+        }
+    }
+
     /// Response bytes of `rollup` in each bucket of window `w` (see [`series`]).
     pub fn series(&self, rollup: &Rollup, w: Window) -> Series {
         series([rollup], w, self.end_ms)
-    }
-
-    /// Response bytes of the whole fleet (every host) in each bucket of window `w`.
-    pub fn fleet_series(&self, w: Window) -> Series {
-        series(self.hosts.values(), w, self.end_ms)
     }
 
     /// Names of the hosts that served a rollup's key in window `w`.

@@ -355,6 +355,16 @@ impl AlertHub {
         self.tx.subscribe()
     }
 
+    /// How many client alerts are open (what [`AlertHub::list`] lists as open without
+    /// service alerts).
+    pub fn open_count(&self) -> usize {
+        let book = self.book.read().unwrap_or_else(PoisonError::into_inner);
+        book.open
+            .values()
+            .filter(|o| Self::wanted(&o.alert, false))
+            .count()
+    }
+
     /// Open alerts (newest first, then largest observed first), then resolved (newest
     /// first), at most `limit`; service alerts only with `include_service`.
     pub fn list(&self, open_only: bool, limit: usize, include_service: bool) -> Vec<v1::Alert> {

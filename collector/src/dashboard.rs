@@ -4,7 +4,7 @@
 //!
 //! | path | answer |
 //! |------|--------|
-//! | `/api/overview?range=1h&group=client-address&top=5` | the fleet's response bytes per bucket of `range` (`10m`: per minute, `1h`: per 5 minutes, `24h`: per hour) and the `top` keys of `group` stacked in it |
+//! | `/api/overview?range=1h&group=client-address&top=5` | the fleet's response bytes per minute of `range` (`10m`, `1h`, `24h`, `7d`) and the `top` keys of `group` over it, stacked, each with its bytes in the minutes it was among that minute's top 10 (see `history`) |
 //! | `/api/top?group=client-id&window=10m&limit=20` | the top talkers, as `outflow.v1.Query/TopTalkers` |
 //! | `/api/alerts?limit=50` | open, then resolved alerts, newest first, with their evidence and the flagged key's bytes over the last hour |
 //! | `/api/client?group=client-address&key=203.0.113.7` | a key's totals in every window, its hosts, its history in each range, its alerts |
@@ -31,11 +31,12 @@ use outflow_proto::v1;
 use serde_json::{Value, json};
 
 use crate::{
-    aggregate::{Series, State as Aggregates},
+    aggregate::State as Aggregates,
     auth::{ClientCerts, Tokens},
     collector::Collector,
+    history::{self, Range, Share},
     keys::Group,
-    window::{Rollup, Window},
+    window::{Rollup, Series, Window},
 };
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
@@ -171,6 +172,12 @@ fn group_param(p: &Params, default: &str) -> Result<Group, ApiFailure> {
         })
 }
 
+/// The chart's range: `10m`, `1h`, `24h`, `7d`.
+fn range_param(p: &Params) -> Result<Range, ApiFailure> {
+    let v = param(p, "range", "1h");
+    Range::parse(v).ok_or_else(|| bad(format!("range {v:?}: want 10m, 1h, 24h or 7d")))
+}
+
 /// `10m`, `1h`, `24h` (and `1m` for windows).
 fn window_param(p: &Params, name: &str, default: &str) -> Result<Window, ApiFailure> {
     let v = param(p, name, default);
@@ -198,22 +205,37 @@ fn series_json(s: &Series) -> Value {
 async fn overview(State(d): State<Arc<Dashboard>>, headers: HeaderMap, p: Params) -> Response {
     let result = (|| {
         let c = d.reader(&headers)?;
-        let range = window_param(&p, "range", "1h")?;
+        let range = range_param(&p)?;
         let group = group_param(&p, "client-address")?;
         let n = count_param(&p, "top", 5, MAX_STACK)?;
-        let top = c.top_talkers(group, range, n);
+        let alerts_open = c.alerts().open_count();
         let st = c.read_state();
-        let fleet = st.fleet_series(range);
-        let stack: Vec<Value> = top
-            .talkers
-            .iter()
-            .filter_map(|t| {
-                let r = st.rollup_of(group, &t.key)?;
-                Some(json!({
-                    "key": t.key,
-                    "response_bytes": t.stats.totals.response_bytes,
-                    "series": series_json(&st.series(&r, range)),
-                }))
+        let (end, h) = (st.end_ms(), st.history());
+        let fleet = h.fleet(range, end);
+        // The settled minutes' top keys from the history; the newest minutes' (at most the
+        // ten the rollups hold per minute) taken now.
+        let (first, last) = range.span(end);
+        let newest = (h.settled_through() + 1)
+            .max(first)
+            .max(last.saturating_sub(9));
+        let live: Vec<(u64, Vec<Share>)> = (newest..=last)
+            .map(|m| (m, st.minute_top(group, m)))
+            .collect();
+        let minutes = h
+            .shares(group, range, end)
+            .chain(live.iter().map(|(m, s)| (*m, &s[..])));
+        let stack: Vec<Value> = history::stack(minutes, first, last, n)
+            .into_iter()
+            .map(|(key, bytes)| {
+                json!({
+                    "key": key,
+                    "response_bytes": bytes.iter().sum::<u64>(),
+                    "series": series_json(&Series {
+                        start_ms: fleet.start_ms,
+                        bucket_ms: fleet.bucket_ms,
+                        bytes,
+                    }),
+                })
             })
             .collect();
         let keys: serde_json::Map<String, Value> = Group::ALL
@@ -221,7 +243,7 @@ async fn overview(State(d): State<Arc<Dashboard>>, headers: HeaderMap, p: Params
             .map(|g| (g.name().to_owned(), json!(st.key_count(g))))
             .collect();
         Ok::<_, ApiFailure>(json!({
-            "end_ms": st.end_ms(),
+            "end_ms": end,
             "range": range.name(),
             "group": group.name(),
             "fleet": series_json(&fleet),
@@ -229,7 +251,7 @@ async fn overview(State(d): State<Arc<Dashboard>>, headers: HeaderMap, p: Params
             "hosts": st.host_count(),
             "keys": keys,
             "stack": stack,
-            "alerts_open": c.alerts().list(true, usize::MAX, false).len(),
+            "alerts_open": alerts_open,
         }))
     })();
     respond(result)

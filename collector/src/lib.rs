@@ -16,7 +16,9 @@
 //!   sinks (webhook, otlp)
 //! writer, after each commit, before the Acks ─► feed (applied batches by position)
 //!   ─► feed_service (outflow.v1.Feed/Follow)
-//! dashboard (the web page at / of the metrics address) ─► aggregate::State, alerts
+//! writer, per group commit ─► history (the fleet's bytes and top keys per minute, a week)
+//! dashboard (the web page at / of the metrics address) ─► aggregate::State (and its
+//!   history), alerts
 //! ```
 //!
 //! Imports run one way: `model` ◄ `aggregate` ◄ `detect` ◄ `alerts` ◄ `sinks`; each section of
@@ -41,6 +43,7 @@ pub mod detect;
 pub mod error;
 pub mod feed;
 pub mod feed_service;
+pub mod history;
 pub mod ingest;
 pub mod keys;
 pub mod links;

@@ -4,11 +4,12 @@
 //!
 //! | table        | key                                   | value                               |
 //! |--------------|---------------------------------------|-------------------------------------|
-//! | `meta`       | `"schema"`, `"end_ms"`                | u64                                 |
+//! | `meta`       | `"schema"`, `"end_ms"`, `"history_settled"` | u64                           |
 //! | `watermarks` | (agent_id, epoch)                     | highest applied seq                 |
 //! | `hosts`      | host id (u32)                         | host name                           |
 //! | `rollups`    | key (see [`Key::encode`])             | buckets and hosts (see [`Rollup::encode`]) |
 //! | `alerts`     | alert id (str)                        | `outflow.v1.Alert`, protobuf-encoded |
+//! | `history`    | minute number (`time_ms / 60 000`)    | the fleet's bytes and top keys in it (see [`Minute::encode`]) |
 //!
 //! Alerts are written in their own transaction after the commit whose batches raised them.
 //!
@@ -16,6 +17,7 @@
 //! write transaction, so after a crash the store holds either all of a batch or none of it, and
 //! its watermark with it.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -24,6 +26,7 @@ use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, Tabl
 
 use crate::{
     aggregate::{Map, State},
+    history::{KEEP_MINUTES, MINUTE_MS, Minute},
     keys::{HostId, Key},
     model::AgentKey,
     window::Rollup,
@@ -41,6 +44,7 @@ const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("wate
 const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
 const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
+const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 /// One row of a table: key and value bytes.
 pub type Row = (Vec<u8>, Vec<u8>);
 
@@ -92,6 +96,10 @@ pub struct Changes {
     pub end_ms: Option<u64>,
     /// Changed rollups (an empty one is removed).
     pub rollups: Map<Key, Rollup>,
+    /// Changed minutes of the history, whole (an empty one is removed).
+    pub minutes: BTreeMap<u64, Minute>,
+    /// Minutes settled through this one now.
+    pub settled_through: Option<u64>,
 }
 
 impl Changes {
@@ -101,6 +109,8 @@ impl Changes {
             && self.watermarks.is_empty()
             && self.end_ms.is_none()
             && self.rollups.is_empty()
+            && self.minutes.is_empty()
+            && self.settled_through.is_none()
     }
 
     /// Applies the changes to the in-memory state (after they were committed).
@@ -117,7 +127,21 @@ impl Changes {
         for (key, rollup) in self.rollups {
             state.put(key, rollup);
         }
+        let first_kept = history_start(state.end_ms());
+        let h = state.history_mut();
+        for (m, row) in self.minutes {
+            h.put(m, row);
+        }
+        if let Some(m) = self.settled_through {
+            h.set_settled_through(m);
+        }
+        h.prune_before(first_kept);
     }
+}
+
+/// The first minute the history keeps when batch time is at `end_ms`.
+pub fn history_start(end_ms: u64) -> u64 {
+    (end_ms / MINUTE_MS).saturating_sub(KEEP_MINUTES - 1)
 }
 
 /// The open database.
@@ -248,6 +272,7 @@ impl Store {
             tx.open_table(ROLLUPS).map_err(|e| self.err(e))?;
             tx.open_table(ALERTS).map_err(|e| self.err(e))?;
             tx.open_table(DETECT_STATE).map_err(|e| self.err(e))?;
+            tx.open_table(HISTORY).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -259,6 +284,21 @@ impl Store {
         let meta = tx.open_table(META).map_err(|x| e(x.into()))?;
         if let Some(v) = meta.get("end_ms").map_err(|x| e(x.into()))? {
             state.set_end_ms(v.value());
+        }
+        if let Some(v) = meta.get("history_settled").map_err(|x| e(x.into()))? {
+            state.history_mut().set_settled_through(v.value());
+        }
+        let first_kept = history_start(state.end_ms());
+        for row in tx
+            .open_table(HISTORY)
+            .map_err(|x| e(x.into()))?
+            .range(first_kept..)
+            .map_err(|x| e(x.into()))?
+        {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            let minute = Minute::decode(v.value())
+                .ok_or_else(|| self.corrupt(format!("bad history row for minute {}", k.value())))?;
+            state.history_mut().put(k.value(), minute);
         }
         for row in tx
             .open_table(HOSTS)
@@ -426,6 +466,26 @@ impl Store {
             }
             if let Some(end) = changes.end_ms {
                 tx.open_table(META)?.insert("end_ms", end)?;
+            }
+            if let Some(m) = changes.settled_through {
+                tx.open_table(META)?.insert("history_settled", m)?;
+            }
+            if !changes.minutes.is_empty() || changes.end_ms.is_some() {
+                let mut history = tx.open_table(HISTORY)?;
+                let mut row = Vec::new();
+                for (m, minute) in &changes.minutes {
+                    if *minute == Minute::default() {
+                        history.remove(*m)?;
+                    } else {
+                        row.clear();
+                        minute.encode(&mut row);
+                        history.insert(*m, &*row)?;
+                    }
+                }
+                if let Some(end) = changes.end_ms {
+                    // Minutes that left the week (one per minute of batch time, usually).
+                    history.retain_in(..history_start(end), |_, _| false)?;
+                }
             }
             let mut w = RollupWriter {
                 rollups: tx.open_table(ROLLUPS)?,

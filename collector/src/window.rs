@@ -122,6 +122,17 @@ impl Window {
     }
 }
 
+/// Response bytes per bucket of a window, oldest first, every bucket of the window (zeros
+/// included) up to the one holding the window's end.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Series {
+    /// Start of the first bucket, Unix ms.
+    pub start_ms: u64,
+    /// Width of each bucket, ms.
+    pub bucket_ms: u64,
+    pub bytes: Vec<u64>,
+}
+
 /// Sums of a key over some interval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Totals {
@@ -295,6 +306,17 @@ impl Rollup {
             .iter()
             .filter(move |s| s.tier == tier)
             .map(move |s| (u64::from(s.bucket) * w.bucket_ms(), s.totals))
+    }
+
+    /// Response bytes in minute number `minute` (`time_ms / 60 000`), while the 10-minute
+    /// window holds it per minute; 0 otherwise.
+    pub fn minute_bytes(&self, minute: u64) -> u64 {
+        const _: () = assert!(Window::M10.bucket_ms() == 60_000);
+        let tier = Window::M10.index() as u8;
+        self.slots
+            .iter()
+            .find(|s| s.tier == tier && u64::from(s.bucket) == minute)
+            .map_or(0, |s| s.totals.response_bytes)
     }
 
     /// Hosts that served the key at or after `start_ms`.

@@ -9,6 +9,7 @@
 //! then applies the same sums to memory and answers. So an Ack always means applied and
 //! persisted, and a failed commit changes nothing anywhere.
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, PoisonError, RwLock},
     thread::JoinHandle,
@@ -25,11 +26,12 @@ use crate::{
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
     feed::{Feed, FeedBatch},
+    history::MINUTE_MS,
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
     model::AgentKey,
-    store::{Changes, Store, StoreError},
+    store::{Changes, Store, StoreError, history_start},
     window::{HOST_GRANULE_MS, Rollup, Totals},
 };
 
@@ -416,6 +418,35 @@ impl Staging {
     }
 }
 
+/// What a group commit changes in the history: the fleet's bytes it adds per minute, and the
+/// top keys of the minutes that settled, taken from what is committed (`st`).
+fn history_changes(st: &State, fleet: BTreeMap<u64, u64>, end_ms: u64, ch: &mut Changes) {
+    let h = st.history();
+    let first_kept = history_start(end_ms);
+    for (m, bytes) in fleet.range(first_kept..) {
+        let row = ch
+            .minutes
+            .entry(*m)
+            .or_insert_with(|| h.get(*m).cloned().unwrap_or_default());
+        row.response_bytes = row.response_bytes.saturating_add(*bytes);
+    }
+    let due = h.due(st.end_ms(), end_ms);
+    if due.is_empty() {
+        return;
+    }
+    let last = *due.end();
+    for m in due {
+        let top = Group::ALL.map(|g| st.minute_top(g, m));
+        if top.iter().any(|t| !t.is_empty()) {
+            ch.minutes
+                .entry(m)
+                .or_insert_with(|| h.get(m).cloned().unwrap_or_default())
+                .top = top;
+        }
+    }
+    ch.settled_through = Some(last);
+}
+
 /// The subjects of the keys a commit wrote (`staged`, in key order): an address with both a
 /// `Direct` and a `Proxied` key is one subject.
 fn subjects_of(staged: &[(Key, Staged)]) -> Vec<Subject> {
@@ -565,6 +596,8 @@ impl Worker {
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let mut end_ms = st.end_ms();
         let mut folds = Folds::default();
+        // The fleet's response bytes per minute of batch time (the history's line).
+        let mut fleet: BTreeMap<u64, u64> = BTreeMap::new();
         self.budget.start_group();
         for req in group {
             match req {
@@ -608,6 +641,15 @@ impl Worker {
                     } else {
                         ch.watermarks.insert(batch.agent, batch.seq);
                         end_ms = end_ms.max(agg.time_ms);
+                        // The host's total is the batch's (last, where `finish` puts it).
+                        if let Some((_, t)) = agg
+                            .entries
+                            .iter()
+                            .rev()
+                            .find(|e| matches!(e.0, Key::Host(_)))
+                        {
+                            *fleet.entry(agg.time_ms / MINUTE_MS).or_default() += t.response_bytes;
+                        }
                         let mut add = |key: Key, totals: &Totals| {
                             // New keys past the key budget are folded (or only counted in
                             // their prefix).
@@ -658,6 +700,7 @@ impl Worker {
         if end_ms != st.end_ms() {
             ch.end_ms = Some(end_ms);
         }
+        history_changes(&st, fleet, end_ms, &mut ch);
         staging.sorted(&mut staged);
         let result = if let Err(e) = reopen_if_failed(&mut self.store, &mut self.store_failed) {
             Err(e)

@@ -73,7 +73,9 @@ function chart(el, start, bucketMs, layers, opts) {
   const n = layers.length ? layers[0].bytes.length : 0;
   const totals = Array.from({ length: n }, (_, i) => layers.reduce((s, l) => s + (l.bytes[i] || 0), 0));
   const max = Math.max(1, ...totals);
-  const x = (i) => L + (n <= 1 ? 0 : (i * (W - L - 4)) / (n - 1));
+  // Each bucket is a step of its width: a minute with bytes next to minutes without is a
+  // column, not a peak drawn through its neighbours.
+  const x = (i) => L + (n < 1 ? 0 : (i * (W - L - 4)) / n);
   const y = (v) => T + (H - T - B) * (1 - v / max);
   let svg = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" data-buckets="${n}" data-nonzero="${totals.filter((t) => t > 0).length}">`;
   if (!opts.bare) {
@@ -84,15 +86,15 @@ function chart(el, start, bucketMs, layers, opts) {
     const every = Math.max(1, Math.ceil(n / 8));
     for (let i = 0; i < n; i += every) {
       const anchor = i === 0 ? "start" : i > n - 1 - every / 2 ? "end" : "middle";
-      svg += `<text x="${x(i)}" y="${H - 6}" text-anchor="${anchor}">${time(start + i * bucketMs, bucketMs >= 3600000)}</text>`;
+      svg += `<text x="${x(i)}" y="${H - 6}" text-anchor="${anchor}">${time(start + i * bucketMs, opts.withDate || bucketMs >= 3600000)}</text>`;
     }
   }
   const base = new Array(n).fill(0);
   layers.forEach((l) => {
     const top = base.map((b, i) => b + (l.bytes[i] || 0));
     let d = `M${x(0)},${y(top[0])}`;
-    for (let i = 1; i < n; i++) d += ` L${x(i)},${y(top[i])}`;
-    for (let i = n - 1; i >= 0; i--) d += ` L${x(i)},${y(base[i])}`;
+    for (let i = 0; i < n; i++) d += ` L${x(i)},${y(top[i])} L${x(i + 1)},${y(top[i])}`;
+    for (let i = n - 1; i >= 0; i--) d += ` L${x(i + 1)},${y(base[i])} L${x(i)},${y(base[i])}`;
     svg += `<path d="${d} Z" fill="${l.color}" fill-opacity="0.85" data-key="${esc(l.key || "")}"><title>${esc(l.key || "")}</title></path>`;
     top.forEach((t, i) => { base[i] = t; });
   });
@@ -150,7 +152,7 @@ async function drawOverview() {
     api("/api/alerts?limit=30"),
   ]);
   $("cards").innerHTML =
-    card(`response bytes, last ${{ "10m": "10 min", "1h": "hour", "24h": "day" }[range]}`, bytes(ov.fleet_bytes)) +
+    card(`response bytes, last ${{ "10m": "10 min", "1h": "hour", "24h": "day", "7d": "week" }[range]}`, bytes(ov.fleet_bytes)) +
     card("hosts", ov.hosts) +
     card("client addresses", ov.keys["client-address"]) +
     card("client ids", ov.keys["client-id"]) +
@@ -158,8 +160,9 @@ async function drawOverview() {
     card("newest batch", ov.end_ms ? time(ov.end_ms, true) : "none yet");
   const layers = ov.stack.map((s, i) => ({ key: s.key, bytes: s.series.bytes, color: COLORS[i % COLORS.length] }));
   const others = ov.fleet.bytes.map((b, i) => Math.max(0, b - layers.reduce((s, l) => s + (l.bytes[i] || 0), 0)));
-  const all = group === "host" ? layers : layers.concat([{ key: "everyone else", bytes: others, color: OTHERS }]);
-  chart($("chart"), ov.fleet.start_ms, ov.fleet.bucket_ms, all, {});
+  const all = layers.concat([{ key: "everyone else", bytes: others, color: OTHERS }]);
+  // Per minute over any range; dates on the axis beyond an hour.
+  chart($("chart"), ov.fleet.start_ms, ov.fleet.bucket_ms, all, { withDate: ov.fleet.bytes.length > 60 });
   $("legend").innerHTML = all.map((l) => `<span style="--c:${l.color}">${l.key === "everyone else" ? "everyone else" : clientLink(group, l.key)}</span>`).join("");
 
   const max = Math.max(1, ...top.talkers.map((t) => t.response_bytes));

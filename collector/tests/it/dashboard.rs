@@ -180,6 +180,18 @@ async fn the_page_in_chromium_shows_the_fleet_and_the_simulated_extraction_as_it
         let png = b.command(&format!("shot {shot}"));
         assert!(png["bytes"].as_u64().unwrap() > 20_000, "{png}");
 
+        // The week, per minute: the simulated day in it, the extractor stacked.
+        b.eval("[...document.querySelectorAll('#range button')].find(b => b.dataset.v === '7d').click()");
+        b.wait(
+            10,
+            "the week per minute with the extractor stacked",
+            &format!(
+                "(() => {{ const s = document.querySelector('#chart svg'); return !!s && +s.dataset.buckets === 10080 && +s.dataset.nonzero > 60 && [...s.querySelectorAll('path')].some(p => p.dataset.key === {key:?}); }})()"
+            ),
+        );
+        let shot = concat!(env!("CARGO_TARGET_TMPDIR"), "/dashboard-week.png");
+        b.command(&format!("shot {shot}"));
+
         // The alerted client's page: its windows, its history, its alert.
         b.eval(
             "[...document.querySelectorAll('#alerts .alert')].find(a => a.dataset.detector === 'volume').querySelector('.key a').click()",
@@ -233,5 +245,125 @@ async fn the_api_wants_the_read_token() {
     .await;
     assert_eq!(code, 400);
     assert!(body.contains("want client-address"), "{body}");
+    server.shutdown().await.unwrap();
+}
+
+const MIN: u64 = 60_000;
+
+async fn overview(addr: std::net::SocketAddr, query: &str) -> Value {
+    let (code, body) = http_get(addr, &format!("/api/overview?{query}")).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The stacked keys of an overview: key -> bytes per minute.
+fn stacked(v: &Value) -> std::collections::BTreeMap<String, Vec<u64>> {
+    v["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let bytes = s["series"]["bytes"].as_array().unwrap();
+            let bytes = bytes.iter().map(|b| b.as_u64().unwrap()).collect();
+            (s["key"].as_str().unwrap().to_owned(), bytes)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_is_per_minute_over_a_week_exact_to_the_byte_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_ms() / MIN * MIN;
+    // Episodes 6 days, 2 days and 3 hours before `end`, each minute d: 203.0.113.1 pulls
+    // most, .2 less; .3 a little at d+2 and d+3 (batch time moves on, so minute d settles);
+    // and at the end, in the newest minute (not settled yet), .4 pulls the most.
+    let end = now - 2 * 3_600_000 + 30_000;
+    let mut sent: Vec<(u64, [u8; 4], u64)> = Vec::new();
+    for (i, age) in [6 * 24 * 60, 2 * 24 * 60, 3 * 60].into_iter().enumerate() {
+        let d = end / MIN * MIN - age * MIN;
+        let i = i as u64;
+        sent.push((d + 1_000, [203, 0, 113, 1], 9_000 + i));
+        sent.push((d + 2_000, [203, 0, 113, 2], 5_000 + i));
+        sent.push((d + 2 * MIN + 5_000, [203, 0, 113, 3], 100));
+        sent.push((d + 3 * MIN + 5_000, [203, 0, 113, 3], 100));
+    }
+    sent.push((end, [203, 0, 113, 4], 20_000));
+    // A late batch (an agent that spooled): in the fleet's line, and in no key's share, of a
+    // minute already settled.
+    let late = end / MIN * MIN - 3 * 60 * MIN + 30_000;
+    sent.push((late, [203, 0, 113, 9], 777));
+
+    let server = start(replay_config(dir.path())).await;
+    let mut a = agent_stream(&url(&server)).await;
+    a.hello(hello("agent-h", 1, "gpu-h")).await.unwrap();
+    for (seq, (t, client, bytes)) in sent.iter().enumerate() {
+        let b = batch(seq as u64 + 1, *t, vec![delta(*client, *bytes, 1, true)]);
+        assert_eq!(a.batch(b).await.unwrap(), seq as u64 + 1);
+    }
+    a.close().await;
+
+    let last = end / MIN;
+    let first = last - 7 * 24 * 60 + 1;
+    let mut truth = vec![0u64; 7 * 24 * 60];
+    for (t, _, b) in &sent {
+        truth[(t / MIN - first) as usize] += b;
+    }
+    let check = |v: &Value| {
+        assert_eq!(v["range"], "7d");
+        assert_eq!(v["fleet"]["start_ms"].as_u64(), Some(first * MIN));
+        assert_eq!(v["fleet"]["bucket_ms"].as_u64(), Some(MIN));
+        let fleet: Vec<u64> = v["fleet"]["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        assert_eq!(fleet, truth, "the fleet's bytes per minute");
+        assert_eq!(
+            v["fleet_bytes"].as_u64(),
+            Some(sent.iter().map(|s| s.2).sum::<u64>())
+        );
+        let stack = stacked(v);
+        let keys: Vec<&str> = v["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["203.0.113.1", "203.0.113.4", "203.0.113.2", "203.0.113.3"],
+            "the keys with the most bytes over the week, most first"
+        );
+        // Each key's minutes are what it sent in them (the late batch is nobody's).
+        for (key, bytes) in &stack {
+            let mut want = vec![0u64; truth.len()];
+            for (t, c, b) in &sent {
+                let name = format!("{}.{}.{}.{}", c[0], c[1], c[2], c[3]);
+                if name == *key && *t != late {
+                    want[(t / MIN - first) as usize] += b;
+                }
+            }
+            assert_eq!(bytes, &want, "{key}'s bytes per minute");
+        }
+    };
+    let addr = server.metrics_addr();
+    check(&overview(addr, "range=7d&top=5").await);
+    // The other ranges are the week's newest minutes.
+    let hour = overview(addr, "range=1h").await;
+    assert_eq!(hour["fleet"]["bytes"].as_array().unwrap().len(), 60);
+    assert_eq!(hour["fleet_bytes"].as_u64(), Some(20_000));
+    assert_eq!(stacked(&hour).keys().collect::<Vec<_>>(), ["203.0.113.4"]);
+    let day = overview(addr, "range=24h&group=host").await;
+    assert_eq!(day["fleet"]["bytes"].as_array().unwrap().len(), 24 * 60);
+    assert_eq!(stacked(&day).keys().collect::<Vec<_>>(), ["gpu-h"]);
+    let (code, body) = http_get(addr, "/api/overview?range=30d").await;
+    assert_eq!(code, 400);
+    assert!(body.contains("want 10m, 1h, 24h or 7d"), "{body}");
+    server.shutdown().await.unwrap();
+
+    // The week is in the store.
+    let server = start(replay_config(dir.path())).await;
+    check(&overview(server.metrics_addr(), "range=7d&top=5").await);
     server.shutdown().await.unwrap();
 }
