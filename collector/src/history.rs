@@ -28,6 +28,11 @@ pub const STACK_KEYS: usize = 10;
 /// Whole minutes of batch time after a minute's end before its top keys are taken.
 pub const SETTLE_MINUTES: u64 = 1;
 
+/// The first minute kept when batch time is at `end_ms`.
+pub fn first_kept(end_ms: u64) -> u64 {
+    (end_ms / MINUTE_MS).saturating_sub(KEEP_MINUTES - 1)
+}
+
 /// The chart's time ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {

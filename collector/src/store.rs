@@ -26,7 +26,7 @@ use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, Tabl
 
 use crate::{
     aggregate::{Map, State},
-    history::{KEEP_MINUTES, MINUTE_MS, Minute},
+    history::{Minute, first_kept},
     keys::{HostId, Key},
     model::AgentKey,
     window::Rollup,
@@ -127,7 +127,7 @@ impl Changes {
         for (key, rollup) in self.rollups {
             state.put(key, rollup);
         }
-        let first_kept = history_start(state.end_ms());
+        let first = first_kept(state.end_ms());
         let h = state.history_mut();
         for (m, row) in self.minutes {
             h.put(m, row);
@@ -135,13 +135,8 @@ impl Changes {
         if let Some(m) = self.settled_through {
             h.set_settled_through(m);
         }
-        h.prune_before(first_kept);
+        h.prune_before(first);
     }
-}
-
-/// The first minute the history keeps when batch time is at `end_ms`.
-pub fn history_start(end_ms: u64) -> u64 {
-    (end_ms / MINUTE_MS).saturating_sub(KEEP_MINUTES - 1)
 }
 
 /// The open database.
@@ -288,11 +283,11 @@ impl Store {
         if let Some(v) = meta.get("history_settled").map_err(|x| e(x.into()))? {
             state.history_mut().set_settled_through(v.value());
         }
-        let first_kept = history_start(state.end_ms());
+        let first = first_kept(state.end_ms());
         for row in tx
             .open_table(HISTORY)
             .map_err(|x| e(x.into()))?
-            .range(first_kept..)
+            .range(first..)
             .map_err(|x| e(x.into()))?
         {
             let (k, v) = row.map_err(|x| e(x.into()))?;
@@ -484,7 +479,7 @@ impl Store {
                 }
                 if let Some(end) = changes.end_ms {
                     // Minutes that left the week (one per minute of batch time, usually).
-                    history.retain_in(..history_start(end), |_, _| false)?;
+                    history.retain_in(..first_kept(end), |_, _| false)?;
                 }
             }
             let mut w = RollupWriter {

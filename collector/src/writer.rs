@@ -26,12 +26,12 @@ use crate::{
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
     feed::{Feed, FeedBatch},
-    history::MINUTE_MS,
+    history::{MINUTE_MS, first_kept},
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
     model::AgentKey,
-    store::{Changes, Store, StoreError, history_start},
+    store::{Changes, Store, StoreError},
     window::{HOST_GRANULE_MS, Rollup, Totals},
 };
 
@@ -422,8 +422,7 @@ impl Staging {
 /// top keys of the minutes that settled, taken from what is committed (`st`).
 fn history_changes(st: &State, fleet: BTreeMap<u64, u64>, end_ms: u64, ch: &mut Changes) {
     let h = st.history();
-    let first_kept = history_start(end_ms);
-    for (m, bytes) in fleet.range(first_kept..) {
+    for (m, bytes) in fleet.range(first_kept(end_ms)..) {
         let row = ch
             .minutes
             .entry(*m)
