@@ -403,7 +403,7 @@ fn each_of_both<'a>(
     both.chain(only_other)
 }
 
-/// A key as the top-talkers answers name it.
+/// A key as the top-talkers answers (and the history's top keys) name it.
 trait Named {
     fn name(&self, st: &State) -> String;
 }
@@ -465,11 +465,11 @@ fn top_bytes<'a>(st: &State, candidates: impl Iterator<Item = (&'a dyn Named, u6
     top.into_iter().map(|(k, b)| (k.into(), b)).collect()
 }
 
-/// Top-talkers rows, the keys named by `name`.
-fn rows<K>(top: Vec<(&K, WindowStats)>, name: impl Fn(&K) -> String) -> Vec<Talker> {
+/// Top-talkers rows, the keys named as [`Named`] names them.
+fn rows<K: Named>(st: &State, top: Vec<(&K, WindowStats)>) -> Vec<Talker> {
     top.into_iter()
         .map(|(k, stats)| Talker {
-            key: name(k),
+            key: k.name(st),
             stats,
         })
         .collect()
@@ -677,23 +677,19 @@ impl State {
         let (w, end) = (window, self.end_ms);
         let talkers = match group {
             Group::ClientAddress => rows(
+                self,
                 top_k(each_of_both(&self.direct, &self.proxied, w, end), limit),
-                IpAddr::to_string,
             ),
             Group::Peer => rows(
+                self,
                 top_k(each_of_both(&self.direct, &self.relayed, w, end), limit),
-                IpAddr::to_string,
             ),
             Group::ClientPrefix => {
                 // The /24s and /64s, and the networks some were folded into: together every
                 // byte once.
-                let mut r = rows(top_k(each(&self.prefixes, w, end), limit), |p| {
-                    p.to_string()
-                });
+                let mut r = rows(self, top_k(each(&self.prefixes, w, end), limit));
                 if !self.folded.is_empty() {
-                    r.extend(rows(top_k(each(&self.folded, w, end), limit), |n| {
-                        n.to_string()
-                    }));
+                    r.extend(rows(self, top_k(each(&self.folded, w, end), limit)));
                     r.sort_by(|a, b| {
                         let rank = |t: &Talker| {
                             let t = t.stats.totals;
@@ -705,13 +701,9 @@ impl State {
                 }
                 r
             }
-            Group::Host => rows(top_k(each(&self.hosts, w, end), limit), |h| {
-                self.host_name(*h).to_owned()
-            }),
-            Group::Workload => rows(top_k(each(&self.workloads, w, end), limit), |k| {
-                Key::Workload(k.clone()).display(|h| self.host_name(h))
-            }),
-            Group::ClientId => rows(top_k(each(&self.ids, w, end), limit), |id| id.to_string()),
+            Group::Host => rows(self, top_k(each(&self.hosts, w, end), limit)),
+            Group::Workload => rows(self, top_k(each(&self.workloads, w, end), limit)),
+            Group::ClientId => rows(self, top_k(each(&self.ids, w, end), limit)),
         };
         TopTalkers {
             window_end_ms: end,
