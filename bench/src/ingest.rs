@@ -289,6 +289,8 @@ struct RunResult {
     client_keys: f64,
     prefix_keys: f64,
     alerts_opened: f64,
+    /// Time from sending a batch to its Ack, ms: median and 99th percentile over every batch.
+    ack_ms: (f64, f64),
 }
 
 /// The collector under test, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -409,18 +411,26 @@ fn one_run(
     let threads0 = thread_cpu(pid)?;
     let own0 = sys::cpu_time(std::process::id())?;
     let t0 = Instant::now();
-    rt.block_on(async {
-        let tasks: Vec<_> = streams
-            .into_iter()
-            .map(|s| tokio::spawn(s.send()))
-            .collect();
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
-    })
-    .with_context(|| format!("collector stderr:\n{}", collector.stderr.tail(20)))?;
+    let mut ack_ms = rt
+        .block_on(async {
+            let tasks: Vec<_> = streams
+                .into_iter()
+                .map(|s| tokio::spawn(s.send()))
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            anyhow::Ok(all)
+        })
+        .with_context(|| format!("collector stderr:\n{}", collector.stderr.tail(20)))?;
     let seconds = t0.elapsed().as_secs_f64();
+    ack_ms.sort_unstable_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let i = ((ack_ms.len() as f64 * p).ceil() as usize).clamp(1, ack_ms.len().max(1)) - 1;
+        ack_ms.get(i).copied().unwrap_or(0.0)
+    };
+    let ack_ms = (pct(0.5), pct(0.99));
     let cpu = sys::cpu_time(pid)? - cpu0;
     let threads = thread_cpu(pid)?;
     let own = sys::cpu_time(std::process::id())? - own0;
@@ -452,6 +462,7 @@ fn one_run(
         client_keys: after.value("outflow_collector_keys{group=\"client-address\"}"),
         prefix_keys: after.value("outflow_collector_keys{group=\"client-prefix\"}"),
         alerts_opened: after.sum("outflow_collector_alerts_opened_total"),
+        ack_ms,
     })
 }
 
@@ -540,14 +551,18 @@ async fn open_streams(url: &str, load: &Load) -> Result<Vec<AgentStream>> {
 }
 
 impl AgentStream {
-    /// Sends every batch, at most [`WINDOW`] unacknowledged, until the last is acknowledged.
-    async fn send(mut self) -> Result<()> {
+    /// Sends every batch, at most [`WINDOW`] unacknowledged, until the last is acknowledged;
+    /// returns the time from sending each batch to its Ack, ms.
+    async fn send(mut self) -> Result<Vec<f64>> {
         let n = self.batches.len() as u64;
         let mut batches = self.batches.into_iter();
         let (mut sent, mut acked) = (0u64, 0u64);
+        let mut sent_at = Vec::with_capacity(batches.len());
+        let mut latency = Vec::with_capacity(batches.len());
         while acked < n {
             while sent < n && sent - acked < WINDOW {
                 let b = batches.next().context("a batch to send")?;
+                sent_at.push(Instant::now());
                 self.stream
                     .send_encoded(b)
                     .await
@@ -559,9 +574,13 @@ impl AgentStream {
                 seq <= sent,
                 "expected an Ack of at most seq {sent}, got one of {seq}"
             );
+            // An Ack covers every batch up to its seq (seqs start at 1).
+            for at in &sent_at[usize::try_from(acked)?..usize::try_from(seq.max(acked))?] {
+                latency.push(at.elapsed().as_secs_f64() * 1000.0);
+            }
             acked = acked.max(seq);
         }
-        Ok(())
+        Ok(latency)
     }
 }
 
@@ -615,6 +634,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
         "collector RSS at end",
         "collector peak RSS",
         "group commits/s",
+        "send to Ack p50 / p99",
     ]
     .map(String::from)
     .to_vec();
@@ -630,6 +650,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
             sys::mib(r.rss),
             sys::mib(r.peak_rss),
             format!("{:.1}", r.commits / r.seconds),
+            format!("{:.0} / {:.0} ms", r.ack_ms.0, r.ack_ms.1),
         ]);
     }
     let median_deltas = med(&|r| r.deltas_per_second);
@@ -651,6 +672,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
             sys::mib(m(&|r| r.rss as f64) as u64),
             sys::mib(m(&|r| r.peak_rss as f64) as u64),
             format!("{:.1}", m(&|r| r.commits / r.seconds)),
+            format!("{:.0} / {:.0} ms", m(&|r| r.ack_ms.0), m(&|r| r.ack_ms.1)),
         ]);
     }
     let median_off = med_off(&|r| r.deltas_per_second);

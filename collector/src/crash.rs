@@ -9,6 +9,8 @@
 //! - `store::before_commit`: the group's rollups and watermarks are written into the
 //!   transaction, which is not committed;
 //! - `writer::after_commit`: the transaction is durable, memory not updated, no Ack sent;
-//! - `writer::after_acks`: the group's Acks are handed to their streams.
+//! - `writer::after_acks`: the group's Acks are handed to their streams;
+//! - `detection::after_reading`: a judgement has read memory and made its alert changes, not
+//!   yet stored or published (tests hold the detection thread here with `pause`).
 
 pub use outflow_crashpoint::{ENV, arm_from_env};

@@ -40,6 +40,7 @@ pub mod config_error;
 pub mod crash;
 pub mod dashboard;
 pub mod detect;
+pub mod detection;
 pub mod error;
 pub mod feed;
 pub mod feed_service;

@@ -11,7 +11,9 @@
 //! | `alerts`     | alert id (str)                        | `outflow.v1.Alert`, protobuf-encoded |
 //! | `history`    | minute number (`time_ms / 60 000`)    | the fleet's bytes and top keys in it (see [`Minute::encode`]) |
 //!
-//! Alerts are written in their own transaction after the commit whose batches raised them.
+//! Alerts are written in their own transaction, by the detection thread, after the commit whose
+//! batches raised them; the writer and the detection thread share the store through
+//! [`SharedStore`] (one write at a time, as redb runs them anyway).
 //!
 //! Every change of a group commit (watermarks, new hosts, the rollups it touched) goes into one
 //! write transaction, so after a crash the store holds either all of a batch or none of it, and
@@ -19,9 +21,10 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
+use log::warn;
 use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
 use crate::{
@@ -151,6 +154,47 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// The store shared by the threads that write it: the store writer's commits, the detection
+/// thread's alerts and learnt state. One write at a time; after a failed write (a full disk, an
+/// I/O error) redb refuses every transaction until the database is reopened, so the next write
+/// reopens it first.
+#[derive(Debug)]
+pub struct SharedStore {
+    /// The store, and whether a write failed since it was opened.
+    inner: Mutex<(Store, bool)>,
+}
+
+impl SharedStore {
+    pub fn new(store: Store) -> SharedStore {
+        SharedStore {
+            inner: Mutex::new((store, false)),
+        }
+    }
+
+    /// Runs the write `f` on the store, reopened first if a write failed since it was opened;
+    /// a failed `f` has the next write reopen it.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let (store, failed) = &mut *g;
+        if *failed {
+            store.reopen()?;
+            *failed = false;
+            warn!("store reopened after a failed write: writing again");
+        }
+        let r = f(store);
+        *failed = r.is_err();
+        r
+    }
+
+    /// Runs the read `f` on the store.
+    pub fn read<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        f(&self.inner.lock().unwrap_or_else(PoisonError::into_inner).0)
     }
 }
 

@@ -8,10 +8,14 @@
 //! memory, in key order, with the new watermarks in ONE write transaction, commits, and only
 //! then applies the same sums to memory and answers. So an Ack always means applied and
 //! persisted, and a failed commit changes nothing anywhere.
+//!
+//! Detection is not on this path: the writer tells the detection thread what each commit
+//! touched and when to judge ([`crate::detection`]), and waits for it only where a judgement
+//! must read memory as it was at its batch time.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock, RwLockWriteGuard},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -25,19 +29,19 @@ use crate::{
     budget::{Folds, KeyBudget},
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
+    detection::{Detection, Reading},
     feed::{Feed, FeedBatch},
     history::{MINUTE_MS, first_kept},
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
     model::AgentKey,
-    store::{Changes, Store, StoreError},
+    store::{Changes, SharedStore, Store, StoreError},
     window::{HOST_GRANULE_MS, Rollup, Totals},
 };
 
 /// Requests queued for the writer at most (senders wait beyond: backpressure).
 const QUEUE: usize = 1024;
-const HOUR_MS: u64 = 3_600_000;
 /// A group commit stops taking batches beyond this many deltas.
 const MAX_GROUP_DELTAS: usize = 2_000_000;
 
@@ -127,8 +131,8 @@ impl std::fmt::Debug for Request {
 }
 
 impl Writer {
-    /// Starts the writer thread on `store`, installing what it commits into `state`, and
-    /// running detection (if `detect.enabled`) into `alerts` after every commit, and
+    /// Starts the writer thread on `store`, installing what it commits into `state`, with a
+    /// detection thread (if `detect.enabled`) judging what it commits into `alerts`, and
     /// publishing every applied batch to `feed` before its Ack.
     #[allow(
         clippy::too_many_arguments,
@@ -168,8 +172,19 @@ impl Writer {
                     Err(e) => warn!("detection: learnt state not read ({e}); learning again"),
                 }
             }
-            let next = d.as_ref().map_or(0, |d| d.next_judgement(st.end_ms()));
-            (d, next)
+            (d, detect.next_judgement(st.end_ms()))
+        };
+        let store = Arc::new(SharedStore::new(store));
+        let detection = match detector {
+            Some(d) => Some(Detection::start(
+                d,
+                state.clone(),
+                store.clone(),
+                alerts,
+                metrics.clone(),
+                limits.max_keys,
+            )?),
+            None => None,
         };
         let w = Worker {
             store,
@@ -179,10 +194,10 @@ impl Writer {
             gc_interval: store_cfg.gc_interval,
             last_gc: Instant::now(),
             budget,
-            store_failed: false,
-            detector,
+            detection,
+            detect: detect.clone(),
             next_judgement_ms,
-            alerts,
+            reading: None,
             feed,
             staging: Staging::default(),
             staged: Vec::new(),
@@ -491,19 +506,20 @@ fn spill_of<'a>(spill: &'a mut Vec<Spill>, at: &mut Option<u32>) -> &'a mut Spil
     &mut spill[i]
 }
 
-/// Reopens the store if a write failed since it was opened (redb refuses every transaction
-/// after an I/O error, a full disk included, until then).
-fn reopen_if_failed(store: &mut Store, failed: &mut bool) -> Result<(), StoreError> {
-    if *failed {
-        store.reopen()?;
-        *failed = false;
-        warn!("store reopened after a failed write: committing again");
+/// `state` to change, once no judgement (`reading`) reads it.
+fn state_mut<'a>(
+    reading: &mut Option<Reading>,
+    state: &'a RwLock<State>,
+) -> RwLockWriteGuard<'a, State> {
+    if let Some(r) = reading.take() {
+        r.wait();
     }
-    Ok(())
+    state.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 struct Worker {
-    store: Store,
+    /// Shared with the detection thread.
+    store: Arc<SharedStore>,
     state: Arc<RwLock<State>>,
     metrics: Arc<Metrics>,
     max_batches: usize,
@@ -511,12 +527,13 @@ struct Worker {
     last_gc: Instant,
     /// Decides which new keys are made.
     budget: KeyBudget,
-    /// A write failed: the store is reopened before the next one.
-    store_failed: bool,
-    detector: Option<Detector>,
+    /// The detection thread (with detection on).
+    detection: Option<Detection>,
+    detect: DetectConfig,
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
-    alerts: Arc<AlertHub>,
+    /// The judgement reading `state`: it does not change until it is over.
+    reading: Option<Reading>,
     /// Applied batches are published here before their Acks.
     feed: Arc<Feed>,
     staging: Staging,
@@ -555,7 +572,7 @@ impl Worker {
                     }
                     Request::Batch { ref batch, .. } => {
                         let time_ms = batch.aggregate.time_ms;
-                        if self.detector.is_some() && time_ms > self.next_judgement_ms {
+                        if self.detection.is_some() && time_ms > self.next_judgement_ms {
                             judge_at = Some(time_ms);
                             carried = Some(req);
                             break;
@@ -579,7 +596,9 @@ impl Worker {
                 self.gc();
             }
         }
-        self.save_detect_state();
+        if let Some(d) = self.detection.take() {
+            d.stop();
+        }
         // Requests queued after Stop are answered with Stopped when `rx` drops.
         debug!("store writer stopped");
     }
@@ -591,7 +610,7 @@ impl Worker {
         let mut staged = std::mem::take(&mut self.staged);
         staging.clear();
         let mut replies = Vec::with_capacity(group.len());
-        let detecting = self.detector.is_some();
+        let detecting = self.detection.is_some();
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let mut end_ms = st.end_ms();
         let mut folds = Folds::default();
@@ -701,35 +720,35 @@ impl Worker {
         }
         history_changes(&st, fleet, end_ms, &mut ch);
         staging.sorted(&mut staged);
-        let result = if let Err(e) = reopen_if_failed(&mut self.store, &mut self.store_failed) {
-            Err(e)
-        } else if ch.is_empty() && staged.is_empty() {
+        let result = if ch.is_empty() && staged.is_empty() {
             Ok(())
         } else {
             let t0 = Instant::now();
             // Each touched rollup is rebuilt in `scratch` from the one in memory (which only
             // this thread changes) and written; memory is changed only after the commit.
             let mut scratch = Rollup::default();
-            let r = self.store.commit_with(&ch, |w| {
-                let mut kept = 0;
-                for i in 0..staged.len() {
-                    let (key, k) = &staged[i];
-                    let old = st.get(key);
-                    match old {
-                        Some(r) => scratch.clone_from(r),
-                        None => scratch = Rollup::default(),
+            let r = self.store.write(|store| {
+                store.commit_with(&ch, |w| {
+                    let mut kept = 0;
+                    for i in 0..staged.len() {
+                        let (key, k) = &staged[i];
+                        let old = st.get(key);
+                        match old {
+                            Some(r) => scratch.clone_from(r),
+                            None => scratch = Rollup::default(),
+                        }
+                        staging.apply(k, &mut scratch, end_ms);
+                        // Buckets that left their window go; a new key from a batch older than
+                        // every window is not kept at all.
+                        if scratch.slot_count() > 0 || old.is_some() {
+                            w.put(key, &scratch)?;
+                            staged.swap(kept, i);
+                            kept += 1;
+                        }
                     }
-                    staging.apply(k, &mut scratch, end_ms);
-                    // Buckets that left their window go; a new key from a batch older than
-                    // every window is not kept at all.
-                    if scratch.slot_count() > 0 || old.is_some() {
-                        w.put(key, &scratch)?;
-                        staged.swap(kept, i);
-                        kept += 1;
-                    }
-                }
-                staged.truncate(kept);
-                Ok(())
+                    staged.truncate(kept);
+                    Ok(())
+                })
             });
             self.metrics
                 .commit_seconds
@@ -751,7 +770,7 @@ impl Worker {
                     (Vec::new(), Vec::new())
                 };
                 {
-                    let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+                    let mut st = state_mut(&mut self.reading, &self.state);
                     ch.install(&mut st);
                     // The same changes as written, now in place.
                     for (key, k) in staged.drain(..) {
@@ -778,10 +797,10 @@ impl Worker {
                     let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
                     self.budget.note(&folds, &st);
                 }
-                if let Some(det) = self.detector.as_mut()
+                if let Some(d) = &self.detection
                     && !subjects.is_empty()
                 {
-                    det.observe(subjects, &prefixes, self.next_judgement_ms);
+                    d.observe(subjects, prefixes, self.next_judgement_ms);
                 }
                 // In the feed before their Acks leave.
                 let applied = replies.iter_mut().filter_map(|r| match r {
@@ -796,9 +815,7 @@ impl Worker {
                         Reply::Hello(tx, h) => {
                             let _ = tx.send(Ok(h));
                         }
-                        Reply::Ping(tx) => {
-                            let _ = tx.send(());
-                        }
+                        Reply::Ping(tx) => self.ping(tx),
                         Reply::Batch {
                             reply,
                             outcome,
@@ -837,7 +854,6 @@ impl Worker {
                     "store commit failed, {} requests refused (their agents send them again): {e}",
                     replies.len()
                 );
-                self.store_failed = true;
                 self.metrics.store_failures.inc();
                 let e = Arc::new(e);
                 for r in replies {
@@ -850,9 +866,7 @@ impl Worker {
                         }
                         // The writer is alive: the store's failure shows in
                         // store_failures_total and in the refused batches.
-                        Reply::Ping(tx) => {
-                            let _ = tx.send(());
-                        }
+                        Reply::Ping(tx) => self.ping(tx),
                     }
                 }
             }
@@ -862,65 +876,28 @@ impl Worker {
         self.staging = staging;
     }
 
-    /// Judges at the next judgement's batch time, once a batch at `later_ms` (after it)
-    /// arrived: stores the alert changes, then publishes them. The judgement after it is the
+    /// Has the detection thread judge at the next judgement's batch time, once a batch at
+    /// `later_ms` (after it) arrived, on what is applied now. The judgement after it is the
     /// first at or after `later_ms`.
     fn judge(&mut self, later_ms: u64) {
-        let Some(det) = self.detector.as_mut() else {
+        let Some(d) = &self.detection else {
             return;
         };
         let at_ms = self.next_judgement_ms;
-        self.next_judgement_ms = det.next_judgement(later_ms - 1);
-        let new_hour = at_ms / HOUR_MS != self.next_judgement_ms / HOUR_MS;
-        let t0 = Instant::now();
-        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        // Only this thread opens and resolves alerts.
-        let open = self.alerts.open_subjects();
-        let verdicts = det.judge(&st, at_ms, &open);
-        let evicted = det.take_evicted();
-        if evicted > 0 {
-            self.metrics.tracks_evicted.inc_by(evicted);
-            warn!(
-                "detection: {evicted} learnt subjects dropped (least recently judged first) to keep at most limits.max_keys = {}; they learn again if they come back",
-                self.budget.max_keys()
-            );
+        self.next_judgement_ms = self.detect.next_judgement(later_ms - 1);
+        if let Some(r) = self.reading.take() {
+            r.wait();
         }
-        let resolve_after =
-            u64::try_from(det.config().resolve_after.as_millis()).unwrap_or(u64::MAX);
-        let changes = self.alerts.apply(verdicts, at_ms, resolve_after, &st);
-        drop(st);
-        if !changes.is_empty() {
-            match self.store.put_alerts(&changes.upserts, &changes.deletes) {
-                Ok(()) => {}
-                // The alerts stay in memory and are written with their next change.
-                Err(e) => {
-                    error!("store alerts: {e}");
-                    self.store_failed = true;
-                    self.metrics.store_failures.inc();
-                }
-            }
-            self.alerts.publish(&changes, &self.metrics);
-        }
-        self.metrics
-            .detect_seconds
-            .observe(t0.elapsed().as_secs_f64());
-        // What was learnt is saved once an hour of batch time, and at stop.
-        if new_hour {
-            self.save_detect_state();
-        }
+        self.reading = Some(d.judge(at_ms, self.next_judgement_ms));
     }
 
-    /// Writes what the detectors learnt since the last save.
-    fn save_detect_state(&mut self) {
-        let Some(det) = self.detector.as_mut() else {
-            return;
-        };
-        let snap = det.snapshot();
-        if let Err(e) = self.store.put_detect_state(&snap.puts, &snap.deletes) {
-            // Learnt again after a restart; the next save writes what changed after this one.
-            error!("store detection state: {e}");
-            self.store_failed = true;
-            self.metrics.store_failures.inc();
+    /// Answers `reply` once the detection thread (if any) is done with what came before.
+    fn ping(&self, reply: oneshot::Sender<()>) {
+        match &self.detection {
+            Some(d) => d.ping(reply),
+            None => {
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -951,9 +928,9 @@ impl Worker {
         }
         let n = ch.rollups.len();
         let t0 = Instant::now();
-        match self.store.commit(&ch) {
+        match self.store.write(|s| s.commit(&ch)) {
             Ok(()) => {
-                let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+                let mut st = state_mut(&mut self.reading, &self.state);
                 ch.install(&mut st);
                 self.budget.recount(&st);
                 drop(st);
@@ -962,7 +939,6 @@ impl Worker {
             }
             Err(e) => {
                 error!("gc: store commit failed: {e}");
-                self.store_failed = true;
                 self.metrics.store_failures.inc();
             }
         }

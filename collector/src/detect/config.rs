@@ -133,6 +133,13 @@ impl DetectConfig {
     pub fn eval_interval_ms(&self) -> u64 {
         u64::try_from(self.eval_interval.as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// The batch time of the first judgement after `end_ms`: the next multiple of
+    /// `eval_interval`.
+    pub fn next_judgement(&self, end_ms: u64) -> u64 {
+        let every = self.eval_interval_ms().max(1);
+        (end_ms / every).saturating_add(1).saturating_mul(every)
+    }
 }
 
 #[cfg(test)]

@@ -241,13 +241,6 @@ impl Detector {
         &self.cfg
     }
 
-    /// The batch time of the first judgement after `end_ms`: the next multiple of
-    /// `eval_interval`.
-    pub fn next_judgement(&self, end_ms: u64) -> u64 {
-        let every = self.cfg.eval_interval_ms().max(1);
-        (end_ms / every).saturating_add(1).saturating_mul(every)
-    }
-
     /// Records what a commit applied, to be judged at `at_ms` (the next judgement): `subjects`
     /// (the keys it touched) are judged then, and make their client addresses members of
     /// their prefixes, seen at `at_ms`; `prefixes` (what it added to each /24 and /64) feed

@@ -1,0 +1,367 @@
+//! The detection thread: judges what the store writer committed, off the path of the Acks.
+//!
+//! The writer sends it, in commit order, what each commit touched ([`Detection::observe`]) and,
+//! once a batch later than the next judgement's batch time arrives, that judgement
+//! ([`Detection::judge`]). A judgement reads the shared [`State`] as the writer left it after
+//! the last commit before that batch time: the writer goes on committing the next group to disk
+//! meanwhile, but changes memory only once the judgement has read it and turned its verdicts
+//! into alert changes (the [`Reading`] it waits on). So the same applied batches give the same
+//! judgements however they were grouped into commits, and an Ack of a batch later than a
+//! judgement means that judgement's alerts are listed.
+//!
+//! Off the Acks' path: the detectors' own bookkeeping for every commit, storing the alert changes
+//! (a transaction of their own) and publishing them (webhook, metrics, logs), and saving what the
+//! detectors learnt (once an hour of batch time, and at stop).
+use std::{
+    sync::{
+        Arc, PoisonError, RwLock,
+        mpsc::{Receiver, SyncSender, sync_channel},
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use log::{debug, error, warn};
+use tokio::sync::oneshot;
+
+use crate::{
+    aggregate::State,
+    alerts::AlertHub,
+    detect::{Detector, Subject},
+    keys::Prefix,
+    metrics::Metrics,
+    store::SharedStore,
+    window::Rollup,
+};
+
+/// Jobs queued for the detection thread at most: the writer waits beyond (backpressure, so a
+/// detection thread that falls behind slows the Acks rather than holding ever more memory).
+const QUEUE: usize = 256;
+const HOUR_MS: u64 = 3_600_000;
+
+enum Job {
+    /// What a commit touched, to be judged at `at_ms`.
+    Observe {
+        subjects: Vec<Subject>,
+        prefixes: Vec<(Prefix, Rollup)>,
+        at_ms: u64,
+    },
+    /// Judge at `at_ms` (the next judgement is at `next_ms`); say on `read` once the state
+    /// is no longer read.
+    Judge {
+        at_ms: u64,
+        next_ms: u64,
+        read: SyncSender<()>,
+    },
+    /// Answered once every job before it is done.
+    Ping(oneshot::Sender<()>),
+}
+
+/// A judgement reading the shared state: the writer waits on it before changing the state.
+#[derive(Debug)]
+pub struct Reading(Receiver<()>);
+
+impl Reading {
+    /// Waits until the judgement no longer reads the state (returns at once if the detection
+    /// thread has stopped).
+    pub fn wait(self) {
+        let _ = self.0.recv();
+    }
+}
+
+/// Handle to the detection thread.
+#[derive(Debug)]
+pub struct Detection {
+    tx: SyncSender<Job>,
+    thread: JoinHandle<()>,
+}
+
+impl Detection {
+    /// Starts the detection thread with `detector` (built and restored on `state`), judging on
+    /// `state`, storing alert changes and what it learnt in `store`, publishing alerts to
+    /// `alerts`. `max_keys` is named when learnt subjects are dropped to stay within it.
+    pub fn start(
+        detector: Detector,
+        state: Arc<RwLock<State>>,
+        store: Arc<SharedStore>,
+        alerts: Arc<AlertHub>,
+        metrics: Arc<Metrics>,
+        max_keys: usize,
+    ) -> std::io::Result<Detection> {
+        let (tx, rx) = sync_channel(QUEUE);
+        let w = Judge {
+            detector,
+            state,
+            store,
+            alerts,
+            metrics,
+            max_keys,
+        };
+        let thread = std::thread::Builder::new()
+            .name("detection".into())
+            .spawn(move || w.run(rx))?;
+        Ok(Detection { tx, thread })
+    }
+
+    /// Records what a commit touched (`subjects`, and what it added to each /24 and /64), to
+    /// be judged at `at_ms`.
+    pub fn observe(&self, subjects: Vec<Subject>, prefixes: Vec<(Prefix, Rollup)>, at_ms: u64) {
+        let _ = self.tx.send(Job::Observe {
+            subjects,
+            prefixes,
+            at_ms,
+        });
+    }
+
+    /// Judges at `at_ms` on the state as it is now; the next judgement is at `next_ms`. The
+    /// state must not change until the returned [`Reading`] is over.
+    pub fn judge(&self, at_ms: u64, next_ms: u64) -> Reading {
+        let (read, rx) = sync_channel(1);
+        let _ = self.tx.send(Job::Judge {
+            at_ms,
+            next_ms,
+            read,
+        });
+        Reading(rx)
+    }
+
+    /// Answers `reply` once everything sent before is judged, stored and published.
+    pub fn ping(&self, reply: oneshot::Sender<()>) {
+        if let Err(e) = self.tx.send(Job::Ping(reply))
+            && let Job::Ping(reply) = e.0
+        {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Finishes every job sent, saves what was learnt, and stops the thread.
+    pub fn stop(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
+/// The detection thread's own state.
+struct Judge {
+    detector: Detector,
+    state: Arc<RwLock<State>>,
+    store: Arc<SharedStore>,
+    alerts: Arc<AlertHub>,
+    metrics: Arc<Metrics>,
+    max_keys: usize,
+}
+
+impl Judge {
+    fn run(mut self, rx: Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            match job {
+                Job::Observe {
+                    subjects,
+                    prefixes,
+                    at_ms,
+                } => self.detector.observe(subjects, &prefixes, at_ms),
+                Job::Judge {
+                    at_ms,
+                    next_ms,
+                    read,
+                } => self.judge(at_ms, next_ms, &read),
+                Job::Ping(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+        self.save();
+        debug!("detection stopped");
+    }
+
+    /// Judges at `at_ms`: verdicts into alert changes (on the state as the writer left it,
+    /// then `read` lets it go on), stored, then published.
+    fn judge(&mut self, at_ms: u64, next_ms: u64, read: &SyncSender<()>) {
+        let t0 = Instant::now();
+        let det = &mut self.detector;
+        let changes = {
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            // Only this thread opens and resolves alerts.
+            let open = self.alerts.open_subjects();
+            let verdicts = det.judge(&st, at_ms, &open);
+            let resolve_after =
+                u64::try_from(det.config().resolve_after.as_millis()).unwrap_or(u64::MAX);
+            self.alerts.apply(verdicts, at_ms, resolve_after, &st)
+        };
+        let _ = read.send(());
+        // Where a test holds the thread to show that Acks do not wait for what follows.
+        outflow_crashpoint::fail::fail_point!("detection::after_reading");
+        let evicted = det.take_evicted();
+        if evicted > 0 {
+            self.metrics.tracks_evicted.inc_by(evicted);
+            warn!(
+                "detection: {evicted} learnt subjects dropped (least recently judged first) to keep at most limits.max_keys = {}; they learn again if they come back",
+                self.max_keys
+            );
+        }
+        if !changes.is_empty() {
+            // On failure the alerts stay in memory and are written with their next change.
+            if let Err(e) = self
+                .store
+                .write(|s| s.put_alerts(&changes.upserts, &changes.deletes))
+            {
+                error!("store alerts: {e}");
+                self.metrics.store_failures.inc();
+            }
+            self.alerts.publish(&changes, &self.metrics);
+        }
+        self.metrics
+            .detect_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        // What was learnt is saved once an hour of batch time, and at stop.
+        if at_ms / HOUR_MS != next_ms / HOUR_MS {
+            self.save();
+        }
+    }
+
+    /// Writes what the detectors learnt since the last save.
+    fn save(&mut self) {
+        let snap = self.detector.snapshot();
+        if let Err(e) = self
+            .store
+            .write(|s| s.put_detect_state(&snap.puts, &snap.deletes))
+        {
+            // Learnt again after a restart; the next save writes what changed after this one.
+            error!("store detection state: {e}");
+            self.metrics.store_failures.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
+
+    use crate::{Config, collector::Collector, metrics::Metrics};
+
+    const MIN: u64 = 60_000;
+    /// A judgement boundary (the default `eval_interval` is a minute).
+    const T0: u64 = 1_750_000_000_000 / MIN * MIN;
+
+    fn batch(seq: u64, end_ms: u64, out: u64) -> AgentMessage {
+        let d = v1::ConnDelta {
+            conn_id: seq,
+            local_addr: vec![10, 0, 0, 1],
+            local_port: 8000,
+            remote_addr: vec![203, 0, 113, 7],
+            remote_port: 40000,
+            role: v1::Role::Server as i32,
+            counters: Some(v1::Counters {
+                bytes_out: out,
+                bytes_in: 100,
+                ..Default::default()
+            }),
+            closed: true,
+            first_seen_ms: 1,
+            ..Default::default()
+        };
+        AgentMessage {
+            msg: Some(Msg::Batch(v1::Batch {
+                seq,
+                start_ms: end_ms - 1000,
+                end_ms,
+                deltas: vec![d],
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn opened(m: &Metrics) -> String {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with("outflow_collector_alerts_opened_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// With the detection thread held right after a judgement read the state (before it stores
+    /// and publishes the alert it opened), batches are still applied and acknowledged, the
+    /// alert is listed, and a writer ping (the watchdog's) waits for the thread; let go, the
+    /// alert is published and stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_do_not_wait_for_storing_and_publishing_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        cfg.store.fsync = false;
+        cfg.limits.batches_per_second = 0.0;
+        cfg.limits.deltas_per_second = 0.0;
+        cfg.detect.volume.client_per_hour = 1_000_000;
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let c = std::sync::Arc::new(Collector::open(&cfg, metrics.clone()).unwrap());
+        let mut s = c.session();
+        s.handle(AgentMessage {
+            msg: Some(Msg::Hello(v1::Hello {
+                agent_id: "a".into(),
+                epoch: 1,
+                hostname: "gpu-0".into(),
+                boot_id: "b".into(),
+                version: "0.1.0".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        // 50 MB in the minute before the boundary: over the hourly limit (its arrival runs
+        // the first judgement, of an empty state).
+        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
+        c.ping_writer().await.unwrap();
+        outflow_crashpoint::arm("detection::after_reading=pause").unwrap();
+        // Past the boundary: the judgement at T0 runs; the thread stops after reading. The
+        // next judgement is a minute later.
+        for seq in 2..=10 {
+            let acked = tokio::time::timeout(
+                Duration::from_secs(20),
+                s.handle(batch(seq, T0 + seq * 1000, 1000)),
+            )
+            .await;
+            assert!(
+                acked.is_ok(),
+                "batch {seq} was not acknowledged while the detection thread was held"
+            );
+            acked.unwrap().unwrap();
+        }
+        assert!(
+            c.alerts().open_count() >= 1,
+            "{:#?}",
+            c.alerts().list(false, 0, true)
+        );
+        assert!(
+            !opened(&metrics).contains("volume"),
+            "published while held: {}",
+            opened(&metrics)
+        );
+        // A ping waits for the detection thread.
+        let c2 = c.clone();
+        let mut ping = tokio::spawn(async move { c2.ping_writer().await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut ping)
+                .await
+                .is_err(),
+            "a ping was answered while the detection thread was held"
+        );
+        outflow_crashpoint::arm("detection::after_reading=off").unwrap();
+        ping.await.unwrap().unwrap();
+        assert!(
+            opened(&metrics).contains("detector=\"volume\"} 1"),
+            "{}",
+            opened(&metrics)
+        );
+        c.close().await;
+        drop(s);
+        drop(c);
+        // Stored: a collector opened on the same directory lists it.
+        let c = Collector::open(&cfg, std::sync::Arc::new(Metrics::new())).unwrap();
+        assert!(c.alerts().open_count() >= 1);
+        c.close().await;
+    }
+}
