@@ -281,6 +281,16 @@ enum Reply {
     },
 }
 
+/// A group's requests, staged: the changes to commit besides the rollups, and the answers.
+struct Pending {
+    ch: Changes,
+    replies: Vec<Reply>,
+    /// The batch time after the group.
+    end_ms: u64,
+    /// New keys past the key budget, folded.
+    folds: Folds,
+}
+
 /// Granules and hosts of a key that [`Staged`] holds in place; more go to [`Spill`].
 const INLINE_GRANULES: usize = 2;
 const INLINE_HOSTS: usize = 8;
@@ -603,15 +613,40 @@ impl Worker {
         debug!("store writer stopped");
     }
 
+    /// Applies a group of requests: stages them, commits the changes in one transaction,
+    /// installs them in memory, then answers; a failed commit changes nothing and refuses
+    /// them all.
     fn apply(&mut self, group: Vec<Request>) {
         let batches = group.len();
-        let mut ch = Changes::default();
         let mut staging = std::mem::take(&mut self.staging);
         let mut staged = std::mem::take(&mut self.staged);
         staging.clear();
+        let state = self.state.clone();
+        let st = state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = self.stage(group, &st, &mut staging);
+        staging.sorted(&mut staged);
+        let result = self.commit(&st, &pending, &staging, &mut staged, batches);
+        drop(st);
+        match result {
+            Ok(()) => {
+                outflow_crashpoint::crash_point!("writer::after_commit");
+                self.install(&mut pending, &staging, &mut staged);
+                self.answer(pending.replies);
+                outflow_crashpoint::crash_point!("writer::after_acks");
+            }
+            Err(e) => self.refuse(pending.replies, e),
+        }
+        staged.clear();
+        self.staged = staged;
+        self.staging = staging;
+    }
+
+    /// Checks each request against what `st` and the group so far hold (a batch at or below
+    /// its agent's watermark is a duplicate) and stages what the rest add: their per-key sums
+    /// in `staging`, the watermarks, new hosts, batch time and history in the changes.
+    fn stage(&mut self, group: Vec<Request>, st: &State, staging: &mut Staging) -> Pending {
+        let mut ch = Changes::default();
         let mut replies = Vec::with_capacity(group.len());
-        let detecting = self.detection.is_some();
-        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let mut end_ms = st.end_ms();
         let mut folds = Folds::default();
         // The fleet's response bytes per minute of batch time (the history's line).
@@ -674,7 +709,7 @@ impl Worker {
                             let is_new = |k: &Key| !staging.contains(k) && st.get(k).is_none();
                             let routed = self
                                 .budget
-                                .route(&st, key, agg.host, totals, is_new, &mut folds);
+                                .route(st, key, agg.host, totals, is_new, &mut folds);
                             if let Some(key) = routed {
                                 staging.add(key, agg.time_ms, agg.host, totals);
                             }
@@ -718,162 +753,183 @@ impl Worker {
         if end_ms != st.end_ms() {
             ch.end_ms = Some(end_ms);
         }
-        history_changes(&st, fleet, end_ms, &mut ch);
-        staging.sorted(&mut staged);
-        let result = if ch.is_empty() && staged.is_empty() {
-            Ok(())
+        history_changes(st, fleet, end_ms, &mut ch);
+        Pending {
+            ch,
+            replies,
+            end_ms,
+            folds,
+        }
+    }
+
+    /// Writes the staged changes in one transaction: each touched rollup rebuilt from the one
+    /// in `st` (which only this thread changes) with what `staged` adds. Keeps in `staged` only
+    /// the keys written (a new key from a batch older than every window is not kept at all).
+    fn commit(
+        &self,
+        st: &State,
+        pending: &Pending,
+        staging: &Staging,
+        staged: &mut Vec<(Key, Staged)>,
+        batches: usize,
+    ) -> Result<(), StoreError> {
+        let (ch, end_ms) = (&pending.ch, pending.end_ms);
+        if ch.is_empty() && staged.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let mut scratch = Rollup::default();
+        let r = self.store.write(|store| {
+            store.commit_with(ch, |w| {
+                let mut kept = 0;
+                for i in 0..staged.len() {
+                    let (key, k) = &staged[i];
+                    let old = st.get(key);
+                    match old {
+                        Some(r) => scratch.clone_from(r),
+                        None => scratch = Rollup::default(),
+                    }
+                    staging.apply(k, &mut scratch, end_ms);
+                    // Buckets that left their window go.
+                    if scratch.slot_count() > 0 || old.is_some() {
+                        w.put(key, &scratch)?;
+                        staged.swap(kept, i);
+                        kept += 1;
+                    }
+                }
+                staged.truncate(kept);
+                Ok(())
+            })
+        });
+        self.metrics
+            .commit_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        self.metrics.commit_batches.observe(batches as f64);
+        r
+    }
+
+    /// Installs what was committed in memory (once no judgement reads it), and hands the
+    /// detection thread what the commit touched.
+    fn install(
+        &mut self,
+        pending: &mut Pending,
+        staging: &Staging,
+        staged: &mut Vec<(Key, Staged)>,
+    ) {
+        let end_ms = pending.end_ms;
+        let touched = !staged.is_empty();
+        let detect = self.detection.is_some() && touched;
+        let (subjects, prefixes) = if detect {
+            (subjects_of(staged), prefix_changes(staging, staged, end_ms))
         } else {
-            let t0 = Instant::now();
-            // Each touched rollup is rebuilt in `scratch` from the one in memory (which only
-            // this thread changes) and written; memory is changed only after the commit.
-            let mut scratch = Rollup::default();
-            let r = self.store.write(|store| {
-                store.commit_with(&ch, |w| {
-                    let mut kept = 0;
-                    for i in 0..staged.len() {
-                        let (key, k) = &staged[i];
-                        let old = st.get(key);
-                        match old {
-                            Some(r) => scratch.clone_from(r),
-                            None => scratch = Rollup::default(),
-                        }
-                        staging.apply(k, &mut scratch, end_ms);
-                        // Buckets that left their window go; a new key from a batch older than
-                        // every window is not kept at all.
-                        if scratch.slot_count() > 0 || old.is_some() {
-                            w.put(key, &scratch)?;
-                            staged.swap(kept, i);
-                            kept += 1;
-                        }
-                    }
-                    staged.truncate(kept);
-                    Ok(())
-                })
-            });
-            self.metrics
-                .commit_seconds
-                .observe(t0.elapsed().as_secs_f64());
-            self.metrics.commit_batches.observe(batches as f64);
-            r
+            (Vec::new(), Vec::new())
         };
-        drop(st);
-        match result {
-            Ok(()) => {
-                outflow_crashpoint::crash_point!("writer::after_commit");
-                let touched = !staged.is_empty();
-                let (subjects, prefixes) = if detecting {
-                    (
-                        subjects_of(&staged),
-                        prefix_changes(&staging, &staged, end_ms),
-                    )
-                } else {
-                    (Vec::new(), Vec::new())
-                };
-                {
-                    let mut st = state_mut(&mut self.reading, &self.state);
-                    ch.install(&mut st);
-                    // The same changes as written, now in place.
-                    for (key, k) in staged.drain(..) {
-                        match st.get_mut(&key) {
-                            Some(r) => {
-                                staging.apply(&k, r, end_ms);
-                                if r.is_empty() {
-                                    st.put(key, Rollup::default());
-                                }
-                            }
-                            None => {
-                                let mut r = Rollup::default();
-                                staging.apply(&k, &mut r, end_ms);
-                                st.put(key, r);
-                            }
+        {
+            let mut st = state_mut(&mut self.reading, &self.state);
+            std::mem::take(&mut pending.ch).install(&mut st);
+            // The same changes as written, now in place.
+            for (key, k) in staged.drain(..) {
+                match st.get_mut(&key) {
+                    Some(r) => {
+                        staging.apply(&k, r, end_ms);
+                        if r.is_empty() {
+                            st.put(key, Rollup::default());
                         }
                     }
-                }
-                if touched {
-                    self.update_key_gauges();
-                }
-                if !folds.is_empty() {
-                    self.metrics.folded(&folds);
-                    let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-                    self.budget.note(&folds, &st);
-                }
-                if let Some(d) = &self.detection
-                    && !subjects.is_empty()
-                {
-                    d.observe(subjects, prefixes, self.next_judgement_ms);
-                }
-                // In the feed before their Acks leave.
-                let applied = replies.iter_mut().filter_map(|r| match r {
-                    Reply::Batch { feed, .. } => feed.take(),
-                    _ => None,
-                });
-                let dropped = self.feed.publish(applied);
-                self.metrics.feed_dropped_batches.inc_by(dropped as u64);
-                let now = now_ms();
-                for r in replies {
-                    match r {
-                        Reply::Hello(tx, h) => {
-                            let _ = tx.send(Ok(h));
-                        }
-                        Reply::Ping(tx) => self.ping(tx),
-                        Reply::Batch {
-                            reply,
-                            outcome,
-                            deltas,
-                            gaps,
-                            time_ms,
-                            ..
-                        } => {
-                            match outcome {
-                                Outcome::Applied => {
-                                    self.metrics.batches.inc();
-                                    self.metrics.deltas.inc_by(deltas as u64);
-                                    self.metrics.lost_batches.inc_by(gaps.lost_batches);
-                                    self.metrics
-                                        .lost_response_bytes
-                                        .inc_by(gaps.lost_response_bytes);
-                                    self.metrics
-                                        .unattributed_response_bytes
-                                        .inc_by(gaps.unattributed_response_bytes);
-                                    self.metrics
-                                        .ingest_lag
-                                        .observe(now.saturating_sub(time_ms) as f64 / 1000.0);
-                                }
-                                Outcome::Duplicate => {
-                                    self.metrics.duplicates.inc();
-                                }
-                            }
-                            let _ = reply.send(Ok(outcome));
-                        }
-                    }
-                }
-                outflow_crashpoint::crash_point!("writer::after_acks");
-            }
-            Err(e) => {
-                error!(
-                    "store commit failed, {} requests refused (their agents send them again): {e}",
-                    replies.len()
-                );
-                self.metrics.store_failures.inc();
-                let e = Arc::new(e);
-                for r in replies {
-                    match r {
-                        Reply::Hello(tx, _) => {
-                            let _ = tx.send(Err(WriteError::Store(e.clone())));
-                        }
-                        Reply::Batch { reply, .. } => {
-                            let _ = reply.send(Err(WriteError::Store(e.clone())));
-                        }
-                        // The writer is alive: the store's failure shows in
-                        // store_failures_total and in the refused batches.
-                        Reply::Ping(tx) => self.ping(tx),
+                    None => {
+                        let mut r = Rollup::default();
+                        staging.apply(&k, &mut r, end_ms);
+                        st.put(key, r);
                     }
                 }
             }
         }
-        staged.clear();
-        self.staged = staged;
-        self.staging = staging;
+        if touched {
+            self.update_key_gauges();
+        }
+        if !pending.folds.is_empty() {
+            self.metrics.folded(&pending.folds);
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            self.budget.note(&pending.folds, &st);
+        }
+        if let Some(d) = &self.detection
+            && !subjects.is_empty()
+        {
+            d.observe(subjects, prefixes, self.next_judgement_ms);
+        }
+    }
+
+    /// Publishes the applied batches to the feed, then answers every request of a committed
+    /// group.
+    fn answer(&self, mut replies: Vec<Reply>) {
+        // In the feed before their Acks leave.
+        let applied = replies.iter_mut().filter_map(|r| match r {
+            Reply::Batch { feed, .. } => feed.take(),
+            _ => None,
+        });
+        let dropped = self.feed.publish(applied);
+        self.metrics.feed_dropped_batches.inc_by(dropped as u64);
+        let now = now_ms();
+        for r in replies {
+            match r {
+                Reply::Hello(tx, h) => {
+                    let _ = tx.send(Ok(h));
+                }
+                Reply::Ping(tx) => self.ping(tx),
+                Reply::Batch {
+                    reply,
+                    outcome,
+                    deltas,
+                    gaps,
+                    time_ms,
+                    ..
+                } => {
+                    match outcome {
+                        Outcome::Applied => {
+                            self.metrics.batches.inc();
+                            self.metrics.deltas.inc_by(deltas as u64);
+                            self.metrics.lost_batches.inc_by(gaps.lost_batches);
+                            self.metrics
+                                .lost_response_bytes
+                                .inc_by(gaps.lost_response_bytes);
+                            self.metrics
+                                .unattributed_response_bytes
+                                .inc_by(gaps.unattributed_response_bytes);
+                            self.metrics
+                                .ingest_lag
+                                .observe(now.saturating_sub(time_ms) as f64 / 1000.0);
+                        }
+                        Outcome::Duplicate => {
+                            self.metrics.duplicates.inc();
+                        }
+                    }
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+        }
+    }
+
+    /// Refuses every request of a group whose commit failed (their agents send them again).
+    fn refuse(&self, replies: Vec<Reply>, e: StoreError) {
+        error!(
+            "store commit failed, {} requests refused (their agents send them again): {e}",
+            replies.len()
+        );
+        self.metrics.store_failures.inc();
+        let e = Arc::new(e);
+        for r in replies {
+            match r {
+                Reply::Hello(tx, _) => {
+                    let _ = tx.send(Err(WriteError::Store(e.clone())));
+                }
+                Reply::Batch { reply, .. } => {
+                    let _ = reply.send(Err(WriteError::Store(e.clone())));
+                }
+                // The writer is alive: the store's failure shows in store_failures_total and
+                // in the refused batches.
+                Reply::Ping(tx) => self.ping(tx),
+            }
+        }
     }
 
     /// Has the detection thread judge at the next judgement's batch time, once a batch at
