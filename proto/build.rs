@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "outflow/v1/query.proto",
     "outflow/v1/alerts.proto",
     "outflow/v1/feed.proto",
+    "outflow/v1/cluster.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

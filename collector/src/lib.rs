@@ -33,6 +33,7 @@ pub mod alerts_service;
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod collector;
 pub mod config;

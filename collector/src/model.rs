@@ -467,6 +467,87 @@ impl Batch {
     }
 }
 
+fn ip_bytes(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+impl From<Counters> for v1::Counters {
+    fn from(c: Counters) -> Self {
+        Self {
+            bytes_out: c.bytes_out,
+            bytes_in: c.bytes_in,
+            wire_bytes_out: c.wire_bytes_out,
+            wire_bytes_in: c.wire_bytes_in,
+            segments_out: c.segments_out,
+            segments_in: c.segments_in,
+        }
+    }
+}
+
+impl ClientSource {
+    /// Its `client_source` on the wire.
+    pub fn wire(&self) -> String {
+        match self {
+            ClientSource::Peer => "peer".into(),
+            ClientSource::ProxyV1 => "proxy-v1".into(),
+            ClientSource::ProxyV2 => "proxy-v2".into(),
+            ClientSource::Header(h) => format!("header:{h}"),
+            ClientSource::Annotation => "annotation".into(),
+            ClientSource::Other(s) => s.to_string(),
+        }
+    }
+}
+
+/// A validated delta back on the wire (for passing it on): validating it again gives it back.
+impl From<&Delta> for v1::ConnDelta {
+    fn from(d: &Delta) -> Self {
+        Self {
+            conn_id: d.conn_id,
+            local_addr: ip_bytes(d.local),
+            local_port: d.local_port.into(),
+            remote_addr: ip_bytes(d.remote),
+            remote_port: d.remote_port.into(),
+            role: match d.role {
+                Role::Server => v1::Role::Server,
+                Role::Client => v1::Role::Client,
+                Role::Unknown => v1::Role::Unspecified,
+            } as i32,
+            counters: Some(d.counters.into()),
+            closed: d.closed,
+            cgroup: d.cgroup.clone(),
+            pid: d.pid,
+            comm: d.comm.clone(),
+            first_seen_ms: d.first_seen_ms,
+            client_addr: if d.client == d.remote {
+                Vec::new()
+            } else {
+                ip_bytes(d.client)
+            },
+            client_id: d.client_id.clone().unwrap_or_default(),
+            client_source: d.client_source.wire(),
+        }
+    }
+}
+
+impl Batch {
+    /// The batch on the wire with `deltas` (some of its own) in place of its deltas, at its
+    /// (possibly shifted) times: validating it again gives those back.
+    pub fn to_wire_with<'a>(&self, deltas: impl IntoIterator<Item = &'a Delta>) -> v1::Batch {
+        v1::Batch {
+            seq: self.seq,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            deltas: deltas.into_iter().map(v1::ConnDelta::from).collect(),
+            overflow: Some(self.overflow.into()),
+            lost_batches: self.lost_batches,
+            lost: Some(self.lost.into()),
+        }
+    }
+}
+
 impl TryFrom<v1::Batch> for Batch {
     type Error = ValidationError;
 

@@ -3,6 +3,7 @@
 mod auth;
 mod budget;
 mod cli;
+mod cluster;
 mod common;
 mod dashboard;
 mod dedup;

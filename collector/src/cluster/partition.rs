@@ -1,0 +1,319 @@
+//! Partitions of the fleet's clients: which share of the cluster a delta belongs to.
+//!
+//! A delta goes to the partition of its client: of its client id when the agent attributed one
+//! (the account is the identity, so one id's bytes are all in one place), else of its client
+//! address's /24 (IPv4) or /64 (IPv6), so that an address, its prefix and what was proxied for it
+//! are in one place. Deltas the collector does not aggregate (client role, unknown role) and the
+//! batch's own counts go to the partition of the host. The function is fixed (SplitMix64 of the
+//! prefix's bits, FNV-1a of a name, modulo the count): every node and every version computes the
+//! same, since progress is stored per partition.
+use std::net::IpAddr;
+
+use outflow_proto::v1;
+
+use crate::{
+    keys::Prefix,
+    model::{AgentKey, Batch, Counters, Delta, Role},
+};
+
+/// Most partitions: a partition is a JetStream subject and a durable consumer.
+pub const MAX_PARTITIONS: u32 = 4096;
+
+/// The partitions of a cluster (how many there are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions(u32);
+
+/// A partition count out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} partitions: want 1 to {MAX_PARTITIONS}")]
+pub struct BadCount(pub u32);
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl Partitions {
+    pub fn new(count: u32) -> Result<Partitions, BadCount> {
+        if (1..=MAX_PARTITIONS).contains(&count) {
+            Ok(Partitions(count))
+        } else {
+            Err(BadCount(count))
+        }
+    }
+
+    pub fn count(self) -> u32 {
+        self.0
+    }
+
+    fn of_hash(self, h: u64) -> u32 {
+        // Below `count`, which is a u32.
+        u32::try_from(h % u64::from(self.0)).unwrap_or(0)
+    }
+
+    /// The partition of a client address: that of its /24 or /64.
+    pub fn of_addr(self, addr: IpAddr) -> u32 {
+        let bits = match Prefix::of(addr).network() {
+            IpAddr::V4(a) => u64::from(a.to_bits()),
+            // The /64's bits, told apart from IPv4's by the top bit.
+            IpAddr::V6(a) => ((a.to_bits() >> 64) as u64) ^ (1 << 63),
+        };
+        self.of_hash(splitmix64(bits))
+    }
+
+    /// The partition of a client id (and of a host name: [`Partitions::of_host`]).
+    pub fn of_name(self, name: &str) -> u32 {
+        self.of_hash(splitmix64(fnv1a(name.as_bytes())))
+    }
+
+    /// The partition of a host: its host-wide counts go there.
+    pub fn of_host(self, hostname: &str) -> u32 {
+        self.of_name(hostname)
+    }
+
+    /// The partition of a delta (see the module's doc), given its host's.
+    pub fn of_delta(self, d: &Delta, host: u32) -> u32 {
+        if d.role != Role::Server {
+            return host;
+        }
+        match d.client_id.as_deref() {
+            Some(id) => self.of_name(id),
+            None => self.of_addr(d.client),
+        }
+    }
+
+    /// Splits `batch` of `agent` on `hostname` into the parts of its partitions, in partition
+    /// order: each delta in one part; the batch's own counts in the host's part, which is
+    /// always there (so every batch has at least one part, and an empty batch is still seen).
+    pub fn split(self, agent: &AgentKey, hostname: &str, batch: &Batch) -> Vec<v1::PartBatch> {
+        let host = self.of_host(hostname);
+        let mut of: Vec<(u32, &Delta)> = batch
+            .deltas
+            .iter()
+            .map(|d| (self.of_delta(d, host), d))
+            .collect();
+        // Stable: a connection's deltas keep their order (the last one closes it).
+        of.sort_by_key(|(p, _)| *p);
+        let mut parts = Vec::new();
+        let mut rest = &of[..];
+        let mut host_done = false;
+        loop {
+            let next = rest.first().map(|(p, _)| *p);
+            // The host's part comes in its place in partition order, deltas or not.
+            let p = match next {
+                Some(p) if host_done || p <= host => p,
+                _ if !host_done => host,
+                _ => break,
+            };
+            let n = rest.iter().take_while(|(q, _)| *q == p).count();
+            let (these, after) = rest.split_at(n);
+            rest = after;
+            let mut b = batch.to_wire_with(these.iter().map(|(_, d)| *d));
+            if p == host {
+                host_done = true;
+            } else {
+                b.overflow = Some(Counters::default().into());
+                b.lost_batches = 0;
+                b.lost = Some(Counters::default().into());
+            }
+            parts.push(v1::PartBatch {
+                agent_id: agent.agent_id.to_string(),
+                epoch: agent.epoch,
+                hostname: hostname.to_owned(),
+                partition: p,
+                partitions: self.0,
+                batch: Some(b),
+            });
+        }
+        parts
+    }
+}
+
+/// The JetStream message id of a part: publishing the same part again is a duplicate.
+pub fn message_id(part: &v1::PartBatch) -> String {
+    let seq = part.batch.as_ref().map_or(0, |b| b.seq);
+    format!(
+        "{:016x}.{seq:x}.{:x}.{}",
+        part.epoch, part.partition, part.agent_id
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::ClientSource;
+
+    fn delta(i: u64, client: IpAddr, id: Option<&str>, role: Role, out: u64) -> Delta {
+        Delta {
+            conn_id: i,
+            local: if client.is_ipv4() {
+                "10.0.0.1".parse().unwrap()
+            } else {
+                "2001:db8::10".parse().unwrap()
+            },
+            local_port: 8000,
+            remote: if client.is_ipv4() {
+                "192.0.2.1".parse().unwrap()
+            } else {
+                "2001:db8::1".parse().unwrap()
+            },
+            remote_port: 40000,
+            client,
+            client_id: id.map(str::to_owned),
+            client_source: ClientSource::ProxyV2,
+            role,
+            counters: Counters {
+                bytes_out: out,
+                bytes_in: 7,
+                ..Counters::default()
+            },
+            closed: i.is_multiple_of(3),
+            cgroup: "/vllm".into(),
+            pid: 1,
+            comm: "vllm".into(),
+            first_seen_ms: 5,
+        }
+    }
+
+    fn batch(deltas: Vec<Delta>) -> Batch {
+        Batch {
+            seq: 9,
+            start_ms: 1000,
+            end_ms: 2000,
+            shifted_ms: 0,
+            deltas,
+            overflow: Counters {
+                bytes_out: 11,
+                ..Counters::default()
+            },
+            lost_batches: 2,
+            lost: Counters {
+                bytes_out: 13,
+                ..Counters::default()
+            },
+        }
+    }
+
+    fn agent() -> AgentKey {
+        AgentKey {
+            agent_id: "a/b".into(),
+            epoch: 3,
+        }
+    }
+
+    #[test]
+    fn the_function_is_fixed() {
+        // Stored progress is per partition: these must never change.
+        let p = Partitions::new(64).unwrap();
+        assert_eq!(
+            p.of_addr("203.0.113.7".parse().unwrap()),
+            p.of_addr("203.0.113.200".parse().unwrap())
+        );
+        assert_eq!(
+            [
+                p.of_addr("203.0.113.7".parse().unwrap()),
+                p.of_addr("2001:db8:1:2::7".parse().unwrap()),
+                p.of_name("h:0123456789abcdef01234567"),
+                p.of_host("gpu-0"),
+            ],
+            [
+                p.of_addr("203.0.113.0".parse().unwrap()),
+                p.of_addr("2001:db8:1:2:ffff::".parse().unwrap()),
+                p.of_name("h:0123456789abcdef01234567"),
+                p.of_name("gpu-0"),
+            ]
+        );
+        let v: Vec<u32> = ["198.51.100.1", "203.0.113.7", "10.1.2.3", "2001:db8::1"]
+            .iter()
+            .map(|a| p.of_addr(a.parse().unwrap()))
+            .chain([p.of_name("h:0123456789abcdef01234567"), p.of_host("gpu-0")])
+            .collect();
+        assert_eq!(v, [29, 62, 34, 27, 26, 57]);
+        assert!(Partitions::new(0).is_err());
+        assert!(Partitions::new(MAX_PARTITIONS + 1).is_err());
+        assert_eq!(
+            Partitions::new(0).unwrap_err().to_string(),
+            "0 partitions: want 1 to 4096"
+        );
+    }
+
+    #[test]
+    fn an_empty_batch_is_one_part_of_the_host() {
+        let p = Partitions::new(8).unwrap();
+        let parts = p.split(&agent(), "gpu-0", &batch(Vec::new()));
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].partition, p.of_host("gpu-0"));
+        assert_eq!(parts[0].batch.as_ref().unwrap().lost_batches, 2);
+        assert_eq!(
+            message_id(&parts[0]),
+            format!("0000000000000003.9.{:x}.a/b", parts[0].partition)
+        );
+    }
+
+    proptest! {
+        /// Every delta is in exactly one part, the part of its client; validating the parts
+        /// again gives the deltas back; the batch's own counts are in the host's part only.
+        #[test]
+        fn a_split_keeps_every_delta_once_in_its_clients_partition(
+            count in 1u32..40,
+            raw in prop::collection::vec((0u8..6, 0u8..4, 0u8..3, 0u8..3, 1u64..1_000_000), 0..60),
+        ) {
+            let p = Partitions::new(count).unwrap();
+            let deltas: Vec<Delta> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, &(net, host, id, role, out))| {
+                    let client: IpAddr = if net == 5 {
+                        format!("2001:db8:{host}::{net}").parse().unwrap()
+                    } else {
+                        format!("198.51.{net}.{host}").parse().unwrap()
+                    };
+                    let id = ["h:aaaaaaaaaaaaaaaaaaaaaaaa", "h:bbbbbbbbbbbbbbbbbbbbbbbb"].get(usize::from(id)).copied();
+                    let role = [Role::Server, Role::Server, Role::Client][usize::from(role)];
+                    delta(i as u64, client, id, role, out)
+                })
+                .collect();
+            let b = batch(deltas.clone());
+            let parts = p.split(&agent(), "gpu-0", &b);
+            let host = p.of_host("gpu-0");
+            let mut seen = Vec::new();
+            let mut lost = 0;
+            let mut last = None;
+            for part in parts {
+                prop_assert!(last < Some(part.partition), "parts in partition order, once each");
+                last = Some(part.partition);
+                prop_assert_eq!(part.partitions, count);
+                let wire = part.batch.unwrap();
+                let back = Batch::try_from(wire).unwrap();
+                prop_assert!(!back.deltas.is_empty() || part.partition == host);
+                lost += back.lost_batches;
+                for d in back.deltas {
+                    prop_assert_eq!(p.of_delta(&d, host), part.partition);
+                    seen.push(d);
+                }
+            }
+            prop_assert_eq!(lost, 2);
+            let key = |d: &Delta| d.conn_id;
+            seen.sort_by_key(key);
+            prop_assert_eq!(seen, deltas);
+            // Bytes per client id or /24: all in one part (checked above), summed exactly.
+            let mut by: BTreeMap<u32, u64> = BTreeMap::new();
+            for d in &b.deltas {
+                *by.entry(p.of_delta(d, host)).or_default() += d.counters.bytes_out;
+            }
+            prop_assert_eq!(by.values().sum::<u64>(), b.deltas.iter().map(|d| d.counters.bytes_out).sum::<u64>());
+        }
+    }
+}

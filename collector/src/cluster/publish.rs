@@ -1,0 +1,183 @@
+//! An ingest node's publisher: the parts of a batch into a replicated JetStream stream.
+//!
+//! Each part goes to the subject of its partition (`<prefix>.<partition>`) with the message id
+//! of [`message_id`]: JetStream keeps the first message of an id within the stream's
+//! duplicate window and acknowledges a later one as a duplicate, so publishing a part again
+//! (after an unanswered publish, a lost leader, or an agent's resend) never stores it twice. A
+//! batch is published once every part is acknowledged, which on a replicated stream means
+//! stored by a majority of its replicas; only then may its agent be acknowledged.
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use outflow_proto::v1;
+use prost::Message as _;
+
+use super::partition::message_id;
+
+/// Where and how the parts are published.
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    /// NATS servers (`nats://host:port`), any of the cluster's.
+    pub urls: Vec<String>,
+    /// The stream's name.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<partition>`.
+    pub subject_prefix: String,
+    /// Copies JetStream keeps of every message (1, 3 or 5: a majority must store a message
+    /// before it is acknowledged).
+    pub replicas: usize,
+    /// A part published again within this time is acknowledged as a duplicate, not stored.
+    pub duplicate_window: Duration,
+    /// Messages older than this are dropped from the stream.
+    pub max_age: Duration,
+}
+
+/// Why publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("connecting to NATS at {urls}: {source}")]
+    Connect {
+        urls: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("creating the JetStream stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("part {id} not acknowledged by JetStream in {after:?}: {last}")]
+    Unacknowledged {
+        id: String,
+        after: Duration,
+        last: String,
+    },
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Parts acknowledged.
+    pub parts: usize,
+    /// Of those, parts JetStream already held (published before with the same id).
+    pub duplicates: usize,
+    /// Publishes sent again after one failed or went unanswered.
+    pub retries: usize,
+}
+
+/// Publishes parts to the stream (see the module's doc).
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    prefix: String,
+}
+
+impl Publisher {
+    /// Connects and creates the stream if it is not there (an existing stream is used as it
+    /// is).
+    pub async fn connect(cfg: &PublishConfig) -> Result<Publisher, PublishError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(cfg.urls.clone())
+            .await
+            .map_err(|source| PublishError::Connect {
+                urls: cfg.urls.join(","),
+                source,
+            })?;
+        let js = jetstream::new(client);
+        js.get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![format!("{}.*", cfg.subject_prefix)],
+            num_replicas: cfg.replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_age: cfg.max_age,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| PublishError::Stream {
+            stream: cfg.stream.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Publisher {
+            js,
+            prefix: cfg.subject_prefix.clone(),
+        })
+    }
+
+    /// Publishes every part and returns once JetStream acknowledged each. A part whose publish
+    /// failed or was not answered in `ack_timeout` is published again with its id, until
+    /// `deadline` has passed.
+    pub async fn publish(
+        &self,
+        parts: &[v1::PartBatch],
+        ack_timeout: Duration,
+        deadline: Duration,
+    ) -> Result<Published, PublishError> {
+        let start = Instant::now();
+        let mut done = Published::default();
+        let mut todo: Vec<(String, String, bytes::Bytes)> = parts
+            .iter()
+            .map(|p| {
+                (
+                    format!("{}.{}", self.prefix, p.partition),
+                    message_id(p),
+                    bytes::Bytes::from(p.encode_to_vec()),
+                )
+            })
+            .collect();
+        loop {
+            // Every part still to do in flight at once; the ones not acknowledged stay.
+            let mut acks = Vec::with_capacity(todo.len());
+            for (subject, id, payload) in &todo {
+                let sent = self
+                    .js
+                    .send_publish(
+                        subject.clone(),
+                        PublishMessage::build()
+                            .message_id(id.as_str())
+                            .payload(payload.clone()),
+                    )
+                    .await;
+                acks.push(sent);
+            }
+            let mut left = Vec::new();
+            let mut last = String::new();
+            for (part, sent) in todo.into_iter().zip(acks) {
+                let ack = match sent {
+                    Ok(f) => match tokio::time::timeout(ack_timeout, f).await {
+                        Ok(Ok(ack)) => Some(ack),
+                        Ok(Err(e)) => {
+                            last = e.to_string();
+                            None
+                        }
+                        Err(_) => {
+                            last = format!("no answer in {ack_timeout:?}");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        last = e.to_string();
+                        None
+                    }
+                };
+                match ack {
+                    Some(a) => {
+                        done.parts += 1;
+                        done.duplicates += usize::from(a.duplicate);
+                    }
+                    None => left.push(part),
+                }
+            }
+            if left.is_empty() {
+                return Ok(done);
+            }
+            if start.elapsed() >= deadline {
+                return Err(PublishError::Unacknowledged {
+                    id: left[0].1.clone(),
+                    after: start.elapsed(),
+                    last,
+                });
+            }
+            done.retries += left.len();
+            todo = left;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
