@@ -19,16 +19,17 @@ use crate::{
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
     alerts::AlertHub,
     auth::BoundAgent,
+    cluster::ingest::{ClusterIngest, StreamPublisher},
     config::{Config, LimitsConfig},
     error::ApiError,
-    feed::{Feed, FeedBatch},
+    feed::{Feed, FeedBatch, FeedConfig},
     keys::{Group, HostId},
     metrics::Metrics,
     model::{AgentKey, Batch, BatchLimits, Hello, ValidationError},
     ratelimit::AgentLimiter,
     store::{Store, StoreError},
     window::{Window, WindowStats},
-    writer::{BatchRequest, Gaps, Outcome, WriteError, Writer},
+    writer::{BatchRequest, Gaps, HelloReply, Outcome, WriteError, Writer},
 };
 
 /// The collector could not start.
@@ -45,6 +46,7 @@ impl From<WriteError> for ApiError {
         match e {
             WriteError::Store(e) => ApiError::Store(e),
             WriteError::Stopped => ApiError::ShuttingDown,
+            WriteError::Publish(e) => ApiError::Publish(e),
         }
     }
 }
@@ -56,13 +58,22 @@ const LIMITERS_KEPT: usize = 4096;
 /// of queued batches is bounded however many agents send at once (about 80 bytes a delta).
 pub const MAX_QUEUED_DELTAS: u32 = 2_000_000;
 
+/// Where the batches of agent streams go.
+#[derive(Debug)]
+enum Sink {
+    /// This process's store writer.
+    Store(Writer),
+    /// JetStream, split into their partitions' parts (an ingest node).
+    Cluster(Box<ClusterIngest>),
+}
+
 /// The aggregates, their store and the ingest rules.
 #[derive(Debug)]
 pub struct Collector {
     alerts: Arc<AlertHub>,
     feed: Arc<Feed>,
     state: Arc<RwLock<State>>,
-    writer: Writer,
+    sink: Sink,
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
     limiters: Mutex<Map<Arc<str>, Arc<Mutex<AgentLimiter>>>>,
@@ -101,12 +112,32 @@ impl Collector {
             alerts,
             feed,
             state,
-            writer,
+            sink: Sink::Store(writer),
             metrics,
             limits: config.limits.clone(),
             limiters: Mutex::new(Map::default()),
             queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
         })
+    }
+
+    /// An ingest node's collector: agents' batches are validated, rate-limited and published
+    /// to JetStream through `ingest`; it holds no store, no aggregates, no alerts.
+    pub fn open_ingest(config: &Config, metrics: Arc<Metrics>, ingest: ClusterIngest) -> Collector {
+        Collector {
+            alerts: Arc::new(AlertHub::new()),
+            feed: Arc::new(Feed::new(&FeedConfig::default())),
+            state: Arc::new(RwLock::new(State::default())),
+            sink: Sink::Cluster(Box::new(ingest)),
+            metrics,
+            limits: config.limits.clone(),
+            limiters: Mutex::new(Map::default()),
+            queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
+        }
+    }
+
+    /// Whether batches go to JetStream (an ingest node) rather than to a store here.
+    pub fn is_ingest_node(&self) -> bool {
+        matches!(self.sink, Sink::Cluster(_))
     }
 
     /// A new agent stream's protocol state.
@@ -170,16 +201,23 @@ impl Collector {
         self.read().watermark(agent)
     }
 
-    /// Waits until the store writer has applied (or refused) everything queued before: an
-    /// error if it has stopped. What the systemd watchdog pings.
+    /// Waits until the store writer has applied (or refused) everything queued before, and
+    /// detection has judged it: an error if it has stopped. What the systemd watchdog pings.
+    /// (An ingest node has no writer: at once.)
     pub async fn ping_writer(&self) -> Result<(), WriteError> {
-        self.writer.ping().await
+        match &self.sink {
+            Sink::Store(w) => w.ping().await,
+            Sink::Cluster(_) => Ok(()),
+        }
     }
 
     /// Applies everything already queued, then stops the writer and closes the store. Later
-    /// batches are refused with UNAVAILABLE.
+    /// batches are refused with UNAVAILABLE. (On an ingest node each stream's publisher ends
+    /// with its stream.)
     pub async fn close(&self) {
-        self.writer.stop().await;
+        if let Sink::Store(w) = &self.sink {
+            w.stop().await;
+        }
     }
 
     fn limiter(&self, agent_id: &Arc<str>) -> Arc<Mutex<AgentLimiter>> {
@@ -232,6 +270,8 @@ struct SessionAgent {
     host: HostId,
     hostname: Arc<str>,
     limiter: Arc<Mutex<AgentLimiter>>,
+    /// On an ingest node: the stream's publisher task.
+    publisher: Option<StreamPublisher>,
     _connected: Connected,
 }
 
@@ -316,10 +356,21 @@ impl Session {
             return Err(ApiError::PermissionDenied(b.refusal(id)));
         }
         let c = &self.collector;
-        let reply = c
-            .writer
-            .hello(hello.agent.clone(), hello.hostname.clone())
-            .await?;
+        let (reply, publisher) = match &c.sink {
+            Sink::Store(w) => (
+                w.hello(hello.agent.clone(), hello.hostname.clone()).await?,
+                None,
+            ),
+            // JetStream dedups what the agent sends again (by message id), the aggregators
+            // what is older than its duplicate window: the agent sends every batch it holds.
+            Sink::Cluster(ci) => (
+                HelloReply {
+                    applied_seq: 0,
+                    host: 0,
+                },
+                Some(ci.stream()),
+            ),
+        };
         info!(
             "agent {} (host {}, version {:?}, {} labels): hello, applied seq {}",
             hello.agent,
@@ -333,6 +384,7 @@ impl Session {
             key: hello.agent,
             host: reply.host,
             hostname: hello.hostname.as_str().into(),
+            publisher,
             _connected: Connected::new(&c.metrics),
         });
         Ok(Pending::Ready(CollectorMessage {
@@ -385,6 +437,11 @@ impl Session {
             .acquire_many_owned(n.min(MAX_QUEUED_DELTAS))
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
+        if let (Sink::Cluster(ci), Some(p)) = (&c.sink, &agent.publisher) {
+            let parts = ci.partitions().split(&agent.key, &agent.hostname, &batch);
+            let rx = p.submit(parts, batch.deltas.len()).await?;
+            return Ok(Pending::Batch { seq, rx, queued });
+        }
         let aggregate = aggregate(&batch, agent.host);
         let feed = c.feed.enabled().then(|| FeedBatch {
             agent: agent.key.clone(),
@@ -408,7 +465,10 @@ impl Session {
             aggregate,
             feed,
         };
-        let rx = c.writer.submit(request).await?;
+        let Sink::Store(w) = &c.sink else {
+            return Err(ApiError::ShuttingDown);
+        };
+        let rx = w.submit(request).await?;
         Ok(Pending::Batch { seq, rx, queued })
     }
 }

@@ -49,6 +49,8 @@ pub struct Config {
     pub otlp: OtlpConfig,
     /// The applied batches held for `outflow.v1.Feed` followers (`[feed]`, see `feed`).
     pub feed: crate::feed::FeedConfig,
+    /// The node's role in a cluster on NATS JetStream (`[cluster]`, see `cluster::config`).
+    pub cluster: crate::cluster::config::ClusterConfig,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             webhook: crate::sinks::webhook::WebhookConfig::default(),
             otlp: OtlpConfig::default(),
             feed: crate::feed::FeedConfig::default(),
+            cluster: crate::cluster::config::ClusterConfig::default(),
         }
     }
 }
@@ -553,6 +556,7 @@ impl Config {
         self.webhook.validate()?;
         self.otlp.validate()?;
         self.feed.validate()?;
+        self.cluster.validate()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",

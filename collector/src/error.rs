@@ -41,6 +41,9 @@ pub enum ApiError {
     /// The store failed to commit (UNAVAILABLE: the batch was not applied, send it again).
     #[error("store: {0}")]
     Store(Arc<StoreError>),
+    /// An ingest node could not store a batch in JetStream (UNAVAILABLE: send it again).
+    #[error("{0}")]
+    Publish(Arc<crate::cluster::publish::PublishError>),
     /// The transport failed (the client went away, ...): passed through as it is.
     #[error("{}", .0.message())]
     Transport(Status),
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::NotFound(_)
             | ApiError::ShuttingDown
             | ApiError::Store(_)
+            | ApiError::Publish(_)
             | ApiError::Transport(_) => None,
         }
     }
@@ -91,7 +95,9 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
             ApiError::PermissionDenied(_) => Status::permission_denied(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
-            ApiError::ShuttingDown | ApiError::Store(_) => Status::unavailable(msg),
+            ApiError::ShuttingDown | ApiError::Store(_) | ApiError::Publish(_) => {
+                Status::unavailable(msg)
+            }
             ApiError::Transport(status) => status,
         }
     }

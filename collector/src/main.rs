@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outflow_collector::{
     client::{self, ClientOptions},
+    cluster::config::NodeRole,
     config::{Config, DEFAULT_CONFIG_PATH},
     server::Server,
     systemd,
@@ -90,6 +91,15 @@ struct ServeArgs {
     /// receiver, e.g. http://otel-collector:4317 (the rest of it: `[otlp]` in the config file)
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// What this process does: `standalone` (the whole collector, the default) or `ingest`
+    /// (take agents' streams and publish them to NATS JetStream; the rest of it: `[cluster]`
+    /// in the config file)
+    #[arg(long, value_name = "ROLE", value_parser = ["standalone", "ingest"])]
+    role: Option<String>,
+    /// A NATS server of the JetStream cluster, e.g. nats://10.0.0.5:4222 (repeat for more; in
+    /// place of `cluster.nats_urls`)
+    #[arg(long = "nats-url", value_name = "URL")]
+    nats_urls: Vec<String>,
 }
 
 impl ServeArgs {
@@ -125,6 +135,14 @@ impl ServeArgs {
         }
         if let Some(v) = &self.otlp_endpoint {
             c.otlp.endpoint = Some(v.clone());
+        }
+        match self.role.as_deref() {
+            Some("ingest") => c.cluster.role = NodeRole::Ingest,
+            Some(_) => c.cluster.role = NodeRole::Standalone,
+            None => {}
+        }
+        if !self.nats_urls.is_empty() {
+            c.cluster.nats_urls = self.nats_urls.clone();
         }
         c.validate()?;
         Ok(c)

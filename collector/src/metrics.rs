@@ -34,6 +34,10 @@
 //! | `outflow_collector_feed_sent_batches_total` | counter | applied batches sent to Feed followers |
 //! | `outflow_collector_feed_dropped_batches_total` | counter | applied batches the feed's buffer let go (`feed.buffer_entries`); only a follower further behind misses them |
 //! | `outflow_collector_feed_gap_positions_total` | counter | positions followers asked for that were no longer held (each told with a FeedGap) |
+//! | `outflow_collector_cluster_published_parts_total` | counter | ingest node: batch parts JetStream acknowledged (duplicates included) |
+//! | `outflow_collector_cluster_duplicate_parts_total` | counter | ingest node: parts JetStream already held (a batch sent again) |
+//! | `outflow_collector_cluster_publish_retries_total` | counter | ingest node: parts published again after a failed or unanswered publish |
+//! | `outflow_collector_cluster_publish_failures_total` | counter | ingest node: batches refused with UNAVAILABLE because JetStream did not acknowledge every part in `cluster.publish_timeout` (their agents send them again) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
@@ -98,6 +102,10 @@ pub struct Metrics {
     pub feed_sent_batches: Counter,
     pub feed_dropped_batches: Counter,
     pub feed_gap_positions: Counter,
+    pub cluster_published_parts: Counter,
+    pub cluster_duplicate_parts: Counter,
+    pub cluster_publish_retries: Counter,
+    pub cluster_publish_failures: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -146,6 +154,10 @@ impl Metrics {
             feed_sent_batches: Counter::default(),
             feed_dropped_batches: Counter::default(),
             feed_gap_positions: Counter::default(),
+            cluster_published_parts: Counter::default(),
+            cluster_duplicate_parts: Counter::default(),
+            cluster_publish_retries: Counter::default(),
+            cluster_publish_failures: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -231,6 +243,26 @@ impl Metrics {
             "feed_gap_positions",
             "Feed positions followers asked for that were no longer held",
             m.feed_gap_positions.clone(),
+        );
+        registry.register(
+            "cluster_published_parts",
+            "Ingest node: batch parts JetStream acknowledged (duplicates included)",
+            m.cluster_published_parts.clone(),
+        );
+        registry.register(
+            "cluster_duplicate_parts",
+            "Ingest node: batch parts JetStream already held",
+            m.cluster_duplicate_parts.clone(),
+        );
+        registry.register(
+            "cluster_publish_retries",
+            "Ingest node: parts published again after a failed or unanswered publish",
+            m.cluster_publish_retries.clone(),
+        );
+        registry.register(
+            "cluster_publish_failures",
+            "Ingest node: batches refused because JetStream did not acknowledge every part in time",
+            m.cluster_publish_failures.clone(),
         );
         registry.register(
             "shifted_batches",

@@ -41,6 +41,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     alerts_service::AlertsService,
     auth::{self, Auth, AuthError, ClientCerts, Role},
+    cluster::{config::NodeRole, ingest::ClusterIngest},
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
     dashboard::Dashboard,
@@ -87,6 +88,8 @@ pub enum StartError {
     NotServing(String),
     #[error("the store cannot be opened: {0}")]
     OpenTask(tokio::task::JoinError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::publish::PublishError),
 }
 
 /// The gRPC server failed while running.
@@ -179,7 +182,18 @@ impl Server {
             http_stop.clone(),
         ));
 
-        let collector = {
+        let ingest_node = config.cluster.role == NodeRole::Ingest;
+        let collector = if ingest_node {
+            info!(
+                "ingest node: batches go to the JetStream stream {} ({} partitions, {} replicas) at {}",
+                config.cluster.stream,
+                config.cluster.partitions,
+                config.cluster.replicas,
+                config.cluster.nats_urls.join(",")
+            );
+            let ingest = ClusterIngest::connect(&config.cluster, metrics.clone()).await?;
+            Collector::open_ingest(&config, metrics.clone(), ingest)
+        } else {
             let (config, metrics) = (config.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || Collector::open(&config, metrics))
                 .await
@@ -195,7 +209,13 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for s in SERVICES {
-            health.set_service_status(s, ServingStatus::Serving).await;
+            // An ingest node holds nothing to query.
+            let status = if ingest_node && s != SERVICES[0] {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            health.set_service_status(s, status).await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(outflow_proto::FILE_DESCRIPTOR_SET)
@@ -235,9 +255,14 @@ impl Server {
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_service(InterceptedService::new(ingest, ingest_auth))
-            .add_service(InterceptedService::new(query, auth.clone()))
-            .add_service(InterceptedService::new(alerts, auth.clone()))
-            .add_service(InterceptedService::new(feed, auth));
+            // An ingest node answers UNIMPLEMENTED for what it does not hold.
+            .add_optional_service(
+                (!ingest_node).then(|| InterceptedService::new(query, auth.clone())),
+            )
+            .add_optional_service(
+                (!ingest_node).then(|| InterceptedService::new(alerts, auth.clone())),
+            )
+            .add_optional_service((!ingest_node).then(|| InterceptedService::new(feed, auth)));
         let (serving_tx, serving) = oneshot::channel();
         let incoming = Serving {
             inner: TcpIncoming::from(listener)

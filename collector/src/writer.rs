@@ -63,11 +63,13 @@ pub enum Outcome {
     Duplicate,
 }
 
-/// Why the writer could not answer.
+/// Why the writer (or, on an ingest node, JetStream) could not take a batch.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     #[error(transparent)]
     Store(Arc<StoreError>),
+    #[error("JetStream: {0}")]
+    Publish(Arc<crate::cluster::publish::PublishError>),
     #[error("the store writer has stopped")]
     Stopped,
 }

@@ -5,5 +5,7 @@
 //! - [`publish`]: an ingest node's publisher: every part of a batch into a replicated stream,
 //!   with a message id that makes publishing it again a duplicate, done only once JetStream
 //!   acknowledged every part.
+pub mod config;
+pub mod ingest;
 pub mod partition;
 pub mod publish;

@@ -42,6 +42,8 @@ pub enum PublishError {
     },
     #[error("creating the JetStream stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    #[error(transparent)]
+    Partitions(#[from] super::partition::BadCount),
     #[error("part {id} not acknowledged by JetStream in {after:?}: {last}")]
     Unacknowledged {
         id: String,

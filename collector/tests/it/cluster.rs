@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use async_nats::jetstream::{self, consumer::pull};
 use outflow_collector::{
     cluster::{
+        config::NodeRole,
         partition::{Partitions, message_id},
         publish::{PublishConfig, Publisher},
     },
@@ -67,16 +68,7 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
     for seq in 1..=60u64 {
         // The node that leads the stream (takes its publishes) dies; it comes back later.
         if seq == 20 {
-            let mut st = watch.get_stream(STREAM).await.unwrap();
-            let info = st.info().await.unwrap();
-            let leader = info
-                .cluster
-                .as_ref()
-                .and_then(|c| c.leader.clone())
-                .expect("a stream leader");
-            let i: usize = leader.trim_start_matches('n').parse().unwrap();
-            nats.kill(i);
-            killed = Some(i);
+            killed = Some(kill_leader(&mut nats, &watch).await);
         }
         if seq == 40 {
             nats.restart(killed.unwrap());
@@ -88,8 +80,7 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
             };
             let b = Batch::try_from(wire_batch(a, seq)).unwrap();
             for d in &b.deltas {
-                let who = d.client_id.clone().unwrap_or_else(|| d.client.to_string());
-                *truth.entry(who).or_default() += d.counters.bytes_out;
+                *truth.entry(who(d)).or_default() += d.counters.bytes_out;
             }
             let parts = partitions.split(&agent, &format!("gpu-{a}"), &b);
             let p = publisher
@@ -115,10 +106,23 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
         ids.len()
     );
 
-    // Read the whole stream back.
-    let mut stream = watch.get_stream(STREAM).await.unwrap();
+    let (seen, got) = read_parts(&watch, &partitions, ids.len()).await;
+    ids.sort();
+    assert_eq!(seen, ids, "every part, once");
+    assert_eq!(got, truth, "every client's bytes, exactly");
+}
+
+/// Every part the stream holds (it must hold `n`), read back: their message ids (sorted) and
+/// the response bytes per client id or address. Checks each part is on its partition's subject
+/// under its message id, and each delta in the partition of its client.
+async fn read_parts(
+    js: &jetstream::Context,
+    partitions: &Partitions,
+    n: usize,
+) -> (Vec<String>, BTreeMap<String, u64>) {
+    let mut stream = js.get_stream(STREAM).await.unwrap();
     let held = stream.info().await.unwrap().state.messages;
-    assert_eq!(held, ids.len() as u64, "the stream holds each part once");
+    assert_eq!(held, n as u64, "the stream holds each part once");
     let consumer = stream
         .create_consumer(pull::Config::default())
         .await
@@ -127,7 +131,7 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
     let mut seen = Vec::new();
     let mut msgs = consumer
         .fetch()
-        .max_messages(ids.len())
+        .max_messages(n)
         .expires(Duration::from_secs(10))
         .messages()
         .await
@@ -150,12 +154,110 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
         let b = Batch::try_from(part.batch.unwrap()).unwrap();
         for d in &b.deltas {
             assert_eq!(partitions.of_delta(d, host), part.partition, "{d:?}");
-            let who = d.client_id.clone().unwrap_or_else(|| d.client.to_string());
-            *got.entry(who).or_default() += d.counters.bytes_out;
+            *got.entry(who(d)).or_default() += d.counters.bytes_out;
         }
     }
     seen.sort();
-    ids.sort();
-    assert_eq!(seen, ids, "every part, once");
+    (seen, got)
+}
+
+/// Whom a delta's bytes are counted for here: its client id, else its client address.
+fn who(d: &outflow_collector::model::Delta) -> String {
+    d.client_id.clone().unwrap_or_else(|| d.client.to_string())
+}
+
+/// Kills the node leading the stream; returns its index.
+async fn kill_leader(nats: &mut NatsCluster, js: &jetstream::Context) -> usize {
+    let mut st = js.get_stream(STREAM).await.unwrap();
+    let info = st.info().await.unwrap();
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader");
+    let i: usize = leader.trim_start_matches('n').parse().unwrap();
+    nats.kill(i);
+    i
+}
+
+/// A real ingest node (`[cluster] role = "ingest"`) with two agents over gRPC: every batch is
+/// acknowledged once JetStream holds each of its parts, through the stream leader SIGKILLed;
+/// batches an agent sends again are acknowledged and stored no second time; the node answers
+/// no queries; with no NATS node left a batch is refused with UNAVAILABLE, not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let mut cfg = replay_config(&dir.path().join("data"));
+    cfg.cluster.role = NodeRole::Ingest;
+    cfg.cluster.nats_urls = nats.urls();
+    cfg.cluster.partitions = 8;
+    cfg.cluster.ack_timeout = Duration::from_secs(1);
+    cfg.cluster.publish_timeout = Duration::from_secs(10);
+    let server = start(cfg).await;
+    let u = url(&server);
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let partitions = Partitions::new(8).unwrap();
+
+    let mut agents = Vec::new();
+    for a in 0..2u8 {
+        let mut s = agent_stream(&u).await;
+        assert_eq!(
+            welcome_seq(&mut s, &format!("agent-{a}"), 1, &format!("gpu-{a}")).await,
+            0
+        );
+        agents.push(s);
+    }
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    let mut killed = None;
+    for seq in 1..=40u64 {
+        if seq == 15 {
+            killed = Some(kill_leader(&mut nats, &watch).await);
+        }
+        if seq == 30 {
+            nats.restart(killed.unwrap());
+        }
+        for (a, s) in agents.iter_mut().enumerate() {
+            let b = wire_batch(a as u8, seq);
+            for d in &Batch::try_from(b.clone()).unwrap().deltas {
+                *truth.entry(who(d)).or_default() += d.counters.bytes_out;
+            }
+            let acked = s
+                .batch(b)
+                .await
+                .unwrap_or_else(|e| panic!("batch {seq} of agent {a}: {e}"));
+            assert_eq!(acked, seq);
+        }
+    }
+    // Agent 0 reconnects (its last Acks lost) and sends its last five batches again.
+    let mut again = agent_stream(&u).await;
+    assert_eq!(welcome_seq(&mut again, "agent-0", 1, "gpu-0").await, 0);
+    for seq in 36..=40 {
+        assert_eq!(again.batch(wire_batch(0, seq)).await.unwrap(), seq);
+    }
+    let m = metrics(&server).await;
+    let parts = metric(&m, "outflow_collector_cluster_published_parts_total");
+    let dups = metric(&m, "outflow_collector_cluster_duplicate_parts_total");
+    assert!(dups >= 5.0, "{m}");
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_publish_failures_total"),
+        0.0
+    );
+    let stored = (parts - dups) as usize;
+    let (seen, got) = read_parts(&watch, &partitions, stored).await;
+    assert_eq!(seen.len(), stored);
     assert_eq!(got, truth, "every client's bytes, exactly");
+
+    // Nothing to query here.
+    let e = client_stats(&u, "198.51.0.10").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+
+    // No NATS node left: refused, not acknowledged.
+    for i in 0..3 {
+        nats.kill(i);
+    }
+    let e = again.batch(wire_batch(0, 41)).await.unwrap_err();
+    assert_eq!(status(e).code(), tonic::Code::Unavailable);
+    drop((agents, again));
+    server.shutdown().await.unwrap();
 }

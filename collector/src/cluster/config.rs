@@ -1,0 +1,215 @@
+//! `[cluster]`: the node's role, and the NATS JetStream cluster it works through.
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{partition::MAX_PARTITIONS, publish::PublishConfig};
+use crate::config_error::{ConfigError, invalid};
+
+/// What this collector process does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// The whole collector in one process, with its own store (the default).
+    #[default]
+    Standalone,
+    /// Takes agents' streams, validates them, and publishes each batch's parts to JetStream;
+    /// acknowledges a batch once JetStream stored every part. Holds no store and answers no
+    /// queries.
+    Ingest,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub role: NodeRole,
+    /// NATS servers of the JetStream cluster (`nats://host:port`); any of them.
+    pub nats_urls: Vec<String>,
+    /// The stream the parts go to (created with the settings below if missing).
+    pub stream: String,
+    /// Parts are published to `<subject_prefix>.<partition>`.
+    pub subject_prefix: String,
+    /// How many partitions the clients are spread over: fixed for the life of the stream
+    /// (stored progress is per partition).
+    pub partitions: u32,
+    /// Copies JetStream keeps of each part: 1, 3 or 5 (a majority stores a part before it is
+    /// acknowledged).
+    pub replicas: usize,
+    /// A part published again within this time is acknowledged without being stored again.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Parts older than this leave the stream.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// A part unanswered this long is published again (with its id).
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// A batch whose parts are not all acknowledged in this time is refused with UNAVAILABLE
+    /// (its agent sends it again).
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            role: NodeRole::Standalone,
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            stream: "OUTFLOW_PARTS".into(),
+            subject_prefix: "outflow.parts".into(),
+            partitions: 64,
+            replicas: 3,
+            duplicate_window: Duration::from_secs(600),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ack_timeout: Duration::from_secs(2),
+            publish_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.role == NodeRole::Standalone {
+            return Ok(());
+        }
+        if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.trim().is_empty()) {
+            return Err(invalid(
+                "cluster.nats_urls",
+                "name at least one NATS server, e.g. [\"nats://10.0.0.5:4222\"]",
+            ));
+        }
+        if self.stream.is_empty()
+            || !self
+                .stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "cluster.stream",
+                format!("{:?}: want letters, digits, '_' or '-'", self.stream),
+            ));
+        }
+        if self.subject_prefix.is_empty()
+            || self.subject_prefix.split('.').any(|t| {
+                t.is_empty() || t.contains(['*', '>']) || t.chars().any(char::is_whitespace)
+            })
+        {
+            return Err(invalid(
+                "cluster.subject_prefix",
+                format!(
+                    "{:?}: want dot-separated tokens without wildcards or spaces, e.g. \"outflow.parts\"",
+                    self.subject_prefix
+                ),
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(invalid(
+                "cluster.partitions",
+                format!("{}: want 1 to {MAX_PARTITIONS}", self.partitions),
+            ));
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(invalid(
+                "cluster.replicas",
+                format!("{}: want 1, 3 or 5", self.replicas),
+            ));
+        }
+        for (field, d) in [
+            ("cluster.duplicate_window", self.duplicate_window),
+            ("cluster.max_age", self.max_age),
+            ("cluster.ack_timeout", self.ack_timeout),
+            ("cluster.publish_timeout", self.publish_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be above 0"));
+            }
+        }
+        if self.max_age < self.duplicate_window {
+            return Err(invalid(
+                "cluster.max_age",
+                "must be at least cluster.duplicate_window",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The publisher's settings.
+    pub fn publish(&self) -> PublishConfig {
+        PublishConfig {
+            urls: self.nats_urls.clone(),
+            stream: self.stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age: self.max_age,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readmes_cluster_config_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[cluster]")
+            .expect("the README's [cluster] block");
+        let block = &readme[start + 8..];
+        let block = &block[..block.find("```").unwrap()];
+        #[derive(Deserialize)]
+        struct File {
+            cluster: ClusterConfig,
+        }
+        let c: File = toml::from_str(block).unwrap();
+        c.cluster.validate().unwrap();
+        assert_eq!(c.cluster.role, NodeRole::Ingest);
+        assert_eq!(c.cluster.max_age, ClusterConfig::default().max_age);
+        assert_eq!(
+            c.cluster.duplicate_window,
+            ClusterConfig::default().duplicate_window
+        );
+    }
+
+    #[test]
+    fn bad_settings_name_their_field() {
+        let ingest = ClusterConfig {
+            role: NodeRole::Ingest,
+            ..ClusterConfig::default()
+        };
+        assert!(ingest.validate().is_ok());
+        // Standalone ignores the rest.
+        let off = ClusterConfig {
+            partitions: 0,
+            ..ClusterConfig::default()
+        };
+        assert!(off.validate().is_ok());
+        for (f, field) in [
+            (
+                (|c: &mut ClusterConfig| c.nats_urls.clear()) as fn(&mut ClusterConfig),
+                "cluster.nats_urls",
+            ),
+            (|c| c.stream = "a b".into(), "cluster.stream"),
+            (
+                |c| c.subject_prefix = "a.*".into(),
+                "cluster.subject_prefix",
+            ),
+            (
+                |c| c.subject_prefix = "a..b".into(),
+                "cluster.subject_prefix",
+            ),
+            (|c| c.partitions = 0, "cluster.partitions"),
+            (|c| c.partitions = MAX_PARTITIONS + 1, "cluster.partitions"),
+            (|c| c.replicas = 2, "cluster.replicas"),
+            (|c| c.ack_timeout = Duration::ZERO, "cluster.ack_timeout"),
+            (|c| c.max_age = Duration::from_secs(1), "cluster.max_age"),
+        ] {
+            let mut c = ingest.clone();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+}
