@@ -91,10 +91,10 @@ struct ServeArgs {
     /// receiver, e.g. http://otel-collector:4317 (the rest of it: `[otlp]` in the config file)
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
-    /// What this process does: `standalone` (the whole collector, the default) or `ingest`
-    /// (take agents' streams and publish them to NATS JetStream; the rest of it: `[cluster]`
-    /// in the config file)
-    #[arg(long, value_name = "ROLE", value_parser = ["standalone", "ingest"])]
+    /// What this process does: `standalone` (the whole collector, the default), `ingest` (take
+    /// agents' streams and publish them to NATS JetStream) or `aggregator` (apply a share of
+    /// the partitions from JetStream); the rest of it: `[cluster]` in the config file
+    #[arg(long, value_name = "ROLE", value_parser = ["standalone", "ingest", "aggregator"])]
     role: Option<String>,
     /// A NATS server of the JetStream cluster, e.g. nats://10.0.0.5:4222 (repeat for more; in
     /// place of `cluster.nats_urls`)
@@ -138,6 +138,7 @@ impl ServeArgs {
         }
         match self.role.as_deref() {
             Some("ingest") => c.cluster.role = NodeRole::Ingest,
+            Some("aggregator") => c.cluster.role = NodeRole::Aggregator,
             Some(_) => c.cluster.role = NodeRole::Standalone,
             None => {}
         }

@@ -37,6 +37,8 @@
 //! | `outflow_collector_cluster_published_parts_total` | counter | ingest node: batch parts JetStream acknowledged (duplicates included) |
 //! | `outflow_collector_cluster_duplicate_parts_total` | counter | ingest node: parts JetStream already held (a batch sent again) |
 //! | `outflow_collector_cluster_publish_retries_total` | counter | ingest node: parts published again after a failed or unanswered publish |
+//! | `outflow_collector_cluster_applied_parts_total` | counter | aggregator: parts of its partitions applied (or found applied before) and acknowledged to JetStream |
+//! | `outflow_collector_cluster_invalid_parts_total` | counter | aggregator: parts that break the protocol, dropped (acknowledged, logged) |
 //! | `outflow_collector_cluster_publish_failures_total` | counter | ingest node: batches refused with UNAVAILABLE because JetStream did not acknowledge every part in `cluster.publish_timeout` (their agents send them again) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
@@ -106,6 +108,8 @@ pub struct Metrics {
     pub cluster_duplicate_parts: Counter,
     pub cluster_publish_retries: Counter,
     pub cluster_publish_failures: Counter,
+    pub cluster_applied_parts: Counter,
+    pub cluster_invalid_parts: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -158,6 +162,8 @@ impl Metrics {
             cluster_duplicate_parts: Counter::default(),
             cluster_publish_retries: Counter::default(),
             cluster_publish_failures: Counter::default(),
+            cluster_applied_parts: Counter::default(),
+            cluster_invalid_parts: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -263,6 +269,16 @@ impl Metrics {
             "cluster_publish_failures",
             "Ingest node: batches refused because JetStream did not acknowledge every part in time",
             m.cluster_publish_failures.clone(),
+        );
+        registry.register(
+            "cluster_applied_parts",
+            "Aggregator: parts of its partitions applied (or found applied before) and acknowledged",
+            m.cluster_applied_parts.clone(),
+        );
+        registry.register(
+            "cluster_invalid_parts",
+            "Aggregator: parts that break the protocol, dropped",
+            m.cluster_invalid_parts.clone(),
         );
         registry.register(
             "shifted_batches",

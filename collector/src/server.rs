@@ -116,12 +116,25 @@ pub struct Server {
     /// The OTLP exporter and what stops it (after the store has applied everything, so that
     /// its last push has the final values).
     otlp: Option<(JoinHandle<()>, CancellationToken)>,
+    /// An aggregator's consumer tasks (they end at the stop, before the store closes).
+    consumers: Vec<JoinHandle<()>>,
 }
 
 impl Server {
     /// Validates `config`, opens the store, binds both addresses and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         config.validate()?;
+        let aggregator = config.cluster.role == NodeRole::Aggregator;
+        let config = if aggregator {
+            // Agents were rate-limited and their clocks checked by the ingest nodes.
+            let mut c = config;
+            c.limits.batches_per_second = 0.0;
+            c.limits.deltas_per_second = 0.0;
+            c.limits.max_clock_skew = Duration::ZERO;
+            c
+        } else {
+            config
+        };
         let tokens = Arc::new(auth::Tokens::load(&config.auth)?);
         let tls = auth::server_tls(&config.tls)?;
         let otlp = otlp::Otlp::new(&config.otlp)?;
@@ -206,6 +219,12 @@ impl Server {
         }
         let shutdown = CancellationToken::new();
         let shutdown_guard = shutdown.clone().drop_guard();
+        let consumers = if aggregator {
+            crate::cluster::consume::start(collector.clone(), &config.cluster, shutdown.clone())
+                .await?
+        } else {
+            Vec::new()
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for s in SERVICES {
@@ -340,6 +359,7 @@ impl Server {
             grpc,
             metrics: metrics_task,
             otlp,
+            consumers,
         })
     }
 
@@ -387,8 +407,14 @@ impl Server {
             metrics,
             http_stop,
             otlp,
+            consumers,
             ..
         } = self;
+        for c in consumers {
+            if let Err(e) = c.await {
+                error!("cluster consumer task: {e}");
+            }
+        }
         let result = match tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(ServeError::Grpc(e)),

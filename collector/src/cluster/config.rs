@@ -17,6 +17,9 @@ pub enum NodeRole {
     /// acknowledges a batch once JetStream stored every part. Holds no store and answers no
     /// queries.
     Ingest,
+    /// Applies the parts of its partitions (every `aggregators`-th from `aggregator_index`)
+    /// to its own store, detects on them and answers queries about them.
+    Aggregator,
 }
 
 /// `[cluster]`.
@@ -49,6 +52,10 @@ pub struct ClusterConfig {
     /// (its agent sends it again).
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// How many aggregators share the partitions, and which one this is (from 0): it owns
+    /// every partition whose number modulo `aggregators` is `aggregator_index`.
+    pub aggregators: u32,
+    pub aggregator_index: u32,
 }
 
 impl Default for ClusterConfig {
@@ -64,6 +71,8 @@ impl Default for ClusterConfig {
             max_age: Duration::from_secs(7 * 24 * 3600),
             ack_timeout: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(30),
+            aggregators: 1,
+            aggregator_index: 0,
         }
     }
 }
@@ -125,6 +134,27 @@ impl ClusterConfig {
                 return Err(invalid(field, "must be above 0"));
             }
         }
+        if self.role == NodeRole::Aggregator {
+            if !(1..=self.partitions).contains(&self.aggregators) {
+                return Err(invalid(
+                    "cluster.aggregators",
+                    format!(
+                        "{}: want 1 to cluster.partitions ({})",
+                        self.aggregators, self.partitions
+                    ),
+                ));
+            }
+            if self.aggregator_index >= self.aggregators {
+                return Err(invalid(
+                    "cluster.aggregator_index",
+                    format!(
+                        "{}: want 0 to cluster.aggregators - 1 ({})",
+                        self.aggregator_index,
+                        self.aggregators - 1
+                    ),
+                ));
+            }
+        }
         if self.max_age < self.duplicate_window {
             return Err(invalid(
                 "cluster.max_age",
@@ -166,6 +196,7 @@ mod tests {
         let c: File = toml::from_str(block).unwrap();
         c.cluster.validate().unwrap();
         assert_eq!(c.cluster.role, NodeRole::Ingest);
+        assert_eq!((c.cluster.aggregators, c.cluster.aggregator_index), (2, 0));
         assert_eq!(c.cluster.max_age, ClusterConfig::default().max_age);
         assert_eq!(
             c.cluster.duplicate_window,
@@ -205,6 +236,21 @@ mod tests {
             (|c| c.replicas = 2, "cluster.replicas"),
             (|c| c.ack_timeout = Duration::ZERO, "cluster.ack_timeout"),
             (|c| c.max_age = Duration::from_secs(1), "cluster.max_age"),
+            (
+                |c| {
+                    c.role = NodeRole::Aggregator;
+                    c.aggregators = 3;
+                    c.aggregator_index = 3;
+                },
+                "cluster.aggregator_index",
+            ),
+            (
+                |c| {
+                    c.role = NodeRole::Aggregator;
+                    c.aggregators = 0;
+                },
+                "cluster.aggregators",
+            ),
         ] {
             let mut c = ingest.clone();
             f(&mut c);

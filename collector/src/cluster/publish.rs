@@ -63,27 +63,22 @@ pub struct Published {
     pub retries: usize,
 }
 
-/// Publishes parts to the stream (see the module's doc).
-#[derive(Debug, Clone)]
-pub struct Publisher {
-    js: jetstream::Context,
-    prefix: String,
-}
-
-impl Publisher {
-    /// Connects and creates the stream if it is not there (an existing stream is used as it
-    /// is).
-    pub async fn connect(cfg: &PublishConfig) -> Result<Publisher, PublishError> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(cfg.urls.clone())
-            .await
-            .map_err(|source| PublishError::Connect {
-                urls: cfg.urls.join(","),
-                source,
-            })?;
-        let js = jetstream::new(client);
-        js.get_or_create_stream(stream::Config {
+/// Connects to the NATS servers of `cfg` (retrying until one answers) and opens its stream,
+/// created with the settings of `cfg` if it is not there.
+pub async fn open_stream(
+    cfg: &PublishConfig,
+) -> Result<(jetstream::Context, stream::Stream), PublishError> {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(cfg.urls.clone())
+        .await
+        .map_err(|source| PublishError::Connect {
+            urls: cfg.urls.join(","),
+            source,
+        })?;
+    let js = jetstream::new(client);
+    let st = js
+        .get_or_create_stream(stream::Config {
             name: cfg.stream.clone(),
             subjects: vec![format!("{}.*", cfg.subject_prefix)],
             num_replicas: cfg.replicas,
@@ -97,6 +92,21 @@ impl Publisher {
             stream: cfg.stream.clone(),
             message: e.to_string(),
         })?;
+    Ok((js, st))
+}
+
+/// Publishes parts to the stream (see the module's doc).
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    prefix: String,
+}
+
+impl Publisher {
+    /// Connects and creates the stream if it is not there (an existing stream is used as it
+    /// is).
+    pub async fn connect(cfg: &PublishConfig) -> Result<Publisher, PublishError> {
+        let (js, _) = open_stream(cfg).await?;
         Ok(Publisher {
             js,
             prefix: cfg.subject_prefix.clone(),

@@ -261,3 +261,120 @@ async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
     drop((agents, again));
     server.shutdown().await.unwrap();
 }
+
+/// Waits until every durable consumer of the stream has delivered and had acknowledged every
+/// part (the aggregators applied all of it).
+async fn wait_drained(js: &jetstream::Context, partitions: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    'wait: loop {
+        let mut left = Vec::new();
+        for p in 0..partitions {
+            let name = format!("outflow-p{p}");
+            let c: Result<jetstream::consumer::PullConsumer, _> = stream.get_consumer(&name).await;
+            match c {
+                Ok(mut c) => {
+                    let i = c.info().await.unwrap();
+                    if i.num_pending > 0 || i.num_ack_pending > 0 {
+                        left.push((name, i.num_pending, i.num_ack_pending));
+                    }
+                }
+                Err(e) => left.push((format!("{name}: {e}"), 0, 0)),
+            }
+        }
+        if left.is_empty() {
+            break 'wait;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parts still not applied after 60 s: {left:?}"
+        );
+        let _ = stream.info().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes per key of `group` summed over the aggregators (24 h window).
+async fn fleet_top(urls: &[String], group: v1::GroupBy) -> BTreeMap<String, u64> {
+    let mut sum = BTreeMap::new();
+    for u in urls {
+        for t in top(u, group, v1::Window::Window24h, 1000).await.talkers {
+            *sum.entry(t.key).or_default() += t.response_bytes;
+        }
+    }
+    sum
+}
+
+/// An aggregator's config: owns every 2nd partition from `index`.
+fn aggregator_config(
+    dir: &std::path::Path,
+    nats: &NatsCluster,
+    index: u32,
+) -> outflow_collector::Config {
+    let mut cfg = replay_config(dir);
+    cfg.cluster.role = NodeRole::Aggregator;
+    cfg.cluster.nats_urls = nats.urls();
+    cfg.cluster.partitions = 8;
+    cfg.cluster.aggregators = 2;
+    cfg.cluster.aggregator_index = index;
+    cfg
+}
+
+/// Agents through an ingest node, two aggregators sharing the 8 partitions (one restarted
+/// mid-run on its store): once the stream is drained, the aggregators' totals per client
+/// address, client id and host, summed, equal what the agents sent, to the byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_aggregators_apply_their_partitions_once_and_together_hold_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let mut icfg = replay_config(&dir.path().join("ingest"));
+    icfg.cluster.role = NodeRole::Ingest;
+    icfg.cluster.nats_urls = nats.urls();
+    icfg.cluster.partitions = 8;
+    let ingest = start(icfg).await;
+    let a0 = start(aggregator_config(&dir.path().join("a0"), &nats, 0)).await;
+    let mut a1 = Some(start(aggregator_config(&dir.path().join("a1"), &nats, 1)).await);
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+
+    let u = url(&ingest);
+    let mut agents = Vec::new();
+    for a in 0..2u8 {
+        let mut s = agent_stream(&u).await;
+        welcome_seq(&mut s, &format!("agent-{a}"), 1, &format!("gpu-{a}")).await;
+        agents.push(s);
+    }
+    let (mut by_addr, mut by_id, mut by_host) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for seq in 1..=30u64 {
+        if seq == 15 {
+            // Stopped and started again on its store: its consumers go on where it stopped.
+            a1.take().unwrap().shutdown().await.unwrap();
+            a1 = Some(start(aggregator_config(&dir.path().join("a1"), &nats, 1)).await);
+        }
+        for (a, s) in agents.iter_mut().enumerate() {
+            let b = wire_batch(a as u8, seq);
+            for d in &Batch::try_from(b.clone()).unwrap().deltas {
+                let bytes = d.counters.bytes_out;
+                *by_addr.entry(d.client.to_string()).or_insert(0u64) += bytes;
+                if let Some(id) = &d.client_id {
+                    *by_id.entry(id.clone()).or_insert(0u64) += bytes;
+                }
+                *by_host.entry(format!("gpu-{a}")).or_insert(0u64) += bytes;
+            }
+            assert_eq!(s.batch(b).await.unwrap(), seq);
+        }
+    }
+    wait_drained(&watch, 8).await;
+    let a1 = a1.unwrap();
+    let urls = [url(&a0), url(&a1)];
+    assert_eq!(fleet_top(&urls, v1::GroupBy::ClientAddress).await, by_addr);
+    assert_eq!(fleet_top(&urls, v1::GroupBy::ClientId).await, by_id);
+    assert_eq!(fleet_top(&urls, v1::GroupBy::Host).await, by_host);
+    // Each holds only its partitions' clients: a client address without an id is in one.
+    let of0 = fleet_top(&urls[..1], v1::GroupBy::ClientPrefix).await;
+    let of1 = fleet_top(&urls[1..], v1::GroupBy::ClientPrefix).await;
+    assert!(!of0.is_empty() && !of1.is_empty(), "{of0:?} {of1:?}");
+    drop(agents);
+    for s in [ingest, a0, a1] {
+        s.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,266 @@
+//! An aggregator's consumers: the parts of its partitions, applied to its own store.
+//!
+//! One durable pull consumer per owned partition (`outflow-p<partition>`, on the subject
+//! `<prefix>.<partition>`) and one task per consumer. Each part is applied through the same
+//! path as an agent's batch ([`Session`]), as the batches of the agent `<agent_id>#<partition>`:
+//! the writer's watermark per agent and epoch, committed in the same transaction as the
+//! rollups, makes a part at or below it a duplicate. A part is acknowledged to JetStream only
+//! once it is committed (or known applied before), so a part redelivered after a crash is
+//! applied once. A part that breaks the protocol is counted, logged and acknowledged (never
+//! retried for ever); a part the store could not commit is not acknowledged, and comes again.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use log::{debug, error, info, warn};
+use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
+use prost::Message as _;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    config::ClusterConfig,
+    partition::fnv1a,
+    publish::{PublishError, open_stream},
+};
+use crate::{
+    collector::{Collector, Session},
+    error::ApiError,
+    model::MAX_AGENT_ID_CHARS,
+};
+
+/// Parts taken from a consumer at once (applied in one go, so they can share group commits).
+const FETCH: usize = 256;
+/// How long a fetch waits for parts when there are none.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+
+/// The partitions aggregator `index` of `count` owns: every `count`-th from `index`.
+pub fn owned(partitions: u32, index: u32, count: u32) -> Vec<u32> {
+    (0..partitions)
+        .filter(|p| count > 0 && p % count == index)
+        .collect()
+}
+
+/// Connects to the stream of `cfg` and starts a consumer task for each partition this
+/// aggregator owns, applying to `collector` until `stop`.
+pub async fn start(
+    collector: Arc<Collector>,
+    cfg: &ClusterConfig,
+    stop: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, PublishError> {
+    let p = cfg.publish();
+    let (_, st) = open_stream(&p).await?;
+    let mine = owned(cfg.partitions, cfg.aggregator_index, cfg.aggregators);
+    info!(
+        "aggregator {} of {}: partitions {mine:?} of the stream {} at {}",
+        cfg.aggregator_index,
+        cfg.aggregators,
+        p.stream,
+        p.urls.join(",")
+    );
+    let mut tasks = Vec::new();
+    for partition in mine {
+        let name = format!("outflow-p{partition}");
+        let consumer = st
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.{partition}", p.subject_prefix),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    max_ack_pending: i64::try_from(FETCH * 4).unwrap_or(1024),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| PublishError::Stream {
+                stream: format!("{} (consumer {name})", p.stream),
+                message: e.to_string(),
+            })?;
+        let c = collector.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            Partition {
+                collector: c,
+                partition,
+                sessions: HashMap::new(),
+            }
+            .run(consumer, stop)
+            .await;
+        }));
+    }
+    Ok(tasks)
+}
+
+/// The agent id a part is applied under: its agent's and its partition's, so that each
+/// partition has its own watermark (an agent's batches are split over many). An id too long
+/// for the protocol with the suffix is replaced by its hash.
+fn partition_agent(agent_id: &str, partition: u32) -> String {
+    let id = format!("{agent_id}#{partition}");
+    if id.chars().count() <= MAX_AGENT_ID_CHARS {
+        id
+    } else {
+        format!("h{:016x}#{partition}", fnv1a(agent_id.as_bytes()))
+    }
+}
+
+/// One owned partition's consumer task.
+struct Partition {
+    collector: Arc<Collector>,
+    partition: u32,
+    /// The applying session of each agent (and epoch) seen in this partition.
+    sessions: HashMap<(String, u64), Session>,
+}
+
+/// What became of one part.
+enum Done {
+    /// Applied (or applied before): acknowledge it.
+    Applied,
+    /// Breaks the protocol: acknowledge it (it would never apply), counted and logged.
+    Invalid(String),
+    /// Not applied now (the store failed, the collector is stopping): it comes again.
+    Later(String),
+}
+
+impl Partition {
+    async fn run(mut self, consumer: jetstream::consumer::PullConsumer, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            let batch = tokio::select! {
+                () = stop.cancelled() => break,
+                b = consumer.fetch().max_messages(FETCH).expires(FETCH_WAIT).messages() => b,
+            };
+            let mut messages = match batch {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!("partition {}: fetching parts: {e}", self.partition);
+                    tokio::time::sleep(FETCH_WAIT).await;
+                    continue;
+                }
+            };
+            // Every part of the fetch begun (queued to the writer) before any is awaited, so
+            // that they share group commits; answered and acknowledged in order.
+            let mut begun = Vec::new();
+            while let Some(m) = messages.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!("partition {}: {e}", self.partition);
+                        break;
+                    }
+                };
+                let pending = self.begin(&m.payload).await;
+                begun.push((m, pending));
+            }
+            for (m, pending) in begun {
+                let done = match pending {
+                    Ok(p) => match p.finish().await {
+                        Ok(_) => Done::Applied,
+                        Err(e) => Self::classify(e),
+                    },
+                    Err(d) => d,
+                };
+                let metrics = self.collector.metrics();
+                let ack = match done {
+                    Done::Applied => {
+                        metrics.cluster_applied_parts.inc();
+                        AckKind::Ack
+                    }
+                    Done::Invalid(why) => {
+                        metrics.cluster_invalid_parts.inc();
+                        warn!(
+                            "partition {}: part at stream sequence {} dropped: {why}",
+                            self.partition,
+                            m.info().map_or(0, |i| i.stream_sequence)
+                        );
+                        AckKind::Term
+                    }
+                    Done::Later(why) => {
+                        error!(
+                            "partition {}: part not applied, taken again later: {why}",
+                            self.partition
+                        );
+                        AckKind::Nak(Some(Duration::from_secs(1)))
+                    }
+                };
+                if let Err(e) = m.ack_with(ack).await {
+                    // Unacknowledged, it comes again after ack_wait: a duplicate then.
+                    warn!("partition {}: acknowledging a part: {e}", self.partition);
+                }
+            }
+        }
+        debug!("partition {}: stopped", self.partition);
+    }
+
+    fn classify(e: ApiError) -> Done {
+        match e {
+            ApiError::Invalid(_) | ApiError::Malformed(_) | ApiError::OutOfOrder(_) => {
+                Done::Invalid(e.to_string())
+            }
+            _ => Done::Later(e.to_string()),
+        }
+    }
+
+    /// Decodes and validates a part and queues it for the writer.
+    async fn begin(&mut self, payload: &[u8]) -> Result<crate::collector::Pending, Done> {
+        let part = v1::PartBatch::decode(payload)
+            .map_err(|e| Done::Invalid(format!("not an outflow.v1.PartBatch: {e}")))?;
+        if part.partition != self.partition {
+            return Err(Done::Invalid(format!(
+                "part of partition {} on the subject of partition {}",
+                part.partition, self.partition
+            )));
+        }
+        let Some(batch) = part.batch else {
+            return Err(Done::Invalid("no batch".into()));
+        };
+        let key = (part.agent_id.clone(), part.epoch);
+        if !self.sessions.contains_key(&key) {
+            let mut s = self.collector.session();
+            s.handle(AgentMessage {
+                msg: Some(Msg::Hello(v1::Hello {
+                    agent_id: partition_agent(&part.agent_id, self.partition),
+                    epoch: part.epoch,
+                    hostname: part.hostname.clone(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .map_err(Self::classify)?;
+            self.sessions.insert(key.clone(), s);
+        }
+        let s = self
+            .sessions
+            .get_mut(&key)
+            .ok_or_else(|| Done::Later("no session".into()))?;
+        s.begin(AgentMessage {
+            msg: Some(Msg::Batch(batch)),
+        })
+        .await
+        .map_err(Self::classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_shared_out_and_agent_ids_stay_valid() {
+        assert_eq!(owned(8, 1, 3), [1, 4, 7]);
+        let all: Vec<u32> = (0..3)
+            .flat_map(|i| owned(8, i, 3))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(partition_agent("gpu-0", 7), "gpu-0#7");
+        let long = "x".repeat(MAX_AGENT_ID_CHARS);
+        let id = partition_agent(&long, 4095);
+        assert!(
+            id.len() <= MAX_AGENT_ID_CHARS && id.ends_with("#4095"),
+            "{id}"
+        );
+        assert_ne!(id, partition_agent(&"y".repeat(MAX_AGENT_ID_CHARS), 4095));
+    }
+}
