@@ -135,11 +135,6 @@ impl Collector {
         }
     }
 
-    /// Whether batches go to JetStream (an ingest node) rather than to a store here.
-    pub fn is_ingest_node(&self) -> bool {
-        matches!(self.sink, Sink::Cluster(_))
-    }
-
     /// A new agent stream's protocol state.
     pub fn session(self: &Arc<Self>) -> Session {
         self.session_for(Vec::new())

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::{
     aggregate::State,
     alerts::AlertHub,
-    detect::{Detector, Subject},
+    detect::{Detector, HOUR_MS, Subject},
     keys::Prefix,
     metrics::Metrics,
     store::SharedStore,
@@ -37,7 +37,6 @@ use crate::{
 /// Jobs queued for the detection thread at most: the writer waits beyond (backpressure, so a
 /// detection thread that falls behind slows the Acks rather than holding ever more memory).
 const QUEUE: usize = 256;
-const HOUR_MS: u64 = 3_600_000;
 
 enum Job {
     /// What a commit touched, to be judged at `at_ms`.

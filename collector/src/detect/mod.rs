@@ -86,7 +86,7 @@ use crate::{
     window::{Rollup, Totals, Window},
 };
 
-const HOUR_MS: u64 = 3_600_000;
+pub(crate) const HOUR_MS: u64 = 3_600_000;
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
