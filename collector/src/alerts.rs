@@ -220,6 +220,16 @@ impl AlertHub {
         book.resolved.sort_by_key(|a| a.last_seen_ms);
     }
 
+    /// Forgets every alert (the store they came from was emptied); the open ones leave the
+    /// open-alert gauges.
+    pub fn clear(&self, metrics: &Metrics) {
+        let mut book = self.book.write().unwrap_or_else(PoisonError::into_inner);
+        for (_, d) in book.open.keys() {
+            metrics.alert_open_gauge(d.name(), -1);
+        }
+        *book = Book::default();
+    }
+
     /// Subjects of the open alerts (for the sweep).
     pub fn open_subjects(&self) -> Vec<Subject> {
         let book = self.book.read().unwrap_or_else(PoisonError::into_inner);

@@ -206,6 +206,15 @@ impl Collector {
         }
     }
 
+    /// Applies everything already queued, then empties the store and memory (an aggregator
+    /// that gives partitions away rebuilds the ones it keeps). Nothing to do on an ingest node.
+    pub async fn reset(&self) -> Result<(), WriteError> {
+        match &self.sink {
+            Sink::Store(w) => w.reset().await,
+            Sink::Cluster(_) => Ok(()),
+        }
+    }
+
     /// Applies everything already queued, then stops the writer and closes the store. Later
     /// batches are refused with UNAVAILABLE. (On an ingest node each stream's publisher ends
     /// with its stream.)

@@ -363,4 +363,73 @@ mod tests {
         assert!(c.alerts().open_count() >= 1);
         c.close().await;
     }
+
+    /// A reset (an aggregator giving partitions away) leaves nothing: no key, watermark,
+    /// alert, in memory or in the store; detection starts afresh and opens alerts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_empties_the_store_and_detection_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        cfg.store.fsync = false;
+        cfg.limits.batches_per_second = 0.0;
+        cfg.limits.deltas_per_second = 0.0;
+        cfg.detect.volume.client_per_hour = 1_000_000;
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let c = std::sync::Arc::new(Collector::open(&cfg, metrics.clone()).unwrap());
+        let hello = || AgentMessage {
+            msg: Some(Msg::Hello(v1::Hello {
+                agent_id: "a".into(),
+                epoch: 1,
+                hostname: "gpu-0".into(),
+                ..Default::default()
+            })),
+        };
+        let agent = crate::model::AgentKey {
+            agent_id: "a".into(),
+            epoch: 1,
+        };
+        let mut s = c.session();
+        s.handle(hello()).await.unwrap();
+        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
+        s.handle(batch(2, T0 + 1000, 1000)).await.unwrap();
+        c.ping_writer().await.unwrap();
+        assert_eq!(c.alerts().open_count(), 1);
+        assert_eq!(c.watermark(&agent), 2);
+
+        c.reset().await.unwrap();
+        assert_eq!(c.watermark(&agent), 0);
+        assert_eq!(c.alerts().open_count(), 0);
+        assert!(c.read_state().iter().next().is_none(), "keys left");
+        assert!(!opened(&metrics).is_empty());
+        let open_gauge = metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with("outflow_collector_alerts_open{detector=\"volume\"}"))
+            .map(str::to_owned);
+        assert_eq!(
+            open_gauge.as_deref(),
+            Some("outflow_collector_alerts_open{detector=\"volume\"} 0")
+        );
+
+        // Applied again from the start (as a rebuild does): the same alert opens again.
+        let mut s = c.session();
+        s.handle(hello()).await.unwrap();
+        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
+        s.handle(batch(2, T0 + 1000, 1000)).await.unwrap();
+        c.ping_writer().await.unwrap();
+        assert_eq!(c.alerts().open_count(), 1);
+        c.reset().await.unwrap();
+        c.close().await;
+        drop(s);
+        drop(c);
+        // Nothing on disk either.
+        let c = Collector::open(&cfg, std::sync::Arc::new(Metrics::new())).unwrap();
+        assert_eq!(c.alerts().open_count(), 0);
+        assert_eq!(c.watermark(&agent), 0);
+        assert!(c.read_state().iter().next().is_none(), "keys left on disk");
+        c.close().await;
+    }
 }

@@ -39,6 +39,9 @@
 //! | `outflow_collector_cluster_publish_retries_total` | counter | ingest node: parts published again after a failed or unanswered publish |
 //! | `outflow_collector_cluster_applied_parts_total` | counter | aggregator: parts of its partitions applied (or found applied before) and acknowledged to JetStream |
 //! | `outflow_collector_cluster_invalid_parts_total` | counter | aggregator: parts that break the protocol, dropped (acknowledged, logged) |
+//! | `outflow_collector_cluster_partitions_held` | gauge | aggregator: partitions it holds (claims and applies) |
+//! | `outflow_collector_cluster_rebuilds_total` | counter | aggregator: times it emptied its store and applied its partitions again from the stream's start (it gave partitions away, or found its claims taken while it was gone) |
+//! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: rounds in which renewing its membership or reading the claims failed |
 //! | `outflow_collector_cluster_publish_failures_total` | counter | ingest node: batches refused with UNAVAILABLE because JetStream did not acknowledge every part in `cluster.publish_timeout` (their agents send them again) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
@@ -110,6 +113,9 @@ pub struct Metrics {
     pub cluster_publish_failures: Counter,
     pub cluster_applied_parts: Counter,
     pub cluster_invalid_parts: Counter,
+    pub cluster_partitions_held: Gauge,
+    pub cluster_rebuilds: Counter,
+    pub cluster_membership_failures: Counter,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -164,6 +170,9 @@ impl Metrics {
             cluster_publish_failures: Counter::default(),
             cluster_applied_parts: Counter::default(),
             cluster_invalid_parts: Counter::default(),
+            cluster_partitions_held: Gauge::default(),
+            cluster_rebuilds: Counter::default(),
+            cluster_membership_failures: Counter::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -279,6 +288,21 @@ impl Metrics {
             "cluster_invalid_parts",
             "Aggregator: parts that break the protocol, dropped",
             m.cluster_invalid_parts.clone(),
+        );
+        registry.register(
+            "cluster_partitions_held",
+            "Aggregator: partitions it holds",
+            m.cluster_partitions_held.clone(),
+        );
+        registry.register(
+            "cluster_rebuilds",
+            "Aggregator: times it emptied its store and applied its partitions again from the stream's start",
+            m.cluster_rebuilds.clone(),
+        );
+        registry.register(
+            "cluster_membership_failures",
+            "Aggregator: rounds in which renewing its membership or reading the claims failed",
+            m.cluster_membership_failures.clone(),
         );
         registry.register(
             "shifted_batches",

@@ -90,6 +90,8 @@ pub enum StartError {
     OpenTask(tokio::task::JoinError),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::publish::PublishError),
+    #[error("aggregator: {0}")]
+    Aggregator(#[from] crate::cluster::aggregator::AggregatorError),
 }
 
 /// The gRPC server failed while running.
@@ -220,8 +222,15 @@ impl Server {
         let shutdown = CancellationToken::new();
         let shutdown_guard = shutdown.clone().drop_guard();
         let consumers = if aggregator {
-            crate::cluster::consume::start(collector.clone(), &config.cluster, shutdown.clone())
-                .await?
+            vec![
+                crate::cluster::aggregator::start(
+                    collector.clone(),
+                    &config.cluster,
+                    &config.data_dir,
+                    shutdown.clone(),
+                )
+                .await?,
+            ]
         } else {
             Vec::new()
         };

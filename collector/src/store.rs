@@ -443,6 +443,23 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
+    /// Empties the store in one transaction (everything but its schema version) and loads the
+    /// empty [`State`]: an aggregator giving partitions away keeps only what it rebuilds.
+    pub fn clear(&self) -> Result<State, StoreError> {
+        self.transact(|tx| {
+            tx.delete_table(WATERMARKS)?;
+            tx.delete_table(HOSTS)?;
+            tx.delete_table(ROLLUPS)?;
+            tx.delete_table(ALERTS)?;
+            tx.delete_table(DETECT_STATE)?;
+            tx.delete_table(HISTORY)?;
+            tx.delete_table(META)?;
+            Ok(())
+        })?;
+        self.init()?;
+        self.load()
+    }
+
     /// Writes (by id) and deletes alerts in one transaction.
     pub fn put_alerts(
         &self,

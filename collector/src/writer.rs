@@ -111,6 +111,8 @@ enum Request {
     },
     /// Answered with the replies of the group commit it was taken in.
     Ping(oneshot::Sender<()>),
+    /// Empties the store and memory (after everything queued before).
+    Reset(oneshot::Sender<Result<(), WriteError>>),
     Stop,
 }
 
@@ -127,6 +129,7 @@ impl std::fmt::Debug for Request {
             Request::Hello { agent, .. } => write!(f, "Hello({agent})"),
             Request::Batch { batch, .. } => write!(f, "Batch({} #{})", batch.agent, batch.seq),
             Request::Ping(_) => write!(f, "Ping"),
+            Request::Reset(_) => write!(f, "Reset"),
             Request::Stop => write!(f, "Stop"),
         }
     }
@@ -182,7 +185,7 @@ impl Writer {
                 d,
                 state.clone(),
                 store.clone(),
-                alerts,
+                alerts.clone(),
                 metrics.clone(),
                 limits.max_keys,
             )?),
@@ -200,6 +203,8 @@ impl Writer {
             detect: detect.clone(),
             next_judgement_ms,
             reading: None,
+            alerts,
+            limits: limits.clone(),
             feed,
             staging: Staging::default(),
             staged: Vec::new(),
@@ -253,6 +258,17 @@ impl Writer {
             .await
             .map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)
+    }
+
+    /// Applies everything queued before, then empties the store and memory: no rollup,
+    /// watermark, host, alert, history or learnt state is left (detection starts afresh).
+    pub async fn reset(&self) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Reset(reply))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
     }
 
     /// Applies everything queued so far, then stops the thread and closes the store.
@@ -546,6 +562,9 @@ struct Worker {
     next_judgement_ms: u64,
     /// The judgement reading `state`: it does not change until it is over.
     reading: Option<Reading>,
+    /// Where detection publishes (emptied by a reset).
+    alerts: Arc<AlertHub>,
+    limits: LimitsConfig,
     /// Applied batches are published here before their Acks.
     feed: Arc<Feed>,
     staging: Staging,
@@ -569,6 +588,7 @@ impl Worker {
         let mut stop = false;
         let mut carried = None;
         while !stop {
+            let mut reset = None;
             let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
                 break;
             };
@@ -580,6 +600,10 @@ impl Worker {
                 match req {
                     Request::Stop => {
                         stop = true;
+                        break;
+                    }
+                    Request::Reset(reply) => {
+                        reset = Some(reply);
                         break;
                     }
                     Request::Batch { ref batch, .. } => {
@@ -604,6 +628,9 @@ impl Worker {
             if let Some(time_ms) = judge_at {
                 self.judge(time_ms);
             }
+            if let Some(reply) = reset {
+                let _ = reply.send(self.reset());
+            }
             if self.last_gc.elapsed() >= self.gc_interval {
                 self.gc();
             }
@@ -613,6 +640,61 @@ impl Worker {
         }
         // Requests queued after Stop are answered with Stopped when `rx` drops.
         debug!("store writer stopped");
+    }
+
+    /// Empties the store and memory: detection stops (its last work done), the store is
+    /// cleared in one transaction, memory and alerts start from it empty, detection starts
+    /// again with nothing learnt.
+    fn reset(&mut self) -> Result<(), WriteError> {
+        if let Some(r) = self.reading.take() {
+            r.wait();
+        }
+        if let Some(d) = self.detection.take() {
+            d.stop();
+        }
+        let fresh = self
+            .store
+            .write(Store::clear)
+            .map_err(|e| WriteError::Store(Arc::new(e)));
+        let fresh = match fresh {
+            Ok(st) => st,
+            Err(e) => {
+                // Memory as it was: the store is as it was too, or reopened before the
+                // next write; detection goes on.
+                self.start_detection();
+                return Err(e);
+            }
+        };
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.alerts.clear(&self.metrics);
+        self.budget = KeyBudget::new(self.limits.max_keys, self.limits.max_keys_per_agent_percent);
+        self.next_judgement_ms = self.detect.next_judgement(0);
+        self.start_detection();
+        self.update_key_gauges();
+        Ok(())
+    }
+
+    /// Starts a detection thread (with detection on) on the state as it is, with nothing
+    /// learnt.
+    fn start_detection(&mut self) {
+        if !self.detect.enabled || self.detection.is_some() {
+            return;
+        }
+        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut d = Detector::new(self.detect.clone(), &st);
+        d.set_max_tracks(self.limits.max_keys);
+        drop(st);
+        match Detection::start(
+            d,
+            self.state.clone(),
+            self.store.clone(),
+            self.alerts.clone(),
+            self.metrics.clone(),
+            self.limits.max_keys,
+        ) {
+            Ok(d) => self.detection = Some(d),
+            Err(e) => error!("detection thread not started again: {e}"),
+        }
     }
 
     /// Applies a group of requests: stages them, commits the changes in one transaction,
@@ -749,7 +831,7 @@ impl Worker {
                     });
                 }
                 Request::Ping(reply) => replies.push(Reply::Ping(reply)),
-                Request::Stop => {}
+                Request::Stop | Request::Reset(_) => {}
             }
         }
         if end_ms != st.end_ms() {

@@ -17,8 +17,9 @@ pub enum NodeRole {
     /// acknowledges a batch once JetStream stored every part. Holds no store and answers no
     /// queries.
     Ingest,
-    /// Applies the parts of its partitions (every `aggregators`-th from `aggregator_index`)
-    /// to its own store, detects on them and answers queries about them.
+    /// Claims a fair share of the partitions (shared with the other live aggregators, taken
+    /// over from one that is gone), applies their parts to its own store, detects on them and
+    /// answers queries about them.
     Aggregator,
 }
 
@@ -52,10 +53,13 @@ pub struct ClusterConfig {
     /// (its agent sends it again).
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
-    /// How many aggregators share the partitions, and which one this is (from 0): it owns
-    /// every partition whose number modulo `aggregators` is `aggregator_index`.
-    pub aggregators: u32,
-    pub aggregator_index: u32,
+    /// This aggregator's name among the aggregators (its claims and consumers are named
+    /// after it): unique and the same across restarts. Empty: the host name.
+    pub node_name: String,
+    /// An aggregator that has not renewed its membership for this long is gone: the others
+    /// take its partitions over.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -71,8 +75,8 @@ impl Default for ClusterConfig {
             max_age: Duration::from_secs(7 * 24 * 3600),
             ack_timeout: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(30),
-            aggregators: 1,
-            aggregator_index: 0,
+            node_name: String::new(),
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -129,31 +133,23 @@ impl ClusterConfig {
             ("cluster.max_age", self.max_age),
             ("cluster.ack_timeout", self.ack_timeout),
             ("cluster.publish_timeout", self.publish_timeout),
+            ("cluster.lease", self.lease),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be above 0"));
             }
         }
-        if self.role == NodeRole::Aggregator {
-            if !(1..=self.partitions).contains(&self.aggregators) {
-                return Err(invalid(
-                    "cluster.aggregators",
-                    format!(
-                        "{}: want 1 to cluster.partitions ({})",
-                        self.aggregators, self.partitions
-                    ),
-                ));
-            }
-            if self.aggregator_index >= self.aggregators {
-                return Err(invalid(
-                    "cluster.aggregator_index",
-                    format!(
-                        "{}: want 0 to cluster.aggregators - 1 ({})",
-                        self.aggregator_index,
-                        self.aggregators - 1
-                    ),
-                ));
-            }
+        if self.role == NodeRole::Aggregator
+            && !self.node_name.is_empty()
+            && !valid_node_name(&self.node_name)
+        {
+            return Err(invalid(
+                "cluster.node_name",
+                format!(
+                    "{:?}: want at most 64 letters, digits, '_' or '-' (it names NATS consumers and keys)",
+                    self.node_name
+                ),
+            ));
         }
         if self.max_age < self.duplicate_window {
             return Err(invalid(
@@ -162,6 +158,32 @@ impl ClusterConfig {
             ));
         }
         Ok(())
+    }
+
+    /// This aggregator's name: `node_name`, else the host name made valid (other characters
+    /// become '-').
+    pub fn node(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        let name: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        if name.is_empty() {
+            "aggregator".into()
+        } else {
+            name
+        }
     }
 
     /// The publisher's settings.
@@ -175,6 +197,13 @@ impl ClusterConfig {
             max_age: self.max_age,
         }
     }
+}
+
+/// A name NATS takes in a consumer name and a key: letters, digits, '_', '-'; 1 to 64.
+fn valid_node_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[cfg(test)]
@@ -196,7 +225,7 @@ mod tests {
         let c: File = toml::from_str(block).unwrap();
         c.cluster.validate().unwrap();
         assert_eq!(c.cluster.role, NodeRole::Ingest);
-        assert_eq!((c.cluster.aggregators, c.cluster.aggregator_index), (2, 0));
+        assert_eq!(c.cluster.lease, ClusterConfig::default().lease);
         assert_eq!(c.cluster.max_age, ClusterConfig::default().max_age);
         assert_eq!(
             c.cluster.duplicate_window,
@@ -239,18 +268,11 @@ mod tests {
             (
                 |c| {
                     c.role = NodeRole::Aggregator;
-                    c.aggregators = 3;
-                    c.aggregator_index = 3;
+                    c.node_name = "agg.1".into();
                 },
-                "cluster.aggregator_index",
+                "cluster.node_name",
             ),
-            (
-                |c| {
-                    c.role = NodeRole::Aggregator;
-                    c.aggregators = 0;
-                },
-                "cluster.aggregators",
-            ),
+            (|c| c.lease = Duration::ZERO, "cluster.lease"),
         ] {
             let mut c = ingest.clone();
             f(&mut c);

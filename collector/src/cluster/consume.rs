@@ -1,28 +1,25 @@
-//! An aggregator's consumers: the parts of its partitions, applied to its own store.
+//! An aggregator's consumers: the parts of a partition, applied to its own store.
 //!
-//! One durable pull consumer per owned partition (`outflow-p<partition>`, on the subject
-//! `<prefix>.<partition>`) and one task per consumer. Each part is applied through the same
-//! path as an agent's batch ([`Session`]), as the batches of the agent `<agent_id>#<partition>`:
-//! the writer's watermark per agent and epoch, committed in the same transaction as the
-//! rollups, makes a part at or below it a duplicate. A part is acknowledged to JetStream only
-//! once it is committed (or known applied before), so a part redelivered after a crash is
-//! applied once. A part that breaks the protocol is counted, logged and acknowledged (never
-//! retried for ever); a part the store could not commit is not acknowledged, and comes again.
+//! One durable pull consumer per partition an aggregator holds (`<node>-p<partition>`, on the
+//! subject `<prefix>.<partition>`, from the stream's first part) and one task per consumer.
+//! Each part is applied through the same path as an agent's batch ([`Session`]), as the
+//! batches of the agent `<agent_id>#<partition>`: the writer's watermark per agent and epoch,
+//! committed in the same transaction as the rollups, makes a part at or below it a duplicate.
+//! A part is acknowledged to JetStream only once it is committed (or known applied before), so
+//! a part redelivered after a crash is applied once. A part that breaks the protocol is
+//! counted, logged and acknowledged (never retried for ever); a part the store could not
+//! commit is not acknowledged, and comes again.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
-use log::{debug, error, info, warn};
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use log::{debug, error, warn};
 use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    config::ClusterConfig,
-    partition::fnv1a,
-    publish::{PublishError, open_stream},
-};
+use super::partition::fnv1a;
 use crate::{
     collector::{Collector, Session},
     error::ApiError,
@@ -33,64 +30,50 @@ use crate::{
 const FETCH: usize = 256;
 /// How long a fetch waits for parts when there are none.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// A consumer nobody has fetched from for this long is removed by the server (the ones of an
+/// aggregator that is gone for good).
+const INACTIVE: Duration = Duration::from_secs(24 * 3600);
 
-/// The partitions aggregator `index` of `count` owns: every `count`-th from `index`.
-pub fn owned(partitions: u32, index: u32, count: u32) -> Vec<u32> {
-    (0..partitions)
-        .filter(|p| count > 0 && p % count == index)
-        .collect()
+/// The durable consumer of aggregator `node` for `partition`.
+pub fn consumer_name(node: &str, partition: u32) -> String {
+    format!("{node}-p{partition}")
 }
 
-/// Connects to the stream of `cfg` and starts a consumer task for each partition this
-/// aggregator owns, applying to `collector` until `stop`.
-pub async fn start(
+/// Starts applying `partition` to `collector` through the durable consumer of `node` on
+/// `stream` (created if missing: from the stream's first part), until `stop`.
+pub async fn spawn(
     collector: Arc<Collector>,
-    cfg: &ClusterConfig,
+    stream: &Stream,
+    subject_prefix: &str,
+    node: &str,
+    partition: u32,
     stop: CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, PublishError> {
-    let p = cfg.publish();
-    let (_, st) = open_stream(&p).await?;
-    let mine = owned(cfg.partitions, cfg.aggregator_index, cfg.aggregators);
-    info!(
-        "aggregator {} of {}: partitions {mine:?} of the stream {} at {}",
-        cfg.aggregator_index,
-        cfg.aggregators,
-        p.stream,
-        p.urls.join(",")
-    );
-    let mut tasks = Vec::new();
-    for partition in mine {
-        let name = format!("outflow-p{partition}");
-        let consumer = st
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: format!("{}.{partition}", p.subject_prefix),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(60),
-                    max_ack_pending: i64::try_from(FETCH * 4).unwrap_or(1024),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| PublishError::Stream {
-                stream: format!("{} (consumer {name})", p.stream),
-                message: e.to_string(),
-            })?;
-        let c = collector.clone();
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            Partition {
-                collector: c,
-                partition,
-                sessions: HashMap::new(),
-            }
-            .run(consumer, stop)
-            .await;
-        }));
-    }
-    Ok(tasks)
+) -> Result<JoinHandle<()>, String> {
+    let name = consumer_name(node, partition);
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: format!("{subject_prefix}.{partition}"),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: i64::try_from(FETCH * 4).unwrap_or(1024),
+                inactive_threshold: INACTIVE,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))?;
+    Ok(tokio::spawn(async move {
+        Partition {
+            collector,
+            partition,
+            sessions: HashMap::new(),
+        }
+        .run(consumer, stop)
+        .await;
+    }))
 }
 
 /// The agent id a part is applied under: its agent's and its partition's, so that each
@@ -246,14 +229,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partitions_are_shared_out_and_agent_ids_stay_valid() {
-        assert_eq!(owned(8, 1, 3), [1, 4, 7]);
-        let all: Vec<u32> = (0..3)
-            .flat_map(|i| owned(8, i, 3))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        assert_eq!(all, (0..8).collect::<Vec<_>>());
+    fn agent_ids_stay_valid() {
         assert_eq!(partition_agent("gpu-0", 7), "gpu-0#7");
         let long = "x".repeat(MAX_AGENT_ID_CHARS);
         let id = partition_agent(&long, 4095);

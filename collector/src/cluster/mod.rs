@@ -6,11 +6,17 @@
 //!   with a message id that makes publishing it again a duplicate, done only once JetStream
 //!   acknowledged every part;
 //! - [`ingest`]: an ingest node's agent streams, each publishing its batches in order;
-//! - [`consume`]: an aggregator's durable consumers, applying its partitions' parts exactly
-//!   once to its own store;
+//! - [`membership`]: the live aggregators and their claims on the partitions (JetStream
+//!   key-value buckets), and the plan that shares the partitions out fairly;
+//! - [`aggregator`]: an aggregator's round: claims, gives up, rebuilds its store, and runs a
+//!   consumer per partition it holds;
+//! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
+//!   aggregator's store;
 //! - [`config`]: `[cluster]`, the node's role.
+pub mod aggregator;
 pub mod config;
 pub mod consume;
 pub mod ingest;
+pub mod membership;
 pub mod partition;
 pub mod publish;

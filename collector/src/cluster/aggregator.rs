@@ -1,0 +1,353 @@
+//! An aggregator's share of the partitions, kept in step with the other aggregators.
+//!
+//! Every quarter of the lease the aggregator renews its membership, reads the claims and
+//! follows [`membership::plan`]: claims free partitions up to its fair share, gives up what is
+//! beyond it. Its store holds exactly the partitions it holds, and the data directory lists
+//! them (`partitions-held`), so that the sum of the aggregators' answers is the fleet's:
+//!
+//! - A partition it claims is applied from the stream's first part through a fresh consumer
+//!   (its parts are added to the store: its keys are its own, or add to those of the others).
+//! - A partition it gives up is taken out by a rebuild: every consumer stops and is deleted,
+//!   the store is emptied ([`Collector::reset`]), the claims given up are dropped, and the
+//!   partitions it keeps are applied again from the stream's first part. A part's bytes can be
+//!   in a key with other partitions' (an address seen with several client ids), so taking one
+//!   partition out of a store means building the store again.
+//! - A partition it held that another aggregator claimed meanwhile (it was gone past the
+//!   lease, or cut off from NATS) is taken out the same way, before anything else.
+//!
+//! The order of the steps makes a crash anywhere safe: a consumer only ever goes on from
+//! where it is when the store holds what it acknowledged (the list is written before a
+//! consumer of a new partition starts, and the consumers are deleted before the store is
+//! emptied), and any part applied twice is a duplicate below its watermark.
+//!
+//! An aggregator that cannot renew its membership for half a lease stops applying (its claims
+//! may be taken a lease after its last renewal); it goes on once it renews again, rebuilding
+//! first if a claim of its was taken.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::stream::Stream;
+use log::{debug, info, warn};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    config::ClusterConfig,
+    consume,
+    membership::{self, Membership, MembershipError},
+    publish::{PublishError, open_stream},
+};
+use crate::collector::Collector;
+
+/// The file in the data directory listing the partitions the store holds.
+const HELD_FILE: &str = "partitions-held";
+
+/// Why an aggregator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error(transparent)]
+    Stream(#[from] PublishError),
+    #[error("NATS key-value {0}")]
+    Membership(#[from] MembershipError),
+    #[error("{path}: {error}")]
+    Held {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// A round that did not finish (the next one tries again).
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Connects to the stream and the membership buckets of `cfg` and starts the aggregator's
+/// loop, applying to `collector` (whose store is in `data_dir`) until `stop`; the returned
+/// task ends once every consumer has stopped.
+pub async fn start(
+    collector: Arc<Collector>,
+    cfg: &ClusterConfig,
+    data_dir: &Path,
+    stop: CancellationToken,
+) -> Result<JoinHandle<()>, AggregatorError> {
+    let p = cfg.publish();
+    let (js, stream) = open_stream(&p).await?;
+    let me = cfg.node();
+    let members = Membership::open(&js, &p.stream, p.replicas, cfg.lease, &me).await?;
+    let held_path = data_dir.join(HELD_FILE);
+    let held = read_held(&held_path).map_err(|error| AggregatorError::Held {
+        path: held_path.clone(),
+        error,
+    })?;
+    info!(
+        "aggregator {me}: {} partitions of the stream {} at {}; the store holds {held:?}",
+        cfg.partitions,
+        p.stream,
+        p.urls.join(",")
+    );
+    let a = Aggregator {
+        collector,
+        stream,
+        members,
+        partitions: cfg.partitions,
+        subject_prefix: p.subject_prefix,
+        lease: cfg.lease,
+        held_path,
+        held,
+        running: BTreeMap::new(),
+        renewed: None,
+    };
+    Ok(tokio::spawn(a.run(stop)))
+}
+
+struct Aggregator {
+    collector: Arc<Collector>,
+    stream: Stream,
+    members: Membership,
+    partitions: u32,
+    subject_prefix: String,
+    lease: Duration,
+    held_path: PathBuf,
+    /// The partitions the store holds (as listed in `held_path`).
+    held: BTreeSet<u32>,
+    /// A consumer task per partition being applied.
+    running: BTreeMap<u32, (JoinHandle<()>, CancellationToken)>,
+    /// The last renewal of the membership.
+    renewed: Option<Instant>,
+}
+
+impl Aggregator {
+    async fn run(mut self, stop: CancellationToken) {
+        let every = (self.lease / 4).max(Duration::from_millis(100));
+        loop {
+            if let Err(e) = self.round().await {
+                self.collector.metrics().cluster_membership_failures.inc();
+                warn!("aggregator {}: {e}", self.members.me());
+                if self.renewed.is_none_or(|t| t.elapsed() > self.lease / 2)
+                    && !self.running.is_empty()
+                {
+                    warn!(
+                        "aggregator {}: membership not renewed for half a lease: applying stops until it is",
+                        self.members.me()
+                    );
+                    self.stop_all().await;
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+        // Claims stay: restarted within the lease, this aggregator goes on with them.
+        self.stop_all().await;
+        debug!("aggregator {}: stopped", self.members.me());
+    }
+
+    /// One round: renew, read the claims, take out what is no longer ours, give up and claim
+    /// toward the fair share, apply every partition held.
+    async fn round(&mut self) -> Result<(), RoundError> {
+        self.members.renew().await?;
+        let first = self.renewed.is_none();
+        self.renewed = Some(Instant::now());
+        if first {
+            // Aggregators started together see each other before anyone claims: fewer
+            // partitions claimed only to be given up at once.
+            return Ok(());
+        }
+        let live = self.members.live().await?;
+        let mut claims = self.members.claims(self.partitions).await?;
+        let me = self.members.me().to_owned();
+        let mine = |claims: &BTreeMap<u32, membership::Claim>| -> BTreeSet<u32> {
+            claims
+                .iter()
+                .filter(|(_, c)| c.node == me)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        if !self.held.is_subset(&mine(&claims)) {
+            let lost: Vec<u32> = self.held.difference(&mine(&claims)).copied().collect();
+            warn!(
+                "aggregator {me}: partitions {lost:?} were claimed by others while this one was away: rebuilding"
+            );
+            self.rebuild().await?;
+        }
+        let plan = membership::plan(&me, self.partitions, &live, &claims);
+        if !plan.release.is_empty() {
+            info!(
+                "aggregator {me}: giving partitions {:?} up to the {} live aggregators: rebuilding",
+                plan.release,
+                live.len()
+            );
+            self.rebuild().await?;
+            for p in &plan.release {
+                if let Some(c) = claims.remove(p) {
+                    self.members.release(*p, c.revision).await?;
+                }
+            }
+        }
+        for p in plan.claim {
+            if self.members.claim(p, claims.get(&p)).await? {
+                info!(
+                    "aggregator {me}: claimed partition {p}{}",
+                    claims
+                        .get(&p)
+                        .map(|c| format!(" from {} (gone)", c.node))
+                        .unwrap_or_default()
+                );
+                claims.insert(
+                    p,
+                    membership::Claim {
+                        node: me.clone(),
+                        revision: 0,
+                    },
+                );
+            }
+        }
+        let mine = mine(&claims);
+        for p in &mine {
+            self.apply(*p).await?;
+        }
+        self.collector
+            .metrics()
+            .cluster_partitions_held
+            .set(i64::try_from(self.held.len()).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    /// Makes sure `partition` is being applied: a partition new to the store is listed first
+    /// and applied from the stream's first part (any consumer left from before is deleted).
+    async fn apply(&mut self, partition: u32) -> Result<(), RoundError> {
+        if self
+            .running
+            .get(&partition)
+            .is_some_and(|(t, _)| !t.is_finished())
+        {
+            return Ok(());
+        }
+        let name = consume::consumer_name(self.members.me(), partition);
+        if !self.held.contains(&partition) {
+            self.delete_consumer(&name).await?;
+            let mut held = self.held.clone();
+            held.insert(partition);
+            write_held(&self.held_path, &held)
+                .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
+            self.held = held;
+        }
+        let stop = CancellationToken::new();
+        let task = consume::spawn(
+            self.collector.clone(),
+            &self.stream,
+            &self.subject_prefix,
+            self.members.me(),
+            partition,
+            stop.clone(),
+        )
+        .await
+        .map_err(RoundError::Other)?;
+        self.running.insert(partition, (task, stop));
+        Ok(())
+    }
+
+    /// Empties the store of every partition: consumers stopped and deleted, store emptied,
+    /// nothing listed. (The caller's round applies the partitions kept again.)
+    async fn rebuild(&mut self) -> Result<(), RoundError> {
+        self.stop_all().await;
+        for p in self.held.clone() {
+            self.delete_consumer(&consume::consumer_name(self.members.me(), p))
+                .await?;
+        }
+        self.collector
+            .reset()
+            .await
+            .map_err(|e| RoundError::Other(format!("emptying the store: {e}")))?;
+        write_held(&self.held_path, &BTreeSet::new())
+            .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
+        self.held.clear();
+        self.collector.metrics().cluster_rebuilds.inc();
+        Ok(())
+    }
+
+    async fn delete_consumer(&self, name: &str) -> Result<(), RoundError> {
+        match self.stream.delete_consumer(name).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::ConsumerErrorKind::JetStream(j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(RoundError::Other(format!(
+                "deleting the consumer {name}: {e}"
+            ))),
+        }
+    }
+
+    /// Stops every consumer task (each finishes the parts it fetched).
+    async fn stop_all(&mut self) {
+        for (_, (_, stop)) in self.running.iter() {
+            stop.cancel();
+        }
+        for (_, (task, _)) in std::mem::take(&mut self.running) {
+            let _ = task.await;
+        }
+    }
+}
+
+fn read_held(path: &Path) -> std::io::Result<BTreeSet<u32>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .split_whitespace()
+            .map(|n| {
+                n.parse()
+                    .map_err(|_| std::io::Error::other(format!("{n:?} is no partition number")))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the list durably (a new file renamed over the old one).
+fn write_held(path: &Path, held: &BTreeSet<u32>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::File::create(&tmp)?;
+    let text: Vec<String> = held.iter().map(u32::to_string).collect();
+    writeln!(f, "{}", text.join(" "))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_held_list_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(HELD_FILE);
+        assert!(read_held(&path).unwrap().is_empty());
+        let held = BTreeSet::from([0, 3, 17]);
+        write_held(&path, &held).unwrap();
+        assert_eq!(read_held(&path).unwrap(), held);
+        write_held(&path, &BTreeSet::new()).unwrap();
+        assert!(read_held(&path).unwrap().is_empty());
+        std::fs::write(&path, "1 x").unwrap();
+        assert!(read_held(&path).is_err());
+    }
+}

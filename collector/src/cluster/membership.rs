@@ -1,0 +1,378 @@
+//! Which aggregator applies which partition, agreed through two JetStream key-value buckets.
+//!
+//! - `<stream>-aggregators`: the live aggregators. Each one puts its name every quarter of the
+//!   lease; the bucket's entries expire a lease after they were written, so an aggregator that
+//!   stopped renewing (killed, cut off from NATS) is gone a lease later.
+//! - `<stream>-claims`: one key per claimed partition (`p<partition>`) whose value names the
+//!   aggregator that applies it. A claim is only ever made by compare-and-set (created where
+//!   there is none, or taken from an aggregator that is gone at the revision read) and dropped
+//!   by its holder, so at most one aggregator holds a partition.
+//!
+//! [`plan`] decides, from what every aggregator reads alike, what one aggregator claims and
+//! gives away: a fair share each (the partitions divided by the live aggregators, the first
+//! names in order taking one more where they do not divide evenly). Claims stay where they are
+//! otherwise: an aggregator restarted within the lease finds its own claims and goes on.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, kv};
+use tokio_stream::StreamExt as _;
+
+/// A failed exchange with the buckets (retried at the next round).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct MembershipError {
+    what: String,
+    message: String,
+}
+
+fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
+    MembershipError {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// A partition's claim: who holds it, at which revision of its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub node: String,
+    pub revision: u64,
+}
+
+/// The two buckets, as one aggregator sees them.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    nodes: kv::Store,
+    claims: kv::Store,
+    me: String,
+}
+
+fn claim_key(partition: u32) -> String {
+    format!("p{partition}")
+}
+
+impl Membership {
+    /// Opens (creating if missing) the buckets of `stream`'s aggregators, with `replicas`
+    /// copies and members expiring after `lease`, as aggregator `me`.
+    pub async fn open(
+        js: &jetstream::Context,
+        stream: &str,
+        replicas: usize,
+        lease: Duration,
+        me: &str,
+    ) -> Result<Membership, MembershipError> {
+        let bucket = |name: String, max_age: Duration| kv::Config {
+            bucket: name,
+            history: 1,
+            max_age,
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let nodes_name = format!("{stream}-aggregators");
+        let nodes = js
+            .create_or_update_key_value(bucket(nodes_name.clone(), lease))
+            .await
+            .map_err(|e| err(format!("key-value bucket {nodes_name}"), e))?;
+        let claims_name = format!("{stream}-claims");
+        let claims = js
+            .create_or_update_key_value(bucket(claims_name.clone(), Duration::ZERO))
+            .await
+            .map_err(|e| err(format!("key-value bucket {claims_name}"), e))?;
+        Ok(Membership {
+            nodes,
+            claims,
+            me: me.to_owned(),
+        })
+    }
+
+    /// This aggregator's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Says this aggregator is alive (for another lease).
+    pub async fn renew(&self) -> Result<(), MembershipError> {
+        self.nodes
+            .put(&self.me, bytes::Bytes::new())
+            .await
+            .map(drop)
+            .map_err(|e| err("renewing the membership", e))
+    }
+
+    /// The live aggregators.
+    pub async fn live(&self) -> Result<BTreeSet<String>, MembershipError> {
+        let mut keys = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| err("listing the aggregators", e))?;
+        let mut live = BTreeSet::new();
+        while let Some(k) = keys.next().await {
+            live.insert(k.map_err(|e| err("listing the aggregators", e))?);
+        }
+        Ok(live)
+    }
+
+    /// Every partition's claim (partitions at or above `partitions` are ignored).
+    pub async fn claims(&self, partitions: u32) -> Result<BTreeMap<u32, Claim>, MembershipError> {
+        let mut keys = self
+            .claims
+            .keys()
+            .await
+            .map_err(|e| err("listing the claims", e))?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(|e| err("listing the claims", e))?);
+        }
+        let mut out = BTreeMap::new();
+        for k in names {
+            let Some(p) = k
+                .strip_prefix('p')
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|p| *p < partitions)
+            else {
+                continue;
+            };
+            let entry = self
+                .claims
+                .entry(k.as_str())
+                .await
+                .map_err(|e| err(format!("reading the claim {k}"), e))?;
+            if let Some(e) = entry
+                && e.operation == kv::Operation::Put
+            {
+                out.insert(
+                    p,
+                    Claim {
+                        node: String::from_utf8_lossy(&e.value).into_owned(),
+                        revision: e.revision,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims `partition`: where there is no claim (`held` None), or taking the claim `held`
+    /// of an aggregator that is gone. False if another aggregator changed it first.
+    pub async fn claim(
+        &self,
+        partition: u32,
+        held: Option<&Claim>,
+    ) -> Result<bool, MembershipError> {
+        let key = claim_key(partition);
+        let value = bytes::Bytes::from(self.me.clone());
+        let r = match held {
+            None => self
+                .claims
+                .create(&key, value)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+            Some(c) => self
+                .claims
+                .update(&key, value, c.revision)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err((true, _)) => Ok(false),
+            Err((false, e)) => Err(err(format!("claiming partition {partition}"), e)),
+        }
+    }
+
+    /// Gives `partition` up (its claim, at `revision`, is this aggregator's).
+    pub async fn release(&self, partition: u32, revision: u64) -> Result<(), MembershipError> {
+        self.claims
+            .delete_expect_revision(claim_key(partition), Some(revision))
+            .await
+            .map_err(|e| err(format!("giving partition {partition} up"), e))
+    }
+}
+
+/// What one aggregator does in a round: the partitions it tries to claim, and the ones it
+/// gives up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub claim: Vec<u32>,
+    pub release: Vec<u32>,
+}
+
+/// How many partitions each live aggregator holds in the end: `partitions` divided by their
+/// number, the first names in order holding one more where it does not divide evenly.
+pub fn fair_shares(live: &BTreeSet<String>, partitions: u32) -> BTreeMap<&str, u32> {
+    let n = u32::try_from(live.len()).unwrap_or(u32::MAX).max(1);
+    let (q, r) = (partitions / n, partitions % n);
+    live.iter()
+        .zip(0u32..)
+        .map(|(name, i)| (name.as_str(), q + u32::from(i < r)))
+        .collect()
+}
+
+/// What aggregator `me` (among `live`) does about `claims`: gives up what it holds beyond its
+/// fair share (the highest-numbered first), claims free partitions (no claim, or one of an
+/// aggregator that is gone) up to it, starting at a place that depends on its name so that
+/// aggregators claiming at once mostly want different ones.
+pub fn plan(
+    me: &str,
+    partitions: u32,
+    live: &BTreeSet<String>,
+    claims: &BTreeMap<u32, Claim>,
+) -> Plan {
+    let mut live = live.clone();
+    live.insert(me.to_owned());
+    let share = fair_shares(&live, partitions).get(me).copied().unwrap_or(0) as usize;
+    let mine: Vec<u32> = claims
+        .iter()
+        .filter(|(_, c)| c.node == me)
+        .map(|(p, _)| *p)
+        .collect();
+    let mut out = Plan::default();
+    if mine.len() > share {
+        out.release = mine[share..].to_vec();
+        out.release.reverse();
+        return out;
+    }
+    let free: Vec<u32> = (0..partitions)
+        .filter(|p| claims.get(p).is_none_or(|c| !live.contains(&c.node)))
+        .collect();
+    if free.is_empty() {
+        return out;
+    }
+    let start = (super::partition::fnv1a(me.as_bytes()) % free.len() as u64) as usize;
+    out.claim = free
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(free.len().min(share - mine.len()))
+        .copied()
+        .collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> BTreeSet<String> {
+        n.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Runs every aggregator's plan in turn (claims granted as planned) until nothing changes.
+    fn settle(live: &BTreeSet<String>, partitions: u32, claims: &mut BTreeMap<u32, Claim>) {
+        for _ in 0..20 {
+            let mut changed = false;
+            for me in live {
+                let p = plan(me, partitions, live, claims);
+                for r in p.release {
+                    claims.remove(&r);
+                    changed = true;
+                }
+                for c in p.claim {
+                    claims.insert(
+                        c,
+                        Claim {
+                            node: me.clone(),
+                            revision: 1,
+                        },
+                    );
+                    changed = true;
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+        panic!("claims never settle: {claims:?}");
+    }
+
+    fn held(claims: &BTreeMap<u32, Claim>) -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for c in claims.values() {
+            *n.entry(c.node.clone()).or_default() += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn shares_are_fair_and_claims_follow_the_live_aggregators() {
+        let three = names(&["a", "b", "c"]);
+        assert_eq!(
+            fair_shares(&three, 8).into_iter().collect::<Vec<_>>(),
+            [("a", 3), ("b", 3), ("c", 2)]
+        );
+        let mut claims = BTreeMap::new();
+        let two = names(&["a", "b"]);
+        settle(&two, 8, &mut claims);
+        assert_eq!(
+            held(&claims),
+            BTreeMap::from([("a".into(), 4), ("b".into(), 4)])
+        );
+        // A third joins: a and b each give one up, c claims both.
+        settle(&three, 8, &mut claims);
+        assert_eq!(
+            held(&claims),
+            BTreeMap::from([("a".into(), 3), ("b".into(), 3), ("c".into(), 2)])
+        );
+        let before = claims.clone();
+        // b is gone: its three are free, a and c take them (a's share 4, c's 4).
+        let ac = names(&["a", "c"]);
+        settle(&ac, 8, &mut claims);
+        assert_eq!(
+            held(&claims),
+            BTreeMap::from([("a".into(), 4), ("c".into(), 4)])
+        );
+        // What a and c held stays where it was.
+        for (p, c) in &before {
+            if c.node != "b" {
+                assert_eq!(claims[p].node, c.node, "partition {p}");
+            }
+        }
+        // Alone: everything.
+        let a = names(&["a"]);
+        settle(&a, 8, &mut claims);
+        assert_eq!(held(&claims), BTreeMap::from([("a".into(), 8)]));
+    }
+
+    #[test]
+    fn a_plan_gives_up_only_beyond_the_share_and_claims_only_free_partitions() {
+        let live = names(&["a", "b"]);
+        let c = |n: &str| Claim {
+            node: n.into(),
+            revision: 3,
+        };
+        // a holds all 5 (its share is 3): gives up 4 and 3, the highest first.
+        let claims: BTreeMap<u32, Claim> = (0..5).map(|p| (p, c("a"))).collect();
+        assert_eq!(
+            plan("a", 5, &live, &claims),
+            Plan {
+                claim: vec![],
+                release: vec![4, 3]
+            }
+        );
+        // b holds nothing, everything claimed by a live a: nothing to claim yet.
+        assert_eq!(plan("b", 5, &live, &claims), Plan::default());
+        // Claimed by an aggregator that is gone: free.
+        let claims: BTreeMap<u32, Claim> = (0..4).map(|p| (p, c("gone"))).collect();
+        let mut p = plan("a", 4, &live, &claims);
+        p.claim.sort_unstable();
+        assert_eq!(p.claim.len(), 2);
+        assert!(p.release.is_empty());
+    }
+}
