@@ -51,7 +51,7 @@ const HELD_FILE: &str = "partitions-held";
 pub enum AggregatorError {
     #[error(transparent)]
     Stream(#[from] PublishError),
-    #[error("NATS key-value {0}")]
+    #[error(transparent)]
     Membership(#[from] MembershipError),
     #[error("{path}: {error}")]
     Held {

@@ -35,6 +35,44 @@ fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
     }
 }
 
+/// How many times opening a bucket is tried (aggregators starting together make JetStream
+/// requests time out while it creates the buckets' streams).
+const OPEN_TRIES: u32 = 10;
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, MembershipError> {
+    let name = config.bucket.clone();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // Bound to if it is there (most starts); created otherwise. (Creating or updating a
+        // bucket that exists, or one another aggregator is creating, can wait for JetStream's
+        // request timeout.)
+        let r = match js.get_key_value(&name).await {
+            Ok(s) => Ok(s),
+            Err(_) => js
+                .create_key_value(config.clone())
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) if tries < OPEN_TRIES => {
+                log::debug!("key-value bucket {name}: {e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(err(
+                    format!("opening the key-value bucket {name} ({tries} tries)"),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
 /// A partition's claim: who holds it, at which revision of its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -72,16 +110,8 @@ impl Membership {
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let nodes_name = format!("{stream}-aggregators");
-        let nodes = js
-            .create_or_update_key_value(bucket(nodes_name.clone(), lease))
-            .await
-            .map_err(|e| err(format!("key-value bucket {nodes_name}"), e))?;
-        let claims_name = format!("{stream}-claims");
-        let claims = js
-            .create_or_update_key_value(bucket(claims_name.clone(), Duration::ZERO))
-            .await
-            .map_err(|e| err(format!("key-value bucket {claims_name}"), e))?;
+        let nodes = open_bucket(js, bucket(format!("{stream}-aggregators"), lease)).await?;
+        let claims = open_bucket(js, bucket(format!("{stream}-claims"), Duration::ZERO)).await?;
         Ok(Membership {
             nodes,
             claims,

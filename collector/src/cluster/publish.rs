@@ -77,23 +77,37 @@ pub async fn open_stream(
             source,
         })?;
     let js = jetstream::new(client);
-    let st = js
-        .get_or_create_stream(stream::Config {
-            name: cfg.stream.clone(),
-            subjects: vec![format!("{}.*", cfg.subject_prefix)],
-            num_replicas: cfg.replicas,
-            duplicate_window: cfg.duplicate_window,
-            max_age: cfg.max_age,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| PublishError::Stream {
-            stream: cfg.stream.clone(),
-            message: e.to_string(),
-        })?;
-    Ok((js, st))
+    let config = stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![format!("{}.*", cfg.subject_prefix)],
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window,
+        max_age: cfg.max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    // Nodes starting together make JetStream requests time out while the stream is created.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(st) => return Ok((js, st)),
+            Err(e) if tries < OPEN_TRIES => {
+                log::debug!("stream {}: {e}; trying again", cfg.stream);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(PublishError::Stream {
+                    stream: format!("{} ({tries} tries)", cfg.stream),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
 }
+
+/// How many times opening the stream is tried.
+const OPEN_TRIES: u32 = 10;
 
 /// Publishes parts to the stream (see the module's doc).
 #[derive(Debug, Clone)]
