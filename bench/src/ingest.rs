@@ -42,7 +42,7 @@ const MAX_PREFIXES: u32 = 1 << 21;
 /// The issue's target.
 const TARGET_DELTAS_PER_SECOND: f64 = 1_000_000.0;
 /// Rate limits off; everything else (fsync, detection) at its default.
-const COLLECTOR_CONFIG: &str = "\
+pub(crate) const COLLECTOR_CONFIG: &str = "\
 [limits]
 batches_per_second = 0.0
 deltas_per_second = 0.0
@@ -52,32 +52,32 @@ deltas_per_second = 0.0
 pub struct Args {
     /// Distinct client addresses the deltas come from.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
-    clients: u32,
+    pub(crate) clients: u32,
     /// Clients per /24 prefix (1: every client in a /24 of its own, the most keys). The /24s
     /// are spread over 11.0.0.0-42.255.255.255.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
-    clients_per_prefix: u32,
+    pub(crate) clients_per_prefix: u32,
     /// Agents: one gRPC stream each, sending its batches pipelined.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    agents: u32,
+    pub(crate) agents: u32,
     /// Batches each agent sends per run, one per second of batch time as a live agent's
     /// 1 s intervals (90: every key is judged by detection again after its first minute).
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
-    batches: u32,
+    pub(crate) batches: u32,
     /// Deltas per batch: connections with traffic in the agent's interval.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_DELTAS)))]
-    deltas: u32,
+    pub(crate) deltas: u32,
     /// Runs, each against a fresh collector; the figures are their median.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    runs: u32,
+    pub(crate) runs: u32,
     /// The collector's key budget (`[limits] max_keys`; default: the collector's default). The
     /// throughput runs set it above the keys they make, so that every key is kept.
     #[arg(long)]
-    max_keys: Option<u64>,
+    pub(crate) max_keys: Option<u64>,
     /// The collector's feed buffer (`[feed] buffer_entries`; default: the collector's default,
     /// 0: no feed), to measure what holding applied batches for Feed followers costs.
     #[arg(long)]
-    feed_entries: Option<usize>,
+    pub(crate) feed_entries: Option<usize>,
 }
 
 impl Args {
@@ -103,7 +103,7 @@ impl Args {
         self.clients.div_ceil(self.clients_per_prefix)
     }
 
-    fn total_deltas(&self) -> u64 {
+    pub(crate) fn total_deltas(&self) -> u64 {
         u64::from(self.agents) * u64::from(self.batches) * u64::from(self.deltas)
     }
 }
@@ -151,7 +151,7 @@ pub fn run(args: &Args) -> Result<Section> {
 }
 
 /// The collector binary: `$OUTFLOW_COLLECTOR_BIN`, else `outflow-collector` beside this one.
-fn collector_path() -> Result<PathBuf> {
+pub(crate) fn collector_path() -> Result<PathBuf> {
     let path = match std::env::var_os(COLLECTOR_BIN_ENV) {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe()
@@ -167,9 +167,9 @@ fn collector_path() -> Result<PathBuf> {
 }
 
 /// Every agent's messages, encoded.
-struct Load {
+pub(crate) struct Load {
     agents: Vec<AgentLoad>,
-    bytes: usize,
+    pub(crate) bytes: usize,
 }
 
 struct AgentLoad {
@@ -236,7 +236,7 @@ fn batch(args: &Args, agent: u32, seq: u32, end_ms: u64) -> v1::Batch {
 
 /// Encodes every message before any clock starts. Batch time ends now: the runs replay the
 /// last `batches` seconds.
-fn encode(args: &Args) -> Load {
+pub(crate) fn encode(args: &Args) -> Load {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -294,9 +294,9 @@ struct RunResult {
 }
 
 /// The collector under test, stopped (SIGTERM, then SIGKILL) when dropped.
-struct CollectorProcess {
+pub(crate) struct CollectorProcess {
     process: ChildProcess,
-    stderr: CapturedText,
+    pub(crate) stderr: CapturedText,
 }
 
 impl CollectorProcess {
@@ -309,7 +309,6 @@ impl CollectorProcess {
         max_keys: Option<u64>,
         feed_entries: Option<usize>,
     ) -> Result<Self> {
-        let config = dir.join("collector.toml");
         let mut text = COLLECTOR_CONFIG.to_owned();
         if let Some(k) = max_keys {
             text += &format!("max_keys = {k}\n");
@@ -320,6 +319,19 @@ impl CollectorProcess {
         if let Some(n) = feed_entries {
             text += &format!("[feed]\nbuffer_entries = {n}\n");
         }
+        Self::start_with(bin, dir, listen, metrics, &text)
+    }
+
+    /// Starts the collector with the configuration file `text` (rate limits off are the
+    /// caller's to say), its data in `dir/data`, and waits until it listens.
+    pub(crate) fn start_with(
+        bin: &Path,
+        dir: &Path,
+        listen: SocketAddr,
+        metrics: SocketAddr,
+        text: &str,
+    ) -> Result<Self> {
+        let config = dir.join("collector.toml");
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut command = Command::new(bin);
         command
@@ -330,8 +342,12 @@ impl CollectorProcess {
             .arg(dir.join("data"))
             .args(["--listen", &listen.to_string()])
             .args(["--metrics-listen", &metrics.to_string()])
-            // Its warnings and errors only: one line per agent would interleave with ours.
-            .env("RUST_LOG", "warn")
+            // Its warnings and errors only (one line per agent would interleave with ours),
+            // unless $OUTFLOW_BENCH_COLLECTOR_LOG says otherwise (a RUST_LOG filter).
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTFLOW_BENCH_COLLECTOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -359,7 +375,7 @@ impl CollectorProcess {
         Ok(collector)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 }
@@ -515,13 +531,13 @@ fn busiest(
 }
 
 /// One agent's stream, past its Welcome, with its batches still to send.
-struct AgentStream {
+pub(crate) struct AgentStream {
     stream: IngestStream,
     batches: Vec<Bytes>,
 }
 
 /// Connects every agent and exchanges Hello and Welcome (before the clock starts).
-async fn open_streams(url: &str, load: &Load) -> Result<Vec<AgentStream>> {
+pub(crate) async fn open_streams(url: &str, load: &Load) -> Result<Vec<AgentStream>> {
     let mut streams = Vec::new();
     for agent in &load.agents {
         // As the agent's endpoint: plaintext here, no delay.
@@ -553,7 +569,7 @@ async fn open_streams(url: &str, load: &Load) -> Result<Vec<AgentStream>> {
 impl AgentStream {
     /// Sends every batch, at most [`WINDOW`] unacknowledged, until the last is acknowledged;
     /// returns the time from sending each batch to its Ack, ms.
-    async fn send(mut self) -> Result<Vec<f64>> {
+    pub(crate) async fn send(mut self) -> Result<Vec<f64>> {
         let n = self.batches.len() as u64;
         let mut batches = self.batches.into_iter();
         let (mut sent, mut acked) = (0u64, 0u64);

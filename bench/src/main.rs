@@ -7,6 +7,7 @@
 
 mod agent_load;
 mod capture;
+mod cluster;
 mod detect;
 mod holder;
 mod ingest;
@@ -58,6 +59,9 @@ enum Command {
     /// Collector ingest: connection deltas applied per second over gRPC, with detection on
     /// and off.
     Ingest(ingest::Args),
+    /// Collector cluster mode: deltas applied per second with 1, 2 and 3 aggregators behind
+    /// an ingest node on a real NATS JetStream cluster, and the send-to-Ack time.
+    Cluster(cluster::Args),
     /// The detectors' cost per judgement at 100k and 1M active clients, cohorts included.
     Detect(detect::Args),
     /// (internal) Hold live connections open for the other benchmarks.
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent_load::run(a),
         Command::Ingest(a) => ingest::run(a),
         Command::Detect(a) => detect::run(a),
+        Command::Cluster(a) => cluster::run(a),
         Command::Requests(a) => requests::run(a),
         Command::Hold(a) => return helper("hold", holder::run_hold(a)),
         Command::HttpServe(a) => return helper("http-serve", requests::run_serve(a)),

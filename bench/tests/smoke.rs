@@ -143,6 +143,27 @@ fn collector_ingest_applies_every_delta() {
 }
 
 #[test]
+fn cluster_aggregators_apply_every_delta() {
+    let s = bench(&[
+        "cluster",
+        "--aggregators",
+        "1,2",
+        "--partitions",
+        "4",
+        "--clients",
+        "500",
+        "--agents",
+        "2",
+        "--batches",
+        "3",
+        "--deltas",
+        "200",
+    ]);
+    assert_eq!(rows(&s), 2, "{s}");
+    assert_eq!(cell(&s, 1, "aggregators"), "2");
+}
+
+#[test]
 fn traffic_cost_reads_the_programs_run_times() {
     // The benchmark itself fails unless outflow's and the reference's programs both ran.
     let s = bench(&[

@@ -21,7 +21,7 @@ use crate::{cmd, demo, setup, test::cargo_command};
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only these (comma-separated): packet, capture, traffic, requests, throughput,
-    /// agent, ingest, detect, alert.
+    /// agent, ingest, detect, cluster, alert.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Fewer and shorter runs (minutes less), to check the benchmarks themselves; writes
@@ -35,7 +35,7 @@ pub struct Args {
 
 /// The benchmarks, in the order they run: `outflow-bench` subcommands with their arguments
 /// (full, quick), then the demo's time to alert.
-const BENCHES: [(&str, &[&str], &[&str]); 8] = [
+const BENCHES: [(&str, &[&str], &[&str]); 9] = [
     (
         "packet",
         &[],
@@ -76,6 +76,20 @@ const BENCHES: [(&str, &[&str], &[&str]); 8] = [
         &[],
         &["--clients", "20000", "--steady-percent", "100"],
     ),
+    (
+        "cluster",
+        &[],
+        &[
+            "--clients",
+            "20000",
+            "--agents",
+            "4",
+            "--batches",
+            "10",
+            "--deltas",
+            "5000",
+        ],
+    ),
 ];
 const ALERT_RUNS: (usize, usize) = (3, 1);
 
@@ -112,6 +126,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "agent",
         "ingest",
         "detect",
+        "cluster",
         "alert",
     ];
     if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
