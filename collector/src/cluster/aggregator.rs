@@ -45,6 +45,9 @@ use crate::collector::Collector;
 
 /// The file in the data directory listing the partitions the store holds.
 const HELD_FILE: &str = "partitions-held";
+/// The file in the data directory naming this aggregator's instance (made once): what tells
+/// its membership entry from another aggregator's under the same name.
+const INSTANCE_FILE: &str = "aggregator-instance";
 
 /// Why an aggregator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +57,7 @@ pub enum AggregatorError {
     #[error(transparent)]
     Membership(#[from] MembershipError),
     #[error("{path}: {error}")]
-    Held {
+    File {
         path: PathBuf,
         error: std::io::Error,
     },
@@ -82,8 +85,13 @@ pub async fn start(
     let (js, stream) = open_stream(&p).await?;
     let me = cfg.node();
     let members = Membership::open(&js, &p.stream, p.replicas, cfg.lease, &me).await?;
+    let instance_path = data_dir.join(INSTANCE_FILE);
+    let instance = instance_id(&instance_path).map_err(|error| AggregatorError::File {
+        path: instance_path,
+        error,
+    })?;
     let held_path = data_dir.join(HELD_FILE);
-    let held = read_held(&held_path).map_err(|error| AggregatorError::Held {
+    let held = read_held(&held_path).map_err(|error| AggregatorError::File {
         path: held_path.clone(),
         error,
     })?;
@@ -102,6 +110,7 @@ pub async fn start(
         lease: cfg.lease,
         held_path,
         held,
+        instance,
         running: BTreeMap::new(),
         renewed: None,
     };
@@ -118,6 +127,8 @@ struct Aggregator {
     held_path: PathBuf,
     /// The partitions the store holds (as listed in `held_path`).
     held: BTreeSet<u32>,
+    /// This aggregator's instance (its data directory's).
+    instance: String,
     /// A consumer task per partition being applied.
     running: BTreeMap<u32, (JoinHandle<()>, CancellationToken)>,
     /// The last renewal of the membership.
@@ -154,7 +165,7 @@ impl Aggregator {
     /// One round: renew, read the claims, take out what is no longer ours, give up and claim
     /// toward the fair share, apply every partition held.
     async fn round(&mut self) -> Result<(), RoundError> {
-        self.members.renew().await?;
+        self.members.renew(&self.instance).await?;
         let first = self.renewed.is_none();
         self.renewed = Some(Instant::now());
         if first {
@@ -302,6 +313,25 @@ impl Aggregator {
             let _ = task.await;
         }
     }
+}
+
+/// This data directory's instance id: read, or made (random) and written the first time.
+fn instance_id(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))?;
+    let id = format!("{:016x}", u64::from_le_bytes(bytes));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, format!("{id}\n"))?;
+    Ok(id)
 }
 
 fn read_held(path: &Path) -> std::io::Result<BTreeSet<u32>> {

@@ -86,6 +86,8 @@ pub struct Membership {
     nodes: kv::Store,
     claims: kv::Store,
     me: String,
+    /// The revision of this aggregator's membership entry, once written.
+    revision: Option<u64>,
 }
 
 fn claim_key(partition: u32) -> String {
@@ -116,6 +118,7 @@ impl Membership {
             nodes,
             claims,
             me: me.to_owned(),
+            revision: None,
         })
     }
 
@@ -124,13 +127,53 @@ impl Membership {
         &self.me
     }
 
-    /// Says this aggregator is alive (for another lease).
-    pub async fn renew(&self) -> Result<(), MembershipError> {
-        self.nodes
-            .put(&self.me, bytes::Bytes::new())
+    /// Says this aggregator is alive (for another lease). Its entry holds `instance` (what
+    /// tells this aggregator's store from another's): an entry of the same name with another
+    /// instance is another live aggregator under this name, and is not overwritten.
+    pub async fn renew(&mut self, instance: &str) -> Result<(), MembershipError> {
+        let value = bytes::Bytes::from(instance.to_owned());
+        if let Some(rev) = self.revision {
+            match self.nodes.update(&self.me, value.clone(), rev).await {
+                Ok(r) => {
+                    self.revision = Some(r);
+                    return Ok(());
+                }
+                // Expired meanwhile, or written by another: read it.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    self.revision = None;
+                }
+                Err(e) => return Err(err("renewing the membership", e)),
+            }
+        }
+        let entry = self
+            .nodes
+            .entry(self.me.as_str())
             .await
-            .map(drop)
-            .map_err(|e| err("renewing the membership", e))
+            .map_err(|e| err("reading the membership", e))?;
+        let r = match entry {
+            Some(e) if e.operation == kv::Operation::Put && e.value != value => {
+                return Err(err(
+                    format!("cluster.node_name {:?}", self.me),
+                    format!(
+                        "in use by another live aggregator (instance {}, this one is {instance}): give each aggregator a name of its own",
+                        String::from_utf8_lossy(&e.value)
+                    ),
+                ));
+            }
+            // This aggregator's own entry (from before a restart): renewed.
+            Some(e) if e.operation == kv::Operation::Put => self
+                .nodes
+                .update(&self.me, value, e.revision)
+                .await
+                .map_err(|e| err("renewing the membership", e))?,
+            _ => self
+                .nodes
+                .create(&self.me, value)
+                .await
+                .map_err(|e| err("joining the membership", e))?,
+        };
+        self.revision = Some(r);
+        Ok(())
     }
 
     /// The live aggregators.

@@ -464,3 +464,45 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
         s.shutdown().await.unwrap();
     }
 }
+
+/// Two aggregators given the same name (two machines with one host name): the second one
+/// finds the name's membership held by another instance, says so, and claims and applies
+/// nothing (two stores under one name would split its partitions' parts between them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_aggregator_under_a_taken_name_applies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let first = start(aggregator_config(dir.path(), &nats, "a0")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 holds every partition", |c| {
+        counts(c) == BTreeMap::from([("a0".into(), 8)])
+    })
+    .await;
+    let mut cfg = aggregator_config(&dir.path().join("other"), &nats, "a0");
+    cfg.data_dir = dir.path().join("other-a0");
+    let second = start(cfg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics(&second).await;
+        if metric(&m, "outflow_collector_cluster_membership_failures_total") >= 2.0 {
+            assert_eq!(metric(&m, "outflow_collector_cluster_partitions_held"), 0.0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(
+            &metrics(&first).await,
+            "outflow_collector_cluster_partitions_held"
+        ),
+        8.0
+    );
+    assert_eq!(
+        counts(&claims(&watch).await),
+        BTreeMap::from([("a0".into(), 8)])
+    );
+    for s in [first, second] {
+        s.shutdown().await.unwrap();
+    }
+}
