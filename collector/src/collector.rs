@@ -9,7 +9,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use log::{info, warn};
+use log::warn;
 use outflow_proto::v1::{
     self, AgentMessage, CollectorMessage, agent_message::Msg, collector_message,
 };
@@ -148,6 +148,16 @@ impl Collector {
             agent: None,
             shift_warned: false,
             bound,
+            part: false,
+        }
+    }
+
+    /// An aggregator's session applying one partition's parts of an agent: not an agent
+    /// stream (not in `agents_connected`, its Hello logged at debug level only).
+    pub fn part_session(self: &Arc<Self>) -> Session {
+        Session {
+            part: true,
+            ..self.session()
         }
     }
 
@@ -276,7 +286,8 @@ struct SessionAgent {
     limiter: Arc<Mutex<AgentLimiter>>,
     /// On an ingest node: the stream's publisher task.
     publisher: Option<StreamPublisher>,
-    _connected: Connected,
+    /// None for an aggregator's partition session.
+    _connected: Option<Connected>,
 }
 
 /// One agent stream: a Hello, then Batches.
@@ -287,6 +298,8 @@ pub struct Session {
     bound: Vec<BoundAgent>,
     /// A batch of this stream was moved back in time (its agent's clock is ahead).
     shift_warned: bool,
+    /// An aggregator's partition session ([`Collector::part_session`]).
+    part: bool,
 }
 
 /// The answer to a message, possibly still waiting for its commit.
@@ -375,7 +388,12 @@ impl Session {
                 Some(ci.stream()),
             ),
         };
-        info!(
+        log::log!(
+            if self.part {
+                log::Level::Debug
+            } else {
+                log::Level::Info
+            },
             "agent {} (host {}, version {:?}, {} labels): hello, applied seq {}",
             hello.agent,
             hello.hostname,
@@ -389,7 +407,7 @@ impl Session {
             host: reply.host,
             hostname: hello.hostname.as_str().into(),
             publisher,
-            _connected: Connected::new(&c.metrics),
+            _connected: (!self.part).then(|| Connected::new(&c.metrics)),
         });
         Ok(Pending::Ready(CollectorMessage {
             msg: Some(collector_message::Msg::Welcome(v1::Welcome {

@@ -350,13 +350,17 @@ impl Server {
             );
         }
         info!(
-            "listening on {addr} ({}), dashboard on http://{metrics_addr}/, metrics on http://{metrics_addr}/metrics, data in {}",
+            "listening on {addr} ({}), dashboard on http://{metrics_addr}/, metrics on http://{metrics_addr}/metrics, {}",
             if config.tls.enabled() {
                 "TLS"
             } else {
                 "plaintext"
             },
-            config.data_dir.display()
+            if ingest_node {
+                "no store (ingest node)".to_owned()
+            } else {
+                format!("data in {}", config.data_dir.display())
+            }
         );
         Ok(Server {
             addr,

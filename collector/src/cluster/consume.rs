@@ -199,7 +199,7 @@ impl Partition {
         };
         let key = (part.agent_id.clone(), part.epoch);
         if !self.sessions.contains_key(&key) {
-            let mut s = self.collector.session();
+            let mut s = self.collector.part_session();
             s.handle(AgentMessage {
                 msg: Some(Msg::Hello(v1::Hello {
                     agent_id: partition_agent(&part.agent_id, self.partition),

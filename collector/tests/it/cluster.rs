@@ -459,6 +459,8 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
         "a1 came back to claims taken: it rebuilt\n{m}"
     );
     assert_eq!(metric(&m, "outflow_collector_cluster_partitions_held"), 3.0);
+    // Its partition sessions are no agent streams.
+    assert_eq!(metric(&m, "outflow_collector_agents_connected"), 0.0, "{m}");
     drop(agents);
     for s in [ingest, a0, a1, a2] {
         s.shutdown().await.unwrap();
