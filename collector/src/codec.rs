@@ -3,7 +3,7 @@
 //!
 //! A 16 MiB message of empty `ConnDelta`s would decode into eight million structs (over a
 //! gigabyte); counting first turns it into one INVALID_ARGUMENT naming `deltas`.
-use outflow_proto::v1::{AgentMessage, CollectorMessage};
+use outflow_proto::v1::{AgentMessage, CollectorMessage, PartBatch};
 use prost::{Message as _, bytes::Buf as _};
 use tonic::{
     Status,
@@ -97,6 +97,26 @@ pub fn decode_agent_message(bytes: &[u8], max_deltas: usize) -> Result<AgentMess
         .map_err(|e| ApiError::Malformed(format!("malformed AgentMessage: {e}")))
 }
 
+/// Decodes a cluster part (`outflow.v1.PartBatch`, read from JetStream by an aggregator),
+/// refusing more than `max_deltas` deltas before decoding them.
+pub fn decode_part_batch(bytes: &[u8], max_deltas: usize) -> Result<PartBatch, ApiError> {
+    let mut deltas = 0usize;
+    each_len_field(bytes, |field, payload| {
+        if field == 6 {
+            deltas = deltas.saturating_add(count_field(payload, 4));
+        }
+    });
+    if deltas > max_deltas {
+        return Err(ValidationError::new(
+            "deltas",
+            format!("{deltas} deltas, at most {max_deltas}"),
+        )
+        .into());
+    }
+    PartBatch::decode(bytes)
+        .map_err(|e| ApiError::Malformed(format!("not an outflow.v1.PartBatch: {e}")))
+}
+
 /// The Ingest service's codec: prost, with [`decode_agent_message`] for what agents send.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentCodec {
@@ -173,6 +193,34 @@ mod tests {
         };
         let e = decode_agent_message(&hello.encode_to_vec(), 3).unwrap_err();
         assert_eq!(e.to_string(), "labels: 40 labels, at most 32");
+    }
+
+    #[test]
+    fn parts_are_counted_before_decoding() {
+        let part = |n: usize| {
+            PartBatch {
+                agent_id: "a".into(),
+                partition: 1,
+                partitions: 4,
+                batch: Some(Batch {
+                    seq: 1,
+                    deltas: vec![ConnDelta::default(); n],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(decode_part_batch(&part(3), 3).unwrap().partition, 1);
+        let e = decode_part_batch(&part(4), 3).unwrap_err();
+        assert_eq!(e.to_string(), "deltas: 4 deltas, at most 3");
+        let mut two = part(2);
+        two.extend(part(2));
+        assert!(decode_part_batch(&two, 3).is_err());
+        assert!(matches!(
+            decode_part_batch(&[0xff, 0xff], 3),
+            Err(ApiError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -19,22 +19,24 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Every fuzz target, with the cargo-fuzz project it is in.
-const PROJECTS: [(&str, &str); 7] = [
+const PROJECTS: [(&str, &str); 8] = [
     ("proxy", "attribution/fuzz"),
     ("http", "attribution/fuzz"),
     ("forwarded", "attribution/fuzz"),
     ("turn", "attribution/fuzz"),
     ("ingest", "collector/fuzz"),
+    ("part", "collector/fuzz"),
     ("config", "collector/fuzz"),
     ("agent-config", "agent-config/fuzz"),
 ];
 /// Every fuzz target.
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "proxy",
     "http",
     "forwarded",
     "turn",
     "ingest",
+    "part",
     "config",
     "agent-config",
 ];

@@ -13,14 +13,15 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
 use log::{debug, error, warn};
+use outflow_proto::limits::MAX_DELTAS_PER_BATCH;
 use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
-use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::partition::fnv1a;
 use crate::{
+    codec::decode_part_batch,
     collector::{Collector, Session},
     error::ApiError,
     model::MAX_AGENT_ID_CHARS,
@@ -186,8 +187,7 @@ impl Partition {
 
     /// Decodes and validates a part and queues it for the writer.
     async fn begin(&mut self, payload: &[u8]) -> Result<crate::collector::Pending, Done> {
-        let part = v1::PartBatch::decode(payload)
-            .map_err(|e| Done::Invalid(format!("not an outflow.v1.PartBatch: {e}")))?;
+        let part = decode_part_batch(payload, MAX_DELTAS_PER_BATCH).map_err(Self::classify)?;
         if part.partition != self.partition {
             return Err(Done::Invalid(format!(
                 "part of partition {} on the subject of partition {}",
