@@ -203,18 +203,7 @@ fn one_run(
         .block_on(ingest::open_streams(&format!("http://{ingest_addr}"), load))
         .with_context(|| format!("ingest node stderr:\n{}", ingest.stderr.tail(20)))?;
     let t0 = Instant::now();
-    let mut ack_ms = rt
-        .block_on(async {
-            let tasks: Vec<_> = streams
-                .into_iter()
-                .map(|s| tokio::spawn(s.send()))
-                .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await??);
-            }
-            anyhow::Ok(all)
-        })
+    let ack_ms = ingest::send_all(rt, streams)
         .with_context(|| format!("ingest node stderr:\n{}", ingest.stderr.tail(20)))?;
     let acked_seconds = t0.elapsed().as_secs_f64();
     drop(ingest);
@@ -268,16 +257,11 @@ fn one_run(
         applied == total,
         "the aggregators applied {applied} deltas, {total} were sent"
     );
-    ack_ms.sort_unstable_by(f64::total_cmp);
-    let pct = |p: f64| {
-        let i = ((ack_ms.len() as f64 * p).ceil() as usize).clamp(1, ack_ms.len().max(1)) - 1;
-        ack_ms.get(i).copied().unwrap_or(0.0)
-    };
     Ok(RunResult {
         aggregators: n,
         seconds,
         acked_seconds,
-        ack_ms: (pct(0.5), pct(0.99)),
+        ack_ms,
         aggregator_cpu: 100.0 * cpu / seconds.max(1e-9),
     })
 }

@@ -427,26 +427,9 @@ fn one_run(
     let threads0 = thread_cpu(pid)?;
     let own0 = sys::cpu_time(std::process::id())?;
     let t0 = Instant::now();
-    let mut ack_ms = rt
-        .block_on(async {
-            let tasks: Vec<_> = streams
-                .into_iter()
-                .map(|s| tokio::spawn(s.send()))
-                .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await??);
-            }
-            anyhow::Ok(all)
-        })
+    let ack_ms = send_all(rt, streams)
         .with_context(|| format!("collector stderr:\n{}", collector.stderr.tail(20)))?;
     let seconds = t0.elapsed().as_secs_f64();
-    ack_ms.sort_unstable_by(f64::total_cmp);
-    let pct = |p: f64| {
-        let i = ((ack_ms.len() as f64 * p).ceil() as usize).clamp(1, ack_ms.len().max(1)) - 1;
-        ack_ms.get(i).copied().unwrap_or(0.0)
-    };
-    let ack_ms = (pct(0.5), pct(0.99));
     let cpu = sys::cpu_time(pid)? - cpu0;
     let threads = thread_cpu(pid)?;
     let own = sys::cpu_time(std::process::id())? - own0;
@@ -528,6 +511,31 @@ fn busiest(
         })
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or_default()
+}
+
+/// Sends every stream's batches at once; the median and 99th percentile of the time from
+/// sending a batch to its Ack, ms.
+pub(crate) fn send_all(
+    rt: &tokio::runtime::Runtime,
+    streams: Vec<AgentStream>,
+) -> Result<(f64, f64)> {
+    let mut ack_ms = rt.block_on(async {
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .map(|s| tokio::spawn(s.send()))
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        anyhow::Ok(all)
+    })?;
+    ack_ms.sort_unstable_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let i = ((ack_ms.len() as f64 * p).ceil() as usize).clamp(1, ack_ms.len().max(1)) - 1;
+        ack_ms.get(i).copied().unwrap_or(0.0)
+    };
+    Ok((pct(0.5), pct(0.99)))
 }
 
 /// One agent's stream, past its Welcome, with its batches still to send.

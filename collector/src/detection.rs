@@ -272,6 +272,22 @@ mod tests {
         }
     }
 
+    /// A collector on `dir` (no fsync, no rate limits) whose volume detector alerts at 1 MB
+    /// an hour.
+    fn open(dir: &std::path::Path) -> (Config, std::sync::Arc<Metrics>, std::sync::Arc<Collector>) {
+        let mut cfg = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        cfg.store.fsync = false;
+        cfg.limits.batches_per_second = 0.0;
+        cfg.limits.deltas_per_second = 0.0;
+        cfg.detect.volume.client_per_hour = 1_000_000;
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let c = std::sync::Arc::new(Collector::open(&cfg, metrics.clone()).unwrap());
+        (cfg, metrics, c)
+    }
+
     fn opened(m: &Metrics) -> String {
         m.encode()
             .lines()
@@ -287,16 +303,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acks_do_not_wait_for_storing_and_publishing_alerts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Config::default()
-        };
-        cfg.store.fsync = false;
-        cfg.limits.batches_per_second = 0.0;
-        cfg.limits.deltas_per_second = 0.0;
-        cfg.detect.volume.client_per_hour = 1_000_000;
-        let metrics = std::sync::Arc::new(Metrics::new());
-        let c = std::sync::Arc::new(Collector::open(&cfg, metrics.clone()).unwrap());
+        let (cfg, metrics, c) = open(dir.path());
         let mut s = c.session();
         s.handle(AgentMessage {
             msg: Some(Msg::Hello(v1::Hello {
@@ -369,16 +376,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reset_empties_the_store_and_detection_starts_afresh() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Config::default()
-        };
-        cfg.store.fsync = false;
-        cfg.limits.batches_per_second = 0.0;
-        cfg.limits.deltas_per_second = 0.0;
-        cfg.detect.volume.client_per_hour = 1_000_000;
-        let metrics = std::sync::Arc::new(Metrics::new());
-        let c = std::sync::Arc::new(Collector::open(&cfg, metrics.clone()).unwrap());
+        let (cfg, metrics, c) = open(dir.path());
         let hello = || AgentMessage {
             msg: Some(Msg::Hello(v1::Hello {
                 agent_id: "a".into(),
