@@ -158,48 +158,20 @@ impl Writer {
         metrics
             .key_budget
             .set(i64::try_from(limits.max_keys).unwrap_or(i64::MAX));
-        let (detector, next_judgement_ms) = {
+        let next_judgement_ms = {
             let st = state.read().unwrap_or_else(PoisonError::into_inner);
             budget.recount(&st);
-            let mut d = detect.enabled.then(|| {
-                let mut d = Detector::new(detect.clone(), &st);
-                d.set_max_tracks(limits.max_keys);
-                d
-            });
-            if let Some(d) = &mut d {
-                match store.load_detect_state() {
-                    Ok(rows) => match d.restore(rows) {
-                        (n, 0) => debug!("detection: {n} learnt rows restored"),
-                        (n, bad) => warn!(
-                            "detection: {n} learnt rows restored, {bad} not understood (those subjects learn again)"
-                        ),
-                    },
-                    Err(e) => warn!("detection: learnt state not read ({e}); learning again"),
-                }
-            }
-            (d, detect.next_judgement(st.end_ms()))
+            detect.next_judgement(st.end_ms())
         };
-        let store = Arc::new(SharedStore::new(store));
-        let detection = match detector {
-            Some(d) => Some(Detection::start(
-                d,
-                state.clone(),
-                store.clone(),
-                alerts.clone(),
-                metrics.clone(),
-                limits.max_keys,
-            )?),
-            None => None,
-        };
-        let w = Worker {
-            store,
+        let mut w = Worker {
+            store: Arc::new(SharedStore::new(store)),
             state,
             metrics,
             max_batches: store_cfg.max_batches_per_commit.max(1),
             gc_interval: store_cfg.gc_interval,
             last_gc: Instant::now(),
             budget,
-            detection,
+            detection: None,
             detect: detect.clone(),
             next_judgement_ms,
             reading: None,
@@ -209,6 +181,7 @@ impl Writer {
             staging: Staging::default(),
             staged: Vec::new(),
         };
+        w.start_detection()?;
         w.update_key_gauges();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -644,7 +617,7 @@ impl Worker {
 
     /// Empties the store and memory: detection stops (its last work done), the store is
     /// cleared in one transaction, memory and alerts start from it empty, detection starts
-    /// again with nothing learnt.
+    /// again with nothing learnt (none is left in the store).
     fn reset(&mut self) -> Result<(), WriteError> {
         if let Some(r) = self.reading.take() {
             r.wait();
@@ -660,8 +633,8 @@ impl Worker {
             Ok(st) => st,
             Err(e) => {
                 // Memory as it was: the store is as it was too, or reopened before the
-                // next write; detection goes on.
-                self.start_detection();
+                // next write; detection goes on from what it saved at its stop.
+                self.restart_detection();
                 return Err(e);
             }
         };
@@ -669,32 +642,48 @@ impl Worker {
         self.alerts.clear(&self.metrics);
         self.budget = KeyBudget::new(self.limits.max_keys, self.limits.max_keys_per_agent_percent);
         self.next_judgement_ms = self.detect.next_judgement(0);
-        self.start_detection();
+        self.restart_detection();
         self.update_key_gauges();
         Ok(())
     }
 
-    /// Starts a detection thread (with detection on) on the state as it is, with nothing
-    /// learnt.
-    fn start_detection(&mut self) {
-        if !self.detect.enabled || self.detection.is_some() {
-            return;
+    /// [`Self::start_detection`] after a reset: a thread that does not start is logged (the
+    /// writer goes on without detection).
+    fn restart_detection(&mut self) {
+        if let Err(e) = self.start_detection() {
+            error!("detection thread not started again: {e}");
         }
-        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let mut d = Detector::new(self.detect.clone(), &st);
+    }
+
+    /// Starts the detection thread (with detection on) on the state as it is, with what the
+    /// store holds of what the detectors learnt.
+    fn start_detection(&mut self) -> std::io::Result<()> {
+        if !self.detect.enabled || self.detection.is_some() {
+            return Ok(());
+        }
+        let mut d = {
+            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            Detector::new(self.detect.clone(), &st)
+        };
         d.set_max_tracks(self.limits.max_keys);
-        drop(st);
-        match Detection::start(
+        match self.store.read(Store::load_detect_state) {
+            Ok(rows) => match d.restore(rows) {
+                (n, 0) => debug!("detection: {n} learnt rows restored"),
+                (n, bad) => warn!(
+                    "detection: {n} learnt rows restored, {bad} not understood (those subjects learn again)"
+                ),
+            },
+            Err(e) => warn!("detection: learnt state not read ({e}); learning again"),
+        }
+        self.detection = Some(Detection::start(
             d,
             self.state.clone(),
             self.store.clone(),
             self.alerts.clone(),
             self.metrics.clone(),
             self.limits.max_keys,
-        ) {
-            Ok(d) => self.detection = Some(d),
-            Err(e) => error!("detection thread not started again: {e}"),
-        }
+        )?);
+        Ok(())
     }
 
     /// Applies a group of requests: stages them, commits the changes in one transaction,
