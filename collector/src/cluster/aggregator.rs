@@ -101,6 +101,10 @@ pub async fn start(
         p.stream,
         p.urls.join(",")
     );
+    collector
+        .metrics()
+        .cluster_partitions_held
+        .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
     let a = Aggregator {
         collector,
         stream,
@@ -183,8 +187,8 @@ impl Aggregator {
                 .map(|(p, _)| *p)
                 .collect()
         };
-        if !self.held.is_subset(&mine(&claims)) {
-            let lost: Vec<u32> = self.held.difference(&mine(&claims)).copied().collect();
+        let lost: Vec<u32> = self.held.difference(&mine(&claims)).copied().collect();
+        if !lost.is_empty() {
             warn!(
                 "aggregator {me}: partitions {lost:?} were claimed by others while this one was away: rebuilding"
             );
@@ -226,10 +230,19 @@ impl Aggregator {
         for p in &mine {
             self.apply(*p).await?;
         }
+        Ok(())
+    }
+
+    /// Lists `held` as what the store holds: durably in the data directory, then here and in
+    /// `outflow_collector_cluster_partitions_held`.
+    fn set_held(&mut self, held: BTreeSet<u32>) -> Result<(), RoundError> {
+        write_held(&self.held_path, &held)
+            .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
         self.collector
             .metrics()
             .cluster_partitions_held
-            .set(i64::try_from(self.held.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
+        self.held = held;
         Ok(())
     }
 
@@ -248,9 +261,7 @@ impl Aggregator {
             self.delete_consumer(&name).await?;
             let mut held = self.held.clone();
             held.insert(partition);
-            write_held(&self.held_path, &held)
-                .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
-            self.held = held;
+            self.set_held(held)?;
         }
         let stop = CancellationToken::new();
         let task = consume::spawn(
@@ -279,9 +290,7 @@ impl Aggregator {
             .reset()
             .await
             .map_err(|e| RoundError::Other(format!("emptying the store: {e}")))?;
-        write_held(&self.held_path, &BTreeSet::new())
-            .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
-        self.held.clear();
+        self.set_held(BTreeSet::new())?;
         self.collector.metrics().cluster_rebuilds.inc();
         Ok(())
     }
