@@ -371,29 +371,37 @@ mod tests {
         c.close().await;
     }
 
-    /// A reset (an aggregator giving partitions away) leaves nothing: no key, watermark,
-    /// alert, in memory or in the store; detection starts afresh and opens alerts again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reset_empties_the_store_and_detection_starts_afresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cfg, metrics, c) = open(dir.path());
-        let hello = || AgentMessage {
+    /// Agent "a" over the volume limit (50 MB in the minute before T0) and past the judgement
+    /// at T0; returns once applied and judged.
+    async fn over_the_limit(c: &std::sync::Arc<Collector>) -> crate::collector::Session {
+        let mut s = c.session();
+        s.handle(AgentMessage {
             msg: Some(Msg::Hello(v1::Hello {
                 agent_id: "a".into(),
                 epoch: 1,
                 hostname: "gpu-0".into(),
                 ..Default::default()
             })),
-        };
+        })
+        .await
+        .unwrap();
+        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
+        s.handle(batch(2, T0 + 1000, 1000)).await.unwrap();
+        c.ping_writer().await.unwrap();
+        s
+    }
+
+    /// A reset (an aggregator giving partitions away) leaves nothing: no key, watermark,
+    /// alert, in memory or in the store; detection starts afresh and opens alerts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_empties_the_store_and_detection_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, metrics, c) = open(dir.path());
         let agent = crate::model::AgentKey {
             agent_id: "a".into(),
             epoch: 1,
         };
-        let mut s = c.session();
-        s.handle(hello()).await.unwrap();
-        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
-        s.handle(batch(2, T0 + 1000, 1000)).await.unwrap();
-        c.ping_writer().await.unwrap();
+        let first = over_the_limit(&c).await;
         assert_eq!(c.alerts().open_count(), 1);
         assert_eq!(c.watermark(&agent), 2);
 
@@ -413,15 +421,11 @@ mod tests {
         );
 
         // Applied again from the start (as a rebuild does): the same alert opens again.
-        let mut s = c.session();
-        s.handle(hello()).await.unwrap();
-        s.handle(batch(1, T0 - 1000, 50_000_000)).await.unwrap();
-        s.handle(batch(2, T0 + 1000, 1000)).await.unwrap();
-        c.ping_writer().await.unwrap();
+        let s = over_the_limit(&c).await;
         assert_eq!(c.alerts().open_count(), 1);
         c.reset().await.unwrap();
         c.close().await;
-        drop(s);
+        drop((first, s));
         drop(c);
         // Nothing on disk either.
         let c = Collector::open(&cfg, std::sync::Arc::new(Metrics::new())).unwrap();

@@ -262,24 +262,36 @@ async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
     server.shutdown().await.unwrap();
 }
 
-/// Every partition's claim: the aggregator holding it.
+/// Every partition's claim: the aggregator holding it. A read that fails (JetStream slow to
+/// answer on a loaded machine) is tried again, for 30 s.
 async fn claims(js: &jetstream::Context) -> BTreeMap<u32, String> {
-    let kv = js
-        .get_key_value(format!("{STREAM}-claims"))
-        .await
-        .expect("the claims bucket");
-    let mut keys = kv.keys().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match read_claims(js).await {
+            Ok(c) => return c,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("reading the claims: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("reading the claims: {e}"),
+        }
+    }
+}
+
+async fn read_claims(js: &jetstream::Context) -> Result<BTreeMap<u32, String>, async_nats::Error> {
+    let kv = js.get_key_value(format!("{STREAM}-claims")).await?;
+    let mut keys = kv.keys().await?;
     let mut out = BTreeMap::new();
     while let Some(k) = keys.next().await {
-        let k = k.unwrap();
-        if let Some(v) = kv.get(k.as_str()).await.unwrap() {
+        let k = k?;
+        if let Some(v) = kv.get(k.as_str()).await? {
             out.insert(
-                k.trim_start_matches('p').parse().unwrap(),
-                String::from_utf8(v.to_vec()).unwrap(),
+                k.trim_start_matches('p').parse()?,
+                String::from_utf8(v.to_vec())?,
             );
         }
     }
-    out
+    Ok(out)
 }
 
 /// Waits until `cond` holds of the claims (60 s at most).
@@ -474,15 +486,32 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
 async fn a_second_aggregator_under_a_taken_name_applies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let first = start(aggregator_config(dir.path(), &nats, "a0")).await;
+    // A lease long enough that the first never misses a renewal on a loaded machine (the
+    // name would then be free, and taken by the second).
+    let config = |dir: &std::path::Path| {
+        let mut cfg = aggregator_config(dir, &nats, "a0");
+        cfg.cluster.lease = Duration::from_secs(10);
+        cfg
+    };
+    let first = start(config(dir.path())).await;
     let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
     wait_claims(&watch, "a0 holds every partition", |c| {
         counts(c) == BTreeMap::from([("a0".into(), 8)])
     })
     .await;
-    let mut cfg = aggregator_config(&dir.path().join("other"), &nats, "a0");
-    cfg.data_dir = dir.path().join("other-a0");
-    let second = start(cfg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(
+        &metrics(&first).await,
+        "outflow_collector_cluster_partitions_held",
+    ) != 8.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a0 never applied its 8 partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = start(config(&dir.path().join("other"))).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let m = metrics(&second).await;
