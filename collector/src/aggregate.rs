@@ -674,7 +674,13 @@ impl State {
     /// The `limit` keys of `group` with the most response bytes in `window` (keys not seen in
     /// the window are left out; ties go to the smaller key).
     pub fn top(&self, group: Group, window: Window, limit: usize) -> TopTalkers {
-        let (w, end) = (window, self.end_ms);
+        self.top_at(group, window, self.end_ms, limit)
+    }
+
+    /// [`State::top`] of the window ending at `end_ms` (a cluster's windows end at the newest
+    /// batch time of all its aggregators).
+    pub fn top_at(&self, group: Group, window: Window, end_ms: u64, limit: usize) -> TopTalkers {
+        let (w, end) = (window, end_ms);
         let talkers = match group {
             Group::ClientAddress => rows(
                 self,
@@ -711,6 +717,41 @@ impl State {
         }
     }
 
+    /// Every key of `group` seen in `window` ending at `end_ms` with at least `min` response
+    /// bytes in it, named as [`State::top`] names keys, with those bytes; in no order.
+    pub fn at_least(
+        &self,
+        group: Group,
+        window: Window,
+        end_ms: u64,
+        min: u64,
+    ) -> Vec<(String, u64)> {
+        fn keep<'a, K: Named + 'a>(
+            st: &State,
+            min: u64,
+            it: impl Iterator<Item = (&'a K, WindowStats)>,
+        ) -> Vec<(String, u64)> {
+            it.filter(|(_, s)| s.hosts > 0 && s.totals.response_bytes >= min)
+                .map(|(k, s)| (k.name(st), s.totals.response_bytes))
+                .collect()
+        }
+        let (w, end) = (window, end_ms);
+        match group {
+            Group::ClientAddress => {
+                keep(self, min, each_of_both(&self.direct, &self.proxied, w, end))
+            }
+            Group::Peer => keep(self, min, each_of_both(&self.direct, &self.relayed, w, end)),
+            Group::ClientPrefix => {
+                let mut v = keep(self, min, each(&self.prefixes, w, end));
+                v.extend(keep(self, min, each(&self.folded, w, end)));
+                v
+            }
+            Group::Host => keep(self, min, each(&self.hosts, w, end)),
+            Group::Workload => keep(self, min, each(&self.workloads, w, end)),
+            Group::ClientId => keep(self, min, each(&self.ids, w, end)),
+        }
+    }
+
     /// The rollup of `key` of `group`, as [`State::top`] names keys (an address, a prefix, a
     /// client id, a host name, `host/cgroup/comm`); `None` if it is not held.
     pub fn rollup_of(&self, group: Group, key: &str) -> Option<Cow<'_, Rollup>> {
@@ -718,9 +759,14 @@ impl State {
         match group {
             Group::ClientAddress => self.client(addr()?).merged(),
             Group::Peer => self.peer(addr()?).merged(),
-            Group::ClientPrefix => match ClientQuery::parse(key).ok()? {
-                ClientQuery::Prefix(p) => self.prefixes.get(&p).map(Cow::Borrowed),
-                _ => None,
+            Group::ClientPrefix => match ClientQuery::parse(key) {
+                Ok(ClientQuery::Prefix(p)) => self.prefixes.get(&p).map(Cow::Borrowed),
+                // A network prefixes were folded into (a /16, a /48, ...).
+                _ => {
+                    let n = key.parse::<ipnet::IpNet>().ok()?;
+                    let net = Net::new(n.network(), n.prefix_len());
+                    self.folded.get(&net).map(Cow::Borrowed)
+                }
             },
             Group::ClientId => self.ids.get(key).map(Cow::Borrowed),
             Group::Host => self.hosts.get(&self.host_id(key)?).map(Cow::Borrowed),

@@ -31,7 +31,11 @@ impl AlertsService {
         Self { hub, shutdown }
     }
 
-    fn do_list(&self, r: v1::ListAlertsRequest) -> Result<v1::ListAlertsResponse, ApiError> {
+    /// List without the transport.
+    pub(crate) fn do_list(
+        &self,
+        r: v1::ListAlertsRequest,
+    ) -> Result<v1::ListAlertsResponse, ApiError> {
         let limit = if r.limit == 0 { DEFAULT_LIMIT } else { r.limit };
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(v1::ListAlertsResponse {
@@ -40,7 +44,8 @@ impl AlertsService {
     }
 }
 
-type AlertStream = Pin<Box<dyn Stream<Item = Result<v1::Alert, Status>> + Send + 'static>>;
+pub(crate) type AlertStream =
+    Pin<Box<dyn Stream<Item = Result<v1::Alert, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Alerts for AlertsService {
@@ -57,7 +62,15 @@ impl Alerts for AlertsService {
         &self,
         request: Request<v1::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let include_service = request.into_inner().include_service;
+        Ok(Response::new(
+            self.stream(request.into_inner().include_service),
+        ))
+    }
+}
+
+impl AlertsService {
+    /// Watch without the transport: every open alert, then each change.
+    pub(crate) fn stream(&self, include_service: bool) -> AlertStream {
         let hub = self.hub.clone();
         let mut changes = hub.subscribe();
         let (tx, rx) = mpsc::channel(64);
@@ -89,6 +102,6 @@ impl Alerts for AlertsService {
                 }
             }
         }));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Box::pin(ReceiverStream::new(rx))
     }
 }

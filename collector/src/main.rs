@@ -93,7 +93,8 @@ struct ServeArgs {
     otlp_endpoint: Option<String>,
     /// What this process does: `standalone` (the whole collector, the default), `ingest` (take
     /// agents' streams and publish them to NATS JetStream) or `aggregator` (apply a share of
-    /// the partitions from JetStream); the rest of it: `[cluster]` in the config file
+    /// the partitions from JetStream); every cluster node answers Query and Alerts for the
+    /// whole cluster; the rest of it: `[cluster]` in the config file
     #[arg(long, value_name = "ROLE", value_parser = ["standalone", "ingest", "aggregator"])]
     role: Option<String>,
     /// A NATS server of the JetStream cluster, e.g. nats://10.0.0.5:4222 (repeat for more; in

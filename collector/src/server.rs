@@ -30,7 +30,8 @@ use std::{
 
 use log::{error, info, warn};
 use outflow_proto::v1::{
-    alerts_server::AlertsServer, feed_server::FeedServer, query_server::QueryServer,
+    aggregator_query_server::AggregatorQueryServer, alerts_server::AlertsServer,
+    feed_server::FeedServer, query_server::QueryServer,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::Stream;
@@ -41,7 +42,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     alerts_service::AlertsService,
     auth::{self, Auth, AuthError, ClientCerts, Role},
-    cluster::{config::NodeRole, ingest::ClusterIngest},
+    cluster::{
+        aggregator::SharedHeld,
+        aggregator_query::AggregatorQueryService,
+        config::NodeRole,
+        fleet_query::{Fleet, FleetAlertsService, FleetQueryService},
+        ingest::ClusterIngest,
+    },
     collector::{Collector, OpenError},
     config::{Config, ConfigError},
     dashboard::Dashboard,
@@ -92,6 +99,8 @@ pub enum StartError {
     Cluster(#[from] crate::cluster::publish::PublishError),
     #[error("aggregator: {0}")]
     Aggregator(#[from] crate::cluster::aggregator::AggregatorError),
+    #[error("cluster queries: {0}")]
+    Fleet(#[from] crate::cluster::fleet_query::FleetError),
 }
 
 /// The gRPC server failed while running.
@@ -221,12 +230,17 @@ impl Server {
         }
         let shutdown = CancellationToken::new();
         let shutdown_guard = shutdown.clone().drop_guard();
+        let held = SharedHeld::default();
         let consumers = if aggregator {
+            let advertise = config.cluster.advertised(addr);
+            info!("aggregator: other nodes reach it at {advertise} (cluster.advertise)");
             vec![
                 crate::cluster::aggregator::start(
                     collector.clone(),
                     &config.cluster,
                     &config.data_dir,
+                    advertise,
+                    held.clone(),
                     shutdown.clone(),
                 )
                 .await?,
@@ -234,11 +248,19 @@ impl Server {
         } else {
             Vec::new()
         };
+        // In cluster mode every node answers Query and Alerts for the whole cluster.
+        let fleet = if config.cluster.role == NodeRole::Standalone {
+            None
+        } else {
+            Some(Arc::new(
+                Fleet::connect(&config.cluster, &config.tls).await?,
+            ))
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for s in SERVICES {
-            // An ingest node holds nothing to query.
-            let status = if ingest_node && s != SERVICES[0] {
+            // An ingest node has no feed of its own (Query and Alerts it fans out).
+            let status = if ingest_node && s == "outflow.v1.Feed" {
                 ServingStatus::NotServing
             } else {
                 ServingStatus::Serving
@@ -257,11 +279,32 @@ impl Server {
             .ok();
 
         let ingest = IngestService::new(collector.clone(), shutdown.clone(), &config.limits);
-        let query = QueryServer::new(QueryService::new(collector.clone()));
-        let alerts = AlertsServer::new(AlertsService::new(
-            collector.alerts().clone(),
-            shutdown.clone(),
-        ));
+        let local_alerts = AlertsService::new(collector.alerts().clone(), shutdown.clone());
+        let (query, fleet_query, alerts, fleet_alerts) = match &fleet {
+            None => (
+                Some(QueryServer::new(QueryService::new(collector.clone()))),
+                None,
+                Some(AlertsServer::new(local_alerts.clone())),
+                None,
+            ),
+            Some(f) => (
+                None,
+                Some(QueryServer::new(FleetQueryService::new(f.clone()))),
+                None,
+                Some(AlertsServer::new(FleetAlertsService::new(
+                    f.clone(),
+                    shutdown.clone(),
+                ))),
+            ),
+        };
+        let aggregator_query = aggregator.then(|| {
+            AggregatorQueryServer::new(AggregatorQueryService::new(
+                collector.clone(),
+                local_alerts,
+                held,
+            ))
+            .max_encoding_message_size(256 << 20)
+        });
         let feed = FeedServer::new(FeedService::new(
             collector.feed().clone(),
             metrics.clone(),
@@ -283,13 +326,14 @@ impl Server {
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_service(InterceptedService::new(ingest, ingest_auth))
-            // An ingest node answers UNIMPLEMENTED for what it does not hold.
+            .add_optional_service(query.map(|q| InterceptedService::new(q, auth.clone())))
+            .add_optional_service(fleet_query.map(|q| InterceptedService::new(q, auth.clone())))
+            .add_optional_service(alerts.map(|a| InterceptedService::new(a, auth.clone())))
+            .add_optional_service(fleet_alerts.map(|a| InterceptedService::new(a, auth.clone())))
             .add_optional_service(
-                (!ingest_node).then(|| InterceptedService::new(query, auth.clone())),
+                aggregator_query.map(|a| InterceptedService::new(a, auth.clone())),
             )
-            .add_optional_service(
-                (!ingest_node).then(|| InterceptedService::new(alerts, auth.clone())),
-            )
+            // An ingest node answers UNIMPLEMENTED for the feed, which it does not hold.
             .add_optional_service((!ingest_node).then(|| InterceptedService::new(feed, auth)));
         let (serving_tx, serving) = oneshot::channel();
         let incoming = Serving {

@@ -26,7 +26,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -63,6 +63,10 @@ pub enum AggregatorError {
     },
 }
 
+/// The partitions an aggregator's store holds, as its queries report them (see
+/// `outflow.v1.AggregatorQuery.End`).
+pub type SharedHeld = Arc<std::sync::RwLock<BTreeSet<u32>>>;
+
 /// A round that did not finish (the next one tries again).
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
@@ -79,6 +83,8 @@ pub async fn start(
     collector: Arc<Collector>,
     cfg: &ClusterConfig,
     data_dir: &Path,
+    advertise: String,
+    shared: SharedHeld,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, AggregatorError> {
     let p = cfg.publish();
@@ -105,6 +111,7 @@ pub async fn start(
         .metrics()
         .cluster_partitions_held
         .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
+    *shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
     let a = Aggregator {
         collector,
         stream,
@@ -115,6 +122,8 @@ pub async fn start(
         held_path,
         held,
         instance,
+        advertise,
+        shared,
         running: BTreeMap::new(),
         renewed: None,
     };
@@ -133,6 +142,10 @@ struct Aggregator {
     held: BTreeSet<u32>,
     /// This aggregator's instance (its data directory's).
     instance: String,
+    /// Where the other nodes reach it.
+    advertise: String,
+    /// `held`, for the queries.
+    shared: SharedHeld,
     /// A consumer task per partition being applied.
     running: BTreeMap<u32, (JoinHandle<()>, CancellationToken)>,
     /// The last renewal of the membership.
@@ -169,7 +182,7 @@ impl Aggregator {
     /// One round: renew, read the claims, take out what is no longer ours, give up and claim
     /// toward the fair share, apply every partition held.
     async fn round(&mut self) -> Result<(), RoundError> {
-        self.members.renew(&self.instance).await?;
+        self.members.renew(&self.instance, &self.advertise).await?;
         let first = self.renewed.is_none();
         self.renewed = Some(Instant::now());
         if first {
@@ -242,6 +255,7 @@ impl Aggregator {
             .metrics()
             .cluster_partitions_held
             .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
+        *self.shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
         self.held = held;
         Ok(())
     }

@@ -14,12 +14,12 @@ pub enum NodeRole {
     #[default]
     Standalone,
     /// Takes agents' streams, validates them, and publishes each batch's parts to JetStream;
-    /// acknowledges a batch once JetStream stored every part. Holds no store and answers no
-    /// queries.
+    /// acknowledges a batch once JetStream stored every part. Holds no store; answers Query
+    /// and Alerts for the whole cluster by asking the aggregators.
     Ingest,
     /// Claims a fair share of the partitions (shared with the other live aggregators, taken
     /// over from one that is gone), applies their parts to its own store, detects on them and
-    /// answers queries about them.
+    /// answers the other nodes' questions about them (`outflow.v1.AggregatorQuery`).
     Aggregator,
 }
 
@@ -60,6 +60,17 @@ pub struct ClusterConfig {
     /// take its partitions over.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// Where the other nodes reach this aggregator's gRPC (`host:port`), to fan a Query or
+    /// Alerts call out. Empty: the bound `listen` address, or `<node name>:<port>` when
+    /// `listen` is a wildcard address (0.0.0.0, [::]).
+    pub advertise: String,
+    /// PEM CA certificates that sign the aggregators' TLS certificates, trusted when a node
+    /// fans a call out to them (with `tls.cert` set, fan-out uses TLS and presents `tls.cert`
+    /// as its client certificate). Unset: the system's roots.
+    pub peer_ca: Option<std::path::PathBuf>,
+    /// How long a fanned-out call waits for each aggregator.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -77,6 +88,9 @@ impl Default for ClusterConfig {
             publish_timeout: Duration::from_secs(30),
             node_name: String::new(),
             lease: Duration::from_secs(10),
+            advertise: String::new(),
+            peer_ca: None,
+            query_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -134,6 +148,7 @@ impl ClusterConfig {
             ("cluster.ack_timeout", self.ack_timeout),
             ("cluster.publish_timeout", self.publish_timeout),
             ("cluster.lease", self.lease),
+            ("cluster.query_timeout", self.query_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be above 0"));
@@ -148,6 +163,15 @@ impl ClusterConfig {
                 format!(
                     "{:?}: want at most 64 letters, digits, '_' or '-' (it names NATS consumers and keys)",
                     self.node_name
+                ),
+            ));
+        }
+        if !self.advertise.is_empty() && !valid_host_port(&self.advertise) {
+            return Err(invalid(
+                "cluster.advertise",
+                format!(
+                    "{:?}: want host:port (a name or an address the other nodes reach), e.g. \"agg-1.example:50051\"",
+                    self.advertise
                 ),
             ));
         }
@@ -186,6 +210,17 @@ impl ClusterConfig {
         }
     }
 
+    /// Where the other nodes reach this aggregator, bound at `bound` (see `advertise`).
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
+        if !self.advertise.is_empty() {
+            self.advertise.clone()
+        } else if bound.ip().is_unspecified() {
+            format!("{}:{}", self.node(), bound.port())
+        } else {
+            bound.to_string()
+        }
+    }
+
     /// The publisher's settings.
     pub fn publish(&self) -> PublishConfig {
         PublishConfig {
@@ -200,6 +235,13 @@ impl ClusterConfig {
 }
 
 /// A name NATS takes in a consumer name and a key: letters, digits, '_', '-'; 1 to 64.
+/// `host:port` with a port number and a host without spaces (`[v6]:port` too).
+fn valid_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
+}
+
 fn valid_node_name(n: &str) -> bool {
     (1..=64).contains(&n.len())
         && n.chars()
@@ -273,11 +315,38 @@ mod tests {
                 "cluster.node_name",
             ),
             (|c| c.lease = Duration::ZERO, "cluster.lease"),
+            (
+                |c| c.query_timeout = Duration::ZERO,
+                "cluster.query_timeout",
+            ),
+            (|c| c.advertise = "agg-1".into(), "cluster.advertise"),
+            (|c| c.advertise = "agg-1:http".into(), "cluster.advertise"),
         ] {
             let mut c = ingest.clone();
             f(&mut c);
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn the_advertised_address() {
+        let mut c = ClusterConfig {
+            role: NodeRole::Aggregator,
+            node_name: "agg-1".into(),
+            ..ClusterConfig::default()
+        };
+        let bound = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(c.advertised(bound("10.0.0.5:50051")), "10.0.0.5:50051");
+        assert_eq!(c.advertised(bound("0.0.0.0:50051")), "agg-1:50051");
+        assert_eq!(c.advertised(bound("[::]:50051")), "agg-1:50051");
+        c.advertise = "agg-1.outflow.svc:50051".into();
+        assert_eq!(
+            c.advertised(bound("0.0.0.0:50051")),
+            "agg-1.outflow.svc:50051"
+        );
+        assert!(c.validate().is_ok());
+        c.advertise = "[2001:db8::5]:50051".into();
+        assert!(c.validate().is_ok());
     }
 }

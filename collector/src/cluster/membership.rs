@@ -73,6 +73,86 @@ async fn open_bucket(
     }
 }
 
+/// An aggregator's membership entry: `<instance> <host:port>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What tells its store from another's.
+    pub instance: String,
+    /// Where the other nodes reach its gRPC (absent in an entry without one).
+    pub address: Option<String>,
+}
+
+impl Entry {
+    pub fn parse(value: &[u8]) -> Entry {
+        let v = String::from_utf8_lossy(value);
+        match v.split_once(' ') {
+            Some((i, a)) if !a.trim().is_empty() => Entry {
+                instance: i.to_owned(),
+                address: Some(a.trim().to_owned()),
+            },
+            _ => Entry {
+                instance: v.trim().to_owned(),
+                address: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.address {
+            Some(a) => write!(f, "{} {a}", self.instance),
+            None => f.write_str(&self.instance),
+        }
+    }
+}
+
+/// The live aggregators as any node reads them (read only: what a node that fans a call out
+/// to the aggregators asks).
+#[derive(Debug, Clone)]
+pub struct Directory {
+    nodes: kv::Store,
+}
+
+impl Directory {
+    /// Binds `<stream>-aggregators` (an error until an aggregator has made it).
+    pub async fn open(js: &jetstream::Context, stream: &str) -> Result<Directory, MembershipError> {
+        let name = format!("{stream}-aggregators");
+        let nodes = js
+            .get_key_value(&name)
+            .await
+            .map_err(|e| err(format!("opening the key-value bucket {name}"), e))?;
+        Ok(Directory { nodes })
+    }
+
+    /// The live aggregators and their entries.
+    pub async fn live(&self) -> Result<BTreeMap<String, Entry>, MembershipError> {
+        let mut keys = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| err("listing the aggregators", e))?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(|e| err("listing the aggregators", e))?);
+        }
+        let mut out = BTreeMap::new();
+        for k in names {
+            let entry = self
+                .nodes
+                .entry(k.as_str())
+                .await
+                .map_err(|e| err(format!("reading the aggregator {k}"), e))?;
+            if let Some(e) = entry
+                && e.operation == kv::Operation::Put
+            {
+                out.insert(k, Entry::parse(&e.value));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A partition's claim: who holds it, at which revision of its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -128,10 +208,17 @@ impl Membership {
     }
 
     /// Says this aggregator is alive (for another lease). Its entry holds `instance` (what
-    /// tells this aggregator's store from another's): an entry of the same name with another
-    /// instance is another live aggregator under this name, and is not overwritten.
-    pub async fn renew(&mut self, instance: &str) -> Result<(), MembershipError> {
-        let value = bytes::Bytes::from(instance.to_owned());
+    /// tells this aggregator's store from another's) and where the other nodes reach it
+    /// (`advertise`, see [`Entry`]): an entry of the same name with another instance is
+    /// another live aggregator under this name, and is not overwritten.
+    pub async fn renew(&mut self, instance: &str, advertise: &str) -> Result<(), MembershipError> {
+        let value = bytes::Bytes::from(
+            Entry {
+                instance: instance.to_owned(),
+                address: Some(advertise.to_owned()),
+            }
+            .to_string(),
+        );
         if let Some(rev) = self.revision {
             match self.nodes.update(&self.me, value.clone(), rev).await {
                 Ok(r) => {
@@ -151,12 +238,15 @@ impl Membership {
             .await
             .map_err(|e| err("reading the membership", e))?;
         let r = match entry {
-            Some(e) if e.operation == kv::Operation::Put && e.value != value => {
+            Some(e)
+                if e.operation == kv::Operation::Put
+                    && Entry::parse(&e.value).instance != instance =>
+            {
                 return Err(err(
                     format!("cluster.node_name {:?}", self.me),
                     format!(
                         "in use by another live aggregator (instance {}, this one is {instance}): give each aggregator a name of its own",
-                        String::from_utf8_lossy(&e.value)
+                        Entry::parse(&e.value).instance
                     ),
                 ));
             }
@@ -342,6 +432,19 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_names_the_instance_and_the_address() {
+        let e = Entry {
+            instance: "0123abcd".into(),
+            address: Some("agg-1:50051".into()),
+        };
+        assert_eq!(e.to_string(), "0123abcd agg-1:50051");
+        assert_eq!(Entry::parse(e.to_string().as_bytes()), e);
+        // An entry written without an address (an older aggregator).
+        let old = Entry::parse(b"0123abcd");
+        assert_eq!((old.instance.as_str(), old.address), ("0123abcd", None));
+    }
 
     fn names(n: &[&str]) -> BTreeSet<String> {
         n.iter().map(|s| (*s).to_owned()).collect()

@@ -12,10 +12,16 @@
 //!   consumer per partition it holds;
 //! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
 //!   aggregator's store;
+//! - [`aggregator_query`]: what one aggregator holds, asked by the node that answers for the
+//!   cluster;
+//! - [`fleet_query`]: Query and Alerts for the whole cluster, on any node: fanned out to the
+//!   live aggregators and merged exactly;
 //! - [`config`]: `[cluster]`, the node's role.
 pub mod aggregator;
+pub mod aggregator_query;
 pub mod config;
 pub mod consume;
+pub mod fleet_query;
 pub mod ingest;
 pub mod membership;
 pub mod partition;

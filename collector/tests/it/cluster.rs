@@ -248,9 +248,10 @@ async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
     assert_eq!(seen.len(), stored);
     assert_eq!(got, truth, "every client's bytes, exactly");
 
-    // Nothing to query here.
+    // No aggregator yet: nothing holds the totals, and the node says so.
     let e = client_stats(&u, "198.51.0.10").await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no aggregator"), "{e:?}");
 
     // No NATS node left: refused, not acknowledged.
     for i in 0..3 {
@@ -346,15 +347,28 @@ async fn drained(js: &jetstream::Context, partitions: u32) -> bool {
     true
 }
 
-/// Bytes per key of `group` summed over the aggregators (24 h window).
-async fn fleet_top(urls: &[String], group: v1::GroupBy) -> BTreeMap<String, u64> {
-    let mut sum = BTreeMap::new();
-    for u in urls {
-        for t in top(u, group, v1::Window::Window24h, 1000).await.talkers {
-            *sum.entry(t.key).or_default() += t.response_bytes;
-        }
+/// Bytes per key of `group` in the 24 h window, as the node at `url` answers for the whole
+/// cluster (an error while partitions move or are held by none).
+async fn fleet_top(
+    url: &str,
+    group: v1::GroupBy,
+    token: Option<&str>,
+) -> Result<BTreeMap<String, u64>, tonic::Status> {
+    let mut req = tonic::Request::new(v1::TopTalkersRequest {
+        group_by: group as i32,
+        window: v1::Window::Window24h as i32,
+        limit: 1000,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
-    sum
+    let top = query(url).await.top_talkers(req).await?.into_inner();
+    Ok(top
+        .talkers
+        .into_iter()
+        .map(|t| (t.key, t.response_bytes))
+        .collect())
 }
 
 /// Aggregator `name`'s config (a lease of 2 s, so that one gone is noticed soon).
@@ -443,25 +457,29 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
         }
     }
     let (a1, a2) = (a1.unwrap(), a2.unwrap());
-    let urls = [url(&a0), url(&a1), url(&a2)];
     let fair = BTreeMap::from([("a0".into(), 3), ("a1".into(), 3), ("a2".into(), 2)]);
-    // Settled and drained, the sums are the truth (an aggregator still rebuilding holds less).
+    // Settled and drained, the cluster's answer is the truth (an aggregator still rebuilding
+    // holds less).
+    let u = url(&ingest);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let settled = counts(&claims(&watch).await) == fair && drained(&watch, 8).await;
         let got = (
-            fleet_top(&urls, v1::GroupBy::ClientAddress).await,
-            fleet_top(&urls, v1::GroupBy::ClientId).await,
-            fleet_top(&urls, v1::GroupBy::Host).await,
+            fleet_top(&u, v1::GroupBy::ClientAddress, None).await,
+            fleet_top(&u, v1::GroupBy::ClientId, None).await,
+            fleet_top(&u, v1::GroupBy::Host, None).await,
         );
-        if settled && got == (by_addr.clone(), by_id.clone(), by_host.clone()) {
+        if settled
+            && matches!(&got, (Ok(a), Ok(i), Ok(h)) if (a, i, h) == (&by_addr, &by_id, &by_host))
+        {
             break;
         }
         if tokio::time::Instant::now() > deadline {
             assert!(settled, "claims never settled: {:?}", claims(&watch).await);
-            assert_eq!(got.0, by_addr, "bytes per client address");
-            assert_eq!(got.1, by_id, "bytes per client id");
-            assert_eq!(got.2, by_host, "bytes per host");
+            let text = |r: Result<_, tonic::Status>| r.map_err(|e| e.to_string());
+            assert_eq!(text(got.0), Ok(by_addr.clone()), "bytes per client address");
+            assert_eq!(text(got.1), Ok(by_id.clone()), "bytes per client id");
+            assert_eq!(text(got.2), Ok(by_host.clone()), "bytes per host");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -536,4 +554,209 @@ async fn a_second_aggregator_under_a_taken_name_applies_nothing() {
     for s in [first, second] {
         s.shutdown().await.unwrap();
     }
+}
+
+/// Query and Alerts answered by any node, ingest or aggregator, for the whole cluster: two
+/// aggregators hold 4 partitions each, and a host's, an address's, a prefix's bytes are in
+/// both; the answers are merged exactly (the top host with limit 1, every client's totals, a
+/// client's stats, the alerts of both aggregators), with the caller's read token passed on
+/// to the aggregators, which check it as their own callers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let read = crate::auth::write(dir.path(), "read", "tok-read\n");
+    let mut icfg = replay_config(&dir.path().join("ingest"));
+    icfg.cluster.role = NodeRole::Ingest;
+    icfg.cluster.nats_urls = nats.urls();
+    icfg.cluster.partitions = 8;
+    icfg.auth.read_token_file = Some(read.clone());
+    icfg.auth.agent_tokens_file = Some(crate::auth::write(
+        dir.path(),
+        "agents",
+        "agent-0 tok-0\nagent-1 tok-1\n",
+    ));
+    let ingest = start(icfg).await;
+    let aggregator = |name: &str| {
+        let mut c = aggregator_config(dir.path(), &nats, name);
+        c.cluster.lease = Duration::from_secs(10);
+        c.auth.read_token_file = Some(read.clone());
+        // Clients above 1 MB an hour are flagged.
+        c.detect.volume.client_per_hour = 1_000_000;
+        c
+    };
+    let a0 = start(aggregator("a0")).await;
+    let a1 = start(aggregator("a1")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
+        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
+    })
+    .await;
+
+    let u = url(&ingest);
+    let (mut by_addr, mut by_host) = (BTreeMap::new(), BTreeMap::new());
+    // Addresses whose bytes came without a client id (the volume detector flags them by
+    // address; the others by id).
+    let mut anonymous = BTreeMap::new();
+    for a in 0..2u8 {
+        let token = format!("tok-{a}");
+        let mut s = IngestStream::open(channel(&u).await, Some(&token))
+            .await
+            .unwrap();
+        welcome_seq(&mut s, &format!("agent-{a}"), 1, &format!("gpu-{a}")).await;
+        // gpu-1 serves more than gpu-0.
+        for seq in 1..=(20 + 10 * u64::from(a)) {
+            let b = wire_batch(a, seq);
+            for d in &Batch::try_from(b.clone()).unwrap().deltas {
+                *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+                *by_host.entry(format!("gpu-{a}")).or_insert(0u64) += d.counters.bytes_out;
+                if d.client_id.is_none() {
+                    *anonymous.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+                }
+            }
+            assert_eq!(s.batch(b).await.unwrap(), seq);
+        }
+        s.close().await;
+    }
+    let nodes = [url(&ingest), url(&a0), url(&a1)];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !drained(&watch, 8).await {
+        assert!(tokio::time::Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in &nodes {
+        let got = fleet_top(n, v1::GroupBy::ClientAddress, Some("tok-read")).await;
+        assert_eq!(got.map_err(|e| e.to_string()), Ok(by_addr.clone()), "{n}");
+        // The biggest host, its bytes spread over both aggregators.
+        let top = query(n)
+            .await
+            .top_talkers(authed(v1::TopTalkersRequest {
+                group_by: v1::GroupBy::Host as i32,
+                window: v1::Window::Window1h as i32,
+                limit: 1,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(top.talkers.len(), 1);
+        assert_eq!(
+            (top.talkers[0].key.as_str(), top.talkers[0].response_bytes),
+            ("gpu-1", by_host["gpu-1"]),
+            "{n}"
+        );
+        assert_eq!(top.talkers[0].hosts, 1);
+        // One client's stats: both hosts served it.
+        let stats = query(n)
+            .await
+            .client_stats(authed(v1::ClientStatsRequest {
+                client: "198.51.5.39".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let day = &stats.windows[3];
+        assert_eq!(
+            (day.response_bytes, day.hosts),
+            (by_addr["198.51.5.39"], 2),
+            "{n}"
+        );
+    }
+    // Without the token the node refuses; with it, the aggregators (which check it too)
+    // answer.
+    let e = fleet_top(&u, v1::GroupBy::Host, None).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // The alerts of both aggregators, through any node.
+    let list = |n: String| async move {
+        v1::alerts_client::AlertsClient::new(channel(&n).await)
+            .list(authed(v1::ListAlertsRequest {
+                open_only: true,
+                limit: 0,
+                include_service: false,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts
+    };
+    // The biggest client (no client id: flagged by address) is over the limit.
+    let biggest = anonymous.iter().max_by_key(|(_, b)| **b).unwrap();
+    assert!(*biggest.1 > 1_000_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let alerts = loop {
+        let alerts = list(u.clone()).await;
+        if alerts
+            .iter()
+            .any(|a| a.detector == v1::Detector::Volume as i32 && a.key == *biggest.0)
+        {
+            break alerts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no volume alert on {} through the ingest node: {alerts:?}",
+            biggest.0
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The cluster's list is each aggregator's own, together.
+    let mut own = Vec::new();
+    for a in [&a0, &a1] {
+        let mine = v1::aggregator_query_client::AggregatorQueryClient::new(channel(&url(a)).await)
+            .list_alerts(authed(v1::ListAlertsRequest {
+                open_only: true,
+                limit: 0,
+                include_service: false,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts;
+        assert!(!mine.is_empty(), "both aggregators raised alerts");
+        own.extend(mine.into_iter().map(|a| a.id));
+    }
+    own.sort();
+    let ids: std::collections::BTreeSet<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids.len(), alerts.len(), "each alert once");
+    assert_eq!(
+        ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+        own,
+        "the aggregators' alerts, each once"
+    );
+    let ids_of = |alerts: &[v1::Alert]| -> std::collections::BTreeSet<String> {
+        alerts.iter().map(|a| a.id.clone()).collect()
+    };
+    assert_eq!(
+        ids_of(&list(url(&a0)).await),
+        ids_of(&alerts),
+        "an aggregator answers the same"
+    );
+    // Watch through the ingest node starts with every open alert of both.
+    let mut stream = v1::alerts_client::AlertsClient::new(channel(&u).await)
+        .watch(authed(v1::WatchAlertsRequest {
+            include_service: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::BTreeSet::new();
+    while !ids.iter().all(|i| seen.contains(*i)) {
+        let a = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a watched alert")
+            .unwrap()
+            .unwrap();
+        seen.insert(a.id);
+    }
+    drop(stream);
+    for s in [ingest, a0, a1] {
+        s.shutdown().await.unwrap();
+    }
+}
+
+/// `msg` with the read token of the test above.
+fn authed<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", "Bearer tok-read".parse().unwrap());
+    r
 }
