@@ -1,7 +1,9 @@
 //! `outflow-bench cluster`: the collector's cluster mode on this machine, in two phases per
 //! run: an ingest node publishing the agents' batches (deltas per second acknowledged, and the
 //! time from an agent's send to its Ack, once JetStream holds every part of the batch), then 1,
-//! 2 or 3 aggregators applying what the stream holds (deltas per second applied).
+//! 2 or 3 aggregators applying what the stream holds (deltas per second applied). Then, on a
+//! fresh cluster of the most aggregators, the time from an extraction's batch to its alert
+//! listed through the ingest node.
 //!
 //! Every part is a real process: a three-node NATS JetStream cluster (`nats-server` from the
 //! tools venv, a stream of 3 replicas), one `outflow-collector --role ingest` and N
@@ -20,6 +22,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use outflow_collector::cluster::partition::Partitions;
+use outflow_proto::v1::{self, alerts_client::AlertsClient};
+use outflow_sim::ingest::IngestStream;
 use outflow_testbed::nats::NatsCluster;
 use outflow_tests::collector::{Metrics, TempDir, free_port};
 
@@ -55,20 +60,25 @@ pub struct Args {
     /// Runs per aggregator count; the figures are their median.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Extractions timed from the send of their batch to their alert through an ingest node,
+    /// with the most aggregators of `--aggregators` (0: none).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=50))]
+    extractions: u32,
 }
 
 impl Args {
     fn command(&self) -> String {
         let counts: Vec<String> = self.aggregators.iter().map(u32::to_string).collect();
         format!(
-            "sudo target/release/outflow-bench cluster --aggregators {} --partitions {} --clients {} --agents {} --batches {} --deltas {} --runs {}",
+            "sudo target/release/outflow-bench cluster --aggregators {} --partitions {} --clients {} --agents {} --batches {} --deltas {} --runs {} --extractions {}",
             counts.join(","),
             self.partitions,
             self.clients,
             self.agents,
             self.batches,
             self.deltas,
-            self.runs
+            self.runs,
+            self.extractions
         )
     }
 
@@ -140,7 +150,21 @@ pub fn run(args: &Args) -> Result<Section> {
             results.push(r);
         }
     }
-    Ok(section(args, &shape, &results))
+    let most = args.aggregators.iter().copied().max().unwrap_or(1);
+    let alerts = if args.extractions > 0 {
+        let a = alert_latency(&bin, args, most).context("extraction to alert")?;
+        eprintln!(
+            "cluster: extraction to alert through the ingest node, {most} aggregators: {}",
+            a.iter()
+                .map(|t| format!("{t:.2} s"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+        a
+    } else {
+        Vec::new()
+    };
+    Ok(section(args, &shape, &results, most, &alerts))
 }
 
 /// The configuration of a cluster node: rate limits off, the cluster's settings, `role`'s.
@@ -266,7 +290,13 @@ fn one_run(
     })
 }
 
-fn section(args: &Args, shape: &ingest::Args, all: &[RunResult]) -> Section {
+fn section(
+    args: &Args,
+    shape: &ingest::Args,
+    all: &[RunResult],
+    most: u32,
+    alerts: &[f64],
+) -> Section {
     let mut s = Section::new("cluster", "Collector cluster mode (NATS JetStream)");
     s.method = format!(
         "Everything on this machine, each a process of its own: a three-node NATS JetStream \
@@ -333,10 +363,229 @@ fn section(args: &Args, shape: &ingest::Args, all: &[RunResult]) -> Section {
             ratio > 1.0,
         );
     }
-    s.notes.push(
-        "Time from extraction to alert across the cluster is not measured yet (the `alert` \
-         section measures it for one collector)."
-            .into(),
-    );
+    if !alerts.is_empty() {
+        s.notes.push(format!(
+            "Extraction to alert across the cluster ({most} aggregators, a fresh cluster with \
+             `detect.eval_interval = \"1s\"` as in the demo, an agent sending a batch that \
+             touches every partition each 0.5 s as agents do each interval): from the send \
+             of a batch with one new client's 2 GiB to the moment Alerts.List through the \
+             ingest node (fanned out to every aggregator) shows that client's volume alert: \
+             median {:.2} s, each {} ({} extractions, each alert listed once).",
+            median(alerts),
+            alerts
+                .iter()
+                .map(|t| format!("{t:.2} s"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            alerts.len()
+        ));
+    }
     s
+}
+
+/// Client addresses that touch every one of `partitions` (one /24 each, in 10.0.0.0/8), for
+/// the ticker.
+fn every_partition(partitions: u32) -> Result<Vec<[u8; 4]>> {
+    let parts = Partitions::new(partitions)?;
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..=u32::from(u16::MAX) {
+        let a = [10, (i >> 8) as u8, i as u8, 9];
+        seen.entry(parts.of_addr(a.into())).or_insert(a);
+    }
+    ensure!(
+        seen.len() == partitions as usize,
+        "no /24 of 10.0.0.0/8 in some of the {partitions} partitions"
+    );
+    Ok(seen.into_values().collect())
+}
+
+fn delta(addr: [u8; 4], bytes_out: u64, end_ms: u64, conn_id: u64) -> v1::ConnDelta {
+    v1::ConnDelta {
+        conn_id,
+        local_addr: vec![10, 9, 0, 1],
+        local_port: 8000,
+        remote_addr: addr.to_vec(),
+        remote_port: 40_000,
+        role: v1::Role::Server as i32,
+        counters: Some(v1::Counters {
+            bytes_out,
+            bytes_in: 500,
+            wire_bytes_out: bytes_out,
+            wire_bytes_in: 500,
+            segments_out: bytes_out / 1448 + 1,
+            segments_in: 1,
+        }),
+        cgroup: "/system.slice/vllm.service".into(),
+        comm: "vllm".into(),
+        first_seen_ms: end_ms.saturating_sub(1000),
+        ..Default::default()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn agent(url: &str, name: &str) -> Result<IngestStream> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let mut s = IngestStream::open(channel, None).await?;
+    let epoch = now_ms();
+    s.hello(v1::Hello {
+        agent_id: name.into(),
+        epoch,
+        hostname: name.into(),
+        boot_id: format!("{epoch:032x}"),
+        version: "outflow-bench".into(),
+        labels: Default::default(),
+    })
+    .await?;
+    Ok(s)
+}
+
+/// Seconds from the send of each extraction's batch to its alert in Alerts.List through an
+/// ingest node, on a fresh cluster of `n` aggregators.
+fn alert_latency(bin: &Path, args: &Args, n: u32) -> Result<Vec<f64>> {
+    let dir = TempDir::new("bench-cluster-alert");
+    eprintln!("cluster: extraction to alert: NATS (3 nodes), 1 ingest node, {n} aggregators");
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let (ingest, ingest_addr, _) = node(
+        bin,
+        &dir.path().join("ingest"),
+        &node_config(&nats, args.partitions, "ingest"),
+    )?;
+    let mut aggregators = Vec::new();
+    for i in 0..n {
+        let text = format!(
+            "{}node_name = \"a{i}\"\n[detect]\neval_interval = \"1s\"\n",
+            node_config(&nats, args.partitions, "aggregator")
+        );
+        aggregators.push(node(bin, &dir.path().join(format!("a{i}")), &text)?);
+    }
+    let agg_metrics: Vec<SocketAddr> = aggregators.iter().map(|a| a.2).collect();
+    let partitions = f64::from(args.partitions);
+    wait_for(
+        &agg_metrics,
+        Duration::from_secs(60),
+        "the aggregators claiming every partition",
+        |m| {
+            m.iter()
+                .map(|m| m.value("outflow_collector_cluster_partitions_held"))
+                .sum::<f64>()
+                == partitions
+        },
+    )?;
+    let url = format!("http://{ingest_addr}");
+    let stderr = || {
+        let mut t = format!("ingest node stderr:\n{}", ingest.stderr.tail(20));
+        for (i, a) in aggregators.iter().enumerate() {
+            t.push_str(&format!(
+                "\naggregator a{i} stderr:\n{}",
+                a.0.stderr.tail(20)
+            ));
+        }
+        t
+    };
+    // A runtime of its own, dropped (closing its connections) before the nodes are stopped:
+    // a node's graceful stop waits for its clients to go.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let times = rt.block_on(extractions(&url, args));
+    drop(rt);
+    times.with_context(stderr)
+}
+
+async fn extractions(url: &str, args: &Args) -> Result<Vec<f64>> {
+    // The ticker: a batch touching every partition every 0.5 s, as a fleet's agents do.
+    let mut ticker = agent(url, "ticker").await?;
+    let clients = every_partition(args.partitions)?;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let tick = {
+        tokio::spawn(async move {
+            for seq in 1u64.. {
+                let end_ms = now_ms();
+                let deltas = clients
+                    .iter()
+                    .zip(0u64..)
+                    .map(|(c, i)| delta(*c, 1_000, end_ms, i))
+                    .collect();
+                let b = v1::Batch {
+                    seq,
+                    start_ms: end_ms - 500,
+                    end_ms,
+                    deltas,
+                    ..Default::default()
+                };
+                ticker.batch(b).await?;
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            ticker.close().await;
+            anyhow::Ok(())
+        })
+    };
+    let mut extractor = agent(url, "extractor").await?;
+    let mut alerts = AlertsClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect()
+            .await?,
+    );
+    let mut times = Vec::new();
+    for i in 0..args.extractions {
+        // Two judgements apart.
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        let client = [203, 0, 100 + i as u8, 66];
+        let key = std::net::IpAddr::from(client).to_string();
+        let end_ms = now_ms();
+        let t0 = Instant::now();
+        extractor
+            .batch(v1::Batch {
+                seq: u64::from(i) + 1,
+                start_ms: end_ms - 1000,
+                end_ms,
+                deltas: vec![delta(client, 2 << 30, end_ms, 1 << 40 | u64::from(i))],
+                ..Default::default()
+            })
+            .await?;
+        loop {
+            let list = alerts
+                .list(v1::ListAlertsRequest {
+                    open_only: true,
+                    limit: 0,
+                    include_service: false,
+                })
+                .await;
+            // UNAVAILABLE while a partition moves: asked again.
+            if let Ok(list) = list {
+                let mine = list
+                    .into_inner()
+                    .alerts
+                    .iter()
+                    .filter(|a| a.key == key && a.detector == v1::Detector::Volume as i32)
+                    .count();
+                if mine > 0 {
+                    ensure!(mine == 1, "{key}: {mine} alerts listed, want one");
+                    times.push(t0.elapsed().as_secs_f64());
+                    break;
+                }
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no alert on {key} within 60 s of its extraction"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = stop.send(());
+    extractor.close().await;
+    tick.await??;
+    Ok(times)
 }

@@ -158,9 +158,17 @@ fn cluster_aggregators_apply_every_delta() {
         "3",
         "--deltas",
         "200",
+        "--extractions",
+        "1",
     ]);
     assert_eq!(rows(&s), 2, "{s}");
     assert_eq!(cell(&s, 1, "aggregators"), "2");
+    assert!(
+        s["notes"]
+            .to_string()
+            .contains("Extraction to alert across the cluster"),
+        "{s}"
+    );
 }
 
 #[test]
