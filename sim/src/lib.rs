@@ -9,6 +9,7 @@
 //!
 //! The traffic model and its parameters are in [`model`]; [`Scenario`] lists the attacks.
 //! Everything is drawn from one seeded RNG: the same seed gives the same bytes.
+pub mod cluster_demo;
 pub mod ingest;
 pub mod model;
 pub mod net;
@@ -129,8 +130,15 @@ impl FromStr for Scenario {
 /// How to run a simulation.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// The collector's gRPC URL, e.g. `http://127.0.0.1:7411` (plaintext only).
+    /// The collector's gRPC URL, e.g. `http://127.0.0.1:7411` (plaintext only); or several,
+    /// comma-separated (a cluster's ingest nodes): the agents are spread over them, and one
+    /// whose stream fails opens it again on the next and sends its unacknowledged batch again.
     pub collector: String,
+    /// How long an agent whose stream failed keeps trying to open it again.
+    pub reconnect_for: Duration,
+    /// Set to the step being sent (1 to [`SimConfig::steps`]), for a caller that acts part
+    /// way through.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Bearer token for Ingest and Alerts.
     pub token: Option<String>,
     /// Synthetic hosts (one agent stream each), 1 to 10000.
@@ -158,6 +166,8 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             collector: "http://127.0.0.1:7411".into(),
+            reconnect_for: Duration::from_secs(60),
+            progress: None,
             token: None,
             hosts: 20,
             clients: 3000,
@@ -233,7 +243,24 @@ impl SimConfig {
         if self.max_batches_per_second.is_nan() || self.max_batches_per_second < 0.0 {
             return bad("max_batches_per_second", "must be 0 or more");
         }
+        if self.urls().is_empty() {
+            return bad("collector", "name at least one URL");
+        }
         Ok(())
+    }
+
+    /// How many steps (batches per agent) a run sends.
+    pub fn steps(&self) -> u64 {
+        self.params().steps()
+    }
+
+    /// The collectors' URLs.
+    pub fn urls(&self) -> Vec<&str> {
+        self.collector
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     fn params(&self) -> Params {
@@ -270,6 +297,95 @@ pub async fn run_scenarios(
     attacks: &[Scenario],
     name: &str,
 ) -> Result<Report, SimError> {
+    let sent = send(cfg, attacks).await?;
+    tokio::time::sleep(cfg.settle).await;
+    let alerts = sent.list_alerts().await;
+    Ok(sent.score(name, alerts))
+}
+
+/// A fleet's traffic, sent and acknowledged: to be scored against the alerts read when the
+/// caller says (e.g. once a cluster has applied everything).
+pub struct Sent {
+    cfg: SimConfig,
+    params: Params,
+    generator: Generator,
+    batches: u64,
+    ingest_wall: Duration,
+    reconnects: u64,
+    channels: Vec<Vec<tonic::transport::Channel>>,
+    bearer: Bearer,
+}
+
+/// Agents that share one connection to each collector (below the collector's 64 streams).
+const AGENTS_PER_CONNECTION: usize = 50;
+
+/// What a fleet sent: per host and per client address (response, request bytes), and the
+/// connection deltas.
+#[derive(Debug, Clone, Default)]
+pub struct Truth {
+    pub hosts: std::collections::BTreeMap<String, (u64, u64)>,
+    pub clients: std::collections::BTreeMap<IpAddr, (u64, u64)>,
+    pub deltas: u64,
+}
+
+impl Sent {
+    /// What was sent.
+    pub fn truth(&self) -> Truth {
+        Truth {
+            hosts: self
+                .generator
+                .host_totals
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| **t != (0, 0))
+                .map(|(i, t)| (model::host_name(i), *t))
+                .collect(),
+            clients: self
+                .generator
+                .client_totals
+                .iter()
+                .map(|(a, t)| (*a, *t))
+                .collect(),
+            deltas: self.generator.deltas,
+        }
+    }
+
+    /// Streams opened again after one failed.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Every alert, from the first collector that answers (one may be gone).
+    pub async fn list_alerts(&self) -> Result<Vec<v1::Alert>, tonic::Status> {
+        let mut alerts = Err(tonic::Status::unavailable("no collector"));
+        for c in self.channels.iter().flatten() {
+            alerts = net::list_alerts(c.clone(), self.bearer.clone()).await;
+            if alerts.is_ok() {
+                break;
+            }
+        }
+        alerts
+    }
+
+    /// Scores the attacks against `alerts`.
+    pub fn score(self, name: &str, alerts: Result<Vec<v1::Alert>, tonic::Status>) -> Report {
+        let mut report = report::score(
+            name,
+            &self.cfg,
+            &self.params,
+            self.generator,
+            self.batches,
+            self.ingest_wall,
+            alerts,
+        );
+        report.reconnects = self.reconnects;
+        report
+    }
+}
+
+/// Streams benign traffic with every attack of `attacks` injected until every batch is
+/// acknowledged.
+pub async fn send(cfg: &SimConfig, attacks: &[Scenario]) -> Result<Sent, SimError> {
     cfg.validate()?;
     let params = cfg.params();
     let mut attack_list: Vec<Scenario> = attacks.iter().flat_map(|s| s.attacks()).collect();
@@ -277,7 +393,17 @@ pub async fn run_scenarios(
     let mut generator = Generator::new(params.clone(), &attack_list);
 
     let bearer = Bearer::new(cfg.token.as_deref()).map_err(|_| SimError::Token)?;
-    let channel = net::connect(&cfg.collector).await?;
+    // A connection holds at most 64 streams (the collector's limit): agents go in groups of
+    // AGENTS_PER_CONNECTION, each group with a connection to every collector.
+    let groups = cfg.hosts.div_ceil(AGENTS_PER_CONNECTION);
+    let mut channels: Vec<Vec<tonic::transport::Channel>> = Vec::with_capacity(groups);
+    for _ in 0..groups {
+        let mut g = Vec::new();
+        for url in cfg.urls() {
+            g.push(net::connect(url).await?);
+        }
+        channels.push(g);
+    }
     // A fresh epoch per run, so a rerun against the same collector is not deduplicated away
     // (it does not influence the traffic).
     let epoch = (now_ms() << 16) ^ u64::from(std::process::id()) | 1;
@@ -285,8 +411,9 @@ pub async fn run_scenarios(
     for i in 0..cfg.hosts {
         let host = model::host_name(i);
         agents.push(
-            AgentStream::open(
-                channel.clone(),
+            AgentStream::open_on(
+                &channels[i / AGENTS_PER_CONNECTION],
+                i,
                 bearer.clone(),
                 &format!("outflow-sim/{host}"),
                 epoch,
@@ -299,25 +426,47 @@ pub async fn run_scenarios(
     let wall = Instant::now();
     let mut seq = 0u64;
     let mut batches = 0u64;
+    let mut reconnects = 0u64;
     while !generator.done() {
         let (start_ms, end_ms, per_host) = generator.step();
         seq += 1;
-        for (agent, deltas) in agents.iter_mut().zip(per_host) {
-            agent
-                .send_batch(v1::Batch {
-                    seq,
-                    start_ms,
-                    end_ms,
-                    deltas,
-                    overflow: None,
-                    lost_batches: 0,
-                    lost: None,
-                })
-                .await?;
+        if let Some(p) = &cfg.progress {
+            p.store(seq, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Each agent's batch of this step, sent; acknowledged below (or sent again on a
+        // stream opened again).
+        let mut sent = Vec::with_capacity(agents.len());
+        for (agent_no, (agent, deltas)) in agents.iter_mut().zip(per_host).enumerate() {
+            let b = v1::Batch {
+                seq,
+                start_ms,
+                end_ms,
+                deltas,
+                overflow: None,
+                lost_batches: 0,
+                lost: None,
+            };
+            let acked = match agent.send_batch(b.clone()).await {
+                Ok(()) => false,
+                Err(e) => {
+                    let group = &channels[agent_no / AGENTS_PER_CONNECTION];
+                    agent.recover(group, &b, e, cfg.reconnect_for).await?;
+                    reconnects += 1;
+                    true
+                }
+            };
+            sent.push((b, acked));
             batches += 1;
         }
-        for agent in &mut agents {
-            agent.ack(seq).await?;
+        for (agent_no, (agent, (b, acked))) in agents.iter_mut().zip(&sent).enumerate() {
+            if *acked {
+                continue;
+            }
+            if let Err(e) = agent.ack(seq).await {
+                let group = &channels[agent_no / AGENTS_PER_CONNECTION];
+                agent.recover(group, b, e, cfg.reconnect_for).await?;
+                reconnects += 1;
+            }
         }
         if cfg.max_batches_per_second > 0.0 {
             let due = (seq as f64 - 900.0).max(0.0) / cfg.max_batches_per_second;
@@ -329,17 +478,16 @@ pub async fn run_scenarios(
     for a in agents {
         a.close().await;
     }
-    tokio::time::sleep(cfg.settle).await;
-    let alerts = net::list_alerts(channel, bearer).await;
-    Ok(report::score(
-        name,
-        cfg,
-        &params,
+    Ok(Sent {
+        cfg: cfg.clone(),
+        params,
         generator,
         batches,
         ingest_wall,
-        alerts,
-    ))
+        reconnects,
+        channels,
+        bearer,
+    })
 }
 
 /// Whether an alert key (an address, or a prefix) covers `addr`. Workload keys cover nothing.

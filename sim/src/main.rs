@@ -1,5 +1,5 @@
 //! `outflow-sim`: drive a collector with a simulated fleet and score its alerts.
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -19,11 +19,40 @@ struct Cli {
 enum Command {
     /// Stream a simulated fleet's traffic to a collector, then score its alerts.
     Run(RunArgs),
+    /// Start a collector cluster on this machine (3 NATS nodes, 2 ingest nodes, 3
+    /// aggregators), stream a simulated fleet through it while a node of each kind is killed
+    /// and brought back, then check every host's and client's totals against what was sent
+    /// and score the alerts (what `cargo xtask cluster-demo` runs). Needs `cargo xtask setup`'s
+    /// nats-server.
+    ClusterDemo(ClusterDemoArgs),
+}
+
+#[derive(clap::Args)]
+struct ClusterDemoArgs {
+    /// The `outflow-collector` binary (default: the one beside this program).
+    #[arg(long)]
+    collector_bin: Option<PathBuf>,
+    /// Where the nodes keep their data and logs (emptied first).
+    #[arg(long, default_value = "/tmp/outflow-cluster-demo")]
+    dir: PathBuf,
+    /// Synthetic agents.
+    #[arg(long, default_value_t = 200)]
+    hosts: usize,
+    /// Benign client addresses.
+    #[arg(long, default_value_t = 500)]
+    clients: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Kill no node on the way.
+    #[arg(long)]
+    no_faults: bool,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The collector's gRPC URL (plaintext).
+    /// The collector's gRPC URL (plaintext); or several, comma-separated (a cluster's ingest
+    /// nodes): the agents are spread over them, and one whose stream fails opens it again on
+    /// the next and sends its unacknowledged batch again.
     #[arg(
         long,
         env = "OUTFLOW_SIM_COLLECTOR",
@@ -64,9 +93,14 @@ struct RunArgs {
     json: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
+fn main() -> ExitCode {
+    let r = match Cli::parse().command {
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+        Command::ClusterDemo(args) => cluster_demo(args),
+    };
+    match r {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -75,8 +109,28 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let Command::Run(args) = cli.command;
+fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
+    let outcome = outflow_sim::cluster_demo::run(&outflow_sim::cluster_demo::DemoConfig {
+        collector_bin: args
+            .collector_bin
+            .unwrap_or_else(outflow_sim::cluster_demo::default_collector_bin),
+        dir: args.dir,
+        hosts: args.hosts,
+        clients: args.clients,
+        seed: args.seed,
+        verbose: true,
+        faults: !args.no_faults,
+        alert_wait: Duration::from_secs(60),
+    })?;
+    println!("{}", outcome.line());
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let token = args
         .token_file
         .as_deref()

@@ -33,6 +33,29 @@ pub async fn connect(url: &str) -> Result<Channel, SimError> {
 pub struct AgentStream {
     host: String,
     stream: IngestStream,
+    agent_id: String,
+    epoch: u64,
+    bearer: Bearer,
+    /// Which of the collectors' channels the stream is on.
+    at: usize,
+}
+
+/// Whether a failed stream is worth opening again (a node stopped, a connection cut, a
+/// collector busy), not a refusal that would be the same again.
+fn retryable(e: &IngestError) -> bool {
+    use tonic::Code;
+    match e.status() {
+        Some(s) => !matches!(
+            s.code(),
+            Code::InvalidArgument
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::FailedPrecondition
+                | Code::Unimplemented
+                | Code::OutOfRange
+        ),
+        None => !matches!(e, IngestError::Token | IngestError::Unexpected { .. }),
+    }
 }
 
 impl AgentStream {
@@ -49,22 +72,7 @@ impl AgentStream {
             host: hostname.to_owned(),
             error,
         };
-        let options = Options {
-            bearer,
-            ..Options::default()
-        };
-        let mut stream = IngestStream::open_with(channel, options)
-            .await
-            .map_err(failed)?;
-        let welcome = stream
-            .hello(v1::Hello {
-                agent_id: agent_id.to_owned(),
-                epoch,
-                hostname: hostname.to_owned(),
-                boot_id: format!("{epoch:032x}"),
-                version: concat!("outflow-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
-                labels: [("role".to_owned(), "inference".to_owned())].into(),
-            })
+        let (stream, welcome) = Self::hello(channel, bearer.clone(), agent_id, epoch, hostname)
             .await
             .map_err(failed)?;
         if welcome.applied_seq != 0 {
@@ -76,7 +84,107 @@ impl AgentStream {
         Ok(AgentStream {
             host: hostname.to_owned(),
             stream,
+            agent_id: agent_id.to_owned(),
+            epoch,
+            bearer,
+            at: 0,
         })
+    }
+
+    /// Opens the stream on the `at`-th of `channels` (the collectors an agent may use).
+    pub async fn open_on(
+        channels: &[Channel],
+        at: usize,
+        bearer: Bearer,
+        agent_id: &str,
+        epoch: u64,
+        hostname: &str,
+    ) -> Result<AgentStream, SimError> {
+        let at = at % channels.len().max(1);
+        let channel = channels
+            .get(at)
+            .cloned()
+            .ok_or_else(|| SimError::Protocol("no collector to connect to".into()))?;
+        let mut a = Self::open(channel, bearer, agent_id, epoch, hostname).await?;
+        a.at = at;
+        Ok(a)
+    }
+
+    async fn hello(
+        channel: Channel,
+        bearer: Bearer,
+        agent_id: &str,
+        epoch: u64,
+        hostname: &str,
+    ) -> Result<(IngestStream, v1::Welcome), IngestError> {
+        let options = Options {
+            bearer,
+            ..Options::default()
+        };
+        let mut stream = IngestStream::open_with(channel, options).await?;
+        let welcome = stream
+            .hello(v1::Hello {
+                agent_id: agent_id.to_owned(),
+                epoch,
+                hostname: hostname.to_owned(),
+                boot_id: format!("{epoch:032x}"),
+                version: concat!("outflow-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
+                labels: [("role".to_owned(), "inference".to_owned())].into(),
+            })
+            .await?;
+        Ok((stream, welcome))
+    }
+
+    /// After `error` on the stream while `batch` was unacknowledged (every earlier batch
+    /// was): opens the stream again, on the next of `channels` in turn, and sends `batch`
+    /// again unless the collector says it applied it, until it is acknowledged; for at most
+    /// `patience`. A refusal (credentials, a bad batch) is not retried.
+    pub async fn recover(
+        &mut self,
+        channels: &[Channel],
+        batch: &v1::Batch,
+        error: SimError,
+        patience: Duration,
+    ) -> Result<(), SimError> {
+        if let SimError::Ingest { error: e, .. } = &error
+            && !retryable(e)
+        {
+            return Err(error);
+        }
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut last = error;
+        while tokio::time::Instant::now() < deadline {
+            self.at = (self.at + 1) % channels.len().max(1);
+            let Some(channel) = channels.get(self.at).cloned() else {
+                break;
+            };
+            let tried = async {
+                let (mut stream, welcome) = Self::hello(
+                    channel,
+                    self.bearer.clone(),
+                    &self.agent_id,
+                    self.epoch,
+                    &self.host,
+                )
+                .await?;
+                if welcome.applied_seq < batch.seq {
+                    stream.send_batch(batch.clone()).await?;
+                    while stream.next_ack().await? < batch.seq {}
+                }
+                Ok::<_, IngestError>(stream)
+            };
+            match tokio::time::timeout(patience, tried).await {
+                Ok(Ok(stream)) => {
+                    self.stream = stream;
+                    return Ok(());
+                }
+                Ok(Err(e)) if !retryable(&e) => return Err(self.failed(e)),
+                Ok(Err(e)) => last = self.failed(e),
+                Err(_) => last = self.failed(IngestError::Timeout(patience)),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(last)
     }
 
     fn failed(&self, error: IngestError) -> SimError {

@@ -147,6 +147,9 @@ pub struct Report {
     pub request_bytes: u64,
     /// Wall time from the first batch to the last Ack.
     pub ingest_wall_ms: u64,
+    /// Streams opened again after one failed (each time its unacknowledged batch was sent
+    /// again).
+    pub reconnects: u64,
     /// The benign heavy clients (not allowlisted): name and addresses.
     pub lookalikes: Vec<(String, Vec<String>)>,
     pub benign: BenignStats,
@@ -198,12 +201,16 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "sent {} batches, {} deltas, {} response / {} request bytes in {:.1} s",
+            "sent {} batches, {} deltas, {} response / {} request bytes in {:.1} s{}",
             self.batches,
             self.deltas,
             self.response_bytes,
             self.request_bytes,
-            self.ingest_wall_ms as f64 / 1000.0
+            self.ingest_wall_ms as f64 / 1000.0,
+            match self.reconnects {
+                0 => String::new(),
+                n => format!(" ({n} streams opened again, their batch sent again)"),
+            }
         );
         let b = &self.benign;
         let _ = writeln!(
@@ -406,6 +413,7 @@ pub(crate) fn score(
         response_bytes: generator.steps.iter().map(|s| s.response_bytes).sum(),
         request_bytes: generator.steps.iter().map(|s| s.request_bytes).sum(),
         ingest_wall_ms: ingest_wall.as_millis() as u64,
+        reconnects: 0,
         lookalikes: model::lookalikes()
             .into_iter()
             .map(|l| {

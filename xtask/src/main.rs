@@ -6,6 +6,7 @@
 //! lives in its own module; a new one is a module, a variant of [`Command`] and a match arm.
 
 mod bench;
+mod cluster_demo;
 mod cmd;
 mod demo;
 mod faults;
@@ -58,6 +59,14 @@ enum Command {
     /// namespaces; one client starts extracting in bulk. Prints the collector's top talkers
     /// (and alerts) as it goes, then cleans up.
     Demo,
+    /// The collector's cluster mode, live on this machine (about a minute).
+    ///
+    /// Starts a three-node NATS JetStream cluster, two ingest nodes and three aggregators,
+    /// streams a day of 200 simulated agents through them while an aggregator, an ingest node
+    /// and a NATS node are SIGKILLed and brought back, then compares every host's and every
+    /// client's totals (read through an ingest node) with what was sent and lists the alerts.
+    /// Ends with `cluster: <N> deltas, totals exact, <K> alerts`, or what differs.
+    ClusterDemo,
     /// The fault suite at full size, and its table (about 20 minutes; needs root).
     ///
     /// The real agent and collector through packet loss, delay, stalls, resets, a one-minute
@@ -92,6 +101,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
+        Command::ClusterDemo => cluster_demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Faults(args) => faults::run(&args),
         Command::VmTest(args) => vm::run(&args),

@@ -1,0 +1,576 @@
+//! `outflow-sim cluster-demo` (what `cargo xtask cluster-demo` runs): the collector's cluster
+//! mode on this machine, with a fleet through it and a node of each kind killed on the way.
+//!
+//! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
+//! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
+//! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
+//! a partitioned cluster judges: bulk, prefix, slowrise, parallel). On the way it
+//! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
+//! and send their unacknowledged batch again) and a NATS node, and brings them back. Once
+//! every part is applied it compares, through an ingest node (which asks every aggregator and
+//! merges), every host's and every client's totals with what the fleet sent, to the byte, and
+//! lists the alerts, scoring each attack. The last line says it:
+//! `cluster: <N> deltas, totals exact, <K> alerts`, or what differs.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use outflow_proto::v1::{self, query_client::QueryClient};
+use outflow_testbed::nats::NatsCluster;
+
+use crate::{Report, Scenario, SimConfig};
+
+/// Partitions of the demo's stream.
+const PARTITIONS: u32 = 12;
+/// The attacks one partitioned cluster judges (those that need several partitions at once,
+/// wide and pool, wait for the cluster's second stage; lowslow needs a week).
+pub const ATTACKS: [Scenario; 4] = [
+    Scenario::Bulk,
+    Scenario::Prefix,
+    Scenario::SlowRise,
+    Scenario::Parallel,
+];
+
+/// An address of each attack of [`ATTACKS`] (the simulator's model fixes them).
+const ATTACKERS: [&str; 4] = [
+    "203.0.113.7",
+    "198.51.100.1",
+    "100.64.77.77",
+    "100.64.99.99",
+];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// The `outflow-collector` binary.
+    pub collector_bin: PathBuf,
+    /// Where the nodes keep their data (emptied first).
+    pub dir: PathBuf,
+    /// Synthetic agents.
+    pub hosts: usize,
+    /// Benign client addresses.
+    pub clients: usize,
+    pub seed: u64,
+    /// Print progress (the demo) or not (a test that prints the outcome itself).
+    pub verbose: bool,
+    /// Kill a node of each kind on the way (and bring it back).
+    pub faults: bool,
+    /// How long to wait for an alert on each attack once everything is applied.
+    pub alert_wait: Duration,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: Report,
+    /// Hosts and clients whose totals differ from what was sent: (key, sent, the cluster's).
+    pub differences: Differences,
+    pub hosts: usize,
+    pub clients: usize,
+    /// Alerts listed through an ingest node.
+    pub alerts: usize,
+    /// Attacks with more than one alert on their key by one detector.
+    pub repeated: Vec<String>,
+}
+
+impl Outcome {
+    /// True when every total is exact and every attack was caught, once.
+    pub fn passed(&self) -> bool {
+        self.differences.is_empty()
+            && self.repeated.is_empty()
+            && self.report.alerts_error.is_none()
+            && self.report.attacks.iter().all(|a| a.detected)
+    }
+
+    /// The closing line.
+    pub fn line(&self) -> String {
+        let totals = if self.differences.is_empty() {
+            "totals exact".to_owned()
+        } else {
+            format!("{} totals differ", self.differences.len())
+        };
+        let missed: Vec<String> = self
+            .report
+            .attacks
+            .iter()
+            .filter(|a| !a.detected)
+            .map(|a| a.scenario.to_string())
+            .collect();
+        let mut line = format!(
+            "cluster: {} deltas, {totals}, {} alerts",
+            self.report.deltas, self.alerts
+        );
+        if !missed.is_empty() {
+            line.push_str(&format!(" (no alert for: {})", missed.join(", ")));
+        }
+        if !self.repeated.is_empty() {
+            line.push_str(&format!(
+                " (raised more than once: {})",
+                self.repeated.join(", ")
+            ));
+        }
+        line
+    }
+}
+
+/// An `outflow-collector` process of the demo.
+struct Node {
+    name: String,
+    dir: PathBuf,
+    config: PathBuf,
+    bin: PathBuf,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    child: Option<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// GET `path` over HTTP/1.1: the status and the body.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
+    Some((status, body))
+}
+
+/// The sum of a metric's samples in a `/metrics` text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Node {
+    fn new(bin: &Path, dir: &Path, name: &str, body: &str) -> Result<Node> {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let config = dir.join("collector.toml");
+        let text = format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\ndata_dir = \"{}\"\n{body}",
+            dir.join("data").display()
+        );
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        Ok(Node {
+            name: name.to_owned(),
+            dir,
+            config,
+            bin: bin.to_owned(),
+            listen,
+            metrics,
+            child: None,
+        })
+    }
+
+    /// Starts it and waits until it is ready.
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("collector.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if matches!(http_get(self.metrics, "/readyz"), Some((200, _))) {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("{} exited ({status}): {}", self.name, self.log_tail());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} not ready within 60 s: {}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("collector.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The configuration of a node of `role` (rate limits off: the fleet sends a day in seconds).
+fn node_config(nats: &NatsCluster, role: &str, name: &str) -> String {
+    let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[store]\nfsync = false\n[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\n",
+        urls.join(", ")
+    )
+}
+
+/// Runs the demo (see the module's documentation).
+pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let say = |s: &str| {
+        if cfg.verbose {
+            println!("cluster-demo: [{:5.1} s] {s}", t0.elapsed().as_secs_f64());
+        }
+    };
+    ensure!(
+        cfg.collector_bin.is_file(),
+        "no collector at {}: build it (cargo build -p outflow-collector)",
+        cfg.collector_bin.display()
+    );
+    let _ = std::fs::remove_dir_all(&cfg.dir);
+    std::fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
+    let mut nats = NatsCluster::start(3, &cfg.dir.join("nats"));
+    let bin = &cfg.collector_bin;
+    let mut ingest = Vec::new();
+    for i in 0..2 {
+        let name = format!("i{i}");
+        let mut n = Node::new(bin, &cfg.dir, &name, &node_config(&nats, "ingest", &name))?;
+        n.start()?;
+        ingest.push(n);
+    }
+    let mut aggregators = Vec::new();
+    for i in 0..3 {
+        let name = format!("a{i}");
+        let mut n = Node::new(
+            bin,
+            &cfg.dir,
+            &name,
+            &node_config(&nats, "aggregator", &name),
+        )?;
+        n.start()?;
+        aggregators.push(n);
+    }
+    say(&format!(
+        "NATS JetStream on 3 nodes ({}), ingest nodes {} and {}, aggregators {}, {} and {} sharing {PARTITIONS} partitions; logs in {}",
+        nats.urls().join(" "),
+        ingest[0].listen,
+        ingest[1].listen,
+        aggregators[0].listen,
+        aggregators[1].listen,
+        aggregators[2].listen,
+        cfg.dir.display()
+    ));
+    wait_held(&aggregators, Duration::from_secs(60))?;
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let sim = SimConfig {
+        collector: format!("{},{}", ingest[0].url(), ingest[1].url()),
+        hosts: cfg.hosts,
+        clients: cfg.clients,
+        days: 1,
+        seed: cfg.seed,
+        batch_secs: 600,
+        max_batches_per_second: 0.0,
+        progress: Some(progress.clone()),
+        ..SimConfig::default()
+    };
+    let steps = sim.steps();
+    let names: Vec<String> = ATTACKS.iter().map(ToString::to_string).collect();
+    say(&format!(
+        "{} agents send a day of traffic ({steps} batches each, {} benign clients, attacks: {}) through both ingest nodes",
+        cfg.hosts,
+        cfg.clients,
+        names.join(", ")
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let fleet = rt.spawn({
+        let sim = sim.clone();
+        async move { crate::send(&sim, &ATTACKS).await }
+    });
+
+    // A node of each kind killed part way, and brought back.
+    let at = |share: u64| {
+        let step = steps * share / 100;
+        while progress.load(Ordering::Relaxed) < step && !fleet.is_finished() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        progress.load(Ordering::Relaxed)
+    };
+    if cfg.faults {
+        let step = at(15);
+        aggregators[2].kill();
+        say(&format!("step {step}/{steps}: SIGKILL aggregator a2"));
+        let step = at(30);
+        ingest[1].kill();
+        say(&format!(
+            "step {step}/{steps}: SIGKILL ingest node i1 (its agents go on through i0)"
+        ));
+        let step = at(45);
+        nats.kill(2);
+        say(&format!("step {step}/{steps}: SIGKILL NATS node 2"));
+        let step = at(60);
+        nats.restart(2);
+        aggregators[2].start()?;
+        say(&format!(
+            "step {step}/{steps}: NATS node 2 and aggregator a2 back (a2 on its own store: it takes its share again)"
+        ));
+        let step = at(75);
+        ingest[1].start()?;
+        say(&format!("step {step}/{steps}: ingest node i1 back"));
+    }
+    let sent = rt
+        .block_on(fleet)
+        .context("the fleet's task")?
+        .context("the fleet")?;
+    let truth = sent.truth();
+    say(&format!(
+        "every batch acknowledged: {} deltas, {} streams opened again (their batch sent again); waiting for the aggregators to apply every part",
+        truth.deltas,
+        sent.reconnects()
+    ));
+
+    // Compared through an ingest node (it asks every aggregator): again while the cluster
+    // settles (a partition held by none or by two answers UNAVAILABLE; one being replayed
+    // answers short), until every total is exact or three minutes have passed.
+    let url = ingest[0].url();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut passes = 0;
+    let (differences, host_diffs, client_diffs) = loop {
+        passes += 1;
+        let compared = rt.block_on(compare(&url, &truth));
+        match compared {
+            Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    say(&format!(
+        "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled)",
+        truth.hosts.len(),
+        if host_diffs == 0 {
+            "every host's totals exact (summed over the three aggregators)".to_owned()
+        } else {
+            format!("{host_diffs} differ")
+        },
+        truth.clients.len(),
+        if client_diffs == 0 {
+            "every client's totals exact".to_owned()
+        } else {
+            format!("{client_diffs} differ")
+        }
+    ));
+    for (key, want, got) in differences.iter().take(10) {
+        say(&format!(
+            "  {key}: sent {} response / {} request bytes, the cluster has {} / {}",
+            want.0, want.1, got.0, got.1
+        ));
+    }
+
+    // The alerts: listed until each attack's shows (the aggregators judge what they applied
+    // on a thread of their own, after it), for at most `alert_wait`.
+    let covered = |alerts: &[v1::Alert]| {
+        ATTACKERS.iter().all(|a| {
+            let a: IpAddr = a.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            alerts.iter().any(|al| crate::key_covers(&al.key, a))
+        })
+    };
+    let deadline = Instant::now() + cfg.alert_wait;
+    let alerts = loop {
+        let alerts = rt.block_on(sent.list_alerts());
+        let done = alerts.as_ref().is_ok_and(|a| covered(a));
+        if done || Instant::now() > deadline {
+            break alerts;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let listed = alerts.as_ref().map_or(0, Vec::len);
+    let mut repeated = Vec::new();
+    if let Ok(list) = &alerts {
+        let mut seen: BTreeMap<(&str, i32), usize> = BTreeMap::new();
+        for a in list {
+            *seen.entry((a.key.as_str(), a.detector)).or_default() += 1;
+        }
+        repeated.extend(
+            seen.into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|((k, d), n)| format!("{k} (detector {d}, {n} times)")),
+        );
+    }
+    let report = sent.score("cluster-demo", alerts);
+    for a in &report.attacks {
+        say(&format!(
+            "attack {}: {}",
+            a.scenario,
+            match &a.alert {
+                Some(al) => format!("{} alert on {} ({})", al.detector, al.key, al.severity),
+                None => "no alert".into(),
+            }
+        ));
+    }
+    // The nodes stop before the runtime their clients were on.
+    drop(ingest);
+    drop(aggregators);
+    drop(rt);
+    Ok(Outcome {
+        hosts: truth.hosts.len(),
+        clients: truth.clients.len(),
+        alerts: listed,
+        repeated,
+        differences,
+        report,
+    })
+}
+
+/// Every host's and client's totals through the node at `url` against `truth`: the
+/// differences (key, sent, the cluster's), and how many of hosts and of clients.
+type Differences = Vec<(String, (u64, u64), (u64, u64))>;
+
+async fn compare(url: &str, truth: &crate::Truth) -> Result<(Differences, usize, usize)> {
+    let mut hosts = top_hosts(url).await?;
+    let mut differences = Vec::new();
+    for (host, want) in &truth.hosts {
+        let got = hosts.remove(host).unwrap_or_default();
+        if got != *want {
+            differences.push((format!("host {host}"), *want, got));
+        }
+    }
+    for (host, got) in hosts.into_iter().filter(|(_, got)| *got != (0, 0)) {
+        differences.push((format!("host {host}"), (0, 0), got));
+    }
+    let host_diffs = differences.len();
+    let clients = client_totals(url, truth.clients.keys().copied()).await?;
+    for (addr, want) in &truth.clients {
+        let got = clients.get(addr).copied().unwrap_or_default();
+        if got != *want {
+            differences.push((format!("client {addr}"), *want, got));
+        }
+    }
+    let client_diffs = differences.len() - host_diffs;
+    Ok((differences, host_diffs, client_diffs))
+}
+
+/// Waits until the aggregators hold every partition between them.
+fn wait_held(aggregators: &[Node], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let held: f64 = aggregators
+            .iter()
+            .filter_map(|a| http_get(a.metrics, "/metrics"))
+            .map(|(_, m)| metric(&m, "outflow_collector_cluster_partitions_held"))
+            .sum();
+        if held == f64::from(PARTITIONS) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the aggregators hold {held} of {PARTITIONS} partitions after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every host's 24 h totals, as the node at `url` answers for the cluster.
+async fn top_hosts(url: &str) -> Result<BTreeMap<String, (u64, u64)>> {
+    let mut q = QueryClient::connect(url.to_owned()).await?;
+    let top = q
+        .top_talkers(v1::TopTalkersRequest {
+            group_by: v1::GroupBy::Host as i32,
+            window: v1::Window::Window24h as i32,
+            limit: 1000,
+        })
+        .await?
+        .into_inner();
+    Ok(top
+        .talkers
+        .into_iter()
+        .map(|t| (t.key, (t.response_bytes, t.request_bytes)))
+        .collect())
+}
+
+/// Every client's 24 h totals (ClientStats, one client at a time).
+async fn client_totals(
+    url: &str,
+    clients: impl Iterator<Item = IpAddr>,
+) -> Result<BTreeMap<IpAddr, (u64, u64)>> {
+    let mut q = QueryClient::connect(url.to_owned()).await?;
+    let mut out = BTreeMap::new();
+    for c in clients {
+        let r = q
+            .client_stats(v1::ClientStatsRequest {
+                client: c.to_string(),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let day = r
+                    .into_inner()
+                    .windows
+                    .into_iter()
+                    .find(|w| w.window == v1::Window::Window24h as i32)
+                    .unwrap_or_default();
+                out.insert(c, (day.response_bytes, day.request_bytes));
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(anyhow::anyhow!("ClientStats {c}: {s}")),
+        }
+    }
+    Ok(out)
+}
+
+/// `outflow-collector` beside this executable (or one directory up, for a test binary in
+/// `target/debug/deps`).
+pub fn default_collector_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let here = dir.join("outflow-collector");
+    if here.is_file() {
+        return here;
+    }
+    dir.parent()
+        .map(|d| d.join("outflow-collector"))
+        .unwrap_or(here)
+}
