@@ -184,6 +184,42 @@ fn node(bin: &Path, dir: &Path, text: &str) -> Result<(CollectorProcess, SocketA
     Ok((p, listen, metrics))
 }
 
+/// A three-node NATS cluster and one ingest node, under `dir`.
+fn start_nats_and_ingest(
+    bin: &Path,
+    dir: &Path,
+    partitions: u32,
+) -> Result<(NatsCluster, CollectorProcess, SocketAddr)> {
+    let nats = NatsCluster::start(3, &dir.join("nats"));
+    let (ingest, addr, _) = node(
+        bin,
+        &dir.join("ingest"),
+        &node_config(&nats, partitions, "ingest"),
+    )?;
+    Ok((nats, ingest, addr))
+}
+
+/// Aggregators `a0` to `a<n-1>`, each in a directory of its own under `dir`, with `more` at
+/// the end of their configuration.
+fn start_aggregators(
+    bin: &Path,
+    dir: &Path,
+    nats: &NatsCluster,
+    partitions: u32,
+    n: u32,
+    more: &str,
+) -> Result<Vec<(CollectorProcess, SocketAddr, SocketAddr)>> {
+    (0..n)
+        .map(|i| {
+            let text = format!(
+                "{}node_name = \"a{i}\"\n{more}",
+                node_config(nats, partitions, "aggregator")
+            );
+            node(bin, &dir.join(format!("a{i}")), &text)
+        })
+        .collect()
+}
+
 /// Waits until `f` of the aggregators' metrics holds, reading them every 50 ms.
 fn wait_for(
     metrics: &[SocketAddr],
@@ -217,12 +253,7 @@ fn one_run(
     eprintln!(
         "cluster: {n} aggregators, run {run}: starting NATS (3 nodes), 1 ingest node, {n} aggregators"
     );
-    let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let (ingest, ingest_addr, _) = node(
-        bin,
-        &dir.path().join("ingest"),
-        &node_config(&nats, args.partitions, "ingest"),
-    )?;
+    let (nats, ingest, ingest_addr) = start_nats_and_ingest(bin, dir.path(), args.partitions)?;
     let streams = rt
         .block_on(ingest::open_streams(&format!("http://{ingest_addr}"), load))
         .with_context(|| format!("ingest node stderr:\n{}", ingest.stderr.tail(20)))?;
@@ -233,14 +264,7 @@ fn one_run(
     drop(ingest);
 
     let t1 = Instant::now();
-    let mut aggregators = Vec::new();
-    for i in 0..n {
-        let text = format!(
-            "{}node_name = \"a{i}\"\n",
-            node_config(&nats, args.partitions, "aggregator")
-        );
-        aggregators.push(node(bin, &dir.path().join(format!("a{i}")), &text)?);
-    }
+    let aggregators = start_aggregators(bin, dir.path(), &nats, args.partitions, n, "")?;
     let cpu0: Vec<Duration> = aggregators
         .iter()
         .map(|a| sys::cpu_time(a.0.pid()))
@@ -452,20 +476,15 @@ async fn agent(url: &str, name: &str) -> Result<IngestStream> {
 fn alert_latency(bin: &Path, args: &Args, n: u32) -> Result<Vec<f64>> {
     let dir = TempDir::new("bench-cluster-alert");
     eprintln!("cluster: extraction to alert: NATS (3 nodes), 1 ingest node, {n} aggregators");
-    let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let (ingest, ingest_addr, _) = node(
+    let (nats, ingest, ingest_addr) = start_nats_and_ingest(bin, dir.path(), args.partitions)?;
+    let aggregators = start_aggregators(
         bin,
-        &dir.path().join("ingest"),
-        &node_config(&nats, args.partitions, "ingest"),
+        dir.path(),
+        &nats,
+        args.partitions,
+        n,
+        "[detect]\neval_interval = \"1s\"\n",
     )?;
-    let mut aggregators = Vec::new();
-    for i in 0..n {
-        let text = format!(
-            "{}node_name = \"a{i}\"\n[detect]\neval_interval = \"1s\"\n",
-            node_config(&nats, args.partitions, "aggregator")
-        );
-        aggregators.push(node(bin, &dir.path().join(format!("a{i}")), &text)?);
-    }
     let agg_metrics: Vec<SocketAddr> = aggregators.iter().map(|a| a.2).collect();
     let partitions = f64::from(args.partitions);
     wait_for(
