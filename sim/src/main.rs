@@ -120,7 +120,7 @@ fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         verbose: true,
         faults: !args.no_faults,
-        alert_wait: Duration::from_secs(60),
+        alert_wait: Duration::from_secs(15),
     })?;
     println!("{}", outcome.line());
     Ok(if outcome.passed() {
