@@ -375,9 +375,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
 
     // Compared through an ingest node (it asks every aggregator): again while the cluster
     // settles (a partition held by none or by two answers UNAVAILABLE; one being replayed
-    // answers short), until every total is exact or three minutes have passed.
+    // answers short), until every total is exact or five minutes have passed.
     let url = ingest[0].url();
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut passes = 0;
     let (differences, host_diffs, client_diffs) = loop {
         passes += 1;

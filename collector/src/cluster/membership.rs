@@ -127,15 +127,7 @@ impl Directory {
 
     /// The live aggregators and their entries.
     pub async fn live(&self) -> Result<BTreeMap<String, Entry>, MembershipError> {
-        let mut keys = self
-            .nodes
-            .keys()
-            .await
-            .map_err(|e| err("listing the aggregators", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| err("listing the aggregators", e))?);
-        }
+        let names = keys_of(&self.nodes, "the aggregators").await?;
         let mut out = BTreeMap::new();
         for k in names {
             let entry = self
@@ -151,6 +143,26 @@ impl Directory {
         }
         Ok(out)
     }
+}
+
+/// The keys of `store` (those with a value or a delete marker still in the stream), read from
+/// the stream's subjects: no consumer is made (`kv::Store::keys` makes one per call, and a node
+/// answering queries would make one per query).
+async fn keys_of(store: &kv::Store, what: &str) -> Result<Vec<String>, MembershipError> {
+    let filter = format!("{}>", store.prefix);
+    let mut subjects = store
+        .stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| err(format!("listing {what}"), e))?;
+    let mut keys = Vec::new();
+    while let Some(s) = subjects.next().await {
+        let (subject, _) = s.map_err(|e| err(format!("listing {what}"), e))?;
+        if let Some(k) = subject.strip_prefix(store.prefix.as_str()) {
+            keys.push(k.to_owned());
+        }
+    }
+    Ok(keys)
 }
 
 /// A partition's claim: who holds it, at which revision of its key.
@@ -268,29 +280,25 @@ impl Membership {
 
     /// The live aggregators.
     pub async fn live(&self) -> Result<BTreeSet<String>, MembershipError> {
-        let mut keys = self
-            .nodes
-            .keys()
-            .await
-            .map_err(|e| err("listing the aggregators", e))?;
         let mut live = BTreeSet::new();
-        while let Some(k) = keys.next().await {
-            live.insert(k.map_err(|e| err("listing the aggregators", e))?);
+        for k in keys_of(&self.nodes, "the aggregators").await? {
+            // A key whose last message is a delete or purge marker is not a member.
+            if let Some(e) = self
+                .nodes
+                .entry(k.as_str())
+                .await
+                .map_err(|e| err(format!("reading the aggregator {k}"), e))?
+                && e.operation == kv::Operation::Put
+            {
+                live.insert(k);
+            }
         }
         Ok(live)
     }
 
     /// Every partition's claim (partitions at or above `partitions` are ignored).
     pub async fn claims(&self, partitions: u32) -> Result<BTreeMap<u32, Claim>, MembershipError> {
-        let mut keys = self
-            .claims
-            .keys()
-            .await
-            .map_err(|e| err("listing the claims", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| err("listing the claims", e))?);
-        }
+        let names = keys_of(&self.claims, "the claims").await?;
         let mut out = BTreeMap::new();
         for k in names {
             let Some(p) = k
