@@ -278,22 +278,12 @@ impl Membership {
         Ok(())
     }
 
-    /// The live aggregators.
+    /// The live aggregators (their names, as [`Directory::live`] lists them).
     pub async fn live(&self) -> Result<BTreeSet<String>, MembershipError> {
-        let mut live = BTreeSet::new();
-        for k in keys_of(&self.nodes, "the aggregators").await? {
-            // A key whose last message is a delete or purge marker is not a member.
-            if let Some(e) = self
-                .nodes
-                .entry(k.as_str())
-                .await
-                .map_err(|e| err(format!("reading the aggregator {k}"), e))?
-                && e.operation == kv::Operation::Put
-            {
-                live.insert(k);
-            }
-        }
-        Ok(live)
+        let nodes = Directory {
+            nodes: self.nodes.clone(),
+        };
+        Ok(nodes.live().await?.into_keys().collect())
     }
 
     /// Every partition's claim (partitions at or above `partitions` are ignored).
