@@ -129,6 +129,8 @@ pub struct Server {
     otlp: Option<(JoinHandle<()>, CancellationToken)>,
     /// An aggregator's consumer tasks (they end at the stop, before the store closes).
     consumers: Vec<JoinHandle<()>>,
+    /// An aggregator's file saying it stopped cleanly, written once the store is closed.
+    clean_stop: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -241,6 +243,7 @@ impl Server {
                     &config.data_dir,
                     advertise,
                     held.clone(),
+                    config.detect.eval_interval_ms(),
                     shutdown.clone(),
                 )
                 .await?,
@@ -417,6 +420,8 @@ impl Server {
             metrics: metrics_task,
             otlp,
             consumers,
+            clean_stop: aggregator
+                .then(|| config.data_dir.join(crate::cluster::aggregator::CLEAN_STOP_FILE)),
         })
     }
 
@@ -465,6 +470,7 @@ impl Server {
             http_stop,
             otlp,
             consumers,
+            clean_stop,
             ..
         } = self;
         for c in consumers {
@@ -483,6 +489,12 @@ impl Server {
             }
         };
         collector.close().await;
+        if let Some(path) = clean_stop
+            && let Err(e) = std::fs::write(&path, b"")
+        {
+            // The next start rebuilds the store from the stream, as after a crash.
+            warn!("{}: {e}", path.display());
+        }
         if let Some((task, stop)) = otlp {
             // The last push, with the values everything applied made.
             stop.cancel();

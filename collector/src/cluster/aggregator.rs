@@ -5,8 +5,6 @@
 //! beyond it. Its store holds exactly the partitions it holds, and the data directory lists
 //! them (`partitions-held`), so that the sum of the aggregators' answers is the fleet's:
 //!
-//! - A partition it claims is applied from the stream's first part through a fresh consumer
-//!   (its parts are added to the store: its keys are its own, or add to those of the others).
 //! - A partition it gives up is taken out by a rebuild: every consumer stops and is deleted,
 //!   the store is emptied ([`Collector::reset`]), the claims given up are dropped, and the
 //!   partitions it keeps are applied again from the stream's first part. A part's bytes can be
@@ -14,6 +12,16 @@
 //!   partition out of a store means building the store again.
 //! - A partition it held that another aggregator claimed meanwhile (it was gone past the
 //!   lease, or cut off from NATS) is taken out the same way, before anything else.
+//! - A partition it claims is applied from the stream's first part through a fresh consumer;
+//!   if the store holds others, it is rebuilt first, so that all are applied together.
+//! - After a crash (no `stopped-cleanly` file in the data directory) the store is rebuilt
+//!   before anything is applied.
+//!
+//! So a store is always its partitions applied from the stream's first part, by consumers in
+//! step ([`super::align`]): its detectors judge them as one collector would have judged them
+//! live, and an alert has the same id whichever aggregator raises it. (Without the last two
+//! rules, a partition taken on late, or a store whose detectors restored what they learnt
+//! from an hour back, would be judged otherwise: an attack alerted twice, or missed.)
 //!
 //! The order of the steps makes a crash anywhere safe: a consumer only ever goes on from
 //! where it is when the store holds what it acknowledged (the list is written before a
@@ -36,6 +44,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    align::{Aligner, Member},
     config::ClusterConfig,
     consume,
     membership::{self, Membership, MembershipError},
@@ -45,6 +54,9 @@ use crate::collector::Collector;
 
 /// The file in the data directory listing the partitions the store holds.
 const HELD_FILE: &str = "partitions-held";
+/// The file in the data directory that says the last run stopped cleanly (written once the
+/// store is closed, removed at start).
+pub const CLEAN_STOP_FILE: &str = "stopped-cleanly";
 /// The file in the data directory naming this aggregator's instance (made once): what tells
 /// its membership entry from another aggregator's under the same name.
 const INSTANCE_FILE: &str = "aggregator-instance";
@@ -85,6 +97,7 @@ pub async fn start(
     data_dir: &Path,
     advertise: String,
     shared: SharedHeld,
+    judge_every_ms: u64,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, AggregatorError> {
     let p = cfg.publish();
@@ -101,6 +114,26 @@ pub async fn start(
         path: held_path.clone(),
         error,
     })?;
+    // After a crash the store holds every committed part, but what the detectors learnt is
+    // only as recent as their last save (hourly in batch time): judged on from there, the
+    // partitions would be judged otherwise than live. The stream has it all: rebuild.
+    let clean_path = data_dir.join(CLEAN_STOP_FILE);
+    let crashed = !held.is_empty() && !clean_path.exists();
+    match std::fs::remove_file(&clean_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(AggregatorError::File {
+                path: clean_path,
+                error,
+            });
+        }
+    }
+    if crashed {
+        warn!(
+            "aggregator {me}: the last run did not stop cleanly (what the detectors learnt since their last save is lost): its store is rebuilt from the stream"
+        );
+    }
     info!(
         "aggregator {me}: {} partitions of the stream {} at {}; the store holds {held:?}",
         cfg.partitions,
@@ -124,6 +157,8 @@ pub async fn start(
         instance,
         advertise,
         shared,
+        aligner: Aligner::new(judge_every_ms),
+        crashed,
         running: BTreeMap::new(),
         renewed: None,
     };
@@ -146,6 +181,10 @@ struct Aggregator {
     advertise: String,
     /// `held`, for the queries.
     shared: SharedHeld,
+    /// Keeps the consumers in step by batch time (judgement periods).
+    aligner: Arc<Aligner>,
+    /// The last run did not stop cleanly: the store is rebuilt before anything is applied.
+    crashed: bool,
     /// A consumer task per partition being applied.
     running: BTreeMap<u32, (JoinHandle<()>, CancellationToken)>,
     /// The last renewal of the membership.
@@ -206,7 +245,10 @@ impl Aggregator {
                 "aggregator {me}: partitions {lost:?} were claimed by others while this one was away: rebuilding"
             );
             self.rebuild().await?;
+        } else if self.crashed {
+            self.rebuild().await?;
         }
+        self.crashed = false;
         let plan = membership::plan(&me, self.partitions, &live, &claims);
         if !plan.release.is_empty() {
             info!(
@@ -221,8 +263,10 @@ impl Aggregator {
                 }
             }
         }
+        let mut claimed = false;
         for p in plan.claim {
             if self.members.claim(p, claims.get(&p)).await? {
+                claimed = true;
                 info!(
                     "aggregator {me}: claimed partition {p}{}",
                     claims
@@ -239,9 +283,22 @@ impl Aggregator {
                 );
             }
         }
-        let mine = mine(&claims);
-        for p in &mine {
-            self.apply(*p).await?;
+        if claimed && !self.held.is_empty() {
+            // A partition taken on joins the others from the stream's first part, all in
+            // step: applied on its own into a store whose judgements are past its parts'
+            // batch times, its keys would be judged late, against windows that moved on.
+            info!("aggregator {me}: partitions claimed: rebuilding, to judge them with the rest");
+            self.rebuild().await?;
+        }
+        // Every consumer to start joins the others before any starts: the first must not
+        // run ahead of the ones not started yet.
+        let starting: Vec<(u32, Member)> = mine(&claims)
+            .into_iter()
+            .filter(|p| !self.is_running(*p))
+            .map(|p| (p, self.aligner.join(p)))
+            .collect();
+        for (p, member) in starting {
+            self.apply(p, member).await?;
         }
         Ok(())
     }
@@ -262,14 +319,8 @@ impl Aggregator {
 
     /// Makes sure `partition` is being applied: a partition new to the store is listed first
     /// and applied from the stream's first part (any consumer left from before is deleted).
-    async fn apply(&mut self, partition: u32) -> Result<(), RoundError> {
-        if self
-            .running
-            .get(&partition)
-            .is_some_and(|(t, _)| !t.is_finished())
-        {
-            return Ok(());
-        }
+    /// (`member` is its consumer's place among the others.)
+    async fn apply(&mut self, partition: u32, member: Member) -> Result<(), RoundError> {
         let name = consume::consumer_name(self.members.me(), partition);
         if !self.held.contains(&partition) {
             self.delete_consumer(&name).await?;
@@ -284,12 +335,19 @@ impl Aggregator {
             &self.subject_prefix,
             self.members.me(),
             partition,
+            member,
             stop.clone(),
         )
         .await
         .map_err(RoundError::Other)?;
         self.running.insert(partition, (task, stop));
         Ok(())
+    }
+
+    fn is_running(&self, partition: u32) -> bool {
+        self.running
+            .get(&partition)
+            .is_some_and(|(t, _)| !t.is_finished())
     }
 
     /// Empties the store of every partition: consumers stopped and deleted, store emptied,
@@ -305,6 +363,8 @@ impl Aggregator {
             .await
             .map_err(|e| RoundError::Other(format!("emptying the store: {e}")))?;
         self.set_held(BTreeSet::new())?;
+        // The writer judges from the first period again: so do the consumers.
+        self.aligner.reset();
         self.collector.metrics().cluster_rebuilds.inc();
         Ok(())
     }

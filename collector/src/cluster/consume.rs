@@ -11,7 +11,12 @@
 //! commit is not acknowledged, and comes again.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use async_nats::jetstream::{
+    self, AckKind, ErrorCode,
+    consumer::{DeliverPolicy, pull},
+    context::ConsumerInfoErrorKind,
+    stream::Stream,
+};
 use log::{debug, error, warn};
 use outflow_proto::limits::MAX_DELTAS_PER_BATCH;
 use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
@@ -19,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::partition::fnv1a;
+use super::{align::Member, partition::fnv1a};
 use crate::{
     codec::decode_part_batch,
     collector::{Collector, Session},
@@ -41,35 +46,73 @@ pub fn consumer_name(node: &str, partition: u32) -> String {
 }
 
 /// Starts applying `partition` to `collector` through the durable consumer of `node` on
-/// `stream` (created if missing: from the stream's first part), until `stop`.
+/// `stream` (created if missing: from the stream's first part), in step with the aggregator's
+/// other consumers through `member`, until `stop`.
 pub async fn spawn(
     collector: Arc<Collector>,
     stream: &Stream,
     subject_prefix: &str,
     node: &str,
     partition: u32,
+    member: Member,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, String> {
     let name = consumer_name(node, partition);
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: format!("{subject_prefix}.{partition}"),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
-                max_ack_pending: i64::try_from(FETCH * 4).unwrap_or(1024),
-                inactive_threshold: INACTIVE,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| format!("consumer {name}: {e}"))?;
+    let config = |deliver_policy| pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: format!("{subject_prefix}.{partition}"),
+        deliver_policy,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: i64::try_from(FETCH * 4).unwrap_or(1024),
+        inactive_threshold: INACTIVE,
+        ..Default::default()
+    };
+    let deliver = match stream.consumer_info(&name).await {
+        // Parts delivered to the last run and not acknowledged (it stopped between a fetch
+        // and its acknowledgements: killed, or cut off) would come again only after
+        // ack_wait, and after later parts of the same agents, which would make them
+        // duplicates below the watermark: lost. So the consumer starts again from its first
+        // part not acknowledged, in order (the ones applied before are duplicates).
+        Ok(info) if info.num_ack_pending > 0 => {
+            let start_sequence = info.ack_floor.stream_sequence + 1;
+            debug!(
+                "partition {partition}: {} parts delivered and not acknowledged: applying again from stream sequence {start_sequence}",
+                info.num_ack_pending
+            );
+            stream
+                .delete_consumer(&name)
+                .await
+                .map_err(|e| format!("consumer {name}: deleting it to start again: {e}"))?;
+            Some(DeliverPolicy::ByStartSequence { start_sequence })
+        }
+        Ok(_) => None,
+        Err(e)
+            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                || matches!(
+                    e.kind(),
+                    ConsumerInfoErrorKind::JetStream(j)
+                        if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+                ) =>
+        {
+            Some(DeliverPolicy::All)
+        }
+        Err(e) => return Err(format!("consumer {name}: {e}")),
+    };
+    let consumer = match deliver {
+        Some(policy) => stream.create_consumer(config(policy)).await,
+        None => {
+            stream
+                .get_or_create_consumer(&name, config(DeliverPolicy::All))
+                .await
+        }
+    }
+    .map_err(|e| format!("consumer {name}: {e}"))?;
     Ok(tokio::spawn(async move {
         Partition {
             collector,
             partition,
+            member,
             sessions: HashMap::new(),
         }
         .run(consumer, stop)
@@ -93,6 +136,8 @@ fn partition_agent(agent_id: &str, partition: u32) -> String {
 struct Partition {
     collector: Arc<Collector>,
     partition: u32,
+    /// Its place among the aggregator's consumers (parts are queued in step by batch time).
+    member: Member,
     /// The applying session of each agent (and epoch) seen in this partition.
     sessions: HashMap<(String, u64), Session>,
 }
@@ -118,13 +163,20 @@ impl Partition {
                 Ok(m) => m,
                 Err(e) => {
                     warn!("partition {}: fetching parts: {e}", self.partition);
+                    self.member.idle();
                     tokio::time::sleep(FETCH_WAIT).await;
                     continue;
                 }
             };
             // Every part of the fetch begun (queued to the writer) before any is awaited, so
-            // that they share group commits; answered and acknowledged in order.
+            // that they share group commits; answered and acknowledged in order. A part of a
+            // later judgement period waits until the other consumers have queued theirs of the
+            // earlier ones. Before it waits, the parts begun are finished and acknowledged:
+            // a begun part holds room in the writer's queue, which the consumer it waits for
+            // may need to go on. (Consumers finish their fetches even when stopped, and the
+            // one furthest behind never waits, so none waits for ever.)
             let mut begun = Vec::new();
+            let mut fetched = false;
             while let Some(m) = messages.next().await {
                 let m = match m {
                     Ok(m) => m,
@@ -133,47 +185,69 @@ impl Partition {
                         break;
                     }
                 };
-                let pending = self.begin(&m.payload).await;
+                fetched = true;
+                let pending = match self.decode(&m.payload) {
+                    Ok(part) => {
+                        if !self.member.try_enter(part.time_ms()) {
+                            self.finish(std::mem::take(&mut begun)).await;
+                            self.member.enter(part.time_ms()).await;
+                        }
+                        self.begin(part).await
+                    }
+                    Err(d) => Err(d),
+                };
                 begun.push((m, pending));
             }
-            for (m, pending) in begun {
-                let done = match pending {
-                    Ok(p) => match p.finish().await {
-                        Ok(_) => Done::Applied,
-                        Err(e) => Self::classify(e),
-                    },
-                    Err(d) => d,
-                };
-                let metrics = self.collector.metrics();
-                let ack = match done {
-                    Done::Applied => {
-                        metrics.cluster_applied_parts.inc();
-                        AckKind::Ack
-                    }
-                    Done::Invalid(why) => {
-                        metrics.cluster_invalid_parts.inc();
-                        warn!(
-                            "partition {}: part at stream sequence {} dropped: {why}",
-                            self.partition,
-                            m.info().map_or(0, |i| i.stream_sequence)
-                        );
-                        AckKind::Term
-                    }
-                    Done::Later(why) => {
-                        error!(
-                            "partition {}: part not applied, taken again later: {why}",
-                            self.partition
-                        );
-                        AckKind::Nak(Some(Duration::from_secs(1)))
-                    }
-                };
-                if let Err(e) = m.ack_with(ack).await {
-                    // Unacknowledged, it comes again after ack_wait: a duplicate then.
-                    warn!("partition {}: acknowledging a part: {e}", self.partition);
-                }
+            if !fetched {
+                // Nothing waiting: the other consumers need not wait for this one.
+                self.member.idle();
             }
+            self.finish(begun).await;
         }
         debug!("partition {}: stopped", self.partition);
+    }
+
+    /// Waits for the parts begun to be answered and acknowledges each to JetStream, in order.
+    async fn finish(
+        &self,
+        begun: Vec<(jetstream::Message, Result<crate::collector::Pending, Done>)>,
+    ) {
+        for (m, pending) in begun {
+            let done = match pending {
+                Ok(p) => match p.finish().await {
+                    Ok(_) => Done::Applied,
+                    Err(e) => Self::classify(e),
+                },
+                Err(d) => d,
+            };
+            let metrics = self.collector.metrics();
+            let ack = match done {
+                Done::Applied => {
+                    metrics.cluster_applied_parts.inc();
+                    AckKind::Ack
+                }
+                Done::Invalid(why) => {
+                    metrics.cluster_invalid_parts.inc();
+                    warn!(
+                        "partition {}: part at stream sequence {} dropped: {why}",
+                        self.partition,
+                        m.info().map_or(0, |i| i.stream_sequence)
+                    );
+                    AckKind::Term
+                }
+                Done::Later(why) => {
+                    error!(
+                        "partition {}: part not applied, taken again later: {why}",
+                        self.partition
+                    );
+                    AckKind::Nak(Some(Duration::from_secs(1)))
+                }
+            };
+            if let Err(e) = m.ack_with(ack).await {
+                // Unacknowledged, it comes again after ack_wait: a duplicate then.
+                warn!("partition {}: acknowledging a part: {e}", self.partition);
+            }
+        }
     }
 
     fn classify(e: ApiError) -> Done {
@@ -185,8 +259,8 @@ impl Partition {
         }
     }
 
-    /// Decodes and validates a part and queues it for the writer.
-    async fn begin(&mut self, payload: &[u8]) -> Result<crate::collector::Pending, Done> {
+    /// Decodes and checks a part.
+    fn decode(&self, payload: &[u8]) -> Result<Part, Done> {
         let part = decode_part_batch(payload, MAX_DELTAS_PER_BATCH).map_err(Self::classify)?;
         if part.partition != self.partition {
             return Err(Done::Invalid(format!(
@@ -197,14 +271,24 @@ impl Partition {
         let Some(batch) = part.batch else {
             return Err(Done::Invalid("no batch".into()));
         };
-        let key = (part.agent_id.clone(), part.epoch);
+        Ok(Part {
+            agent_id: part.agent_id,
+            epoch: part.epoch,
+            hostname: part.hostname,
+            batch,
+        })
+    }
+
+    /// Queues a part for the writer (its agent's session opened first).
+    async fn begin(&mut self, part: Part) -> Result<crate::collector::Pending, Done> {
+        let key = (part.agent_id, part.epoch);
         if !self.sessions.contains_key(&key) {
             let mut s = self.collector.part_session();
             s.handle(AgentMessage {
                 msg: Some(Msg::Hello(v1::Hello {
-                    agent_id: partition_agent(&part.agent_id, self.partition),
+                    agent_id: partition_agent(&key.0, self.partition),
                     epoch: part.epoch,
-                    hostname: part.hostname.clone(),
+                    hostname: part.hostname,
                     ..Default::default()
                 })),
             })
@@ -217,10 +301,25 @@ impl Partition {
             .get_mut(&key)
             .ok_or_else(|| Done::Later("no session".into()))?;
         s.begin(AgentMessage {
-            msg: Some(Msg::Batch(batch)),
+            msg: Some(Msg::Batch(part.batch)),
         })
         .await
         .map_err(Self::classify)
+    }
+}
+
+/// A decoded part: the batch of one agent's that falls in this partition.
+struct Part {
+    agent_id: String,
+    epoch: u64,
+    hostname: String,
+    batch: v1::Batch,
+}
+
+impl Part {
+    /// The batch time it is judged at (as the writer takes it: the batch's end).
+    fn time_ms(&self) -> u64 {
+        self.batch.end_ms
     }
 }
 

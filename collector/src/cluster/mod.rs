@@ -10,6 +10,7 @@
 //!   key-value buckets), and the plan that shares the partitions out fairly;
 //! - [`aggregator`]: an aggregator's round: claims, gives up, rebuilds its store, and runs a
 //!   consumer per partition it holds;
+//! - [`align`]: an aggregator's consumers kept in step by batch time (judgement periods);
 //! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
 //!   aggregator's store;
 //! - [`aggregator_query`]: what one aggregator holds, asked by the node that answers for the
@@ -18,6 +19,7 @@
 //!   live aggregators and merged exactly;
 //! - [`config`]: `[cluster]`, the node's role.
 pub mod aggregator;
+pub mod align;
 pub mod aggregator_query;
 pub mod config;
 pub mod consume;

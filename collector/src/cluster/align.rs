@@ -1,0 +1,249 @@
+//! An aggregator's consumers kept in step by batch time, so that its detectors judge a replay
+//! as they judged the live stream.
+//!
+//! The store writer judges when batch time crosses a judgement boundary (every
+//! `detect.eval_interval`), on everything applied before it. One collector sees the fleet's
+//! batches in the order they arrive. An aggregator's consumers each read their partition on
+//! their own: one that runs ahead (a store rebuilt from the stream's start after a move, a
+//! restart with a backlog, one partition's backlog) would cross a boundary while the others
+//! still have parts of the period before it, whose keys would then be judged a period late
+//! against windows that have moved on, or never if the fleet has stopped sending.
+//!
+//! So each consumer says where it is (its *head*: the period of the part it is about to queue,
+//! or nothing once a fetch found no parts), and queues a part of a period beyond the latest
+//! one granted only when every other consumer with parts is at that period or beyond it. The
+//! consumer at the earliest period never waits, so they all go on.
+//!
+//! A consumer behind the latest period granted (a partition taken over from an aggregator
+//! that is gone, replayed from the stream's start into a store that has judged past it) does
+//! not hold the others back: the boundaries it would need were crossed already, so waiting
+//! would only stall every live partition for the length of its replay.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use log::debug;
+use tokio::sync::watch;
+
+/// The consumers of one aggregator.
+#[derive(Debug)]
+pub struct Aligner {
+    /// The length of a judgement period, in ms (`detect.eval_interval`).
+    every_ms: u64,
+    inner: Mutex<Inner>,
+    /// Bumped whenever a head moves on or leaves (what a waiting consumer waits for).
+    moved: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Each partition's head: the period of the part its consumer queues next (absent: no
+    /// parts waiting, or no consumer).
+    heads: BTreeMap<u32, u64>,
+    /// The latest period any consumer was let into.
+    granted: u64,
+}
+
+impl Aligner {
+    /// Consumers judged every `every_ms` of batch time.
+    pub fn new(every_ms: u64) -> Arc<Aligner> {
+        Arc::new(Aligner {
+            every_ms: every_ms.max(1),
+            inner: Mutex::new(Inner::default()),
+            moved: watch::channel(0).0,
+        })
+    }
+
+    /// The period a part ending at `time_ms` is judged in: the writer judges at the first
+    /// boundary `b` with `time_ms <= b` (see `DetectConfig::next_judgement`).
+    fn period(&self, time_ms: u64) -> u64 {
+        time_ms.div_ceil(self.every_ms)
+    }
+
+    /// Starts over from the first period (the store was emptied: its writer judges from the
+    /// start again).
+    pub fn reset(&self) {
+        self.lock().granted = 0;
+        self.bump();
+    }
+
+    /// A consumer of `partition` joins. Until its first fetch it holds the others back at the
+    /// first period (it may have parts of any period), unless they are past it already.
+    pub fn join(self: &Arc<Self>, partition: u32) -> Member {
+        self.lock().heads.insert(partition, 0);
+        Member {
+            aligner: self.clone(),
+            partition,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.moved.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Sets `partition`'s head to `period` and says whether it may queue a part of it now.
+    fn try_enter(&self, partition: u32, period: u64) -> bool {
+        let (allowed, moved_on) = {
+            let mut inner = self.lock();
+            let before = inner.heads.insert(partition, period);
+            let granted = inner.granted;
+            let allowed = period <= granted
+                || inner
+                    .heads
+                    .iter()
+                    .all(|(p, h)| *p == partition || *h >= period || *h < granted);
+            if allowed {
+                inner.granted = inner.granted.max(period);
+            }
+            (allowed, before.is_none_or(|b| b < period))
+        };
+        if moved_on {
+            self.bump();
+        }
+        allowed
+    }
+
+    fn leave(&self, partition: u32) {
+        if self.lock().heads.remove(&partition).is_some() {
+            self.bump();
+        }
+    }
+}
+
+/// One consumer's place among its aggregator's consumers; it leaves when dropped.
+#[derive(Debug)]
+pub struct Member {
+    aligner: Arc<Aligner>,
+    partition: u32,
+}
+
+impl Member {
+    /// Waits until a part ending at `time_ms` may be queued: returns once no other consumer
+    /// has parts of an earlier period still to queue.
+    pub async fn enter(&self, time_ms: u64) {
+        let period = self.aligner.period(time_ms);
+        let mut moved = self.aligner.moved.subscribe();
+        // Subscribed before each check: a move after it wakes the wait below.
+        let mut waited = false;
+        while !self.aligner.try_enter(self.partition, period) {
+            if !waited {
+                waited = true;
+                debug!(
+                    "partition {}: a part of period {period} waits for the other consumers ({:?})",
+                    self.partition,
+                    self.aligner.lock()
+                );
+            }
+            if moved.changed().await.is_err() {
+                return;
+            }
+        }
+        if waited {
+            debug!("partition {}: period {period} entered", self.partition);
+        }
+    }
+
+    /// Whether a part ending at `time_ms` may be queued now (if not, [`Self::enter`] waits).
+    pub fn try_enter(&self, time_ms: u64) -> bool {
+        self.aligner
+            .try_enter(self.partition, self.aligner.period(time_ms))
+    }
+
+    /// This consumer found no parts waiting: it holds nobody back until it has one again.
+    pub fn idle(&self) {
+        self.aligner.leave(self.partition);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.aligner.leave(self.partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const MIN: u64 = 60_000;
+
+    /// Whether `enter` returns within a short while (it either returns at once or waits on
+    /// another member).
+    async fn enters(m: &Member, time_ms: u64) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), m.enter(time_ms))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_consumer_ahead_waits_for_the_others_until_they_catch_up_or_go_idle() {
+        let a = Aligner::new(MIN);
+        let (p0, p1, p2) = (a.join(0), a.join(1), a.join(2));
+        // Everyone starts held at the first period: nobody goes into a later one before all
+        // have said where they are.
+        assert!(!enters(&p0, 10 * MIN).await);
+        assert!(!enters(&p2, 5 * MIN).await, "p1 has not fetched");
+        assert!(enters(&p1, 3 * MIN).await, "the earliest goes on");
+        assert!(enters(&p1, 3 * MIN - 1).await, "within the granted period");
+        // p2 waits (in another task) until p1 moves on to minute 5.
+        let waiting = tokio::spawn(async move {
+            p2.enter(5 * MIN).await;
+            p2
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert!(enters(&p1, 5 * MIN).await);
+        let p2 = waiting.await.unwrap();
+        assert!(!enters(&p0, 10 * MIN).await, "p1 and p2 are in minute 5");
+        // p1 and p2 find nothing more: p0 goes on alone.
+        p1.idle();
+        assert!(!enters(&p0, 10 * MIN).await, "p2 is still in minute 5");
+        p2.idle();
+        assert!(enters(&p0, 10 * MIN).await);
+        // A part of an earlier period never waits.
+        assert!(enters(&p1, 2 * MIN).await);
+    }
+
+    #[tokio::test]
+    async fn a_partition_replayed_behind_the_granted_period_holds_nobody_back() {
+        let a = Aligner::new(MIN);
+        let live = a.join(0);
+        assert!(enters(&live, 100 * MIN).await);
+        // Taken over mid-run: its replay starts an hour and a half back.
+        let taken = a.join(1);
+        assert!(enters(&live, 101 * MIN).await, "the new consumer's start");
+        assert!(enters(&taken, 10 * MIN).await);
+        assert!(enters(&live, 102 * MIN).await, "the replay is behind");
+        // Once the store is emptied, everyone starts together again.
+        a.reset();
+        let again = a.join(2);
+        assert!(!enters(&live, 3 * MIN).await, "the new consumer has not fetched");
+        assert!(enters(&again, 1 * MIN).await);
+        assert!(!enters(&live, 3 * MIN).await, "p2 is in minute 1");
+        drop(taken);
+        assert!(!enters(&live, 3 * MIN).await, "p2 is still in minute 1");
+        again.idle();
+        assert!(enters(&live, 3 * MIN).await);
+    }
+
+    #[test]
+    fn a_part_is_in_a_later_period_exactly_when_it_ends_past_a_boundary() {
+        // The writer judges at multiples of the interval, once a part ends past one.
+        let d = crate::detect::DetectConfig::default();
+        let every = d.eval_interval_ms();
+        assert_eq!(d.next_judgement(5 * every + 3) % every, 0);
+        let a = Aligner::new(every);
+        for b in [every, 2 * every, 60 * every] {
+            for t in [b - 1, b, b + 1] {
+                assert_eq!(a.period(t) > b / every, t > b, "part ending at {t}, boundary {b}");
+            }
+        }
+    }
+}
