@@ -134,10 +134,12 @@ struct Node {
     child: Option<Child>,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+/// Two distinct ports free on 127.0.0.1 now (bound together: a port let go can be the next
+/// one the kernel picks).
+fn free_ports() -> Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let b = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// GET `path` over HTTP/1.1: the status and the body.
@@ -168,8 +170,9 @@ impl Node {
     fn new(bin: &Path, dir: &Path, name: &str, body: &str) -> Result<Node> {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let (listen, metrics) = free_ports()?;
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, listen));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, metrics));
         let config = dir.join("collector.toml");
         let text = format!(
             "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\ndata_dir = \"{}\"\n{body}",
@@ -193,7 +196,7 @@ impl Node {
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,outflow_collector::cluster=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -246,10 +249,13 @@ impl Drop for Node {
 }
 
 /// The configuration of a node of `role` (rate limits off: the fleet sends a day in seconds).
+/// An aggregator's store commits durably (the default): it acknowledges a part to JetStream
+/// once it is committed, so an aggregator killed with commits not on disk would lose parts
+/// JetStream will not send again.
 fn node_config(nats: &NatsCluster, role: &str, name: &str) -> String {
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     format!(
-        "[store]\nfsync = false\n[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\n",
+        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\n",
         urls.join(", ")
     )
 }
@@ -430,14 +436,21 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
     let listed = alerts.as_ref().map_or(0, Vec::len);
     let mut repeated = Vec::new();
     if let Ok(list) = &alerts {
-        let mut seen: BTreeMap<(&str, i32), usize> = BTreeMap::new();
+        // Each key and detector's alerts: when each was first seen (its episode), and its state.
+        let mut seen: BTreeMap<(&str, i32), Vec<String>> = BTreeMap::new();
         for a in list {
-            *seen.entry((a.key.as_str(), a.detector)).or_default() += 1;
+            seen.entry((a.key.as_str(), a.detector))
+                .or_default()
+                .push(format!(
+                    "first seen at {} s, state {}",
+                    a.first_seen_ms / 1000,
+                    a.state
+                ));
         }
         repeated.extend(
             seen.into_iter()
-                .filter(|(_, n)| *n > 1)
-                .map(|((k, d), n)| format!("{k} (detector {d}, {n} times)")),
+                .filter(|(_, v)| v.len() > 1)
+                .map(|((k, d), v)| format!("{k} (detector {d}, {} times: {})", v.len(), v.join("; "))),
         );
     }
     let report = sent.score("cluster-demo", alerts);

@@ -46,12 +46,23 @@ pub fn nats_server() -> PathBuf {
     bin
 }
 
-/// A port free on 127.0.0.1 now.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+/// `n` distinct ports free on 127.0.0.1 now (all bound at once, so that none is handed out
+/// twice: a port let go can be the next one the kernel picks).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+        })
+        .collect();
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+                .port()
+        })
+        .collect()
 }
 
 /// The status code of `GET path` on 127.0.0.1:`port`, if it answered.
@@ -74,8 +85,9 @@ impl NatsCluster {
     /// with JetStream (a meta leader elected); panics saying which node is not.
     pub fn start(n: usize, dir: &Path) -> NatsCluster {
         let server = nats_server();
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
+        let ports: Vec<(u16, u16, u16)> = free_ports(3 * n)
+            .chunks(3)
+            .map(|p| (p[0], p[1], p[2]))
             .collect();
         let nodes = ports
             .iter()
