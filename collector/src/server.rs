@@ -420,8 +420,11 @@ impl Server {
             metrics: metrics_task,
             otlp,
             consumers,
-            clean_stop: aggregator
-                .then(|| config.data_dir.join(crate::cluster::aggregator::CLEAN_STOP_FILE)),
+            clean_stop: aggregator.then(|| {
+                config
+                    .data_dir
+                    .join(crate::cluster::aggregator::CLEAN_STOP_FILE)
+            }),
         })
     }
 

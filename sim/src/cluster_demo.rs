@@ -450,7 +450,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         repeated.extend(
             seen.into_iter()
                 .filter(|(_, v)| v.len() > 1)
-                .map(|((k, d), v)| format!("{k} (detector {d}, {} times: {})", v.len(), v.join("; "))),
+                .map(|((k, d), v)| {
+                    format!("{k} (detector {d}, {} times: {})", v.len(), v.join("; "))
+                }),
         );
     }
     let report = sent.score("cluster-demo", alerts);

@@ -44,7 +44,12 @@ fn the_cluster_keeps_exact_totals_and_alerts_once_through_faults() {
         "the agents of the killed ingest node opened their streams again"
     );
     for a in &out.report.attacks {
-        assert!(a.detected, "no alert on the {} attack: {}", a.scenario, out.line());
+        assert!(
+            a.detected,
+            "no alert on the {} attack: {}",
+            a.scenario,
+            out.line()
+        );
     }
     assert!(out.repeated.is_empty(), "{:?}", out.repeated);
     assert!(out.passed());

@@ -224,7 +224,10 @@ mod tests {
         // Once the store is emptied, everyone starts together again.
         a.reset();
         let again = a.join(2);
-        assert!(!enters(&live, 3 * MIN).await, "the new consumer has not fetched");
+        assert!(
+            !enters(&live, 3 * MIN).await,
+            "the new consumer has not fetched"
+        );
         assert!(enters(&again, 1 * MIN).await);
         assert!(!enters(&live, 3 * MIN).await, "p2 is in minute 1");
         drop(taken);
@@ -242,7 +245,11 @@ mod tests {
         let a = Aligner::new(every);
         for b in [every, 2 * every, 60 * every] {
             for t in [b - 1, b, b + 1] {
-                assert_eq!(a.period(t) > b / every, t > b, "part ending at {t}, boundary {b}");
+                assert_eq!(
+                    a.period(t) > b / every,
+                    t > b,
+                    "part ending at {t}, boundary {b}"
+                );
             }
         }
     }

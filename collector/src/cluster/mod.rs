@@ -19,8 +19,8 @@
 //!   live aggregators and merged exactly;
 //! - [`config`]: `[cluster]`, the node's role.
 pub mod aggregator;
-pub mod align;
 pub mod aggregator_query;
+pub mod align;
 pub mod config;
 pub mod consume;
 pub mod fleet_query;
