@@ -31,15 +31,28 @@ async fn a_three_node_jetstream_cluster_dedups_and_survives_a_killed_node() {
     let mut cluster = NatsCluster::start(3, dir.path());
     let client = async_nats::connect(cluster.urls()).await.expect("connect");
     let js = jetstream::new(client);
-    js.get_or_create_stream(stream::Config {
+    // Every node says it is healthy, but on a loaded machine placing the stream's first RAFT
+    // group can outlast JetStream's 10 s request timeout (CI saw it): ask again, as an ingest
+    // node does, for up to a minute.
+    let config = stream::Config {
         name: "DELTAS".into(),
         subjects: vec!["deltas.>".into()],
         num_replicas: 3,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
+    };
+    let mut last = None;
+    let created = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(_) => return,
+                Err(e) => last = Some(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     })
-    .await
-    .expect("create an R=3 stream");
+    .await;
+    assert!(created.is_ok(), "create an R=3 stream in 60 s: {last:?}");
 
     let first = publish(&js, "agent-a/1/1").await;
     let again = publish(&js, "agent-a/1/1").await;

@@ -177,11 +177,13 @@ impl Partition {
             // one furthest behind never waits, so none waits for ever.)
             let mut begun = Vec::new();
             let mut fetched = false;
+            let mut failed = false;
             while let Some(m) = messages.next().await {
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
                         debug!("partition {}: {e}", self.partition);
+                        failed = true;
                         break;
                     }
                 };
@@ -203,6 +205,14 @@ impl Partition {
                 self.member.idle();
             }
             self.finish(begun).await;
+            if failed && !fetched {
+                // The consumer is unavailable for now (its leader lost, no responders): not
+                // asked again at once.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(FETCH_WAIT) => {}
+                }
+            }
         }
         debug!("partition {}: stopped", self.partition);
     }

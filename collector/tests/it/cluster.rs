@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
 use outflow_collector::{
+    Server,
     cluster::{
         config::NodeRole,
         partition::{Partitions, message_id},
@@ -771,3 +772,120 @@ const OPEN_CLIENT_ALERTS: v1::ListAlertsRequest = v1::ListAlertsRequest {
     limit: 0,
     include_service: false,
 };
+
+/// One aggregator holding every partition: stopped cleanly (it leaves `stopped-cleanly` in
+/// its data directory) it goes on from its store without a rebuild; started after a crash (no
+/// such file: what its detectors learnt is only as recent as their last save) it rebuilds its
+/// store from the stream, its consumers in step, and raises the same alerts, under the same
+/// ids, with the same totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let mut icfg = replay_config(&dir.path().join("ingest"));
+    icfg.cluster.role = NodeRole::Ingest;
+    icfg.cluster.nats_urls = nats.urls();
+    icfg.cluster.partitions = 8;
+    let ingest = start(icfg).await;
+    let config = || {
+        let mut c = aggregator_config(dir.path(), &nats, "a0");
+        c.cluster.lease = Duration::from_secs(10);
+        c.detect.volume.client_per_hour = 1_000_000;
+        c
+    };
+    let clean = config().data_dir.join("stopped-cleanly");
+    let mut a0 = start(config()).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let drain = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !drained(&watch, 8).await {
+            assert!(tokio::time::Instant::now() < deadline, "never drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_claims(&watch, "a0 holds every partition", |c| c.len() == 8).await;
+
+    let u = url(&ingest);
+    let mut by_addr = BTreeMap::new();
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=21u64 {
+        let mut b = wire_batch(0, seq);
+        if seq == 21 {
+            // Two minutes of batch time later: the judgement of what came before.
+            drain().await;
+            b.start_ms += 120_000;
+            b.end_ms += 120_000;
+        }
+        for d in &Batch::try_from(b.clone()).unwrap().deltas {
+            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    drain().await;
+    let alerts = settled(&a0, &u, &by_addr, 0.0).await;
+
+    a0.shutdown().await.unwrap();
+    assert!(clean.exists(), "a clean stop leaves {}", clean.display());
+    a0 = start(config()).await;
+    assert!(!clean.exists(), "removed at start");
+    drain().await;
+    assert_eq!(
+        settled(&a0, &u, &by_addr, 0.0).await,
+        alerts,
+        "goes on without a rebuild"
+    );
+
+    a0.shutdown().await.unwrap();
+    // As a crash leaves it.
+    std::fs::remove_file(&clean).unwrap();
+    a0 = start(config()).await;
+    drain().await;
+    assert_eq!(
+        settled(&a0, &u, &by_addr, 1.0).await,
+        alerts,
+        "rebuilt from the stream: the same alerts, the same ids"
+    );
+    drop(s);
+    for n in [ingest, a0] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// Waits until `aggregator` has rebuilt `rebuilds` times, the cluster's bytes per client
+/// address through `ingest` are `by_addr` and alerts are listed (judged on a thread of their
+/// own): returns the alerts' ids.
+async fn settled(
+    aggregator: &Server,
+    ingest: &str,
+    by_addr: &BTreeMap<String, u64>,
+    rebuilds: f64,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = metrics(aggregator).await;
+        let top = fleet_top(ingest, v1::GroupBy::ClientAddress, None).await;
+        let mut ids: Vec<String> = v1::alerts_client::AlertsClient::new(channel(ingest).await)
+            .list(tonic::Request::new(v1::ListAlertsRequest {
+                open_only: false,
+                limit: 0,
+                include_service: false,
+            }))
+            .await
+            .map(|r| r.into_inner().alerts.into_iter().map(|a| a.id).collect())
+            .unwrap_or_default();
+        ids.sort();
+        if metric(&m, "outflow_collector_cluster_rebuilds_total") == rebuilds
+            && top.as_ref().ok() == Some(by_addr)
+            && !ids.is_empty()
+        {
+            return ids;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled: {:?}, alerts {ids:?}\n{m}",
+            top.map(|t| t.len())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
