@@ -7,9 +7,10 @@
 //!
 //! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
 //! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
+//! - [`netns::NetnsIsland`]: a network namespace joined to the caller's, that can be cut off.
 //! - [`tools`]: the checkers and peers that are not Rust (promtool, the tools venv's Python).
 //! - [`nats::NatsCluster`]: a NATS JetStream cluster of real `nats-server` processes on
-//!   loopback, whose nodes can be killed and started again.
+//!   loopback, whose nodes can be killed and started again (and one cut off from the others).
 //!
 //! The constructors panic with a message saying what failed, as test code wants; each has a
 //! `try_` twin that returns the error instead, for tools (xtask's demo).

@@ -3,6 +3,11 @@
 //! Debian's 2.9 is too old), one process per node, each with its own store directory and
 //! ports, routes to every other node. Nodes can be killed (SIGKILL) and started again on the
 //! same ports and store; dropping the cluster kills every node.
+//!
+//! [`NatsCluster::start_with_island`] runs the last node in a network namespace of its own
+//! ([`NetnsIsland`]), so that it can be cut off from the others and from its clients (a
+//! network partition) and joined again; the other nodes then listen on the island's outer
+//! address instead of 127.0.0.1 (an address of this namespace too), so that it reaches them.
 
 use std::fs;
 use std::io::{Read as _, Write as _};
@@ -11,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::netns::{NetnsIsland, command_in};
 use crate::tools::tools_venv;
 use crate::wait::poll_until;
 
@@ -21,6 +27,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Node {
     name: String,
+    /// The address it listens on (every port).
+    host: Ipv4Addr,
+    /// The network namespace it runs in, if not ours.
+    netns: Option<String>,
     client: u16,
     cluster: u16,
     monitor: u16,
@@ -33,6 +43,9 @@ struct Node {
 #[derive(Debug)]
 pub struct NatsCluster {
     nodes: Vec<Node>,
+    /// The last node's namespace, with [`NatsCluster::start_with_island`] (dropped after the
+    /// nodes are killed).
+    island: Option<NetnsIsland>,
 }
 
 /// The `nats-server` of the tools venv; panics naming `cargo xtask setup` if it is missing.
@@ -65,14 +78,14 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// The status code of `GET path` on 127.0.0.1:`port`, if it answered.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+/// The status code of `GET path` on `host`:`port`, if it answered.
+fn http_status(host: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
+    let addr = SocketAddr::from((host, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut head = [0u8; 12];
@@ -84,7 +97,22 @@ impl NatsCluster {
     /// Starts `n` nodes with their stores under `dir` and waits until every one is healthy
     /// with JetStream (a meta leader elected); panics saying which node is not.
     pub fn start(n: usize, dir: &Path) -> NatsCluster {
+        Self::start_on(n, dir, None)
+    }
+
+    /// Like [`NatsCluster::start`], with the last node in a network namespace of its own, that
+    /// [`NatsCluster::cut`] cuts off and [`NatsCluster::mend`] joins again.
+    pub fn start_with_island(n: usize, dir: &Path) -> NatsCluster {
+        Self::start_on(n, dir, Some(NetnsIsland::new("nats")))
+    }
+
+    fn start_on(n: usize, dir: &Path, island: Option<NetnsIsland>) -> NatsCluster {
         let server = nats_server();
+        let host = |i: usize| match &island {
+            Some(island) if i + 1 == n => island.inner(),
+            Some(island) => island.outer(),
+            None => Ipv4Addr::LOCALHOST,
+        };
         let ports: Vec<(u16, u16, u16)> = free_ports(3 * n)
             .chunks(3)
             .map(|p| (p[0], p[1], p[2]))
@@ -101,19 +129,25 @@ impl NatsCluster {
                     .iter()
                     .enumerate()
                     .filter(|(j, _)| *j != i)
-                    .map(|(_, p)| format!("\"nats-route://127.0.0.1:{}\"", p.1))
+                    .map(|(j, p)| format!("\"nats-route://{}:{}\"", host(j), p.1))
                     .collect();
                 let config = dir.join(format!("{name}.conf"));
+                let h = host(i);
                 let text = format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+                    "server_name: {name}\nlisten: {h}:{client}\nhttp: {h}:{monitor}\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 4GB }}\n\
-                     cluster {{ name: outflow-test, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
+                     cluster {{ name: outflow-test, listen: {h}:{cluster}, routes: [{}] }}\n",
                     store.display(),
                     routes.join(", ")
                 );
                 fs::write(&config, text)
                     .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
                 Node {
+                    host: h,
+                    netns: match &island {
+                        Some(island) if i + 1 == n => Some(island.ns().to_owned()),
+                        _ => None,
+                    },
                     log: dir.join(format!("{name}.log")),
                     name,
                     client,
@@ -124,7 +158,7 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let mut c = NatsCluster { nodes };
+        let mut c = NatsCluster { nodes, island };
         for i in 0..n {
             c.spawn(&server, i);
         }
@@ -141,12 +175,18 @@ impl NatsCluster {
             .append(true)
             .open(&node.log)
             .unwrap_or_else(|e| panic!("open {}: {e}", node.log.display()));
-        let child = Command::new(server)
+        let mut command = Command::new(server);
+        command
             .arg("-c")
             .arg(&node.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        if let Some(ns) = &node.netns {
+            command_in(&mut command, ns, false)
+                .unwrap_or_else(|e| panic!("running {} in {ns}: {e}", node.name));
+        }
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", server.display()));
         node.process = Some(child);
@@ -156,7 +196,7 @@ impl NatsCluster {
     pub fn wait_healthy(&self, i: usize) {
         let node = &self.nodes[i];
         if !poll_until(READY_TIMEOUT, || {
-            http_status(node.monitor, "/healthz") == Some(200)
+            http_status(node.host, node.monitor, "/healthz") == Some(200)
         }) {
             let log = fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
@@ -169,7 +209,7 @@ impl NatsCluster {
         }
     }
 
-    /// The client URL of every node, `nats://127.0.0.1:<port>` (what clients take to fail
+    /// The client URL of every node, `nats://<address>:<port>` (what clients take to fail
     /// over between nodes).
     pub fn urls(&self) -> Vec<String> {
         (0..self.nodes.len()).map(|i| self.node_url(i)).collect()
@@ -177,7 +217,7 @@ impl NatsCluster {
 
     /// The client URL of node `i` alone.
     pub fn node_url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].client)
+        format!("nats://{}:{}", self.nodes[i].host, self.nodes[i].client)
     }
 
     /// The cluster (route) port of node `i`, e.g. to cut it off with a firewall rule.
@@ -198,6 +238,24 @@ impl NatsCluster {
         self.kill(i);
         self.spawn(&nats_server(), i);
         self.wait_healthy(i);
+    }
+
+    /// Cuts the island node (the last, with [`NatsCluster::start_with_island`]) off from the
+    /// other nodes and from its clients: its packets are dropped, its connections left open.
+    /// Panics without an island.
+    pub fn cut(&self) {
+        self.island
+            .as_ref()
+            .expect("cut needs NatsCluster::start_with_island")
+            .cut();
+    }
+
+    /// Joins the island node again (see [`NatsCluster::cut`]).
+    pub fn mend(&self) {
+        self.island
+            .as_ref()
+            .expect("mend needs NatsCluster::start_with_island")
+            .mend();
     }
 
     /// Whether node `i`'s process runs.

@@ -284,24 +284,34 @@ impl NetnsPair {
                     && addrs.contains(&format!("inet6 {v6}/64"))
                     && tentative.trim().is_empty())
             };
-            let mut failed = None;
-            let held = poll_until(READY_TIMEOUT, || {
-                ready().unwrap_or_else(|e| {
-                    failed = Some(e);
-                    true
-                })
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if !held {
-                return Err(io::Error::other(format!(
-                    "timed out after {READY_TIMEOUT:?} waiting for {dev} in {ns} to be up with \
-                     usable addresses"
-                )));
-            }
+            poll_ready(ready, || {
+                format!("{dev} in {ns} to be up with usable addresses")
+            })?;
         }
         Ok(())
+    }
+}
+
+/// Polls `ready` until it says yes (Ok), fails (its error), or [`READY_TIMEOUT`] passes (an
+/// error saying what was waited for: `what`).
+fn poll_ready(
+    mut ready: impl FnMut() -> io::Result<bool>,
+    what: impl FnOnce() -> String,
+) -> io::Result<()> {
+    let mut failed = None;
+    let held = poll_until(READY_TIMEOUT, || {
+        ready().unwrap_or_else(|e| {
+            failed = Some(e);
+            true
+        })
+    });
+    match failed {
+        Some(e) => Err(e),
+        None if held => Ok(()),
+        None => Err(io::Error::other(format!(
+            "timed out after {READY_TIMEOUT:?} waiting for {}",
+            what()
+        ))),
     }
 }
 
@@ -315,6 +325,189 @@ impl Drop for NetnsPair {
                 eprintln!("deleting network namespace {ns}: {e}");
             }
         }
+    }
+}
+
+/// A network namespace joined to the caller's by a veth pair, for a process to be cut off from
+/// the others by [`NetnsIsland::cut`] (a network partition: every packet in or out of the
+/// namespace dropped, no reset, no close) and joined again by [`NetnsIsland::mend`].
+///
+/// The caller's end has `198.19.<a>.<b+1>/30`, the namespace's `198.19.<a>.<b+2>/30`, with `a`
+/// and `b` from the pid and a serial, so that runs side by side pick different addresses (the
+/// caller's end is an address of the caller's namespace, the root one in tests). `lo` is up in
+/// the namespace. Dropping it deletes the namespace and so the veth pair.
+#[derive(Debug)]
+pub struct NetnsIsland {
+    ns: String,
+    outer_if: String,
+    inner_if: String,
+    outer: Ipv4Addr,
+    inner: Ipv4Addr,
+}
+
+/// The nftables table [`NetnsIsland::cut`] adds inside the namespace.
+const CUT_TABLE: &str = "outflow_cut";
+
+impl NetnsIsland {
+    /// Creates the namespace and its link and waits until both ends are up; panics if that
+    /// fails.
+    pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`NetnsIsland::new`], but an error if it cannot be made (what was made of it is
+    /// deleted).
+    pub fn try_new(tag: &str) -> io::Result<Self> {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale);
+
+        let pid = std::process::id();
+        let serial = crate::next_serial();
+        let tag = crate::sanitize_tag(tag, 40);
+        let serial_hex = format!("{:04x}", serial & 0xffff);
+        // 64 blocks of 4 addresses in each of 256 /24s: 16384 places, by pid and serial.
+        let slot = (pid.wrapping_mul(64) ^ serial) & 0x3fff;
+        let (a, b) = ((slot >> 6) as u8, ((slot & 63) * 4) as u8);
+        let island = Self {
+            ns: format!("{PREFIX}{pid}-{serial}-{tag}-i"),
+            outer_if: format!("of{pid:x}-{serial_hex}o"),
+            inner_if: format!("of{pid:x}-{serial_hex}i"),
+            outer: Ipv4Addr::new(198, 19, a, b + 1),
+            inner: Ipv4Addr::new(198, 19, a, b + 2),
+        };
+        // From here on an early return drops `island`, which deletes the namespace.
+        ip(&["netns", "add", &island.ns])?;
+        ip(&[
+            "link",
+            "add",
+            &island.outer_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &island.inner_if,
+            "netns",
+            &island.ns,
+        ])?;
+        island.configure()?;
+        Ok(island)
+    }
+
+    fn configure(&self) -> io::Result<()> {
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", self.outer),
+            "dev",
+            &self.outer_if,
+        ])?;
+        ip(&["link", "set", &self.outer_if, "up"])?;
+        ip(&["-n", &self.ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &format!("{}/30", self.inner),
+            "dev",
+            &self.inner_if,
+        ])?;
+        ip(&["-n", &self.ns, "link", "set", &self.inner_if, "up"])?;
+        let up = |ns: Option<&str>, dev: &str| -> io::Result<bool> {
+            let mut args = Vec::new();
+            if let Some(ns) = ns {
+                args.extend(["-n", ns]);
+            }
+            args.extend(["-o", "link", "show", "dev", dev]);
+            Ok(ip(&args)?.contains("LOWER_UP"))
+        };
+        poll_ready(
+            || Ok(up(None, &self.outer_if)? && up(Some(&self.ns), &self.inner_if)?),
+            || {
+                format!(
+                    "{} and {} in {} to be up",
+                    self.outer_if, self.inner_if, self.ns
+                )
+            },
+        )
+    }
+
+    /// Name of the namespace (under `/run/netns`).
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// The caller's end's address: what a process in the namespace reaches the caller's
+    /// namespace at (and what processes of the caller's namespace bind to be reached).
+    pub fn outer(&self) -> Ipv4Addr {
+        self.outer
+    }
+
+    /// The namespace's end's address.
+    pub fn inner(&self) -> Ipv4Addr {
+        self.inner
+    }
+
+    /// Cuts the namespace off: every packet in or out of it but on `lo` is dropped
+    /// (nftables inside it). Panics if `nft` fails.
+    pub fn cut(&self) {
+        let rules = format!(
+            "table inet {CUT_TABLE} {{\n\
+             chain input {{ type filter hook input priority 0; policy drop; iif \"lo\" accept; }}\n\
+             chain output {{ type filter hook output priority 0; policy drop; oif \"lo\" accept; }}\n\
+             }}\n"
+        );
+        self.nft(&["-f", "-"], Some(&rules));
+    }
+
+    /// Joins it again: the rules [`NetnsIsland::cut`] added are deleted.
+    pub fn mend(&self) {
+        self.nft(&["delete", "table", "inet", CUT_TABLE], None);
+    }
+
+    fn nft(&self, args: &[&str], input: Option<&str>) {
+        use std::io::Write as _;
+        let mut command = Command::new("nft");
+        command
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command_in(&mut command, &self.ns, false)
+            .unwrap_or_else(|e| panic!("entering {} for nft: {e}", self.ns));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("running nft (Debian nftables; cargo xtask setup): {e}"));
+        let mut stdin = child.stdin.take().expect("stdin of nft is piped");
+        let written = stdin.write_all(input.unwrap_or("").as_bytes());
+        drop(stdin);
+        let output = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for nft: {e}"));
+        if let Err(e) = written {
+            panic!("writing to nft in {}: {e}", self.ns);
+        }
+        assert!(
+            output.status.success(),
+            "`nft {}` in {} failed ({}): {}",
+            args.join(" "),
+            self.ns,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+}
+
+impl Drop for NetnsIsland {
+    fn drop(&mut self) {
+        // No panics here: this may run while a test is already unwinding.
+        if Path::new(NETNS_DIR).join(&self.ns).exists()
+            && let Err(e) = ip(&["netns", "del", &self.ns])
+        {
+            eprintln!("deleting network namespace {}: {e}", self.ns);
+        }
+        // The pair goes with the namespace; if its outer end is still here, delete it.
+        let _ = ip(&["link", "del", &self.outer_if]);
     }
 }
 
