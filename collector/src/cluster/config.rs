@@ -71,6 +71,11 @@ pub struct ClusterConfig {
     /// How long a fanned-out call waits for each aggregator.
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// How often the node pings its NATS server: after two pings unanswered it takes the
+    /// connection as dead and connects to another server of `nats_urls`, so a server cut off
+    /// from the network is left within about three intervals.
+    #[serde(with = "humantime_serde")]
+    pub nats_ping_interval: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -91,6 +96,7 @@ impl Default for ClusterConfig {
             advertise: String::new(),
             peer_ca: None,
             query_timeout: Duration::from_secs(10),
+            nats_ping_interval: Duration::from_secs(10),
         }
     }
 }
@@ -149,6 +155,7 @@ impl ClusterConfig {
             ("cluster.publish_timeout", self.publish_timeout),
             ("cluster.lease", self.lease),
             ("cluster.query_timeout", self.query_timeout),
+            ("cluster.nats_ping_interval", self.nats_ping_interval),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be above 0"));
@@ -230,6 +237,7 @@ impl ClusterConfig {
             replicas: self.replicas,
             duplicate_window: self.duplicate_window,
             max_age: self.max_age,
+            ping_interval: self.nats_ping_interval,
         }
     }
 }

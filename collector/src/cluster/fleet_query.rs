@@ -119,9 +119,7 @@ impl Fleet {
             }
             _ => None,
         };
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(cfg.nats_urls.clone())
+        let client = super::publish::connect(&cfg.nats_urls, cfg.nats_ping_interval)
             .await
             .map_err(|source| FleetError::Connect {
                 urls: cfg.nats_urls.join(","),

@@ -30,6 +30,8 @@ pub struct PublishConfig {
     pub duplicate_window: Duration,
     /// Messages older than this are dropped from the stream.
     pub max_age: Duration,
+    /// How often the NATS server is pinged (see [`connect`]).
+    pub ping_interval: Duration,
 }
 
 /// Why publishing failed.
@@ -68,9 +70,7 @@ pub struct Published {
 pub async fn open_stream(
     cfg: &PublishConfig,
 ) -> Result<(jetstream::Context, stream::Stream), PublishError> {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(cfg.urls.clone())
+    let client = connect(&cfg.urls, cfg.ping_interval)
         .await
         .map_err(|source| PublishError::Connect {
             urls: cfg.urls.join(","),
@@ -104,6 +104,21 @@ pub async fn open_stream(
             }
         }
     }
+}
+
+/// Connects to one of the NATS servers `urls` (tried again until one answers), pinging it every
+/// `ping_interval`: with two pings unanswered the client connects to another server, so a node
+/// whose server is cut off from the network (no reset, no close: its packets dropped) moves on
+/// instead of waiting on it for minutes (the client's default interval is a minute).
+pub async fn connect(
+    urls: &[String],
+    ping_interval: Duration,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .ping_interval(ping_interval)
+        .connect(urls.to_vec())
+        .await
 }
 
 /// How many times opening the stream is tried.

@@ -55,6 +55,7 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
         replicas: 3,
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::from_secs(3600),
+        ping_interval: Duration::from_secs(10),
     };
     let publisher = Publisher::connect(&cfg)
         .await
@@ -189,10 +190,7 @@ async fn kill_leader(nats: &mut NatsCluster, js: &jetstream::Context) -> usize {
 async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let mut cfg = replay_config(&dir.path().join("data"));
-    cfg.cluster.role = NodeRole::Ingest;
-    cfg.cluster.nats_urls = nats.urls();
-    cfg.cluster.partitions = 8;
+    let mut cfg = node_config(&dir.path().join("data"), &nats, NodeRole::Ingest);
     cfg.cluster.ack_timeout = Duration::from_secs(1);
     cfg.cluster.publish_timeout = Duration::from_secs(10);
     let server = start(cfg).await;
@@ -372,16 +370,26 @@ async fn fleet_top(
         .collect())
 }
 
+/// The config of a node of `role` on `nats` (8 partitions) with its data in `data`.
+fn node_config(
+    data: &std::path::Path,
+    nats: &NatsCluster,
+    role: NodeRole,
+) -> outflow_collector::Config {
+    let mut cfg = replay_config(data);
+    cfg.cluster.role = role;
+    cfg.cluster.nats_urls = nats.urls();
+    cfg.cluster.partitions = 8;
+    cfg
+}
+
 /// Aggregator `name`'s config (a lease of 2 s, so that one gone is noticed soon).
 fn aggregator_config(
     dir: &std::path::Path,
     nats: &NatsCluster,
     name: &str,
 ) -> outflow_collector::Config {
-    let mut cfg = replay_config(&dir.join(name));
-    cfg.cluster.role = NodeRole::Aggregator;
-    cfg.cluster.nats_urls = nats.urls();
-    cfg.cluster.partitions = 8;
+    let mut cfg = node_config(&dir.join(name), nats, NodeRole::Aggregator);
     cfg.cluster.node_name = name.into();
     cfg.cluster.lease = Duration::from_secs(2);
     cfg
@@ -399,11 +407,12 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let mut icfg = replay_config(&dir.path().join("ingest"));
-    icfg.cluster.role = NodeRole::Ingest;
-    icfg.cluster.nats_urls = nats.urls();
-    icfg.cluster.partitions = 8;
-    let ingest = start(icfg).await;
+    let ingest = start(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    ))
+    .await;
     let a0 = start(aggregator_config(dir.path(), &nats, "a0")).await;
     let mut a1 = Some(start(aggregator_config(dir.path(), &nats, "a1")).await);
     let mut a2 = None;
@@ -567,10 +576,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
     let read = crate::auth::write(dir.path(), "read", "tok-read\n");
-    let mut icfg = replay_config(&dir.path().join("ingest"));
-    icfg.cluster.role = NodeRole::Ingest;
-    icfg.cluster.nats_urls = nats.urls();
-    icfg.cluster.partitions = 8;
+    let mut icfg = node_config(&dir.path().join("ingest"), &nats, NodeRole::Ingest);
     icfg.auth.read_token_file = Some(read.clone());
     icfg.auth.agent_tokens_file = Some(crate::auth::write(
         dir.path(),
@@ -782,11 +788,12 @@ const OPEN_CLIENT_ALERTS: v1::ListAlertsRequest = v1::ListAlertsRequest {
 async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let mut icfg = replay_config(&dir.path().join("ingest"));
-    icfg.cluster.role = NodeRole::Ingest;
-    icfg.cluster.nats_urls = nats.urls();
-    icfg.cluster.partitions = 8;
-    let ingest = start(icfg).await;
+    let ingest = start(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    ))
+    .await;
     let config = || {
         let mut c = aggregator_config(dir.path(), &nats, "a0");
         c.cluster.lease = Duration::from_secs(10);
