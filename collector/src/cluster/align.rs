@@ -10,14 +10,15 @@
 //! against windows that have moved on, or never if the fleet has stopped sending.
 //!
 //! So each consumer says where it is (its *head*: the period of the part it is about to queue,
-//! or nothing once a fetch found no parts), and queues a part of a period beyond the latest
-//! one granted only when every other consumer with parts is at that period or beyond it. The
-//! consumer at the earliest period never waits, so they all go on.
+//! or nothing once JetStream says no parts wait for it), and queues a part of a period beyond
+//! the latest one granted only when every other consumer with parts is at that period or
+//! beyond it. The consumer at the earliest period never waits, so they all go on.
 //!
-//! A consumer behind the latest period granted (a partition taken over from an aggregator
-//! that is gone, replayed from the stream's start into a store that has judged past it) does
-//! not hold the others back: the boundaries it would need were crossed already, so waiting
-//! would only stall every live partition for the length of its replay.
+//! A consumer that joins while the others are under way (started again after its aggregator
+//! stopped applying for want of its lease, with a backlog from its last acknowledged part)
+//! holds them back from its first fetch until it has caught up: let them run ahead, and its
+//! parts would be judged late, as the live stream never was (an alert resolved for a lack of
+//! bytes that were only late, and raised again).
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
@@ -68,8 +69,8 @@ impl Aligner {
         self.bump();
     }
 
-    /// A consumer of `partition` joins. Until its first fetch it holds the others back at the
-    /// first period (it may have parts of any period), unless they are past it already.
+    /// A consumer of `partition` joins. Until its first fetch it holds the others back where
+    /// they are (it may have parts of any period).
     pub fn join(self: &Arc<Self>, partition: u32) -> Member {
         self.lock().heads.insert(partition, 0);
         Member {
@@ -96,7 +97,7 @@ impl Aligner {
                 || inner
                     .heads
                     .iter()
-                    .all(|(p, h)| *p == partition || *h >= period || *h < granted);
+                    .all(|(p, h)| *p == partition || *h >= period);
             if allowed {
                 inner.granted = inner.granted.max(period);
             }
@@ -212,15 +213,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partition_replayed_behind_the_granted_period_holds_nobody_back() {
+    async fn a_consumer_joining_late_holds_the_others_back_until_it_catches_up() {
         let a = Aligner::new(MIN);
         let live = a.join(0);
         assert!(enters(&live, 100 * MIN).await);
-        // Taken over mid-run: its replay starts an hour and a half back.
-        let taken = a.join(1);
-        assert!(enters(&live, 101 * MIN).await, "the new consumer's start");
-        assert!(enters(&taken, 10 * MIN).await);
-        assert!(enters(&live, 102 * MIN).await, "the replay is behind");
+        // Started again mid-run: its backlog starts at minute 90.
+        let late = a.join(1);
+        assert!(
+            !enters(&live, 101 * MIN).await,
+            "the new consumer has not fetched"
+        );
+        assert!(enters(&late, 90 * MIN).await, "behind: it never waits");
+        assert!(!enters(&live, 101 * MIN).await, "it is still at minute 90");
+        assert!(enters(&late, 100 * MIN).await);
+        assert!(!enters(&live, 101 * MIN).await, "it is at minute 100");
+        // Caught up, they go on in step.
+        let waiting = tokio::spawn(async move {
+            live.enter(101 * MIN).await;
+            live
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert!(enters(&late, 101 * MIN).await);
+        let live = waiting.await.unwrap();
         // Once the store is emptied, everyone starts together again.
         a.reset();
         let again = a.join(2);
@@ -230,7 +245,7 @@ mod tests {
         );
         assert!(enters(&again, 1 * MIN).await);
         assert!(!enters(&live, 3 * MIN).await, "p2 is in minute 1");
-        drop(taken);
+        drop(late);
         assert!(!enters(&live, 3 * MIN).await, "p2 is still in minute 1");
         again.idle();
         assert!(enters(&live, 3 * MIN).await);

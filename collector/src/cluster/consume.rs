@@ -162,8 +162,8 @@ impl Partition {
             let mut messages = match batch {
                 Ok(m) => m,
                 Err(e) => {
+                    // Its head stays: whether parts wait is not known (see below).
                     warn!("partition {}: fetching parts: {e}", self.partition);
-                    self.member.idle();
                     tokio::time::sleep(FETCH_WAIT).await;
                     continue;
                 }
@@ -200,8 +200,12 @@ impl Partition {
                 };
                 begun.push((m, pending));
             }
-            if !fetched {
-                // Nothing waiting: the other consumers need not wait for this one.
+            if !fetched && !failed && nothing_pending(&consumer).await {
+                // Nothing waiting: the other consumers need not wait for this one. (A fetch
+                // that found nothing is not enough to say so: one nobody answered, its
+                // consumer's leader gone or the connection failing over, ends the same way,
+                // and the others going on without this partition's parts would judge its keys
+                // without them: an alert resolved, and raised again later.)
                 self.member.idle();
             }
             self.finish(begun).await;
@@ -315,6 +319,18 @@ impl Partition {
         })
         .await
         .map_err(Self::classify)
+    }
+}
+
+/// Whether JetStream says `consumer` has no parts waiting (none not yet delivered, none
+/// delivered and not acknowledged); not when it cannot be asked.
+async fn nothing_pending(consumer: &jetstream::consumer::PullConsumer) -> bool {
+    match consumer.get_info().await {
+        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+        Err(e) => {
+            debug!("consumer {}: {e}", consumer.cached_info().name);
+            false
+        }
     }
 }
 
