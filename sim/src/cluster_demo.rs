@@ -6,7 +6,9 @@
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
 //! a partitioned cluster judges: bulk, prefix, slowrise, parallel). On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
-//! and send their unacknowledged batch again) and a NATS node, and brings them back. Once
+//! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
+//! another NATS node off from the network for a while (it runs in a network namespace of its
+//! own: its packets are dropped, nobody's connection to it is closed). Once
 //! every part is applied it compares, through an ingest node (which asks every aggregator and
 //! merges), every host's and every client's totals with what the fleet sent, to the byte, and
 //! lists the alerts, scoring each attack. The last line says it:
@@ -32,6 +34,9 @@ use crate::{Report, Scenario, SimConfig};
 
 /// Partitions of the demo's stream.
 const PARTITIONS: u32 = 12;
+/// How long a NATS node stays cut off (the nodes connected to it ping every second, so they
+/// move to another server within about three seconds).
+const CUT_FOR: Duration = Duration::from_secs(10);
 /// The attacks one partitioned cluster judges (those that need several partitions at once,
 /// wide and pool, wait for the cluster's second stage; lowslow needs a week).
 pub const ATTACKS: [Scenario; 4] = [
@@ -63,7 +68,8 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Print progress (the demo) or not (a test that prints the outcome itself).
     pub verbose: bool,
-    /// Kill a node of each kind on the way (and bring it back).
+    /// Kill a node of each kind on the way (and bring it back), cut a NATS node off for a
+    /// while.
     pub faults: bool,
     /// How long to wait for an alert on each attack once everything is applied.
     pub alert_wait: Duration,
@@ -255,7 +261,7 @@ impl Drop for Node {
 fn node_config(nats: &NatsCluster, role: &str, name: &str) -> String {
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     format!(
-        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\n",
+        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\nnats_ping_interval = \"1s\"\n",
         urls.join(", ")
     )
 }
@@ -275,7 +281,12 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
     );
     let _ = std::fs::remove_dir_all(&cfg.dir);
     std::fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
-    let mut nats = NatsCluster::start(3, &cfg.dir.join("nats"));
+    // The last NATS node in a network namespace of its own, to be cut off.
+    let mut nats = if cfg.faults {
+        NatsCluster::start_with_island(3, &cfg.dir.join("nats"))
+    } else {
+        NatsCluster::start(3, &cfg.dir.join("nats"))
+    };
     let bin = &cfg.collector_bin;
     let mut ingest = Vec::new();
     for i in 0..2 {
@@ -356,17 +367,28 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
             "step {step}/{steps}: SIGKILL ingest node i1 (its agents go on through i0)"
         ));
         let step = at(45);
-        nats.kill(2);
-        say(&format!("step {step}/{steps}: SIGKILL NATS node 2"));
+        nats.kill(1);
+        say(&format!("step {step}/{steps}: SIGKILL NATS node 1"));
         let step = at(60);
-        nats.restart(2);
+        nats.restart(1);
         aggregators[2].start()?;
         say(&format!(
-            "step {step}/{steps}: NATS node 2 and aggregator a2 back (a2 on its own store: it takes its share again)"
+            "step {step}/{steps}: NATS node 1 and aggregator a2 back (a2 on its own store: it takes its share again)"
         ));
-        let step = at(75);
+        let step = at(70);
         ingest[1].start()?;
         say(&format!("step {step}/{steps}: ingest node i1 back"));
+        let step = at(80);
+        nats.cut();
+        say(&format!(
+            "step {step}/{steps}: NATS node 2 cut off from the network for {CUT_FOR:?} (its packets dropped: the nodes connected to it find out by their pings)"
+        ));
+        std::thread::sleep(CUT_FOR);
+        nats.mend();
+        say(&format!(
+            "step {}/{steps}: NATS node 2 joined again (it catches up)",
+            progress.load(Ordering::Relaxed)
+        ));
     }
     let sent = rt
         .block_on(fleet)

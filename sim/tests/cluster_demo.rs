@@ -4,6 +4,7 @@
 //! simulated agents spread over both ingest nodes.
 //!
 //! With an aggregator, an ingest node and a NATS node SIGKILLed on the way and brought back,
+//! and another NATS node cut off from the network for ten seconds (its own network namespace),
 //! every host's and every client's totals, read through an ingest node (which asks every
 //! aggregator and merges), equal what the agents sent, to the byte; agents of the killed
 //! ingest node went on through the other; and each attack a partitioned cluster judges raised
@@ -11,8 +12,7 @@
 //! aggregators' consumers apply in step by judgement period, so a replay is judged as the live
 //! stream was).
 //!
-//! Not yet here: a real agent beside the simulated ones, a NATS node cut off by a network
-//! namespace, and the attacks only a second stage across partitions would see (wide, pool).
+//! Not yet here: a real agent beside the simulated ones, and the attacks only a second stage across partitions would see (wide, pool).
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, default_collector_bin, run};
@@ -32,6 +32,10 @@ fn the_cluster_keeps_exact_totals_and_alerts_once_through_faults() {
     })
     .unwrap();
     println!("{}", out.line());
+    if !out.passed() {
+        // The nodes' configs and logs, for reading.
+        println!("nodes' logs kept in {}", dir.keep().display());
+    }
     assert!(
         out.differences.is_empty(),
         "totals differ: {:?}",

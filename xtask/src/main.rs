@@ -63,7 +63,8 @@ enum Command {
     ///
     /// Starts a three-node NATS JetStream cluster, two ingest nodes and three aggregators,
     /// streams a day of 200 simulated agents through them while an aggregator, an ingest node
-    /// and a NATS node are SIGKILLed and brought back, then compares every host's and every
+    /// and a NATS node are SIGKILLed and brought back and another NATS node is cut off from the
+    /// network for ten seconds, then compares every host's and every
     /// client's totals (read through an ingest node) with what was sent and lists the alerts.
     /// Ends with `cluster: <N> deltas, totals exact, <K> alerts`, or what differs.
     ClusterDemo,
