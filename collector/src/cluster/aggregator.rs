@@ -160,6 +160,7 @@ pub async fn start(
         aligner: Aligner::new(judge_every_ms),
         crashed,
         running: BTreeMap::new(),
+        joined: BTreeMap::new(),
         renewed: None,
     };
     Ok(tokio::spawn(a.run(stop)))
@@ -187,6 +188,9 @@ struct Aggregator {
     crashed: bool,
     /// A consumer task per partition being applied.
     running: BTreeMap<u32, (JoinHandle<()>, CancellationToken)>,
+    /// The places among the consumers of partitions held whose consumer has not started
+    /// (its creation failed: NATS unavailable): the running ones wait for them.
+    joined: BTreeMap<u32, Member>,
     /// The last renewal of the membership.
     renewed: Option<Instant>,
 }
@@ -290,15 +294,19 @@ impl Aggregator {
             info!("aggregator {me}: partitions claimed: rebuilding, to judge them with the rest");
             self.rebuild().await?;
         }
-        // Every consumer to start joins the others before any starts: the first must not
-        // run ahead of the ones not started yet.
-        let starting: Vec<(u32, Member)> = mine(&claims)
-            .into_iter()
-            .filter(|p| !self.is_running(*p))
-            .map(|p| (p, self.aligner.join(p)))
-            .collect();
-        for (p, member) in starting {
-            self.apply(p, member).await?;
+        // Every consumer to start joins the others before any starts, and stays joined if
+        // it cannot start this round: the ones running must not run ahead of it.
+        let mine = mine(&claims);
+        self.joined.retain(|p, _| mine.contains(p));
+        let starting: Vec<u32> = mine.into_iter().filter(|p| !self.is_running(*p)).collect();
+        for p in &starting {
+            if !self.joined.contains_key(p) {
+                let member = self.aligner.join(*p);
+                self.joined.insert(*p, member);
+            }
+        }
+        for p in starting {
+            self.apply(p).await?;
         }
         Ok(())
     }
@@ -319,8 +327,8 @@ impl Aggregator {
 
     /// Makes sure `partition` is being applied: a partition new to the store is listed first
     /// and applied from the stream's first part (any consumer left from before is deleted).
-    /// (`member` is its consumer's place among the others.)
-    async fn apply(&mut self, partition: u32, member: Member) -> Result<(), RoundError> {
+    /// Its consumer takes its place among the others from `joined`.
+    async fn apply(&mut self, partition: u32) -> Result<(), RoundError> {
         let name = consume::consumer_name(self.members.me(), partition);
         if !self.held.contains(&partition) {
             self.delete_consumer(&name).await?;
@@ -328,18 +336,26 @@ impl Aggregator {
             held.insert(partition);
             self.set_held(held)?;
         }
-        let stop = CancellationToken::new();
-        let task = consume::spawn(
-            self.collector.clone(),
+        let consumer = consume::open(
             &self.stream,
             &self.subject_prefix,
             self.members.me(),
             partition,
-            member,
-            stop.clone(),
         )
         .await
         .map_err(RoundError::Other)?;
+        let member = self
+            .joined
+            .remove(&partition)
+            .unwrap_or_else(|| self.aligner.join(partition));
+        let stop = CancellationToken::new();
+        let task = consume::spawn(
+            self.collector.clone(),
+            consumer,
+            partition,
+            member,
+            stop.clone(),
+        );
         self.running.insert(partition, (task, stop));
         Ok(())
     }
@@ -387,8 +403,9 @@ impl Aggregator {
         }
     }
 
-    /// Stops every consumer task (each finishes the parts it fetched).
+    /// Stops every consumer task (each finishes the parts it fetched); none waits to start.
     async fn stop_all(&mut self) {
+        self.joined.clear();
         for (_, (_, stop)) in self.running.iter() {
             stop.cancel();
         }

@@ -45,18 +45,14 @@ pub fn consumer_name(node: &str, partition: u32) -> String {
     format!("{node}-p{partition}")
 }
 
-/// Starts applying `partition` to `collector` through the durable consumer of `node` on
-/// `stream` (created if missing: from the stream's first part), in step with the aggregator's
-/// other consumers through `member`, until `stop`.
-pub async fn spawn(
-    collector: Arc<Collector>,
+/// The durable consumer of aggregator `node` for `partition` on `stream` (created if missing:
+/// from the stream's first part).
+pub async fn open(
     stream: &Stream,
     subject_prefix: &str,
     node: &str,
     partition: u32,
-    member: Member,
-    stop: CancellationToken,
-) -> Result<JoinHandle<()>, String> {
+) -> Result<jetstream::consumer::PullConsumer, String> {
     let name = consumer_name(node, partition);
     let config = |deliver_policy| pull::Config {
         durable_name: Some(name.clone()),
@@ -99,7 +95,7 @@ pub async fn spawn(
         }
         Err(e) => return Err(format!("consumer {name}: {e}")),
     };
-    let consumer = match deliver {
+    match deliver {
         Some(policy) => stream.create_consumer(config(policy)).await,
         None => {
             stream
@@ -107,8 +103,19 @@ pub async fn spawn(
                 .await
         }
     }
-    .map_err(|e| format!("consumer {name}: {e}"))?;
-    Ok(tokio::spawn(async move {
+    .map_err(|e| format!("consumer {name}: {e}"))
+}
+
+/// Starts applying `partition` to `collector` from `consumer` ([`open`]), in step with the
+/// aggregator's other consumers through `member`, until `stop`.
+pub fn spawn(
+    collector: Arc<Collector>,
+    consumer: jetstream::consumer::PullConsumer,
+    partition: u32,
+    member: Member,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         Partition {
             collector,
             partition,
@@ -117,7 +124,7 @@ pub async fn spawn(
         }
         .run(consumer, stop)
         .await;
-    }))
+    })
 }
 
 /// The agent id a part is applied under: its agent's and its partition's, so that each
