@@ -22,9 +22,9 @@ enum Command {
     /// Start a collector cluster on this machine (3 NATS nodes, 2 ingest nodes, 3
     /// aggregators), stream a simulated fleet through it while a node of each kind is killed
     /// and brought back and a NATS node is cut off from the network for ten seconds (as root:
-    /// it runs in a network namespace of its own), then check every host's and client's totals against what was sent
-    /// and score the alerts (what `cargo xtask cluster-demo` runs). Needs `cargo xtask setup`'s
-    /// nats-server.
+    /// it runs in a network namespace of its own), then check every host's and client's
+    /// totals against what was sent and score the alerts (what `cargo xtask cluster-demo`
+    /// runs). Needs `cargo xtask setup`'s nats-server.
     ClusterDemo(ClusterDemoArgs),
 }
 

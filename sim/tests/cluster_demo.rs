@@ -12,7 +12,8 @@
 //! aggregators' consumers apply in step by judgement period, so a replay is judged as the live
 //! stream was).
 //!
-//! Not yet here: a real agent beside the simulated ones, and the attacks only a second stage across partitions would see (wide, pool).
+//! Not yet here: a real agent beside the simulated ones, and the attacks only a second stage
+//! across partitions would see (wide, pool).
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, default_collector_bin, run};

@@ -134,20 +134,12 @@ impl NetnsPair {
     /// Like [`NetnsPair::new`], but an error if the pair cannot be made (what was made of it
     /// is deleted).
     pub fn try_new(tag: &str) -> io::Result<Self> {
-        static SWEEP: Once = Once::new();
-        SWEEP.call_once(sweep_stale);
-
-        let pid = std::process::id();
-        let serial = crate::next_serial();
-        let tag = crate::sanitize_tag(tag, 40);
-        // Interface names are at most 15 bytes: "of" + pid (<= 6 hex digits) + "-" + serial
-        // (4 hex digits) + "s" or "c" is at most 14.
-        let serial_hex = format!("{:04x}", serial & 0xffff);
+        let n = Names::next(tag);
         let pair = Self {
-            server_ns: format!("{PREFIX}{pid}-{serial}-{tag}-s"),
-            client_ns: format!("{PREFIX}{pid}-{serial}-{tag}-c"),
-            server_if: format!("of{pid:x}-{serial_hex}s"),
-            client_if: format!("of{pid:x}-{serial_hex}c"),
+            server_ns: n.ns("s"),
+            client_ns: n.ns("c"),
+            server_if: n.interface("s"),
+            client_if: n.interface("c"),
         };
         // From here on an early return drops `pair`, which deletes whatever was created.
         for ns in [&pair.server_ns, &pair.client_ns] {
@@ -358,20 +350,14 @@ impl NetnsIsland {
     /// Like [`NetnsIsland::new`], but an error if it cannot be made (what was made of it is
     /// deleted).
     pub fn try_new(tag: &str) -> io::Result<Self> {
-        static SWEEP: Once = Once::new();
-        SWEEP.call_once(sweep_stale);
-
-        let pid = std::process::id();
-        let serial = crate::next_serial();
-        let tag = crate::sanitize_tag(tag, 40);
-        let serial_hex = format!("{:04x}", serial & 0xffff);
+        let n = Names::next(tag);
         // 64 blocks of 4 addresses in each of 256 /24s: 16384 places, by pid and serial.
-        let slot = (pid.wrapping_mul(64) ^ serial) & 0x3fff;
+        let slot = (n.pid.wrapping_mul(64) ^ n.serial) & 0x3fff;
         let (a, b) = ((slot >> 6) as u8, ((slot & 63) * 4) as u8);
         let island = Self {
-            ns: format!("{PREFIX}{pid}-{serial}-{tag}-i"),
-            outer_if: format!("of{pid:x}-{serial_hex}o"),
-            inner_if: format!("of{pid:x}-{serial_hex}i"),
+            ns: n.ns("i"),
+            outer_if: n.interface("o"),
+            inner_if: n.interface("i"),
             outer: Ipv4Addr::new(198, 19, a, b + 1),
             inner: Ipv4Addr::new(198, 19, a, b + 2),
         };
@@ -508,6 +494,37 @@ impl Drop for NetnsIsland {
         }
         // The pair goes with the namespace; if its outer end is still here, delete it.
         let _ = ip(&["link", "del", &self.outer_if]);
+    }
+}
+
+/// The names of one pair's or island's namespaces and interfaces: this process's pid and a
+/// serial, so that runs side by side and stale ones swept at the first call never meet.
+struct Names {
+    pid: u32,
+    serial: u32,
+    tag: String,
+}
+
+impl Names {
+    fn next(tag: &str) -> Self {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale);
+        Self {
+            pid: std::process::id(),
+            serial: crate::next_serial(),
+            tag: crate::sanitize_tag(tag, 40),
+        }
+    }
+
+    /// A namespace's name, ending in `-{end}`.
+    fn ns(&self, end: &str) -> String {
+        format!("{PREFIX}{}-{}-{}-{end}", self.pid, self.serial, self.tag)
+    }
+
+    /// An interface's name, ending in `end`. Interface names are at most 15 bytes: "of" + pid
+    /// (<= 6 hex digits) + "-" + serial (4 hex digits) + one letter is at most 14.
+    fn interface(&self, end: &str) -> String {
+        format!("of{:x}-{:04x}{end}", self.pid, self.serial & 0xffff)
     }
 }
 

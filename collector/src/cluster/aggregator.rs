@@ -300,10 +300,9 @@ impl Aggregator {
         self.joined.retain(|p, _| mine.contains(p));
         let starting: Vec<u32> = mine.into_iter().filter(|p| !self.is_running(*p)).collect();
         for p in &starting {
-            if !self.joined.contains_key(p) {
-                let member = self.aligner.join(*p);
-                self.joined.insert(*p, member);
-            }
+            self.joined
+                .entry(*p)
+                .or_insert_with(|| self.aligner.join(*p));
         }
         for p in starting {
             self.apply(p).await?;
