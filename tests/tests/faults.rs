@@ -445,8 +445,11 @@ fn agent_spool_disk_full() {
     let traffic = rig.traffic(MIXED);
     thread::sleep(Duration::from_secs(1));
     let filler = disk.fill("filler");
-    // The spool refuses its next write (its warning): from then on, the fault is on.
+    // The spool refuses a write (its warning): from then on, the fault is on. Until then the
+    // filler takes back what the spool frees (the files of acknowledged batches), or the spool
+    // could go on writing into those pages.
     let refused = poll_until(START, || {
+        disk.top_up(&filler);
         agent.stderr().contains("stays counted in the kernel table")
     });
     assert!(

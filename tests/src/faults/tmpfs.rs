@@ -48,19 +48,28 @@ impl Tmpfs {
     /// Fills what is left of it with a file `name`, so that the next write fails with ENOSPC.
     pub fn fill(&self, name: &str) -> PathBuf {
         let path = self.dir.join(name);
-        let mut f = std::fs::File::create(&path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        self.top_up(&path);
+        path
+    }
+
+    /// Fills again what was freed since (a spool removes the files of acknowledged batches and
+    /// writes new ones into their pages): appends to `filler` until the disk is full.
+    pub fn top_up(&self, filler: &Path) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(filler)
+            .unwrap_or_else(|e| panic!("open {}: {e}", filler.display()));
         let chunk = vec![0xa5u8; 64 << 10];
         loop {
             match f.write_all(&chunk) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                Err(e) => panic!("fill {}: {e}", path.display()),
+                Err(e) => panic!("fill {}: {e}", filler.display()),
             }
         }
         // What is left in the last, partial block.
         while f.write_all(&[0]).is_ok() {}
-        path
     }
 
     fn mount(&self, args: &[&str]) {
