@@ -9,7 +9,11 @@
 //! a part redelivered after a crash is applied once. A part that breaks the protocol is
 //! counted, logged and acknowledged (never retried for ever); a part the store could not
 //! commit is not acknowledged, and comes again.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::jetstream::{
     self, AckKind, ErrorCode,
@@ -181,11 +185,21 @@ impl Partition {
             // earlier ones. Before it waits, the parts begun are finished and acknowledged:
             // a begun part holds room in the writer's queue, which the consumer it waits for
             // may need to go on. (Consumers finish their fetches even when stopped, and the
-            // one furthest behind never waits, so none waits for ever.)
+            // one furthest behind never waits, so none waits for ever.) And before it waits,
+            // the rest of the fetch is read: the client ends a fetch 5 s after it expires and
+            // drops what it delivered and nobody read, which would then come again only after
+            // ack_wait, behind later parts of the same agents (duplicates below the
+            // watermark by then: lost).
             let mut begun = Vec::new();
             let mut fetched = false;
             let mut failed = false;
-            while let Some(m) = messages.next().await {
+            let mut rest: Option<VecDeque<_>> = None;
+            loop {
+                let next = match rest.as_mut() {
+                    Some(rest) => rest.pop_front(),
+                    None => messages.next().await,
+                };
+                let Some(m) = next else { break };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -198,6 +212,9 @@ impl Partition {
                 let pending = match self.decode(&m.payload) {
                     Ok(part) => {
                         if !self.member.try_enter(part.time_ms()) {
+                            if rest.is_none() {
+                                rest = Some((&mut messages).collect().await);
+                            }
                             self.finish(std::mem::take(&mut begun)).await;
                             self.member.enter(part.time_ms()).await;
                         }

@@ -896,3 +896,107 @@ async fn settled(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A consumer held back by another (paused in JetStream, so its head stays at the first
+/// period) for longer than the client keeps a fetch (expires + 5 s), with more than one
+/// fetch of parts waiting: it reads its whole fetch before it waits, so no part delivered to
+/// it is left unread to come again after ack_wait, behind later parts of the same agent (a
+/// duplicate below the watermark by then: lost). The totals are exact once both drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
+    const BATCHES: u64 = 300;
+    const HELD: Duration = Duration::from_secs(8);
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let two = |mut c: outflow_collector::Config| {
+        c.cluster.partitions = 2;
+        c
+    };
+    let ingest = start(two(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    )))
+    .await;
+    let config = || two(aggregator_config(dir.path(), &nats, "a0"));
+    // a0 makes its consumers, and stops cleanly (it goes on from them when it starts again).
+    let a0 = start(config()).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 holds both partitions", |c| c.len() == 2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !drained(&watch, 2).await {
+        assert!(tokio::time::Instant::now() < deadline, "no consumers made");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a0.shutdown().await.unwrap();
+
+    let u = url(&ingest);
+    let mut by_addr = BTreeMap::new();
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=BATCHES {
+        let b = wire_batch(0, seq);
+        for d in &Batch::try_from(b.clone()).unwrap().deltas {
+            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    let stream = watch.get_stream(STREAM).await.unwrap();
+    let mut parts = 0;
+    for p in 0..2 {
+        let mut c = stream
+            .get_consumer::<pull::Config>(&format!("a0-p{p}"))
+            .await
+            .unwrap();
+        let waiting = c.info().await.unwrap().num_pending;
+        parts += waiting;
+        assert!(
+            waiting > 256,
+            "partition {p} has {waiting} parts: not more than one fetch"
+        );
+    }
+    // Partition 1's consumer paused: it fetches nothing, and holds partition 0's back.
+    stream
+        .pause_consumer("a0-p1", time::OffsetDateTime::now_utc() + HELD)
+        .await
+        .unwrap();
+    let held = tokio::time::Instant::now();
+    let a0 = start(config()).await;
+    // Held: partition 0's first fetch delivered and not acknowledged.
+    let mut p0 = stream.get_consumer::<pull::Config>("a0-p0").await.unwrap();
+    let deadline = held + Duration::from_secs(5);
+    while p0.info().await.unwrap().num_ack_pending == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a0 never fetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        p0.info().await.unwrap().num_ack_pending,
+        256,
+        "partition 0 is held back with its first fetch"
+    );
+
+    let deadline = held + HELD + Duration::from_secs(30);
+    loop {
+        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
+        if drained(&watch, 2).await && top.as_ref().ok() == Some(&by_addr) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never drained to the truth (drained: {}): {top:?}",
+            drained(&watch, 2).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(held.elapsed() >= HELD, "held back for less than {HELD:?}");
+    let m = metrics(&a0).await;
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_applied_parts_total"),
+        parts as f64,
+        "each part applied once\n{m}"
+    );
+    drop(s);
+    for n in [ingest, a0] {
+        n.shutdown().await.unwrap();
+    }
+}
