@@ -10,7 +10,8 @@
 //! against windows that have moved on, or never if the fleet has stopped sending.
 //!
 //! So each consumer says where it is (its *head*: the period of the part it is about to queue,
-//! or nothing once JetStream says no parts wait for it), and queues a part of a period beyond
+//! the latest period granted when parts wait that it could not fetch, or nothing once
+//! JetStream says no parts wait for it), and queues a part of a period beyond
 //! the latest one granted only when every other consumer with parts is at that period or
 //! beyond it. The consumer at the earliest period never waits, so they all go on.
 //!
@@ -109,6 +110,14 @@ impl Aligner {
         allowed
     }
 
+    /// `partition` has parts waiting that it could not fetch (of a period not known): a
+    /// consumer without a head holds the others at the latest period granted.
+    fn hold(&self, partition: u32) {
+        let mut inner = self.lock();
+        let granted = inner.granted;
+        inner.heads.entry(partition).or_insert(granted);
+    }
+
     fn leave(&self, partition: u32) {
         if self.lock().heads.remove(&partition).is_some() {
             self.bump();
@@ -153,6 +162,14 @@ impl Member {
     pub fn try_enter(&self, time_ms: u64) -> bool {
         self.aligner
             .try_enter(self.partition, self.aligner.period(time_ms))
+    }
+
+    /// This consumer has parts waiting and could not fetch them (its fetch failed or came
+    /// back empty: its consumer's leader lost, the connection failing over): it holds the
+    /// others where they are, as if it had a part of the latest period granted, until it
+    /// fetches. (Were it idle before, the others would run ahead of parts only late.)
+    pub fn hold(&self) {
+        self.aligner.hold(self.partition);
     }
 
     /// This consumer found no parts waiting: it holds nobody back until it has one again.
@@ -249,6 +266,32 @@ mod tests {
         assert!(!enters(&live, 3 * MIN).await, "p2 is still in minute 1");
         again.idle();
         assert!(enters(&live, 3 * MIN).await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_consumer_that_cannot_fetch_its_parts_holds_the_others() {
+        let a = Aligner::new(MIN);
+        let (p0, p1) = (a.join(0), a.join(1));
+        assert!(!enters(&p0, 10 * MIN).await, "p1 has not fetched");
+        assert!(enters(&p1, 10 * MIN).await);
+        p1.idle();
+        assert!(enters(&p0, 11 * MIN).await, "p1 is idle");
+        // Parts wait for p1, and its fetch comes back without them.
+        p1.hold();
+        assert!(enters(&p0, 11 * MIN).await, "within the granted period");
+        assert!(
+            !enters(&p0, 12 * MIN).await,
+            "p1's parts may be of minute 11"
+        );
+        p1.hold();
+        assert!(!enters(&p0, 12 * MIN).await, "holding twice moves nothing");
+        assert!(enters(&p1, 12 * MIN).await, "it fetched: minute 12");
+        assert!(enters(&p0, 12 * MIN).await);
+        // Holding keeps a head it has.
+        assert!(!enters(&p0, 13 * MIN).await);
+        p1.hold();
+        assert!(!enters(&p0, 13 * MIN).await, "p1 is still in minute 12");
+        assert!(enters(&p1, 13 * MIN).await);
     }
 
     #[test]

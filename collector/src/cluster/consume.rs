@@ -173,8 +173,9 @@ impl Partition {
             let mut messages = match batch {
                 Ok(m) => m,
                 Err(e) => {
-                    // Its head stays: whether parts wait is not known (see below).
+                    // Whether parts wait is not known: it holds the others (see below).
                     warn!("partition {}: fetching parts: {e}", self.partition);
+                    self.member.hold();
                     tokio::time::sleep(FETCH_WAIT).await;
                     continue;
                 }
@@ -224,13 +225,18 @@ impl Partition {
                 };
                 begun.push((m, pending));
             }
-            if !fetched && !failed && nothing_pending(&consumer).await {
-                // Nothing waiting: the other consumers need not wait for this one. (A fetch
-                // that found nothing is not enough to say so: one nobody answered, its
-                // consumer's leader gone or the connection failing over, ends the same way,
-                // and the others going on without this partition's parts would judge its keys
-                // without them: an alert resolved, and raised again later.)
-                self.member.idle();
+            if !fetched {
+                if !failed && nothing_pending(&consumer).await {
+                    // Nothing waiting: the other consumers need not wait for this one.
+                    self.member.idle();
+                } else {
+                    // A fetch that found nothing is not enough to say nothing waits: one
+                    // nobody answered (its consumer's leader gone, the connection failing
+                    // over) ends the same way. The others going on without this partition's
+                    // parts would judge its keys without them: an alert resolved, and raised
+                    // again later.
+                    self.member.hold();
+                }
             }
             self.finish(begun).await;
             if failed && !fetched {
