@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use outflow_proto::v1::{self, query_client::QueryClient};
-use outflow_testbed::nats::NatsCluster;
+use outflow_testbed::{nats::NatsCluster, ports::free_port};
 
 use crate::{Report, Scenario, SimConfig};
 
@@ -140,14 +140,6 @@ struct Node {
     child: Option<Child>,
 }
 
-/// Two distinct ports free on 127.0.0.1 now (bound together: a port let go can be the next
-/// one the kernel picks).
-fn free_ports() -> Result<(u16, u16)> {
-    let a = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let b = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
-}
-
 /// GET `path` over HTTP/1.1: the status and the body.
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -176,9 +168,9 @@ impl Node {
     fn new(bin: &Path, dir: &Path, name: &str, body: &str) -> Result<Node> {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let (listen, metrics) = free_ports()?;
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, listen));
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, metrics));
+        // Below the ephemeral range: nodes are killed and started again on their ports.
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let config = dir.join("collector.toml");
         let text = format!(
             "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\ndata_dir = \"{}\"\n{body}",

@@ -8,6 +8,7 @@
 //! - [`cgroup::TestCgroup`]: a child cgroup of the cgroup2 mount.
 //! - [`netns::NetnsPair`]: a server and a client network namespace joined by a veth pair.
 //! - [`netns::NetnsIsland`]: a network namespace joined to the caller's, that can be cut off.
+//! - [`ports::free_port`]: a port on loopback for a server killed and started again on it.
 //! - [`tools`]: the checkers and peers that are not Rust (promtool, the tools venv's Python).
 //! - [`nats::NatsCluster`]: a NATS JetStream cluster of real `nats-server` processes on
 //!   loopback, whose nodes can be killed and started again (and one cut off from the others).
@@ -20,6 +21,7 @@
 pub mod cgroup;
 pub mod nats;
 pub mod netns;
+pub mod ports;
 pub mod tools;
 pub mod wait;
 

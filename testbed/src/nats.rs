@@ -11,12 +11,13 @@
 
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::netns::{NetnsIsland, command_in};
+use crate::ports::free_port;
 use crate::tools::tools_venv;
 use crate::wait::poll_until;
 
@@ -59,25 +60,6 @@ pub fn nats_server() -> PathBuf {
     bin
 }
 
-/// `n` distinct ports free on 127.0.0.1 now (all bound at once, so that none is handed out
-/// twice: a port let go can be the next one the kernel picks).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
-        })
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
-                .port()
-        })
-        .collect()
-}
-
 /// The status code of `GET path` on `host`:`port`, if it answered.
 fn http_status(host: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
     let addr = SocketAddr::from((host, port));
@@ -113,9 +95,8 @@ impl NatsCluster {
             Some(island) => island.outer(),
             None => Ipv4Addr::LOCALHOST,
         };
-        let ports: Vec<(u16, u16, u16)> = free_ports(3 * n)
-            .chunks(3)
-            .map(|p| (p[0], p[1], p[2]))
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
             .collect();
         let nodes = ports
             .iter()

@@ -1,7 +1,7 @@
 //! Driving the `outflow-collector` binary under test and asking it for its aggregates.
 
 use std::io::{self, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -27,22 +27,7 @@ pub fn collector_bin() -> PathBuf {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A free TCP port on 127.0.0.1 below the kernel's ephemeral range (32768-60999). A port from
-/// that range could be drawn as the source port of an agent reconnecting while the collector
-/// is down, and a connection from a port to itself succeeds: the restarted collector then
-/// could not bind it.
-pub fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let base = 30_000 + (std::process::id() % 1_000) as u16 * 2;
-    for _ in 0..2_000 {
-        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_700;
-        let port = 30_000 + (base - 30_000 + offset) % 2_700;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free TCP port in 30000-32699 on 127.0.0.1")
-}
+pub use outflow_testbed::ports::free_port;
 
 /// A running collector listening on 127.0.0.1. Killed (SIGKILL) when dropped if still running.
 pub struct Collector {

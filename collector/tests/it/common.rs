@@ -41,14 +41,9 @@ pub fn url(server: &Server) -> String {
     format!("http://{}", server.addr())
 }
 
-/// A port free on 127.0.0.1 now (for a server that must come back on the same one).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port free on 127.0.0.1 now, below the ephemeral range (for a server that must come back
+/// on the same one).
+pub use outflow_testbed::ports::free_port;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
