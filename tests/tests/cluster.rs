@@ -89,8 +89,11 @@ impl Node {
         self.process.as_ref().expect("running")
     }
 
-    fn metrics(&self) -> Metrics {
-        Metrics::fetch(SocketAddr::from(([127, 0, 0, 1], self.metrics_port))).expect("scrape")
+    /// The value of metric `name`; 0 while its metrics endpoint does not answer (a node just
+    /// started: the gRPC port it was waited on is bound before the metrics port).
+    fn value(&self, name: &str) -> f64 {
+        Metrics::fetch(SocketAddr::from(([127, 0, 0, 1], self.metrics_port)))
+            .map_or(0.0, |m| m.value(name))
     }
 }
 
@@ -143,9 +146,8 @@ fn a_real_agent_through_the_cluster_counts_every_byte_once_through_kills() {
         })
     };
     // Batches applied by both aggregators, then the kills under traffic.
-    let value = |n: &Node, name: &str| n.metrics().value(name);
-    let applied = |n: &Node| value(n, "outflow_collector_cluster_applied_parts_total");
-    let held = |n: &Node| value(n, "outflow_collector_cluster_partitions_held");
+    let applied = |n: &Node| n.value("outflow_collector_cluster_applied_parts_total");
+    let held = |n: &Node| n.value("outflow_collector_cluster_partitions_held");
     let both = poll_until(TIMEOUT, || aggregators.iter().all(|a| applied(a) > 0.0));
     assert!(
         both,
@@ -155,7 +157,7 @@ fn a_real_agent_through_the_cluster_counts_every_byte_once_through_kills() {
     // The agent's stream cut with batches in flight: it sends them again to the new process.
     ingest.kill_and_start();
     let published = poll_until(TIMEOUT, || {
-        value(&ingest, "outflow_collector_cluster_published_parts_total") > 0.0
+        ingest.value("outflow_collector_cluster_published_parts_total") > 0.0
     });
     assert!(
         published,
