@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -557,4 +557,44 @@ fn finish_exchange(
     }
     outcome.received = received;
     Ok(outcome)
+}
+
+/// Requests from a client in the client namespace, in a loop on a thread of their own, until
+/// [`Traffic::finish`]; what the client received is the ground truth.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Outcome>>,
+}
+
+impl Traffic {
+    /// Rounds of `per_round` requests to each of `addrs` in turn, `parallelism` at a time, of
+    /// `sizes` as in [`Client::request_many`].
+    pub fn start(
+        pair: &NetnsPair,
+        addrs: &[SocketAddr],
+        sizes: &'static [(u64, u64)],
+        per_round: usize,
+        parallelism: usize,
+    ) -> Self {
+        let client = Client::new(pair);
+        let addrs = addrs.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut outcomes = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for addr in &addrs {
+                    outcomes.extend(client.request_many(*addr, per_round, sizes, parallelism));
+                }
+            }
+            outcomes
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops after the round under way; the outcomes of every request.
+    pub fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the traffic thread")
+    }
 }

@@ -11,9 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use outflow_tests::{
@@ -29,7 +27,7 @@ use outflow_tests::{
     },
     fleet_bin,
     netns::NetnsPair,
-    peer::{Client, Outcome, Server},
+    peer::{Client, Outcome, Server, Traffic},
     testpeer_bin,
     wait::poll_until,
 };
@@ -162,46 +160,12 @@ impl Rig {
 
     /// Requests from the client namespace, in a loop, until [`Traffic::finish`].
     fn traffic(&self, sizes: &'static [(u64, u64)]) -> Traffic {
-        Traffic::start(&self.pair, self.pair.server_v4(PORT), sizes, 20, 4)
+        Traffic::start(&self.pair, &[self.pair.server_v4(PORT)], sizes, 20, 4)
     }
-}
-
-/// Requests in a loop on a thread of their own; what the clients received is the ground truth.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<Outcome>>,
 }
 
 /// Responses of a few sizes, small requests.
 const MIXED: &[(u64, u64)] = &[(50_000, 100), (200_000, 300), (7, 1), (1_234_567, 50)];
-
-impl Traffic {
-    fn start(
-        pair: &NetnsPair,
-        addr: SocketAddr,
-        sizes: &'static [(u64, u64)],
-        per_round: usize,
-        parallelism: usize,
-    ) -> Self {
-        let client = Client::new(pair);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let mut outcomes = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                outcomes.extend(client.request_many(addr, per_round, sizes, parallelism));
-            }
-            outcomes
-        });
-        Self { stop, thread }
-    }
-
-    /// Stops after the round under way; the outcomes of every request.
-    fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("the traffic thread")
-    }
-}
 
 /// What the clients received: response bytes in all, and the client addresses.
 struct Truth {
@@ -395,7 +359,7 @@ fn spool_bound_reached_while_partitioned() {
     let agent = rig.agent_with(&proxy.url(), None, &["--spool-max-bytes", "1048576"], &[]);
     let traffic = Traffic::start(
         &rig.pair,
-        rig.pair.server_v4(PORT),
+        &[rig.pair.server_v4(PORT)],
         &[(1_000, 10), (3, 1)],
         200,
         16,
