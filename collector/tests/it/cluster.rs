@@ -346,6 +346,15 @@ async fn drained(js: &jetstream::Context, partitions: u32) -> bool {
     true
 }
 
+/// Waits until [`drained`]; panics saying `what` failed after `within`.
+async fn wait_drained(js: &jetstream::Context, partitions: u32, within: Duration, what: &str) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !drained(js, partitions).await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Bytes per key of `group` in the 24 h window, as the node at `url` answers for the whole
 /// cluster (an error while partitions move or are held by none).
 async fn fleet_top(
@@ -618,11 +627,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
                 // The last batch two minutes of batch time later, once everything before it
                 // is applied: each aggregator judges what it holds (detection judges when batch
                 // time crosses a minute; a partition's consumer can run ahead of another's).
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                while !drained(&watch, 8).await {
-                    assert!(tokio::time::Instant::now() < deadline, "never drained");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
                 b.start_ms += 120_000;
                 b.end_ms += 120_000;
             }
@@ -638,11 +643,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
         s.close().await;
     }
     let nodes = [url(&ingest), url(&a0), url(&a1)];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !drained(&watch, 8).await {
-        assert!(tokio::time::Instant::now() < deadline, "never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     for n in &nodes {
         let got = fleet_top(n, v1::GroupBy::ClientAddress, Some("tok-read")).await;
         assert_eq!(got.map_err(|e| e.to_string()), Ok(by_addr.clone()), "{n}");
@@ -803,13 +804,6 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
     let clean = config().data_dir.join("stopped-cleanly");
     let mut a0 = start(config()).await;
     let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    let drain = || async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while !drained(&watch, 8).await {
-            assert!(tokio::time::Instant::now() < deadline, "never drained");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
     wait_claims(&watch, "a0 holds every partition", |c| c.len() == 8).await;
 
     let u = url(&ingest);
@@ -820,7 +814,7 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
         let mut b = wire_batch(0, seq);
         if seq == 21 {
             // Two minutes of batch time later: the judgement of what came before.
-            drain().await;
+            wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
             b.start_ms += 120_000;
             b.end_ms += 120_000;
         }
@@ -829,14 +823,14 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
         }
         assert_eq!(s.batch(b).await.unwrap(), seq);
     }
-    drain().await;
+    wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     let alerts = settled(&a0, &u, &by_addr, 0.0).await;
 
     a0.shutdown().await.unwrap();
     assert!(clean.exists(), "a clean stop leaves {}", clean.display());
     a0 = start(config()).await;
     assert!(!clean.exists(), "removed at start");
-    drain().await;
+    wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     assert_eq!(
         settled(&a0, &u, &by_addr, 0.0).await,
         alerts,
@@ -847,7 +841,7 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
     // As a crash leaves it.
     std::fs::remove_file(&clean).unwrap();
     a0 = start(config()).await;
-    drain().await;
+    wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     assert_eq!(
         settled(&a0, &u, &by_addr, 1.0).await,
         alerts,
@@ -923,11 +917,7 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
     let a0 = start(config()).await;
     let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
     wait_claims(&watch, "a0 holds both partitions", |c| c.len() == 2).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !drained(&watch, 2).await {
-        assert!(tokio::time::Instant::now() < deadline, "no consumers made");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&watch, 2, Duration::from_secs(30), "no consumers made").await;
     a0.shutdown().await.unwrap();
 
     let u = url(&ingest);
