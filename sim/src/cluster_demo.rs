@@ -191,7 +191,11 @@ impl Node {
     /// Starts it and waits until it is ready.
     fn start(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.join("collector.log"))?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        // The demo stopped halfway (Ctrl-C) leaves no node behind: nodes are started from the
+        // demo's own thread, which lives as long as they should.
+        outflow_testbed::die_with_parent(&mut command);
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "warn,outflow_collector::cluster=info")

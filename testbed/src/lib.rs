@@ -25,7 +25,11 @@ pub mod ports;
 pub mod tools;
 pub mod wait;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    os::unix::process::CommandExt as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 /// A number unique within this process, for names of kernel objects.
 pub fn next_serial() -> u32 {
@@ -44,4 +48,21 @@ pub fn sanitize_tag(tag: &str, max: usize) -> String {
 /// Whether a process with this pid exists, for sweeping objects left by killed runs.
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Makes the process `command` starts get SIGKILL when the thread that spawns it exits
+/// (`PR_SET_PDEATHSIG`), so that a test or demo killed halfway (Ctrl-C, a timeout) leaves no
+/// daemon behind. Spawn from a thread that lives as long as the process should: the main
+/// thread, a test's thread, a runtime's worker (not a blocking-pool thread, which exits when
+/// idle).
+pub fn die_with_parent(command: &mut Command) {
+    // SAFETY: the hook makes one async-signal-safe system call.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

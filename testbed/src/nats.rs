@@ -163,6 +163,8 @@ impl NatsCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        // A test or demo killed halfway leaves no server behind.
+        crate::die_with_parent(&mut command);
         if let Some(ns) = &node.netns {
             command_in(&mut command, ns, false)
                 .unwrap_or_else(|e| panic!("running {} in {ns}: {e}", node.name));

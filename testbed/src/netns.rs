@@ -78,7 +78,7 @@ pub fn command_in(command: &mut Command, name: &str, die_with_parent: bool) -> i
     let netns = File::open(&path)
         .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
     let fd = netns.as_raw_fd();
-    // SAFETY: the hook makes only async-signal-safe system calls (setns, prctl) on a file
+    // SAFETY: the hook makes only an async-signal-safe system call (setns) on a file
     // descriptor that stays open until the command is spawned: `netns` moves into the closure,
     // which the command keeps.
     unsafe {
@@ -87,11 +87,11 @@ pub fn command_in(command: &mut Command, name: &str, die_with_parent: bool) -> i
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
             Ok(())
         });
+    }
+    if die_with_parent {
+        crate::die_with_parent(command);
     }
     Ok(())
 }
