@@ -27,6 +27,8 @@
 //! | `outflow_collector_detect_tracks_evicted_total` | counter | learnt subjects dropped (least recently judged first) to keep the detectors within the key budget |
 //! | `outflow_collector_webhook_sent_total` | counter | alert changes the webhook receiver accepted |
 //! | `outflow_collector_webhook_dropped_total` | counter | alert changes given up (every attempt failed) or skipped (the receiver too slow) |
+//! | `outflow_collector_webhook_already_delivered_total` | counter | cluster aggregator: alert changes not sent because the receiver accepted them before (judged again in a replay) |
+//! | `outflow_collector_webhook_delivery_log_failures_total` | counter | cluster aggregator: alert changes whose delivery record could not be read (sent anyway) or written (a replay sends them again) |
 //! | `outflow_collector_otlp_exports_total` | counter | OTLP pushes the receiver accepted (`[otlp]`) |
 //! | `outflow_collector_otlp_export_failures_total` | counter | OTLP pushes that failed (receiver away, refused, timed out); the next push carries the values of its time |
 //! | `outflow_collector_otlp_rejected_points_total` | counter | data points a receiver accepted the push of but said it rejected (OTLP partial success) |
@@ -100,6 +102,8 @@ pub struct Metrics {
     pub shifted_batches: Counter,
     pub webhook_sent: Counter,
     pub webhook_dropped: Counter,
+    pub webhook_already_delivered: Counter,
+    pub webhook_delivery_log_failures: Counter,
     pub otlp_exports: Counter,
     pub otlp_export_failures: Counter,
     pub otlp_rejected_points: Counter,
@@ -157,6 +161,8 @@ impl Metrics {
             shifted_batches: Counter::default(),
             webhook_sent: Counter::default(),
             webhook_dropped: Counter::default(),
+            webhook_already_delivered: Counter::default(),
+            webhook_delivery_log_failures: Counter::default(),
             otlp_exports: Counter::default(),
             otlp_export_failures: Counter::default(),
             otlp_rejected_points: Counter::default(),
@@ -223,6 +229,16 @@ impl Metrics {
             "webhook_dropped",
             "Alert changes the webhook gave up (every attempt failed) or skipped (receiver too slow)",
             m.webhook_dropped.clone(),
+        );
+        registry.register(
+            "webhook_already_delivered",
+            "Alert changes not sent because the receiver accepted them before (judged again in a replay)",
+            m.webhook_already_delivered.clone(),
+        );
+        registry.register(
+            "webhook_delivery_log_failures",
+            "Alert changes whose delivery record could not be read (sent anyway) or written",
+            m.webhook_delivery_log_failures.clone(),
         );
         registry.register(
             "otlp_exports",

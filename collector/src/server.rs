@@ -46,6 +46,7 @@ use crate::{
         aggregator::SharedHeld,
         aggregator_query::AggregatorQueryService,
         config::NodeRole,
+        delivered::DeliveryLog,
         fleet_query::{Fleet, FleetAlertsService, FleetQueryService},
         ingest::ClusterIngest,
     },
@@ -101,6 +102,8 @@ pub enum StartError {
     Aggregator(#[from] crate::cluster::aggregator::AggregatorError),
     #[error("cluster queries: {0}")]
     Fleet(#[from] crate::cluster::fleet_query::FleetError),
+    #[error("the webhook's delivery records: {0}")]
+    Delivered(#[from] crate::cluster::membership::MembershipError),
 }
 
 /// The gRPC server failed while running.
@@ -357,12 +360,27 @@ impl Server {
             })
         };
         if let Some(hook) = webhook::Webhook::new(&config.webhook)? {
-            info!("alerts are POSTed to {}", hook.url());
+            // An aggregator judges again what it replays: the cluster remembers what was sent.
+            let delivered: Option<Arc<dyn webhook::Delivered>> = if aggregator {
+                Some(Arc::new(DeliveryLog::open(&config.cluster).await?))
+            } else {
+                None
+            };
+            info!(
+                "alerts are POSTed to {}{}",
+                hook.url(),
+                if delivered.is_some() {
+                    " (each change once for the cluster: a replay does not send it again)"
+                } else {
+                    ""
+                }
+            );
             webhook::spawn(
                 collector.alerts(),
                 hook,
                 config.webhook.clone(),
                 metrics.clone(),
+                delivered,
                 shutdown.clone(),
             );
         }

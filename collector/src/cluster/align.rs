@@ -260,7 +260,7 @@ mod tests {
             !enters(&live, 3 * MIN).await,
             "the new consumer has not fetched"
         );
-        assert!(enters(&again, 1 * MIN).await);
+        assert!(enters(&again, MIN).await);
         assert!(!enters(&live, 3 * MIN).await, "p2 is in minute 1");
         drop(late);
         assert!(!enters(&live, 3 * MIN).await, "p2 is still in minute 1");

@@ -28,6 +28,12 @@ pub struct MembershipError {
     message: String,
 }
 
+impl MembershipError {
+    pub(super) fn new(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
+        err(what, e)
+    }
+}
+
 fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
     MembershipError {
         what: what.into(),
@@ -39,7 +45,7 @@ fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
 /// requests time out while it creates the buckets' streams).
 const OPEN_TRIES: u32 = 10;
 
-async fn open_bucket(
+pub(super) async fn open_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> Result<kv::Store, MembershipError> {

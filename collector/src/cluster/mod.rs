@@ -13,6 +13,8 @@
 //! - [`align`]: an aggregator's consumers kept in step by batch time (judgement periods);
 //! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
 //!   aggregator's store;
+//! - [`delivered`]: which alert changes the webhook receiver already accepted, so that a
+//!   replay does not send them again;
 //! - [`aggregator_query`]: what one aggregator holds, asked by the node that answers for the
 //!   cluster;
 //! - [`fleet_query`]: Query and Alerts for the whole cluster, on any node: fanned out to the
@@ -23,6 +25,7 @@ pub mod aggregator_query;
 pub mod align;
 pub mod config;
 pub mod consume;
+pub mod delivered;
 pub mod fleet_query;
 pub mod ingest;
 pub mod membership;

@@ -6,6 +6,10 @@
 //! or that a slow receiver made the sink skip, is logged and counted
 //! (`outflow_collector_webhook_dropped_total`); alerts stay available from List and Watch.
 //!
+//! A collector that judges the same alert changes again (a cluster aggregator replaying its
+//! partitions from the stream) gives the sink a [`Delivered`] record: a change the receiver
+//! accepted before is not sent again (`outflow_collector_webhook_already_delivered_total`).
+//!
 //! The HTTP client is reqwest (hyper underneath) with rustls on the ring provider, the one
 //! tonic's TLS already uses here.
 use std::{
@@ -14,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::future::BoxFuture;
 use log::{debug, warn};
 use outflow_proto::v1;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -273,7 +278,56 @@ pub fn body(a: &v1::Alert) -> String {
     .to_string()
 }
 
-async fn post(hook: &Webhook, cfg: &WebhookConfig, metrics: &Metrics, a: &v1::Alert) {
+/// What the webhook receiver accepted already, remembered beyond this process (for a collector
+/// that can judge the same alert changes again: see [`crate::cluster::delivered`]).
+pub trait Delivered: Send + Sync + 'static {
+    /// Whether this change of `a` (or a later one) was delivered.
+    fn was_delivered<'a>(&'a self, a: &'a v1::Alert) -> BoxFuture<'a, Result<bool, String>>;
+    /// Records that this change of `a` was delivered.
+    fn record<'a>(&'a self, a: &'a v1::Alert) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Sends `a` unless `delivered` says it was; records it once accepted.
+async fn deliver(
+    hook: &Webhook,
+    cfg: &WebhookConfig,
+    metrics: &Metrics,
+    delivered: Option<&dyn Delivered>,
+    a: &v1::Alert,
+) {
+    let Some(log) = delivered else {
+        post(hook, cfg, metrics, a).await;
+        return;
+    };
+    match log.was_delivered(a).await {
+        Ok(true) => {
+            debug!("webhook: alert {} was delivered before", a.id);
+            metrics.webhook_already_delivered.inc();
+            return;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            // Sent: a duplicate rather than a missed alert.
+            metrics.webhook_delivery_log_failures.inc();
+            warn!(
+                "webhook: cannot tell whether alert {} was delivered before ({e}): sending it (outflow_collector_webhook_delivery_log_failures_total)",
+                a.id
+            );
+        }
+    }
+    if post(hook, cfg, metrics, a).await
+        && let Err(e) = log.record(a).await
+    {
+        metrics.webhook_delivery_log_failures.inc();
+        warn!(
+            "webhook: alert {} delivered but not recorded ({e}): a replay would send it again (outflow_collector_webhook_delivery_log_failures_total)",
+            a.id
+        );
+    }
+}
+
+/// POSTs `a` with retries; true once the receiver accepted it.
+async fn post(hook: &Webhook, cfg: &WebhookConfig, metrics: &Metrics, a: &v1::Alert) -> bool {
     let body = body(a);
     let mut backoff = cfg.initial_backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
@@ -281,7 +335,7 @@ async fn post(hook: &Webhook, cfg: &WebhookConfig, metrics: &Metrics, a: &v1::Al
             Ok(()) => {
                 debug!("webhook: alert {} sent", a.id);
                 metrics.webhook_sent.inc();
-                return;
+                return true;
             }
             Err(e) => warn!("webhook: alert {} attempt {attempt}: {e}", a.id),
         }
@@ -295,14 +349,17 @@ async fn post(hook: &Webhook, cfg: &WebhookConfig, metrics: &Metrics, a: &v1::Al
         "webhook: alert {} dropped after {} attempts (outflow_collector_webhook_dropped_total)",
         a.id, cfg.max_attempts
     );
+    false
 }
 
-/// Sends every alert change of `hub` to the webhook until `shutdown`.
+/// Sends every alert change of `hub` to the webhook until `shutdown`, but those `delivered`
+/// says were sent before.
 pub fn spawn(
     hub: &Arc<AlertHub>,
     hook: Webhook,
     cfg: WebhookConfig,
     metrics: Arc<Metrics>,
+    delivered: Option<Arc<dyn Delivered>>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let mut rx = hub.subscribe();
@@ -312,7 +369,7 @@ pub fn spawn(
                 loop {
                     match rx.recv().await {
                         Ok(a) if !AlertHub::wanted(&a, cfg.include_service) => {}
-                        Ok(a) => post(&hook, &cfg, &metrics, &a).await,
+                        Ok(a) => deliver(&hook, &cfg, &metrics, delivered.as_deref(), &a).await,
                         Err(RecvError::Lagged(n)) => {
                             metrics.webhook_dropped.inc_by(n);
                             warn!(

@@ -784,7 +784,8 @@ const OPEN_CLIENT_ALERTS: v1::ListAlertsRequest = v1::ListAlertsRequest {
 /// its data directory) it goes on from its store without a rebuild; started after a crash (no
 /// such file: what its detectors learnt is only as recent as their last save) it rebuilds its
 /// store from the stream, its consumers in step, and raises the same alerts, under the same
-/// ids, with the same totals.
+/// ids, with the same totals. Its webhook receiver gets each alert change once: the changes
+/// the replay raises again are found in the cluster's delivery records and not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
@@ -795,10 +796,12 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
         NodeRole::Ingest,
     ))
     .await;
+    let (hook, mut posted) = webhook_receiver(false).await;
     let config = || {
         let mut c = aggregator_config(dir.path(), &nats, "a0");
         c.cluster.lease = Duration::from_secs(10);
         c.detect.volume.client_per_hour = 1_000_000;
+        c.webhook.url = Some(hook.clone());
         c
     };
     let clean = config().data_dir.join("stopped-cleanly");
@@ -825,6 +828,31 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
     }
     wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     let alerts = settled(&a0, &u, &by_addr, 0.0).await;
+    // Every change of them POSTed once (the sink counts a change once the receiver answered).
+    let mut changes: std::collections::BTreeSet<(String, String, u64)> = Default::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        while let Ok(body) = posted.try_recv() {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let change = (
+                v["id"].as_str().unwrap().to_owned(),
+                v["state"].as_str().unwrap().to_owned(),
+                v["last_seen_ms"].as_u64().unwrap(),
+            );
+            assert!(changes.insert(change.clone()), "{change:?} POSTed twice");
+        }
+        let covered = alerts
+            .iter()
+            .all(|id| changes.iter().any(|(i, ..)| i == id));
+        if covered && changes.len() as f64 == metric(&metrics(&a0).await, SENT) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the webhook got {changes:?} of the alerts {alerts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     a0.shutdown().await.unwrap();
     assert!(clean.exists(), "a clean stop leaves {}", clean.display());
@@ -847,9 +875,40 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
         alerts,
         "rebuilt from the stream: the same alerts, the same ids"
     );
+    // The replay judged every change again, and sent none of them again.
+    let skipped = poll_metric(
+        &a0,
+        "outflow_collector_webhook_already_delivered_total",
+        changes.len() as f64,
+    )
+    .await;
+    if let Ok(body) = posted.try_recv() {
+        panic!("a change POSTed again after the rebuild: {body}");
+    }
+    assert_eq!(metric(&metrics(&a0).await, SENT), 0.0);
+    assert_eq!(
+        skipped,
+        changes.len() as f64,
+        "each change the replay raised again was found delivered"
+    );
     drop(s);
     for n in [ingest, a0] {
         n.shutdown().await.unwrap();
+    }
+}
+
+/// Alert changes an aggregator's webhook receiver accepted.
+const SENT: &str = "outflow_collector_webhook_sent_total";
+
+/// Waits (at most 30 s) until metric `name` of `server` reaches `want`; returns its value.
+async fn poll_metric(server: &Server, name: &str, want: f64) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = metric(&metrics(server).await, name);
+        if v >= want || tokio::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

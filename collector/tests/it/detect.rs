@@ -326,54 +326,10 @@ async fn bulk_from_one_address(server: &Server, addr: [u8; 4]) {
     }
 }
 
-/// A webhook receiver: answers 500 to the first request, 200 after; sends each body on.
-async fn receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", l.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the head, then Content-Length bytes of body.
-            let body = loop {
-                let m = s.read(&mut chunk).await.unwrap_or(0);
-                if m == 0 {
-                    break String::new();
-                }
-                buf.extend_from_slice(&chunk[..m]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some(i) = text.find("\r\n\r\n") {
-                    let len: usize = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= i + 4 + len {
-                        break text[i + 4..].to_owned();
-                    }
-                }
-            };
-            let status = if n == 0 { "500 Oops" } else { "200 OK" };
-            let _ = s
-                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
-                .await;
-            if n > 0 {
-                let _ = tx.send(body);
-            }
-        }
-    });
-    (url, rx)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_alerts_with_retries() {
     let dir = tempfile::tempdir().unwrap();
-    let (hook, mut bodies) = receiver().await;
+    let (hook, mut bodies) = webhook_receiver(true).await;
     let mut c = cfg(dir.path());
     c.webhook.url = Some(hook);
     c.webhook.initial_backoff = Duration::from_millis(20);
