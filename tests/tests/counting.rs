@@ -134,13 +134,17 @@ fn assert_exact(conns: &[ConnRecord], o: &Outcome, result: &ServerResult, bench:
         t.wire_bytes_out >= t.bytes_out + hdr * t.segments_out,
         "wire out {t:?}"
     );
-    // When the handshake's last ACK is lost, the client's first data segment completes it: the
-    // kernel processes that segment on the listener, so its payload is counted (by sequence,
-    // from where the connection starts) but its wire bytes and segment are not the
-    // connection's. Seen under loss in a VM; at most one segment of at most one MSS.
-    const HANDSHAKE_SEGMENT: u64 = 1500;
+    // Segments that arrive while the server's connection is being established carry payload
+    // that is counted (by sequence, from where the connection starts) but not their wire bytes
+    // or segments: the one that completes the handshake when its last ACK was lost is
+    // processed on the listener, and others that another CPU takes meanwhile meet a socket
+    // still in SYN_RECV (the child is findable before sock_ops gives it its state). The
+    // server acknowledges no data before it is established, so they hold at most the
+    // client's initial window: 10 segments. Seen under loss: one segment in a quiet VM, about
+    // five on 2 busy vCPUs (CI, suites in parallel), as Linux 5.10 showed in segments below.
+    const INITIAL_WINDOW: u64 = 10 * 1460;
     assert!(
-        t.wire_bytes_in + HANDSHAKE_SEGMENT >= t.bytes_in + hdr * t.segments_in,
+        t.wire_bytes_in + INITIAL_WINDOW >= t.bytes_in + hdr * t.segments_in,
         "wire in {t:?}"
     );
     for r in &recs {
