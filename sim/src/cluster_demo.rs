@@ -87,6 +87,12 @@ pub struct Outcome {
     pub alerts: usize,
     /// Attacks with more than one alert on their key by one detector.
     pub repeated: Vec<String>,
+    /// Alert changes the aggregators' webhook receiver got (each once, whatever was replayed).
+    pub posted: usize,
+    /// Changes it got more than once.
+    pub posted_twice: Vec<String>,
+    /// Listed alerts whose latest change it never got.
+    pub not_posted: Vec<String>,
 }
 
 impl Outcome {
@@ -94,6 +100,8 @@ impl Outcome {
     pub fn passed(&self) -> bool {
         self.differences.is_empty()
             && self.repeated.is_empty()
+            && self.posted_twice.is_empty()
+            && self.not_posted.is_empty()
             && self.report.alerts_error.is_none()
             && self.report.attacks.iter().all(|a| a.detected)
     }
@@ -123,6 +131,18 @@ impl Outcome {
             line.push_str(&format!(
                 " (raised more than once: {})",
                 self.repeated.join(", ")
+            ));
+        }
+        if !self.posted_twice.is_empty() {
+            line.push_str(&format!(
+                " (POSTed to the webhook more than once: {})",
+                self.posted_twice.join(", ")
+            ));
+        }
+        if !self.not_posted.is_empty() {
+            line.push_str(&format!(
+                " (never POSTed to the webhook: {})",
+                self.not_posted.join(", ")
             ));
         }
         line
@@ -284,6 +304,12 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         NatsCluster::start(3, &cfg.dir.join("nats"))
     };
     let bin = &cfg.collector_bin;
+    // The aggregators' webhook receiver (every alert, service ones too, as List has them).
+    let hook = crate::hook::Receiver::start()?;
+    let hook_section = format!(
+        "[webhook]\nurl = \"{}\"\ninclude_service = true\n",
+        hook.url()
+    );
     let mut ingest = Vec::new();
     for i in 0..2 {
         let name = format!("i{i}");
@@ -298,7 +324,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
             bin,
             &cfg.dir,
             &name,
-            &node_config(&nats, "aggregator", &name),
+            &(node_config(&nats, "aggregator", &name) + &hook_section),
         )?;
         n.start()?;
         aggregators.push(n);
@@ -473,6 +499,51 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
                 }),
         );
     }
+    // The webhook: every listed alert POSTed (its resolution too, if resolved), and no change
+    // twice, though aggregators were killed and rebuilt their stores from the stream (a replay
+    // judges every change again: the cluster's delivery records keep it from being sent again).
+    let resolved = v1::AlertState::Resolved.as_str_name();
+    let wanted: Vec<(String, bool)> = alerts
+        .as_ref()
+        .map(|list| {
+            list.iter()
+                .map(|a| (a.id.clone(), a.state == v1::AlertState::Resolved as i32))
+                .collect()
+        })
+        .unwrap_or_default();
+    let missing = |got: &BTreeMap<crate::hook::Change, u32>| -> Vec<String> {
+        wanted
+            .iter()
+            .filter(|(id, is_resolved)| {
+                !got.keys()
+                    .any(|(i, state, _)| i == id && (!is_resolved || state == resolved))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let posted = loop {
+        let got = hook.changes();
+        if missing(&got).is_empty() || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let not_posted = missing(&posted);
+    let posted_twice: Vec<String> = posted
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|((id, state, at), n)| format!("{id} {state} at {} s ({n} times)", at / 1000))
+        .collect();
+    say(&format!(
+        "webhook: {} alert changes POSTed{}",
+        posted.len(),
+        if posted_twice.is_empty() {
+            ", each once (what a rebuilt aggregator judged again was not sent again)"
+        } else {
+            ", some more than once"
+        }
+    ));
     let report = sent.score("cluster-demo", alerts);
     for a in &report.attacks {
         say(&format!(
@@ -493,6 +564,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         clients: truth.clients.len(),
         alerts: listed,
         repeated,
+        posted: posted.len(),
+        posted_twice,
+        not_posted,
         differences,
         report,
     })

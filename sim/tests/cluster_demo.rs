@@ -10,7 +10,8 @@
 //! ingest node went on through the other; and each attack a partitioned cluster judges raised
 //! its alert, once, although partitions moved and stores were rebuilt from the stream (the
 //! aggregators' consumers apply in step by judgement period, so a replay is judged as the live
-//! stream was).
+//! stream was). Their webhook receiver got each alert change once: what a rebuilt aggregator
+//! judged again was found in the cluster's delivery records and not sent again.
 //!
 //! Not yet here: a real agent beside the simulated ones, and the attacks only a second stage
 //! across partitions would see (wide, pool).
@@ -57,6 +58,9 @@ fn the_cluster_keeps_exact_totals_and_alerts_once_through_faults() {
         );
     }
     assert!(out.repeated.is_empty(), "{:?}", out.repeated);
+    assert!(out.posted > 0, "the webhook got no alert change");
+    assert!(out.posted_twice.is_empty(), "{:?}", out.posted_twice);
+    assert!(out.not_posted.is_empty(), "{:?}", out.not_posted);
     assert!(out.passed());
     assert!(
         out.line()

@@ -204,6 +204,8 @@ impl Partition {
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
+                        // async-nats ends a fetch at its first error status (async-nats 0.51,
+                        // `Batch::poll_next`): nothing delivered after it is left unread.
                         debug!("partition {}: {e}", self.partition);
                         failed = true;
                         break;

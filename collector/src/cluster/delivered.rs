@@ -8,8 +8,10 @@
 //! change is placed by its alert's id and its place in the alert's life, (`last_seen_ms`,
 //! resolved): one at or before the place recorded for its id was delivered, one after it is
 //! new. The place is recorded once the receiver accepted the change: an aggregator killed
-//! between the two sends that change once more (at least once, never lost). When the bucket
-//! cannot be read the change is sent (a duplicate rather than a missed alert), and counted.
+//! between the two sends that change once more (at least once, never lost). An exchange with
+//! the bucket that fails is tried again for as long as the client takes to move to another
+//! NATS server (three ping intervals, and ten seconds); past that the change is sent (a
+//! duplicate rather than a missed alert), and counted.
 //! Records expire with the stream's parts (`cluster.max_age`): nothing older is replayed.
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ use crate::sinks::webhook::Delivered;
 #[derive(Debug)]
 pub struct DeliveryLog {
     bucket: kv::Store,
+    /// How long a failing exchange is tried again.
+    patience: Duration,
 }
 
 /// An alert change's place in its alert's life: later changes are greater.
@@ -70,36 +74,57 @@ impl DeliveryLog {
             },
         )
         .await?;
-        Ok(DeliveryLog { bucket })
+        Ok(DeliveryLog {
+            bucket,
+            patience: cfg.nats_ping_interval * 3 + Duration::from_secs(10),
+        })
     }
 
-    async fn recorded(&self, id: &str) -> Result<Option<(u64, bool)>, kv::EntryError> {
-        Ok(self.bucket.get(id).await?.as_deref().and_then(decode))
+    /// Runs `exchange` until it succeeds or `patience` has passed (each try at most
+    /// [`TRY_TIMEOUT`]); the last error.
+    async fn patiently<T, E, F>(&self, exchange: impl Fn() -> F) -> Result<T, String>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let give_up = tokio::time::Instant::now() + self.patience;
+        loop {
+            let e = match tokio::time::timeout(TRY_TIMEOUT, exchange()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer in {TRY_TIMEOUT:?}"),
+            };
+            if tokio::time::Instant::now() + RETRY_PAUSE >= give_up {
+                return Err(format!("{e} (tried for {:?})", self.patience));
+            }
+            log::debug!("delivery records: {e}; trying again");
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
     }
 }
 
-/// How long one exchange with the bucket may take before the change is sent anyway.
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one exchange with the bucket may take.
+const TRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause before a failed exchange is tried again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 impl Delivered for DeliveryLog {
     fn was_delivered<'a>(&'a self, a: &'a v1::Alert) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(async move {
-            match tokio::time::timeout(ASK_TIMEOUT, self.recorded(&a.id)).await {
-                Ok(Ok(r)) => Ok(r.is_some_and(|r| r >= place(a))),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer in {ASK_TIMEOUT:?}")),
-            }
+            let recorded = self.patiently(|| self.bucket.get(&a.id)).await?;
+            Ok(recorded
+                .as_deref()
+                .and_then(decode)
+                .is_some_and(|r| r >= place(a)))
         })
     }
 
     fn record<'a>(&'a self, a: &'a v1::Alert) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let value = bytes::Bytes::from(encode(place(a)));
-            match tokio::time::timeout(ASK_TIMEOUT, self.bucket.put(&a.id, value)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer in {ASK_TIMEOUT:?}")),
-            }
+            self.patiently(|| self.bucket.put(&a.id, value.clone()))
+                .await
+                .map(|_| ())
         })
     }
 }

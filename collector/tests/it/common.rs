@@ -243,10 +243,12 @@ pub async fn webhook_receiver(
                 buf.extend_from_slice(&chunk[..m]);
                 let text = String::from_utf8_lossy(&buf).to_string();
                 if let Some(i) = text.find("\r\n\r\n") {
-                    let len: usize = text
+                    // hyper writes header names in lower case.
+                    let len: usize = text[..i]
                         .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .and_then(|v| v.trim().parse().ok())
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.trim().parse().ok())
                         .unwrap_or(0);
                     if buf.len() >= i + 4 + len {
                         break text[i + 4..].to_owned();
