@@ -103,7 +103,7 @@ pub enum StartError {
     #[error("cluster queries: {0}")]
     Fleet(#[from] crate::cluster::fleet_query::FleetError),
     #[error("the webhook's delivery records: {0}")]
-    Delivered(#[from] crate::cluster::membership::MembershipError),
+    Delivered(#[source] crate::cluster::membership::MembershipError),
 }
 
 /// The gRPC server failed while running.
@@ -362,7 +362,10 @@ impl Server {
         if let Some(hook) = webhook::Webhook::new(&config.webhook)? {
             // An aggregator judges again what it replays: the cluster remembers what was sent.
             let delivered: Option<Arc<dyn webhook::Delivered>> = if aggregator {
-                Some(Arc::new(DeliveryLog::open(&config.cluster).await?))
+                let log = DeliveryLog::open(&config.cluster)
+                    .await
+                    .map_err(StartError::Delivered)?;
+                Some(Arc::new(log))
             } else {
                 None
             };

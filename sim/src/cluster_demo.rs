@@ -305,7 +305,8 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
     };
     let bin = &cfg.collector_bin;
     // The aggregators' webhook receiver (every alert, service ones too, as List has them).
-    let hook = crate::hook::Receiver::start()?;
+    let hook = outflow_testbed::webhook::Receiver::try_start(false)
+        .context("starting the webhook receiver")?;
     let hook_section = format!(
         "[webhook]\nurl = \"{}\"\ninclude_service = true\n",
         hook.url()
@@ -511,7 +512,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
                 .collect()
         })
         .unwrap_or_default();
-    let missing = |got: &BTreeMap<crate::hook::Change, u32>| -> Vec<String> {
+    let missing = |got: &BTreeMap<Change, u32>| -> Vec<String> {
         wanted
             .iter()
             .filter(|(id, is_resolved)| {
@@ -523,7 +524,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let posted = loop {
-        let got = hook.changes();
+        let got = changes(&hook.bodies());
         if missing(&got).is_empty() || Instant::now() > deadline {
             break got;
         }
@@ -570,6 +571,29 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         differences,
         report,
     })
+}
+
+/// An alert change as the webhook carries it: (id, state, `last_seen_ms`).
+type Change = (String, String, u64);
+
+/// The alert changes in webhook `bodies`, and how many times each came.
+fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
+    let mut out = BTreeMap::new();
+    for body in bodies {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+            continue;
+        };
+        let (Some(id), Some(state), Some(at)) = (
+            v["id"].as_str(),
+            v["state"].as_str(),
+            v["last_seen_ms"].as_u64(),
+        ) else {
+            continue;
+        };
+        *out.entry((id.to_owned(), state.to_owned(), at))
+            .or_insert(0) += 1;
+    }
+    out
 }
 
 /// Every host's and client's totals through the node at `url` against `truth`: the

@@ -10,7 +10,6 @@
 //! The traffic model and its parameters are in [`model`]; [`Scenario`] lists the attacks.
 //! Everything is drawn from one seeded RNG: the same seed gives the same bytes.
 pub mod cluster_demo;
-pub mod hook;
 pub mod ingest;
 pub mod model;
 pub mod net;

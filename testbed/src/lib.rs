@@ -12,6 +12,7 @@
 //! - [`tools`]: the checkers and peers that are not Rust (promtool, the tools venv's Python).
 //! - [`nats::NatsCluster`]: a NATS JetStream cluster of real `nats-server` processes on
 //!   loopback, whose nodes can be killed and started again (and one cut off from the others).
+//! - [`webhook::Receiver`]: a webhook receiver on loopback that keeps what it was POSTed.
 //!
 //! The constructors panic with a message saying what failed, as test code wants; each has a
 //! `try_` twin that returns the error instead, for tools (xtask's demo).
@@ -24,6 +25,7 @@ pub mod netns;
 pub mod ports;
 pub mod tools;
 pub mod wait;
+pub mod webhook;
 
 use std::{
     os::unix::process::CommandExt as _,

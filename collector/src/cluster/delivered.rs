@@ -21,7 +21,7 @@ use outflow_proto::v1;
 
 use super::{
     config::ClusterConfig,
-    membership::{MembershipError, open_bucket},
+    membership::{MembershipError, err, open_bucket},
     publish,
 };
 use crate::sinks::webhook::Delivered;
@@ -60,7 +60,7 @@ impl DeliveryLog {
     pub async fn open(cfg: &ClusterConfig) -> Result<DeliveryLog, MembershipError> {
         let client = publish::connect(&cfg.nats_urls, cfg.nats_ping_interval)
             .await
-            .map_err(|e| MembershipError::new("connecting to NATS", e))?;
+            .map_err(|e| err("connecting to NATS", e))?;
         let js = jetstream::new(client);
         let bucket = open_bucket(
             &js,

@@ -28,13 +28,7 @@ pub struct MembershipError {
     message: String,
 }
 
-impl MembershipError {
-    pub(super) fn new(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
-        err(what, e)
-    }
-}
-
-fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
+pub(super) fn err(what: impl Into<String>, e: impl std::fmt::Display) -> MembershipError {
     MembershipError {
         what: what.into(),
         message: e.to_string(),

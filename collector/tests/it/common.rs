@@ -218,55 +218,17 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A webhook receiver: answers 200 (500 to the first request with `fail_first`) and sends
-/// each accepted body on; one request per connection.
-pub async fn webhook_receiver(
-    fail_first: bool,
-) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", l.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the head, then Content-Length bytes of body.
-            let body = loop {
-                let m = s.read(&mut chunk).await.unwrap_or(0);
-                if m == 0 {
-                    break String::new();
-                }
-                buf.extend_from_slice(&chunk[..m]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some(i) = text.find("\r\n\r\n") {
-                    // hyper writes header names in lower case.
-                    let len: usize = text[..i]
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
-                        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|(_, v)| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= i + 4 + len {
-                        break text[i + 4..].to_owned();
-                    }
-                }
-            };
-            let failed = fail_first && n == 0;
-            let status = if failed { "500 Oops" } else { "200 OK" };
-            let _ = s
-                .write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await;
-            if !failed {
-                let _ = tx.send(body);
-            }
+/// The first body `hook` accepted, waited for up to `within`.
+pub async fn first_body(hook: &outflow_testbed::webhook::Receiver, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(body) = hook.bodies().into_iter().next() {
+            return body;
         }
-    });
-    (url, rx)
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no webhook call in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -329,16 +329,13 @@ async fn bulk_from_one_address(server: &Server, addr: [u8; 4]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_alerts_with_retries() {
     let dir = tempfile::tempdir().unwrap();
-    let (hook, mut bodies) = webhook_receiver(true).await;
+    let hook = outflow_testbed::webhook::Receiver::failing_first();
     let mut c = cfg(dir.path());
-    c.webhook.url = Some(hook);
+    c.webhook.url = Some(hook.url());
     c.webhook.initial_backoff = Duration::from_millis(20);
     let server = start(c).await;
     bulk_from_one_address(&server, [203, 0, 113, 99]).await;
-    let body = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
-        .await
-        .expect("no webhook call in 10 s")
-        .unwrap();
+    let body = first_body(&hook, Duration::from_secs(10)).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["key"], "203.0.113.99", "{body}");
     assert_eq!(v["detector"], "DETECTOR_VOLUME", "{body}");

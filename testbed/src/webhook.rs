@@ -1,9 +1,8 @@
-//! A webhook receiver for the cluster demo: answers every request `200 OK` and records the
-//! alert change its JSON body carries (the alert's id, state and last batch time), counting
-//! how many times each came.
+//! A webhook receiver on loopback for tests and the demos: answers each request (one per
+//! connection) `200 OK`, or `500` to the first with [`Receiver::failing_first`], and keeps the
+//! body of every request it accepted, in order.
 use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex, PoisonError,
@@ -13,63 +12,70 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
-
-/// An alert change: (id, state as the webhook names it, `last_seen_ms`).
-pub type Change = (String, String, u64);
-
-/// Largest request taken (the collector's alert bodies are a few KiB).
+/// Largest body taken (an alert's JSON is a few KiB).
 const MAX_BODY: usize = 1 << 20;
 
-/// The receiver's thread and what it recorded.
+/// The receiver's thread and the bodies it accepted.
 #[derive(Debug)]
 pub struct Receiver {
     addr: SocketAddr,
-    changes: Arc<Mutex<BTreeMap<Change, u32>>>,
+    bodies: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Receiver {
-    /// Listens on a loopback port, one request per connection.
-    pub fn start() -> Result<Receiver> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("webhook receiver")?;
+    /// A receiver that accepts every request; panics if it cannot listen.
+    pub fn start() -> Receiver {
+        Self::try_start(false).unwrap_or_else(|e| panic!("webhook receiver: {e}"))
+    }
+
+    /// A receiver that answers the first request 500 (its body is not kept), then accepts.
+    pub fn failing_first() -> Receiver {
+        Self::try_start(true).unwrap_or_else(|e| panic!("webhook receiver: {e}"))
+    }
+
+    /// Listens on a loopback port (the first request refused with `fail_first`).
+    pub fn try_start(fail_first: bool) -> io::Result<Receiver> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let addr = listener.local_addr()?;
-        let changes = Arc::new(Mutex::new(BTreeMap::new()));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
-            let (changes, stop) = (changes.clone(), stop.clone());
+            let (bodies, stop) = (bodies.clone(), stop.clone());
             move || {
+                let mut fail = fail_first;
                 for conn in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
                     let Ok(conn) = conn else { continue };
-                    if let Some(change) = answer(conn) {
-                        *changes
+                    let accept = !std::mem::take(&mut fail);
+                    if let Some(body) = answer(conn, accept) {
+                        bodies
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .entry(change)
-                            .or_insert(0) += 1;
+                            .push(body);
                     }
                 }
             }
         });
         Ok(Receiver {
             addr,
-            changes,
+            bodies,
             stop,
             thread: Some(thread),
         })
     }
 
+    /// `http://127.0.0.1:<port>/alerts`.
     pub fn url(&self) -> String {
         format!("http://{}/alerts", self.addr)
     }
 
-    /// Every change received, and how many times.
-    pub fn changes(&self) -> BTreeMap<Change, u32> {
-        self.changes
+    /// The bodies accepted so far, in order.
+    pub fn bodies(&self) -> Vec<String> {
+        self.bodies
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -87,8 +93,9 @@ impl Drop for Receiver {
     }
 }
 
-/// Reads one request, answers 200 and closes; the change its body carries, if it is one.
-fn answer(conn: TcpStream) -> Option<Change> {
+/// Reads one request and answers it, 200 if `accept` (then returns its body) or 500, and
+/// closes.
+fn answer(conn: TcpStream, accept: bool) -> Option<String> {
     conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut reader = BufReader::new(conn.try_clone().ok()?);
     let mut len = 0usize;
@@ -101,6 +108,7 @@ fn answer(conn: TcpStream) -> Option<Change> {
         if line.is_empty() {
             break;
         }
+        // hyper writes header names in lower case.
         if let Some((name, value)) = line.split_once(':')
             && name.eq_ignore_ascii_case("content-length")
         {
@@ -112,13 +120,11 @@ fn answer(conn: TcpStream) -> Option<Change> {
     }
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).ok()?;
+    let status = if accept { "200 OK" } else { "500 Refused" };
     let mut conn = conn;
-    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    Some((
-        v["id"].as_str()?.to_owned(),
-        v["state"].as_str()?.to_owned(),
-        v["last_seen_ms"].as_u64()?,
-    ))
+    conn.write_all(
+        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    accept.then(|| String::from_utf8_lossy(&body).into_owned())
 }
