@@ -24,6 +24,19 @@ pub const RESOLVED_KEPT: usize = 10_000;
 pub const WATCH_BUFFER: usize = 1024;
 /// An open alert is republished when its observed bytes moved by this fraction.
 const REPUBLISH_CHANGE: f64 = 0.25;
+/// An alert on a window longer than an hour (a day, a week, 30 days) resolves once its
+/// condition has been false for a tenth of its window, if that is longer than `resolve_after`:
+/// a judgement on a day's bytes that sits near its threshold (a ratio that moves with each new
+/// request) would otherwise resolve and open again every hour, one episode told as many.
+const HOLD_SHARE_OF_WINDOW: u64 = 10;
+
+/// How long the condition of `a` must be false before it resolves.
+fn hold_ms(a: &v1::Alert, resolve_after_ms: u64) -> u64 {
+    if a.window_seconds <= 3600 {
+        return resolve_after_ms;
+    }
+    resolve_after_ms.max(a.window_seconds.saturating_mul(1000) / HOLD_SHARE_OF_WINDOW)
+}
 
 impl From<DetectorKind> for v1::Detector {
     fn from(d: DetectorKind) -> Self {
@@ -305,7 +318,9 @@ impl AlertHub {
                 (None, Some(o)) => {
                     // Still the episode until it resolves: its bytes count.
                     o.episode.advance(hours, &mut o.alert.episode_bytes);
-                    if end_ms >= o.last_true_ms.saturating_add(resolve_after_ms)
+                    if end_ms
+                        >= o.last_true_ms
+                            .saturating_add(hold_ms(&o.alert, resolve_after_ms))
                         && let Some(mut o) = book.open.remove(&k)
                     {
                         o.alert.state = v1::AlertState::Resolved as i32;
@@ -518,6 +533,28 @@ mod tests {
         assert_eq!(ch.upserts[0].state, v1::AlertState::Resolved as i32);
         assert_eq!(hub.list(true, 10, false).len(), 0);
         assert_eq!(hub.list(false, 10, false).len(), 1);
+        // A day's judgement holds a tenth of its day (2.4 h) before it resolves.
+        let day = |f: Option<Finding>| {
+            vec![Verdict {
+                subject: s.clone(),
+                detector: DetectorKind::Sustained,
+                finding: f.map(|f| Finding {
+                    window_seconds: 86_400,
+                    ..f
+                }),
+                hours: HourBytes::default(),
+            }]
+        };
+        let t = 10_000_000;
+        assert_eq!(
+            hub.apply(day(Some(finding(100))), t, 500, &st)
+                .upserts
+                .len(),
+            1
+        );
+        assert!(hub.apply(day(None), t + 8_639_999, 500, &st).is_empty());
+        let ch = hub.apply(day(None), t + 8_640_000, 500, &st);
+        assert_eq!(ch.upserts[0].state, v1::AlertState::Resolved as i32);
     }
 
     #[test]
