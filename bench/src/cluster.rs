@@ -407,18 +407,21 @@ fn section(
     s
 }
 
-/// Client addresses that touch every one of `partitions` (one /24 each, in 10.0.0.0/8), for
-/// the ticker.
+/// Client addresses that touch every one of `partitions` (one /16 each, in 11.0.0.0 to
+/// 210.255.255.255), for the ticker.
 fn every_partition(partitions: u32) -> Result<Vec<[u8; 4]>> {
     let parts = Partitions::new(partitions)?;
     let mut seen = std::collections::BTreeMap::new();
-    for i in 0..=u32::from(u16::MAX) {
-        let a = [10, (i >> 8) as u8, i as u8, 9];
+    for i in 0..200u32 << 8 {
+        let a = [11 + (i >> 8) as u8, i as u8, 0, 9];
+        if a[0] == 127 {
+            continue;
+        }
         seen.entry(parts.of_addr(a.into())).or_insert(a);
     }
     ensure!(
         seen.len() == partitions as usize,
-        "no /24 of 10.0.0.0/8 in some of the {partitions} partitions"
+        "no /16 of 11.0.0.0 to 210.255.255.255 in some of the {partitions} partitions"
     );
     Ok(seen.into_values().collect())
 }

@@ -557,6 +557,7 @@ impl Config {
         self.otlp.validate()?;
         self.feed.validate()?;
         self.cluster.validate()?;
+        self.validate_wide_in_partitions()?;
         if self.store.gc_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "store.gc_interval",
@@ -565,6 +566,42 @@ impl Config {
                     humantime::format_duration(self.store.gc_interval)
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// An aggregator judges the wide prefixes of its partitions: none may be wider than what
+    /// goes to one partition, or the cluster would judge a share of it.
+    fn validate_wide_in_partitions(&self) -> Result<(), ConfigError> {
+        use crate::cluster::{
+            config::NodeRole,
+            partition::{PARTITION_PREFIX_V4, PARTITION_PREFIX_V6},
+        };
+        if self.cluster.role != NodeRole::Aggregator {
+            return Ok(());
+        }
+        let c = &self.detect.coordinated;
+        for (field, list, widest) in [
+            (
+                "detect.coordinated.ipv4_wide",
+                &c.ipv4_wide,
+                PARTITION_PREFIX_V4,
+            ),
+            (
+                "detect.coordinated.ipv6_wide",
+                &c.ipv6_wide,
+                PARTITION_PREFIX_V6,
+            ),
+        ] {
+            if let Some(w) = list.iter().find(|w| w.prefix_len < widest) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "prefix_len {} is wider than the /{widest} a cluster partition holds: an aggregator would judge a share of it; use {widest} or more in cluster.role = \"aggregator\"",
+                        w.prefix_len
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -660,6 +697,14 @@ mod tests {
             assert!(e.contains(&format!("`{field}`")), "{e}");
         };
         check(&|c| c.tls.cert = Some("c".into()), "tls.key");
+        check(
+            &|c| {
+                c.cluster.role = crate::cluster::config::NodeRole::Aggregator;
+                c.cluster.nats_urls = vec!["nats://127.0.0.1:4222".into()];
+                c.detect.coordinated.ipv4_wide[1].prefix_len = 12;
+            },
+            "detect.coordinated.ipv4_wide",
+        );
         check(&|c| c.tls.client_ca = Some("ca".into()), "tls.client_ca");
         check(
             &|c| c.limits.max_deltas_per_batch = 100_001,

@@ -4,7 +4,7 @@
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
-//! a partitioned cluster judges: bulk, prefix, slowrise, parallel). On the way it
+//! a partitioned cluster judges: bulk, prefix, slowrise, parallel, wide). On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
 //! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
 //! another NATS node off from the network for a while (it runs in a network namespace of its
@@ -37,21 +37,23 @@ const PARTITIONS: u32 = 12;
 /// How long a NATS node stays cut off (the nodes connected to it ping every second, so they
 /// move to another server within about three seconds).
 const CUT_FOR: Duration = Duration::from_secs(10);
-/// The attacks one partitioned cluster judges (those that need several partitions at once,
-/// wide and pool, wait for the cluster's second stage; lowslow needs a week).
-pub const ATTACKS: [Scenario; 4] = [
+/// The attacks one partitioned cluster judges (wide: a /16 is in one partition; pool, a
+/// cohort across partitions, waits for the cluster's second stage; lowslow needs a week).
+pub const ATTACKS: [Scenario; 5] = [
     Scenario::Bulk,
     Scenario::Prefix,
     Scenario::SlowRise,
     Scenario::Parallel,
+    Scenario::Wide,
 ];
 
 /// An address of each attack of [`ATTACKS`] (the simulator's model fixes them).
-const ATTACKERS: [&str; 4] = [
+const ATTACKERS: [&str; 5] = [
     "203.0.113.7",
     "198.51.100.1",
     "100.64.77.77",
     "100.64.99.99",
+    "100.96.0.10",
 ];
 
 /// What to run.

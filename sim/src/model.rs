@@ -41,8 +41,7 @@ pub const WEEKEND_FACTOR: f64 = 0.4;
 /// contexts, so their response/request ratio stays near the benign clients'.
 pub const LOOKALIKE_PROMPT_BYTES: (u64, u64) = (20_000, 60_000);
 
-/// Where benign IPv4 clients live (198.18.0.0/15, 512 /24s) and IPv6 clients (2001:db8:1::/48).
-const V4_POOL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// Where benign IPv6 clients live (2001:db8:1::/48); IPv4 ones: [`benign_v4_prefix`].
 const V6_POOL: [u16; 3] = [0x2001, 0x0db8, 0x0001];
 
 /// A benign heavy client: what a detector's defaults must leave alone. None is allowlisted.
@@ -351,7 +350,7 @@ impl Generator {
         while clients.len() < params.clients {
             let addr = if clients.len() < n_v4 {
                 let p = rng.random_range(0..v4_prefixes);
-                let base = u32::from(V4_POOL) + (p << 8);
+                let base = u32::from(benign_v4_prefix(p));
                 IpAddr::V4(Ipv4Addr::from(base + rng.random_range(1..255u32)))
             } else {
                 let p = rng.random_range(0..v6_prefixes) as u16;
@@ -794,6 +793,20 @@ pub const POOL_BPS_PER_ADDR: u64 = 5_560;
 pub const LOWSLOW_CONNS: usize = 4;
 /// 6.5 GiB a day.
 pub const LOWSLOW_BPS_PER_CONN: u64 = 20_200;
+
+/// The `p`-th /24 of the benign IPv4 clients (`p` < 512): each in a /16 of its own (as the
+/// clients of a public API come from many networks; a cluster partitions clients by /16), none
+/// in 100.0.0.0/8 or 127.0.0.0/8, none of [`pool_addr`]'s /24s (third octet 7) or the
+/// look-alikes' 192.0.2.0/24.
+pub fn benign_v4_prefix(p: u32) -> Ipv4Addr {
+    let mut first = 21 + (p % 170) as u8;
+    for taken in [100, 127] {
+        if first >= taken {
+            first += 1;
+        }
+    }
+    Ipv4Addr::new(first, (p * 97 % 251) as u8, 128 + (p / 170) as u8, 0)
+}
 
 /// Member `i` (below 251) of the proxy pool: an address in a /24 of its own, in 170 different
 /// /8s, none of the benign clients', the look-alikes' or the other attacks'.

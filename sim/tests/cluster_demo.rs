@@ -13,8 +13,8 @@
 //! stream was). Their webhook receiver got each alert change once: what a rebuilt aggregator
 //! judged again was found in the cluster's delivery records and not sent again.
 //!
-//! Not yet here: a real agent beside the simulated ones, and the attacks only a second stage
-//! across partitions would see (wide, pool).
+//! Not yet here: a real agent beside the simulated ones, and the attack only a second stage
+//! across partitions would see (pool, a cohort of unrelated networks).
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, default_collector_bin, run};

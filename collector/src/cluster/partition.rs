@@ -2,8 +2,10 @@
 //!
 //! A delta goes to the partition of its client: of its client id when the agent attributed one
 //! (the account is the identity, so one id's bytes are all in one place), else of its client
-//! address's /24 (IPv4) or /64 (IPv6), so that an address, its prefix and what was proxied for it
-//! are in one place. Deltas the collector does not aggregate (client role, unknown role) and the
+//! address's /16 (IPv4) or /32 (IPv6): the widest prefixes the detectors judge as one group
+//! ([`PARTITION_PREFIX_V4`], [`PARTITION_PREFIX_V6`]). So an address, its /24 or /64, the wider
+//! prefixes around it and what was proxied for it are in one place, and an aggregator judges a
+//! group spread over many /24s of a /16 as one collector does. Deltas the collector does not aggregate (client role, unknown role) and the
 //! batch's own counts go to the partition of the host. The function is fixed (SplitMix64 of the
 //! prefix's bits, FNV-1a of a name, modulo the count): every node and every version computes the
 //! same, since progress is stored per partition.
@@ -11,13 +13,16 @@ use std::net::IpAddr;
 
 use outflow_proto::v1;
 
-use crate::{
-    keys::Prefix,
-    model::{AgentKey, Batch, Counters, Delta, Role},
-};
+use crate::model::{AgentKey, Batch, Counters, Delta, Role};
 
 /// Most partitions: a partition is a JetStream subject and a durable consumer.
 pub const MAX_PARTITIONS: u32 = 4096;
+
+/// The IPv4 prefix that goes to one partition: no wide prefix the detectors judge
+/// (`detect.coordinated.ipv4_wide`) may be wider in a cluster.
+pub const PARTITION_PREFIX_V4: u8 = 16;
+/// The IPv6 prefix that goes to one partition (`detect.coordinated.ipv6_wide`: none wider).
+pub const PARTITION_PREFIX_V6: u8 = 32;
 
 /// The partitions of a cluster (how many there are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +65,12 @@ impl Partitions {
         u32::try_from(h % u64::from(self.0)).unwrap_or(0)
     }
 
-    /// The partition of a client address: that of its /24 or /64.
+    /// The partition of a client address: that of its /16 or /32.
     pub fn of_addr(self, addr: IpAddr) -> u32 {
-        let bits = match Prefix::of(addr).network() {
-            IpAddr::V4(a) => u64::from(a.to_bits()),
-            // The /64's bits, told apart from IPv4's by the top bit.
-            IpAddr::V6(a) => ((a.to_bits() >> 64) as u64) ^ (1 << 63),
+        let bits = match addr {
+            IpAddr::V4(a) => u64::from(a.to_bits() >> (32 - PARTITION_PREFIX_V4)),
+            // The /32's bits, told apart from IPv4's by the top bit.
+            IpAddr::V6(a) => (a.to_bits() >> (128 - PARTITION_PREFIX_V6)) as u64 ^ (1 << 63),
         };
         self.of_hash(splitmix64(bits))
     }
@@ -218,9 +223,14 @@ mod tests {
     fn the_function_is_fixed() {
         // Stored progress is per partition: these must never change.
         let p = Partitions::new(64).unwrap();
+        // A /16 (IPv4) or /32 (IPv6) is in one partition: the widest groups judged.
         assert_eq!(
             p.of_addr("203.0.113.7".parse().unwrap()),
-            p.of_addr("203.0.113.200".parse().unwrap())
+            p.of_addr("203.0.0.200".parse().unwrap())
+        );
+        assert_ne!(
+            p.of_addr("203.0.113.7".parse().unwrap()),
+            p.of_addr("203.1.113.7".parse().unwrap())
         );
         assert_eq!(
             [
@@ -230,8 +240,8 @@ mod tests {
                 p.of_host("gpu-0"),
             ],
             [
-                p.of_addr("203.0.113.0".parse().unwrap()),
-                p.of_addr("2001:db8:1:2:ffff::".parse().unwrap()),
+                p.of_addr("203.0.255.0".parse().unwrap()),
+                p.of_addr("2001:db8:ffff:2:ffff::".parse().unwrap()),
                 p.of_name("h:0123456789abcdef01234567"),
                 p.of_name("gpu-0"),
             ]
@@ -241,7 +251,7 @@ mod tests {
             .map(|a| p.of_addr(a.parse().unwrap()))
             .chain([p.of_name("h:0123456789abcdef01234567"), p.of_host("gpu-0")])
             .collect();
-        assert_eq!(v, [29, 62, 34, 27, 26, 57]);
+        assert_eq!(v, [47, 56, 31, 46, 26, 57]);
         assert!(Partitions::new(0).is_err());
         assert!(Partitions::new(MAX_PARTITIONS + 1).is_err());
         assert_eq!(
@@ -277,9 +287,9 @@ mod tests {
                 .enumerate()
                 .map(|(i, &(net, host, id, role, out))| {
                     let client: IpAddr = if net == 5 {
-                        format!("2001:db8:{host}::{net}").parse().unwrap()
+                        format!("2001:{host}::{net}").parse().unwrap()
                     } else {
-                        format!("198.51.{net}.{host}").parse().unwrap()
+                        format!("198.{net}.{host}.9").parse().unwrap()
                     };
                     let id = ["h:aaaaaaaaaaaaaaaaaaaaaaaa", "h:bbbbbbbbbbbbbbbbbbbbbbbb"].get(usize::from(id)).copied();
                     let role = [Role::Server, Role::Server, Role::Client][usize::from(role)];
@@ -309,7 +319,7 @@ mod tests {
             let key = |d: &Delta| d.conn_id;
             seen.sort_by_key(key);
             prop_assert_eq!(seen, deltas);
-            // Bytes per client id or /24: all in one part (checked above), summed exactly.
+            // Bytes per client id or /16: all in one part (checked above), summed exactly.
             let mut by: BTreeMap<u32, u64> = BTreeMap::new();
             for d in &b.deltas {
                 *by.entry(p.of_delta(d, host)).or_default() += d.counters.bytes_out;

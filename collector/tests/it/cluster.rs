@@ -24,12 +24,13 @@ use crate::common::*;
 
 const STREAM: &str = "OUTFLOW_PARTS";
 
-/// Batch `seq` of agent `a`: 30 clients over 6 /24s, every third with a client id.
+/// Batch `seq` of agent `a`: 30 clients over 6 /24s (each in a /16 of its own, so in partitions
+/// of their own), every third with a client id.
 fn wire_batch(a: u8, seq: u64) -> v1::Batch {
     let deltas = (0..30u8)
         .map(|c| {
             let mut d = delta(
-                [198, 51, c % 6, 10 + c],
+                [198, 51 + c % 6, c % 6, 10 + c],
                 1000 * u64::from(c + 1) + seq,
                 10,
                 c % 4 == 0,
@@ -669,7 +670,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
         let stats = query(n)
             .await
             .client_stats(authed(v1::ClientStatsRequest {
-                client: "198.51.5.39".into(),
+                client: "198.56.5.39".into(),
             }))
             .await
             .unwrap()
@@ -677,7 +678,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
         let day = &stats.windows[3];
         assert_eq!(
             (day.response_bytes, day.hosts),
-            (by_addr["198.51.5.39"], 2),
+            (by_addr["198.56.5.39"], 2),
             "{n}"
         );
     }
