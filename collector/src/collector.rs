@@ -19,7 +19,10 @@ use crate::{
     aggregate::{ClientQuery, Map, State, TopTalkers, aggregate},
     alerts::AlertHub,
     auth::BoundAgent,
-    cluster::ingest::{ClusterIngest, StreamPublisher},
+    cluster::{
+        config::NodeRole,
+        ingest::{ClusterIngest, StreamPublisher},
+    },
     config::{Config, LimitsConfig},
     error::ApiError,
     feed::{Feed, FeedBatch, FeedConfig},
@@ -79,7 +82,17 @@ pub struct Collector {
     limiters: Mutex<Map<Arc<str>, Arc<Mutex<AgentLimiter>>>>,
     /// [`MAX_QUEUED_DELTAS`] permits: a batch holds one per delta until it is answered.
     queued: Arc<Semaphore>,
+    /// A cluster's aggregator: the detection thread's sightings, until the aggregator loop
+    /// takes them.
+    sightings: Mutex<Option<SightingsRx>>,
 }
+
+/// What a [`Collector::take_sightings`] gives.
+pub type SightingsRx = tokio::sync::mpsc::Receiver<crate::detection::Sightings>;
+
+/// Judgements whose sightings wait for the aggregator's publisher, at most (the detection
+/// thread waits beyond).
+const SIGHTINGS_QUEUE: usize = 64;
 
 impl Collector {
     /// Opens the store in `config.data_dir`, loads it and starts the writer.
@@ -97,6 +110,14 @@ impl Collector {
         alerts.load(store.load_alerts()?, &state, &metrics);
         let state = Arc::new(RwLock::new(state));
         let feed = Arc::new(Feed::new(&config.feed));
+        // A cluster's aggregator leaves cohorts to the second stage, which its aggregator
+        // loop feeds from this channel.
+        let (sightings_tx, sightings_rx) = if config.cluster.role == NodeRole::Aggregator {
+            let (tx, rx) = tokio::sync::mpsc::channel(SIGHTINGS_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let writer = Writer::start(
             store,
             state.clone(),
@@ -106,6 +127,7 @@ impl Collector {
             &config.detect,
             alerts.clone(),
             feed.clone(),
+            sightings_tx,
         )
         .map_err(OpenError::Writer)?;
         Ok(Collector {
@@ -117,7 +139,17 @@ impl Collector {
             limits: config.limits.clone(),
             limiters: Mutex::new(Map::default()),
             queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
+            sightings: Mutex::new(sightings_rx),
         })
+    }
+
+    /// What the detection thread saw of the clients at each judgement (a cluster's
+    /// aggregator, once: the aggregator loop publishes it for the second stage).
+    pub fn take_sightings(&self) -> Option<SightingsRx> {
+        self.sightings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// An ingest node's collector: agents' batches are validated, rate-limited and published
@@ -132,6 +164,7 @@ impl Collector {
             limits: config.limits.clone(),
             limiters: Mutex::new(Map::default()),
             queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
+            sightings: Mutex::new(None),
         }
     }
 

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::{
     aggregate::State,
     alerts::AlertHub,
-    detect::{Detector, HOUR_MS, Subject},
+    detect::{Detector, HOUR_MS, Sighting, Subject},
     keys::Prefix,
     metrics::Metrics,
     store::SharedStore,
@@ -56,6 +56,18 @@ enum Job {
     Ping(oneshot::Sender<()>),
 }
 
+/// What a cluster's aggregator saw of its clients at one judgement, for the second stage (see
+/// `detect::fleet_cohorts`): sent on a [`SightingsTx`] after each judgement.
+#[derive(Debug)]
+pub struct Sightings {
+    pub at_ms: u64,
+    pub seen: Vec<Sighting>,
+}
+
+/// Where the detection thread of a cluster's aggregator sends its [`Sightings`] (it waits while
+/// the channel is full: the aggregator's publisher holds its judgements back).
+pub type SightingsTx = tokio::sync::mpsc::Sender<Sightings>;
+
 /// A judgement reading the shared state: the writer waits on it before changing the state.
 #[derive(Debug)]
 pub struct Reading(Receiver<()>);
@@ -78,16 +90,22 @@ pub struct Detection {
 impl Detection {
     /// Starts the detection thread with `detector` (built and restored on `state`), judging on
     /// `state`, storing alert changes and what it learnt in `store`, publishing alerts to
-    /// `alerts`. `max_keys` is named when learnt subjects are dropped to stay within it.
+    /// `alerts`. `max_keys` is named when learnt subjects are dropped to stay within it. With
+    /// `sightings` (a cluster's aggregator), cohorts are left to the second stage: what each
+    /// judgement saw of the clients goes there.
     pub fn start(
-        detector: Detector,
+        mut detector: Detector,
         state: Arc<RwLock<State>>,
         store: Arc<SharedStore>,
         alerts: Arc<AlertHub>,
         metrics: Arc<Metrics>,
         max_keys: usize,
+        sightings: Option<SightingsTx>,
     ) -> std::io::Result<Detection> {
         let (tx, rx) = sync_channel(QUEUE);
+        if sightings.is_some() {
+            detector.leave_cohorts_to_second_stage();
+        }
         let w = Judge {
             detector,
             state,
@@ -95,6 +113,7 @@ impl Detection {
             alerts,
             metrics,
             max_keys,
+            sightings,
         };
         let thread = std::thread::Builder::new()
             .name("detection".into())
@@ -148,6 +167,7 @@ struct Judge {
     alerts: Arc<AlertHub>,
     metrics: Arc<Metrics>,
     max_keys: usize,
+    sightings: Option<SightingsTx>,
 }
 
 impl Judge {
@@ -188,6 +208,11 @@ impl Judge {
             self.alerts.apply(verdicts, at_ms, resolve_after, &st)
         };
         let _ = read.send(());
+        if let Some(tx) = &self.sightings {
+            let seen = det.take_sightings();
+            // Gone only when the aggregator stops.
+            let _ = tx.blocking_send(Sightings { at_ms, seen });
+        }
         // Where a test holds the thread to show that Acks do not wait for what follows.
         outflow_crashpoint::fail::fail_point!("detection::after_reading");
         let evicted = det.take_evicted();

@@ -44,6 +44,10 @@
 //! | `outflow_collector_cluster_partitions_held` | gauge | aggregator: partitions it holds (claims and applies) |
 //! | `outflow_collector_cluster_rebuilds_total` | counter | aggregator: times it emptied its store and applied its partitions again from the stream's start (it gave partitions away, or found its claims taken while it was gone) |
 //! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: rounds in which renewing its membership or reading the claims failed |
+//! | `outflow_collector_cluster_cohort_summaries_total` | counter | aggregator: cohort summaries (a partition's clients at one judgement) JetStream acknowledged, for the second stage |
+//! | `outflow_collector_cluster_cohort_summaries_retried_total` | counter | aggregator: cohort summaries published again after a failed or unanswered publish (its judgements wait meanwhile) |
+//! | `outflow_collector_cluster_invalid_summaries_total` | counter | aggregator holding the second stage: cohort summaries that break the protocol, dropped (logged) |
+//! | `outflow_collector_cluster_second_stage_waiting` | gauge | aggregator holding the second stage: judgement times with summaries waiting for some partition's (0 when it keeps up) |
 //! | `outflow_collector_cluster_publish_failures_total` | counter | ingest node: batches refused with UNAVAILABLE because JetStream did not acknowledge every part in `cluster.publish_timeout` (their agents send them again) |
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
@@ -120,6 +124,10 @@ pub struct Metrics {
     pub cluster_partitions_held: Gauge,
     pub cluster_rebuilds: Counter,
     pub cluster_membership_failures: Counter,
+    pub cluster_cohort_summaries: Counter,
+    pub cluster_cohort_summaries_retried: Counter,
+    pub cluster_invalid_summaries: Counter,
+    pub cluster_second_stage_waiting: Gauge,
     pub unattributed_response_bytes: Counter,
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
@@ -179,6 +187,10 @@ impl Metrics {
             cluster_partitions_held: Gauge::default(),
             cluster_rebuilds: Counter::default(),
             cluster_membership_failures: Counter::default(),
+            cluster_cohort_summaries: Counter::default(),
+            cluster_cohort_summaries_retried: Counter::default(),
+            cluster_invalid_summaries: Counter::default(),
+            cluster_second_stage_waiting: Gauge::default(),
             unattributed_response_bytes: Counter::default(),
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -319,6 +331,26 @@ impl Metrics {
             "cluster_membership_failures",
             "Aggregator: rounds in which renewing its membership or reading the claims failed",
             m.cluster_membership_failures.clone(),
+        );
+        registry.register(
+            "cluster_cohort_summaries",
+            "Aggregator: cohort summaries (a partition's clients at one judgement) JetStream acknowledged",
+            m.cluster_cohort_summaries.clone(),
+        );
+        registry.register(
+            "cluster_cohort_summaries_retried",
+            "Aggregator: cohort summaries published again after a failed or unanswered publish",
+            m.cluster_cohort_summaries_retried.clone(),
+        );
+        registry.register(
+            "cluster_invalid_summaries",
+            "Aggregator holding the second stage: cohort summaries that break the protocol, dropped",
+            m.cluster_invalid_summaries.clone(),
+        );
+        registry.register(
+            "cluster_second_stage_waiting",
+            "Aggregator holding the second stage: judgement times waiting for some partition's summary",
+            m.cluster_second_stage_waiting.clone(),
         );
         registry.register(
             "shifted_batches",

@@ -246,7 +246,7 @@ impl Server {
                     &config.data_dir,
                     advertise,
                     held.clone(),
-                    config.detect.eval_interval_ms(),
+                    config.detect.clone(),
                     shutdown.clone(),
                 )
                 .await?,

@@ -29,7 +29,7 @@ use crate::{
     budget::{Folds, KeyBudget},
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
-    detection::{Detection, Reading},
+    detection::{Detection, Reading, SightingsTx},
     feed::{Feed, FeedBatch},
     history::{MINUTE_MS, first_kept},
     keys::{Group, HostId, Key, Prefix},
@@ -138,7 +138,8 @@ impl std::fmt::Debug for Request {
 impl Writer {
     /// Starts the writer thread on `store`, installing what it commits into `state`, with a
     /// detection thread (if `detect.enabled`) judging what it commits into `alerts`, and
-    /// publishing every applied batch to `feed` before its Ack.
+    /// publishing every applied batch to `feed` before its Ack. With `sightings` (a cluster's
+    /// aggregator) cohorts are left to the cluster's second stage (see [`Detection::start`]).
     #[allow(
         clippy::too_many_arguments,
         reason = "the writer's collaborators, each once"
@@ -152,6 +153,7 @@ impl Writer {
         detect: &DetectConfig,
         alerts: Arc<AlertHub>,
         feed: Arc<Feed>,
+        sightings: Option<SightingsTx>,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut budget = KeyBudget::new(limits.max_keys, limits.max_keys_per_agent_percent);
@@ -180,6 +182,7 @@ impl Writer {
             feed,
             staging: Staging::default(),
             staged: Vec::new(),
+            sightings,
         };
         w.start_detection()?;
         w.update_key_gauges();
@@ -531,6 +534,8 @@ struct Worker {
     /// The detection thread (with detection on).
     detection: Option<Detection>,
     detect: DetectConfig,
+    /// Where the detection thread sends what it saw of the clients (a cluster's aggregator).
+    sightings: Option<SightingsTx>,
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
     /// The judgement reading `state`: it does not change until it is over.
@@ -682,6 +687,7 @@ impl Worker {
             self.alerts.clone(),
             self.metrics.clone(),
             self.limits.max_keys,
+            self.sightings.clone(),
         )?);
         Ok(())
     }

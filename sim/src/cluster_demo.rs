@@ -4,7 +4,7 @@
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
-//! a partitioned cluster judges: bulk, prefix, slowrise, parallel, wide). On the way it
+//! bulk, prefix, slowrise, parallel, wide). On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
 //! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
 //! another NATS node off from the network for a while (it runs in a network namespace of its
@@ -37,8 +37,11 @@ const PARTITIONS: u32 = 12;
 /// How long a NATS node stays cut off (the nodes connected to it ping every second, so they
 /// move to another server within about three seconds).
 const CUT_FOR: Duration = Duration::from_secs(10);
-/// The attacks one partitioned cluster judges (wide: a /16 is in one partition; pool, a
-/// cohort across partitions, waits for the cluster's second stage; lowslow needs a week).
+/// The attacks the demo runs (wide: a /16 is in one partition). Not lowslow, which needs a
+/// week, nor pool: the cohort detector (the cluster's second stage) finds a candidate only in
+/// a client steady in each 5 minutes of its last half hour, and the demo's agents send a batch
+/// every 10 minutes of batch time (`collector/tests/it/cluster.rs` has the second stage's
+/// test).
 pub const ATTACKS: [Scenario; 5] = [
     Scenario::Bulk,
     Scenario::Prefix,

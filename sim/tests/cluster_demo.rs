@@ -13,8 +13,9 @@
 //! stream was). Their webhook receiver got each alert change once: what a rebuilt aggregator
 //! judged again was found in the cluster's delivery records and not sent again.
 //!
-//! Not yet here: a real agent beside the simulated ones, and the attack only a second stage
-//! across partitions would see (pool, a cohort of unrelated networks).
+//! Not yet here: a real agent beside the simulated ones, and the pool attack (a cohort, the
+//! cluster's second stage's: see `ATTACKS` for why, and `collector/tests/it/cluster.rs` for
+//! the second stage's own test).
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, default_collector_bin, run};

@@ -19,24 +19,26 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Every fuzz target, with the cargo-fuzz project it is in.
-const PROJECTS: [(&str, &str); 8] = [
+const PROJECTS: [(&str, &str); 9] = [
     ("proxy", "attribution/fuzz"),
     ("http", "attribution/fuzz"),
     ("forwarded", "attribution/fuzz"),
     ("turn", "attribution/fuzz"),
     ("ingest", "collector/fuzz"),
     ("part", "collector/fuzz"),
+    ("summary", "collector/fuzz"),
     ("config", "collector/fuzz"),
     ("agent-config", "agent-config/fuzz"),
 ];
 /// Every fuzz target.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "proxy",
     "http",
     "forwarded",
     "turn",
     "ingest",
     "part",
+    "summary",
     "config",
     "agent-config",
 ];
@@ -48,7 +50,7 @@ pub struct Args {
     /// How long each target runs
     #[arg(long, default_value_t = 60)]
     seconds: u32,
-    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, config, agent-config]
+    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, part, summary, config, agent-config]
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
 }

@@ -48,9 +48,11 @@ use super::{
     config::ClusterConfig,
     consume,
     membership::{self, Membership, MembershipError},
+    partition::Partitions,
     publish::{PublishError, open_stream},
+    second_stage,
 };
-use crate::collector::Collector;
+use crate::{collector::Collector, detect::DetectConfig};
 
 /// The file in the data directory listing the partitions the store holds.
 const HELD_FILE: &str = "partitions-held";
@@ -89,19 +91,22 @@ enum RoundError {
 }
 
 /// Connects to the stream and the membership buckets of `cfg` and starts the aggregator's
-/// loop, applying to `collector` (whose store is in `data_dir`) until `stop`; the returned
-/// task ends once every consumer has stopped.
+/// loop, applying to `collector` (whose store is in `data_dir`) until `stop`, and publishing
+/// what its judgements saw for the second stage, which it runs while it holds partition 0
+/// (judging with `detect`); the returned task ends once every consumer has stopped.
 pub async fn start(
     collector: Arc<Collector>,
     cfg: &ClusterConfig,
     data_dir: &Path,
     advertise: String,
     shared: SharedHeld,
-    judge_every_ms: u64,
+    detect: DetectConfig,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, AggregatorError> {
     let p = cfg.publish();
     let (js, stream) = open_stream(&p).await?;
+    let cohorts = second_stage::open_stream(&js, &p).await?;
+    let judge_every_ms = detect.eval_interval_ms();
     let me = cfg.node();
     let members = Membership::open(&js, &p.stream, p.replicas, cfg.lease, &me).await?;
     let instance_path = data_dir.join(INSTANCE_FILE);
@@ -145,6 +150,21 @@ pub async fn start(
         .cluster_partitions_held
         .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
     *shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
+    if let Some(rx) = collector.take_sightings() {
+        let parts = Partitions::new(cfg.partitions).map_err(|e| PublishError::Stream {
+            stream: p.stream.clone(),
+            message: e.to_string(),
+        })?;
+        second_stage::spawn_publisher(
+            js.clone(),
+            p.subject_prefix.clone(),
+            parts,
+            rx,
+            shared.clone(),
+            collector.metrics().clone(),
+            stop.clone(),
+        );
+    }
     let a = Aggregator {
         collector,
         stream,
@@ -162,6 +182,9 @@ pub async fn start(
         running: BTreeMap::new(),
         joined: BTreeMap::new(),
         renewed: None,
+        cohorts,
+        detect,
+        stage: None,
     };
     Ok(tokio::spawn(a.run(stop)))
 }
@@ -193,6 +216,11 @@ struct Aggregator {
     joined: BTreeMap<u32, Member>,
     /// The last renewal of the membership.
     renewed: Option<Instant>,
+    /// The cohort summaries' stream, and how the second stage judges.
+    cohorts: Stream,
+    detect: DetectConfig,
+    /// The second stage, while partition 0's consumer runs here.
+    stage: Option<(JoinHandle<()>, CancellationToken)>,
 }
 
 impl Aggregator {
@@ -356,6 +384,20 @@ impl Aggregator {
             stop.clone(),
         );
         self.running.insert(partition, (task, stop));
+        if partition == 0 && self.stage.as_ref().is_none_or(|(t, _)| t.is_finished()) {
+            // From the stream's first summary: the same judgements, the same alert ids.
+            let stop = CancellationToken::new();
+            let task = second_stage::spawn_stage(
+                self.cohorts.clone(),
+                self.subject_prefix.clone(),
+                self.partitions,
+                self.detect.clone(),
+                self.collector.alerts().clone(),
+                self.collector.metrics().clone(),
+                stop.clone(),
+            );
+            self.stage = Some((task, stop));
+        }
         Ok(())
     }
 
@@ -402,8 +444,13 @@ impl Aggregator {
         }
     }
 
-    /// Stops every consumer task (each finishes the parts it fetched); none waits to start.
+    /// Stops every consumer task (each finishes the parts it fetched) and the second stage;
+    /// none waits to start.
     async fn stop_all(&mut self) {
+        if let Some((task, stop)) = self.stage.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
         self.joined.clear();
         for (_, (_, stop)) in self.running.iter() {
             stop.cancel();

@@ -13,6 +13,8 @@
 //! - [`align`]: an aggregator's consumers kept in step by batch time (judgement periods);
 //! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
 //!   aggregator's store;
+//! - [`second_stage`]: cohorts judged over every partition, from summaries each aggregator
+//!   publishes at its judgements;
 //! - [`delivered`]: which alert changes the webhook receiver already accepted, so that a
 //!   replay does not send them again;
 //! - [`aggregator_query`]: what one aggregator holds, asked by the node that answers for the
@@ -31,3 +33,4 @@ pub mod ingest;
 pub mod membership;
 pub mod partition;
 pub mod publish;
+pub mod second_stage;

@@ -24,8 +24,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    MIB,
-    finding::{Finding, Severity, VIA_SHOWN, Via, human},
+    HOUR_MS, MIB,
+    finding::{DetectorKind, Finding, HourBytes, Severity, VIA_SHOWN, Verdict, Via, human},
     subject::{CohortKey, Subject},
 };
 use crate::{
@@ -181,6 +181,16 @@ fn neighbourhood(key: &CohortKey) -> impl Iterator<Item = CohortKey> + '_ {
             })
         })
     })
+}
+
+/// A client as one judgement saw it: the cohort its traits put it in (or none), and its 1 h
+/// response bytes. What [`Cohorts::see`] takes, and what a cluster's aggregators hand the
+/// second stage, which judges cohorts across every partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sighting {
+    pub member: Subject,
+    pub key: Option<CohortKey>,
+    pub h1: u64,
 }
 
 /// A member at its last judgement.
@@ -389,6 +399,44 @@ fn describe(key: &CohortKey) -> String {
     } else {
         let size = human((f64::from(key.size) + 0.5).exp2() as u64);
         format!("~{rate}/h each, ~{size} of responses per connection")
+    }
+}
+
+/// Judges the cohorts `keys` (sorted) of `cohorts` at `at_ms`: a finding only for a cohort that
+/// holds and ranks first among its neighbours; a verdict for each finding and for each cohort
+/// of `open` (sorted: the open alerts' subjects, so that they resolve).
+pub fn judge_all(
+    cfg: &CohortConfig,
+    client_per_hour: u64,
+    cohorts: &Cohorts,
+    keys: &[CohortKey],
+    at_ms: u64,
+    open: &[Subject],
+    out: &mut Vec<Verdict>,
+) {
+    let mut judging = cohorts.judging(at_ms);
+    for k in keys {
+        let subject = Subject::Cohort(*k);
+        let stats = judging.stats(k);
+        let finding = if cfg.enabled {
+            judge(cfg, client_per_hour, k, &stats)
+                .filter(|_| Cohorts::is_peak(k, &mut |x: &CohortKey| judging.score(x)))
+        } else {
+            None
+        };
+        if finding.is_none() && open.binary_search(&subject).is_err() {
+            continue;
+        }
+        out.push(Verdict {
+            subject,
+            detector: DetectorKind::Cohort,
+            finding,
+            // A cohort's bytes are its members'.
+            hours: HourBytes {
+                hour: at_ms / HOUR_MS,
+                ..HourBytes::default()
+            },
+        });
     }
 }
 

@@ -41,8 +41,10 @@
 //! The detectors read one [`judged::Judged`] per subject and judgement, and the learnt state
 //! of [`baseline`] and [`days`], stored by [`persist`]. [`subject`] says what may be flagged,
 //! [`finding`] what a detector says, [`allowlist`] what is never flagged, and [`config`]
-//! gathers `[detect]`. This module is the engine: which subjects are judged when, and the
-//! state kept between judgements.
+//! gathers `[detect]`. [`fleet_cohorts`] judges cohorts over every partition of a cluster (its
+//! second stage: an aggregator's detector leaves cohorts out and hands over what it saw of its
+//! clients). This module is the engine: which subjects are judged when, and the state kept
+//! between judgements.
 //!
 //! # Cost
 //!
@@ -59,6 +61,7 @@ pub mod coordinated;
 pub mod days;
 pub mod deviation;
 pub mod finding;
+pub mod fleet_cohorts;
 pub mod judged;
 pub mod persist;
 pub mod subject;
@@ -69,6 +72,7 @@ use std::{borrow::Cow, collections::HashSet, net::IpAddr};
 
 use ipnet::IpNet;
 
+pub use self::cohort::Sighting;
 use self::{
     baseline::{Learning, Peers, Track},
     coordinated::Members,
@@ -111,6 +115,10 @@ pub struct Detector {
     max_tracks: usize,
     /// Tracks dropped for `max_tracks` since the last [`Detector::take_evicted`].
     evicted: u64,
+    /// In a cluster's aggregator: the clients judged since the last
+    /// [`Detector::take_sightings`], for the second stage to judge cohorts on (this detector
+    /// judges none).
+    sightings: Option<Vec<Sighting>>,
 }
 
 /// What to write to the store's `detect_state` table.
@@ -148,6 +156,7 @@ impl Detector {
             cohorts: cohort::Cohorts::default(),
             max_tracks: usize::MAX,
             evicted: 0,
+            sightings: None,
         };
         let end = st.end_ms();
         for (key, rollup) in st.iter() {
@@ -287,13 +296,40 @@ impl Detector {
             let keep_all = open.binary_search(s).is_ok();
             verdicts.extend(judged.drain(..).filter(|v| keep_all || v.finding.is_some()));
         }
-        // Cohorts last: their members were judged above.
-        cohorts.extend(self.cohorts.take_touched());
-        cohorts.sort_unstable();
-        cohorts.dedup();
-        self.judge_cohorts(&cohorts, at_ms, open, &mut verdicts);
+        // Cohorts last: their members were judged above. In a cluster's aggregator they are
+        // the second stage's, which sees every partition's members.
+        if self.sightings.is_none() {
+            cohorts.extend(self.cohorts.take_touched());
+            cohorts.sort_unstable();
+            cohorts.dedup();
+            let cfg = &self.cfg;
+            cohort::judge_all(
+                &cfg.cohort,
+                cfg.volume.client_per_hour,
+                &self.cohorts,
+                &cohorts,
+                at_ms,
+                open,
+                &mut verdicts,
+            );
+        }
         self.prune(at_ms, open);
         verdicts
+    }
+
+    /// Leaves cohorts to a second stage (a cluster's aggregator holds a share of the clients):
+    /// the clients judged are kept for [`Detector::take_sightings`] instead.
+    pub fn leave_cohorts_to_second_stage(&mut self) {
+        self.sightings.get_or_insert_with(Vec::new);
+    }
+
+    /// The clients judged since the last call, in the order judged (with
+    /// [`Detector::leave_cohorts_to_second_stage`]; else none).
+    pub fn take_sightings(&mut self) -> Vec<Sighting> {
+        self.sightings
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Keeps at most `n` learnt subjects (checked once an hour of batch time).
@@ -409,7 +445,14 @@ impl Detector {
                 })
                 .flatten()
                 .map(|t| cohort::key_of(&t, matches!(subject, Subject::ClientId(_))));
-            self.cohorts.see(subject, key, j.h1_resp, end_ms);
+            match &mut self.sightings {
+                Some(out) => out.push(Sighting {
+                    member: subject.clone(),
+                    key,
+                    h1: j.h1_resp,
+                }),
+                None => self.cohorts.see(subject, key, j.h1_resp, end_ms),
+            }
         }
         let hour_bytes = HourBytes::of(&rollup, end_ms);
         let mut push = |d: DetectorKind, f: Option<Finding>| {
@@ -485,44 +528,6 @@ impl Detector {
             finding: if allowed { None } else { finding },
             hours: HourBytes::of(&rollup, end_ms),
         });
-    }
-}
-
-impl Detector {
-    /// Judges the cohorts `keys` (sorted) at `at_ms`: a finding only for a cohort that holds
-    /// and ranks first among its neighbours; verdicts kept as in [`Detector::judge`].
-    fn judge_cohorts(
-        &mut self,
-        keys: &[CohortKey],
-        at_ms: u64,
-        open: &[Subject],
-        out: &mut Vec<Verdict>,
-    ) {
-        let cfg = &self.cfg;
-        let mut judging = self.cohorts.judging(at_ms);
-        for k in keys {
-            let subject = Subject::Cohort(*k);
-            let stats = judging.stats(k);
-            let finding = if cfg.cohort.enabled {
-                cohort::judge(&cfg.cohort, cfg.volume.client_per_hour, k, &stats)
-                    .filter(|_| cohort::Cohorts::is_peak(k, &mut |x: &CohortKey| judging.score(x)))
-            } else {
-                None
-            };
-            if finding.is_none() && open.binary_search(&subject).is_err() {
-                continue;
-            }
-            out.push(Verdict {
-                subject,
-                detector: DetectorKind::Cohort,
-                finding,
-                // A cohort's bytes are its members'.
-                hours: HourBytes {
-                    hour: at_ms / HOUR_MS,
-                    ..HourBytes::default()
-                },
-            });
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! are stored once each, through the stream leader SIGKILLed (publishes unanswered until a new
 //! leader is elected are published again with their ids) and an agent's resend, and the stream holds every
 //! client's bytes exactly, each in the partition of its client.
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
 use outflow_collector::{
@@ -1051,5 +1051,131 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
     drop(s);
     for n in [ingest, a0] {
         n.shutdown().await.unwrap();
+    }
+}
+
+/// A proxy pool of 24 unrelated addresses (each in a /16 of its own, so in every partition),
+/// each pulling a steady 30 MB an hour: together 720 MB, over the cohort limit of 4 × 100 MB,
+/// while each aggregator holds about half of them. The aggregators leave cohorts to the second
+/// stage: each publishes what it saw of its partitions' clients at each judgement, the holder
+/// of partition 0 judges them together, and the cluster raises one cohort alert with all 24
+/// members, as one collector would. After a kill and restart of that holder, the stage moves
+/// with partition 0 and the same alert comes back under the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let ingest = start(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    ))
+    .await;
+    let aggregator = |name: &str| {
+        let mut c = aggregator_config(dir.path(), &nats, name);
+        c.cluster.lease = Duration::from_secs(4);
+        c.detect.volume.client_per_hour = 100_000_000;
+        c
+    };
+    let a0 = start(aggregator("a0")).await;
+    let a1 = start(aggregator("a1")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
+        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
+    })
+    .await;
+    let pool: Vec<[u8; 4]> = (0..24u8).map(|i| [11 + 7 * i, 3 * i, 7, 1]).collect();
+    let partitions = Partitions::new(8).unwrap();
+    let of: std::collections::BTreeSet<u32> = pool
+        .iter()
+        .map(|a| partitions.of_addr(IpAddr::from(*a)))
+        .collect();
+    assert!(of.len() >= 6, "the pool is in most partitions: {of:?}");
+
+    // A batch a minute for 50 minutes: each member 500 KB a minute (30 MB an hour) over one
+    // long-lived connection.
+    let t0 = 1_750_000_000_000 / 3_600_000 * 3_600_000;
+    let u = url(&ingest);
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=50u64 {
+        let deltas = pool
+            .iter()
+            .map(|a| delta(*a, 500_000, 300, false))
+            .collect();
+        let mut b = batch(seq, t0 + seq * 60_000, deltas);
+        if seq == 50 {
+            // Two minutes on, once the rest is applied everywhere: the judgements before it
+            // are made.
+            wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
+            b.start_ms += 120_000;
+            b.end_ms += 120_000;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    s.close().await;
+
+    let list = |n: String| async move {
+        v1::alerts_client::AlertsClient::new(channel(&n).await)
+            .list(OPEN_CLIENT_ALERTS)
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts
+    };
+    let cohort = |alerts: &[v1::Alert]| {
+        alerts
+            .iter()
+            .find(|a| a.detector == v1::Detector::Cohort as i32)
+            .cloned()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (alerts, found) = loop {
+        let alerts = list(u.clone()).await;
+        if let Some(a) = cohort(&alerts) {
+            break (alerts, a);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cohort alert through the ingest node: {alerts:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alerts.len(), 1, "one alert, the cohort's: {alerts:#?}");
+    assert_eq!(found.members, 24, "{found:#?}");
+    assert!(found.summary.contains("unrelated addresses"), "{found:#?}");
+    for a in [&a0, &a1] {
+        let m = metrics(a).await;
+        assert!(
+            metric(&m, "outflow_collector_cluster_cohort_summaries_total") > 0.0,
+            "every aggregator publishes its summaries"
+        );
+        assert_eq!(
+            metric(&m, "outflow_collector_cluster_invalid_summaries_total"),
+            0.0
+        );
+    }
+
+    // The stage's holder (partition 0's) stopped as a crash leaves it and started again: it
+    // rebuilds, the stage starts over from the summaries, and the same alert comes back.
+    let holder = claims(&watch).await[&0].clone();
+    let (gone, other) = if holder == "a0" { (a0, a1) } else { (a1, a0) };
+    gone.shutdown().await.unwrap();
+    std::fs::remove_file(aggregator(&holder).data_dir.join("stopped-cleanly")).unwrap();
+    let back = start(aggregator(&holder)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let alerts = list(u.clone()).await;
+        if cohort(&alerts).is_some_and(|a| a.id == found.id) && alerts.len() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cohort alert did not come back under its id after the stage moved: {alerts:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for s in [back, other, ingest] {
+        s.shutdown().await.unwrap();
     }
 }
