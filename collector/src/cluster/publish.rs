@@ -77,15 +77,7 @@ pub async fn open_stream(
             source,
         })?;
     let js = jetstream::new(client);
-    let config = stream::Config {
-        name: cfg.stream.clone(),
-        subjects: vec![format!("{}.*", cfg.subject_prefix)],
-        num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window,
-        max_age: cfg.max_age,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
+    let config = stream_config(cfg, cfg.stream.clone(), format!("{}.*", cfg.subject_prefix));
     // Nodes starting together make JetStream requests time out while the stream is created.
     let mut tries = 0;
     loop {
@@ -103,6 +95,19 @@ pub async fn open_stream(
                 });
             }
         }
+    }
+}
+
+/// A stream `name` of the messages on `subjects`, replicated and kept as `cfg` says.
+pub(super) fn stream_config(cfg: &PublishConfig, name: String, subjects: String) -> stream::Config {
+    stream::Config {
+        name,
+        subjects: vec![subjects],
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window,
+        max_age: cfg.max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
     }
 }
 
@@ -153,65 +158,25 @@ impl Publisher {
     ) -> Result<Published, PublishError> {
         let start = Instant::now();
         let mut done = Published::default();
-        let mut todo: Vec<(String, String, bytes::Bytes)> = parts
+        let mut todo: Vec<Outgoing> = parts
             .iter()
-            .map(|p| {
-                (
-                    format!("{}.{}", self.prefix, p.partition),
-                    message_id(p),
-                    bytes::Bytes::from(p.encode_to_vec()),
-                )
+            .map(|p| Outgoing {
+                subject: format!("{}.{}", self.prefix, p.partition),
+                id: message_id(p),
+                body: bytes::Bytes::from(p.encode_to_vec()),
             })
             .collect();
         loop {
-            // Every part still to do in flight at once; the ones not acknowledged stay.
-            let mut acks = Vec::with_capacity(todo.len());
-            for (subject, id, payload) in &todo {
-                let sent = self
-                    .js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .message_id(id.as_str())
-                            .payload(payload.clone()),
-                    )
-                    .await;
-                acks.push(sent);
-            }
-            let mut left = Vec::new();
-            let mut last = String::new();
-            for (part, sent) in todo.into_iter().zip(acks) {
-                let ack = match sent {
-                    Ok(f) => match tokio::time::timeout(ack_timeout, f).await {
-                        Ok(Ok(ack)) => Some(ack),
-                        Ok(Err(e)) => {
-                            last = e.to_string();
-                            None
-                        }
-                        Err(_) => {
-                            last = format!("no answer in {ack_timeout:?}");
-                            None
-                        }
-                    },
-                    Err(e) => {
-                        last = e.to_string();
-                        None
-                    }
-                };
-                match ack {
-                    Some(a) => {
-                        done.parts += 1;
-                        done.duplicates += usize::from(a.duplicate);
-                    }
-                    None => left.push(part),
-                }
-            }
+            let round = publish_round(&self.js, todo, ack_timeout).await;
+            done.parts += round.acked;
+            done.duplicates += round.duplicates;
+            let (left, last) = (round.left, round.last_error);
             if left.is_empty() {
                 return Ok(done);
             }
             if start.elapsed() >= deadline {
                 return Err(PublishError::Unacknowledged {
-                    id: left[0].1.clone(),
+                    id: left[0].id.clone(),
                     after: start.elapsed(),
                     last,
                 });
@@ -221,4 +186,66 @@ impl Publisher {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A message to publish with its id (publishing it again is a duplicate).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub subject: String,
+    pub id: String,
+    pub body: bytes::Bytes,
+}
+
+/// What one [`publish_round`] did.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Messages acknowledged, and of those, duplicates (JetStream held them already).
+    pub acked: usize,
+    pub duplicates: usize,
+    /// The messages not acknowledged (to send again), and the last error seen.
+    pub left: Vec<Outgoing>,
+    pub last_error: String,
+}
+
+/// Publishes every message, all in flight at once, and waits up to `ack_timeout` for each
+/// acknowledgement.
+pub async fn publish_round(
+    js: &jetstream::Context,
+    todo: Vec<Outgoing>,
+    ack_timeout: Duration,
+) -> Round {
+    let mut acks = Vec::with_capacity(todo.len());
+    for m in &todo {
+        let sent = js
+            .send_publish(
+                m.subject.clone(),
+                PublishMessage::build()
+                    .message_id(m.id.as_str())
+                    .payload(m.body.clone()),
+            )
+            .await;
+        acks.push(sent);
+    }
+    let mut round = Round::default();
+    for (m, sent) in todo.into_iter().zip(acks) {
+        let ack = match sent {
+            Ok(f) => match tokio::time::timeout(ack_timeout, f).await {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer in {ack_timeout:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match ack {
+            Ok(a) => {
+                round.acked += 1;
+                round.duplicates += usize::from(a.duplicate);
+            }
+            Err(e) => {
+                round.last_error = e;
+                round.left.push(m);
+            }
+        }
+    }
+    round
 }

@@ -18,8 +18,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 use async_nats::jetstream::{
     self,
     consumer::{DeliverPolicy, pull::OrderedConfig},
-    message::PublishMessage,
-    stream::{self, Stream},
+    stream::Stream,
 };
 use futures_util::StreamExt;
 use log::{debug, info, warn};
@@ -31,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     aggregator::SharedHeld,
     partition::Partitions,
-    publish::{PublishConfig, PublishError},
+    publish::{Outgoing, PublishConfig, PublishError, publish_round, stream_config},
 };
 use crate::{
     aggregate::State,
@@ -54,16 +53,8 @@ pub async fn open_stream(
     cfg: &PublishConfig,
 ) -> Result<Stream, PublishError> {
     let name = format!("{}-cohorts", cfg.stream);
-    let config = stream::Config {
-        name: name.clone(),
-        subjects: vec![format!("{}.cohorts.*", cfg.subject_prefix)],
-        num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window,
-        max_age: cfg.max_age,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    js.get_or_create_stream(config)
+    let subjects = format!("{}.cohorts.*", cfg.subject_prefix);
+    js.get_or_create_stream(stream_config(cfg, name.clone(), subjects))
         .await
         .map_err(|e| PublishError::Stream {
             stream: name,
@@ -226,15 +217,12 @@ pub fn spawn_publisher(
                     v.push(x);
                 }
             }
-            let todo: Vec<(String, String, bytes::Bytes)> = by
+            let todo: Vec<Outgoing> = by
                 .into_iter()
-                .map(|(p, seen)| {
-                    let body = encode_to_bytes(p, parts.count(), s.at_ms, &seen);
-                    (
-                        format!("{prefix}.cohorts.{p}"),
-                        format!("{p}.{}", s.at_ms),
-                        bytes::Bytes::from(body),
-                    )
+                .map(|(p, seen)| Outgoing {
+                    subject: format!("{prefix}.cohorts.{p}"),
+                    id: format!("{p}.{}", s.at_ms),
+                    body: encode_to_bytes(p, parts.count(), s.at_ms, &seen).into(),
                 })
                 .collect();
             if !publish_all(&js, todo, &metrics, &stop).await {
@@ -245,55 +233,18 @@ pub fn spawn_publisher(
     })
 }
 
-/// Publishes every message (subject, message id, body), all in flight at once, again until
-/// each is acknowledged; false if `stop` came first.
+/// Publishes every message again until each is acknowledged; false if `stop` came first.
 async fn publish_all(
     js: &jetstream::Context,
-    mut todo: Vec<(String, String, bytes::Bytes)>,
+    mut todo: Vec<Outgoing>,
     metrics: &Metrics,
     stop: &CancellationToken,
 ) -> bool {
     let mut warned = false;
     loop {
-        let mut acks = Vec::with_capacity(todo.len());
-        for (subject, id, body) in &todo {
-            let sent = js
-                .send_publish(
-                    subject.clone(),
-                    PublishMessage::build()
-                        .message_id(id.as_str())
-                        .payload(body.clone()),
-                )
-                .await;
-            acks.push(sent);
-        }
-        let mut left = Vec::new();
-        let mut last = String::new();
-        for (m, sent) in todo.into_iter().zip(acks) {
-            let acked = match sent {
-                Ok(f) => match tokio::time::timeout(ACK_TIMEOUT, f).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => {
-                        last = e.to_string();
-                        false
-                    }
-                    Err(_) => {
-                        last = format!("no answer in {ACK_TIMEOUT:?}");
-                        false
-                    }
-                },
-                Err(e) => {
-                    last = e.to_string();
-                    false
-                }
-            };
-            if acked {
-                metrics.cluster_cohort_summaries.inc();
-            } else {
-                left.push(m);
-            }
-        }
-        if left.is_empty() {
+        let round = publish_round(js, todo, ACK_TIMEOUT).await;
+        metrics.cluster_cohort_summaries.inc_by(round.acked as u64);
+        if round.left.is_empty() {
             if warned {
                 info!("cohort summaries: published again");
             }
@@ -301,15 +252,16 @@ async fn publish_all(
         }
         metrics
             .cluster_cohort_summaries_retried
-            .inc_by(left.len() as u64);
+            .inc_by(round.left.len() as u64);
         if !warned {
             warn!(
-                "cohort summaries: {} not acknowledged ({last}); sending them again (this aggregator's judgements wait)",
-                left.len()
+                "cohort summaries: {} not acknowledged ({}); sending them again (this aggregator's judgements wait)",
+                round.left.len(),
+                round.last_error
             );
             warned = true;
         }
-        todo = left;
+        todo = round.left;
         tokio::select! {
             () = stop.cancelled() => return false,
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
