@@ -132,32 +132,43 @@ async fn read_parts(
         .unwrap();
     let mut got: BTreeMap<String, u64> = BTreeMap::new();
     let mut seen = Vec::new();
-    let mut msgs = consumer
-        .fetch()
-        .max_messages(n)
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .unwrap();
-    while let Some(m) = msgs.next().await {
-        let m = m.unwrap();
-        let part = v1::PartBatch::decode(&*m.payload).expect("a PartBatch");
-        assert_eq!(
-            m.subject.as_str(),
-            format!("outflow.parts.{}", part.partition)
-        );
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_owned());
-        assert_eq!(id.as_deref(), Some(message_id(&part).as_str()));
-        seen.push(message_id(&part));
-        let host = partitions.of_host(&part.hostname);
-        let b = Batch::try_from(part.batch.unwrap()).unwrap();
-        for d in &b.deltas {
-            assert_eq!(partitions.of_delta(d, host), part.partition, "{d:?}");
-            *got.entry(who(d)).or_default() += d.counters.bytes_out;
+    // Fetched until all are in (a fetch may end early: its consumer's leader moved after a
+    // node was killed), for at most a minute.
+    // Each stored message once (one delivered again after a lost ack is skipped).
+    let mut sequences = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        let mut msgs = consumer
+            .fetch()
+            .max_messages(n - seen.len())
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = msgs.next().await {
+            let Ok(m) = m else { break };
+            m.ack().await.unwrap();
+            if !sequences.insert(m.info().unwrap().stream_sequence) {
+                continue;
+            }
+            let part = v1::PartBatch::decode(&*m.payload).expect("a PartBatch");
+            assert_eq!(
+                m.subject.as_str(),
+                format!("outflow.parts.{}", part.partition)
+            );
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned());
+            assert_eq!(id.as_deref(), Some(message_id(&part).as_str()));
+            seen.push(message_id(&part));
+            let host = partitions.of_host(&part.hostname);
+            let b = Batch::try_from(part.batch.unwrap()).unwrap();
+            for d in &b.deltas {
+                assert_eq!(partitions.of_delta(d, host), part.partition, "{d:?}");
+                *got.entry(who(d)).or_default() += d.counters.bytes_out;
+            }
         }
     }
     seen.sort();
