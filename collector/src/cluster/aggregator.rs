@@ -151,10 +151,7 @@ pub async fn start(
         .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
     *shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
     if let Some(rx) = collector.take_sightings() {
-        let parts = Partitions::new(cfg.partitions).map_err(|e| PublishError::Stream {
-            stream: p.stream.clone(),
-            message: e.to_string(),
-        })?;
+        let parts = Partitions::new(cfg.partitions).map_err(PublishError::from)?;
         second_stage::spawn_publisher(
             js.clone(),
             p.subject_prefix.clone(),

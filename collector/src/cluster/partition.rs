@@ -5,10 +5,11 @@
 //! address's /16 (IPv4) or /32 (IPv6): the widest prefixes the detectors judge as one group
 //! ([`PARTITION_PREFIX_V4`], [`PARTITION_PREFIX_V6`]). So an address, its /24 or /64, the wider
 //! prefixes around it and what was proxied for it are in one place, and an aggregator judges a
-//! group spread over many /24s of a /16 as one collector does. Deltas the collector does not aggregate (client role, unknown role) and the
-//! batch's own counts go to the partition of the host. The function is fixed (SplitMix64 of the
-//! prefix's bits, FNV-1a of a name, modulo the count): every node and every version computes the
-//! same, since progress is stored per partition.
+//! group spread over many /24s of a /16 as one collector does. Deltas the collector does not
+//! aggregate (client role, unknown role) and the batch's own counts go to the partition of the
+//! host. The function is fixed (SplitMix64 of the prefix's bits, FNV-1a of a name, modulo the
+//! count): every node and every version computes the same, since progress is stored per
+//! partition.
 use std::net::IpAddr;
 
 use outflow_proto::v1;

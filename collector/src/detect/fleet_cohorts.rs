@@ -64,7 +64,8 @@ impl FleetCohorts {
         let Some(mark) = self.marks.get_mut(partition as usize) else {
             return Added::NoSuchPartition;
         };
-        if mark.is_some_and(|m| at_ms <= m) || at_ms <= self.judged_ms {
+        // (Nothing is judged past any partition's mark, so this drops what was judged too.)
+        if mark.is_some_and(|m| at_ms <= m) {
             return Added::Repeated;
         }
         *mark = Some(at_ms);

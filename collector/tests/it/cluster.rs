@@ -416,6 +416,21 @@ fn aggregator_config(
     cfg
 }
 
+/// An ingest node with the default node config, its data under `dir/ingest`.
+async fn start_ingest(dir: &std::path::Path, nats: &NatsCluster) -> Server {
+    start(node_config(&dir.join("ingest"), nats, NodeRole::Ingest)).await
+}
+
+/// The alerts Alerts.List gives on node `url` for `req`.
+async fn list_alerts(url: &str, req: tonic::Request<v1::ListAlertsRequest>) -> Vec<v1::Alert> {
+    v1::alerts_client::AlertsClient::new(channel(url).await)
+        .list(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts
+}
+
 /// Agents through an ingest node; aggregators share the 8 partitions and move them while the
 /// batches flow: a0 and a1 share them, a2 joins and takes its share (a0 and a1 give partitions
 /// up and rebuild theirs), a1 stops and a0 and a2 take its partitions over once its lease is
@@ -428,12 +443,7 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let ingest = start(node_config(
-        &dir.path().join("ingest"),
-        &nats,
-        NodeRole::Ingest,
-    ))
-    .await;
+    let ingest = start_ingest(dir.path(), &nats).await;
     let a0 = start(aggregator_config(dir.path(), &nats, "a0")).await;
     let mut a1 = Some(start(aggregator_config(dir.path(), &nats, "a1")).await);
     let mut a2 = None;
@@ -699,14 +709,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
     // The alerts of both aggregators, through any node.
-    let list = |n: String| async move {
-        v1::alerts_client::AlertsClient::new(channel(&n).await)
-            .list(authed(OPEN_CLIENT_ALERTS))
-            .await
-            .unwrap()
-            .into_inner()
-            .alerts
-    };
+    let list = |n: String| async move { list_alerts(&n, authed(OPEN_CLIENT_ALERTS)).await };
     // The biggest client (no client id: flagged by address) is over the limit.
     let biggest = anonymous.iter().max_by_key(|(_, b)| **b).unwrap();
     assert!(*biggest.1 > 1_000_000);
@@ -802,12 +805,7 @@ const OPEN_CLIENT_ALERTS: v1::ListAlertsRequest = v1::ListAlertsRequest {
 async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let ingest = start(node_config(
-        &dir.path().join("ingest"),
-        &nats,
-        NodeRole::Ingest,
-    ))
-    .await;
+    let ingest = start_ingest(dir.path(), &nats).await;
     let hook = outflow_testbed::webhook::Receiver::start();
     let config = || {
         let mut c = aggregator_config(dir.path(), &nats, "a0");
@@ -1076,12 +1074,7 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
 async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_stage() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let ingest = start(node_config(
-        &dir.path().join("ingest"),
-        &nats,
-        NodeRole::Ingest,
-    ))
-    .await;
+    let ingest = start_ingest(dir.path(), &nats).await;
     let aggregator = |name: &str| {
         let mut c = aggregator_config(dir.path(), &nats, name);
         c.cluster.lease = Duration::from_secs(4);
@@ -1126,14 +1119,8 @@ async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_sta
     }
     s.close().await;
 
-    let list = |n: String| async move {
-        v1::alerts_client::AlertsClient::new(channel(&n).await)
-            .list(OPEN_CLIENT_ALERTS)
-            .await
-            .unwrap()
-            .into_inner()
-            .alerts
-    };
+    let list =
+        |n: String| async move { list_alerts(&n, tonic::Request::new(OPEN_CLIENT_ALERTS)).await };
     let cohort = |alerts: &[v1::Alert]| {
         alerts
             .iter()
