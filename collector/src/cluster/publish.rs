@@ -78,19 +78,29 @@ pub async fn open_stream(
         })?;
     let js = jetstream::new(client);
     let config = stream_config(cfg, cfg.stream.clone(), format!("{}.*", cfg.subject_prefix));
-    // Nodes starting together make JetStream requests time out while the stream is created.
+    let st = get_or_create_stream(&js, config).await?;
+    Ok((js, st))
+}
+
+/// Binds to the stream of `config`, created if it is not there, trying again while JetStream's
+/// requests time out: nodes starting together with a cluster that is still electing its leaders
+/// see that for a few seconds.
+pub(super) async fn get_or_create_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, PublishError> {
     let mut tries = 0;
     loop {
         tries += 1;
         match js.get_or_create_stream(config.clone()).await {
-            Ok(st) => return Ok((js, st)),
+            Ok(st) => return Ok(st),
             Err(e) if tries < OPEN_TRIES => {
-                log::debug!("stream {}: {e}; trying again", cfg.stream);
+                log::debug!("stream {}: {e}; trying again", config.name);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => {
                 return Err(PublishError::Stream {
-                    stream: format!("{} ({tries} tries)", cfg.stream),
+                    stream: format!("{} ({tries} tries)", config.name),
                     message: e.to_string(),
                 });
             }

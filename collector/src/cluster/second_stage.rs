@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     aggregator::SharedHeld,
     partition::Partitions,
-    publish::{Outgoing, PublishConfig, PublishError, publish_round, stream_config},
+    publish::{
+        Outgoing, PublishConfig, PublishError, get_or_create_stream, publish_round, stream_config,
+    },
 };
 use crate::{
     aggregate::State,
@@ -54,12 +56,7 @@ pub async fn open_stream(
 ) -> Result<Stream, PublishError> {
     let name = format!("{}-cohorts", cfg.stream);
     let subjects = format!("{}.cohorts.*", cfg.subject_prefix);
-    js.get_or_create_stream(stream_config(cfg, name.clone(), subjects))
-        .await
-        .map_err(|e| PublishError::Stream {
-            stream: name,
-            message: e.to_string(),
-        })
+    get_or_create_stream(js, stream_config(cfg, name, subjects)).await
 }
 
 /// A summary that breaks the protocol.
