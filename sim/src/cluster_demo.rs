@@ -37,27 +37,34 @@ const PARTITIONS: u32 = 12;
 /// How long a NATS node stays cut off (the nodes connected to it ping every second, so they
 /// move to another server within about three seconds).
 const CUT_FOR: Duration = Duration::from_secs(10);
-/// The attacks the demo runs (wide: a /16 is in one partition). Not lowslow, which needs a
-/// week, nor pool: the cohort detector (the cluster's second stage) finds a candidate only in
-/// a client steady in each 5 minutes of its last half hour, and the demo's agents send a batch
-/// every 10 minutes of batch time (`collector/tests/it/cluster.rs` has the second stage's
-/// test).
-pub const ATTACKS: [Scenario; 5] = [
+/// The attacks the demo runs (wide: a /16 is in one partition; pool: its 250 addresses are
+/// in many partitions, judged whole by the cluster's second stage). Not lowslow, which needs a
+/// week.
+pub const ATTACKS: [Scenario; 6] = [
     Scenario::Bulk,
     Scenario::Prefix,
     Scenario::SlowRise,
     Scenario::Parallel,
     Scenario::Wide,
+    Scenario::Pool,
 ];
 
-/// An address of each attack of [`ATTACKS`] (the simulator's model fixes them).
-const ATTACKERS: [&str; 5] = [
-    "203.0.113.7",
-    "198.51.100.1",
-    "100.64.77.77",
-    "100.64.99.99",
-    "100.96.0.10",
-];
+/// The addresses of each attack of [`ATTACKS`] (the simulator's model fixes them): an alert
+/// covers an attack when its key holds one of them or it names one among its members (a
+/// cohort's key names its traits).
+fn attackers() -> Vec<Vec<IpAddr>> {
+    let one = |a: [u8; 4]| vec![IpAddr::V4(Ipv4Addr::from(a))];
+    vec![
+        one([203, 0, 113, 7]),
+        one([198, 51, 100, 1]),
+        one([100, 64, 77, 77]),
+        one([100, 64, 99, 99]),
+        one([100, 96, 0, 10]),
+        (0..crate::model::POOL_MEMBERS as u32)
+            .map(crate::model::pool_addr)
+            .collect(),
+    ]
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -354,7 +361,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         clients: cfg.clients,
         days: 1,
         seed: cfg.seed,
-        batch_secs: 600,
+        // The cohort detector's candidates are steady in each 5 minutes of their last half
+        // hour: each 5 minutes has a batch.
+        batch_secs: 300,
         max_batches_per_second: 0.0,
         progress: Some(progress.clone()),
         ..SimConfig::default()
@@ -468,10 +477,17 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
 
     // The alerts: listed until each attack's shows (the aggregators judge what they applied
     // on a thread of their own, after it), for at most `alert_wait`.
+    let attackers = attackers();
     let covered = |alerts: &[v1::Alert]| {
-        ATTACKERS.iter().all(|a| {
-            let a: IpAddr = a.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            alerts.iter().any(|al| crate::key_covers(&al.key, a))
+        attackers.iter().all(|addrs| {
+            alerts.iter().any(|al| {
+                addrs.iter().any(|a| crate::key_covers(&al.key, *a))
+                    || al
+                        .client_addrs
+                        .iter()
+                        .filter_map(|m| m.parse::<IpAddr>().ok())
+                        .any(|m| addrs.contains(&m))
+            })
         })
     };
     let deadline = Instant::now() + cfg.alert_wait;

@@ -14,7 +14,8 @@
 //! octave and whose sizes by less than an octave always share one. Request sizes are not
 //! keyed on: a prompt is anything from a few hundred bytes to tens of kilobytes, in a pool as
 //! anywhere. Neighbouring cohorts overlap: only one whose bytes are the most among its
-//! neighbours' raises an alert, so one group gives one alert.
+//! neighbours' raises an alert, and an open one keeps it while it holds, so one group gives one
+//! alert, even as its members drift across the edge of a bin.
 //!
 //! Memory: one entry per candidate (a steady client), not per client; cost per judged client:
 //! a few arithmetic operations over its 24 hourly buckets, and per judgement, for each bin a
@@ -403,8 +404,11 @@ fn describe(key: &CohortKey) -> String {
 }
 
 /// Judges the cohorts `keys` (sorted) of `cohorts` at `at_ms`: a finding only for a cohort that
-/// holds and ranks first among its neighbours; a verdict for each finding and for each cohort
-/// of `open` (sorted: the open alerts' subjects, so that they resolve).
+/// holds and either has an alert open (in `open`, sorted: the open alerts' subjects; each has a
+/// verdict, so that it resolves) or ranks first among its neighbours with no open cohort still
+/// holding within two bins of it (their neighbourhoods overlap). So one group gives one alert
+/// even while its members drift across the edge of a bin (a pool's response size per
+/// connection settles as its first connections close), which moves its peak to a neighbour.
 pub fn judge_all(
     cfg: &CohortConfig,
     client_per_hour: u64,
@@ -415,16 +419,28 @@ pub fn judge_all(
     out: &mut Vec<Verdict>,
 ) {
     let mut judging = cohorts.judging(at_ms);
+    let is_open = |k: &CohortKey| open.binary_search(&Subject::Cohort(*k)).is_ok();
+    let mut holding = Vec::new();
+    if cfg.enabled {
+        for k in keys.iter().filter(|k| is_open(k)) {
+            if judge(cfg, client_per_hour, k, &judging.stats(k)).is_some() {
+                holding.push(*k);
+            }
+        }
+    }
     for k in keys {
         let subject = Subject::Cohort(*k);
-        let stats = judging.stats(k);
+        let open_here = is_open(k);
         let finding = if cfg.enabled {
-            judge(cfg, client_per_hour, k, &stats)
-                .filter(|_| Cohorts::is_peak(k, &mut |x: &CohortKey| judging.score(x)))
+            judge(cfg, client_per_hour, k, &judging.stats(k)).filter(|_| {
+                open_here
+                    || (!holding.iter().any(|o| overlaps(o, k))
+                        && Cohorts::is_peak(k, &mut |x: &CohortKey| judging.score(x)))
+            })
         } else {
             None
         };
-        if finding.is_none() && open.binary_search(&subject).is_err() {
+        if finding.is_none() && !open_here {
             continue;
         }
         out.push(Verdict {
@@ -438,6 +454,12 @@ pub fn judge_all(
             },
         });
     }
+}
+
+/// Whether cohorts `a` and `b` share bins: within two bins of each other on every trait.
+fn overlaps(a: &CohortKey, b: &CohortKey) -> bool {
+    let near = |x: i16, y: i16| (i32::from(x) - i32::from(y)).abs() <= 2;
+    a.ids == b.ids && near(a.rate, b.rate) && near(a.size, b.size) && near(a.req, b.req)
 }
 
 /// The finding, if the cohort's 1 h total is `factor` × the per-client limit with no member
@@ -627,5 +649,58 @@ mod tests {
         assert_eq!(c.judging(1_000_000 + 2 * 3_600_000).stats(&key).members, 0);
         c.prune(1_000_000 + 26 * 3_600_000);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_pool_drifting_across_a_bin_edge_keeps_its_one_alert() {
+        let cfg = CohortConfig::default();
+        let size = |s: f64| {
+            key_of(
+                &Traits {
+                    rate: 25.6,
+                    per_conn: Some((s, 10.0)),
+                },
+                false,
+            )
+        };
+        let (first, then) = (size(23.1), size(22.9));
+        assert_ne!(first, then);
+        let member = |i: u8| Subject::Client(IpAddr::from([10, i, 0, 1]));
+        let mut c = Cohorts::default();
+        let mut open: Vec<Subject> = Vec::new();
+        let mut opened = Vec::new();
+        // Each judgement a tenth more of the pool has settled in the next bin down.
+        for step in 0..=10u8 {
+            let at = 1_000_000 + u64::from(step) * 300_000;
+            for i in 0..100u8 {
+                let key = if i < step * 10 { then } else { first };
+                c.see(&member(i), Some(key), 50 << 20, at);
+            }
+            let mut keys = c.take_touched();
+            keys.extend(open.iter().filter_map(|s| match s {
+                Subject::Cohort(k) => Some(*k),
+                _ => None,
+            }));
+            keys.sort_unstable();
+            keys.dedup();
+            let mut out = Vec::new();
+            judge_all(&cfg, 1 << 30, &c, &keys, at, &open, &mut out);
+            for v in out.iter().filter(|v| v.finding.is_some()) {
+                if !open.contains(&v.subject) {
+                    open.push(v.subject.clone());
+                    open.sort_unstable();
+                    opened.push((step, v.subject.clone()));
+                }
+            }
+            // Every open alert is judged, and holds: the pool is still in its neighbourhood.
+            for s in &open {
+                assert!(
+                    out.iter().any(|v| v.subject == *s && v.finding.is_some()),
+                    "step {step}: {s:?} judged without a finding"
+                );
+            }
+        }
+        // Its peak moved to the next bin half way; its alert did not.
+        assert_eq!(opened, [(0, Subject::Cohort(first))]);
     }
 }
