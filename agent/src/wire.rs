@@ -67,6 +67,8 @@ impl From<&ConnRecord> for v1::ConnDelta {
             },
             client_id: r.client_id.clone().unwrap_or_default(),
             client_source: r.client_source.clone(),
+            // An agent's deltas count for every key (only a cluster's ingest nodes split them).
+            share: v1::DeltaShare::All.into(),
         }
     }
 }

@@ -61,25 +61,33 @@ struct Fold<'a> {
 
 impl<'a> Fold<'a> {
     /// Adds a server-role delta: to its client (and, through a gateway, to the gateway), its
-    /// client's prefix, its client id, its workload and the host.
+    /// client's prefix, its client id, its workload and the host; a cluster's part's copy only
+    /// to its share of them ([`crate::model::Share`]).
     fn add(&mut self, d: &'a Delta) {
         let t = Totals {
             response_bytes: d.counters.bytes_out,
             request_bytes: d.counters.bytes_in,
             connections_closed: u64::from(d.closed),
         };
-        if d.client == d.remote {
-            self.direct.entry(d.client).or_default().add(&t);
-        } else {
-            self.proxied.entry(d.client).or_default().add(&t);
-            self.relayed.entry(d.remote).or_default().add(&t);
-            let owner = LinkOwner::Proxied(d.client);
-            self.links.insert((owner, LinkKind::Peer, d.remote));
+        if d.share.address() {
+            if d.client == d.remote {
+                self.direct.entry(d.client).or_default().add(&t);
+            } else {
+                self.proxied.entry(d.client).or_default().add(&t);
+                let owner = LinkOwner::Proxied(d.client);
+                self.links.insert((owner, LinkKind::Peer, d.remote));
+            }
+            self.prefixes
+                .entry(Prefix::of(d.client))
+                .or_default()
+                .add(&t);
         }
-        self.prefixes
-            .entry(Prefix::of(d.client))
-            .or_default()
-            .add(&t);
+        if !d.share.rest() {
+            return;
+        }
+        if d.client != d.remote {
+            self.relayed.entry(d.remote).or_default().add(&t);
+        }
         if let Some(id) = d.client_id.as_deref() {
             self.ids.entry(id).or_default().add(&t);
             let owner = LinkOwner::ClientId(id);
@@ -908,6 +916,7 @@ mod tests {
             pid: 1,
             comm: comm.into(),
             first_seen_ms: 0,
+            share: crate::model::Share::All,
         }
     }
 

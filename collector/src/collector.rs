@@ -280,7 +280,8 @@ impl Collector {
         l
     }
 
-    fn batch_limits(&self) -> BatchLimits {
+    /// The limits of an agent's batch, or of a cluster's part (`parts`).
+    fn batch_limits(&self, parts: bool) -> BatchLimits {
         let skew = self.limits.max_clock_skew;
         BatchLimits {
             max_deltas: self.limits.max_deltas_per_batch,
@@ -290,6 +291,7 @@ impl Collector {
                     .map_or(0, |d| d.as_millis());
                 u64::try_from(now.saturating_add(skew.as_millis())).unwrap_or(u64::MAX)
             }),
+            parts,
         }
     }
 }
@@ -462,7 +464,7 @@ impl Session {
         } else {
             Vec::new()
         };
-        let batch = Batch::from_wire(b, &c.batch_limits())?;
+        let batch = Batch::from_wire(b, &c.batch_limits(self.part))?;
         if batch.shifted_ms > 0 {
             c.metrics.shifted_batches.inc();
             if !self.shift_warned {
@@ -511,7 +513,9 @@ impl Session {
         let request = BatchRequest {
             agent: agent.key.clone(),
             seq,
-            deltas: batch.deltas.len(),
+            // A part's delta split over two partitions counts as one delta applied: with the
+            // share that holds its host's bytes.
+            deltas: batch.deltas.iter().filter(|d| d.share.rest()).count(),
             gaps: Gaps {
                 lost_batches: batch.lost_batches,
                 lost_response_bytes: batch.lost.bytes_out,

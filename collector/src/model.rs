@@ -150,6 +150,46 @@ pub struct Delta {
     pub pid: u32,
     pub comm: String,
     pub first_seen_ms: u64,
+    /// What it counts for: every key, except in a cluster's parts (see [`Share`]).
+    pub share: Share,
+}
+
+/// What a delta counts for. A cluster's ingest node sends a delta whose client id and client
+/// address belong to different partitions to both, so that each partition holds all of its
+/// clients' bytes: each copy counts for its own keys, and every key counts it once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Share {
+    /// Every key.
+    #[default]
+    All,
+    /// Its client address's keys only: the address (direct or proxied), its prefix, the link
+    /// to the gateway it came through.
+    ClientAddress,
+    /// Every key but those: its client id (and its links), the gateway's relayed bytes, the
+    /// workload, the host.
+    Rest,
+}
+
+impl Share {
+    /// Whether it counts for the client address's keys.
+    pub fn address(self) -> bool {
+        self != Share::Rest
+    }
+
+    /// Whether it counts for the other keys (and as a delta applied: the other copy does not).
+    pub fn rest(self) -> bool {
+        self != Share::ClientAddress
+    }
+}
+
+impl From<Share> for v1::DeltaShare {
+    fn from(s: Share) -> Self {
+        match s {
+            Share::All => v1::DeltaShare::All,
+            Share::ClientAddress => v1::DeltaShare::ClientAddress,
+            Share::Rest => v1::DeltaShare::Rest,
+        }
+    }
 }
 
 impl Delta {
@@ -183,6 +223,8 @@ pub struct BatchLimits {
     pub max_deltas: usize,
     /// Latest accepted `end_ms` (the collector's clock plus the allowed skew), if checked.
     pub latest_end_ms: Option<u64>,
+    /// A cluster's part (its deltas may have a [`Share`]), not an agent's batch.
+    pub parts: bool,
 }
 
 impl Default for BatchLimits {
@@ -190,6 +232,7 @@ impl Default for BatchLimits {
         Self {
             max_deltas: MAX_DELTAS_PER_BATCH,
             latest_end_ms: None,
+            parts: false,
         }
     }
 }
@@ -334,7 +377,7 @@ fn port(field: impl FnOnce() -> String, p: u32) -> Result<u16, ValidationError> 
         .map_err(|_| ValidationError::new(field(), format!("{p} is not a port (> 65535)")))
 }
 
-fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
+fn delta(i: usize, d: v1::ConnDelta, parts: bool) -> Result<Delta, ValidationError> {
     let f = |name: &str| format!("deltas[{i}].{name}");
     let local = addr(|| f("local_addr"), &d.local_addr)?;
     let remote = addr(|| f("remote_addr"), &d.remote_addr)?;
@@ -383,7 +426,30 @@ fn delta(i: usize, d: v1::ConnDelta) -> Result<Delta, ValidationError> {
         pid: d.pid,
         comm: d.comm,
         first_seen_ms: d.first_seen_ms,
+        share: share(|| f("share"), d.share, parts)?,
     })
+}
+
+/// A delta's share: set only in a cluster's parts (`parts`).
+fn share(field: impl Fn() -> String, raw: i32, parts: bool) -> Result<Share, ValidationError> {
+    let share = match v1::DeltaShare::try_from(raw) {
+        Ok(v1::DeltaShare::All) => return Ok(Share::All),
+        Ok(v1::DeltaShare::ClientAddress) => Share::ClientAddress,
+        Ok(v1::DeltaShare::Rest) => Share::Rest,
+        Err(_) => {
+            return Err(ValidationError::new(
+                field(),
+                format!("{raw} is not an outflow.v1.DeltaShare"),
+            ));
+        }
+    };
+    if !parts {
+        return Err(ValidationError::new(
+            field(),
+            "set only by a cluster's ingest nodes in their parts; an agent leaves it unset",
+        ));
+    }
+    Ok(share)
 }
 
 /// Keeps `closed` on the last delta of each connection only. The agent may split one
@@ -449,7 +515,7 @@ impl Batch {
             .deltas
             .into_iter()
             .enumerate()
-            .map(|(i, d)| delta(i, d))
+            .map(|(i, d)| delta(i, d, limits.parts))
             .collect::<Result<Vec<_>, _>>()?;
         if deltas.iter().any(Delta::attributed) {
             keep_last_close(&mut deltas);
@@ -528,6 +594,7 @@ impl From<&Delta> for v1::ConnDelta {
             },
             client_id: d.client_id.clone().unwrap_or_default(),
             client_source: d.client_source.wire(),
+            share: v1::DeltaShare::from(d.share).into(),
         }
     }
 }
@@ -653,6 +720,7 @@ mod tests {
             &BatchLimits {
                 max_deltas: 2,
                 latest_end_ms: None,
+                parts: false,
             },
         )
         .unwrap_err();
@@ -665,6 +733,7 @@ mod tests {
             &BatchLimits {
                 max_deltas: 2,
                 latest_end_ms: Some(1500),
+                parts: false,
             },
         )
         .unwrap();
@@ -672,6 +741,26 @@ mod tests {
         let mut d = good_delta();
         d.remote_addr = vec![0; 16];
         assert!(err(batch(vec![d])).starts_with("deltas[0].remote_addr: :: and local_addr"));
+        // A share is a cluster part's: refused from an agent, taken from a part.
+        let mut d = good_delta();
+        d.share = v1::DeltaShare::Rest.into();
+        assert_eq!(
+            err(batch(vec![d.clone()])),
+            "deltas[0].share: set only by a cluster's ingest nodes in their parts; an agent leaves it unset"
+        );
+        let parts = BatchLimits {
+            parts: true,
+            ..BatchLimits::default()
+        };
+        let b = Batch::from_wire(batch(vec![d.clone()]), &parts).unwrap();
+        assert_eq!(b.deltas[0].share, Share::Rest);
+        d.share = 7;
+        assert_eq!(
+            Batch::from_wire(batch(vec![d]), &parts)
+                .unwrap_err()
+                .to_string(),
+            "deltas[0].share: 7 is not an outflow.v1.DeltaShare"
+        );
     }
 
     #[test]

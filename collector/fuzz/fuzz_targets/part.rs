@@ -1,12 +1,13 @@
 //! What an aggregator reads from JetStream (`outflow.v1.PartBatch`; anyone who may publish to
 //! the stream chooses the bytes): the bounded decode and the batch's validation never panic,
-//! and a valid batch split again into parts keeps every delta once, each part valid.
+//! and a valid batch split again into parts (as an agent's: every delta whole) keeps every
+//! delta once for its client address's keys and once for the rest, each part valid.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use outflow_collector::{
     cluster::partition::Partitions,
     codec::decode_part_batch,
-    model::{AgentKey, Batch, BatchLimits},
+    model::{AgentKey, Batch, BatchLimits, Share},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -19,10 +20,14 @@ fuzz_target!(|data: &[u8]| {
     let limits = BatchLimits {
         max_deltas: 1000,
         latest_end_ms: Some(4_102_444_800_000),
+        parts: true,
     };
-    let Ok(batch) = Batch::from_wire(b, &limits) else {
+    let Ok(mut batch) = Batch::from_wire(b, &limits) else {
         return;
     };
+    for d in &mut batch.deltas {
+        d.share = Share::All;
+    }
     let Ok(partitions) = Partitions::new(part.partitions % 64 + 1) else {
         return;
     };
@@ -31,11 +36,12 @@ fuzz_target!(|data: &[u8]| {
         epoch: part.epoch,
     };
     let parts = partitions.split(&agent, &part.hostname, &batch);
-    let mut n = 0;
+    let (mut address, mut rest) = (0, 0);
     for p in parts {
         let b = Batch::from_wire(p.batch.expect("a part has its batch"), &limits)
             .expect("a part of a valid batch is valid");
-        n += b.deltas.len();
+        address += b.deltas.iter().filter(|d| d.share.address()).count();
+        rest += b.deltas.iter().filter(|d| d.share.rest()).count();
     }
-    assert_eq!(n, batch.deltas.len());
+    assert_eq!((address, rest), (batch.deltas.len(), batch.deltas.len()));
 });

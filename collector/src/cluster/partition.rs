@@ -1,11 +1,14 @@
 //! Partitions of the fleet's clients: which share of the cluster a delta belongs to.
 //!
-//! A delta goes to the partition of its client: of its client id when the agent attributed one
-//! (the account is the identity, so one id's bytes are all in one place), else of its client
-//! address's /16 (IPv4) or /32 (IPv6): the widest prefixes the detectors judge as one group
-//! ([`PARTITION_PREFIX_V4`], [`PARTITION_PREFIX_V6`]). So an address, its /24 or /64, the wider
-//! prefixes around it and what was proxied for it are in one place, and an aggregator judges a
-//! group spread over many /24s of a /16 as one collector does. Deltas the collector does not
+//! A delta goes to the partition of its client address's /16 (IPv4) or /32 (IPv6): the widest
+//! prefixes the detectors judge as one group ([`PARTITION_PREFIX_V4`],
+//! [`PARTITION_PREFIX_V6`]). So an address, its /24 or /64, the wider prefixes around it and
+//! what was proxied for it are in one place, and an aggregator judges a group spread over many
+//! /24s of a /16 as one collector does. A delta with a client id whose partition (a hash of the
+//! id) is another goes to both ([`Placement::Shared`]): to the address's for the address's keys
+//! ([`Share::ClientAddress`]), to the id's for the rest ([`Share::Rest`]: the id, the gateway's
+//! relayed bytes, the workload, the host). So every key has all of its bytes in one partition,
+//! each counted once. Deltas the collector does not
 //! aggregate (client role, unknown role) and the batch's own counts go to the partition of the
 //! host. The function is fixed (SplitMix64 of the prefix's bits, FNV-1a of a name, modulo the
 //! count): every node and every version computes the same, since progress is stored per
@@ -14,7 +17,7 @@ use std::net::IpAddr;
 
 use outflow_proto::v1;
 
-use crate::model::{AgentKey, Batch, Counters, Delta, Role};
+use crate::model::{AgentKey, Batch, Counters, Delta, Role, Share};
 
 /// Most partitions: a partition is a JetStream subject and a durable consumer.
 pub const MAX_PARTITIONS: u32 = 4096;
@@ -86,14 +89,17 @@ impl Partitions {
         self.of_name(hostname)
     }
 
-    /// The partition of a delta (see the module's doc), given its host's.
-    pub fn of_delta(self, d: &Delta, host: u32) -> u32 {
+    /// The partitions of a delta (see the module's doc), given its host's: one that it counts
+    /// for whole, or the partition of its client address and that of its client id, which
+    /// count one share each.
+    pub fn of_delta(self, d: &Delta, host: u32) -> Placement {
         if d.role != Role::Server {
-            return host;
+            return Placement::Whole(host);
         }
-        match d.client_id.as_deref() {
-            Some(id) => self.of_name(id),
-            None => self.of_addr(d.client),
+        let addr = self.of_addr(d.client);
+        match d.client_id.as_deref().map(|id| self.of_name(id)) {
+            Some(id) if id != addr => Placement::Shared { addr, id },
+            _ => Placement::Whole(addr),
         }
     }
 
@@ -102,28 +108,36 @@ impl Partitions {
     /// always there (so every batch has at least one part, and an empty batch is still seen).
     pub fn split(self, agent: &AgentKey, hostname: &str, batch: &Batch) -> Vec<v1::PartBatch> {
         let host = self.of_host(hostname);
-        let mut of: Vec<(u32, &Delta)> = batch
-            .deltas
-            .iter()
-            .map(|d| (self.of_delta(d, host), d))
-            .collect();
+        let mut of: Vec<(u32, &Delta, Share)> = Vec::with_capacity(batch.deltas.len());
+        for d in &batch.deltas {
+            match self.of_delta(d, host) {
+                Placement::Whole(p) => of.push((p, d, Share::All)),
+                Placement::Shared { addr, id } => {
+                    of.push((addr, d, Share::ClientAddress));
+                    of.push((id, d, Share::Rest));
+                }
+            }
+        }
         // Stable: a connection's deltas keep their order (the last one closes it).
-        of.sort_by_key(|(p, _)| *p);
+        of.sort_by_key(|(p, _, _)| *p);
         let mut parts = Vec::new();
         let mut rest = &of[..];
         let mut host_done = false;
         loop {
-            let next = rest.first().map(|(p, _)| *p);
+            let next = rest.first().map(|(p, _, _)| *p);
             // The host's part comes in its place in partition order, deltas or not.
             let p = match next {
                 Some(p) if host_done || p <= host => p,
                 _ if !host_done => host,
                 _ => break,
             };
-            let n = rest.iter().take_while(|(q, _)| *q == p).count();
+            let n = rest.iter().take_while(|(q, _, _)| *q == p).count();
             let (these, after) = rest.split_at(n);
             rest = after;
-            let mut b = batch.to_wire_with(these.iter().map(|(_, d)| *d));
+            let mut b = batch.to_wire_with(these.iter().map(|(_, d, _)| *d));
+            for (w, (_, _, share)) in b.deltas.iter_mut().zip(these) {
+                w.share = v1::DeltaShare::from(*share).into();
+            }
             if p == host {
                 host_done = true;
             } else {
@@ -144,6 +158,16 @@ impl Partitions {
     }
 }
 
+/// Where a delta goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// To one partition, which counts it for every key.
+    Whole(u32),
+    /// Its client address and its client id are in different partitions: to both, each
+    /// counting its share ([`Share::ClientAddress`], [`Share::Rest`]).
+    Shared { addr: u32, id: u32 },
+}
+
 /// The JetStream message id of a part: publishing the same part again is a duplicate.
 pub fn message_id(part: &v1::PartBatch) -> String {
     let seq = part.batch.as_ref().map_or(0, |b| b.seq);
@@ -155,12 +179,10 @@ pub fn message_id(part: &v1::PartBatch) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use proptest::prelude::*;
 
     use super::*;
-    use crate::model::ClientSource;
+    use crate::model::{BatchLimits, ClientSource};
 
     fn delta(i: u64, client: IpAddr, id: Option<&str>, role: Role, out: u64) -> Delta {
         Delta {
@@ -191,6 +213,7 @@ mod tests {
             pid: 1,
             comm: "vllm".into(),
             first_seen_ms: 5,
+            share: Share::All,
         }
     }
 
@@ -275,10 +298,12 @@ mod tests {
     }
 
     proptest! {
-        /// Every delta is in exactly one part, the part of its client; validating the parts
-        /// again gives the deltas back; the batch's own counts are in the host's part only.
+        /// Every delta counts once for each of its keys, in the partition of its client address
+        /// (for the address's keys) and of its client id (for the rest): in one part whole, or
+        /// in two, a share each; validating the parts again gives the deltas back; the batch's
+        /// own counts are in the host's part only.
         #[test]
-        fn a_split_keeps_every_delta_once_in_its_clients_partition(
+        fn a_split_counts_every_delta_once_for_each_key_in_its_keys_partition(
             count in 1u32..40,
             raw in prop::collection::vec((0u8..6, 0u8..4, 0u8..3, 0u8..3, 1u64..1_000_000), 0..60),
         ) {
@@ -300,7 +325,9 @@ mod tests {
             let b = batch(deltas.clone());
             let parts = p.split(&agent(), "gpu-0", &b);
             let host = p.of_host("gpu-0");
-            let mut seen = Vec::new();
+            let limits = BatchLimits { parts: true, ..BatchLimits::default() };
+            // What counts for the client addresses' keys, and for the rest: each delta once.
+            let (mut addr_side, mut rest_side) = (Vec::new(), Vec::new());
             let mut lost = 0;
             let mut last = None;
             for part in parts {
@@ -308,24 +335,44 @@ mod tests {
                 last = Some(part.partition);
                 prop_assert_eq!(part.partitions, count);
                 let wire = part.batch.unwrap();
-                let back = Batch::try_from(wire).unwrap();
+                let back = Batch::from_wire(wire, &limits).unwrap();
                 prop_assert!(!back.deltas.is_empty() || part.partition == host);
                 lost += back.lost_batches;
                 for d in back.deltas {
-                    prop_assert_eq!(p.of_delta(&d, host), part.partition);
-                    seen.push(d);
+                    let placed = p.of_delta(&d, host);
+                    match d.share {
+                        Share::All => prop_assert_eq!(placed, Placement::Whole(part.partition)),
+                        Share::ClientAddress => {
+                            let ok = matches!(placed, Placement::Shared { addr, .. } if addr == part.partition);
+                            prop_assert!(ok, "an address's share in the address's partition");
+                        }
+                        Share::Rest => {
+                            let ok = matches!(placed, Placement::Shared { id, .. } if id == part.partition);
+                            prop_assert!(ok, "the rest in the id's partition");
+                        }
+                    }
+                    // The address's partition, and the id's, hold every byte of theirs.
+                    if d.share.address() && d.role == Role::Server {
+                        prop_assert_eq!(p.of_addr(d.client), part.partition);
+                    }
+                    if d.share.rest() && d.role == Role::Server && let Some(id) = &d.client_id {
+                        prop_assert_eq!(p.of_name(id), part.partition);
+                    }
+                    let whole = Delta { share: Share::All, ..d };
+                    if d.share.address() {
+                        addr_side.push(whole.clone());
+                    }
+                    if d.share.rest() {
+                        rest_side.push(whole);
+                    }
                 }
             }
             prop_assert_eq!(lost, 2);
             let key = |d: &Delta| d.conn_id;
-            seen.sort_by_key(key);
-            prop_assert_eq!(seen, deltas);
-            // Bytes per client id or /16: all in one part (checked above), summed exactly.
-            let mut by: BTreeMap<u32, u64> = BTreeMap::new();
-            for d in &b.deltas {
-                *by.entry(p.of_delta(d, host)).or_default() += d.counters.bytes_out;
-            }
-            prop_assert_eq!(by.values().sum::<u64>(), b.deltas.iter().map(|d| d.counters.bytes_out).sum::<u64>());
+            addr_side.sort_by_key(key);
+            rest_side.sort_by_key(key);
+            prop_assert_eq!(&addr_side, &deltas);
+            prop_assert_eq!(&rest_side, &deltas);
         }
     }
 }

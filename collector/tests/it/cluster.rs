@@ -10,10 +10,10 @@ use outflow_collector::{
     Server,
     cluster::{
         config::NodeRole,
-        partition::{Partitions, message_id},
+        partition::{Partitions, Placement, message_id},
         publish::{PublishConfig, Publisher},
     },
-    model::{AgentKey, Batch},
+    model::{AgentKey, Batch, BatchLimits, Share},
 };
 use outflow_proto::v1;
 use outflow_testbed::nats::NatsCluster;
@@ -83,7 +83,9 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
             };
             let b = Batch::try_from(wire_batch(a, seq)).unwrap();
             for d in &b.deltas {
-                *truth.entry(who(d)).or_default() += d.counters.bytes_out;
+                for k in who(d) {
+                    *truth.entry(k).or_default() += d.counters.bytes_out;
+                }
             }
             let parts = partitions.split(&agent, &format!("gpu-{a}"), &b);
             let p = publisher
@@ -164,10 +166,22 @@ async fn read_parts(
             assert_eq!(id.as_deref(), Some(message_id(&part).as_str()));
             seen.push(message_id(&part));
             let host = partitions.of_host(&part.hostname);
-            let b = Batch::try_from(part.batch.unwrap()).unwrap();
+            let limits = BatchLimits {
+                parts: true,
+                ..BatchLimits::default()
+            };
+            let b = Batch::from_wire(part.batch.unwrap(), &limits).unwrap();
             for d in &b.deltas {
-                assert_eq!(partitions.of_delta(d, host), part.partition, "{d:?}");
-                *got.entry(who(d)).or_default() += d.counters.bytes_out;
+                let placed = match (partitions.of_delta(d, host), d.share) {
+                    (Placement::Whole(p), Share::All)
+                    | (Placement::Shared { addr: p, .. }, Share::ClientAddress)
+                    | (Placement::Shared { id: p, .. }, Share::Rest) => p,
+                    (p, s) => panic!("{s:?} of a delta placed {p:?}: {d:?}"),
+                };
+                assert_eq!(placed, part.partition, "{d:?}");
+                for k in who(d) {
+                    *got.entry(k).or_default() += d.counters.bytes_out;
+                }
             }
         }
     }
@@ -175,9 +189,19 @@ async fn read_parts(
     (seen, got)
 }
 
-/// Whom a delta's bytes are counted for here: its client id, else its client address.
-fn who(d: &outflow_collector::model::Delta) -> String {
-    d.client_id.clone().unwrap_or_else(|| d.client.to_string())
+/// Whom a delta's bytes are counted for here: its client address and its client id (a part's
+/// delta: its share of them).
+fn who(d: &outflow_collector::model::Delta) -> Vec<String> {
+    let mut keys = Vec::new();
+    if d.share.address() {
+        keys.push(format!("address {}", d.client));
+    }
+    if d.share.rest()
+        && let Some(id) = &d.client_id
+    {
+        keys.push(format!("id {id}"));
+    }
+    keys
 }
 
 /// Kills the node leading the stream; returns its index.
@@ -231,7 +255,9 @@ async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
         for (a, s) in agents.iter_mut().enumerate() {
             let b = wire_batch(a as u8, seq);
             for d in &Batch::try_from(b.clone()).unwrap().deltas {
-                *truth.entry(who(d)).or_default() += d.counters.bytes_out;
+                for k in who(d) {
+                    *truth.entry(k).or_default() += d.counters.bytes_out;
+                }
             }
             let acked = s
                 .batch(b)
@@ -1174,6 +1200,139 @@ async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_sta
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in [back, other, ingest] {
+        s.shutdown().await.unwrap();
+    }
+}
+
+/// A client address whose bytes all come under client ids of other partitions (eight accounts
+/// behind one address, each under the per-client limit, the address far over it) is judged on
+/// all of its bytes, as one collector judges it: the ingest node sends each delta to the
+/// partition of its address (for the address's keys) and to that of its id (for the rest), so
+/// the address's aggregator raises its volume alert, the ids raise none, and the cluster's
+/// totals count every byte once for the address, once for each id and once for the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_whose_bytes_come_under_other_partitions_ids_is_judged_on_all_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let ingest = start_ingest(dir.path(), &nats).await;
+    let aggregator = |name: &str| {
+        let mut c = aggregator_config(dir.path(), &nats, name);
+        c.detect.volume.client_per_hour = 100_000_000;
+        c
+    };
+    let a0 = start(aggregator("a0")).await;
+    let a1 = start(aggregator("a1")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
+        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
+    })
+    .await;
+    let addr = [198, 51, 100, 7];
+    let partitions = Partitions::new(8).unwrap();
+    let home = partitions.of_addr(IpAddr::from(addr));
+    let ids: Vec<String> = (0..64u64)
+        .map(|i| format!("h:{i:024x}"))
+        .filter(|id| partitions.of_name(id) != home)
+        .take(8)
+        .collect();
+    assert_eq!(ids.len(), 8);
+
+    // A batch a minute for 10 minutes: each id 5 MB a minute from the one address (300 MB an
+    // hour per id, under the limit; 400 MB in 10 minutes for the address, over it).
+    let t0 = 1_750_000_000_000 / 3_600_000 * 3_600_000;
+    let u = url(&ingest);
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=11u64 {
+        let deltas = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut d = delta(addr, 5_000_000, 100, false);
+                d.conn_id = seq << 8 | i as u64;
+                d.client_id = id.clone();
+                d.client_source = "header:x-client-id".into();
+                d
+            })
+            .collect();
+        let mut b = batch(seq, t0 + seq * 60_000, deltas);
+        if seq == 11 {
+            // Two minutes on, once the rest is applied everywhere: the judgements before it
+            // are made.
+            wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
+            b.start_ms += 120_000;
+            b.end_ms += 120_000;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    s.close().await;
+
+    let key = IpAddr::from(addr).to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let alerts = loop {
+        let alerts = list_alerts(&u, tonic::Request::new(OPEN_CLIENT_ALERTS)).await;
+        if alerts.iter().any(|a| a.key == key) {
+            break alerts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no alert on {key}, whose bytes all came with ids of other partitions: {alerts:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        alerts.len(),
+        1,
+        "the address's alert, none of an id: {alerts:#?}"
+    );
+    assert_eq!(
+        alerts[0].detector,
+        v1::Detector::Volume as i32,
+        "{alerts:#?}"
+    );
+    assert!(alerts[0].observed_bytes > 100_000_000, "{alerts:#?}");
+
+    // Every byte once for the address, for each id and for the host, through the ingest node.
+    let mut q = query(&u).await;
+    let day = |w: Vec<v1::WindowStats>| {
+        w.into_iter()
+            .find(|w| w.window == v1::Window::Window24h as i32)
+            .map_or(0, |w| w.response_bytes)
+    };
+    let stats = |client: String| v1::ClientStatsRequest { client };
+    let got = day(q
+        .client_stats(stats(key.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .windows);
+    assert_eq!(got, 11 * 8 * 5_000_000, "the address's bytes");
+    for id in &ids {
+        let got = day(q
+            .client_stats(stats(id.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .windows);
+        assert_eq!(got, 11 * 5_000_000, "{id}'s bytes");
+    }
+    let hosts = q
+        .top_talkers(v1::TopTalkersRequest {
+            group_by: v1::GroupBy::Host as i32,
+            window: v1::Window::Window24h as i32,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .talkers;
+    assert_eq!(hosts.len(), 1, "{hosts:#?}");
+    assert_eq!(
+        hosts[0].response_bytes,
+        11 * 8 * 5_000_000,
+        "the host's bytes"
+    );
+    for s in [a0, a1, ingest] {
         s.shutdown().await.unwrap();
     }
 }

@@ -113,6 +113,8 @@ fn any_delta() -> impl Strategy<Value = v1::ConnDelta> {
                     client_addr: ca,
                     client_id: cid,
                     client_source: cs,
+                    // An agent's (only a cluster's ingest nodes set it).
+                    share: 0,
                 }
             },
         )
