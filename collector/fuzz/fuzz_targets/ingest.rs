@@ -26,6 +26,8 @@ fuzz_target!(|data: &[u8]| {
             let limits = BatchLimits {
                 max_deltas: 1000,
                 latest_end_ms: Some(4_102_444_800_000),
+                // An agent's batch.
+                parts: false,
             };
             let Ok(batch) = Batch::from_wire(b, &limits) else {
                 return;

@@ -316,6 +316,19 @@ impl Cohorts {
         out
     }
 
+    /// The cohorts to judge: [`Cohorts::take_touched`]'s and those of `open` (the open
+    /// alerts' subjects, so that they resolve), sorted.
+    pub fn take_to_judge(&mut self, open: &[Subject]) -> Vec<CohortKey> {
+        let mut keys = self.take_touched();
+        keys.extend(open.iter().filter_map(|s| match s {
+            Subject::Cohort(k) => Some(*k),
+            _ => None,
+        }));
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
     /// The summary of bin `key` in the 1 h window ending at `end_ms`: one pass over its
     /// members.
     fn summary(&self, key: &CohortKey, end_ms: u64) -> BinSummary {
@@ -676,13 +689,7 @@ mod tests {
                 let key = if i < step * 10 { then } else { first };
                 c.see(&member(i), Some(key), 50 << 20, at);
             }
-            let mut keys = c.take_touched();
-            keys.extend(open.iter().filter_map(|s| match s {
-                Subject::Cohort(k) => Some(*k),
-                _ => None,
-            }));
-            keys.sort_unstable();
-            keys.dedup();
+            let keys = c.take_to_judge(&open);
             let mut out = Vec::new();
             judge_all(&cfg, 1 << 30, &c, &keys, at, &open, &mut out);
             for v in out.iter().filter(|v| v.finding.is_some()) {

@@ -111,13 +111,7 @@ impl FleetCohorts {
                 self.cohorts.see(&s.member, s.key, s.h1, at_ms);
             }
         }
-        let mut keys = self.cohorts.take_touched();
-        keys.extend(open.iter().filter_map(|s| match s {
-            Subject::Cohort(k) => Some(*k),
-            _ => None,
-        }));
-        keys.sort_unstable();
-        keys.dedup();
+        let keys = self.cohorts.take_to_judge(&open);
         let mut verdicts = Vec::new();
         cohort::judge_all(
             &self.cfg.cohort,

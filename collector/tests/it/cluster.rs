@@ -447,6 +447,22 @@ async fn start_ingest(dir: &std::path::Path, nats: &NatsCluster) -> Server {
     start(node_config(&dir.join("ingest"), nats, NodeRole::Ingest)).await
 }
 
+/// Aggregators a0 and a1 with the configs `aggregator` gives, once they share the 8
+/// partitions evenly; and a JetStream context to watch the cluster with.
+async fn start_two(
+    nats: &NatsCluster,
+    aggregator: impl Fn(&str) -> outflow_collector::Config,
+) -> (Server, Server, jetstream::Context) {
+    let a0 = start(aggregator("a0")).await;
+    let a1 = start(aggregator("a1")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
+        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
+    })
+    .await;
+    (a0, a1, watch)
+}
+
 /// The alerts Alerts.List gives on node `url` for `req`.
 async fn list_alerts(url: &str, req: tonic::Request<v1::ListAlertsRequest>) -> Vec<v1::Alert> {
     v1::alerts_client::AlertsClient::new(channel(url).await)
@@ -455,6 +471,30 @@ async fn list_alerts(url: &str, req: tonic::Request<v1::ListAlertsRequest>) -> V
         .unwrap()
         .into_inner()
         .alerts
+}
+
+/// Sends agent-0's batches 1 to `last`, a minute of batch time apart, each with `deltas(seq)`,
+/// through the node at `u`; the last one two minutes on, once the rest is applied in all 8
+/// partitions, so that the judgements before it are made.
+async fn send_a_batch_a_minute(
+    u: &str,
+    watch: &jetstream::Context,
+    last: u64,
+    deltas: impl Fn(u64) -> Vec<v1::ConnDelta>,
+) {
+    let t0 = 1_750_000_000_000 / 3_600_000 * 3_600_000;
+    let mut s = agent_stream(u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=last {
+        let mut b = batch(seq, t0 + seq * 60_000, deltas(seq));
+        if seq == last {
+            wait_drained(watch, 8, Duration::from_secs(60), "never drained").await;
+            b.start_ms += 120_000;
+            b.end_ms += 120_000;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    s.close().await;
 }
 
 /// Agents through an ingest node; aggregators share the 8 partitions and move them while the
@@ -649,13 +689,7 @@ async fn any_node_answers_query_and_alerts_for_the_whole_cluster() {
         c.detect.volume.client_per_hour = 1_000_000;
         c
     };
-    let a0 = start(aggregator("a0")).await;
-    let a1 = start(aggregator("a1")).await;
-    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
-        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
-    })
-    .await;
+    let (a0, a1, watch) = start_two(&nats, aggregator).await;
 
     let u = url(&ingest);
     let (mut by_addr, mut by_host) = (BTreeMap::new(), BTreeMap::new());
@@ -1107,13 +1141,7 @@ async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_sta
         c.detect.volume.client_per_hour = 100_000_000;
         c
     };
-    let a0 = start(aggregator("a0")).await;
-    let a1 = start(aggregator("a1")).await;
-    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
-        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
-    })
-    .await;
+    let (a0, a1, watch) = start_two(&nats, aggregator).await;
     let pool: Vec<[u8; 4]> = (0..24u8).map(|i| [11 + 7 * i, 3 * i, 7, 1]).collect();
     let partitions = Partitions::new(8).unwrap();
     let of: std::collections::BTreeSet<u32> = pool
@@ -1124,26 +1152,13 @@ async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_sta
 
     // A batch a minute for 50 minutes: each member 500 KB a minute (30 MB an hour) over one
     // long-lived connection.
-    let t0 = 1_750_000_000_000 / 3_600_000 * 3_600_000;
     let u = url(&ingest);
-    let mut s = agent_stream(&u).await;
-    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
-    for seq in 1..=50u64 {
-        let deltas = pool
-            .iter()
+    send_a_batch_a_minute(&u, &watch, 50, |_| {
+        pool.iter()
             .map(|a| delta(*a, 500_000, 300, false))
-            .collect();
-        let mut b = batch(seq, t0 + seq * 60_000, deltas);
-        if seq == 50 {
-            // Two minutes on, once the rest is applied everywhere: the judgements before it
-            // are made.
-            wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
-            b.start_ms += 120_000;
-            b.end_ms += 120_000;
-        }
-        assert_eq!(s.batch(b).await.unwrap(), seq);
-    }
-    s.close().await;
+            .collect()
+    })
+    .await;
 
     let list =
         |n: String| async move { list_alerts(&n, tonic::Request::new(OPEN_CLIENT_ALERTS)).await };
@@ -1220,13 +1235,7 @@ async fn an_address_whose_bytes_come_under_other_partitions_ids_is_judged_on_all
         c.detect.volume.client_per_hour = 100_000_000;
         c
     };
-    let a0 = start(aggregator("a0")).await;
-    let a1 = start(aggregator("a1")).await;
-    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    wait_claims(&watch, "a0 and a1 share the partitions", |c| {
-        counts(c) == BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)])
-    })
-    .await;
+    let (a0, a1, watch) = start_two(&nats, aggregator).await;
     let addr = [198, 51, 100, 7];
     let partitions = Partitions::new(8).unwrap();
     let home = partitions.of_addr(IpAddr::from(addr));
@@ -1237,15 +1246,11 @@ async fn an_address_whose_bytes_come_under_other_partitions_ids_is_judged_on_all
         .collect();
     assert_eq!(ids.len(), 8);
 
-    // A batch a minute for 10 minutes: each id 5 MB a minute from the one address (300 MB an
-    // hour per id, under the limit; 400 MB in 10 minutes for the address, over it).
-    let t0 = 1_750_000_000_000 / 3_600_000 * 3_600_000;
+    // A batch a minute for 11 minutes: each id 5 MB a minute from the one address (300 MB an
+    // hour per id, under the limit; 440 MB in 11 minutes for the address, over it).
     let u = url(&ingest);
-    let mut s = agent_stream(&u).await;
-    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
-    for seq in 1..=11u64 {
-        let deltas = ids
-            .iter()
+    send_a_batch_a_minute(&u, &watch, 11, |seq| {
+        ids.iter()
             .enumerate()
             .map(|(i, id)| {
                 let mut d = delta(addr, 5_000_000, 100, false);
@@ -1254,18 +1259,9 @@ async fn an_address_whose_bytes_come_under_other_partitions_ids_is_judged_on_all
                 d.client_source = "header:x-client-id".into();
                 d
             })
-            .collect();
-        let mut b = batch(seq, t0 + seq * 60_000, deltas);
-        if seq == 11 {
-            // Two minutes on, once the rest is applied everywhere: the judgements before it
-            // are made.
-            wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
-            b.start_ms += 120_000;
-            b.end_ms += 120_000;
-        }
-        assert_eq!(s.batch(b).await.unwrap(), seq);
-    }
-    s.close().await;
+            .collect()
+    })
+    .await;
 
     let key = IpAddr::from(addr).to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
