@@ -13,11 +13,9 @@
 //! stream was). Their webhook receiver got each alert change once: what a rebuilt aggregator
 //! judged again was found in the cluster's delivery records and not sent again.
 //!
-//! The pool attack's 250 addresses are in many partitions: its alert is the second stage's,
-//! which judges cohorts over every partition's summaries.
-//!
 //! Not yet here: a real agent beside the simulated ones (`tests/tests/cluster.rs` runs one
-//! through a cluster of its own).
+//! through a cluster of its own), and the pool attack (a cohort, the cluster's second stage's:
+//! see `ATTACKS` for why, and `collector/tests/it/cluster.rs` for the second stage's own test).
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, default_collector_bin, run};

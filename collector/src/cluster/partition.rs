@@ -8,11 +8,10 @@
 //! id) is another goes to both ([`Placement::Shared`]): to the address's for the address's keys
 //! ([`Share::ClientAddress`]), to the id's for the rest ([`Share::Rest`]: the id, the gateway's
 //! relayed bytes, the workload, the host). So every key has all of its bytes in one partition,
-//! each counted once. Deltas the collector does not
-//! aggregate (client role, unknown role) and the batch's own counts go to the partition of the
-//! host. The function is fixed (SplitMix64 of the prefix's bits, FNV-1a of a name, modulo the
-//! count): every node and every version computes the same, since progress is stored per
-//! partition.
+//! each counted once. Deltas the collector does not aggregate (client role, unknown role) and
+//! the batch's own counts go to the partition of the host. The function is fixed (SplitMix64
+//! of the prefix's bits, FNV-1a of a name, modulo the count): every node and every version
+//! computes the same, since progress is stored per partition.
 use std::net::IpAddr;
 
 use outflow_proto::v1;
