@@ -4,7 +4,9 @@
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
-//! bulk, prefix, slowrise, parallel, wide). On the way it
+//! bulk, prefix, slowrise, parallel, wide): today (UTC), most of it ahead of the clock. A
+//! caller may run traffic of its own beside the fleet ([`Beside`]: a test's real agent), from
+//! the step where the fleet's batch time is past the clock. On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
 //! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
 //! another NATS node off from the network for a while (it runs in a network namespace of its
@@ -23,14 +25,14 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use outflow_proto::v1::{self, query_client::QueryClient};
 use outflow_testbed::{nats::NatsCluster, ports::free_port};
 
-use crate::{Report, Scenario, SimConfig};
+use crate::{Report, Scenario, SimConfig, Truth, model::DAY_MS};
 
 /// Partitions of the demo's stream.
 const PARTITIONS: u32 = 12;
@@ -62,6 +64,23 @@ fn attackers() -> Vec<Vec<IpAddr>> {
         one([100, 64, 99, 99]),
         one([100, 96, 0, 10]),
     ]
+}
+
+/// How long the fleet's steps from the one where traffic beside it starts (or from the first)
+/// take at least: the time the faults need.
+const TAIL: Duration = Duration::from_secs(40);
+
+/// Traffic of its own through the same cluster beside the simulated fleet, stamped with the
+/// wall clock: a real agent counting real connections (`tests/tests/cluster_fleet.rs`).
+pub trait Beside {
+    /// Starts sending to the ingest nodes at `ingest` (the second is killed on the way and
+    /// started again on its port). Called once the fleet's batch time is past the clock.
+    fn start(&mut self, ingest: &[String]) -> Result<()>;
+    /// Called once the fleet is done: stops starting new traffic and says what was sent, per
+    /// host and per client address (response, request bytes).
+    fn finish(&mut self) -> Result<Truth>;
+    /// Called once its totals were compared, before the nodes stop.
+    fn stop(&mut self) -> Result<()>;
 }
 
 /// What to run.
@@ -280,20 +299,21 @@ impl Drop for Node {
     }
 }
 
-/// The configuration of a node of `role` (rate limits off: the fleet sends a day in seconds).
+/// The configuration of a node of `role` (rate limits off: the fleet sends a day in seconds;
+/// the clock skew check off: most of the fleet's day is ahead of the clock).
 /// An aggregator's store commits durably (the default): it acknowledges a part to JetStream
 /// once it is committed, so an aggregator killed with commits not on disk would lose parts
 /// JetStream will not send again.
 fn node_config(nats: &NatsCluster, role: &str, name: &str) -> String {
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     format!(
-        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\nnats_ping_interval = \"1s\"\n",
+        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\nmax_clock_skew = \"0s\"\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\nnats_ping_interval = \"1s\"\n",
         urls.join(", ")
     )
 }
 
 /// Runs the demo (see the module's documentation).
-pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
+pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outcome> {
     let t0 = Instant::now();
     let say = |s: &str| {
         if cfg.verbose {
@@ -353,18 +373,40 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
     wait_held(&aggregators, Duration::from_secs(60))?;
 
     let progress = Arc::new(AtomicU64::new(0));
-    let sim = SimConfig {
+    // The fleet's day is today (UTC): up to now in its first steps, the rest ahead of the
+    // clock (the nodes do not check how far ahead), so that traffic beside it, stamped with
+    // the wall clock, is never ahead of the fleet's batch time once the fleet has passed now
+    // (the aggregators apply in step by batch time: a part ahead would hold its partition's
+    // fleet parts back), and lies in the same 24 h window.
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_millis() as u64;
+    let start_ms = now_ms / DAY_MS * DAY_MS;
+    let mut sim = SimConfig {
         collector: format!("{},{}", ingest[0].url(), ingest[1].url()),
         hosts: cfg.hosts,
         clients: cfg.clients,
         days: 1,
         seed: cfg.seed,
         batch_secs: 600,
+        start_ms: Some(start_ms),
+        weekends: false,
         max_batches_per_second: 0.0,
         progress: Some(progress.clone()),
         ..SimConfig::default()
     };
     let steps = sim.steps();
+    // The step from which the fleet's batch time is past the wall clock (of the run's first
+    // minutes) and traffic beside it starts (with none, the first); the faults come after it,
+    // over the rest of the fleet's steps, which take at least `TAIL` (even when few steps of
+    // the day are left), so that they all fall while the fleet sends.
+    let join = if beside.is_some() {
+        ((now_ms - start_ms) / (sim.batch_secs * 1000) + 2).min(steps)
+    } else {
+        1
+    };
+    sim.tail = Some((join, TAIL));
     let names: Vec<String> = ATTACKS.iter().map(ToString::to_string).collect();
     say(&format!(
         "{} agents send a day of traffic ({steps} batches each, {} benign clients, attacks: {}) through both ingest nodes",
@@ -382,9 +424,21 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         async move { crate::send(&sim, &ATTACKS).await }
     });
 
-    // A node of each kind killed part way, and brought back.
+    if let Some(b) = beside.as_deref_mut() {
+        while progress.load(Ordering::Relaxed) < join && !fleet.is_finished() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let urls: Vec<String> = ingest.iter().map(Node::url).collect();
+        b.start(&urls)
+            .context("starting the traffic beside the fleet")?;
+        say(&format!(
+            "step {}/{steps}: the fleet's batch time is past the clock; the traffic beside it started",
+            progress.load(Ordering::Relaxed)
+        ));
+    }
+    // A node of each kind killed part way (of the steps from `join`), and brought back.
     let at = |share: u64| {
-        let step = steps * share / 100;
+        let step = join + (steps - join) * share / 100;
         while progress.load(Ordering::Relaxed) < step && !fleet.is_finished() {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -427,7 +481,17 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
         .block_on(fleet)
         .context("the fleet's task")?
         .context("the fleet")?;
-    let truth = sent.truth();
+    let mut truth = sent.truth();
+    if let Some(b) = beside.as_deref_mut() {
+        let more = b.finish().context("the traffic beside the fleet")?;
+        say(&format!(
+            "the traffic beside the fleet stopped: {} host(s), {} client(s)",
+            more.hosts.len(),
+            more.clients.len()
+        ));
+        truth.hosts.extend(more.hosts);
+        truth.clients.extend(more.clients);
+    }
     say(&format!(
         "every batch acknowledged: {} deltas, {} streams opened again (their batch sent again); waiting for the aggregators to apply every part",
         truth.deltas,
@@ -573,6 +637,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Outcome> {
             }
         ));
     }
+    if let Some(b) = beside {
+        b.stop().context("stopping the traffic beside the fleet")?;
+    }
     // The nodes stop before the runtime their clients were on.
     drop(ingest);
     drop(aggregators);
@@ -617,7 +684,7 @@ fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
 /// differences (key, sent, the cluster's), and how many of hosts and of clients.
 type Differences = Vec<(String, (u64, u64), (u64, u64))>;
 
-async fn compare(url: &str, truth: &crate::Truth) -> Result<(Differences, usize, usize)> {
+async fn compare(url: &str, truth: &Truth) -> Result<(Differences, usize, usize)> {
     let mut hosts = top_hosts(url).await?;
     let mut differences = Vec::new();
     for (host, want) in &truth.hosts {

@@ -153,11 +153,17 @@ pub struct SimConfig {
     /// Batch time of the first batch (Unix ms, a multiple of 24 h). Default: the run ends at the
     /// last UTC midnight, so no batch is in the collector's future.
     pub start_ms: Option<u64>,
+    /// Saturdays and Sundays (UTC) quieter, with no office hours (else every day is a
+    /// weekday: a run of one day whose traffic does not depend on the day it runs).
+    pub weekends: bool,
     /// Hour of the last day (UTC) at which the attacks begin (the slow rise starts at 0).
     pub attack_start_hour: u32,
     /// Per agent, batches per second after a burst of 900 (0: as fast as acknowledged). The
     /// collector's default limit is 100.
     pub max_batches_per_second: f64,
+    /// From step `k` on (see [`SimConfig::progress`]), the remaining steps spread over at
+    /// least this long: `(k, d)`. For a caller that acts on the wall clock past step `k`.
+    pub tail: Option<(u64, Duration)>,
     /// Wait between the last Ack and reading the alerts.
     pub settle: Duration,
 }
@@ -175,8 +181,10 @@ impl Default for SimConfig {
             seed: 1,
             batch_secs: 300,
             start_ms: None,
+            weekends: true,
             attack_start_hour: 9,
             max_batches_per_second: 0.0,
+            tail: None,
             settle: Duration::from_millis(200),
         }
     }
@@ -276,6 +284,7 @@ impl SimConfig {
             batch_ms: self.batch_secs * 1000,
             start_ms,
             attack_offset_ms: u64::from(self.attack_start_hour) * model::HOUR_MS,
+            weekends: self.weekends,
         }
     }
 }
@@ -424,14 +433,25 @@ pub async fn send(cfg: &SimConfig, attacks: &[Scenario]) -> Result<Sent, SimErro
     }
 
     let wall = Instant::now();
+    let steps = params.steps();
     let mut seq = 0u64;
     let mut batches = 0u64;
     let mut reconnects = 0u64;
+    // When step `k` of `cfg.tail` began.
+    let mut tail_from = None;
     while !generator.done() {
         let (start_ms, end_ms, per_host) = generator.step();
         seq += 1;
         if let Some(p) = &cfg.progress {
             p.store(seq, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some((k, d)) = cfg.tail {
+            if seq == k {
+                tail_from = Some(Instant::now());
+            } else if let Some(from) = tail_from {
+                let due = d.mul_f64((seq - k) as f64 / (steps - k) as f64);
+                tokio::time::sleep_until((from + due).into()).await;
+            }
         }
         // Each agent's batch of this step, sent; acknowledged below (or sent again on a
         // stream opened again).

@@ -111,18 +111,21 @@ fn main() -> ExitCode {
 }
 
 fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
-    let outcome = outflow_sim::cluster_demo::run(&outflow_sim::cluster_demo::DemoConfig {
-        collector_bin: args
-            .collector_bin
-            .unwrap_or_else(outflow_sim::cluster_demo::default_collector_bin),
-        dir: args.dir,
-        hosts: args.hosts,
-        clients: args.clients,
-        seed: args.seed,
-        verbose: true,
-        faults: !args.no_faults,
-        alert_wait: Duration::from_secs(15),
-    })?;
+    let outcome = outflow_sim::cluster_demo::run(
+        &outflow_sim::cluster_demo::DemoConfig {
+            collector_bin: args
+                .collector_bin
+                .unwrap_or_else(outflow_sim::cluster_demo::default_collector_bin),
+            dir: args.dir,
+            hosts: args.hosts,
+            clients: args.clients,
+            seed: args.seed,
+            verbose: true,
+            faults: !args.no_faults,
+            alert_wait: Duration::from_secs(15),
+        },
+        None,
+    )?;
     println!("{}", outcome.line());
     Ok(if outcome.passed() {
         ExitCode::SUCCESS

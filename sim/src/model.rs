@@ -66,15 +66,15 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// If the source sends at `t_ms`: until when it goes on without a break.
-    pub fn active_until(self, t_ms: u64) -> Option<u64> {
+    /// If the source sends at `t_ms`: until when it goes on without a break (`weekends`: as
+    /// [`Params::weekends`]).
+    pub fn active_until(self, t_ms: u64, weekends: bool) -> Option<u64> {
         let day = t_ms / DAY_MS * DAY_MS;
         let hour = (t_ms % DAY_MS) / HOUR_MS;
         match self {
             Schedule::Always => Some(u64::MAX),
-            Schedule::OfficeHours => {
-                (!is_weekend(t_ms) && (9..17).contains(&hour)).then_some(day + 17 * HOUR_MS)
-            }
+            Schedule::OfficeHours => (!(weekends && is_weekend(t_ms)) && (9..17).contains(&hour))
+                .then_some(day + 17 * HOUR_MS),
             Schedule::Nightly => (hour < 6).then_some(day + 6 * HOUR_MS),
         }
     }
@@ -144,6 +144,8 @@ pub struct Params {
     pub start_ms: u64,
     /// Offset into the last simulated day at which the attacks begin.
     pub attack_offset_ms: u64,
+    /// Saturdays and Sundays are quieter, with no office hours (else every day is a weekday).
+    pub weekends: bool,
 }
 
 impl Params {
@@ -589,7 +591,12 @@ impl Generator {
         self.step += 1;
 
         // New benign sessions.
-        let f = daily_cycle(t0) * if is_weekend(t0) { WEEKEND_FACTOR } else { 1.0 };
+        let f = daily_cycle(t0)
+            * if self.params.weekends && is_weekend(t0) {
+                WEEKEND_FACTOR
+            } else {
+                1.0
+            };
         let frac = (t1 - t0) as f64 / HOUR_MS as f64;
         for c in 0..self.clients.len() {
             let (addr, per_hour) = self.clients[c];
@@ -626,7 +633,7 @@ impl Generator {
             if start >= t1 {
                 continue;
             }
-            let Some(until) = s.schedule.active_until(start) else {
+            let Some(until) = s.schedule.active_until(start, self.params.weekends) else {
                 continue;
             };
             for slot in 0..s.alive.len() {

@@ -167,6 +167,7 @@ fn same_seed_same_traffic() {
         batch_ms: 60_000,
         start_ms: START_MS,
         attack_offset_ms: 9 * 3_600_000,
+        weekends: true,
     };
     let run = |p: Params| {
         let mut g = Generator::new(p, &Scenario::ATTACKS);

@@ -576,6 +576,19 @@ impl Traffic {
         per_round: usize,
         parallelism: usize,
     ) -> Self {
+        Self::start_paced(pair, addrs, sizes, per_round, parallelism, Duration::ZERO)
+    }
+
+    /// Like [`Traffic::start`], with `pause` between rounds (traffic that leaves the machine's
+    /// cores to others).
+    pub fn start_paced(
+        pair: &NetnsPair,
+        addrs: &[SocketAddr],
+        sizes: &'static [(u64, u64)],
+        per_round: usize,
+        parallelism: usize,
+        pause: Duration,
+    ) -> Self {
         let client = Client::new(pair);
         let addrs = addrs.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
@@ -586,6 +599,7 @@ impl Traffic {
                 for addr in &addrs {
                     outcomes.extend(client.request_many(*addr, per_round, sizes, parallelism));
                 }
+                thread::sleep(pause);
             }
             outcomes
         });
