@@ -42,6 +42,7 @@
 //! | `outflow_collector_cluster_applied_parts_total` | counter | aggregator: parts of its partitions applied (or found applied before) and acknowledged to JetStream |
 //! | `outflow_collector_cluster_invalid_parts_total` | counter | aggregator: parts that break the protocol, dropped (acknowledged, logged) |
 //! | `outflow_collector_cluster_partitions_held` | gauge | aggregator: partitions it holds (claims and applies) |
+//! | `outflow_collector_cluster_delivery_gaps_total` | counter | aggregator: times a consumer found deliveries of its partition that never arrived (a fetch's reply lost): it read again from its first part not acknowledged, so none was taken for a duplicate |
 //! | `outflow_collector_cluster_rebuilds_total` | counter | aggregator: times it emptied its store and applied its partitions again from the stream's start (it gave partitions away, or found its claims taken while it was gone) |
 //! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: rounds in which renewing its membership or reading the claims failed |
 //! | `outflow_collector_cluster_cohort_summaries_total` | counter | aggregator: cohort summaries (a partition's clients at one judgement) JetStream acknowledged, for the second stage |
@@ -123,6 +124,7 @@ pub struct Metrics {
     pub cluster_invalid_parts: Counter,
     pub cluster_partitions_held: Gauge,
     pub cluster_rebuilds: Counter,
+    pub cluster_delivery_gaps: Counter,
     pub cluster_membership_failures: Counter,
     pub cluster_cohort_summaries: Counter,
     pub cluster_cohort_summaries_retried: Counter,
@@ -186,6 +188,7 @@ impl Metrics {
             cluster_invalid_parts: Counter::default(),
             cluster_partitions_held: Gauge::default(),
             cluster_rebuilds: Counter::default(),
+            cluster_delivery_gaps: Counter::default(),
             cluster_membership_failures: Counter::default(),
             cluster_cohort_summaries: Counter::default(),
             cluster_cohort_summaries_retried: Counter::default(),
@@ -326,6 +329,11 @@ impl Metrics {
             "cluster_rebuilds",
             "Aggregator: times it emptied its store and applied its partitions again from the stream's start",
             m.cluster_rebuilds.clone(),
+        );
+        registry.register(
+            "cluster_delivery_gaps",
+            "Aggregator: times a consumer found deliveries that never arrived and read again from its first part not acknowledged",
+            m.cluster_delivery_gaps.clone(),
         );
         registry.register(
             "cluster_membership_failures",

@@ -353,21 +353,22 @@ impl Aggregator {
     /// and applied from the stream's first part (any consumer left from before is deleted).
     /// Its consumer takes its place among the others from `joined`.
     async fn apply(&mut self, partition: u32) -> Result<(), RoundError> {
-        let name = consume::consumer_name(self.members.me(), partition);
-        if !self.held.contains(&partition) {
-            self.delete_consumer(&name).await?;
+        let fresh = !self.held.contains(&partition);
+        let source = consume::Source {
+            stream: self.stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            node: self.members.me().to_owned(),
+        };
+        let consumer = consume::open(&source, partition, fresh)
+            .await
+            .map_err(RoundError::Other)?;
+        if fresh {
+            // Listed once its consumer is known to start at the stream's first part (listed
+            // before, a failed start would go on next round from a consumer left from before).
             let mut held = self.held.clone();
             held.insert(partition);
             self.set_held(held)?;
         }
-        let consumer = consume::open(
-            &self.stream,
-            &self.subject_prefix,
-            self.members.me(),
-            partition,
-        )
-        .await
-        .map_err(RoundError::Other)?;
         let member = self
             .joined
             .remove(&partition)
@@ -375,6 +376,7 @@ impl Aggregator {
         let stop = CancellationToken::new();
         let task = consume::spawn(
             self.collector.clone(),
+            source,
             consumer,
             partition,
             member,
@@ -409,8 +411,9 @@ impl Aggregator {
     async fn rebuild(&mut self) -> Result<(), RoundError> {
         self.stop_all().await;
         for p in self.held.clone() {
-            self.delete_consumer(&consume::consumer_name(self.members.me(), p))
-                .await?;
+            consume::delete(&self.stream, &consume::consumer_name(self.members.me(), p))
+                .await
+                .map_err(RoundError::Other)?;
         }
         self.collector
             .reset()
@@ -421,24 +424,6 @@ impl Aggregator {
         self.aligner.reset();
         self.collector.metrics().cluster_rebuilds.inc();
         Ok(())
-    }
-
-    async fn delete_consumer(&self, name: &str) -> Result<(), RoundError> {
-        match self.stream.delete_consumer(name).await {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::ConsumerErrorKind::JetStream(j)
-                        if j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(RoundError::Other(format!(
-                "deleting the consumer {name}: {e}"
-            ))),
-        }
     }
 
     /// Stops every consumer task (each finishes the parts it fetched) and the second stage;

@@ -49,15 +49,30 @@ pub fn consumer_name(node: &str, partition: u32) -> String {
     format!("{node}-p{partition}")
 }
 
+/// Where a partition's consumer reads: what [`open`] needs to open it again.
+#[derive(Clone)]
+pub struct Source {
+    pub stream: Stream,
+    pub subject_prefix: String,
+    /// The aggregator's node name.
+    pub node: String,
+}
+
 /// The durable consumer of aggregator `node` for `partition` on `stream` (created if missing:
-/// from the stream's first part).
+/// from the stream's first part). `fresh`: the store holds nothing of the partition, so the
+/// consumer must start at the stream's first part: any consumer left from before is deleted,
+/// and one found still there (a deletion the cluster lost while it changed leaders) is an
+/// error, not a consumer to go on from (the parts it was past would be lost).
 pub async fn open(
-    stream: &Stream,
-    subject_prefix: &str,
-    node: &str,
+    source: &Source,
     partition: u32,
+    fresh: bool,
 ) -> Result<jetstream::consumer::PullConsumer, String> {
+    let (stream, subject_prefix, node) = (&source.stream, &source.subject_prefix, &source.node);
     let name = consumer_name(node, partition);
+    if fresh {
+        delete(stream, &name).await?;
+    }
     let config = |deliver_policy| pull::Config {
         durable_name: Some(name.clone()),
         filter_subject: format!("{subject_prefix}.{partition}"),
@@ -99,7 +114,7 @@ pub async fn open(
         }
         Err(e) => return Err(format!("consumer {name}: {e}")),
     };
-    match deliver {
+    let consumer = match deliver {
         Some(policy) => stream.create_consumer(config(policy)).await,
         None => {
             stream
@@ -107,13 +122,39 @@ pub async fn open(
                 .await
         }
     }
-    .map_err(|e| format!("consumer {name}: {e}"))
+    .map_err(|e| format!("consumer {name}: {e}"))?;
+    let info = consumer.cached_info();
+    if fresh && (info.delivered.stream_sequence > 0 || info.ack_floor.stream_sequence > 0) {
+        return Err(format!(
+            "consumer {name}: still there after it was deleted (delivered up to stream sequence {}): deleting it again",
+            info.delivered.stream_sequence
+        ));
+    }
+    Ok(consumer)
+}
+
+/// Deletes the consumer `name` (one that is not there is deleted).
+pub async fn delete(stream: &Stream, name: &str) -> Result<(), String> {
+    match stream.delete_consumer(name).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("deleting the consumer {name}: {e}")),
+    }
 }
 
 /// Starts applying `partition` to `collector` from `consumer` ([`open`]), in step with the
 /// aggregator's other consumers through `member`, until `stop`.
 pub fn spawn(
     collector: Arc<Collector>,
+    source: Source,
     consumer: jetstream::consumer::PullConsumer,
     partition: u32,
     member: Member,
@@ -122,9 +163,11 @@ pub fn spawn(
     tokio::spawn(async move {
         Partition {
             collector,
+            source,
             partition,
             member,
             sessions: HashMap::new(),
+            next: 0,
         }
         .run(consumer, stop)
         .await;
@@ -146,7 +189,15 @@ fn partition_agent(agent_id: &str, partition: u32) -> String {
 /// One owned partition's consumer task.
 struct Partition {
     collector: Arc<Collector>,
+    /// To open its consumer again.
+    source: Source,
     partition: u32,
+    /// The consumer sequence of the next delivery: JetStream numbers every delivery of a
+    /// consumer (again ones too) one after the other, so one beyond it means deliveries that
+    /// never arrived (a fetch's reply lost while the cluster changed leaders or a server was
+    /// cut off). They would come again only after `ack_wait`, behind the parts after them,
+    /// duplicates below the watermark by then: lost.
+    next: u64,
     /// Its place among the aggregator's consumers (parts are queued in step by batch time).
     member: Member,
     /// The applying session of each agent (and epoch) seen in this partition.
@@ -164,7 +215,12 @@ enum Done {
 }
 
 impl Partition {
-    async fn run(mut self, consumer: jetstream::consumer::PullConsumer, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut consumer: jetstream::consumer::PullConsumer,
+        stop: CancellationToken,
+    ) {
+        self.next = consumer.cached_info().delivered.consumer_sequence + 1;
         while !stop.is_cancelled() {
             let batch = tokio::select! {
                 () = stop.cancelled() => break,
@@ -195,6 +251,7 @@ impl Partition {
             let mut fetched = false;
             let mut failed = false;
             let mut rest: Option<VecDeque<_>> = None;
+            let mut gap = None;
             loop {
                 let next = match rest.as_mut() {
                     Some(rest) => rest.pop_front(),
@@ -211,6 +268,13 @@ impl Partition {
                         break;
                     }
                 };
+                let seq = m.info().map_or(0, |i| i.consumer_sequence);
+                if seq > self.next {
+                    // Neither this part nor any after it is applied before the missing ones.
+                    gap = Some((self.next, seq));
+                    break;
+                }
+                self.next = self.next.max(seq + 1);
                 fetched = true;
                 let pending = match self.decode(&m.payload) {
                     Ok(part) => {
@@ -241,6 +305,20 @@ impl Partition {
                 }
             }
             self.finish(begun).await;
+            if let Some((want, got)) = gap {
+                self.collector.metrics().cluster_delivery_gaps.inc();
+                warn!(
+                    "partition {}: deliveries {want} to {} of its consumer never arrived: reading again from its first part not acknowledged",
+                    self.partition,
+                    got - 1
+                );
+                self.member.hold();
+                match self.reopen(&stop).await {
+                    Some(c) => consumer = c,
+                    None => break,
+                }
+                continue;
+            }
             if failed && !fetched {
                 // The consumer is unavailable for now (its leader lost, no responders): not
                 // asked again at once.
@@ -251,6 +329,27 @@ impl Partition {
             }
         }
         debug!("partition {}: stopped", self.partition);
+    }
+
+    /// Opens the consumer again from its first part not acknowledged (see [`open`]), trying
+    /// until it opens or `stop`.
+    async fn reopen(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Option<jetstream::consumer::PullConsumer> {
+        loop {
+            match open(&self.source, self.partition, false).await {
+                Ok(c) => {
+                    self.next = c.cached_info().delivered.consumer_sequence + 1;
+                    return Some(c);
+                }
+                Err(e) => warn!("partition {}: {e}", self.partition),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(FETCH_WAIT) => {}
+            }
+        }
     }
 
     /// Waits for the parts begun to be answered and acknowledges each to JetStream, in order.
