@@ -4,7 +4,7 @@
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
-//! bulk, prefix, slowrise, parallel, wide): today (UTC), most of it ahead of the clock. A
+//! bulk, prefix, slowrise, parallel, wide) from the last full hour, most of it ahead of the clock. A
 //! caller may run traffic of its own beside the fleet ([`Beside`]: a test's real agent), from
 //! the step where the fleet's batch time is past the clock. On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
@@ -32,7 +32,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use outflow_proto::v1::{self, query_client::QueryClient};
 use outflow_testbed::{nats::NatsCluster, ports::free_port};
 
-use crate::{Report, Scenario, SimConfig, Truth, model::DAY_MS};
+use crate::{
+    Report, Scenario, SimConfig, Truth,
+    model::{DAY_MS, HOUR_MS},
+};
 
 /// Partitions of the demo's stream.
 const PARTITIONS: u32 = 12;
@@ -373,16 +376,19 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     wait_held(&aggregators, Duration::from_secs(60))?;
 
     let progress = Arc::new(AtomicU64::new(0));
-    // The fleet's day is today (UTC): up to now in its first steps, the rest ahead of the
-    // clock (the nodes do not check how far ahead), so that traffic beside it, stamped with
-    // the wall clock, is never ahead of the fleet's batch time once the fleet has passed now
-    // (the aggregators apply in step by batch time: a part ahead would hold its partition's
-    // fleet parts back), and lies in the same 24 h window.
+    // The fleet's day starts at the last full hour: up to now in its first steps, the rest
+    // ahead of the clock (the nodes do not check how far ahead), so that traffic beside it,
+    // stamped with the wall clock, is never ahead of the fleet's batch time once the fleet has
+    // passed now (the aggregators apply in step by batch time: a part ahead would hold its
+    // partition's fleet parts back), and lies in the same 24 h window. The model's day is
+    // today's, from midnight, sent that many hours later (`offset_ms`): the same traffic
+    // whatever the hour.
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_millis() as u64;
     let start_ms = now_ms / DAY_MS * DAY_MS;
+    let offset_ms = now_ms / HOUR_MS * HOUR_MS - start_ms;
     let mut sim = SimConfig {
         collector: format!("{},{}", ingest[0].url(), ingest[1].url()),
         hosts: cfg.hosts,
@@ -391,6 +397,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         seed: cfg.seed,
         batch_secs: 600,
         start_ms: Some(start_ms),
+        offset_ms,
         weekends: false,
         max_batches_per_second: 0.0,
         progress: Some(progress.clone()),
@@ -402,7 +409,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     // over the rest of the fleet's steps, which take at least `TAIL` (even when few steps of
     // the day are left), so that they all fall while the fleet sends.
     let join = if beside.is_some() {
-        ((now_ms - start_ms) / (sim.batch_secs * 1000) + 2).min(steps)
+        ((now_ms - start_ms - offset_ms) / (sim.batch_secs * 1000) + 2).min(steps)
     } else {
         1
     };
@@ -527,6 +534,19 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         } else {
             format!("{client_diffs} differ")
         }
+    ));
+    let sum = |name: &str| -> f64 {
+        aggregators
+            .iter()
+            .filter_map(|a| http_get(a.metrics, "/metrics"))
+            .map(|(_, m)| metric(&m, name))
+            .sum()
+    };
+    say(&format!(
+        "aggregators: {} rebuilds, {} consumers read again past deliveries that never arrived, {} parts taken for duplicates",
+        sum("outflow_collector_cluster_rebuilds_total"),
+        sum("outflow_collector_cluster_delivery_gaps_total"),
+        sum("outflow_collector_duplicate_batches_total"),
     ));
     for (key, want, got) in differences.iter().take(10) {
         say(&format!(

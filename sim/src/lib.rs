@@ -153,6 +153,11 @@ pub struct SimConfig {
     /// Batch time of the first batch (Unix ms, a multiple of 24 h). Default: the run ends at the
     /// last UTC midnight, so no batch is in the collector's future.
     pub start_ms: Option<u64>,
+    /// How much later than the model's time the batches are sent: the model's days start at a
+    /// UTC midnight ([`SimConfig::start_ms`]; its hours of work and sleep are UTC's), its
+    /// batches' and connections' times are sent this much later (a whole number of hours keeps
+    /// every window's buckets where they were). Alerts are scored back in the model's time.
+    pub offset_ms: u64,
     /// Saturdays and Sundays (UTC) quieter, with no office hours (else every day is a
     /// weekday: a run of one day whose traffic does not depend on the day it runs).
     pub weekends: bool,
@@ -181,6 +186,7 @@ impl Default for SimConfig {
             seed: 1,
             batch_secs: 300,
             start_ms: None,
+            offset_ms: 0,
             weekends: true,
             attack_start_hour: 9,
             max_batches_per_second: 0.0,
@@ -440,7 +446,11 @@ pub async fn send(cfg: &SimConfig, attacks: &[Scenario]) -> Result<Sent, SimErro
     // When step `k` of `cfg.tail` began.
     let mut tail_from = None;
     while !generator.done() {
-        let (start_ms, end_ms, per_host) = generator.step();
+        let (start_ms, end_ms, mut per_host) = generator.step();
+        let (start_ms, end_ms) = (start_ms + cfg.offset_ms, end_ms + cfg.offset_ms);
+        for d in per_host.iter_mut().flatten() {
+            d.first_seen_ms += cfg.offset_ms;
+        }
         seq += 1;
         if let Some(p) = &cfg.progress {
             p.store(seq, std::sync::atomic::Ordering::Relaxed);

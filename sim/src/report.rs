@@ -319,6 +319,16 @@ pub(crate) fn score(
     ingest_wall: Duration,
     alerts: Result<Vec<v1::Alert>, tonic::Status>,
 ) -> Report {
+    // Back in the model's time (`SimConfig::offset_ms`).
+    let alerts = alerts.map(|list| {
+        list.into_iter()
+            .map(|mut a| {
+                a.first_seen_ms = a.first_seen_ms.saturating_sub(cfg.offset_ms);
+                a.last_seen_ms = a.last_seen_ms.saturating_sub(cfg.offset_ms);
+                a
+            })
+            .collect::<Vec<_>>()
+    });
     let (alerts, alerts_error, alerts_code) = match alerts {
         Ok(a) => (a, None, None),
         Err(s) => (

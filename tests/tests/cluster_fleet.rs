@@ -17,9 +17,10 @@
 //! what a rebuilt aggregator judged again was found in the cluster's delivery records and not
 //! sent again.
 //!
-//! The simulated day is today (UTC), sent in under a minute: the real agent starts once the
-//! fleet's batch time is past the clock, so its batches (stamped with the wall clock) are never
-//! ahead of the fleet's, and lie in the same 24 h window.
+//! The simulated day starts at the last full hour and is sent in under a minute: the real agent
+//! starts once the fleet's batch time is past the clock, so its batches (stamped with the wall
+//! clock) are never ahead of the fleet's, and lie in the same 24 h window; the faults come after
+//! it, over the rest of the day.
 //!
 //! Not here: the pool attack (a cohort, the cluster's second stage's: see
 //! `outflow_sim::cluster_demo::ATTACKS` for why, and `collector/tests/it/cluster.rs` for the
