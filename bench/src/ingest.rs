@@ -284,6 +284,8 @@ struct RunResult {
     peak_rss: u64,
     commits: f64,
     commit_seconds: f64,
+    checkpoints: f64,
+    checkpoint_seconds: f64,
     detect_runs: f64,
     detect_seconds: f64,
     client_keys: f64,
@@ -456,6 +458,8 @@ fn one_run(
         peak_rss,
         commits: delta("outflow_collector_store_commit_seconds_count"),
         commit_seconds: delta("outflow_collector_store_commit_seconds_sum"),
+        checkpoints: delta("outflow_collector_store_checkpoint_seconds_count"),
+        checkpoint_seconds: delta("outflow_collector_store_checkpoint_seconds_sum"),
         detect_runs: delta("outflow_collector_detect_seconds_count"),
         detect_seconds: delta("outflow_collector_detect_seconds_sum"),
         client_keys: after.value("outflow_collector_keys{group=\"client-address\"}"),
@@ -720,10 +724,13 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
         ),
         format!(
             "Detection and fsync on, as by default. Group commits: {:.1} per second, {:.1} batches \
-             each, {:.0} ms each (medians over runs, from the collector's /metrics).",
+             each, {:.0} ms each; checkpoints (every key the journal touched written whole): \
+             {:.1} per run, {:.0} ms each (medians over runs, from the collector's /metrics).",
             med(&|r| r.commits / r.seconds),
             med(&|r| total_batches / r.commits.max(1.0)),
             med(&|r| 1000.0 * r.commit_seconds / r.commits.max(1.0)),
+            med(&|r| r.checkpoints),
+            med(&|r| 1000.0 * r.checkpoint_seconds / r.checkpoints.max(1.0)),
         ),
         format!(
             "Every delta sent was applied (`outflow_collector_deltas_total`); at the end the \

@@ -206,6 +206,11 @@ pub struct StoreConfig {
     /// Memory the store caches its pages in, bytes. Queries read memory, not the store, so
     /// this only speeds up commits.
     pub cache_bytes: usize,
+    /// A group commit writes what it added to each key to the store's journal; the rollups are
+    /// written whole once the journal holds this many bytes (and at each `gc_interval`, and at
+    /// a clean stop). More: fewer whole writes (each writes every key touched since the last),
+    /// a longer replay when the collector starts after a crash.
+    pub journal_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -215,6 +220,7 @@ impl Default for StoreConfig {
             max_batches_per_commit: 512,
             gc_interval: Duration::from_secs(60),
             cache_bytes: 64 << 20,
+            journal_bytes: 256 << 20,
         }
     }
 }

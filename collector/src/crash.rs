@@ -6,10 +6,13 @@
 //! a map lookup per group commit.
 //!
 //! The points:
-//! - `store::before_commit`: the group's rollups and watermarks are written into the
+//! - `store::before_commit`: the group's journal entry and watermarks are written into the
 //!   transaction, which is not committed;
 //! - `writer::after_commit`: the transaction is durable, memory not updated, no Ack sent;
 //! - `writer::after_acks`: the group's Acks are handed to their streams;
+//! - `store::before_checkpoint`: the rollups the journal touched are written whole and the
+//!   journal emptied in the transaction, which is not committed (at a full journal, each
+//!   `store.gc_interval`, a clean stop, and at the start after a crash);
 //! - `detection::after_reading`: a judgement has read memory and made its alert changes, not
 //!   yet stored or published (tests hold the detection thread here with `pause`).
 

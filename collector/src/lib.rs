@@ -47,6 +47,7 @@ pub mod feed;
 pub mod feed_service;
 pub mod history;
 pub mod ingest;
+pub mod journal;
 pub mod keys;
 pub mod links;
 pub mod metrics;

@@ -17,6 +17,8 @@
 //! | `outflow_collector_unattributed_response_bytes_total` | counter | response bytes agents counted for connections their kernel table had no slot for (in no client's totals) |
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
+//! | `outflow_collector_store_checkpoints_total` | counter | checkpoints: the rollups the journal touched written whole, the journal emptied |
+//! | `outflow_collector_store_checkpoint_seconds` | histogram | one checkpoint's write transaction, commit included |
 //! | `outflow_collector_store_failures_total` | counter | writes the store could not make (full disk, I/O error): their batches were refused with UNAVAILABLE, not applied; the store is reopened before the next |
 //! | `outflow_collector_commit_batches` | histogram | batches per write transaction |
 //! | `outflow_collector_keys{group}` | gauge | keys held per group (`client-address`, `client-prefix`, `host`, `workload`, `client-id`, `peer`) |
@@ -134,6 +136,8 @@ pub struct Metrics {
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
+    pub checkpoints: Counter,
+    pub checkpoint_seconds: Histogram,
     pub store_failures: Counter,
     pub keys: Family<GroupLabel, Gauge>,
     pub key_budget: Gauge,
@@ -198,6 +202,8 @@ impl Metrics {
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            checkpoints: Counter::default(),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             store_failures: Counter::default(),
             keys: Family::default(),
             key_budget: Gauge::default(),
@@ -386,6 +392,17 @@ impl Metrics {
             "commit_batches",
             "Batches per write transaction",
             m.commit_batches.clone(),
+        );
+        registry.register(
+            "store_checkpoints",
+            "Checkpoints: the rollups the journal touched written whole, the journal emptied",
+            m.checkpoints.clone(),
+        );
+        registry.register_with_unit(
+            "store_checkpoint",
+            "Duration of one checkpoint's write transaction",
+            Unit::Seconds,
+            m.checkpoint_seconds.clone(),
         );
         registry.register(
             "store_failures",

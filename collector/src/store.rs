@@ -10,26 +10,31 @@
 //! | `rollups`    | key (see [`Key::encode`])             | buckets and hosts (see [`Rollup::encode`]) |
 //! | `alerts`     | alert id (str)                        | `outflow.v1.Alert`, protobuf-encoded |
 //! | `history`    | minute number (`time_ms / 60 000`)    | the fleet's bytes and top keys in it (see [`Minute::encode`]) |
+//! | `journal`    | commit number (u64)                   | what a group commit added to each key (see [`journal`]) |
 //!
 //! Alerts are written in their own transaction, by the detection thread, after the commit whose
 //! batches raised them; the writer and the detection thread share the store through
 //! [`SharedStore`] (one write at a time, as redb runs them anyway).
 //!
-//! Every change of a group commit (watermarks, new hosts, the rollups it touched) goes into one
-//! write transaction, so after a crash the store holds either all of a batch or none of it, and
-//! its watermark with it.
+//! Every change of a group commit (watermarks, new hosts, what it added to the keys it touched,
+//! as a journal entry) goes into one write transaction, so after a crash the store holds either
+//! all of a batch or none of it, and its watermark with it. The rollups themselves are written
+//! whole only at checkpoints ([`Store::checkpoint_with`]), which empty the journal in the same
+//! transaction; opening the store applies what the journal holds to the rollups
+//! ([`journal::replay`]) and checkpoints them.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
 
-use log::warn;
+use log::{debug, warn};
 use redb::{Database, Durability, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
 use crate::{
     aggregate::{Map, State},
     history::{Minute, first_kept},
+    journal,
     keys::{HostId, Key},
     model::AgentKey,
     window::Rollup,
@@ -37,10 +42,13 @@ use crate::{
 
 /// The database file's name in the data directory.
 pub const DB_FILE: &str = "collector.redb";
-/// 3: client addresses are the attributed clients (`client_addr`), split into direct, proxied
-/// and relayed keys; client-id keys; links in the `rollups` value. 2 keyed clients by TCP
-/// peer. 1 kept the hosts of a key in a `key_hosts` table.
-const SCHEMA: u64 = 3;
+/// 4: the `journal` table (a store of schema 3 is one of 4 with an empty journal: it is
+/// upgraded in place). 3: client addresses are the attributed clients (`client_addr`), split
+/// into direct, proxied and relayed keys; client-id keys; links in the `rollups` value. 2 keyed
+/// clients by TCP peer. 1 kept the hosts of a key in a `key_hosts` table.
+const SCHEMA: u64 = 4;
+/// The oldest schema this collector reads (and upgrades).
+const OLDEST_SCHEMA: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WATERMARKS: TableDefinition<(&str, u64), u64> = TableDefinition::new("watermarks");
@@ -48,6 +56,7 @@ const HOSTS: TableDefinition<u32, &str> = TableDefinition::new("hosts");
 const ROLLUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollups");
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// One row of a table: key and value bytes.
 pub type Row = (Vec<u8>, Vec<u8>);
 
@@ -72,7 +81,7 @@ pub enum StoreError {
     #[error("database {path} is corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
     #[error(
-        "database {path} has schema {found}; this collector reads schema {SCHEMA} only: {}",
+        "database {path} has schema {found}; this collector reads schemas {OLDEST_SCHEMA} to {SCHEMA} only: {}",
         schema_advice(*found)
     )]
     Schema { path: PathBuf, found: u64 },
@@ -80,7 +89,7 @@ pub enum StoreError {
 
 /// What to do with a file of another schema.
 fn schema_advice(found: u64) -> &'static str {
-    if found < SCHEMA {
+    if found < OLDEST_SCHEMA {
         "it was written by an older collector (it counted clients by TCP peer); move it away to \
          start afresh (it holds at most the last 24 h of aggregates, and the alerts)"
     } else {
@@ -299,6 +308,10 @@ impl Store {
                     meta.insert("schema", SCHEMA).map_err(|e| self.err(e))?;
                 }
                 Some(SCHEMA) => {}
+                // Schema 3 had no journal: its rollups are whole.
+                Some(OLDEST_SCHEMA) => {
+                    meta.insert("schema", SCHEMA).map_err(|e| self.err(e))?;
+                }
                 Some(found) => {
                     return Err(StoreError::Schema {
                         path: self.path.clone(),
@@ -312,6 +325,7 @@ impl Store {
             tx.open_table(ALERTS).map_err(|e| self.err(e))?;
             tx.open_table(DETECT_STATE).map_err(|e| self.err(e))?;
             tx.open_table(HISTORY).map_err(|e| self.err(e))?;
+            tx.open_table(JOURNAL).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -381,6 +395,33 @@ impl Store {
                 .ok_or_else(|| self.corrupt(format!("bad rollup value for {key:?}")))?;
             state.put(key, rollup);
         }
+        let mut replayed = 0;
+        for row in tx
+            .open_table(JOURNAL)
+            .map_err(|x| e(x.into()))?
+            .iter()
+            .map_err(|x| e(x.into()))?
+        {
+            let (n, v) = row.map_err(|x| e(x.into()))?;
+            if journal::replay(v.value(), &mut state).is_none() {
+                return Err(self.corrupt(format!("bad journal entry {}", n.value())));
+            }
+            replayed += 1;
+        }
+        drop(tx);
+        if replayed > 0 {
+            // The journal of a run that did not stop cleanly: every rollup written whole now,
+            // so that the writer starts on an empty journal.
+            debug!("store: {replayed} journal entries applied; checkpointing");
+            let mut keys: Vec<(Key, &Rollup)> = state.iter().collect();
+            keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            self.checkpoint_with(|w| {
+                for (key, rollup) in keys {
+                    w.put(&key, rollup)?;
+                }
+                Ok(())
+            })?;
+        }
         Ok(state)
     }
 
@@ -432,10 +473,7 @@ impl Store {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
         let run = || -> Result<(), redb::Error> {
-            let mut tx = self.db()?.begin_write()?;
-            if !self.fsync {
-                tx.set_durability(Durability::None)?;
-            }
+            let tx = self.begin()?;
             f(&tx)?;
             tx.commit()?;
             Ok(())
@@ -453,6 +491,7 @@ impl Store {
             tx.delete_table(ALERTS)?;
             tx.delete_table(DETECT_STATE)?;
             tx.delete_table(HISTORY)?;
+            tx.delete_table(JOURNAL)?;
             tx.delete_table(META)?;
             Ok(())
         })?;
@@ -478,9 +517,10 @@ impl Store {
         })
     }
 
-    /// Writes `changes` in one transaction and commits it (durably if `fsync`).
+    /// Writes `changes` with their rollups whole in one transaction and empties the journal
+    /// (durably if `fsync`): the changes must hold every key the journal touched.
     pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
-        self.commit_with(changes, |w| {
+        self.checkpoint_changes(changes, |w| {
             // In key order: neighbouring inserts touch the same B-tree pages.
             let mut sorted: Vec<(&Key, &Rollup)> = changes.rollups.iter().collect();
             sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -491,69 +531,104 @@ impl Store {
         })
     }
 
-    /// Writes `changes` and whatever `rollups` writes in one transaction and commits it
-    /// (durably if `fsync`). Nothing is written if `rollups` fails. Rollups are best written in
-    /// key order.
-    pub fn commit_with(
+    /// Writes `changes` (their rollups aside) and a group commit's journal `entry` (see
+    /// [`journal`]; `None`: it touched no key) in one transaction and commits it (durably if
+    /// `fsync`).
+    pub fn append(&self, changes: &Changes, entry: Option<&[u8]>) -> Result<(), StoreError> {
+        let run = || -> Result<(), redb::Error> {
+            let tx = self.begin()?;
+            write_changes(&tx, changes)?;
+            if let Some(entry) = entry {
+                let mut j = tx.open_table(JOURNAL)?;
+                let next = j.last()?.map_or(0, |(n, _)| n.value() + 1);
+                j.insert(next, entry)?;
+            }
+            outflow_crashpoint::crash_point!("store::before_commit");
+            tx.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// Writes whatever `rollups` writes, whole, and empties the journal in one transaction, and
+    /// commits it (durably if `fsync`): `rollups` must write every key the journal touched, as
+    /// memory holds it. Rollups are best written in key order.
+    pub fn checkpoint_with(
+        &self,
+        rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        self.checkpoint_changes(&Changes::default(), rollups)
+    }
+
+    fn checkpoint_changes(
         &self,
         changes: &Changes,
         rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        self.write(changes, rollups).map_err(|e| self.err(e))
+        let run = || -> Result<(), redb::Error> {
+            let tx = self.begin()?;
+            write_changes(&tx, changes)?;
+            {
+                let mut w = RollupWriter {
+                    rollups: tx.open_table(ROLLUPS)?,
+                    key: Vec::with_capacity(64),
+                    value: Vec::with_capacity(512),
+                };
+                rollups(&mut w)?;
+            }
+            tx.delete_table(JOURNAL)?;
+            tx.open_table(JOURNAL)?;
+            outflow_crashpoint::crash_point!("store::before_checkpoint");
+            tx.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| self.err(e))
     }
 
-    fn write(
-        &self,
-        changes: &Changes,
-        rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
-    ) -> Result<(), redb::Error> {
+    /// A write transaction, durable at its commit if `fsync`.
+    fn begin(&self) -> Result<redb::WriteTransaction, redb::Error> {
         let mut tx = self.db()?.begin_write()?;
         if !self.fsync {
             tx.set_durability(Durability::None)?;
         }
-        {
-            let mut hosts = tx.open_table(HOSTS)?;
-            for (id, name) in &changes.hosts {
-                hosts.insert(*id, &**name)?;
-            }
-            let mut wm = tx.open_table(WATERMARKS)?;
-            for (agent, seq) in &changes.watermarks {
-                wm.insert((&*agent.agent_id, agent.epoch), *seq)?;
-            }
-            if let Some(end) = changes.end_ms {
-                tx.open_table(META)?.insert("end_ms", end)?;
-            }
-            if let Some(m) = changes.settled_through {
-                tx.open_table(META)?.insert("history_settled", m)?;
-            }
-            if !changes.minutes.is_empty() || changes.end_ms.is_some() {
-                let mut history = tx.open_table(HISTORY)?;
-                let mut row = Vec::new();
-                for (m, minute) in &changes.minutes {
-                    if *minute == Minute::default() {
-                        history.remove(*m)?;
-                    } else {
-                        row.clear();
-                        minute.encode(&mut row);
-                        history.insert(*m, &*row)?;
-                    }
-                }
-                if let Some(end) = changes.end_ms {
-                    // Minutes that left the week (one per minute of batch time, usually).
-                    history.retain_in(..first_kept(end), |_, _| false)?;
-                }
-            }
-            let mut w = RollupWriter {
-                rollups: tx.open_table(ROLLUPS)?,
-                key: Vec::with_capacity(64),
-                value: Vec::with_capacity(512),
-            };
-            rollups(&mut w)?;
-        }
-        outflow_crashpoint::crash_point!("store::before_commit");
-        tx.commit()?;
-        Ok(())
+        Ok(tx)
     }
+}
+
+/// Writes `changes` but their rollups into `tx`.
+fn write_changes(tx: &redb::WriteTransaction, changes: &Changes) -> Result<(), redb::Error> {
+    let mut hosts = tx.open_table(HOSTS)?;
+    for (id, name) in &changes.hosts {
+        hosts.insert(*id, &**name)?;
+    }
+    let mut wm = tx.open_table(WATERMARKS)?;
+    for (agent, seq) in &changes.watermarks {
+        wm.insert((&*agent.agent_id, agent.epoch), *seq)?;
+    }
+    if let Some(end) = changes.end_ms {
+        tx.open_table(META)?.insert("end_ms", end)?;
+    }
+    if let Some(m) = changes.settled_through {
+        tx.open_table(META)?.insert("history_settled", m)?;
+    }
+    if !changes.minutes.is_empty() || changes.end_ms.is_some() {
+        let mut history = tx.open_table(HISTORY)?;
+        let mut row = Vec::new();
+        for (m, minute) in &changes.minutes {
+            if *minute == Minute::default() {
+                history.remove(*m)?;
+            } else {
+                row.clear();
+                minute.encode(&mut row);
+                history.insert(*m, &*row)?;
+            }
+        }
+        if let Some(end) = changes.end_ms {
+            // Minutes that left the week (one per minute of batch time, usually).
+            history.retain_in(..first_kept(end), |_, _| false)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -602,6 +677,80 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_is_replayed_and_checkpointed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::Direct("203.0.113.7".parse().unwrap());
+        let totals = Totals {
+            response_bytes: 42,
+            ..Default::default()
+        };
+        let entry = |t: u64| {
+            let mut e = Vec::new();
+            journal::begin(&mut e, t);
+            let change = journal::Change {
+                granules: [&[(t, totals)], &[]],
+                hosts: [&[(0, u32::try_from(t / 10_000).unwrap())], &[]],
+                links: &[],
+            };
+            journal::push(&mut e, &key, &change);
+            e
+        };
+        {
+            let (store, _) = Store::open(dir.path(), false, 1 << 20).unwrap();
+            let mut ch = Changes::default();
+            ch.hosts.push((0, "h0".into()));
+            ch.end_ms = Some(5000);
+            store.append(&ch, Some(&entry(5000))).unwrap();
+            store
+                .append(&Changes::default(), Some(&entry(15_000)))
+                .unwrap();
+            // Closed without a checkpoint, as after a crash.
+        }
+        let journal_rows = |store: &Store| {
+            let tx = store.db().unwrap().begin_read().unwrap();
+            redb::ReadableTableMetadata::len(&tx.open_table(JOURNAL).unwrap()).unwrap()
+        };
+        let expect = |state: &State| {
+            let s = state
+                .stats(&crate::aggregate::ClientQuery::Address(
+                    "203.0.113.7".parse().unwrap(),
+                ))
+                .unwrap();
+            assert_eq!(s[Window::H24.index()].totals.response_bytes, 84);
+            assert_eq!(s[Window::H24.index()].hosts, 1);
+        };
+        {
+            let (store, state) = Store::open(dir.path(), false, 1 << 20).unwrap();
+            expect(&state);
+            assert_eq!(journal_rows(&store), 0, "checkpointed at open");
+        }
+        // What the checkpoint wrote reads back the same, once.
+        let (store, state) = Store::open(dir.path(), false, 1 << 20).unwrap();
+        expect(&state);
+        assert_eq!(journal_rows(&store), 0);
+    }
+
+    #[test]
+    fn schema_3_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META).unwrap().insert("schema", 3).unwrap();
+            tx.commit().unwrap();
+        }
+        let (store, _) = Store::open(dir.path(), false, 1 << 20).unwrap();
+        let tx = store.db().unwrap().begin_read().unwrap();
+        let found = tx
+            .open_table(META)
+            .unwrap()
+            .get("schema")
+            .unwrap()
+            .map(|v| v.value());
+        assert_eq!(found, Some(SCHEMA));
+    }
+
+    #[test]
     fn older_schema_is_refused_in_one_line() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -615,7 +764,7 @@ mod tests {
         let m = e.to_string();
         assert!(!m.contains('\n'), "{m}");
         assert!(
-            m.contains("has schema 2; this collector reads schema 3 only: it was written by an older collector"),
+            m.contains("has schema 2; this collector reads schemas 3 to 4 only: it was written by an older collector"),
             "{m}"
         );
     }

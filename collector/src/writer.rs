@@ -4,10 +4,12 @@
 //! send them here. The writer takes whatever is queued (up to `store.max_batches_per_commit`),
 //! checks each batch against its agent's watermark (a batch at or below it is a duplicate),
 //! sums the rest per key and 10-s granule ([`Staging`]: one rollup update per touched key per
-//! commit, however many batches touched it), writes each touched rollup rebuilt from the one in
-//! memory, in key order, with the new watermarks in ONE write transaction, commits, and only
+//! commit, however many batches touched it), writes those sums as a journal entry
+//! ([`crate::journal`]) with the new watermarks in ONE write transaction, commits, and only
 //! then applies the same sums to memory and answers. So an Ack always means applied and
-//! persisted, and a failed commit changes nothing anywhere.
+//! persisted, and a failed commit changes nothing anywhere. The rollups the journal touched
+//! are written whole, from memory, at a checkpoint: once the journal holds
+//! `store.journal_bytes`, at each `store.gc_interval` and at a clean stop.
 //!
 //! Detection is not on this path: the writer tells the detection thread what each commit
 //! touched and when to judge ([`crate::detection`]), and waits for it only where a judgement
@@ -32,6 +34,7 @@ use crate::{
     detection::{Detection, Reading, SightingsTx},
     feed::{Feed, FeedBatch},
     history::{MINUTE_MS, first_kept},
+    journal,
     keys::{Group, HostId, Key, Prefix},
     links::LinkKind,
     metrics::Metrics,
@@ -183,6 +186,10 @@ impl Writer {
             staging: Staging::default(),
             staged: Vec::new(),
             sightings,
+            entry: Vec::new(),
+            dirty: Map::default(),
+            journal_bytes: 0,
+            max_journal_bytes: store_cfg.journal_bytes,
         };
         w.start_detection()?;
         w.update_key_gauges();
@@ -410,23 +417,28 @@ impl Staging {
 
     /// Adds `s` to `rollup`, then drops the buckets that left their window at `end_ms`.
     fn apply(&self, s: &Staged, rollup: &mut Rollup, end_ms: u64) {
+        journal::apply(rollup, &self.change(s), end_ms);
+    }
+
+    /// Appends what `s` adds to `key` to a journal entry.
+    fn journal(&self, key: &Key, s: &Staged, entry: &mut Vec<u8>) {
+        journal::push(entry, key, &self.change(s));
+    }
+
+    /// What `s` holds, its spill's included.
+    fn change<'a>(&'a self, s: &'a Staged) -> journal::Change<'a> {
         let spill = s.spill.and_then(|i| self.spill.get(i as usize));
-        let granules = s.granules[..usize::from(s.n_granules)]
-            .iter()
-            .chain(spill.into_iter().flat_map(|x| &x.granules));
-        for (time_ms, totals) in granules {
-            rollup.add_totals(*time_ms, totals);
+        journal::Change {
+            granules: [
+                &s.granules[..usize::from(s.n_granules)],
+                spill.map_or(&[], |x| &x.granules),
+            ],
+            hosts: [
+                &s.hosts[..usize::from(s.n_hosts)],
+                spill.map_or(&[], |x| &x.hosts),
+            ],
+            links: spill.map_or(&[], |x| &x.links),
         }
-        let hosts = s.hosts[..usize::from(s.n_hosts)]
-            .iter()
-            .chain(spill.into_iter().flat_map(|x| &x.hosts));
-        for &(host, granule) in hosts {
-            rollup.see_host(host, u64::from(granule) * HOST_GRANULE_MS);
-        }
-        for &(kind, addr, time_ms) in spill.into_iter().flat_map(|x| &x.links) {
-            rollup.see_link(kind, addr, time_ms);
-        }
-        rollup.prune_slots(end_ms);
     }
 
     /// Empties it, keeping the capacity.
@@ -548,6 +560,14 @@ struct Worker {
     staging: Staging,
     /// The keys of `staging` in key order (kept for its capacity).
     staged: Vec<(Key, Staged)>,
+    /// The journal entry of the group being committed (kept for its capacity).
+    entry: Vec<u8>,
+    /// The keys the journal touched since the last checkpoint.
+    dirty: Map<Key, ()>,
+    /// The journal's bytes since the last checkpoint.
+    journal_bytes: usize,
+    /// `store.journal_bytes`.
+    max_journal_bytes: usize,
 }
 
 fn now_ms() -> u64 {
@@ -616,6 +636,10 @@ impl Worker {
         if let Some(d) = self.detection.take() {
             d.stop();
         }
+        // The next start finds the rollups whole (it would replay the journal otherwise).
+        if let Err(e) = self.checkpoint(&Map::default()) {
+            self.checkpoint_failed(&e);
+        }
         // Requests queued after Stop are answered with Stopped when `rx` drops.
         debug!("store writer stopped");
     }
@@ -644,6 +668,8 @@ impl Worker {
             }
         };
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.dirty.clear();
+        self.journal_bytes = 0;
         self.alerts.clear(&self.metrics);
         self.budget = KeyBudget::new(self.limits.max_keys, self.limits.max_keys_per_agent_percent);
         self.next_judgement_ms = self.detect.next_judgement(0);
@@ -712,6 +738,11 @@ impl Worker {
                 self.install(&mut pending, &staging, &mut staged);
                 self.answer(pending.replies);
                 outflow_crashpoint::crash_point!("writer::after_acks");
+                if self.journal_bytes >= self.max_journal_bytes
+                    && let Err(e) = self.checkpoint(&Map::default())
+                {
+                    self.checkpoint_failed(&e);
+                }
             }
             Err(e) => self.refuse(pending.replies, e),
         }
@@ -841,11 +872,11 @@ impl Worker {
         }
     }
 
-    /// Writes the staged changes in one transaction: each touched rollup rebuilt from the one
-    /// in `st` (which only this thread changes) with what `staged` adds. Keeps in `staged` only
-    /// the keys written (a new key from a batch older than every window is not kept at all).
+    /// Writes the staged changes in one transaction: what `staged` adds to each key, as a
+    /// journal entry. Keeps in `staged` only the keys written (a new key from a batch older
+    /// than every window is not kept at all).
     fn commit(
-        &self,
+        &mut self,
         st: &State,
         pending: &Pending,
         staging: &Staging,
@@ -857,33 +888,69 @@ impl Worker {
             return Ok(());
         }
         let t0 = Instant::now();
-        let mut scratch = Rollup::default();
-        let r = self.store.write(|store| {
-            store.commit_with(ch, |w| {
-                let mut kept = 0;
-                for i in 0..staged.len() {
-                    let (key, k) = &staged[i];
-                    let old = st.get(key);
-                    match old {
-                        Some(r) => scratch.clone_from(r),
-                        None => scratch = Rollup::default(),
-                    }
-                    staging.apply(k, &mut scratch, end_ms);
-                    // Buckets that left their window go.
-                    if scratch.slot_count() > 0 || old.is_some() {
-                        w.put(key, &scratch)?;
-                        staged.swap(kept, i);
-                        kept += 1;
-                    }
+        let mut kept = 0;
+        let entry = &mut self.entry;
+        journal::begin(entry, end_ms);
+        for i in 0..staged.len() {
+            let (key, k) = &staged[i];
+            if st.get(key).is_none() {
+                // Buckets that left their window go: a new key left with none is not made.
+                let mut scratch = Rollup::default();
+                staging.apply(k, &mut scratch, end_ms);
+                if scratch.slot_count() == 0 {
+                    continue;
                 }
-                staged.truncate(kept);
-                Ok(())
-            })
-        });
+            }
+            staging.journal(key, k, entry);
+            staged.swap(kept, i);
+            kept += 1;
+        }
+        staged.truncate(kept);
+        let entry = (kept > 0).then_some(entry.as_slice());
+        let r = self.store.write(|store| store.append(ch, entry));
+        if r.is_ok() {
+            self.journal_bytes += entry.map_or(0, <[u8]>::len);
+        }
         self.metrics
             .commit_seconds
             .observe(t0.elapsed().as_secs_f64());
         self.metrics.commit_batches.observe(batches as f64);
+        r
+    }
+
+    /// Writes every rollup the journal touched whole, from memory, with `pruned` (rollups
+    /// changed outside a group commit), and empties the journal, in one transaction. A failed
+    /// checkpoint leaves the journal as it was (the next one writes it all).
+    fn checkpoint(&mut self, pruned: &Map<Key, Rollup>) -> Result<(), StoreError> {
+        if self.dirty.is_empty() && pruned.is_empty() && self.journal_bytes == 0 {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut keys: Vec<&Key> = self.dirty.keys().chain(pruned.keys()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let empty = Rollup::default();
+        let r = self.store.write(|store| {
+            store.checkpoint_with(|w| {
+                for key in &keys {
+                    let rollup = pruned.get(*key).or_else(|| st.get(key)).unwrap_or(&empty);
+                    w.put(key, rollup)?;
+                }
+                Ok(())
+            })
+        });
+        let n = keys.len();
+        drop(st);
+        if r.is_ok() {
+            self.dirty.clear();
+            self.journal_bytes = 0;
+            self.metrics.checkpoints.inc();
+            debug!("checkpoint: {n} rollups written in {:?}", t0.elapsed());
+        }
+        self.metrics
+            .checkpoint_seconds
+            .observe(t0.elapsed().as_secs_f64());
         r
     }
 
@@ -908,19 +975,8 @@ impl Worker {
             std::mem::take(&mut pending.ch).install(&mut st);
             // The same changes as written, now in place.
             for (key, k) in staged.drain(..) {
-                match st.get_mut(&key) {
-                    Some(r) => {
-                        staging.apply(&k, r, end_ms);
-                        if r.is_empty() {
-                            st.put(key, Rollup::default());
-                        }
-                    }
-                    None => {
-                        let mut r = Rollup::default();
-                        staging.apply(&k, &mut r, end_ms);
-                        st.put(key, r);
-                    }
-                }
+                self.dirty.entry(key.clone()).or_default();
+                journal::install(&mut st, key, |r| staging.apply(&k, r, end_ms));
             }
         }
         if touched {
@@ -1056,14 +1112,15 @@ impl Worker {
                 }
             }
         }
-        if ch.is_empty() {
-            let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
-            self.budget.recount(&st);
-            return;
-        }
         let n = ch.rollups.len();
         let t0 = Instant::now();
-        match self.store.write(|s| s.commit(&ch)) {
+        // The pruned rollups go to the store with a checkpoint: the journal's entries were
+        // applied to them in memory.
+        match self.checkpoint(&ch.rollups) {
+            Ok(()) if ch.is_empty() => {
+                let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+                self.budget.recount(&st);
+            }
             Ok(()) => {
                 let mut st = state_mut(&mut self.reading, &self.state);
                 ch.install(&mut st);
@@ -1072,11 +1129,15 @@ impl Worker {
                 self.update_key_gauges();
                 debug!("gc: pruned {n} keys in {:?}", t0.elapsed());
             }
-            Err(e) => {
-                error!("gc: store commit failed: {e}");
-                self.metrics.store_failures.inc();
-            }
+            Err(e) => self.checkpoint_failed(&e),
         }
+    }
+
+    /// A checkpoint that failed: the journal stays (memory holds what it says), the next
+    /// checkpoint writes it all.
+    fn checkpoint_failed(&self, e: &StoreError) {
+        error!("store checkpoint failed (the journal keeps every change; tried again later): {e}");
+        self.metrics.store_failures.inc();
     }
 
     fn update_key_gauges(&self) {

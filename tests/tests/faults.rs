@@ -48,6 +48,8 @@ struct Rig {
     _server: Server,
     pin: PinDir,
     agent_state: TempDir,
+    /// The collector's config file.
+    collector_config: TempDir,
     collector_data: TempDir,
     collector_port: u16,
     metrics_port: u16,
@@ -64,6 +66,7 @@ impl Rig {
             _server: server,
             pin: PinDir::new(tag),
             agent_state: TempDir::new(&format!("{tag}-agent")),
+            collector_config: TempDir::new(&format!("{tag}-config")),
             collector_data: TempDir::new(&format!("{tag}-collector")),
             collector_port: free_port(),
             metrics_port: free_port(),
@@ -83,9 +86,15 @@ impl Rig {
     fn collector_env(&self, data: Option<&Path>, env: &[(&str, &str)]) -> Collector {
         let metrics = self.metrics_addr().to_string();
         let data = data.unwrap_or_else(|| self.collector_data.path());
+        // A journal of a few group commits: checkpoints (rollups written whole, the journal
+        // emptied) come every few commits, so that the kills fall around them too.
+        let config = self.collector_config.path().join("collector.toml");
+        std::fs::write(&config, "[store]\njournal_bytes = 4096\n").expect("collector config");
         Collector::start_env(
             self.collector_port,
             &[
+                "--config",
+                config.to_str().expect("utf-8"),
                 "--data-dir",
                 data.to_str().expect("utf-8"),
                 "--metrics-listen",
@@ -539,6 +548,7 @@ const COLLECTOR_POINTS: &[&str] = &[
     "store::before_commit",
     "writer::after_commit",
     "writer::after_acks",
+    "store::before_checkpoint",
 ];
 
 /// `OUTFLOW_FAILPOINTS` that kills the process at `point` after passing it `skip` times.
