@@ -535,19 +535,16 @@ impl Store {
     /// [`journal`]; `None`: it touched no key) in one transaction and commits it (durably if
     /// `fsync`).
     pub fn append(&self, changes: &Changes, entry: Option<&[u8]>) -> Result<(), StoreError> {
-        let run = || -> Result<(), redb::Error> {
-            let tx = self.begin()?;
-            write_changes(&tx, changes)?;
+        self.transact(|tx| {
+            write_changes(tx, changes)?;
             if let Some(entry) = entry {
                 let mut j = tx.open_table(JOURNAL)?;
                 let next = j.last()?.map_or(0, |(n, _)| n.value() + 1);
                 j.insert(next, entry)?;
             }
             outflow_crashpoint::crash_point!("store::before_commit");
-            tx.commit()?;
             Ok(())
-        };
-        run().map_err(|e| self.err(e))
+        })
     }
 
     /// Writes whatever `rollups` writes, whole, and empties the journal in one transaction, and
@@ -565,9 +562,8 @@ impl Store {
         changes: &Changes,
         rollups: impl FnOnce(&mut RollupWriter<'_>) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        let run = || -> Result<(), redb::Error> {
-            let tx = self.begin()?;
-            write_changes(&tx, changes)?;
+        self.transact(|tx| {
+            write_changes(tx, changes)?;
             {
                 let mut w = RollupWriter {
                     rollups: tx.open_table(ROLLUPS)?,
@@ -579,10 +575,8 @@ impl Store {
             tx.delete_table(JOURNAL)?;
             tx.open_table(JOURNAL)?;
             outflow_crashpoint::crash_point!("store::before_checkpoint");
-            tx.commit()?;
             Ok(())
-        };
-        run().map_err(|e| self.err(e))
+        })
     }
 
     /// A write transaction, durable at its commit if `fsync`.
