@@ -689,6 +689,10 @@ mod tests {
             journal::push(&mut e, &key, &change);
             e
         };
+        let journal_rows = |store: &Store| {
+            let tx = store.db().unwrap().begin_read().unwrap();
+            redb::ReadableTableMetadata::len(&tx.open_table(JOURNAL).unwrap()).unwrap()
+        };
         {
             let (store, _) = Store::open(dir.path(), false, 1 << 20).unwrap();
             let mut ch = Changes::default();
@@ -698,12 +702,10 @@ mod tests {
             store
                 .append(&Changes::default(), Some(&entry(15_000)))
                 .unwrap();
+            // Each entry a row of its own (the row number is kept in memory).
+            assert_eq!(journal_rows(&store), 2);
             // Closed without a checkpoint, as after a crash.
         }
-        let journal_rows = |store: &Store| {
-            let tx = store.db().unwrap().begin_read().unwrap();
-            redb::ReadableTableMetadata::len(&tx.open_table(JOURNAL).unwrap()).unwrap()
-        };
         let expect = |state: &State| {
             let s = state
                 .stats(&crate::aggregate::ClientQuery::Address(

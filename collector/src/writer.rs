@@ -331,8 +331,6 @@ struct Staging {
     keys: Map<Key, u32>,
     staged: Vec<Staged>,
     spill: Vec<Spill>,
-    /// The keys in key order, with their index in `staged`.
-    order: Vec<(Key, u32)>,
 }
 
 impl Staging {
@@ -363,8 +361,18 @@ impl Staging {
             .push((kind, addr, time_ms));
     }
 
+    /// The index in `staged` of `key` if it is staged.
+    fn find(&self, key: &Key) -> Option<usize> {
+        self.keys.get(key).map(|i| *i as usize)
+    }
+
     fn add(&mut self, key: Key, time_ms: u64, host: HostId, totals: &Totals) {
         let i = self.index(key);
+        self.add_at(i, time_ms, host, totals);
+    }
+
+    /// Adds `totals` to the key staged at `i`.
+    fn add_at(&mut self, i: usize, time_ms: u64, host: HostId, totals: &Totals) {
         let s = &mut self.staged[i];
         let granule = time_ms / HOST_GRANULE_MS * HOST_GRANULE_MS;
         // Batch times are at most the year 3000 (checked at the edge): 3.3e9 granules.
@@ -401,18 +409,17 @@ impl Staging {
         }
     }
 
-    /// Moves the staged keys to `out` (cleared first) in key order: neighbouring writes touch
-    /// the same B-tree pages.
-    fn sorted(&mut self, out: &mut Vec<(Key, Staged)>) {
-        self.order.clear();
-        self.order.extend(self.keys.drain());
-        self.order.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    /// Moves the staged keys to `out` (cleared first) in key order, each with its index in
+    /// `staged` (what it adds stays in place): neighbouring writes touch the same B-tree pages.
+    fn sorted(&mut self, out: &mut Vec<(Key, u32)>) {
         out.clear();
-        out.extend(
-            self.order
-                .drain(..)
-                .map(|(k, i)| (k, std::mem::take(&mut self.staged[i as usize]))),
-        );
+        out.extend(self.keys.drain());
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    }
+
+    /// What the key at `i` (from [`Staging::sorted`]) adds.
+    fn at(&self, i: u32) -> &Staged {
+        &self.staged[i as usize]
     }
 
     /// Adds `s` to `rollup`, then drops the buckets that left their window at `end_ms`.
@@ -479,7 +486,7 @@ fn history_changes(st: &State, fleet: BTreeMap<u64, u64>, end_ms: u64, ch: &mut 
 
 /// The subjects of the keys a commit wrote (`staged`, in key order): an address with both a
 /// `Direct` and a `Proxied` key is one subject.
-fn subjects_of(staged: &[(Key, Staged)]) -> Vec<Subject> {
+fn subjects_of(staged: &[(Key, u32)]) -> Vec<Subject> {
     let has = |k: &Key| staged.binary_search_by(|(x, _)| x.cmp(k)).is_ok();
     staged
         .iter()
@@ -490,17 +497,13 @@ fn subjects_of(staged: &[(Key, Staged)]) -> Vec<Subject> {
 
 /// What a commit added to each /24 and /64 (`staged`, in key order), as rollups of their own:
 /// the wider prefixes the detectors aggregate are sums of them.
-fn prefix_changes(
-    staging: &Staging,
-    staged: &[(Key, Staged)],
-    end_ms: u64,
-) -> Vec<(Prefix, Rollup)> {
+fn prefix_changes(staging: &Staging, staged: &[(Key, u32)], end_ms: u64) -> Vec<(Prefix, Rollup)> {
     staged
         .iter()
-        .filter_map(|(k, s)| match k {
+        .filter_map(|(k, i)| match k {
             Key::Prefix(p) => {
                 let mut r = Rollup::default();
-                staging.apply(s, &mut r, end_ms);
+                staging.apply(staging.at(*i), &mut r, end_ms);
                 Some((*p, r))
             }
             _ => None,
@@ -558,8 +561,8 @@ struct Worker {
     /// Applied batches are published here before their Acks.
     feed: Arc<Feed>,
     staging: Staging,
-    /// The keys of `staging` in key order (kept for its capacity).
-    staged: Vec<(Key, Staged)>,
+    /// The keys of `staging` in key order, with their index in it (kept for its capacity).
+    staged: Vec<(Key, u32)>,
     /// The journal entry of the group being committed (kept for its capacity).
     entry: Vec<u8>,
     /// The keys the journal touched since the last checkpoint.
@@ -814,9 +817,14 @@ impl Worker {
                             *fleet.entry(agg.time_ms / MINUTE_MS).or_default() += t.response_bytes;
                         }
                         let mut add = |key: Key, totals: &Totals| {
+                            // A key staged already is not new: one probe.
+                            if let Some(i) = staging.find(&key) {
+                                staging.add_at(i, agg.time_ms, agg.host, totals);
+                                return;
+                            }
                             // New keys past the key budget are folded (or only counted in
-                            // their prefix).
-                            let is_new = |k: &Key| !staging.contains(k) && st.get(k).is_none();
+                            // their prefix). Most keys are held already: that probe first.
+                            let is_new = |k: &Key| st.get(k).is_none() && !staging.contains(k);
                             let routed = self
                                 .budget
                                 .route(st, key, agg.host, totals, is_new, &mut folds);
@@ -880,7 +888,7 @@ impl Worker {
         st: &State,
         pending: &Pending,
         staging: &Staging,
-        staged: &mut Vec<(Key, Staged)>,
+        staged: &mut Vec<(Key, u32)>,
         batches: usize,
     ) -> Result<(), StoreError> {
         let (ch, end_ms) = (&pending.ch, pending.end_ms);
@@ -892,7 +900,7 @@ impl Worker {
         let entry = &mut self.entry;
         journal::begin(entry, end_ms);
         for i in 0..staged.len() {
-            let (key, k) = &staged[i];
+            let (key, k) = (&staged[i].0, staging.at(staged[i].1));
             if st.get(key).is_none() {
                 // Buckets that left their window go: a new key left with none is not made.
                 let mut scratch = Rollup::default();
@@ -956,12 +964,7 @@ impl Worker {
 
     /// Installs what was committed in memory (once no judgement reads it), and hands the
     /// detection thread what the commit touched.
-    fn install(
-        &mut self,
-        pending: &mut Pending,
-        staging: &Staging,
-        staged: &mut Vec<(Key, Staged)>,
-    ) {
+    fn install(&mut self, pending: &mut Pending, staging: &Staging, staged: &mut Vec<(Key, u32)>) {
         let end_ms = pending.end_ms;
         let touched = !staged.is_empty();
         let detect = self.detection.is_some() && touched;
@@ -974,9 +977,9 @@ impl Worker {
             let mut st = state_mut(&mut self.reading, &self.state);
             std::mem::take(&mut pending.ch).install(&mut st);
             // The same changes as written, now in place.
-            for (key, k) in staged.drain(..) {
+            for (key, i) in staged.drain(..) {
                 self.dirty.entry(key.clone()).or_default();
-                journal::install(&mut st, key, |r| staging.apply(&k, r, end_ms));
+                journal::install(&mut st, key, |r| staging.apply(staging.at(i), r, end_ms));
             }
         }
         if touched {
