@@ -4,7 +4,7 @@
 //! A 16 MiB message of empty `ConnDelta`s would decode into eight million structs (over a
 //! gigabyte); counting first turns it into one INVALID_ARGUMENT naming `deltas`.
 use outflow_proto::v1::{AgentMessage, Batch, CollectorMessage, PartBatch, agent_message::Msg};
-use prost::{Message as _, bytes::Buf as _};
+use prost::{Message as _, bytes::Buf};
 use tonic::{
     Status,
     codec::{BufferSettings, Codec, DecodeBuf, Decoder},
@@ -70,11 +70,15 @@ fn count_field(buf: &[u8], field: u64) -> usize {
 }
 
 /// Decodes an AgentMessage from `bytes`, refusing more than `max_deltas` deltas or
-/// [`MAX_LABELS`] labels before decoding them.
-pub fn decode_agent_message(bytes: &[u8], max_deltas: usize) -> Result<AgentMessage, ApiError> {
+/// [`MAX_LABELS`] labels before decoding them. From [`Bytes`], a bytes field is copied once
+/// (from a slice: into a `Bytes` first, then into its `Vec`).
+pub fn decode_agent_message(
+    bytes: impl Buf + AsRef<[u8]>,
+    max_deltas: usize,
+) -> Result<AgentMessage, ApiError> {
     let (mut deltas, mut labels) = (0usize, 0usize);
     // Protobuf merges repeated occurrences of a message field, so every occurrence counts.
-    each_len_field(bytes, |field, payload| match field {
+    each_len_field(bytes.as_ref(), |field, payload| match field {
         1 => labels = labels.saturating_add(count_field(payload, 6)),
         2 => deltas = deltas.saturating_add(count_field(payload, 4)),
         _ => {}
@@ -110,9 +114,12 @@ pub fn decode_agent_message(bytes: &[u8], max_deltas: usize) -> Result<AgentMess
 
 /// Decodes a cluster part (`outflow.v1.PartBatch`, read from JetStream by an aggregator),
 /// refusing more than `max_deltas` deltas before decoding them.
-pub fn decode_part_batch(bytes: &[u8], max_deltas: usize) -> Result<PartBatch, ApiError> {
+pub fn decode_part_batch(
+    bytes: impl Buf + AsRef<[u8]>,
+    max_deltas: usize,
+) -> Result<PartBatch, ApiError> {
     let mut deltas = 0usize;
-    each_len_field(bytes, |field, payload| {
+    each_len_field(bytes.as_ref(), |field, payload| {
         if field == 6 {
             deltas = deltas.saturating_add(count_field(payload, 4));
         }
@@ -173,7 +180,7 @@ impl Decoder for AgentDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<AgentMessage>, Status> {
         let bytes = buf.copy_to_bytes(buf.remaining());
-        decode_agent_message(&bytes, self.max_deltas)
+        decode_agent_message(bytes, self.max_deltas)
             .map(Some)
             .map_err(Status::from)
     }
@@ -182,6 +189,7 @@ impl Decoder for AgentDecoder {
 #[cfg(test)]
 mod tests {
     use outflow_proto::v1::{ConnDelta, Hello};
+    use prost::bytes::Bytes;
 
     use super::*;
 
@@ -198,20 +206,20 @@ mod tests {
 
     #[test]
     fn counts_before_decoding() {
-        assert!(decode_agent_message(&batch_msg(3), 3).is_ok());
-        let e = decode_agent_message(&batch_msg(4), 3).unwrap_err();
+        assert!(decode_agent_message(Bytes::from(batch_msg(3)), 3).is_ok());
+        let e = decode_agent_message(Bytes::from(batch_msg(4)), 3).unwrap_err();
         assert_eq!(e.to_string(), "deltas: 4 deltas, at most 3");
         // Two batch fields merge into one of 4 deltas: still refused.
         let mut two = batch_msg(2);
         two.extend(batch_msg(2));
-        assert!(decode_agent_message(&two, 3).is_err());
+        assert!(decode_agent_message(Bytes::from(two), 3).is_err());
         let hello = AgentMessage {
             msg: Some(Msg::Hello(Hello {
                 labels: (0..40).map(|i| (i.to_string(), String::new())).collect(),
                 ..Default::default()
             })),
         };
-        let e = decode_agent_message(&hello.encode_to_vec(), 3).unwrap_err();
+        let e = decode_agent_message(Bytes::from(hello.encode_to_vec()), 3).unwrap_err();
         assert_eq!(e.to_string(), "labels: 40 labels, at most 32");
     }
 
@@ -231,14 +239,19 @@ mod tests {
             }
             .encode_to_vec()
         };
-        assert_eq!(decode_part_batch(&part(3), 3).unwrap().partition, 1);
-        let e = decode_part_batch(&part(4), 3).unwrap_err();
+        assert_eq!(
+            decode_part_batch(Bytes::from(part(3)), 3)
+                .unwrap()
+                .partition,
+            1
+        );
+        let e = decode_part_batch(Bytes::from(part(4)), 3).unwrap_err();
         assert_eq!(e.to_string(), "deltas: 4 deltas, at most 3");
         let mut two = part(2);
         two.extend(part(2));
-        assert!(decode_part_batch(&two, 3).is_err());
+        assert!(decode_part_batch(Bytes::from(two), 3).is_err());
         assert!(matches!(
-            decode_part_batch(&[0xff, 0xff], 3),
+            decode_part_batch(&[0xff, 0xff][..], 3),
             Err(ApiError::Malformed(_))
         ));
     }
@@ -260,7 +273,7 @@ mod tests {
             [batch_msg(1), batch_msg(2)].concat(),
         ];
         for bytes in cases {
-            let ours = decode_agent_message(&bytes, 10).unwrap();
+            let ours = decode_agent_message(Bytes::from(bytes.clone()), 10).unwrap();
             assert_eq!(ours, AgentMessage::decode(&*bytes).unwrap());
         }
         let part = PartBatch {
@@ -273,7 +286,7 @@ mod tests {
         }
         .encode_to_vec();
         for bytes in [part.clone(), [part.clone(), part].concat()] {
-            let ours = decode_part_batch(&bytes, 10).unwrap();
+            let ours = decode_part_batch(Bytes::from(bytes.clone()), 10).unwrap();
             assert_eq!(ours, PartBatch::decode(&*bytes).unwrap());
         }
     }
@@ -295,7 +308,7 @@ mod tests {
             }
         }
         assert_eq!(
-            decode_agent_message(&[], 10).unwrap(),
+            decode_agent_message(&[][..], 10).unwrap(),
             AgentMessage::default()
         );
     }

@@ -21,6 +21,7 @@ use async_nats::jetstream::{
     context::ConsumerInfoErrorKind,
     stream::Stream,
 };
+use bytes::Bytes;
 use log::{debug, error, warn};
 use outflow_proto::limits::MAX_DELTAS_PER_BATCH;
 use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
@@ -276,7 +277,7 @@ impl Partition {
                 }
                 self.next = self.next.max(seq + 1);
                 fetched = true;
-                let pending = match self.decode(&m.payload) {
+                let pending = match self.decode(m.payload.clone()) {
                     Ok(part) => {
                         if !self.member.try_enter(part.time_ms()) {
                             if rest.is_none() {
@@ -405,7 +406,7 @@ impl Partition {
     }
 
     /// Decodes and checks a part.
-    fn decode(&self, payload: &[u8]) -> Result<Part, Done> {
+    fn decode(&self, payload: Bytes) -> Result<Part, Done> {
         let part = decode_part_batch(payload, MAX_DELTAS_PER_BATCH).map_err(Self::classify)?;
         if part.partition != self.partition {
             return Err(Done::Invalid(format!(

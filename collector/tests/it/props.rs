@@ -180,7 +180,7 @@ fn any_message() -> impl Strategy<Value = AgentMessage> {
 /// Runs `msg` through the wire form and a session as the Ingest service does; returns the
 /// answer. Errors must be refusals, never a failure of the collector itself.
 async fn feed(session: &mut Session, msg: &AgentMessage) -> Result<v1::CollectorMessage, ApiError> {
-    let m = decode_agent_message(&msg.encode_to_vec(), 100_000)?;
+    let m = decode_agent_message(&msg.encode_to_vec()[..], 100_000)?;
     let r = session.handle(m).await;
     if let Err(e) = &r {
         assert!(e.reject_reason().is_some(), "not a refusal: {e:?}");
@@ -238,7 +238,7 @@ proptest! {
             let mut s = c.session();
             s.handle(hello_msg("a", 1, "h")).await.unwrap();
             for bytes in &chunks {
-                if let Ok(m) = decode_agent_message(bytes, 100_000) {
+                if let Ok(m) = decode_agent_message(&bytes[..], 100_000) {
                     let _ = s.handle(m).await;
                 }
             }
