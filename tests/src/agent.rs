@@ -82,6 +82,31 @@ struct AgentOutput {
     closed: bool,
 }
 
+/// The flags of an agent that exports: it counts in cgroup `cgroup` (its maps pinned in `pin`),
+/// sends a batch every 200 ms to `collector`, keeps its state in `state` and spools to `spool`.
+pub fn export_args<'a>(
+    cgroup: &'a str,
+    pin: &'a str,
+    collector: &'a str,
+    state: &'a str,
+    spool: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--cgroup",
+        cgroup,
+        "--pin-dir",
+        pin,
+        "--interval",
+        "200ms",
+        "--collector",
+        collector,
+        "--state-dir",
+        state,
+        "--spool-dir",
+        spool,
+    ]
+}
+
 impl Agent {
     /// Starts [`agent_bin()`] with `args` (e.g. `["run", "--cgroup", cg.relative_path()]`),
     /// adding `--output json` unless `args` already choose an output.

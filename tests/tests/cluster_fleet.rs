@@ -34,7 +34,7 @@ use outflow_sim::{
     cluster_demo::{Beside, DemoConfig, default_collector_bin, run},
 };
 use outflow_tests::{
-    agent::{Agent, PinDir},
+    agent::{Agent, PinDir, export_args},
     cgroup::TestCgroup,
     collector::TempDir,
     netns::NetnsPair,
@@ -69,20 +69,13 @@ impl Beside for RealAgent {
             &[PORT],
         ));
         let spool = self.state.path().join("spool");
-        let agent = Agent::start(&[
-            "--cgroup",
+        let agent = Agent::start(&export_args(
             self.cgroup.as_arg(),
-            "--pin-dir",
             self.pin.as_arg(),
-            "--interval",
-            "200ms",
-            "--collector",
             ingest.get(1).context("a second ingest node")?,
-            "--state-dir",
             self.state.as_arg(),
-            "--spool-dir",
             spool.to_str().context("utf-8")?,
-        ]);
+        ));
         agent.wait_started(Duration::from_secs(60));
         self.agent = Some(agent);
         self.traffic = Some(Traffic::start_paced(

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
 use outflow_tests::{
-    agent::{Agent, PinDir},
+    agent::{Agent, PinDir, export_args},
     cgroup::TestCgroup,
     collector::{Collector, Metrics, TempDir, free_port, http_get},
     netns::NetnsPair,
@@ -89,20 +89,13 @@ impl Fleet {
 
     fn agent(&self, collector_url: &str) -> Agent {
         let spool = self.agent_state.path().join("spool");
-        let agent = Agent::start(&[
-            "--cgroup",
+        let agent = Agent::start(&export_args(
             self.cgroup.as_arg(),
-            "--pin-dir",
             self.pin.as_arg(),
-            "--interval",
-            "200ms",
-            "--collector",
             collector_url,
-            "--state-dir",
             self.agent_state.as_arg(),
-            "--spool-dir",
             spool.to_str().expect("utf-8"),
-        ]);
+        ));
         agent.wait_started(WAIT);
         agent
     }

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use outflow_tests::{
-    agent::{Agent, PinDir},
+    agent::{Agent, PinDir, export_args},
     cgroup::TestCgroup,
     collector::{Collector, Metrics, TempDir, free_port},
     faults::{
@@ -127,20 +127,13 @@ impl Rig {
     ) -> Agent {
         let default_spool = self.agent_state.path().join("spool");
         let spool = spool.unwrap_or(&default_spool);
-        let mut args = vec![
-            "--cgroup",
+        let mut args = export_args(
             self.cgroup.as_arg(),
-            "--pin-dir",
             self.pin.as_arg(),
-            "--interval",
-            "200ms",
-            "--collector",
             url,
-            "--state-dir",
             self.agent_state.as_arg(),
-            "--spool-dir",
             spool.to_str().expect("utf-8"),
-        ];
+        );
         args.extend_from_slice(extra);
         let agent = Agent::start_env(&args, env);
         agent.wait_started(START);
