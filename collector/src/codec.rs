@@ -70,7 +70,7 @@ fn count_field(buf: &[u8], field: u64) -> usize {
 }
 
 /// Decodes an AgentMessage from `bytes`, refusing more than `max_deltas` deltas or
-/// [`MAX_LABELS`] labels before decoding them. From [`Bytes`], a bytes field is copied once
+/// [`MAX_LABELS`] labels before decoding them. From `Bytes`, a bytes field is copied once
 /// (from a slice: into a `Bytes` first, then into its `Vec`).
 pub fn decode_agent_message(
     bytes: impl Buf + AsRef<[u8]>,
