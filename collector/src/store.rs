@@ -702,7 +702,7 @@ mod tests {
             store
                 .append(&Changes::default(), Some(&entry(15_000)))
                 .unwrap();
-            // Each entry a row of its own (the row number is kept in memory).
+            // Each entry a row of its own, after the last.
             assert_eq!(journal_rows(&store), 2);
             // Closed without a checkpoint, as after a crash.
         }
