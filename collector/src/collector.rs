@@ -317,6 +317,8 @@ impl Drop for Connected {
 struct SessionAgent {
     key: AgentKey,
     host: HostId,
+    /// The writer's number for this stream ([`HelloReply::stream`]).
+    stream: u64,
     hostname: Arc<str>,
     limiter: Arc<Mutex<AgentLimiter>>,
     /// On an ingest node: the stream's publisher task.
@@ -419,6 +421,7 @@ impl Session {
                 HelloReply {
                     applied_seq: 0,
                     host: 0,
+                    stream: 0,
                 },
                 Some(ci.stream()),
             ),
@@ -440,6 +443,7 @@ impl Session {
             limiter: c.limiter(&hello.agent.agent_id),
             key: hello.agent,
             host: reply.host,
+            stream: reply.stream,
             hostname: hello.hostname.as_str().into(),
             publisher,
             _connected: (!self.part).then(|| Connected::new(&c.metrics)),
@@ -512,6 +516,7 @@ impl Session {
         });
         let request = BatchRequest {
             agent: agent.key.clone(),
+            stream: agent.stream,
             seq,
             // A part's delta split over two partitions counts as one delta applied: with the
             // share that holds its host's bytes.

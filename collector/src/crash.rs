@@ -13,6 +13,9 @@
 //! - `store::before_checkpoint`: the rollups the journal touched are written whole and the
 //!   journal emptied in the transaction, which is not committed (at a full journal, each
 //!   `store.gc_interval`, a clean stop, and at the start after a crash);
+//! - `store::append_fails` (an error point, not a crash): the group commit's transaction
+//!   fails as a failing disk would make it, and is not committed; `return(TEXT)` fails only
+//!   a store whose path contains `TEXT`;
 //! - `detection::after_reading`: a judgement has read memory and made its alert changes, not
 //!   yet stored or published (tests hold the detection thread here with `pause`).
 

@@ -543,6 +543,12 @@ impl Store {
                 j.insert(next, entry)?;
             }
             outflow_crashpoint::crash_point!("store::before_commit");
+            if outflow_crashpoint::error_point!("store::append_fails", self.path.to_string_lossy())
+            {
+                return Err(redb::Error::Io(std::io::Error::other(
+                    "failed on purpose (store::append_fails, OUTFLOW_FAILPOINTS)",
+                )));
+            }
             Ok(())
         })
     }

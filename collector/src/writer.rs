@@ -55,6 +55,9 @@ pub struct HelloReply {
     pub applied_seq: u64,
     /// The host's id.
     pub host: HostId,
+    /// The writer's number for the stream that said Hello: its batches carry it
+    /// ([`BatchRequest::stream`]).
+    pub stream: u64,
 }
 
 /// What happened to a batch.
@@ -81,6 +84,8 @@ pub enum WriteError {
 #[derive(Debug)]
 pub struct BatchRequest {
     pub agent: AgentKey,
+    /// The stream's number from its Hello ([`HelloReply::stream`]).
+    pub stream: u64,
     pub seq: u64,
     /// Number of deltas (for metrics and group sizing).
     pub deltas: usize,
@@ -190,6 +195,8 @@ impl Writer {
             dirty: Map::default(),
             journal_bytes: 0,
             max_journal_bytes: store_cfg.journal_bytes,
+            next_stream: 1,
+            fences: Map::default(),
         };
         w.start_detection()?;
         w.update_key_gauges();
@@ -271,8 +278,16 @@ impl Writer {
 enum Reply {
     Hello(oneshot::Sender<Result<HelloReply, WriteError>>, HelloReply),
     Ping(oneshot::Sender<()>),
+    /// A batch of a stream fenced after a failed commit (see [`Worker::fences`]).
+    Fenced(
+        oneshot::Sender<Result<Outcome, WriteError>>,
+        Arc<StoreError>,
+    ),
     Batch {
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
+        /// Its agent and stream, fenced if the commit fails.
+        agent: AgentKey,
+        stream: u64,
         outcome: Outcome,
         deltas: usize,
         gaps: Gaps,
@@ -571,6 +586,15 @@ struct Worker {
     journal_bytes: usize,
     /// `store.journal_bytes`.
     max_journal_bytes: usize,
+    /// The number the next Hello's stream gets (from 1).
+    next_stream: u64,
+    /// Agents with a batch whose commit failed: the streams numbered up to this, and the
+    /// failure. Their later batches are refused with the same error, though the store may
+    /// have recovered: applied, they would raise the watermark above the failed batch, which
+    /// the agent sends again after its next Hello and would then find a duplicate (lost). An
+    /// agent's next Hello opens a stream with a higher number, which is not fenced. Only
+    /// agents that saw a failure are held (emptied by a reset).
+    fences: Map<AgentKey, (u64, Arc<StoreError>)>,
 }
 
 fn now_ms() -> u64 {
@@ -673,6 +697,7 @@ impl Worker {
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = fresh;
         self.dirty.clear();
         self.journal_bytes = 0;
+        self.fences.clear();
         self.alerts.clear(&self.metrics);
         self.budget = KeyBudget::new(self.limits.max_keys, self.limits.max_keys_per_agent_percent);
         self.next_judgement_ms = self.detect.next_judgement(0);
@@ -791,9 +816,25 @@ impl Worker {
                         .get(&agent)
                         .copied()
                         .unwrap_or_else(|| st.watermark(&agent));
-                    replies.push(Reply::Hello(reply, HelloReply { applied_seq, host }));
+                    let stream = self.next_stream;
+                    self.next_stream += 1;
+                    replies.push(Reply::Hello(
+                        reply,
+                        HelloReply {
+                            applied_seq,
+                            host,
+                            stream,
+                        },
+                    ));
                 }
                 Request::Batch { batch, reply } => {
+                    if let Some((upto, e)) = self.fences.get(&batch.agent)
+                        && batch.stream <= *upto
+                    {
+                        replies.push(Reply::Fenced(reply, e.clone()));
+                        continue;
+                    }
+                    let (agent, stream) = (batch.agent.clone(), batch.stream);
                     let applied = ch
                         .watermarks
                         .get(&batch.agent)
@@ -857,6 +898,8 @@ impl Worker {
                     };
                     replies.push(Reply::Batch {
                         reply,
+                        agent,
+                        stream,
                         outcome,
                         deltas: batch.deltas,
                         gaps: batch.gaps,
@@ -1014,6 +1057,9 @@ impl Worker {
                     let _ = tx.send(Ok(h));
                 }
                 Reply::Ping(tx) => self.ping(tx),
+                Reply::Fenced(reply, e) => {
+                    let _ = reply.send(Err(WriteError::Store(e)));
+                }
                 Reply::Batch {
                     reply,
                     outcome,
@@ -1048,7 +1094,7 @@ impl Worker {
     }
 
     /// Refuses every request of a group whose commit failed (their agents send them again).
-    fn refuse(&self, replies: Vec<Reply>, e: StoreError) {
+    fn refuse(&mut self, replies: Vec<Reply>, e: StoreError) {
         error!(
             "store commit failed, {} requests refused (their agents send them again): {e}",
             replies.len()
@@ -1060,8 +1106,18 @@ impl Worker {
                 Reply::Hello(tx, _) => {
                     let _ = tx.send(Err(WriteError::Store(e.clone())));
                 }
-                Reply::Batch { reply, .. } => {
+                Reply::Batch {
+                    reply,
+                    agent,
+                    stream,
+                    ..
+                } => {
+                    let fence = self.fences.entry(agent).or_insert((0, e.clone()));
+                    *fence = (fence.0.max(stream), e.clone());
                     let _ = reply.send(Err(WriteError::Store(e.clone())));
+                }
+                Reply::Fenced(reply, e) => {
+                    let _ = reply.send(Err(WriteError::Store(e)));
                 }
                 // The writer is alive: the store's failure shows in store_failures_total and
                 // in the refused batches.

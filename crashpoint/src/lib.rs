@@ -1,5 +1,6 @@
 //! Crash points: named places on a commit path where the fault suite kills the process
-//! (SIGKILL, as the OOM killer or a power cut would), armed by the environment variable
+//! (SIGKILL, as the OOM killer or a power cut would), and error points, where it makes an
+//! operation fail as a failing disk would ([`error_point!`]); armed by the environment variable
 //! [`ENV`] in the `fail` crate's syntax: `NAME=ACTIONS[;NAME=ACTIONS...]`, where a point whose
 //! action is `return` kills the process: `writer::after_commit=2*off->return` kills it the
 //! third time it passes there. Unset (as in production), a point costs a map lookup.
@@ -48,6 +49,21 @@ macro_rules! crash_point {
     };
 }
 
+/// An error point named `$name`: true where the code should fail as if its I/O had failed,
+/// when [`ENV`] (or a test, through [`fail::cfg`]) arms it with `return`. Armed with an
+/// argument, `return(TEXT)`, it is true only where `$scope` (a `&str`) contains `TEXT`: a
+/// test running several collectors in one process fails one of them. Unset, it costs a map
+/// lookup.
+#[macro_export]
+macro_rules! error_point {
+    ($name:literal, $scope:expr) => {
+        $crate::fail::eval($name, |arg: Option<String>| {
+            arg.is_none_or(|a| $scope.contains(a.as_str()))
+        })
+        .unwrap_or(false)
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +80,18 @@ mod tests {
         );
         assert!(arm("a::b=2*off->return").is_ok());
         fail::remove("a::b");
+    }
+
+    #[test]
+    fn an_error_point_with_an_argument_fails_only_where_it_names() {
+        let here = |scope: &str| error_point!("c::d", scope);
+        assert!(!here("/data/a"));
+        arm("c::d=return(/data/a)").unwrap();
+        assert!(here("/data/a/store.redb"));
+        assert!(!here("/data/b/store.redb"));
+        arm("c::d=return").unwrap();
+        assert!(here("/data/b/store.redb"));
+        fail::remove("c::d");
+        assert!(!here("/data/a"));
     }
 }

@@ -474,6 +474,52 @@ fn collector_disk_full() {
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
+/// The collector's store fails every other group commit for a while (the error point
+/// `store::append_fails`: the transaction is not committed, as on a failing disk), with a
+/// fleet of agents sending at once: refused batches come again, the batches their streams
+/// sent after them wait for them (applied first, they would make the refused ones
+/// duplicates), and every byte is counted once.
+#[test]
+fn collector_commits_failing_now_and_then() {
+    let (fails, fleet_agents) = Scale::from_env().pick((12, 100), (50, 300));
+    let rig = Rig::new("f-cfail");
+    // Every other commit fails, and each takes 150 ms: agents send their next batches while
+    // one fails, and those are committed in the next group, which does not.
+    let pattern = vec!["1*off->1*return"; fails].join("->");
+    let collector = rig.collector_armed(&format!(
+        "store::before_commit=sleep(150);store::append_fails={pattern}->off"
+    ));
+    let agent = rig.agent(&collector.url());
+    let traffic = rig.traffic(MIXED);
+    let fleet = FleetProcess::start(
+        fleet_bin!(),
+        &collector.url(),
+        fleet_agents,
+        Duration::from_millis(200),
+    );
+    let failed = poll_until(RECOVERY_LIMIT, || {
+        Metrics::fetch(rig.metrics_addr())
+            .expect("scrape")
+            .value("outflow_collector_store_failures_total")
+            >= fails as f64
+    });
+    assert!(
+        failed,
+        "fewer than {fails} commits failed: the fault was not applied"
+    );
+    let healed = Instant::now();
+    let outcomes = traffic.finish();
+    let done = fleet.finish();
+    settle(
+        format!("collector's commits failing, 1 in 2, {fails} times ({fleet_agents} agents)"),
+        &collector,
+        rig.metrics_addr(),
+        &Truth::of(&outcomes).with_fleet(&done),
+        healed,
+    );
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+}
+
 #[test]
 fn agent_killed_again_and_again() {
     let kills = Scale::from_env().pick(10, 50);

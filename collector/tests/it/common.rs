@@ -232,3 +232,29 @@ pub async fn first_body(hook: &outflow_testbed::webhook::Receiver, within: Durat
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Held by a test while it arms an error point of the collector (`fail`'s points are the
+/// process's: two tests arming the same one would undo each other's).
+pub static ERROR_POINTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Arms the error point `name` of the stores whose path holds `dir` (see
+/// `outflow_collector::crash`), until the guard returned drops.
+pub struct Armed {
+    name: &'static str,
+    _held: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Armed {
+    pub async fn new(name: &'static str, dir: &Path) -> Armed {
+        let held = ERROR_POINTS.lock().await;
+        let dir = dir.to_str().expect("temp paths are UTF-8");
+        outflow_crashpoint::arm(&format!("{name}=return({dir})")).unwrap();
+        Armed { name, _held: held }
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        outflow_crashpoint::fail::remove(self.name);
+    }
+}

@@ -146,3 +146,65 @@ async fn a_full_data_directory_refuses_batches_and_recovers_when_space_returns()
     assert_eq!(host_total(&url(&server)).await, acked);
     server.shutdown().await.unwrap();
 }
+
+/// The `applied_seq` of a Welcome.
+fn welcome(m: &v1::CollectorMessage) -> u64 {
+    match &m.msg {
+        Some(v1::collector_message::Msg::Welcome(w)) => w.applied_seq,
+        other => panic!("want a Welcome, got {other:?}"),
+    }
+}
+
+/// A batch whose commit failed is not overtaken by the batches its stream sent after it: they
+/// are refused too, even once the store commits again, until the agent says Hello again and
+/// sends from the watermark it is given. Applied, they would have raised the watermark above
+/// the failed batch, which would then have been taken for a duplicate when sent again: lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_after_one_whose_commit_failed_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.detect.enabled = false;
+    let server = start(cfg).await;
+    let u = url(&server);
+    let t = now_ms() - 60_000;
+    let c = server.collector();
+    let mut a = c.session();
+    let mut b = c.session();
+    a.handle(hello_msg("agent-a", 1, "gpu-a")).await.unwrap();
+    b.handle(hello_msg("agent-b", 1, "gpu-b")).await.unwrap();
+    a.handle(batch_msg(wide(1, t, 0, 10, 5))).await.unwrap();
+    b.handle(batch_msg(wide(1, t, 500, 10, 13))).await.unwrap();
+
+    // The next commit of this collector's store fails (only of its store: the argument names
+    // its directory, and the other tests of this process go on).
+    let armed = Armed::new("store::append_fails", dir.path()).await;
+    let e = a.handle(batch_msg(wide(2, t + 1, 100, 10, 7))).await;
+    drop(armed);
+    let e = e.expect_err("the commit was to fail");
+    assert!(e.to_string().contains("failed on purpose"), "{e}");
+
+    // The store commits again: agent-b, whose batch was not in the failed commit, goes on;
+    // agent-a's stream is refused with the failure it had.
+    b.handle(batch_msg(wide(2, t + 1, 600, 10, 17)))
+        .await
+        .unwrap();
+    let e = a
+        .handle(batch_msg(wide(3, t + 2, 200, 10, 11)))
+        .await
+        .expect_err("a batch after the failed one was applied before it");
+    assert!(e.to_string().contains("failed on purpose"), "{e}");
+    assert_eq!(host_total(&u).await, 10 * (5 + 13 + 17));
+
+    // agent-a's next stream is asked for batch 2 again, and applies 2 and 3 once each.
+    let mut a = c.session();
+    let w = a.handle(hello_msg("agent-a", 1, "gpu-a")).await.unwrap();
+    assert_eq!(welcome(&w), 1);
+    a.handle(batch_msg(wide(2, t + 1, 100, 10, 7)))
+        .await
+        .unwrap();
+    a.handle(batch_msg(wide(3, t + 2, 200, 10, 11)))
+        .await
+        .unwrap();
+    assert_eq!(host_total(&u).await, 10 * (5 + 7 + 11 + 13 + 17));
+    server.shutdown().await.unwrap();
+}
