@@ -211,8 +211,15 @@ enum Done {
     Applied,
     /// Breaks the protocol: acknowledge it (it would never apply), counted and logged.
     Invalid(String),
-    /// Not applied now (the store failed, the collector is stopping): it comes again.
+    /// Not applied now (the store failed, the collector is stopping): left unacknowledged,
+    /// and the consumer is opened again from its first part not acknowledged, so that it
+    /// comes again before the parts after it. (Acknowledged as not taken, it would come again
+    /// only after a delay, behind later parts of the same agent; applied first, they would
+    /// make it a duplicate below the watermark: lost.)
     Later(String),
+    /// Not begun: a part before it in the fetch came back [`Done::Later`]. Left
+    /// unacknowledged; it comes again with that one.
+    Skipped,
 }
 
 impl Partition {
@@ -253,6 +260,8 @@ impl Partition {
             let mut failed = false;
             let mut rest: Option<VecDeque<_>> = None;
             let mut gap = None;
+            // A part came back Later: none after it is begun.
+            let mut later = false;
             loop {
                 let next = match rest.as_mut() {
                     Some(rest) => rest.pop_front(),
@@ -277,19 +286,28 @@ impl Partition {
                 }
                 self.next = self.next.max(seq + 1);
                 fetched = true;
+                if later {
+                    begun.push((m, Err(Done::Skipped)));
+                    continue;
+                }
                 let pending = match self.decode(m.payload.clone()) {
                     Ok(part) => {
                         if !self.member.try_enter(part.time_ms()) {
                             if rest.is_none() {
                                 rest = Some((&mut messages).collect().await);
                             }
-                            self.finish(std::mem::take(&mut begun)).await;
+                            later |= self.finish(std::mem::take(&mut begun)).await;
+                            if later {
+                                begun.push((m, Err(Done::Skipped)));
+                                continue;
+                            }
                             self.member.enter(part.time_ms()).await;
                         }
                         self.begin(part).await
                     }
                     Err(d) => Err(d),
                 };
+                later |= matches!(pending, Err(Done::Later(_)));
                 begun.push((m, pending));
             }
             if !fetched {
@@ -305,7 +323,7 @@ impl Partition {
                     self.member.hold();
                 }
             }
-            self.finish(begun).await;
+            later |= self.finish(begun).await;
             if let Some((want, got)) = gap {
                 self.collector.metrics().cluster_delivery_gaps.inc();
                 warn!(
@@ -313,7 +331,19 @@ impl Partition {
                     self.partition,
                     got - 1
                 );
+            }
+            if gap.is_some() || later {
                 self.member.hold();
+                if later {
+                    // The writer refuses the later batches of a stream whose batch failed
+                    // until its agent says Hello again: each agent's stream starts afresh.
+                    self.sessions.clear();
+                    // Not at once: the store that failed may need a moment.
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(FETCH_WAIT) => {}
+                    }
+                }
                 match self.reopen(&stop).await {
                     Some(c) => consumer = c,
                     None => break,
@@ -353,11 +383,13 @@ impl Partition {
         }
     }
 
-    /// Waits for the parts begun to be answered and acknowledges each to JetStream, in order.
+    /// Waits for the parts begun to be answered and acknowledges each to JetStream, in order;
+    /// true if one was not applied now and comes again ([`Done::Later`]).
     async fn finish(
         &self,
         begun: Vec<(jetstream::Message, Result<crate::collector::Pending, Done>)>,
-    ) {
+    ) -> bool {
+        let mut later = false;
         for (m, pending) in begun {
             let done = match pending {
                 Ok(p) => match p.finish().await {
@@ -383,17 +415,21 @@ impl Partition {
                 }
                 Done::Later(why) => {
                     error!(
-                        "partition {}: part not applied, taken again later: {why}",
-                        self.partition
+                        "partition {}: part at stream sequence {} not applied, taken again with the parts after it: {why}",
+                        self.partition,
+                        m.info().map_or(0, |i| i.stream_sequence)
                     );
-                    AckKind::Nak(Some(Duration::from_secs(1)))
+                    later = true;
+                    continue;
                 }
+                Done::Skipped => continue,
             };
             if let Err(e) = m.ack_with(ack).await {
                 // Unacknowledged, it comes again after ack_wait: a duplicate then.
                 warn!("partition {}: acknowledging a part: {e}", self.partition);
             }
         }
+        later
     }
 
     fn classify(e: ApiError) -> Done {

@@ -1332,3 +1332,68 @@ async fn an_address_whose_bytes_come_under_other_partitions_ids_is_judged_on_all
         s.shutdown().await.unwrap();
     }
 }
+
+/// An aggregator whose store fails to commit a part applies it again before the parts after
+/// it: the consumer starts again from its first part not acknowledged, and the writer refuses
+/// the later parts of the failed part's agent until it says Hello again. (Acknowledged as not
+/// taken, the part would come again a second later, behind parts of the same agent applied
+/// meanwhile, and be taken for a duplicate below their watermark: lost.) The totals are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
+    const BATCHES: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let two = |mut c: outflow_collector::Config| {
+        c.cluster.partitions = 2;
+        c
+    };
+    let ingest = start(two(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    )))
+    .await;
+    let a0 = start(two(aggregator_config(dir.path(), &nats, "a0"))).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 holds both partitions", |c| c.len() == 2).await;
+    wait_drained(&watch, 2, Duration::from_secs(30), "no consumers made").await;
+
+    let u = url(&ingest);
+    let mut by_addr = BTreeMap::new();
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    let mut send = async |seq: u64| {
+        let b = wire_batch(0, seq);
+        for d in &Batch::try_from(b.clone()).unwrap().deltas {
+            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    };
+    // a0's commits fail while the first batch's parts come.
+    let armed = Armed::new("store::append_fails", &dir.path().join("a0")).await;
+    send(1).await;
+    let failed = poll_metric(&a0, "outflow_collector_store_failures_total", 1.0).await;
+    assert!(failed >= 1.0, "no commit of a0 failed");
+    drop(armed);
+    // Its store commits again: the later batches' parts come at once.
+    for seq in 2..=BATCHES {
+        send(seq).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
+        if drained(&watch, 2).await && top.as_ref().ok() == Some(&by_addr) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never drained to the truth (drained: {}): {top:?}\nwant {by_addr:?}",
+            drained(&watch, 2).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(s);
+    for n in [ingest, a0] {
+        n.shutdown().await.unwrap();
+    }
+}
