@@ -4,7 +4,10 @@
 //! every part of batch N is stored before any part of batch N+1 is published: an aggregator
 //! that keeps a watermark per agent and partition can take any part at or below it as a
 //! duplicate. A batch is answered Applied once JetStream acknowledged all its parts, or refused
-//! (UNAVAILABLE: its agent sends it again) if that took longer than `publish_timeout`.
+//! (UNAVAILABLE: its agent sends it again) if that took longer than `publish_timeout`; then
+//! every later batch of the stream is refused too, unpublished: published, its parts would
+//! raise the aggregators' watermarks above the refused batch's, which its agent sends again on
+//! its next stream and which would then be taken for a duplicate (lost).
 use std::{sync::Arc, time::Duration};
 
 use log::warn;
@@ -66,7 +69,12 @@ impl ClusterIngest {
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         let this = self.clone();
         tokio::spawn(async move {
+            let mut failed: Option<Arc<super::publish::PublishError>> = None;
             while let Some((parts, deltas, reply)) = rx.recv().await {
+                if let Some(e) = &failed {
+                    let _ = reply.send(Err(WriteError::Publish(e.clone())));
+                    continue;
+                }
                 let r = this
                     .publisher
                     .publish(&parts, this.ack_timeout, this.publish_timeout)
@@ -87,7 +95,9 @@ impl ClusterIngest {
                             "batch {} refused (its agent sends it again): {e}",
                             parts.first().map(message_id).unwrap_or_default()
                         );
-                        Err(WriteError::Publish(Arc::new(e)))
+                        let e = Arc::new(e);
+                        failed = Some(e.clone());
+                        Err(WriteError::Publish(e))
                     }
                 };
                 let _ = reply.send(answer);

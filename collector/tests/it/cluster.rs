@@ -1397,3 +1397,48 @@ async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// An ingest node that could not publish a batch (JetStream lost its quorum for longer than
+/// `cluster.publish_timeout`) publishes nothing more of that agent stream, though JetStream is
+/// back: the stream's later batches are refused, unpublished, until the agent opens a new
+/// stream and sends again from the refused one. (Published, they would raise the aggregators'
+/// watermarks above the refused batch's parts, which would then be taken for duplicates.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_node_publishes_nothing_of_a_stream_after_a_batch_it_could_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let mut cfg = node_config(&dir.path().join("ingest"), &nats, NodeRole::Ingest);
+    cfg.cluster.ack_timeout = Duration::from_millis(500);
+    cfg.cluster.publish_timeout = Duration::from_secs(2);
+    let ingest = start(cfg).await;
+    let c = ingest.collector();
+    let mut s = c.session();
+    s.handle(hello_msg("agent-0", 1, "gpu-0")).await.unwrap();
+    s.handle(batch_msg(wire_batch(0, 1))).await.unwrap();
+
+    // Two of the three NATS nodes gone: no majority stores a part.
+    nats.kill(0);
+    nats.kill(1);
+    let e = s
+        .handle(batch_msg(wire_batch(0, 2)))
+        .await
+        .expect_err("published without a majority of JetStream's nodes");
+    assert!(e.to_string().contains("not acknowledged"), "{e}");
+    nats.restart(0);
+    nats.restart(1);
+
+    // JetStream is back; the stream's next batch is refused with the same failure, at once.
+    let e = s
+        .handle(batch_msg(wire_batch(0, 3)))
+        .await
+        .expect_err("a batch after the refused one was published before it");
+    assert!(e.to_string().contains("not acknowledged"), "{e}");
+
+    // The agent's next stream sends 2 and 3 again: both published.
+    let mut s = c.session();
+    s.handle(hello_msg("agent-0", 1, "gpu-0")).await.unwrap();
+    for seq in [2, 3] {
+        s.handle(batch_msg(wire_batch(0, seq))).await.unwrap();
+    }
+    ingest.shutdown().await.unwrap();
+}
