@@ -442,6 +442,12 @@ fn aggregator_config(
     cfg
 }
 
+/// `c` with 2 partitions.
+fn two(mut c: outflow_collector::Config) -> outflow_collector::Config {
+    c.cluster.partitions = 2;
+    c
+}
+
 /// An ingest node with the default node config, its data under `dir/ingest`.
 async fn start_ingest(dir: &std::path::Path, nats: &NatsCluster) -> Server {
     start(node_config(&dir.join("ingest"), nats, NodeRole::Ingest)).await
@@ -1023,6 +1029,28 @@ async fn settled(
     }
 }
 
+/// Waits until both partitions' consumers are drained and the cluster's bytes per client
+/// address, asked of the node at `u`, are `by_addr`; panics at `deadline`.
+async fn drained_to(
+    u: &str,
+    watch: &jetstream::Context,
+    by_addr: &BTreeMap<String, u64>,
+    deadline: tokio::time::Instant,
+) {
+    loop {
+        let top = fleet_top(u, v1::GroupBy::ClientAddress, None).await;
+        if drained(watch, 2).await && top.as_ref().ok() == Some(by_addr) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never drained to the truth (drained: {}): {top:?}\nwant {by_addr:?}",
+            drained(watch, 2).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A consumer held back by another (paused in JetStream, so its head stays at the first
 /// period) for longer than the client keeps a fetch (expires + 5 s), with more than one
 /// fetch of parts waiting: it reads its whole fetch before it waits, so no part delivered to
@@ -1034,10 +1062,6 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
     const HELD: Duration = Duration::from_secs(8);
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let two = |mut c: outflow_collector::Config| {
-        c.cluster.partitions = 2;
-        c
-    };
     let ingest = start(two(node_config(
         &dir.path().join("ingest"),
         &nats,
@@ -1097,19 +1121,7 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
         "partition 0 is held back with its first fetch"
     );
 
-    let deadline = held + HELD + Duration::from_secs(30);
-    loop {
-        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
-        if drained(&watch, 2).await && top.as_ref().ok() == Some(&by_addr) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never drained to the truth (drained: {}): {top:?}",
-            drained(&watch, 2).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    drained_to(&u, &watch, &by_addr, held + HELD + Duration::from_secs(30)).await;
     assert!(held.elapsed() >= HELD, "held back for less than {HELD:?}");
     let m = metrics(&a0).await;
     assert_eq!(
@@ -1343,10 +1355,6 @@ async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
     const BATCHES: u64 = 20;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(3, &dir.path().join("nats"));
-    let two = |mut c: outflow_collector::Config| {
-        c.cluster.partitions = 2;
-        c
-    };
     let ingest = start(two(node_config(
         &dir.path().join("ingest"),
         &nats,
@@ -1380,18 +1388,7 @@ async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
         send(seq).await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
-        if drained(&watch, 2).await && top.as_ref().ok() == Some(&by_addr) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never drained to the truth (drained: {}): {top:?}\nwant {by_addr:?}",
-            drained(&watch, 2).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    drained_to(&u, &watch, &by_addr, deadline).await;
     drop(s);
     for n in [ingest, a0] {
         n.shutdown().await.unwrap();
