@@ -147,17 +147,48 @@ impl Rig {
     /// The fault is over: stops the traffic, waits until the collector holds every byte the
     /// clients received, reports the row, and stops the agent.
     fn healed(&self, fault: String, traffic: Traffic, collector: &Collector, agent: &Agent) -> Row {
+        self.healed_with(fault, traffic, None, collector, agent)
+    }
+
+    /// [`Rig::healed`], with what a fleet of `outflow-fleet` agents sent counted in the truth.
+    fn healed_with_fleet(
+        &self,
+        fault: String,
+        traffic: Traffic,
+        fleet: FleetProcess,
+        collector: &Collector,
+        agent: &Agent,
+    ) -> Row {
+        self.healed_with(fault, traffic, Some(fleet), collector, agent)
+    }
+
+    fn healed_with(
+        &self,
+        fault: String,
+        traffic: Traffic,
+        fleet: Option<FleetProcess>,
+        collector: &Collector,
+        agent: &Agent,
+    ) -> Row {
         let healed = Instant::now();
-        let outcomes = traffic.finish();
-        let row = settle(
-            fault,
-            collector,
-            self.metrics_addr(),
-            &Truth::of(&outcomes),
-            healed,
-        );
+        let mut truth = Truth::of(&traffic.finish());
+        if let Some(fleet) = fleet {
+            truth = truth.with_fleet(&fleet.finish());
+        }
+        let row = settle(fault, collector, self.metrics_addr(), &truth, healed);
         assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
         row
+    }
+
+    /// Waits until the collector's store has failed at least `n` group commits; false if it
+    /// has not within `limit`.
+    fn store_failures_at_least(&self, n: usize, limit: Duration) -> bool {
+        poll_until(limit, || {
+            Metrics::fetch(self.metrics_addr())
+                .expect("scrape")
+                .value("outflow_collector_store_failures_total")
+                >= n as f64
+        })
     }
 
     /// Requests from the client namespace, in a loop, until [`Traffic::finish`].
@@ -452,26 +483,19 @@ fn collector_disk_full() {
         Duration::from_millis(500),
     );
     // A commit fails: from then on, the fault is on.
-    let failed = poll_until(START, || {
-        Metrics::fetch(rig.metrics_addr())
-            .expect("scrape")
-            .value("outflow_collector_store_failures_total")
-            > 0.0
-    });
-    assert!(failed, "no commit failed: the fault was not applied");
+    assert!(
+        rig.store_failures_at_least(1, START),
+        "no commit failed: the fault was not applied"
+    );
     thread::sleep(Duration::from_secs(secs));
     std::fs::remove_file(&filler).expect("remove the filler");
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    let done = fleet.finish();
-    settle(
+    rig.healed_with_fleet(
         format!("collector's data disk full for {secs} s ({fleet_agents} agents arriving)"),
+        traffic,
+        fleet,
         &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes).with_fleet(&done),
-        healed,
+        &agent,
     );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
 /// The collector's store fails every other group commit for a while (the error point
@@ -497,27 +521,17 @@ fn collector_commits_failing_now_and_then() {
         fleet_agents,
         Duration::from_millis(200),
     );
-    let failed = poll_until(RECOVERY_LIMIT, || {
-        Metrics::fetch(rig.metrics_addr())
-            .expect("scrape")
-            .value("outflow_collector_store_failures_total")
-            >= fails as f64
-    });
     assert!(
-        failed,
+        rig.store_failures_at_least(fails, RECOVERY_LIMIT),
         "fewer than {fails} commits failed: the fault was not applied"
     );
-    let healed = Instant::now();
-    let outcomes = traffic.finish();
-    let done = fleet.finish();
-    settle(
+    rig.healed_with_fleet(
         format!("collector's commits failing, 1 in 2, {fails} times ({fleet_agents} agents)"),
+        traffic,
+        fleet,
         &collector,
-        rig.metrics_addr(),
-        &Truth::of(&outcomes).with_fleet(&done),
-        healed,
+        &agent,
     );
-    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
 }
 
 #[test]

@@ -286,25 +286,25 @@ impl Partition {
                 }
                 self.next = self.next.max(seq + 1);
                 fetched = true;
-                if later {
-                    begun.push((m, Err(Done::Skipped)));
-                    continue;
-                }
-                let pending = match self.decode(m.payload.clone()) {
-                    Ok(part) => {
-                        if !self.member.try_enter(part.time_ms()) {
-                            if rest.is_none() {
-                                rest = Some((&mut messages).collect().await);
-                            }
-                            later |= self.finish(std::mem::take(&mut begun)).await;
-                            if later {
-                                begun.push((m, Err(Done::Skipped)));
-                                continue;
-                            }
-                            self.member.enter(part.time_ms()).await;
-                        }
-                        self.begin(part).await
+                let decoded = if later {
+                    Err(Done::Skipped)
+                } else {
+                    self.decode(m.payload.clone())
+                };
+                if let Ok(part) = &decoded
+                    && !self.member.try_enter(part.time_ms())
+                {
+                    if rest.is_none() {
+                        rest = Some((&mut messages).collect().await);
                     }
+                    later |= self.finish(std::mem::take(&mut begun)).await;
+                    if !later {
+                        self.member.enter(part.time_ms()).await;
+                    }
+                }
+                let pending = match decoded {
+                    Ok(_) if later => Err(Done::Skipped),
+                    Ok(part) => self.begin(part).await,
                     Err(d) => Err(d),
                 };
                 later |= matches!(pending, Err(Done::Later(_)));
