@@ -137,13 +137,15 @@ pub fn run(args: &Args) -> Result<Section> {
         let r = one_run(&rt, &bin, &load, args, (i, detect))
             .with_context(|| format!("run {i}, detection {detect}"))?;
         eprintln!(
-            "ingest: run {i}/{} (detection {detect}): {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}",
+            "ingest: run {i}/{} (detection {detect}): {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}; CPU per delta {:.0} ns (writer / workers / detection / other: {} ns)",
             args.runs,
             thousands(r.deltas_per_second),
             r.seconds,
             r.cpu_percent,
             sys::mib(r.rss),
-            sys::mib(r.peak_rss)
+            sys::mib(r.peak_rss),
+            r.cpu_per_delta.total(),
+            r.cpu_per_delta,
         );
         runs.push(r);
     }
@@ -278,6 +280,8 @@ struct RunResult {
     cpu_percent: f64,
     /// The collector's busiest thread over the window: its name and CPU in % of one core.
     busiest_thread: (String, f64),
+    /// The collector's CPU time per delta applied, by what its threads do.
+    cpu_per_delta: CpuPerDelta,
     /// This process's (the load generator's) CPU, the same way.
     load_cpu_percent: f64,
     rss: u64,
@@ -453,6 +457,7 @@ fn one_run(
         deltas_per_second: args.total_deltas() as f64 / seconds.max(1e-9),
         cpu_percent: 100.0 * cpu.as_secs_f64() / seconds.max(1e-9),
         busiest_thread: busiest(&threads0, &threads, seconds),
+        cpu_per_delta: CpuPerDelta::of(&threads0, &threads, applied),
         load_cpu_percent: 100.0 * own.as_secs_f64() / seconds.max(1e-9),
         rss,
         peak_rss,
@@ -499,6 +504,50 @@ fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
         out.push((tid, name.trim().to_owned(), ticks as f64 / hz));
     }
     Ok(out)
+}
+
+/// The collector's CPU time per delta applied, ns, by thread: its store writer, its gRPC
+/// workers (tokio's threads: decoding, validating and folding each batch), its detection thread,
+/// and the rest. Unlike deltas/s, which the load generator's share of the machine moves from run
+/// to run, these measure what a change to one of them costs or saves.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerDelta {
+    writer: f64,
+    workers: f64,
+    detection: f64,
+    other: f64,
+}
+
+impl CpuPerDelta {
+    /// From two [`thread_cpu`] samples, `deltas` applied between them.
+    fn of(before: &[(u32, String, f64)], after: &[(u32, String, f64)], deltas: f64) -> Self {
+        let mut c = Self::default();
+        for (tid, name, t) in after {
+            let t0 = before.iter().find(|b| b.0 == *tid).map_or(0.0, |b| b.2);
+            let ns = 1e9 * (t - t0) / deltas.max(1.0);
+            match name.as_str() {
+                "store-writer" => c.writer += ns,
+                "detection" => c.detection += ns,
+                n if n.starts_with("tokio") => c.workers += ns,
+                _ => c.other += ns,
+            }
+        }
+        c
+    }
+
+    fn total(&self) -> f64 {
+        self.writer + self.workers + self.detection + self.other
+    }
+}
+
+impl std::fmt::Display for CpuPerDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} / {:.0} / {:.0} / {:.0}",
+            self.writer, self.workers, self.detection, self.other
+        )
+    }
 }
 
 /// The thread that used the most CPU between two [`thread_cpu`] samples `seconds` apart.
@@ -663,6 +712,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
         "collector peak RSS",
         "group commits/s",
         "send to Ack p50 / p99",
+        "CPU per delta: writer / workers / detection / other (ns)",
     ]
     .map(String::from)
     .to_vec();
@@ -679,6 +729,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
             sys::mib(r.peak_rss),
             format!("{:.1}", r.commits / r.seconds),
             format!("{:.0} / {:.0} ms", r.ack_ms.0, r.ack_ms.1),
+            r.cpu_per_delta.to_string(),
         ]);
     }
     let median_deltas = med(&|r| r.deltas_per_second);
@@ -701,6 +752,13 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
             sys::mib(m(&|r| r.peak_rss as f64) as u64),
             format!("{:.1}", m(&|r| r.commits / r.seconds)),
             format!("{:.0} / {:.0} ms", m(&|r| r.ack_ms.0), m(&|r| r.ack_ms.1)),
+            CpuPerDelta {
+                writer: m(&|r| r.cpu_per_delta.writer),
+                workers: m(&|r| r.cpu_per_delta.workers),
+                detection: m(&|r| r.cpu_per_delta.detection),
+                other: m(&|r| r.cpu_per_delta.other),
+            }
+            .to_string(),
         ]);
     }
     let median_off = med_off(&|r| r.deltas_per_second);
