@@ -522,10 +522,9 @@ impl CpuPerDelta {
     /// From two [`thread_cpu`] samples, `deltas` applied between them.
     fn of(before: &[(u32, String, f64)], after: &[(u32, String, f64)], deltas: f64) -> Self {
         let mut c = Self::default();
-        for (tid, name, t) in after {
-            let t0 = before.iter().find(|b| b.0 == *tid).map_or(0.0, |b| b.2);
-            let ns = 1e9 * (t - t0) / deltas.max(1.0);
-            match name.as_str() {
+        for (name, cpu) in thread_use(before, after) {
+            let ns = 1e9 * cpu / deltas.max(1.0);
+            match name {
                 "store-writer" => c.writer += ns,
                 "detection" => c.detection += ns,
                 n if n.starts_with("tokio") => c.workers += ns,
@@ -550,18 +549,26 @@ impl std::fmt::Display for CpuPerDelta {
     }
 }
 
+/// Each thread's name and the CPU seconds it used between two [`thread_cpu`] samples (a
+/// thread started meanwhile, all of its own).
+fn thread_use<'a>(
+    before: &'a [(u32, String, f64)],
+    after: &'a [(u32, String, f64)],
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    after.iter().map(|(tid, name, t)| {
+        let t0 = before.iter().find(|b| b.0 == *tid).map_or(0.0, |b| b.2);
+        (name.as_str(), t - t0)
+    })
+}
+
 /// The thread that used the most CPU between two [`thread_cpu`] samples `seconds` apart.
 fn busiest(
     before: &[(u32, String, f64)],
     after: &[(u32, String, f64)],
     seconds: f64,
 ) -> (String, f64) {
-    after
-        .iter()
-        .map(|(tid, name, t)| {
-            let t0 = before.iter().find(|b| b.0 == *tid).map_or(0.0, |b| b.2);
-            (name.clone(), 100.0 * (t - t0) / seconds.max(1e-9))
-        })
+    thread_use(before, after)
+        .map(|(name, cpu)| (name.to_owned(), 100.0 * cpu / seconds.max(1e-9)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or_default()
 }
