@@ -137,7 +137,7 @@ pub fn run(args: &Args) -> Result<Section> {
         let r = one_run(&rt, &bin, &load, args, (i, detect))
             .with_context(|| format!("run {i}, detection {detect}"))?;
         eprintln!(
-            "ingest: run {i}/{} (detection {detect}): {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}; CPU per delta {:.0} ns (writer / workers / detection / other: {} ns)",
+            "ingest: run {i}/{} (detection {detect}): {} deltas/s in {:.2} s, collector CPU {:.0}% of a core, RSS {}, peak {}; CPU per delta {:.0} ns (writer / workers / detection / other: {} ns); journal {:.1} bytes per delta",
             args.runs,
             thousands(r.deltas_per_second),
             r.seconds,
@@ -146,6 +146,7 @@ pub fn run(args: &Args) -> Result<Section> {
             sys::mib(r.peak_rss),
             r.cpu_per_delta.total(),
             r.cpu_per_delta,
+            r.journal_bytes / args.total_deltas() as f64,
         );
         runs.push(r);
     }
@@ -288,6 +289,8 @@ struct RunResult {
     peak_rss: u64,
     commits: f64,
     commit_seconds: f64,
+    /// Bytes of journal entries the group commits wrote.
+    journal_bytes: f64,
     checkpoints: f64,
     checkpoint_seconds: f64,
     detect_runs: f64,
@@ -463,6 +466,7 @@ fn one_run(
         peak_rss,
         commits: delta("outflow_collector_store_commit_seconds_count"),
         commit_seconds: delta("outflow_collector_store_commit_seconds_sum"),
+        journal_bytes: delta("outflow_collector_store_journal_bytes_total"),
         checkpoints: delta("outflow_collector_store_checkpoint_seconds_count"),
         checkpoint_seconds: delta("outflow_collector_store_checkpoint_seconds_sum"),
         detect_runs: delta("outflow_collector_detect_seconds_count"),
@@ -789,11 +793,13 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
         ),
         format!(
             "Detection and fsync on, as by default. Group commits: {:.1} per second, {:.1} batches \
-             each, {:.0} ms each; checkpoints (every key the journal touched written whole): \
-             {:.1} per run, {:.0} ms each (medians over runs, from the collector's /metrics).",
+             each, {:.0} ms each, {:.1} journal bytes per delta; checkpoints (every key the \
+             journal touched written whole): {:.1} per run, {:.0} ms each (medians over runs, \
+             from the collector's /metrics).",
             med(&|r| r.commits / r.seconds),
             med(&|r| total_batches / r.commits.max(1.0)),
             med(&|r| 1000.0 * r.commit_seconds / r.commits.max(1.0)),
+            med(&|r| r.journal_bytes / args.total_deltas() as f64),
             med(&|r| r.checkpoints),
             med(&|r| 1000.0 * r.checkpoint_seconds / r.checkpoints.max(1.0)),
         ),

@@ -9,11 +9,15 @@
 //! applied in order ([`replay`]): the same [`apply`] and [`install`] the writer runs on memory
 //! after each commit, so memory and store agree to the byte after any crash.
 //!
-//! Entry (big-endian): format (u8), the batch time after the group (u64), the number of keys
-//! (u32), then per key: its encoded length (u32) and bytes ([`Key::encode`]), then granules
-//! (u32 count; granule start u64, response bytes u64, request bytes u64, connections closed
-//! u64), hosts (u32 count; host u32, granule number u32) and links (u32 count; kind u8,
-//! address family u8 and 4 or 16 bytes, batch time u64).
+//! Entry: format (u8), the batch time after the group (`end_ms`, u64 big-endian), the number
+//! of keys (u32 big-endian), then per key, in varints (LEB128, as protobuf writes them): its
+//! encoded length and bytes ([`Key::encode`]), then granules (count; per granule its start as
+//! `end_ms` minus it, response bytes, request bytes, connections closed), hosts (count; host,
+//! its granule number as `end_ms`'s minus it) and links (count; kind u8, address family u8 and
+//! 4 or 16 bytes, batch time as `end_ms` minus it). Differences wrap, so any value reads back
+//! exactly; a group's times sit just below `end_ms`, so they take a byte or two. Format 1
+//! (every number fixed-width big-endian, about three times the bytes) is still read: a store
+//! may hold such entries from before an upgrade until its next checkpoint.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
@@ -23,7 +27,10 @@ use crate::{
     window::{HOST_GRANULE_MS, Rollup, Totals},
 };
 
-const FORMAT: u8 = 1;
+/// The format written.
+const FORMAT: u8 = 2;
+/// The format of versions before, still read.
+const FORMAT_FIXED: u8 = 1;
 /// Where the key count sits in an entry.
 const COUNT_AT: usize = 1 + 8;
 
@@ -38,11 +45,11 @@ pub struct Change<'a> {
 }
 
 impl Change<'_> {
-    fn granules(&self) -> impl Iterator<Item = &(u64, Totals)> {
+    fn granules(&self) -> impl Iterator<Item = &(u64, Totals)> + Clone {
         self.granules.iter().flat_map(|g| g.iter())
     }
 
-    fn hosts(&self) -> impl Iterator<Item = &(HostId, u32)> {
+    fn hosts(&self) -> impl Iterator<Item = &(HostId, u32)> + Clone {
         self.hosts.iter().flat_map(|h| h.iter())
     }
 }
@@ -96,20 +103,31 @@ pub fn key_count(entry: &[u8]) -> u32 {
 
 /// Appends what the group added to `key` to an entry `begin` started.
 pub fn push(out: &mut Vec<u8>, key: &Key, change: &Change<'_>) {
+    let end_ms = entry_end_ms(out);
+    let end_granule = granule_number(end_ms);
+    // The key's length, then the key, encoded in place: a byte holds the length of an address
+    // key; a longer key (a client id, a workload) moves behind a longer length.
     let at = out.len();
-    out.extend_from_slice(&[0; 4]);
+    out.push(0);
     key.encode(out);
-    // Keys are at most a workload's cgroup path and command, bounded at the edge.
-    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    let len = out.len() - at - 1;
+    match u8::try_from(len) {
+        Ok(b) if b < 0x80 => out[at] = b,
+        _ => {
+            let mut head = Vec::with_capacity(10);
+            varint(&mut head, len as u64);
+            out.splice(at..=at, head);
+        }
+    }
     counted(out, change.granules(), |out, &(t, v)| {
-        for x in [t, v.response_bytes, v.request_bytes, v.connections_closed] {
-            out.extend_from_slice(&x.to_be_bytes());
+        varint(out, end_ms.wrapping_sub(t));
+        for x in [v.response_bytes, v.request_bytes, v.connections_closed] {
+            varint(out, x);
         }
     });
     counted(out, change.hosts(), |out, &(h, g)| {
-        out.extend_from_slice(&h.to_be_bytes());
-        out.extend_from_slice(&g.to_be_bytes());
+        varint(out, u64::from(h));
+        varint(out, u64::from(end_granule.wrapping_sub(g)));
     });
     counted(out, change.links.iter(), |out, &(kind, addr, t)| {
         out.push(match kind {
@@ -126,57 +144,82 @@ pub fn push(out: &mut Vec<u8>, key: &Key, change: &Change<'_>) {
                 out.extend_from_slice(&a.octets());
             }
         }
-        out.extend_from_slice(&t.to_be_bytes());
+        varint(out, end_ms.wrapping_sub(t));
     });
     let keys = key_count(out).saturating_add(1);
     out[COUNT_AT..COUNT_AT + 4].copy_from_slice(&keys.to_be_bytes());
 }
 
-/// Writes a u32 count, then each item with `put`, then the count in its place.
+/// The batch time after the group of an entry `begin` started.
+fn entry_end_ms(entry: &[u8]) -> u64 {
+    entry
+        .get(1..COUNT_AT)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// The number of the host granule `time_ms` is in (wrapping past the year 3000, the same
+/// way for every time of an entry).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "wraps alike when written and read"
+)]
+fn granule_number(time_ms: u64) -> u32 {
+    (time_ms / HOST_GRANULE_MS) as u32
+}
+
+fn varint(out: &mut Vec<u8>, x: u64) {
+    prost::encoding::encode_varint(x, out);
+}
+
+/// Writes a count, then each item with `put`. Items come from iterators that do not know
+/// their length up front, so the count is counted first.
 fn counted<T>(
     out: &mut Vec<u8>,
-    items: impl Iterator<Item = T>,
+    items: impl Iterator<Item = T> + Clone,
     mut put: impl FnMut(&mut Vec<u8>, T),
 ) {
-    let at = out.len();
-    out.extend_from_slice(&[0; 4]);
-    let mut n = 0u32;
+    varint(out, items.clone().count() as u64);
     for item in items {
         put(out, item);
-        n += 1;
     }
-    out[at..at + 4].copy_from_slice(&n.to_be_bytes());
 }
 
 /// Applies an entry to `st` as the writer applied it to memory after its commit; `None` if it
 /// is not an entry (nothing is applied then past the key that is not one).
 pub fn replay(entry: &[u8], st: &mut State) -> Option<u32> {
     let mut r = Reader(entry);
-    if r.u8()? != FORMAT {
-        return None;
-    }
+    let format = r.u8()?;
     let end_ms = r.u64()?;
+    let form = match format {
+        FORMAT => Form::Compact {
+            end_ms,
+            end_granule: granule_number(end_ms),
+        },
+        FORMAT_FIXED => Form::Fixed,
+        _ => return None,
+    };
     let keys = r.u32()?;
     let (mut granules, mut hosts, mut links) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..keys {
-        let len = usize::try_from(r.u32()?).ok()?;
+        let len = usize::try_from(r.count(form)?).ok()?;
         let key = Key::decode(r.take(len)?)?;
         granules.clear();
-        for _ in 0..r.u32()? {
-            let t = r.u64()?;
+        for _ in 0..r.count(form)? {
+            let t = r.time(form)?;
             let totals = Totals {
-                response_bytes: r.u64()?,
-                request_bytes: r.u64()?,
-                connections_closed: r.u64()?,
+                response_bytes: r.amount(form)?,
+                request_bytes: r.amount(form)?,
+                connections_closed: r.amount(form)?,
             };
             granules.push((t, totals));
         }
         hosts.clear();
-        for _ in 0..r.u32()? {
-            hosts.push((r.u32()?, r.u32()?));
+        for _ in 0..r.count(form)? {
+            hosts.push((r.host(form)?, r.granule(form)?));
         }
         links.clear();
-        for _ in 0..r.u32()? {
+        for _ in 0..r.count(form)? {
             let kind = match r.u8()? {
                 0 => LinkKind::Addr,
                 1 => LinkKind::Peer,
@@ -187,7 +230,7 @@ pub fn replay(entry: &[u8], st: &mut State) -> Option<u32> {
                 6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).ok()?)),
                 _ => return None,
             };
-            links.push((kind, addr, r.u64()?));
+            links.push((kind, addr, r.time(form)?));
         }
         let change = Change {
             granules: [&granules, &[]],
@@ -197,6 +240,15 @@ pub fn replay(entry: &[u8], st: &mut State) -> Option<u32> {
         install(st, key, |rollup| apply(rollup, &change, end_ms));
     }
     r.0.is_empty().then_some(keys)
+}
+
+/// How an entry writes its numbers past its head.
+#[derive(Clone, Copy)]
+enum Form {
+    /// Format 1: fixed-width, big-endian, times whole.
+    Fixed,
+    /// Format 2: varints, times below the entry's.
+    Compact { end_ms: u64, end_granule: u32 },
 }
 
 /// Reads an entry front to back, bounds checked.
@@ -217,11 +269,48 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
+    fn varint(&mut self) -> Option<u64> {
+        prost::encoding::decode_varint(&mut self.0).ok()
+    }
+    /// A length or a count.
+    fn count(&mut self, form: Form) -> Option<u32> {
+        match form {
+            Form::Fixed => self.u32(),
+            Form::Compact { .. } => u32::try_from(self.varint()?).ok(),
+        }
+    }
+    /// A time in ms.
+    fn time(&mut self, form: Form) -> Option<u64> {
+        match form {
+            Form::Fixed => self.u64(),
+            Form::Compact { end_ms, .. } => Some(end_ms.wrapping_sub(self.varint()?)),
+        }
+    }
+    /// Bytes or connections.
+    fn amount(&mut self, form: Form) -> Option<u64> {
+        match form {
+            Form::Fixed => self.u64(),
+            Form::Compact { .. } => self.varint(),
+        }
+    }
+    fn host(&mut self, form: Form) -> Option<HostId> {
+        self.count(form)
+    }
+    /// A host granule's number.
+    fn granule(&mut self, form: Form) -> Option<u32> {
+        match form {
+            Form::Fixed => self.u32(),
+            Form::Compact { end_granule, .. } => {
+                Some(end_granule.wrapping_sub(u32::try_from(self.varint()?).ok()?))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::window::Window;
 
     #[test]
     fn replay_gives_what_apply_gave() {
@@ -259,7 +348,109 @@ mod tests {
             assert_eq!(replayed.get(k), live.get(k));
             assert!(replayed.get(k).is_some());
         }
-        // A cut entry is not one.
-        assert_eq!(replay(&out[..out.len() - 1], &mut State::default()), None);
+        // A cut entry is not one, wherever it is cut.
+        for n in 0..out.len() {
+            assert_eq!(replay(&out[..n], &mut State::default()), None, "cut at {n}");
+        }
+    }
+
+    #[test]
+    fn the_fuzz_seed_is_an_entry() {
+        // `collector/fuzz/seeds/journal/`: the fuzzer starts from an entry this reads whole.
+        let seed = include_bytes!("../fuzz/seeds/journal/two-keys.bin");
+        let mut st = State::default();
+        assert_eq!(replay(seed, &mut st), Some(2));
+        let id = Key::ClientId("acct-42".into());
+        let end_ms = 1_750_000_020_000;
+        assert_eq!(
+            st.get(&id)
+                .map(|r| r.window(Window::H24, end_ms).totals.response_bytes),
+            Some(123_456_789)
+        );
+    }
+
+    #[test]
+    fn times_on_either_side_of_the_entry_and_long_keys_read_back() {
+        let t = 1_750_000_000_000u64;
+        // A granule after the entry's time (not written so, but read back all the same), one
+        // at the epoch, and a key longer than a one-byte length.
+        let granules = [(t + 5000, Totals::default()), (0, Totals::default())];
+        let hosts = [(u32::MAX, 0), (7, u32::MAX)];
+        let links = [(LinkKind::Addr, "192.0.2.9".parse().unwrap(), u64::MAX)];
+        let change = Change {
+            granules: [&granules, &[]],
+            hosts: [&hosts, &[]],
+            links: &links,
+        };
+        let key = Key::ClientId("k".repeat(300).into());
+        let mut out = Vec::new();
+        begin(&mut out, t);
+        push(&mut out, &key, &change);
+        let mut live = State::default();
+        install(&mut live, key.clone(), |r| apply(r, &change, t));
+        let mut replayed = State::default();
+        assert_eq!(replay(&out, &mut replayed), Some(1));
+        assert_eq!(replayed.get(&key), live.get(&key));
+    }
+
+    #[test]
+    fn an_entry_of_format_1_is_still_read() {
+        let t = 1_750_000_000_000u64;
+        let key = Key::Direct("10.0.0.1".parse().unwrap());
+        let totals = |i: u64| Totals {
+            response_bytes: 1000 * (i + 1),
+            request_bytes: 10,
+            connections_closed: 1,
+        };
+        let granules = [(t, totals(0)), (t - HOST_GRANULE_MS, totals(1))];
+        let hosts = [(0, granule_number(t)), (1, granule_number(t) - 1)];
+        let links = [(LinkKind::Peer, "2001:db8::1".parse().unwrap(), t)];
+        let change = Change {
+            granules: [&granules, &[]],
+            hosts: [&hosts, &[]],
+            links: &links,
+        };
+        // Format 1, as versions before wrote it.
+        let mut old = vec![FORMAT_FIXED];
+        old.extend_from_slice(&t.to_be_bytes());
+        old.extend_from_slice(&1u32.to_be_bytes());
+        let mut k = Vec::new();
+        key.encode(&mut k);
+        old.extend_from_slice(&u32::try_from(k.len()).unwrap().to_be_bytes());
+        old.extend_from_slice(&k);
+        old.extend_from_slice(&2u32.to_be_bytes());
+        for (g, v) in &granules {
+            for x in [*g, v.response_bytes, v.request_bytes, v.connections_closed] {
+                old.extend_from_slice(&x.to_be_bytes());
+            }
+        }
+        old.extend_from_slice(&2u32.to_be_bytes());
+        for (h, g) in &hosts {
+            old.extend_from_slice(&h.to_be_bytes());
+            old.extend_from_slice(&g.to_be_bytes());
+        }
+        old.extend_from_slice(&1u32.to_be_bytes());
+        old.extend_from_slice(&[1, 6]);
+        old.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        old.extend_from_slice(&t.to_be_bytes());
+        let mut live = State::default();
+        install(&mut live, key.clone(), |r| apply(r, &change, t));
+        let mut replayed = State::default();
+        assert_eq!(replay(&old, &mut replayed), Some(1));
+        assert_eq!(replayed.get(&key), live.get(&key));
+        // The same change written now takes about a third of the bytes.
+        let mut new = Vec::new();
+        begin(&mut new, t);
+        push(&mut new, &key, &change);
+        assert!(
+            new.len() * 2 < old.len(),
+            "{} against {}",
+            new.len(),
+            old.len()
+        );
+        assert_eq!(
+            replay(&[&[9], &new[1..]].concat(), &mut State::default()),
+            None
+        );
     }
 }

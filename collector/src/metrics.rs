@@ -17,6 +17,7 @@
 //! | `outflow_collector_unattributed_response_bytes_total` | counter | response bytes agents counted for connections their kernel table had no slot for (in no client's totals) |
 //! | `outflow_collector_ingest_lag_seconds` | histogram | collector clock minus batch `end_ms`, at apply |
 //! | `outflow_collector_store_commit_seconds` | histogram | one write transaction (group commit), commit included |
+//! | `outflow_collector_store_journal_bytes_total` | counter | bytes of journal entries committed (what each group commit adds to each key, before the rollups are written whole) |
 //! | `outflow_collector_store_checkpoints_total` | counter | checkpoints: the rollups the journal touched written whole, the journal emptied |
 //! | `outflow_collector_store_checkpoint_seconds` | histogram | one checkpoint's write transaction, commit included |
 //! | `outflow_collector_store_failures_total` | counter | writes the store could not make (full disk, I/O error): their batches were refused with UNAVAILABLE, not applied; the store is reopened before the next |
@@ -136,6 +137,7 @@ pub struct Metrics {
     pub ingest_lag: Histogram,
     pub commit_seconds: Histogram,
     pub commit_batches: Histogram,
+    pub journal_bytes: Counter,
     pub checkpoints: Counter,
     pub checkpoint_seconds: Histogram,
     pub store_failures: Counter,
@@ -202,6 +204,7 @@ impl Metrics {
             ingest_lag: Histogram::new(exponential_buckets(0.25, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            journal_bytes: Counter::default(),
             checkpoints: Counter::default(),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             store_failures: Counter::default(),
@@ -392,6 +395,11 @@ impl Metrics {
             "commit_batches",
             "Batches per write transaction",
             m.commit_batches.clone(),
+        );
+        registry.register(
+            "store_journal_bytes",
+            "Bytes of journal entries committed (what each group commit adds to each key)",
+            m.journal_bytes.clone(),
         );
         registry.register(
             "store_checkpoints",

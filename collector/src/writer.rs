@@ -960,7 +960,9 @@ impl Worker {
         let entry = (kept > 0).then_some(entry.as_slice());
         let r = self.store.write(|store| store.append(ch, entry));
         if r.is_ok() {
-            self.journal_bytes += entry.map_or(0, <[u8]>::len);
+            let n = entry.map_or(0, <[u8]>::len);
+            self.journal_bytes += n;
+            self.metrics.journal_bytes.inc_by(n as u64);
         }
         self.metrics
             .commit_seconds

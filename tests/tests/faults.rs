@@ -89,7 +89,7 @@ impl Rig {
         // A journal of a few group commits: checkpoints (rollups written whole, the journal
         // emptied) come every few commits, so that the kills fall around them too.
         let config = self.collector_config.path().join("collector.toml");
-        std::fs::write(&config, "[store]\njournal_bytes = 4096\n").expect("collector config");
+        std::fs::write(&config, "[store]\njournal_bytes = 1024\n").expect("collector config");
         Collector::start_env(
             self.collector_port,
             &[

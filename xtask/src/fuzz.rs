@@ -3,9 +3,10 @@
 //!
 //! The PROXY, HTTP head and forwarding-header parsers and the per-turn resolver read bytes that
 //! anyone who can connect to an inference host chooses (targets in `attribution/fuzz/`); the
-//! collector decodes, validates, folds and stores what any agent sends, and reads its config
-//! file (targets in `collector/fuzz/`); the agent reads its own config file (target in
-//! `agent-config/fuzz/`). Each is a cargo-fuzz project outside the workspace
+//! collector decodes, validates, folds and stores what any agent sends, reads its config
+//! file and replays its store's journal (targets in `collector/fuzz/`); the agent reads its
+//! own config file (target in `agent-config/fuzz/`). Each is a cargo-fuzz project outside the
+//! workspace
 //! (nightly and sanitizers). This installs cargo-fuzz if missing and runs each target for a
 //! bounded time with a fixed seed, from the checked-in seeds in `<project>/seeds/<target>/`
 //! if there are any; `cargo xtask test` runs it too, briefly. A crash fails the command and
@@ -19,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Every fuzz target, with the cargo-fuzz project it is in.
-const PROJECTS: [(&str, &str); 9] = [
+const PROJECTS: [(&str, &str); 10] = [
     ("proxy", "attribution/fuzz"),
     ("http", "attribution/fuzz"),
     ("forwarded", "attribution/fuzz"),
@@ -28,10 +29,11 @@ const PROJECTS: [(&str, &str); 9] = [
     ("part", "collector/fuzz"),
     ("summary", "collector/fuzz"),
     ("config", "collector/fuzz"),
+    ("journal", "collector/fuzz"),
     ("agent-config", "agent-config/fuzz"),
 ];
 /// Every fuzz target.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "proxy",
     "http",
     "forwarded",
@@ -40,6 +42,7 @@ pub const TARGETS: [&str; 9] = [
     "part",
     "summary",
     "config",
+    "journal",
     "agent-config",
 ];
 /// cargo-fuzz release installed when missing (0.13 builds with the stable toolchain here).
@@ -50,7 +53,7 @@ pub struct Args {
     /// How long each target runs
     #[arg(long, default_value_t = 60)]
     seconds: u32,
-    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, part, summary, config, agent-config]
+    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, part, summary, config, journal, agent-config]
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
 }
