@@ -179,8 +179,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             cmd::workspace_root().join("BENCHMARKS.md")
         }
     });
-    fs::write(&out, document(&sections, args)?)
-        .with_context(|| format!("writing {}", out.display()))?;
+    // Into the published file, `--only` replaces its parts and keeps the rest; a whole run
+    // replaces every part but keeps their subsections written by hand.
+    let doc = match fs::read_to_string(&out) {
+        Ok(old) if !args.quick && !args.only.is_empty() => merge(&old, &sections, &machine()?),
+        Ok(old) if !args.quick => keep_subsections(&old, &document(&sections, args)?),
+        _ => document(&sections, args)?,
+    };
+    fs::write(&out, doc).with_context(|| format!("writing {}", out.display()))?;
     println!("bench: wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -292,7 +298,8 @@ fn targets_table<'a>(targets: impl Iterator<Item = &'a Target>) -> String {
 fn document(sections: &[Section], args: &Args) -> Result<String> {
     let mut md = String::from(
         "# Benchmarks\n\nWhat outflow costs, measured on one machine by `sudo cargo xtask bench` \
-         (this file is its output; `--only <name>` reruns one part). Every figure is a median \
+         (this file is its output; `--only <name>` reruns one part; the subsections under a \
+         part are written by hand and kept). Every figure is a median \
          of several runs or a ratio of things measured side by side in one run, because a \
          shared VM is noisy; no test asserts a time.\n\n",
     );
@@ -311,6 +318,88 @@ fn document(sections: &[Section], args: &Args) -> Result<String> {
         md.push('\n');
     }
     Ok(md)
+}
+
+/// `old` (a report) with `sections` in place of the parts of the same titles (added at the end
+/// if it has none), each part's own subsections (`### `, written by hand) kept, their rows of
+/// the targets table replaced or added, and the machine they were measured on noted in each.
+fn merge(old: &str, sections: &[Section], machine: &str) -> String {
+    let mut parts = split_parts(old);
+    for s in sections {
+        let heading = format!("## {}\n", s.title);
+        let mut fresh = to_markdown(s);
+        let _ = write!(
+            fresh,
+            "- Measured alone (`cargo xtask bench --only`), not with the rest of this report:\n{}",
+            machine
+                .lines()
+                .map(|l| format!("  {l}\n"))
+                .collect::<String>()
+        );
+        match parts.iter_mut().find(|p| p.starts_with(&heading)) {
+            Some(p) => *p = with_subsections(&fresh, subsections(p)),
+            None => parts.push(format!("{fresh}\n")),
+        }
+        if let Some(t) = parts.iter_mut().find(|p| p.starts_with("## Targets\n")) {
+            for row in targets_table(s.targets.iter()).lines().skip(2) {
+                let name = row.split(" | ").next().unwrap_or(row);
+                match t.lines().position(|l| l.split(" | ").next() == Some(name)) {
+                    Some(i) => {
+                        let mut lines: Vec<&str> = t.lines().collect();
+                        lines[i] = row;
+                        *t = lines.join("\n") + "\n\n";
+                    }
+                    None => {
+                        let end = t.trim_end().len();
+                        t.replace_range(end.., &format!("\n{row}\n\n"));
+                    }
+                }
+            }
+        }
+    }
+    parts.concat()
+}
+
+/// `doc` (a whole new report) with the subsections written by hand under each part of `old`
+/// put back under the part of the same title.
+fn keep_subsections(old: &str, doc: &str) -> String {
+    let old = split_parts(old);
+    split_parts(doc)
+        .into_iter()
+        .map(|p| {
+            let heading = p.lines().next().unwrap_or_default();
+            match old.iter().find(|o| o.lines().next() == Some(heading)) {
+                Some(o) if p.starts_with("## ") => with_subsections(&p, subsections(o)),
+                _ => p,
+            }
+        })
+        .collect()
+}
+
+/// A report cut at each `## ` heading: the text before the first, then one part each.
+fn split_parts(text: &str) -> Vec<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        match parts.last_mut() {
+            Some(p) if !line.starts_with("## ") => p.push_str(line),
+            _ => parts.push(line.to_string()),
+        }
+    }
+    parts
+}
+
+/// The subsections (`### `) of a part: from the first to its end.
+fn subsections(part: &str) -> &str {
+    part.find("\n### ").map_or("", |i| part[i + 1..].trim_end())
+}
+
+/// A part made of `fresh` (a section as `to_markdown` writes it) and `kept`, with one blank
+/// line between and after.
+fn with_subsections(fresh: &str, kept: &str) -> String {
+    match kept {
+        "" => format!("{}\n\n", fresh.trim_end()),
+        _ => format!("{}\n\n{kept}\n\n", fresh.trim_end()),
+    }
 }
 
 /// The machine, the kernel, the toolchains and the commit the figures come from.
@@ -358,4 +447,65 @@ fn machine() -> Result<String> {
          built with {nightly}\n- commit {commit}, measured {date}\n",
         kernel.trim()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(title: &str, measured: &str) -> Section {
+        Section {
+            title: title.into(),
+            method: "How.".into(),
+            commands: vec!["run it".into()],
+            header: vec!["a".into()],
+            rows: vec![vec![measured.into()]],
+            targets: vec![Target {
+                what: format!("{title} speed"),
+                target: ">= 1".into(),
+                measured: measured.into(),
+                met: true,
+            }],
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_replaces_its_parts_and_keeps_the_rest() {
+        let old = format!(
+            "# Benchmarks\n\n## Machine\n\n- old machine\n\n## Targets\n\n{}\n{}\n### By hand\n\nkept\n\n{}",
+            targets_table(
+                [section("A", "1"), section("B", "2")]
+                    .iter()
+                    .flat_map(|s| &s.targets)
+            ),
+            to_markdown(&section("A", "1")),
+            to_markdown(&section("B", "2")),
+        );
+        let new = merge(
+            &old,
+            &[section("A", "9"), section("C", "3")],
+            "- new machine\n",
+        );
+        // A replaced, its hand-written subsection kept; B untouched; C added.
+        assert!(new.contains("| 9 |\n"), "{new}");
+        assert!(!new.contains("| A speed | >= 1 | 1 |"), "{new}");
+        assert!(new.contains("| A speed | >= 1 | 9 | met |\n| B speed | >= 1 | 2 | met |\n| C speed | >= 1 | 3 | met |\n\n## A\n"), "{new}");
+        assert!(
+            new.contains("  - new machine\n\n### By hand\n\nkept\n\n## B\n"),
+            "{new}"
+        );
+        assert!(new.contains("- old machine"), "{new}");
+        assert!(new.ends_with("  - new machine\n\n"), "{new}");
+        assert_eq!(new.matches("## A\n").count(), 1);
+        assert_eq!(new.matches("## C\n").count(), 1);
+        // A whole run: every part new, the subsection written by hand kept.
+        let whole = format!("# Benchmarks\n\n{}\n", to_markdown(&section("A", "7")));
+        let whole = keep_subsections(&old, &whole);
+        assert!(
+            whole.contains("| A speed | >= 1 | 7 | met |\n\n### By hand\n\nkept\n\n"),
+            "{whole}"
+        );
+        assert!(!whole.contains("\n## B"), "{whole}");
+    }
 }
