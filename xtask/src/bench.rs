@@ -347,7 +347,7 @@ fn merge(old: &str, sections: &[Section], machine: &str) -> String {
                     Some(i) => {
                         let mut lines: Vec<&str> = t.lines().collect();
                         lines[i] = row;
-                        *t = lines.join("\n") + "\n\n";
+                        *t = format!("{}\n\n", lines.join("\n").trim_end());
                     }
                     None => {
                         let end = t.trim_end().len();
@@ -499,6 +499,12 @@ mod tests {
         assert!(new.ends_with("  - new machine\n\n"), "{new}");
         assert_eq!(new.matches("## A\n").count(), 1);
         assert_eq!(new.matches("## C\n").count(), 1);
+        // A row replaced in place, the blank line after the table as it was.
+        let again = merge(&old, &[section("A", "8")], "- new machine\n");
+        assert!(
+            again.contains("| A speed | >= 1 | 8 | met |\n| B speed | >= 1 | 2 | met |\n\n## A\n"),
+            "{again}"
+        );
         // A whole run: every part new, the subsection written by hand kept.
         let whole = format!("# Benchmarks\n\n{}\n", to_markdown(&section("A", "7")));
         let whole = keep_subsections(&old, &whole);
