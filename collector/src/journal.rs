@@ -185,9 +185,32 @@ fn counted<T>(
     }
 }
 
-/// Applies an entry to `st` as the writer applied it to memory after its commit; `None` if it
-/// is not an entry (nothing is applied then past the key that is not one).
-pub fn replay(entry: &[u8], st: &mut State) -> Option<u32> {
+/// Why [`replay`] did not read an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadEntry {
+    #[error(
+        "of format {0}, which this collector does not read (it reads {FORMAT_FIXED} and {FORMAT}): \
+         a newer collector wrote it; run that version and stop it with SIGTERM (a clean stop \
+         empties the journal), then this one"
+    )]
+    Format(u8),
+    #[error("cut short or malformed: the file is corrupt")]
+    Malformed,
+}
+
+/// Applies an entry to `st` as the writer applied it to memory after its commit, and says how
+/// many keys it held; an error if it is not an entry (nothing is applied then past the key
+/// that is not one).
+pub fn replay(entry: &[u8], st: &mut State) -> Result<u32, BadEntry> {
+    let format = *entry.first().ok_or(BadEntry::Malformed)?;
+    if format != FORMAT && format != FORMAT_FIXED {
+        return Err(BadEntry::Format(format));
+    }
+    replay_known(entry, st).ok_or(BadEntry::Malformed)
+}
+
+/// [`replay`] of an entry of a format this reads.
+fn replay_known(entry: &[u8], st: &mut State) -> Option<u32> {
     let mut r = Reader(entry);
     let format = r.u8()?;
     let end_ms = r.u64()?;
@@ -196,8 +219,7 @@ pub fn replay(entry: &[u8], st: &mut State) -> Option<u32> {
             end_ms,
             end_granule: granule_number(end_ms),
         },
-        FORMAT_FIXED => Form::Fixed,
-        _ => return None,
+        _ => Form::Fixed,
     };
     let keys = r.u32()?;
     let (mut granules, mut hosts, mut links) = (Vec::new(), Vec::new(), Vec::new());
@@ -343,14 +365,18 @@ mod tests {
         }
         assert_eq!(key_count(&out), 2);
         let mut replayed = State::default();
-        assert_eq!(replay(&out, &mut replayed), Some(2));
+        assert_eq!(replay(&out, &mut replayed), Ok(2));
         for k in [&key, &other] {
             assert_eq!(replayed.get(k), live.get(k));
             assert!(replayed.get(k).is_some());
         }
         // A cut entry is not one, wherever it is cut.
         for n in 0..out.len() {
-            assert_eq!(replay(&out[..n], &mut State::default()), None, "cut at {n}");
+            assert_eq!(
+                replay(&out[..n], &mut State::default()),
+                Err(BadEntry::Malformed),
+                "cut at {n}"
+            );
         }
     }
 
@@ -359,7 +385,7 @@ mod tests {
         // `collector/fuzz/seeds/journal/`: the fuzzer starts from an entry this reads whole.
         let seed = include_bytes!("../fuzz/seeds/journal/two-keys.bin");
         let mut st = State::default();
-        assert_eq!(replay(seed, &mut st), Some(2));
+        assert_eq!(replay(seed, &mut st), Ok(2));
         let id = Key::ClientId("acct-42".into());
         let end_ms = 1_750_000_020_000;
         assert_eq!(
@@ -389,7 +415,7 @@ mod tests {
         let mut live = State::default();
         install(&mut live, key.clone(), |r| apply(r, &change, t));
         let mut replayed = State::default();
-        assert_eq!(replay(&out, &mut replayed), Some(1));
+        assert_eq!(replay(&out, &mut replayed), Ok(1));
         assert_eq!(replayed.get(&key), live.get(&key));
     }
 
@@ -436,7 +462,7 @@ mod tests {
         let mut live = State::default();
         install(&mut live, key.clone(), |r| apply(r, &change, t));
         let mut replayed = State::default();
-        assert_eq!(replay(&old, &mut replayed), Some(1));
+        assert_eq!(replay(&old, &mut replayed), Ok(1));
         assert_eq!(replayed.get(&key), live.get(&key));
         // The same change written now takes about a third of the bytes.
         let mut new = Vec::new();
@@ -448,9 +474,10 @@ mod tests {
             new.len(),
             old.len()
         );
+        // A format from a newer collector is named as such.
         assert_eq!(
             replay(&[&[9], &new[1..]].concat(), &mut State::default()),
-            None
+            Err(BadEntry::Format(9))
         );
     }
 }

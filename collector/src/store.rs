@@ -80,6 +80,12 @@ pub enum StoreError {
     Db { path: PathBuf, error: redb::Error },
     #[error("database {path} is corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
+    #[error("database {path}: journal entry {entry} is {error}")]
+    Journal {
+        path: PathBuf,
+        entry: u64,
+        error: journal::BadEntry,
+    },
     #[error(
         "database {path} has schema {found}; this collector reads schemas {OLDEST_SCHEMA} to {SCHEMA} only: {}",
         schema_advice(*found)
@@ -403,8 +409,12 @@ impl Store {
             .map_err(|x| e(x.into()))?
         {
             let (n, v) = row.map_err(|x| e(x.into()))?;
-            if journal::replay(v.value(), &mut state).is_none() {
-                return Err(self.corrupt(format!("bad journal entry {}", n.value())));
+            if let Err(error) = journal::replay(v.value(), &mut state) {
+                return Err(StoreError::Journal {
+                    path: self.path.clone(),
+                    entry: n.value(),
+                    error,
+                });
             }
             replayed += 1;
         }
@@ -730,6 +740,23 @@ mod tests {
         let (store, state) = Store::open(dir.path(), false, 1 << 20).unwrap();
         expect(&state);
         assert_eq!(journal_rows(&store), 0);
+        // An entry of a format a newer collector wrote: refused, saying what to do.
+        let mut newer = entry(25_000);
+        newer[0] = 9;
+        store.append(&Changes::default(), Some(&newer)).unwrap();
+        drop(store);
+        let e = Store::open(dir.path(), false, 1 << 20).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Journal {
+                    error: journal::BadEntry::Format(9),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("stop it with SIGTERM"), "{e}");
     }
 
     #[test]

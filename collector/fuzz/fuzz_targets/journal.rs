@@ -7,8 +7,8 @@ use outflow_collector::{aggregate::State, journal::replay};
 
 fuzz_target!(|data: &[u8]| {
     let mut st = State::default();
-    if let Some(keys) = replay(data, &mut st) {
+    if let Ok(keys) = replay(data, &mut st) {
         let mut again = State::default();
-        assert_eq!(replay(data, &mut again), Some(keys));
+        assert_eq!(replay(data, &mut again), Ok(keys));
     }
 });
