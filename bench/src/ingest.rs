@@ -146,7 +146,7 @@ pub fn run(args: &Args) -> Result<Section> {
             sys::mib(r.peak_rss),
             r.cpu_per_delta.total(),
             r.cpu_per_delta,
-            r.journal_bytes / args.total_deltas() as f64,
+            r.journal_bytes_per_delta,
         );
         runs.push(r);
     }
@@ -289,8 +289,8 @@ struct RunResult {
     peak_rss: u64,
     commits: f64,
     commit_seconds: f64,
-    /// Bytes of journal entries the group commits wrote.
-    journal_bytes: f64,
+    /// Bytes of journal entries the group commits wrote, per delta applied.
+    journal_bytes_per_delta: f64,
     checkpoints: f64,
     checkpoint_seconds: f64,
     detect_runs: f64,
@@ -466,7 +466,8 @@ fn one_run(
         peak_rss,
         commits: delta("outflow_collector_store_commit_seconds_count"),
         commit_seconds: delta("outflow_collector_store_commit_seconds_sum"),
-        journal_bytes: delta("outflow_collector_store_journal_bytes_total"),
+        journal_bytes_per_delta: delta("outflow_collector_store_journal_bytes_total")
+            / applied.max(1.0),
         checkpoints: delta("outflow_collector_store_checkpoint_seconds_count"),
         checkpoint_seconds: delta("outflow_collector_store_checkpoint_seconds_sum"),
         detect_runs: delta("outflow_collector_detect_seconds_count"),
@@ -799,7 +800,7 @@ fn section(args: &Args, all: &[RunResult]) -> Section {
             med(&|r| r.commits / r.seconds),
             med(&|r| total_batches / r.commits.max(1.0)),
             med(&|r| 1000.0 * r.commit_seconds / r.commits.max(1.0)),
-            med(&|r| r.journal_bytes / args.total_deltas() as f64),
+            med(&|r| r.journal_bytes_per_delta),
             med(&|r| r.checkpoints),
             med(&|r| 1000.0 * r.checkpoint_seconds / r.checkpoints.max(1.0)),
         ),

@@ -202,18 +202,12 @@ pub enum BadEntry {
 /// many keys it held; an error if it is not an entry (nothing is applied then past the key
 /// that is not one).
 pub fn replay(entry: &[u8], st: &mut State) -> Result<u32, BadEntry> {
-    let format = *entry.first().ok_or(BadEntry::Malformed)?;
+    let mut r = Reader(entry);
+    let format = r.u8().ok_or(BadEntry::Malformed)?;
     if format != FORMAT && format != FORMAT_FIXED {
         return Err(BadEntry::Format(format));
     }
-    replay_known(entry, st).ok_or(BadEntry::Malformed)
-}
-
-/// [`replay`] of an entry of a format this reads.
-fn replay_known(entry: &[u8], st: &mut State) -> Option<u32> {
-    let mut r = Reader(entry);
-    let format = r.u8()?;
-    let end_ms = r.u64()?;
+    let end_ms = r.u64().ok_or(BadEntry::Malformed)?;
     let form = match format {
         FORMAT => Form::Compact {
             end_ms,
@@ -221,6 +215,11 @@ fn replay_known(entry: &[u8], st: &mut State) -> Option<u32> {
         },
         _ => Form::Fixed,
     };
+    replay_keys(r, form, end_ms, st).ok_or(BadEntry::Malformed)
+}
+
+/// The keys of an entry [`replay`] read the head of, from `r` on, applied to `st`.
+fn replay_keys(mut r: Reader<'_>, form: Form, end_ms: u64, st: &mut State) -> Option<u32> {
     let keys = r.u32()?;
     let (mut granules, mut hosts, mut links) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..keys {
