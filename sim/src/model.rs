@@ -206,8 +206,9 @@ struct Source {
     rate: Rate,
     schedule: Schedule,
     prompt: (u64, u64),
-    /// Whether each (address slot, connection slot) has a live connection.
-    alive: Vec<bool>,
+    /// Until when each (address slot, connection slot)'s last connection runs: its next one
+    /// starts there (0: none yet).
+    busy_until: Vec<u64>,
 }
 
 impl Source {
@@ -386,7 +387,7 @@ impl Generator {
             rate,
             schedule: Schedule::Always,
             prompt: PROMPT_BYTES,
-            alive: Vec::new(),
+            busy_until: Vec::new(),
         };
         let mut sources: Vec<Source> = lookalikes()
             .into_iter()
@@ -548,7 +549,7 @@ impl Generator {
             sources.push(source);
         }
         for s in &mut sources {
-            s.alive = vec![false; s.slots()];
+            s.busy_until = vec![0; s.slots()];
         }
         let hosts = params.hosts;
         Generator {
@@ -636,43 +637,54 @@ impl Generator {
             let Some(until) = s.schedule.active_until(start, self.params.weekends) else {
                 continue;
             };
-            for slot in 0..s.alive.len() {
-                let s = &self.sources[si];
-                if s.alive[slot] {
+            let limit = s.end_ms.min(until);
+            for slot in 0..s.busy_until.len() {
+                // A connection may end inside the batch (a rotating source's ends where its
+                // address's period does): the next one follows it there, so the source sends
+                // at its rate whatever the batch length.
+                let mut from = start.max(self.sources[si].busy_until[slot]);
+                if from >= t1 || from >= limit {
                     continue;
                 }
-                let jitter = 0.5 + self.rng.random::<f64>();
-                // Ends on a batch boundary: the next connection follows without a gap.
-                let len = ((s.conn_ms as f64 * jitter) as u64).div_ceil(batch_ms) * batch_ms;
-                let mut end = (start + len).min(s.end_ms).min(until);
-                let client = match &s.addrs {
-                    Addrs::Fixed(a) => a[slot / s.conns_per_addr],
-                    Addrs::Rotate { prefix, every_ms } => {
-                        let period = (start - s.start_ms) / every_ms;
-                        end = end.min(s.start_ms + (period + 1) * every_ms);
-                        rotated_addr(*prefix, seed, period)
+                loop {
+                    let s = &self.sources[si];
+                    let jitter = 0.5 + self.rng.random::<f64>();
+                    // Ends on a batch boundary: the next connection follows without a gap.
+                    let len = ((s.conn_ms as f64 * jitter) as u64).div_ceil(batch_ms) * batch_ms;
+                    let mut end = (from + len).min(limit);
+                    let client = match &s.addrs {
+                        Addrs::Fixed(a) => a[slot / s.conns_per_addr],
+                        Addrs::Rotate { prefix, every_ms } => {
+                            let period = (from - s.start_ms) / every_ms;
+                            end = end.min(s.start_ms + (period + 1) * every_ms);
+                            rotated_addr(*prefix, seed, period)
+                        }
+                    };
+                    let (owner, prompt) = (s.owner, s.prompt);
+                    let host = self.rng.random_range(0..hosts);
+                    let conn = Conn {
+                        host,
+                        conn_id: self.new_conn_id(host),
+                        client,
+                        remote_port: self.rng.random_range(1024..65535),
+                        start_ms: from,
+                        end_ms: end,
+                        bps: 0,
+                        source: Some((si, slot)),
+                        request_bytes: self.rng.random_range(prompt.0..=prompt.1),
+                        owner,
+                        first: true,
+                    };
+                    self.sources[si].busy_until[slot] = end;
+                    if let Owner::Attack(a) = owner {
+                        self.attacks[a].addrs.insert(client);
                     }
-                };
-                let (owner, prompt) = (s.owner, s.prompt);
-                let host = self.rng.random_range(0..hosts);
-                let conn = Conn {
-                    host,
-                    conn_id: self.new_conn_id(host),
-                    client,
-                    remote_port: self.rng.random_range(1024..65535),
-                    start_ms: start,
-                    end_ms: end,
-                    bps: 0,
-                    source: Some((si, slot)),
-                    request_bytes: self.rng.random_range(prompt.0..=prompt.1),
-                    owner,
-                    first: true,
-                };
-                self.sources[si].alive[slot] = true;
-                if let Owner::Attack(a) = owner {
-                    self.attacks[a].addrs.insert(client);
+                    self.conns.push(conn);
+                    if end >= t1 || end >= limit {
+                        break;
+                    }
+                    from = end;
                 }
-                self.conns.push(conn);
             }
         }
 
@@ -726,11 +738,7 @@ impl Generator {
                 Owner::LookAlike => {}
             }
             c.first = false;
-            if closed {
-                if let Some((si, slot)) = c.source {
-                    self.sources[si].alive[slot] = false;
-                }
-            } else {
+            if !closed {
                 keep.push(c);
             }
         }

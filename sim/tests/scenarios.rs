@@ -185,6 +185,40 @@ fn same_seed_same_traffic() {
     assert_ne!(a.1, c.1);
 }
 
+/// A source's connections follow each other without a gap whatever the batch length: the
+/// rotating client's end where its address's period does (every 5 minutes), inside a batch
+/// longer than that or not on its edge, and it still pulls at its rate (with 10-minute batches
+/// it pulled half, and the cluster demo's /64 stayed under its limit).
+#[test]
+fn the_rotating_client_pulls_at_its_rate_whatever_the_batch_length() {
+    use outflow_sim::model::{ROTATE_BPS_PER_CONN, ROTATE_CONNS, ROTATE_EVERY_MS};
+    let attack_offset_ms = 9 * 3_600_000;
+    let want = ROTATE_BPS_PER_CONN * ROTATE_CONNS as u64 * (DAY_MS - attack_offset_ms) / 1000;
+    for batch_secs in [60, 240, 300, 600, 900] {
+        let mut g = Generator::new(
+            Params {
+                hosts: 3,
+                clients: 10,
+                days: 1,
+                seed: 5,
+                batch_ms: batch_secs * 1000,
+                start_ms: START_MS,
+                attack_offset_ms,
+                weekends: false,
+            },
+            &[Scenario::Rotate6],
+        );
+        while !g.done() {
+            g.step();
+        }
+        let a = &g.attacks[0];
+        assert_eq!(a.bytes, want, "{batch_secs} s batches");
+        // A new address each period.
+        let periods = (DAY_MS - attack_offset_ms) / ROTATE_EVERY_MS;
+        assert_eq!(a.addrs.len() as u64, periods, "{batch_secs} s batches");
+    }
+}
+
 /// Runs every attack at once (each scored on its own) beside several thousand benign clients
 /// and the look-alikes, over 7 simulated days, on a fresh collector with the default
 /// detection config (nothing allowlisted), and checks: every attack caught by a client alert
