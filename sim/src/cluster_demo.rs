@@ -4,21 +4,22 @@
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
-//! bulk, prefix, slowrise, parallel, wide) from the last full hour, most of it ahead of the clock. A
-//! caller may run traffic of its own beside the fleet ([`Beside`]: a test's real agent), from
-//! the step where the fleet's batch time is past the clock. On the way it
+//! bulk, prefix, rotate6, slowrise, parallel, wide) from the last full hour, most of it ahead
+//! of the clock. A caller may run traffic of its own beside the fleet ([`Beside`]: a test's
+//! real agent), from the step where the fleet's batch time is past the clock. On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
 //! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
 //! another NATS node off from the network for a while (it runs in a network namespace of its
 //! own: its packets are dropped, nobody's connection to it is closed). Once
 //! every part is applied it compares, through an ingest node (which asks every aggregator and
 //! merges), every host's and every client's totals with what the fleet sent, to the byte, and
-//! lists the alerts, scoring each attack. The last line says it:
+//! lists the alerts, scoring each attack. [`Fleet::Week`] sends a week of 5-minute batches
+//! instead, with the attacks that need them (pool, lowslow). The last line says it:
 //! `cluster: <N> deltas, totals exact, <K> alerts`, or what differs.
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -34,7 +35,7 @@ use outflow_testbed::{nats::NatsCluster, ports::free_port};
 
 use crate::{
     Report, Scenario, SimConfig, Truth,
-    model::{DAY_MS, HOUR_MS},
+    model::{DAY_MS, HOUR_MS, POOL_MEMBERS, pool_addr},
 };
 
 /// Partitions of the demo's stream.
@@ -42,31 +43,79 @@ const PARTITIONS: u32 = 12;
 /// How long a NATS node stays cut off (the nodes connected to it ping every second, so they
 /// move to another server within about three seconds).
 const CUT_FOR: Duration = Duration::from_secs(10);
-/// The attacks the demo runs (wide: a /16 is in one partition). Not lowslow, which needs a
-/// week, nor pool: the cohort detector (the cluster's second stage) finds a candidate only in
-/// a client steady in each 5 minutes of its last half hour, which needs 5-minute batches; with
-/// them the slow rise's day ratio, next to its limit, was missed once in CI
-/// (`collector/tests/it/cluster.rs` has the second stage's test).
-pub const ATTACKS: [Scenario; 5] = [
+/// The attacks of a day's fleet ([`Fleet::Day`]; wide: a /16 is in one partition; rotate6: an
+/// IPv6 address's partition is its /32's, so its /64 is whole on one aggregator). Not lowslow,
+/// which needs a week, nor pool: the cohort detector (the cluster's second stage) finds a
+/// candidate only in a client steady in each 5 minutes of its last half hour, which needs
+/// 5-minute batches; with them the slow rise's day ratio, next to its limit, was missed once in
+/// CI. [`Fleet::Week`] runs those two.
+pub const ATTACKS: [Scenario; 6] = [
     Scenario::Bulk,
     Scenario::Prefix,
+    Scenario::Rotate6,
     Scenario::SlowRise,
     Scenario::Parallel,
     Scenario::Wide,
 ];
 
-/// The addresses of each attack of [`ATTACKS`] (the simulator's model fixes them): an alert
-/// covers an attack when its key holds one of them or it names one among its members (a
-/// cohort's key names its traits).
-fn attackers() -> Vec<Vec<IpAddr>> {
-    let one = |a: [u8; 4]| vec![IpAddr::V4(Ipv4Addr::from(a))];
-    vec![
-        one([203, 0, 113, 7]),
-        one([198, 51, 100, 1]),
-        one([100, 64, 77, 77]),
-        one([100, 64, 99, 99]),
-        one([100, 96, 0, 10]),
-    ]
+/// The attacks of a week's fleet ([`Fleet::Week`]): the proxy pool (its 250 addresses over
+/// every partition, judged by the second stage) and the low-and-slow pull.
+pub const WEEK_ATTACKS: [Scenario; 2] = [Scenario::Pool, Scenario::LowSlow];
+
+/// What the simulated fleet sends. Either way every host's and client's 24 h totals (Query's
+/// longest window) are compared with what the fleet sent in its last day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fleet {
+    /// A day (today's, from the last full hour) of 10-minute batches with [`ATTACKS`].
+    Day,
+    /// Seven days (the last one today's, from the last full hour) of 5-minute batches with
+    /// [`WEEK_ATTACKS`].
+    Week,
+}
+
+impl Fleet {
+    /// The attacks it runs, in the order they are scored.
+    pub fn attacks(self) -> &'static [Scenario] {
+        match self {
+            Fleet::Day => &ATTACKS,
+            Fleet::Week => &WEEK_ATTACKS,
+        }
+    }
+
+    fn days(self) -> u32 {
+        match self {
+            Fleet::Day => 1,
+            Fleet::Week => 7,
+        }
+    }
+
+    fn batch_secs(self) -> u64 {
+        match self {
+            Fleet::Day => 600,
+            Fleet::Week => 300,
+        }
+    }
+}
+
+/// The addresses of `attack` (the simulator's model fixes them): an alert covers the attack
+/// when its key holds one of them or it names one among its members (a cohort's key names its
+/// traits).
+fn attackers(attack: Scenario) -> Vec<IpAddr> {
+    let v4 = |a: [u8; 4]| IpAddr::V4(Ipv4Addr::from(a));
+    match attack {
+        Scenario::Bulk => vec![v4([203, 0, 113, 7])],
+        Scenario::Prefix => vec![v4([198, 51, 100, 1])],
+        // The rotating client's /64 (an alert on it holds any of its addresses).
+        Scenario::Rotate6 => vec![IpAddr::V6(Ipv6Addr::new(
+            0x2001, 0xdb8, 0xbad, 1, 0, 0, 0, 1,
+        ))],
+        Scenario::SlowRise => vec![v4([100, 64, 77, 77])],
+        Scenario::Parallel => vec![v4([100, 64, 99, 99])],
+        Scenario::Wide => vec![v4([100, 96, 0, 10])],
+        Scenario::Pool => (0..POOL_MEMBERS as u32).map(pool_addr).collect(),
+        Scenario::LowSlow => vec![v4([100, 64, 88, 88])],
+        Scenario::Benign | Scenario::All => Vec::new(),
+    }
 }
 
 /// How long the fleet's steps from the one where traffic beside it starts (or from the first)
@@ -93,6 +142,8 @@ pub struct DemoConfig {
     pub collector_bin: PathBuf,
     /// Where the nodes keep their data (emptied first).
     pub dir: PathBuf,
+    /// What the simulated fleet sends.
+    pub fleet: Fleet,
     /// Synthetic agents.
     pub hosts: usize,
     /// Benign client addresses.
@@ -117,7 +168,7 @@ pub struct Outcome {
     pub clients: usize,
     /// Alerts listed through an ingest node.
     pub alerts: usize,
-    /// Attacks with more than one alert on their key by one detector.
+    /// Keys (not a service's) with more than one alert by one detector.
     pub repeated: Vec<String>,
     /// Alert changes the aggregators' webhook receiver got (each once, whatever was replayed).
     pub posted: usize,
@@ -382,20 +433,22 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     // passed now (the aggregators apply in step by batch time: a part ahead would hold its
     // partition's fleet parts back), and lies in the same 24 h window. The model's day is
     // today's, from midnight, sent that many hours later (`offset_ms`): the same traffic
-    // whatever the hour.
+    // whatever the hour. A week's fleet sends the six days before it first, behind the clock.
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_millis() as u64;
-    let start_ms = now_ms / DAY_MS * DAY_MS;
-    let offset_ms = now_ms / HOUR_MS * HOUR_MS - start_ms;
+    let today_ms = now_ms / DAY_MS * DAY_MS;
+    let offset_ms = now_ms / HOUR_MS * HOUR_MS - today_ms;
+    let days = cfg.fleet.days();
+    let start_ms = today_ms - u64::from(days - 1) * DAY_MS;
     let mut sim = SimConfig {
         collector: format!("{},{}", ingest[0].url(), ingest[1].url()),
         hosts: cfg.hosts,
         clients: cfg.clients,
-        days: 1,
+        days,
         seed: cfg.seed,
-        batch_secs: 600,
+        batch_secs: cfg.fleet.batch_secs(),
         start_ms: Some(start_ms),
         offset_ms,
         weekends: false,
@@ -414,10 +467,16 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         1
     };
     sim.tail = Some((join, TAIL));
-    let names: Vec<String> = ATTACKS.iter().map(ToString::to_string).collect();
+    let attacks = cfg.fleet.attacks();
+    let names: Vec<String> = attacks.iter().map(ToString::to_string).collect();
     say(&format!(
-        "{} agents send a day of traffic ({steps} batches each, {} benign clients, attacks: {}) through both ingest nodes",
+        "{} agents send {} of traffic ({steps} batches each, {} benign clients, attacks: {}) through both ingest nodes",
         cfg.hosts,
+        if days == 1 {
+            "a day".to_owned()
+        } else {
+            format!("{days} days")
+        },
         cfg.clients,
         names.join(", ")
     ));
@@ -428,7 +487,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         .context("starting the async runtime")?;
     let fleet = rt.spawn({
         let sim = sim.clone();
-        async move { crate::send(&sim, &ATTACKS).await }
+        async move { crate::send(&sim, attacks).await }
     });
 
     if let Some(b) = beside.as_deref_mut() {
@@ -488,7 +547,8 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         .block_on(fleet)
         .context("the fleet's task")?
         .context("the fleet")?;
-    let mut truth = sent.truth();
+    // What the nodes' 24 h window holds: the fleet's last day.
+    let mut truth = sent.last_day();
     if let Some(b) = beside.as_deref_mut() {
         let more = b.finish().context("the traffic beside the fleet")?;
         say(&format!(
@@ -505,36 +565,8 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         sent.reconnects()
     ));
 
-    // Compared through an ingest node (it asks every aggregator): again while the cluster
-    // settles (a partition held by none or by two answers UNAVAILABLE; one being replayed
-    // answers short), until every total is exact or five minutes have passed.
-    let url = ingest[0].url();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut passes = 0;
-    let (differences, host_diffs, client_diffs) = loop {
-        passes += 1;
-        let compared = rt.block_on(compare(&url, &truth));
-        match compared {
-            Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    };
-    say(&format!(
-        "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled)",
-        truth.hosts.len(),
-        if host_diffs == 0 {
-            "every host's totals exact (summed over the three aggregators)".to_owned()
-        } else {
-            format!("{host_diffs} differ")
-        },
-        truth.clients.len(),
-        if client_diffs == 0 {
-            "every client's totals exact".to_owned()
-        } else {
-            format!("{client_diffs} differ")
-        }
-    ));
+    // Compared through an ingest node (it asks every aggregator).
+    let differences = compare_settled(&rt, &ingest[0].url(), &truth, &say)?;
     let sum = |name: &str| -> f64 {
         aggregators
             .iter()
@@ -557,7 +589,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
 
     // The alerts: listed until each attack's shows (the aggregators judge what they applied
     // on a thread of their own, after it), for at most `alert_wait`.
-    let attackers = attackers();
+    let attackers: Vec<Vec<IpAddr>> = attacks.iter().map(|a| attackers(*a)).collect();
     let covered = |alerts: &[v1::Alert]| {
         attackers.iter().all(|addrs| {
             alerts.iter().any(|al| {
@@ -584,7 +616,9 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     if let Ok(list) = &alerts {
         // Each key and detector's alerts: when each was first seen (its episode), and its state.
         let mut seen: BTreeMap<(&str, i32), Vec<String>> = BTreeMap::new();
-        for a in list {
+        // Not the service alerts (a workload's own volume changed): over a week a workload's
+        // volume changes in several episodes, each its own alert.
+        for a in list.iter().filter(|a| a.scope != v1::Scope::Service as i32) {
             seen.entry((a.key.as_str(), a.detector))
                 .or_default()
                 .push(format!(
@@ -698,6 +732,45 @@ fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
             .or_insert(0) += 1;
     }
     out
+}
+
+/// Every host's and client's totals through the node at `url` against `truth`, again while
+/// the cluster settles (a partition held by none or by two answers UNAVAILABLE; one being
+/// replayed answers short), until every total is exact or five minutes have passed: the
+/// differences.
+fn compare_settled(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    truth: &Truth,
+    say: &dyn Fn(&str),
+) -> Result<Differences> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut passes = 0;
+    let (differences, host_diffs, client_diffs) = loop {
+        passes += 1;
+        let compared = rt.block_on(compare(url, truth));
+        match compared {
+            Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    say(&format!(
+        "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled)",
+        truth.hosts.len(),
+        if host_diffs == 0 {
+            "every host's totals exact (summed over the three aggregators)".to_owned()
+        } else {
+            format!("{host_diffs} differ")
+        },
+        truth.clients.len(),
+        if client_diffs == 0 {
+            "every client's totals exact".to_owned()
+        } else {
+            format!("{client_diffs} differ")
+        }
+    ));
+    Ok(differences)
 }
 
 /// Every host's and client's totals through the node at `url` against `truth`: the

@@ -365,6 +365,34 @@ impl Sent {
         }
     }
 
+    /// What a collector's 24 h window holds once the last batch is in: the batches that end
+    /// in the last simulated day, at its start too (a window holds both ends; in a run of one
+    /// day, [`Sent::truth`]). Clients that sent nothing in it are left out.
+    pub fn last_day(&self) -> Truth {
+        let mut truth = self.truth();
+        let Some((hosts, clients)) = &self.generator.before_last_day else {
+            return truth;
+        };
+        let minus = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0, a.1 - b.1);
+        truth.hosts = self
+            .generator
+            .host_totals
+            .iter()
+            .zip(hosts)
+            .enumerate()
+            .map(|(i, (t, b))| (model::host_name(i), minus(*t, *b)))
+            .filter(|(_, t)| *t != (0, 0))
+            .collect();
+        truth.clients = self
+            .generator
+            .client_totals
+            .iter()
+            .map(|(a, t)| (*a, minus(*t, clients.get(a).copied().unwrap_or_default())))
+            .filter(|(_, t)| *t != (0, 0))
+            .collect();
+        truth
+    }
+
     /// Streams opened again after one failed.
     pub fn reconnects(&self) -> u64 {
         self.reconnects

@@ -36,9 +36,9 @@ struct ClusterDemoArgs {
     /// Where the nodes keep their data and logs (emptied first).
     #[arg(long, default_value = "/tmp/outflow-cluster-demo")]
     dir: PathBuf,
-    /// Synthetic agents.
-    #[arg(long, default_value_t = 200)]
-    hosts: usize,
+    /// Synthetic agents (default: 200; with --week, 20).
+    #[arg(long)]
+    hosts: Option<usize>,
     /// Benign client addresses.
     #[arg(long, default_value_t = 500)]
     clients: usize,
@@ -47,6 +47,12 @@ struct ClusterDemoArgs {
     /// Kill no node on the way, cut none off.
     #[arg(long)]
     no_faults: bool,
+    /// Send a week of 5-minute batches with the attacks that need them (a proxy pool, judged
+    /// by the cluster's second stage, and a low-and-slow pull), instead of a day of 10-minute
+    /// batches with the others (totals are compared over the last day: Query's longest window
+    /// is 24 h).
+    #[arg(long)]
+    week: bool,
 }
 
 #[derive(clap::Args)]
@@ -117,7 +123,12 @@ fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
                 .collector_bin
                 .unwrap_or_else(outflow_sim::cluster_demo::default_collector_bin),
             dir: args.dir,
-            hosts: args.hosts,
+            fleet: if args.week {
+                outflow_sim::cluster_demo::Fleet::Week
+            } else {
+                outflow_sim::cluster_demo::Fleet::Day
+            },
+            hosts: args.hosts.unwrap_or(if args.week { 20 } else { 200 }),
             clients: args.clients,
             seed: args.seed,
             verbose: true,

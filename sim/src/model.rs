@@ -299,6 +299,9 @@ pub struct BenignStats {
     pub active_prefixes: usize,
 }
 
+/// Response and request bytes per host (by index) and per client address.
+pub type Totals = (Vec<(u64, u64)>, HashMap<IpAddr, (u64, u64)>);
+
 /// The generator: call [`Generator::step`] once per batch interval.
 #[derive(Debug)]
 pub struct Generator {
@@ -313,6 +316,10 @@ pub struct Generator {
     /// Response and request bytes sent per host and per client address.
     pub host_totals: Vec<(u64, u64)>,
     pub client_totals: HashMap<IpAddr, (u64, u64)>,
+    /// `host_totals` and `client_totals` before the step that ends where the last day starts
+    /// (a run of more than one day): what the 24 h window of the last day holds is the
+    /// difference.
+    pub before_last_day: Option<Totals>,
     pub steps: Vec<StepTotals>,
     pub deltas: u64,
     benign_hour: (u64, HashMap<IpAddr, u64>, HashMap<IpNet, u64>),
@@ -563,6 +570,7 @@ impl Generator {
             attacks,
             host_totals: vec![(0, 0); hosts],
             client_totals: HashMap::new(),
+            before_last_day: None,
             steps: Vec::new(),
             deltas: 0,
             benign_hour: (0, HashMap::new(), HashMap::new()),
@@ -590,6 +598,11 @@ impl Generator {
         let t0 = self.params.start_ms + self.step * batch_ms;
         let t1 = (t0 + batch_ms).min(self.params.end_ms());
         self.step += 1;
+        // The last day in a collector's 24 h window: the batches ending in it, at its start
+        // too (a window holds both ends).
+        if t1 == self.params.end_ms() - DAY_MS {
+            self.before_last_day = Some((self.host_totals.clone(), self.client_totals.clone()));
+        }
 
         // New benign sessions.
         let f = daily_cycle(t0)

@@ -22,16 +22,15 @@
 //! clock) are never ahead of the fleet's, and lie in the same 24 h window; the faults come after
 //! it, over the rest of the day.
 //!
-//! Not here: the pool attack (a cohort, the cluster's second stage's: see
-//! `outflow_sim::cluster_demo::ATTACKS` for why, and `collector/tests/it/cluster.rs` for the
-//! second stage's own test).
+//! Not here: the pool and the low-and-slow attacks, which need 5-minute batches and a week
+//! (`cluster_week.rs` runs them).
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use outflow_sim::{
     Truth,
-    cluster_demo::{Beside, DemoConfig, default_collector_bin, run},
+    cluster_demo::{Beside, DemoConfig, Fleet, default_collector_bin, run},
 };
 use outflow_tests::{
     agent::{Agent, PinDir, export_args},
@@ -134,6 +133,7 @@ fn the_cluster_keeps_exact_totals_and_alerts_once_through_faults() {
         &DemoConfig {
             collector_bin: default_collector_bin(),
             dir: dir.path().join("nodes"),
+            fleet: Fleet::Day,
             hosts: 200,
             clients: 500,
             seed: 1,

@@ -4,14 +4,14 @@
 //!
 //! Runs `setup` (the tools venv's nats-server among the rest), builds the collector and the
 //! simulator, and runs the simulator's cluster demo with this build's collector; its exit
-//! status is ours.
+//! status is ours. `--week` is passed on (a week's fleet, see `Fleet::Week`).
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result};
 
 use crate::{cmd, setup, test::cargo_command};
 
-pub fn run() -> Result<ExitCode> {
+pub fn run(week: bool) -> Result<ExitCode> {
     let report = setup::run()?;
     let mut build = cargo_command(&report, "build");
     build.args(["--bins", "-p", "outflow-collector", "-p", "outflow-sim"]);
@@ -22,6 +22,9 @@ pub fn run() -> Result<ExitCode> {
     demo.arg("cluster-demo")
         .arg("--collector-bin")
         .arg(bins.join("outflow-collector"));
+    if week {
+        demo.arg("--week");
+    }
     println!("cluster-demo: {}", cmd::display(&demo));
     let status = cmd::status(&mut demo)?;
     Ok(match status.code() {
