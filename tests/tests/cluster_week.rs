@@ -35,24 +35,10 @@ fn a_week_through_the_cluster_catches_the_pool_and_the_low_and_slow_pull_once() 
     )
     .unwrap_or_else(|e| panic!("the demo failed: {e:#}"));
     println!("{}", out.line());
-    assert!(
-        out.differences.is_empty(),
-        "totals differ: {:?}",
-        &out.differences[..out.differences.len().min(10)]
-    );
     assert_eq!(out.hosts, 20);
     let attacks: Vec<_> = out.report.attacks.iter().map(|a| a.scenario).collect();
     assert_eq!(attacks, Fleet::Week.attacks());
-    for a in &out.report.attacks {
-        assert!(
-            a.detected,
-            "no alert on the {} attack: {}",
-            a.scenario,
-            out.line()
-        );
-    }
-    assert!(out.repeated.is_empty(), "{:?}", out.repeated);
-    assert!(out.posted_twice.is_empty(), "{:?}", out.posted_twice);
-    assert!(out.not_posted.is_empty(), "{:?}", out.not_posted);
+    // Every total exact, every attack alerted once, every alert change POSTed once: the line
+    // says what differs.
     assert!(out.passed(), "{}", out.line());
 }
