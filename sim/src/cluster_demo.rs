@@ -19,7 +19,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -35,7 +35,7 @@ use outflow_testbed::{nats::NatsCluster, ports::free_port};
 
 use crate::{
     Report, Scenario, SimConfig, Truth,
-    model::{DAY_MS, HOUR_MS, POOL_MEMBERS, pool_addr},
+    model::{DAY_MS, HOUR_MS},
 };
 
 /// Partitions of the demo's stream.
@@ -94,27 +94,6 @@ impl Fleet {
             Fleet::Day => 600,
             Fleet::Week => 300,
         }
-    }
-}
-
-/// The addresses of `attack` (the simulator's model fixes them): an alert covers the attack
-/// when its key holds one of them or it names one among its members (a cohort's key names its
-/// traits).
-fn attackers(attack: Scenario) -> Vec<IpAddr> {
-    let v4 = |a: [u8; 4]| IpAddr::V4(Ipv4Addr::from(a));
-    match attack {
-        Scenario::Bulk => vec![v4([203, 0, 113, 7])],
-        Scenario::Prefix => vec![v4([198, 51, 100, 1])],
-        // The rotating client's /64 (an alert on it holds any of its addresses).
-        Scenario::Rotate6 => vec![IpAddr::V6(Ipv6Addr::new(
-            0x2001, 0xdb8, 0xbad, 1, 0, 0, 0, 1,
-        ))],
-        Scenario::SlowRise => vec![v4([100, 64, 77, 77])],
-        Scenario::Parallel => vec![v4([100, 64, 99, 99])],
-        Scenario::Wide => vec![v4([100, 96, 0, 10])],
-        Scenario::Pool => (0..POOL_MEMBERS as u32).map(pool_addr).collect(),
-        Scenario::LowSlow => vec![v4([100, 64, 88, 88])],
-        Scenario::Benign | Scenario::All => Vec::new(),
     }
 }
 
@@ -589,23 +568,10 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
 
     // The alerts: listed until each attack's shows (the aggregators judge what they applied
     // on a thread of their own, after it), for at most `alert_wait`.
-    let attackers: Vec<Vec<IpAddr>> = attacks.iter().map(|a| attackers(*a)).collect();
-    let covered = |alerts: &[v1::Alert]| {
-        attackers.iter().all(|addrs| {
-            alerts.iter().any(|al| {
-                addrs.iter().any(|a| crate::key_covers(&al.key, *a))
-                    || al
-                        .client_addrs
-                        .iter()
-                        .filter_map(|m| m.parse::<IpAddr>().ok())
-                        .any(|m| addrs.contains(&m))
-            })
-        })
-    };
     let deadline = Instant::now() + cfg.alert_wait;
     let alerts = loop {
         let alerts = rt.block_on(sent.list_alerts());
-        let done = alerts.as_ref().is_ok_and(|a| covered(a));
+        let done = alerts.as_ref().is_ok_and(|a| sent.every_attack_detected(a));
         if done || Instant::now() > deadline {
             break alerts;
         }

@@ -410,6 +410,19 @@ impl Sent {
         alerts
     }
 
+    /// Whether each attack has an alert among `alerts` (as listed, in the collector's time)
+    /// that [`Sent::score`] takes for its detection.
+    pub fn every_attack_detected(&self, alerts: &[v1::Alert]) -> bool {
+        let alerts: Vec<v1::Alert> = alerts
+            .iter()
+            .map(|a| report::in_model_time(a.clone(), self.cfg.offset_ms))
+            .collect();
+        self.generator
+            .attacks
+            .iter()
+            .all(|atk| alerts.iter().any(|al| report::detects(al, atk)))
+    }
+
     /// Scores the attacks against `alerts`.
     pub fn score(self, name: &str, alerts: Result<Vec<v1::Alert>, tonic::Status>) -> Report {
         let mut report = report::score(

@@ -309,6 +309,28 @@ impl Report {
     }
 }
 
+/// `a` with its times back in the model's (`SimConfig::offset_ms` taken off).
+pub(crate) fn in_model_time(mut a: v1::Alert, offset_ms: u64) -> v1::Alert {
+    a.first_seen_ms = a.first_seen_ms.saturating_sub(offset_ms);
+    a.last_seen_ms = a.last_seen_ms.saturating_sub(offset_ms);
+    a
+}
+
+/// Whether `al` (its times the model's: [`in_model_time`]) detects `atk`: a client alert on
+/// an attacker's key, opened once the attack was under way. (A cohort's key names its traits;
+/// its members are in `client_addrs`.)
+pub(crate) fn detects(al: &v1::Alert, atk: &model::Attack) -> bool {
+    let members = || {
+        al.client_addrs
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .any(|a| atk.addrs.contains(&a))
+    };
+    al.scope != v1::Scope::Service as i32
+        && al.first_seen_ms >= atk.start_ms
+        && (atk.addrs.iter().any(|a| crate::key_covers(&al.key, *a)) || members())
+}
+
 /// Scores the generated traffic against the alerts the collector listed.
 pub(crate) fn score(
     name: &str,
@@ -319,14 +341,9 @@ pub(crate) fn score(
     ingest_wall: Duration,
     alerts: Result<Vec<v1::Alert>, tonic::Status>,
 ) -> Report {
-    // Back in the model's time (`SimConfig::offset_ms`).
     let alerts = alerts.map(|list| {
         list.into_iter()
-            .map(|mut a| {
-                a.first_seen_ms = a.first_seen_ms.saturating_sub(cfg.offset_ms);
-                a.last_seen_ms = a.last_seen_ms.saturating_sub(cfg.offset_ms);
-                a
-            })
+            .map(|a| in_model_time(a, cfg.offset_ms))
             .collect::<Vec<_>>()
     });
     let (alerts, alerts_error, alerts_code) = match alerts {
@@ -344,23 +361,7 @@ pub(crate) fn score(
             Some(s.code()),
         ),
     };
-    let covers_any = |key: &str, addrs: &std::collections::HashSet<IpAddr>| {
-        addrs.iter().any(|a| crate::key_covers(key, *a))
-    };
     let service = |al: &v1::Alert| al.scope == v1::Scope::Service as i32;
-    // A client alert on an attacker's key, opened once the attack was under way.
-    // (A cohort's key names its traits; its members are in `client_addrs`.)
-    let detects = |al: &v1::Alert, atk: &model::Attack| {
-        let members = || {
-            al.client_addrs
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-                .any(|a| atk.addrs.contains(&a))
-        };
-        !service(al)
-            && al.first_seen_ms >= atk.start_ms
-            && (covers_any(&al.key, &atk.addrs) || members())
-    };
     let attacks = generator
         .attacks
         .iter()
