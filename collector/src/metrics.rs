@@ -45,6 +45,7 @@
 //! | `outflow_collector_cluster_applied_parts_total` | counter | aggregator: parts of its partitions applied (or found applied before) and acknowledged to JetStream |
 //! | `outflow_collector_cluster_invalid_parts_total` | counter | aggregator: parts that break the protocol, dropped (acknowledged, logged) |
 //! | `outflow_collector_cluster_partitions_held` | gauge | aggregator: partitions it holds (claims and applies) |
+//! | `outflow_collector_cluster_partitions_replaying` | gauge | aggregator: partitions it holds whose consumer has not yet applied every part the stream had for them (a rebuild, a partition taken over, a restart): the cluster's Query refuses with UNAVAILABLE until none is |
 //! | `outflow_collector_cluster_delivery_gaps_total` | counter | aggregator: times a consumer found deliveries of its partition that never arrived (a fetch's reply lost): it read again from its first part not acknowledged, so none was taken for a duplicate |
 //! | `outflow_collector_cluster_rebuilds_total` | counter | aggregator: times it emptied its store and applied its partitions again from the stream's start (it gave partitions away, or found its claims taken while it was gone) |
 //! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: rounds in which renewing its membership or reading the claims failed |
@@ -126,6 +127,7 @@ pub struct Metrics {
     pub cluster_applied_parts: Counter,
     pub cluster_invalid_parts: Counter,
     pub cluster_partitions_held: Gauge,
+    pub cluster_partitions_replaying: Gauge,
     pub cluster_rebuilds: Counter,
     pub cluster_delivery_gaps: Counter,
     pub cluster_membership_failures: Counter,
@@ -193,6 +195,7 @@ impl Metrics {
             cluster_applied_parts: Counter::default(),
             cluster_invalid_parts: Counter::default(),
             cluster_partitions_held: Gauge::default(),
+            cluster_partitions_replaying: Gauge::default(),
             cluster_rebuilds: Counter::default(),
             cluster_delivery_gaps: Counter::default(),
             cluster_membership_failures: Counter::default(),
@@ -333,6 +336,11 @@ impl Metrics {
             "cluster_partitions_held",
             "Aggregator: partitions it holds",
             m.cluster_partitions_held.clone(),
+        );
+        registry.register(
+            "cluster_partitions_replaying",
+            "Aggregator: partitions it holds that its consumers have not yet caught up with the stream",
+            m.cluster_partitions_replaying.clone(),
         );
         registry.register(
             "cluster_rebuilds",

@@ -43,11 +43,11 @@ use crate::{
     alerts_service::AlertsService,
     auth::{self, Auth, AuthError, ClientCerts, Role},
     cluster::{
-        aggregator::SharedHeld,
         aggregator_query::AggregatorQueryService,
         config::NodeRole,
         delivered::DeliveryLog,
         fleet_query::{Fleet, FleetAlertsService, FleetQueryService},
+        holdings::Holdings,
         ingest::ClusterIngest,
     },
     collector::{Collector, OpenError},
@@ -235,7 +235,7 @@ impl Server {
         }
         let shutdown = CancellationToken::new();
         let shutdown_guard = shutdown.clone().drop_guard();
-        let held = SharedHeld::default();
+        let held = Holdings::new(&metrics);
         let consumers = if aggregator {
             let advertise = config.cluster.advertised(addr);
             info!("aggregator: other nodes reach it at {advertise} (cluster.advertise)");

@@ -701,9 +701,9 @@ fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
 }
 
 /// Every host's and client's totals through the node at `url` against `truth`, again while
-/// the cluster settles (a partition held by none or by two answers UNAVAILABLE; one being
-/// replayed answers short), until every total is exact or five minutes have passed: the
-/// differences.
+/// the cluster settles (a partition held by none, by two, or still being replayed answers
+/// UNAVAILABLE; a caught-up one may lag by the parts in flight), until every total is exact
+/// or five minutes have passed: the differences.
 fn compare_settled(
     rt: &tokio::runtime::Runtime,
     url: &str,

@@ -159,8 +159,14 @@ fn a_real_agent_through_the_cluster_counts_every_byte_once_through_kills() {
     let took = poll_until(TIMEOUT, || held(&aggregators[0]) == f64::from(PARTITIONS));
     assert!(took, "a0 never took a1's partitions over");
     aggregators[1].start();
+    // Back once each holds its share and has replayed it (until then the cluster's queries
+    // are refused with UNAVAILABLE, not answered short).
+    let replaying = |n: &Node| n.value("outflow_collector_cluster_partitions_replaying");
     let back = poll_until(TIMEOUT, || {
-        held(&aggregators[1]) == f64::from(PARTITIONS / 2) && applied(&aggregators[1]) > 0.0
+        applied(&aggregators[1]) > 0.0
+            && aggregators
+                .iter()
+                .all(|a| held(a) == f64::from(PARTITIONS / 2) && replaying(a) == 0.0)
     });
     assert!(back, "a1 never got its share back");
     let outcomes = traffic.finish();

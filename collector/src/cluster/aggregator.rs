@@ -34,7 +34,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::{Arc, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -47,6 +47,7 @@ use super::{
     align::{Aligner, Member},
     config::ClusterConfig,
     consume,
+    holdings::Holdings,
     membership::{self, Membership, MembershipError},
     partition::Partitions,
     publish::{PublishError, open_stream},
@@ -77,10 +78,6 @@ pub enum AggregatorError {
     },
 }
 
-/// The partitions an aggregator's store holds, as its queries report them (see
-/// `outflow.v1.AggregatorQuery.End`).
-pub type SharedHeld = Arc<std::sync::RwLock<BTreeSet<u32>>>;
-
 /// A round that did not finish (the next one tries again).
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
@@ -99,7 +96,7 @@ pub async fn start(
     cfg: &ClusterConfig,
     data_dir: &Path,
     advertise: String,
-    shared: SharedHeld,
+    shared: Holdings,
     detect: DetectConfig,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, AggregatorError> {
@@ -145,11 +142,7 @@ pub async fn start(
         p.stream,
         p.urls.join(",")
     );
-    collector
-        .metrics()
-        .cluster_partitions_held
-        .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
-    *shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
+    shared.set_held(held.clone());
     if let Some(rx) = collector.take_sightings() {
         let parts = Partitions::new(cfg.partitions).map_err(PublishError::from)?;
         second_stage::spawn_publisher(
@@ -200,8 +193,8 @@ struct Aggregator {
     instance: String,
     /// Where the other nodes reach it.
     advertise: String,
-    /// `held`, for the queries.
-    shared: SharedHeld,
+    /// `held`, and which of it is replayed, for the queries and the consumers.
+    shared: Holdings,
     /// Keeps the consumers in step by batch time (judgement periods).
     aligner: Arc<Aligner>,
     /// The last run did not stop cleanly: the store is rebuilt before anything is applied.
@@ -336,15 +329,11 @@ impl Aggregator {
     }
 
     /// Lists `held` as what the store holds: durably in the data directory, then here and in
-    /// `outflow_collector_cluster_partitions_held`.
+    /// the shared [`Holdings`].
     fn set_held(&mut self, held: BTreeSet<u32>) -> Result<(), RoundError> {
         write_held(&self.held_path, &held)
             .map_err(|e| RoundError::Other(format!("{}: {e}", self.held_path.display())))?;
-        self.collector
-            .metrics()
-            .cluster_partitions_held
-            .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
-        *self.shared.write().unwrap_or_else(PoisonError::into_inner) = held.clone();
+        self.shared.set_held(held.clone());
         self.held = held;
         Ok(())
     }
@@ -380,6 +369,7 @@ impl Aggregator {
             consumer,
             partition,
             member,
+            self.shared.clone(),
             stop.clone(),
         );
         self.running.insert(partition, (task, stop));

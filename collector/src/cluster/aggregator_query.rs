@@ -1,11 +1,11 @@
 //! `outflow.v1.AggregatorQuery`: what one aggregator holds, for the node that answers a Query
 //! or Alerts call for the whole cluster ([`super::fleet_query`]).
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use outflow_proto::v1::{self, aggregator_query_server::AggregatorQuery};
 use tonic::{Request, Response, Status};
 
-use super::aggregator::SharedHeld;
+use super::holdings::Holdings;
 use crate::{
     alerts_service::{AlertStream, AlertsService},
     collector::Collector,
@@ -24,7 +24,7 @@ pub const MAX_KEYS: usize = 100_000;
 pub struct AggregatorQueryService {
     collector: Arc<Collector>,
     alerts: AlertsService,
-    held: SharedHeld,
+    held: Holdings,
 }
 
 fn group(g: i32) -> Result<Group, ValidationError> {
@@ -34,7 +34,7 @@ fn group(g: i32) -> Result<Group, ValidationError> {
 }
 
 impl AggregatorQueryService {
-    pub fn new(collector: Arc<Collector>, alerts: AlertsService, held: SharedHeld) -> Self {
+    pub fn new(collector: Arc<Collector>, alerts: AlertsService, held: Holdings) -> Self {
         Self {
             collector,
             alerts,
@@ -132,16 +132,10 @@ impl AggregatorQueryService {
 #[tonic::async_trait]
 impl AggregatorQuery for AggregatorQueryService {
     async fn end(&self, _: Request<v1::EndRequest>) -> Result<Response<v1::EndResponse>, Status> {
-        let partitions = self
-            .held
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect();
         Ok(Response::new(v1::EndResponse {
             end_ms: self.collector.end_ms(),
-            partitions,
+            partitions: self.held.held().into_iter().collect(),
+            replaying: self.held.replaying().into_iter().collect(),
         }))
     }
 

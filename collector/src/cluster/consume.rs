@@ -12,7 +12,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{
@@ -22,14 +22,14 @@ use async_nats::jetstream::{
     stream::Stream,
 };
 use bytes::Bytes;
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use outflow_proto::limits::MAX_DELTAS_PER_BATCH;
 use outflow_proto::v1::{self, AgentMessage, agent_message::Msg};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{align::Member, partition::fnv1a};
+use super::{align::Member, holdings::Holdings, partition::fnv1a};
 use crate::{
     codec::decode_part_batch,
     collector::{Collector, Session},
@@ -152,13 +152,15 @@ pub async fn delete(stream: &Stream, name: &str) -> Result<(), String> {
 }
 
 /// Starts applying `partition` to `collector` from `consumer` ([`open`]), in step with the
-/// aggregator's other consumers through `member`, until `stop`.
+/// aggregator's other consumers through `member`, until `stop`; marks it caught up in
+/// `holdings` once it has applied every part the stream had for it, and behind when it stops.
 pub fn spawn(
     collector: Arc<Collector>,
     source: Source,
     consumer: jetstream::consumer::PullConsumer,
     partition: u32,
     member: Member,
+    holdings: Holdings,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -169,6 +171,8 @@ pub fn spawn(
             member,
             sessions: HashMap::new(),
             next: 0,
+            holdings,
+            replay: Some((Instant::now(), 0)),
         }
         .run(consumer, stop)
         .await;
@@ -203,6 +207,10 @@ struct Partition {
     member: Member,
     /// The applying session of each agent (and epoch) seen in this partition.
     sessions: HashMap<(String, u64), Session>,
+    /// Where it is marked caught up ([`Holdings`]).
+    holdings: Holdings,
+    /// Until it has caught up: when it started and how many parts it has applied since.
+    replay: Option<(Instant, u64)>,
 }
 
 /// What became of one part.
@@ -228,7 +236,12 @@ impl Partition {
         mut consumer: jetstream::consumer::PullConsumer,
         stop: CancellationToken,
     ) {
-        self.next = consumer.cached_info().delivered.consumer_sequence + 1;
+        self.holdings.behind(self.partition);
+        let info = consumer.cached_info();
+        self.next = info.delivered.consumer_sequence + 1;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            self.caught_up();
+        }
         while !stop.is_cancelled() {
             let batch = tokio::select! {
                 () = stop.cancelled() => break,
@@ -314,6 +327,7 @@ impl Partition {
                 if !failed && nothing_pending(&consumer).await {
                     // Nothing waiting: the other consumers need not wait for this one.
                     self.member.idle();
+                    self.caught_up();
                 } else {
                     // A fetch that found nothing is not enough to say nothing waits: one
                     // nobody answered (its consumer's leader gone, the connection failing
@@ -359,7 +373,26 @@ impl Partition {
                 }
             }
         }
+        self.holdings.behind(self.partition);
         debug!("partition {}: stopped", self.partition);
+    }
+
+    /// Every part the stream had for the partition is applied: marked caught up (once).
+    fn caught_up(&mut self) {
+        let Some((since, parts)) = self.replay.take() else {
+            return;
+        };
+        self.holdings.caught_up(self.partition);
+        let msg = format!(
+            "partition {}: caught up with the stream ({parts} parts applied in {:.1} s)",
+            self.partition,
+            since.elapsed().as_secs_f64()
+        );
+        if parts > 0 {
+            info!("{msg}")
+        } else {
+            debug!("{msg}")
+        }
     }
 
     /// Opens the consumer again from its first part not acknowledged (see [`open`]), trying
@@ -384,9 +417,11 @@ impl Partition {
     }
 
     /// Waits for the parts begun to be answered and acknowledges each to JetStream, in order;
-    /// true if one was not applied now and comes again ([`Done::Later`]).
+    /// true if one was not applied now and comes again ([`Done::Later`]). A part delivered
+    /// with none after it, done with every part before it, makes the partition caught up
+    /// (before it is acknowledged: whoever sees the consumer drained sees it caught up).
     async fn finish(
-        &self,
+        &mut self,
         begun: Vec<(jetstream::Message, Result<crate::collector::Pending, Done>)>,
     ) -> bool {
         let mut later = false;
@@ -424,6 +459,12 @@ impl Partition {
                 }
                 Done::Skipped => continue,
             };
+            if let Some((_, parts)) = &mut self.replay {
+                *parts += 1;
+                if !later && m.info().is_ok_and(|i| i.pending == 0) {
+                    self.caught_up();
+                }
+            }
             if let Err(e) = m.ack_with(ack).await {
                 // Unacknowledged, it comes again after ack_wait: a duplicate then.
                 warn!("partition {}: acknowledging a part: {e}", self.partition);

@@ -5,9 +5,10 @@
 //! - Windows end at the newest batch time of all the aggregators, and every aggregator sums
 //!   its keys over that same window.
 //! - The answer covers every partition once: each aggregator says which partitions its store
-//!   holds; a partition held by none (an aggregator lost, not yet replaced) or by two (a move
-//!   under way) makes the call fail with UNAVAILABLE and says which, rather than answer
-//!   short or twice.
+//!   holds and which of them it is still replaying; a partition held by none (an aggregator
+//!   lost, not yet replaced), by two (a move under way) or still being replayed (a rebuild, a
+//!   move, a restart: its store lacks parts of it) makes the call fail with UNAVAILABLE and
+//!   says which, rather than answer short or twice.
 //! - A key's bytes may be spread over aggregators (an address seen with and without client
 //!   ids, a host, a workload), so TopTalkers is the three-round exact top-k of Cao and Wang's
 //!   TPUT ([`merge`]): each aggregator's top k gives a lower bound of the k-th total, every key
@@ -245,10 +246,16 @@ impl Fleet {
                 async move { c.end(r).await }
             })
             .await?;
-        let held: Vec<(&str, &[u32])> = peers
+        let held: Vec<merge::Held<'_>> = peers
             .iter()
             .zip(&ends)
-            .map(|(p, e)| (p.name.as_str(), e.partitions.as_slice()))
+            .map(|(p, e)| {
+                (
+                    p.name.as_str(),
+                    e.partitions.as_slice(),
+                    e.replaying.as_slice(),
+                )
+            })
             .collect();
         merge::coverage(self.partitions, &held).map_err(Status::unavailable)?;
         Ok((peers, ends.iter().map(|e| e.end_ms).max().unwrap_or(0)))

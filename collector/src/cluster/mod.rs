@@ -11,6 +11,7 @@
 //! - [`aggregator`]: an aggregator's round: claims, gives up, rebuilds its store, and runs a
 //!   consumer per partition it holds;
 //! - [`align`]: an aggregator's consumers kept in step by batch time (judgement periods);
+//! - [`holdings`]: the partitions an aggregator holds, and which are still being replayed;
 //! - [`consume`]: a partition's durable consumer, applying its parts exactly once to the
 //!   aggregator's store;
 //! - [`second_stage`]: cohorts judged over every partition, from summaries each aggregator
@@ -29,6 +30,7 @@ pub mod config;
 pub mod consume;
 pub mod delivered;
 pub mod fleet_query;
+pub mod holdings;
 pub mod ingest;
 pub mod membership;
 pub mod partition;

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    aggregator::SharedHeld,
+    holdings::Holdings,
     partition::Partitions,
     publish::{
         Outgoing, PublishConfig, PublishError, get_or_create_stream, publish_round, stream_config,
@@ -188,7 +188,7 @@ pub fn spawn_publisher(
     prefix: String,
     parts: Partitions,
     mut rx: SightingsRx,
-    held: SharedHeld,
+    held: Holdings,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -201,12 +201,7 @@ pub fn spawn_publisher(
                     None => break,
                 },
             };
-            let held: Vec<u32> = held
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-                .copied()
-                .collect();
+            let held = held.held();
             let mut by: BTreeMap<u32, Vec<Sighting>> =
                 held.iter().map(|p| (*p, Vec::new())).collect();
             for x in s.seen {

@@ -948,6 +948,20 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
     // As a crash leaves it.
     std::fs::remove_file(&clean).unwrap();
     a0 = start(config()).await;
+    // Nothing more is sent: until its partitions are replayed, the cluster refuses (saying
+    // why) rather than answer short; its first answer is the truth.
+    let refused = answers_once_replayed(&u, &by_addr).await;
+    assert!(
+        refused.keys().any(|why| why.contains("being replayed")),
+        "a store not yet caught up with the stream is refused as such: {refused:?}"
+    );
+    assert_eq!(
+        metric(
+            &metrics(&a0).await,
+            "outflow_collector_cluster_partitions_replaying"
+        ),
+        0.0
+    );
     wait_drained(&watch, 8, Duration::from_secs(60), "never drained").await;
     assert_eq!(
         settled(&a0, &u, &by_addr, 1.0).await,
@@ -973,6 +987,38 @@ async fn an_aggregator_started_after_a_crash_rebuilds_and_raises_the_same_alerts
     drop(s);
     for n in [ingest, a0] {
         n.shutdown().await.unwrap();
+    }
+}
+
+/// Asks the cluster through `node` for every client's bytes until it answers: each refusal
+/// must be UNAVAILABLE, and the answer `by_addr` exactly. Returns the refusals, by their
+/// message up to its first colon.
+async fn answers_once_replayed(
+    node: &str,
+    by_addr: &BTreeMap<String, u64>,
+) -> BTreeMap<String, usize> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut refused = BTreeMap::new();
+    loop {
+        match fleet_top(node, v1::GroupBy::ClientAddress, None).await {
+            Ok(top) => {
+                assert_eq!(
+                    &top, by_addr,
+                    "answered short (after the refusals {refused:?})"
+                );
+                return refused;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                let why = s.message().split(':').next().unwrap_or_default().to_owned();
+                *refused.entry(why).or_insert(0usize) += 1;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused after 60 s: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -16,12 +16,16 @@ use outflow_proto::v1;
 
 use crate::window::{Totals, Window, WindowStats};
 
-/// Checks that `held` (each aggregator's name and the partitions its store holds) covers each
-/// of `partitions` exactly once; else says which are missing or doubled.
-pub fn coverage(partitions: u32, held: &[(&str, &[u32])]) -> Result<(), String> {
+/// What one aggregator's store holds: its name, the partitions, and those of them it is still
+/// replaying (`outflow.v1.EndResponse`).
+pub type Held<'a> = (&'a str, &'a [u32], &'a [u32]);
+
+/// Checks that `held` covers each of `partitions` exactly once, with none still being
+/// replayed; else says which are missing, doubled or replayed.
+pub fn coverage(partitions: u32, held: &[Held<'_>]) -> Result<(), String> {
     let mut holder: BTreeMap<u32, &str> = BTreeMap::new();
     let mut twice = Vec::new();
-    for (name, ps) in held {
+    for (name, ps, _) in held {
         for &p in *ps {
             if p >= partitions {
                 continue;
@@ -45,6 +49,20 @@ pub fn coverage(partitions: u32, held: &[(&str, &[u32])]) -> Result<(), String> 
         return Err(format!(
             "partitions {} of {partitions} are held by no live aggregator: their clients would be missing from the answer; try again once the aggregators have taken them over (within cluster.lease), or start one",
             some(&missing)
+        ));
+    }
+    let replaying: Vec<String> = held
+        .iter()
+        .flat_map(|(name, _, ps)| {
+            ps.iter()
+                .filter(|p| **p < partitions)
+                .map(move |p| format!("{p} ({name})"))
+        })
+        .collect();
+    if !replaying.is_empty() {
+        return Err(format!(
+            "partitions {} are being replayed from the stream (after a rebuild, a move or a restart): the answer would lack part of their clients' bytes; try again once they have caught up (outflow_collector_cluster_partitions_replaying 0 on every aggregator)",
+            some(&replaying)
         ));
     }
     Ok(())
@@ -368,17 +386,23 @@ mod tests {
 
     #[test]
     fn coverage_names_what_is_missing_or_doubled() {
-        assert!(coverage(4, &[("a", &[0, 1]), ("b", &[2, 3])]).is_ok());
-        let e = coverage(4, &[("a", &[0, 1]), ("b", &[3])]).unwrap_err();
+        assert!(coverage(4, &[("a", &[0, 1], &[]), ("b", &[2, 3], &[])]).is_ok());
+        let e = coverage(4, &[("a", &[0, 1], &[]), ("b", &[3], &[])]).unwrap_err();
         assert!(
             e.starts_with("partitions 2 of 4 are held by no live aggregator"),
             "{e}"
         );
-        let e = coverage(4, &[("a", &[0, 1, 2]), ("b", &[2, 3])]).unwrap_err();
+        let e = coverage(4, &[("a", &[0, 1, 2], &[]), ("b", &[2, 3], &[])]).unwrap_err();
         assert!(e.contains("2 (a and b)"), "{e}");
         let many: Vec<u32> = Vec::new();
-        let e = coverage(12, &[("a", &many)]).unwrap_err();
+        let e = coverage(12, &[("a", &many, &[])]).unwrap_err();
         assert!(e.contains("9 and 2 more"), "{e}");
+        // Held once each, but some still being replayed: refused, naming them.
+        let e = coverage(4, &[("a", &[0, 1], &[1]), ("b", &[2, 3], &[3])]).unwrap_err();
+        assert!(
+            e.starts_with("partitions 1 (a), 3 (b) are being replayed from the stream"),
+            "{e}"
+        );
     }
 
     #[test]
