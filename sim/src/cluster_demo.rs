@@ -711,18 +711,24 @@ fn compare_settled(
     say: &dyn Fn(&str),
 ) -> Result<Differences> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    let mut passes = 0;
+    let (mut passes, mut replaying) = (0, 0);
     let (differences, host_diffs, client_diffs) = loop {
         passes += 1;
         let compared = rt.block_on(compare(url, truth));
         match compared {
             Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
             Err(e) if Instant::now() > deadline => return Err(e),
-            _ => std::thread::sleep(Duration::from_millis(500)),
+            Err(e) => {
+                if format!("{e:#}").contains("being replayed") {
+                    replaying += 1;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(500)),
         }
     };
     say(&format!(
-        "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled)",
+        "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled, {replaying} refused while partitions were being replayed)",
         truth.hosts.len(),
         if host_diffs == 0 {
             "every host's totals exact (summed over the three aggregators)".to_owned()

@@ -133,7 +133,9 @@ fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
             seed: args.seed,
             verbose: true,
             faults: !args.no_faults,
-            alert_wait: Duration::from_secs(15),
+            // The listing ends as soon as every attack shows; a detection thread still judging
+            // a long replay gets up to a minute, as in the tests.
+            alert_wait: Duration::from_secs(60),
         },
         None,
     )?;
