@@ -13,22 +13,39 @@ async fn messages(js: &jetstream::Context, name: &str) -> u64 {
     s.info().await.expect("stream info").state.messages
 }
 
+/// Publishes `id` once, sent again only while nothing answers it (no responders: the stream's
+/// leader not yet listening on a node just after it was elected; nothing was stored, so the
+/// first answer still says whether it was a duplicate), for up to 30 s.
 async fn publish(js: &jetstream::Context, id: &str) -> jetstream::publish::PublishAck {
-    js.send_publish(
-        "deltas.p0",
-        PublishMessage::build()
-            .message_id(id)
-            .payload(id.to_owned().into()),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("publish ack")
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ack = js
+            .send_publish(
+                "deltas.p0",
+                PublishMessage::build()
+                    .message_id(id)
+                    .payload(id.to_owned().into()),
+            )
+            .await
+            .expect("publish")
+            .await;
+        match ack {
+            Err(e)
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ack => return ack.expect("publish ack"),
+        }
+    }
 }
 
-/// The R=3 stream `DELTAS`. Every node says it is healthy, but on a loaded machine placing the
-/// stream's first RAFT group can outlast JetStream's 10 s request timeout (CI saw it): asked
-/// again, as an ingest node does, for up to a minute.
+/// The R=3 stream `DELTAS`, with a leader. Every node says it is healthy, but on a loaded
+/// machine placing the stream's first RAFT group can outlast JetStream's 10 s request timeout
+/// (CI saw it): asked again, as an ingest node does, for up to a minute. Created, it answers
+/// publishes only once its group has elected a leader (CI saw the first publish refused as
+/// "stream not found" just after the create): waited for, for the same minute.
 async fn create_stream(js: &jetstream::Context) {
     let config = stream::Config {
         name: "DELTAS".into(),
@@ -41,14 +58,23 @@ async fn create_stream(js: &jetstream::Context) {
     let created = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match js.get_or_create_stream(config.clone()).await {
-                Ok(_) => return,
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_some()) => {
+                        return;
+                    }
+                    Ok(_) => last = Some("created, no leader yet".to_owned()),
+                    Err(e) => last = Some(e.to_string()),
+                },
                 Err(e) => last = Some(e.to_string()),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
     .await;
-    assert!(created.is_ok(), "create an R=3 stream in 60 s: {last:?}");
+    assert!(
+        created.is_ok(),
+        "create an R=3 stream with a leader in 60 s: {last:?}"
+    );
 }
 
 /// Publishes `id` until it is acknowledged (30 s at most). Until the stream has a leader
