@@ -718,14 +718,10 @@ fn compare_settled(
         match compared {
             Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
             Err(e) if Instant::now() > deadline => return Err(e),
-            Err(e) => {
-                if format!("{e:#}").contains("being replayed") {
-                    replaying += 1;
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Ok(_) => std::thread::sleep(Duration::from_millis(500)),
+            Err(e) if format!("{e:#}").contains("being replayed") => replaying += 1,
+            _ => {}
         }
+        std::thread::sleep(Duration::from_millis(500));
     };
     say(&format!(
         "{} hosts: {}; {} clients: {} (compared {passes} time(s) while the cluster settled, {replaying} refused while partitions were being replayed)",

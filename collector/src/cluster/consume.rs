@@ -239,7 +239,7 @@ impl Partition {
         self.holdings.behind(self.partition);
         let info = consumer.cached_info();
         self.next = info.delivered.consumer_sequence + 1;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
+        if drained(info) {
             self.caught_up();
         }
         while !stop.is_cancelled() {
@@ -535,12 +535,18 @@ impl Partition {
 /// delivered and not acknowledged); not when it cannot be asked.
 async fn nothing_pending(consumer: &jetstream::consumer::PullConsumer) -> bool {
     match consumer.get_info().await {
-        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+        Ok(info) => drained(&info),
         Err(e) => {
             debug!("consumer {}: {e}", consumer.cached_info().name);
             false
         }
     }
+}
+
+/// Whether `info` says the consumer has no parts waiting: none not yet delivered, none
+/// delivered and not acknowledged.
+fn drained(info: &jetstream::consumer::Info) -> bool {
+    info.num_pending == 0 && info.num_ack_pending == 0
 }
 
 /// A decoded part: the batch of one agent's that falls in this partition.

@@ -25,6 +25,13 @@ struct State {
     caught_up: BTreeSet<u32>,
 }
 
+impl State {
+    /// The partitions held that are not caught up.
+    fn replaying(&self) -> impl Iterator<Item = u32> + '_ {
+        self.held.difference(&self.caught_up).copied()
+    }
+}
+
 /// An aggregator's partitions, shared between its round, its consumers and its queries, and
 /// shown in `outflow_collector_cluster_partitions_held` and
 /// `outflow_collector_cluster_partitions_replaying`.
@@ -51,7 +58,7 @@ impl Holdings {
 
     /// The partitions held that are not caught up.
     pub fn replaying(&self) -> BTreeSet<u32> {
-        self.read(|s| s.held.difference(&s.caught_up).copied().collect())
+        self.read(|s| s.replaying().collect())
     }
 
     /// Lists `held` as what the store holds.
@@ -82,8 +89,7 @@ impl Holdings {
         f(&mut s);
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.held_gauge.set(count(s.held.len()));
-        self.replaying_gauge
-            .set(count(s.held.difference(&s.caught_up).count()));
+        self.replaying_gauge.set(count(s.replaying().count()));
     }
 }
 
