@@ -408,7 +408,10 @@ impl PinDir {
     /// Names a new pin directory; `tag` (e.g. the test name) tells them apart.
     pub fn new(tag: &str) -> Self {
         static SWEEP: Once = Once::new();
-        SWEEP.call_once(sweep_stale_pin_dirs);
+        SWEEP.call_once(|| {
+            mount_bpffs();
+            sweep_stale_pin_dirs();
+        });
         let name = format!(
             "{PIN_PREFIX}{}-{}-{}",
             std::process::id(),
@@ -467,6 +470,28 @@ fn detach_and_remove(path: &Path) {
     {
         eprintln!("removing pin dir {}: {e}", path.display());
     }
+}
+
+/// Mounts bpffs at [`BPFFS`] unless it is there, as systemd does at boot on the hosts the agent
+/// runs on (and the DaemonSet mounts the host's): a test that runs the agent with fewer
+/// capabilities than root's (which cannot mount it) must not depend on an earlier test's agent
+/// having mounted it on a freshly booted machine.
+fn mount_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("/proc/self/mounts");
+    if mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(BPFFS) && l.split(' ').nth(2) == Some("bpf"))
+    {
+        return;
+    }
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "mount -t bpf bpf {BPFFS}: {status} (the tests run as root)"
+    );
 }
 
 /// Detaches pin directories left behind by test processes that no longer exist (killed runs).
