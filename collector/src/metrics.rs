@@ -44,6 +44,7 @@
 //! | `outflow_collector_cluster_publish_retries_total` | counter | ingest node: parts published again after a failed or unanswered publish |
 //! | `outflow_collector_cluster_applied_parts_total` | counter | aggregator: parts of its partitions applied (or found applied before) and acknowledged to JetStream |
 //! | `outflow_collector_cluster_invalid_parts_total` | counter | aggregator: parts that break the protocol, dropped (acknowledged, logged) |
+//! | `outflow_collector_cluster_partitions` | gauge | ingest node and aggregator: the partitions the clients are spread over (`cluster.partitions`; 0 on a standalone collector): the sum of `..._partitions_held` over the aggregators must equal it |
 //! | `outflow_collector_cluster_partitions_held` | gauge | aggregator: partitions it holds (claims and applies) |
 //! | `outflow_collector_cluster_partitions_replaying` | gauge | aggregator: partitions it holds whose consumer has not yet applied every part the stream had for them (a rebuild, a partition taken over, a restart): the cluster's Query refuses with UNAVAILABLE until none is |
 //! | `outflow_collector_cluster_delivery_gaps_total` | counter | aggregator: times a consumer found deliveries of its partition that never arrived (a fetch's reply lost): it read again from its first part not acknowledged, so none was taken for a duplicate |
@@ -126,6 +127,7 @@ pub struct Metrics {
     pub cluster_publish_failures: Counter,
     pub cluster_applied_parts: Counter,
     pub cluster_invalid_parts: Counter,
+    pub cluster_partitions: Gauge,
     pub cluster_partitions_held: Gauge,
     pub cluster_partitions_replaying: Gauge,
     pub cluster_rebuilds: Counter,
@@ -194,6 +196,7 @@ impl Metrics {
             cluster_publish_failures: Counter::default(),
             cluster_applied_parts: Counter::default(),
             cluster_invalid_parts: Counter::default(),
+            cluster_partitions: Gauge::default(),
             cluster_partitions_held: Gauge::default(),
             cluster_partitions_replaying: Gauge::default(),
             cluster_rebuilds: Counter::default(),
@@ -331,6 +334,11 @@ impl Metrics {
             "cluster_invalid_parts",
             "Aggregator: parts that break the protocol, dropped",
             m.cluster_invalid_parts.clone(),
+        );
+        registry.register(
+            "cluster_partitions",
+            "Cluster node: the partitions the clients are spread over (cluster.partitions)",
+            m.cluster_partitions.clone(),
         );
         registry.register(
             "cluster_partitions_held",

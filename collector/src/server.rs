@@ -211,6 +211,11 @@ impl Server {
             http_stop.clone(),
         ));
 
+        if config.cluster.role != NodeRole::Standalone {
+            metrics
+                .cluster_partitions
+                .set(i64::from(config.cluster.partitions));
+        }
         let ingest_node = config.cluster.role == NodeRole::Ingest;
         let collector = if ingest_node {
             info!(

@@ -507,7 +507,7 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
             .current_dir(&dir),
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 13 rules found"), "{text}");
     let out = run_ok(
         "promtool test rules",
         Command::new(&promtool)
@@ -524,7 +524,7 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names.len(), 13, "{names:?}");
     for name in names {
         assert!(
             tests.contains(&format!("alertname: {name}\n")),

@@ -276,6 +276,12 @@ async fn an_ingest_node_acknowledges_a_batch_once_jetstream_holds_every_part() {
     let parts = metric(&m, "outflow_collector_cluster_published_parts_total");
     let dups = metric(&m, "outflow_collector_cluster_duplicate_parts_total");
     assert!(dups >= 5.0, "{m}");
+    // What the partitions held over the aggregators must add up to (an alert rule's operand).
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_partitions "),
+        8.0,
+        "{m}"
+    );
     assert_eq!(
         metric(&m, "outflow_collector_cluster_publish_failures_total"),
         0.0
@@ -602,6 +608,11 @@ async fn partitions_move_between_aggregators_and_the_totals_stay_exact() {
         "a1 came back to claims taken: it rebuilt\n{m}"
     );
     assert_eq!(metric(&m, "outflow_collector_cluster_partitions_held"), 3.0);
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_partitions "),
+        8.0,
+        "{m}"
+    );
     // Its partition sessions are no agent streams.
     assert_eq!(metric(&m, "outflow_collector_agents_connected"), 0.0, "{m}");
     drop(agents);
