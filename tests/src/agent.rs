@@ -409,7 +409,7 @@ impl PinDir {
     pub fn new(tag: &str) -> Self {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(|| {
-            mount_bpffs();
+            ensure_bpffs();
             sweep_stale_pin_dirs();
         });
         let name = format!(
@@ -476,7 +476,7 @@ fn detach_and_remove(path: &Path) {
 /// runs on (and the DaemonSet mounts the host's): a test that runs the agent with fewer
 /// capabilities than root's (which cannot mount it) must not depend on an earlier test's agent
 /// having mounted it on a freshly booted machine.
-fn mount_bpffs() {
+pub fn ensure_bpffs() {
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("/proc/self/mounts");
     if mounts
         .lines()

@@ -25,7 +25,7 @@ use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, setsockopt, sockopt::PassCred,
 };
 use outflow_tests::{
-    agent::{Agent, PinDir, agent_bin, run_to_completion},
+    agent::{Agent, PinDir, agent_bin, ensure_bpffs, run_to_completion},
     cgroup::TestCgroup,
     collector::{Collector, TempDir, collector_bin, free_port},
 };
@@ -226,21 +226,6 @@ fn the_agent_unit_grants_exactly_what_the_agent_checks_for() {
                 "{row}"
             );
         }
-    }
-}
-
-/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (systemd does at boot).
-fn ensure_bpffs() {
-    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount -t bpf bpf /sys/fs/bpf");
     }
 }
 
