@@ -24,6 +24,7 @@ use crate::{
         ingest::{ClusterIngest, StreamPublisher},
     },
     config::{Config, LimitsConfig},
+    detection::{Exchange, PeerExchange},
     error::ApiError,
     feed::{Feed, FeedBatch, FeedConfig},
     keys::{Group, HostId},
@@ -85,6 +86,8 @@ pub struct Collector {
     /// A cluster's aggregator: the detection thread's sightings, until the aggregator loop
     /// takes them.
     sightings: Mutex<Option<SightingsRx>>,
+    /// The peers' ratios the detection thread learns, and a cluster's other aggregators'.
+    peers: Arc<PeerExchange>,
 }
 
 /// What a [`Collector::take_sightings`] gives.
@@ -118,6 +121,7 @@ impl Collector {
         } else {
             (None, None)
         };
+        let peers = Arc::new(PeerExchange::new(metrics.clone()));
         let writer = Writer::start(
             store,
             state.clone(),
@@ -127,7 +131,10 @@ impl Collector {
             &config.detect,
             alerts.clone(),
             feed.clone(),
-            sightings_tx,
+            Exchange {
+                peers: peers.clone(),
+                sightings: sightings_tx,
+            },
         )
         .map_err(OpenError::Writer)?;
         Ok(Collector {
@@ -140,6 +147,7 @@ impl Collector {
             limiters: Mutex::new(Map::default()),
             queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
             sightings: Mutex::new(sightings_rx),
+            peers,
         })
     }
 
@@ -152,9 +160,16 @@ impl Collector {
             .take()
     }
 
+    /// The peers' ratios its detection thread learns, and what it judges against (a cluster's
+    /// aggregator loop shares them with the other aggregators).
+    pub fn peer_exchange(&self) -> &Arc<PeerExchange> {
+        &self.peers
+    }
+
     /// An ingest node's collector: agents' batches are validated, rate-limited and published
     /// to JetStream through `ingest`; it holds no store, no aggregates, no alerts.
     pub fn open_ingest(config: &Config, metrics: Arc<Metrics>, ingest: ClusterIngest) -> Collector {
+        let peers = Arc::new(PeerExchange::new(metrics.clone()));
         Collector {
             alerts: Arc::new(AlertHub::new()),
             feed: Arc::new(Feed::new(&FeedConfig::default())),
@@ -165,6 +180,7 @@ impl Collector {
             limiters: Mutex::new(Map::default()),
             queued: Arc::new(Semaphore::new(MAX_QUEUED_DELTAS as usize)),
             sightings: Mutex::new(None),
+            peers,
         }
     }
 

@@ -14,7 +14,7 @@
 //! detectors learnt (once an hour of batch time, and at stop).
 use std::{
     sync::{
-        Arc, PoisonError, RwLock,
+        Arc, Mutex, PoisonError, RwLock,
         mpsc::{Receiver, SyncSender, sync_channel},
     },
     thread::JoinHandle,
@@ -27,9 +27,9 @@ use tokio::sync::oneshot;
 use crate::{
     aggregate::State,
     alerts::AlertHub,
-    detect::{Detector, HOUR_MS, Sighting, Subject},
+    detect::{Detector, HOUR_MS, PEER_KINDS, Peers, Sighting, Subject},
     keys::Prefix,
-    metrics::Metrics,
+    metrics::{Metrics, PeerKindLabel},
     store::SharedStore,
     window::Rollup,
 };
@@ -68,6 +68,86 @@ pub struct Sightings {
 /// the channel is full: the aggregator's publisher holds its judgements back).
 pub type SightingsTx = tokio::sync::mpsc::Sender<Sightings>;
 
+/// The peers' ratios the detection thread shares with a cluster's aggregator loop: its own
+/// (after each judgement), which the loop passes to the other aggregators, and theirs, which
+/// the next judgement uses (see [`Detector::set_others_peers`]). A standalone collector's has
+/// no others. Its gauges say what the sustained detector judges against.
+#[derive(Debug)]
+pub struct PeerExchange {
+    own: Mutex<[Peers; 5]>,
+    others: Mutex<Vec<[Peers; 5]>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PeerExchange {
+    pub fn new(metrics: Arc<Metrics>) -> PeerExchange {
+        PeerExchange {
+            own: Mutex::new([Peers::default(); 5]),
+            others: Mutex::new(Vec::new()),
+            metrics,
+        }
+    }
+
+    /// What this collector's detectors learnt of their peers, as of the last judgement.
+    pub fn own(&self) -> [Peers; 5] {
+        *self.own.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the other aggregators' peers, for the next judgement.
+    pub fn set_others(&self, others: Vec<[Peers; 5]>) {
+        self.metrics
+            .cluster_peer_ratios_shared
+            .set(i64::try_from(others.len() + 1).unwrap_or(i64::MAX));
+        *self.others.lock().unwrap_or_else(PoisonError::into_inner) = others;
+        self.show();
+    }
+
+    fn others(&self) -> Vec<[Peers; 5]> {
+        self.others
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_own(&self, own: [Peers; 5]) {
+        *self.own.lock().unwrap_or_else(PoisonError::into_inner) = own;
+        self.show();
+    }
+
+    /// The gauges: each kind's ratio, its own and the others' together.
+    fn show(&self) {
+        let own = self.own();
+        let others = self.others();
+        for (k, kind) in PEER_KINDS.iter().enumerate() {
+            let p = Peers::combine(std::iter::once(&own[k]).chain(others.iter().map(|o| &o[k])));
+            let label = PeerKindLabel { kind };
+            if p.n == 0 {
+                // Nothing learnt: no ratio to show (the detector judges none).
+                self.metrics.detect_peer_ratio.remove(&label);
+            } else {
+                self.metrics
+                    .detect_peer_ratio
+                    .get_or_create(&label)
+                    .set(p.mean.exp2());
+            }
+            self.metrics
+                .detect_peer_samples
+                .get_or_create(&label)
+                .set(i64::from(p.n));
+        }
+    }
+}
+
+/// What the detection thread shares beyond the store and the alerts.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// The peers' ratios (every collector).
+    pub peers: Arc<PeerExchange>,
+    /// A cluster's aggregator: cohorts are left to the second stage, which gets what each
+    /// judgement saw of the clients here.
+    pub sightings: Option<SightingsTx>,
+}
+
 /// A judgement reading the shared state: the writer waits on it before changing the state.
 #[derive(Debug)]
 pub struct Reading(Receiver<()>);
@@ -90,9 +170,10 @@ pub struct Detection {
 impl Detection {
     /// Starts the detection thread with `detector` (built and restored on `state`), judging on
     /// `state`, storing alert changes and what it learnt in `store`, publishing alerts to
-    /// `alerts`. `max_keys` is named when learnt subjects are dropped to stay within it. With
-    /// `sightings` (a cluster's aggregator), cohorts are left to the second stage: what each
-    /// judgement saw of the clients goes there.
+    /// `alerts`. `max_keys` is named when learnt subjects are dropped to stay within it. What
+    /// it learns of the peers it shares through `exchange`; with `exchange.sightings` (a
+    /// cluster's aggregator), cohorts are left to the second stage: what each judgement saw
+    /// of the clients goes there.
     pub fn start(
         mut detector: Detector,
         state: Arc<RwLock<State>>,
@@ -100,13 +181,16 @@ impl Detection {
         alerts: Arc<AlertHub>,
         metrics: Arc<Metrics>,
         max_keys: usize,
-        sightings: Option<SightingsTx>,
+        exchange: Exchange,
     ) -> std::io::Result<Detection> {
         let (tx, rx) = sync_channel(QUEUE);
+        let Exchange { peers, sightings } = exchange;
         if sightings.is_some() {
             detector.leave_cohorts_to_second_stage();
         }
+        peers.set_own(detector.peers());
         let w = Judge {
+            peers,
             detector,
             state,
             store,
@@ -167,6 +251,7 @@ struct Judge {
     alerts: Arc<AlertHub>,
     metrics: Arc<Metrics>,
     max_keys: usize,
+    peers: Arc<PeerExchange>,
     sightings: Option<SightingsTx>,
 }
 
@@ -198,6 +283,7 @@ impl Judge {
     fn judge(&mut self, at_ms: u64, next_ms: u64, read: &SyncSender<()>) {
         let t0 = Instant::now();
         let det = &mut self.detector;
+        det.set_others_peers(self.peers.others());
         let changes = {
             let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
             // Only this thread opens and resolves alerts.
@@ -208,6 +294,7 @@ impl Judge {
             self.alerts.apply(verdicts, at_ms, resolve_after, &st)
         };
         let _ = read.send(());
+        self.peers.set_own(det.peers());
         if let Some(tx) = &self.sightings {
             let seen = det.take_sightings();
             // Gone only when the aggregator stops.

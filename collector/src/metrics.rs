@@ -58,10 +58,16 @@
 //! | `outflow_collector_alerts_opened_total{detector}` | counter | alerts opened |
 //! | `outflow_collector_alerts_resolved_total{detector}` | counter | alerts resolved |
 //! | `outflow_collector_alerts_open{detector}` | gauge | alerts open now |
+//! | `outflow_collector_detect_peer_ratio{kind}` | gauge | the peers' response/request ratio the sustained detector judges each subject kind against (`client`, `prefix`, `workload`, `client-id`): learnt over their active hours; in a cluster, the aggregators' together |
+//! | `outflow_collector_detect_peer_samples{kind}` | gauge | active hours that ratio was learnt from (summed over a cluster's aggregators): the sustained detector judges a ratio once it is at least `detect.sustained.min_peer_samples` |
+//! | `outflow_collector_cluster_peer_ratios_shared` | gauge | aggregator: aggregators whose peers' ratios its sustained detector judges against, itself included (the live aggregators, once they have shared theirs) |
 //! | `outflow_collector_detect_seconds` | histogram | one judgement (every `detect.eval_interval` of batch time) |
 //! | `outflow_collector_ready` | gauge | 1 once the store is open and gRPC serves; 0 while starting and while stopping (as `/readyz`) |
 //! | `outflow_collector_top_client_response_bytes{rank,client}` | gauge | response bytes of the `metrics.top_clients` client addresses with the most in `metrics.top_window` (batch time), `rank` 1 the biggest; one series per rank held, computed at each scrape (see `top_clients`) |
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -90,6 +96,12 @@ pub struct GroupLabel {
 /// Label of the fold metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FoldLabel {
+    pub kind: &'static str,
+}
+
+/// Label of the peers' ratio metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerKindLabel {
     pub kind: &'static str,
 }
 
@@ -155,6 +167,9 @@ pub struct Metrics {
     pub alerts_resolved: Family<DetectorLabel, Counter>,
     pub alerts_open: Family<DetectorLabel, Gauge>,
     pub detect_seconds: Histogram,
+    pub detect_peer_ratio: Family<PeerKindLabel, Gauge<f64, AtomicU64>>,
+    pub detect_peer_samples: Family<PeerKindLabel, Gauge>,
+    pub cluster_peer_ratios_shared: Gauge,
     /// 1 while the collector serves (see [`Metrics::set_ready`]).
     ready: Gauge,
     registry: Registry,
@@ -224,6 +239,9 @@ impl Metrics {
             alerts_resolved: Family::default(),
             alerts_open: Family::default(),
             detect_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
+            detect_peer_ratio: Family::default(),
+            detect_peer_samples: Family::default(),
+            cluster_peer_ratios_shared: Gauge::default(),
             ready: Gauge::default(),
             registry: Registry::default(),
         };
@@ -479,6 +497,21 @@ impl Metrics {
             "One judgement of the detectors (every detect.eval_interval of batch time)",
             Unit::Seconds,
             m.detect_seconds.clone(),
+        );
+        registry.register(
+            "detect_peer_ratio",
+            "Peers' response/request ratio the sustained detector judges each subject kind against",
+            m.detect_peer_ratio.clone(),
+        );
+        registry.register(
+            "detect_peer_samples",
+            "Active hours the peers' ratio of each subject kind was learnt from",
+            m.detect_peer_samples.clone(),
+        );
+        registry.register(
+            "cluster_peer_ratios_shared",
+            "Aggregators whose peers' ratios this one judges against, itself included",
+            m.cluster_peer_ratios_shared.clone(),
         );
         registry.register(
             "ready",

@@ -31,7 +31,7 @@ use crate::{
     budget::{Folds, KeyBudget},
     config::{LimitsConfig, StoreConfig},
     detect::{DetectConfig, Detector, Subject},
-    detection::{Detection, Reading, SightingsTx},
+    detection::{Detection, Exchange, Reading},
     feed::{Feed, FeedBatch},
     history::{MINUTE_MS, first_kept},
     journal,
@@ -146,8 +146,9 @@ impl std::fmt::Debug for Request {
 impl Writer {
     /// Starts the writer thread on `store`, installing what it commits into `state`, with a
     /// detection thread (if `detect.enabled`) judging what it commits into `alerts`, and
-    /// publishing every applied batch to `feed` before its Ack. With `sightings` (a cluster's
-    /// aggregator) cohorts are left to the cluster's second stage (see [`Detection::start`]).
+    /// publishing every applied batch to `feed` before its Ack. The detection thread shares the
+    /// peers' ratios and, in a cluster's aggregator, its sightings through `exchange` (see
+    /// [`Detection::start`]).
     #[allow(
         clippy::too_many_arguments,
         reason = "the writer's collaborators, each once"
@@ -161,7 +162,7 @@ impl Writer {
         detect: &DetectConfig,
         alerts: Arc<AlertHub>,
         feed: Arc<Feed>,
-        sightings: Option<SightingsTx>,
+        exchange: Exchange,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut budget = KeyBudget::new(limits.max_keys, limits.max_keys_per_agent_percent);
@@ -190,7 +191,7 @@ impl Writer {
             feed,
             staging: Staging::default(),
             staged: Vec::new(),
-            sightings,
+            exchange,
             entry: Vec::new(),
             dirty: Map::default(),
             journal_bytes: 0,
@@ -564,8 +565,9 @@ struct Worker {
     /// The detection thread (with detection on).
     detection: Option<Detection>,
     detect: DetectConfig,
-    /// Where the detection thread sends what it saw of the clients (a cluster's aggregator).
-    sightings: Option<SightingsTx>,
+    /// What the detection thread shares: the peers' ratios, and what it saw of the clients (a
+    /// cluster's aggregator).
+    exchange: Exchange,
     /// Batch time of the next judgement (with detection on).
     next_judgement_ms: u64,
     /// The judgement reading `state`: it does not change until it is over.
@@ -741,7 +743,7 @@ impl Worker {
             self.alerts.clone(),
             self.metrics.clone(),
             self.limits.max_keys,
-            self.sightings.clone(),
+            self.exchange.clone(),
         )?);
         Ok(())
     }

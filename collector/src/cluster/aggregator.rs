@@ -50,6 +50,7 @@ use super::{
     holdings::Holdings,
     membership::{self, Membership, MembershipError},
     partition::Partitions,
+    peer_ratios::PeerRatios,
     publish::{PublishError, open_stream},
     second_stage,
 };
@@ -106,6 +107,7 @@ pub async fn start(
     let judge_every_ms = detect.eval_interval_ms();
     let me = cfg.node();
     let members = Membership::open(&js, &p.stream, p.replicas, cfg.lease, &me).await?;
+    let ratios = PeerRatios::open(&js, &p.stream, p.replicas, cfg.lease, &me).await?;
     let instance_path = data_dir.join(INSTANCE_FILE);
     let instance = instance_id(&instance_path).map_err(|error| AggregatorError::File {
         path: instance_path,
@@ -159,6 +161,7 @@ pub async fn start(
         collector,
         stream,
         members,
+        ratios,
         partitions: cfg.partitions,
         subject_prefix: p.subject_prefix,
         lease: cfg.lease,
@@ -183,6 +186,8 @@ struct Aggregator {
     collector: Arc<Collector>,
     stream: Stream,
     members: Membership,
+    /// The peers' ratios shared with the other aggregators.
+    ratios: PeerRatios,
     partitions: u32,
     subject_prefix: String,
     lease: Duration,
@@ -252,6 +257,7 @@ impl Aggregator {
             return Ok(());
         }
         let live = self.members.live().await?;
+        self.share_peer_ratios(&live).await;
         let mut claims = self.members.claims(self.partitions).await?;
         let me = self.members.me().to_owned();
         let mine = |claims: &BTreeMap<u32, membership::Claim>| -> BTreeSet<u32> {
@@ -326,6 +332,24 @@ impl Aggregator {
             self.apply(p).await?;
         }
         Ok(())
+    }
+
+    /// Shares what the detection thread learnt of the peers' ratios, and hands it the other
+    /// live aggregators' (see [`PeerRatios`]). A failure leaves the ratios it judges against as
+    /// they were until a later round; the claims go on.
+    async fn share_peer_ratios(&mut self, live: &BTreeSet<String>) {
+        let exchange = self.collector.peer_exchange();
+        let read = match self.ratios.share(&exchange.own()).await {
+            Ok(()) => self.ratios.others(live).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(others) => exchange.set_others(others.peers),
+            Err(e) => warn!(
+                "aggregator {}: {e}; judging against the peers' ratios read before",
+                self.members.me()
+            ),
+        }
     }
 
     /// Lists `held` as what the store holds: durably in the data directory, then here and in

@@ -148,7 +148,7 @@ impl Directory {
 /// The keys of `store` (those with a value or a delete marker still in the stream), read from
 /// the stream's subjects: no consumer is made (`kv::Store::keys` makes one per call, and a node
 /// answering queries would make one per query).
-async fn keys_of(store: &kv::Store, what: &str) -> Result<Vec<String>, MembershipError> {
+pub(super) async fn keys_of(store: &kv::Store, what: &str) -> Result<Vec<String>, MembershipError> {
     let filter = format!("{}>", store.prefix);
     let mut subjects = store
         .stream

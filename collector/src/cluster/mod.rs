@@ -8,6 +8,8 @@
 //! - [`ingest`]: an ingest node's agent streams, each publishing its batches in order;
 //! - [`membership`]: the live aggregators and their claims on the partitions (JetStream
 //!   key-value buckets), and the plan that shares the partitions out fairly;
+//! - [`peer_ratios`]: the sustained detector's peers' ratios, shared among the aggregators so
+//!   that each judges against the whole fleet's;
 //! - [`aggregator`]: an aggregator's round: claims, gives up, rebuilds its store, and runs a
 //!   consumer per partition it holds;
 //! - [`align`]: an aggregator's consumers kept in step by batch time (judgement periods);
@@ -34,5 +36,6 @@ pub mod holdings;
 pub mod ingest;
 pub mod membership;
 pub mod partition;
+pub mod peer_ratios;
 pub mod publish;
 pub mod second_stage;

@@ -34,6 +34,32 @@ pub struct Peers {
 /// Weight of one active hour in the peers' ratio.
 const PEER_ALPHA: f64 = 0.01;
 
+impl Peers {
+    /// The ratio of several learners' peers together (a cluster's aggregators, each learning
+    /// from its own partitions' subjects): their means weighted by how many recent hours each
+    /// stands for (its hours, at most the EWMA's span, 1 / its weight), the hours summed. A
+    /// learner with no hours, or a mean that is not a number, counts for nothing.
+    pub fn combine<'a>(all: impl IntoIterator<Item = &'a Peers>) -> Peers {
+        let (mut sum, mut weights, mut n) = (0.0, 0.0, 0u32);
+        for p in all {
+            if p.n == 0 || !p.mean.is_finite() {
+                continue;
+            }
+            let w = f64::from(p.n).min(1.0 / PEER_ALPHA);
+            sum += w * p.mean;
+            weights += w;
+            n = n.saturating_add(p.n);
+        }
+        if n == 0 {
+            return Peers::default();
+        }
+        Peers {
+            mean: sum / weights,
+            n,
+        }
+    }
+}
+
 /// How [`fold`] learns (from `[detect]`, `[detect.deviation]` and `[detect.sustained]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Learning {
@@ -102,4 +128,28 @@ pub fn fold(
         }
     }
     t.next_hour = t.next_hour.max(cur_hour);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_combine_weighted_by_recent_hours() {
+        let p = |mean, n| Peers { mean, n };
+        // Equal spans: the mean of the means; the hours add up.
+        let c = Peers::combine(&[p(2.0, 100), p(10.0, 300)]);
+        assert_eq!((c.mean, c.n), (6.0, 400));
+        // Fewer hours than the span weigh less.
+        let c = Peers::combine(&[p(2.0, 10), p(10.0, 30)]);
+        assert_eq!((c.mean, c.n), (8.0, 40));
+        // Nothing learnt, or not a number: counts for nothing.
+        let c = Peers::combine(&[p(0.0, 0), p(f64::NAN, 7), p(4.0, 5)]);
+        assert_eq!((c.mean, c.n), (4.0, 5));
+        let c = Peers::combine(&[p(f64::INFINITY, 3)]);
+        assert_eq!((c.mean, c.n), (0.0, 0));
+        // One learner alone is itself.
+        let c = Peers::combine(&[p(3.5, 61)]);
+        assert_eq!((c.mean, c.n), (3.5, 61));
+    }
 }

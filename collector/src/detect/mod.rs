@@ -73,16 +73,17 @@ use std::{borrow::Cow, collections::HashSet, net::IpAddr};
 use ipnet::IpNet;
 
 pub use self::cohort::Sighting;
-use self::{
-    baseline::{Learning, Peers, Track},
-    coordinated::Members,
-    judged::Judged,
-    subject::Kind,
-};
 pub use self::{
+    baseline::Peers,
     config::DetectConfig,
     finding::{DetectorKind, Finding, HourBytes, Severity, VIA_SHOWN, Verdict, Via, human},
     subject::{CohortKey, Subject, wide_of},
+};
+use self::{
+    baseline::{Learning, Track},
+    coordinated::Members,
+    judged::Judged,
+    subject::Kind,
 };
 use crate::{
     aggregate::{Map, State},
@@ -103,6 +104,9 @@ pub struct Detector {
     wide: Map<IpNet, Rollup>,
     members: Map<Subject, Members>,
     peers: [Peers; 5],
+    /// In a cluster's aggregator: what the other aggregators learnt of their peers (see
+    /// [`Detector::set_others_peers`]); the sustained detector judges against all of it.
+    others: Vec<[Peers; 5]>,
     /// Subjects touched since the last judgement: each once, however many commits touched it.
     pending: HashSet<Subject, foldhash::fast::RandomState>,
     last_prune_hour: u64,
@@ -128,6 +132,18 @@ pub struct Snapshot {
     pub deletes: Vec<Vec<u8>>,
 }
 
+/// The subject kinds whose peers are learnt, named as in metrics, by their index in
+/// [`Detector::peers`] (client addresses, their prefixes, workloads, client ids).
+pub const PEER_KINDS: [&str; 4] = ["client", "prefix", "workload", "client-id"];
+
+/// `own` peers of kind index `k` together with `others`' (itself when there are none).
+fn combined(own: &Peers, others: &[[Peers; 5]], k: usize) -> Peers {
+    if others.is_empty() {
+        return *own;
+    }
+    Peers::combine(std::iter::once(own).chain(others.iter().map(|o| &o[k])))
+}
+
 fn kind_index(k: Kind) -> usize {
     match k {
         Kind::Client => 0,
@@ -149,6 +165,7 @@ impl Detector {
             wide: Map::default(),
             members: Map::default(),
             peers: [Peers::default(); 5],
+            others: Vec::new(),
             pending: HashSet::default(),
             last_prune_hour: 0,
             saved_ms: 0,
@@ -243,6 +260,24 @@ impl Detector {
             .map(|s| persist::subject_row(&s))
             .collect();
         snap
+    }
+
+    /// What this detector learnt of each subject kind's peers (indexed as [`PEER_KINDS`]).
+    pub fn peers(&self) -> [Peers; 5] {
+        self.peers
+    }
+
+    /// What other detectors learnt of their peers (a cluster's other aggregators, each from
+    /// its own partitions): from now on the sustained detector judges against the peers of
+    /// all of them and this one ([`Peers::combine`]), as one collector over the whole fleet
+    /// would. This detector goes on learning from its own subjects only.
+    pub fn set_others_peers(&mut self, others: Vec<[Peers; 5]>) {
+        self.others = others;
+    }
+
+    /// The peers' ratio of each subject kind that the sustained detector judges against.
+    pub fn judged_peers(&self) -> [Peers; 5] {
+        std::array::from_fn(|k| combined(&self.peers[k], &self.others, k))
     }
 
     /// The configuration.
@@ -411,6 +446,7 @@ impl Detector {
         let mut hours: Vec<(u64, Totals)> = rollup.hourly().filter(|h| h.0 >= first_hour).collect();
         hours.sort_unstable_by_key(|h| h.0);
         baseline::fold(&learning(cfg), track, peers, &hours, end_ms / HOUR_MS);
+        let peers = combined(peers, &self.others, kind_index(subject.kind()));
         track.days.fold(&hours, end_ms / HOUR_MS);
         let active_day = cfg.sustained.active_day_bytes;
         let long = (
@@ -485,7 +521,7 @@ impl Detector {
                     &cfg.sustained,
                     cfg.active_hour_bytes,
                     track,
-                    peers,
+                    &peers,
                     &hours,
                     &j,
                 ),
@@ -679,9 +715,19 @@ mod tests {
         days: u64,
         detector: DetectorKind,
     ) -> Vec<Option<u64>> {
+        let mut det = Detector::new(cfg, &State::default());
+        run_steady(&mut det, clients, days, detector)
+    }
+
+    /// [`steady_with`] on `det`.
+    fn run_steady(
+        det: &mut Detector,
+        clients: &[(IpAddr, u64, u64)],
+        days: u64,
+        detector: DetectorKind,
+    ) -> Vec<Option<u64>> {
         let mut st = State::default();
         st.add_host(0, "gpu-0".into());
-        let mut det = Detector::new(cfg, &st);
         let mut rollups = vec![Rollup::default(); clients.len()];
         let mut first = vec![None; clients.len()];
         for h in 0..days * 24 {
@@ -767,6 +813,42 @@ mod tests {
         let h = first[0].expect("the steady client");
         assert!((5 * 24..7 * 24).contains(&h), "hour {h}");
         assert_eq!(first[1], None);
+    }
+
+    #[test]
+    fn a_detector_judges_against_the_peers_others_learnt() {
+        // A cluster: the steady client of the test above is in one aggregator's partitions,
+        // its peer in another's. Alone, the first learns its peers' ratio from the client
+        // itself (4000:1) and never finds it far above; judging against what the other
+        // learnt too (the peer's 20:1), it finds it on the 6th day, as one collector does.
+        let a: IpAddr = "203.0.113.30".parse().unwrap();
+        let peer: IpAddr = "198.51.100.30".parse().unwrap();
+        let hour = 3 * GIB / 48;
+        let client = [(a, hour, hour / 4000)];
+        let alone = steady(&client, 8, DetectorKind::Sustained);
+        assert_eq!(alone, [None]);
+
+        let mut other = Detector::new(DetectConfig::default(), &State::default());
+        let peers = [(peer, 4 * hour / 3, hour / 15)];
+        assert_eq!(
+            run_steady(&mut other, &peers, 8, DetectorKind::Sustained),
+            [None]
+        );
+        let learnt = other.peers();
+        assert!(learnt[0].n >= 48, "{learnt:?}");
+        assert!((learnt[0].mean.exp2() - 20.0).abs() < 0.5, "{learnt:?}");
+
+        let mut det = Detector::new(DetectConfig::default(), &State::default());
+        det.set_others_peers(vec![learnt]);
+        let first = run_steady(&mut det, &client, 8, DetectorKind::Sustained);
+        let h = first[0].expect("the steady client, against both aggregators' peers");
+        assert!((5 * 24..7 * 24).contains(&h), "hour {h}");
+        // What it learnt itself is its own subjects' only; what it judges against is both.
+        assert!((det.peers()[0].mean.exp2() - 4000.0).abs() < 100.0);
+        let judged = det.judged_peers()[0];
+        assert!(judged.n > learnt[0].n, "{judged:?}");
+        let ratio = judged.mean.exp2();
+        assert!(ratio > 20.0 && ratio < 4000.0, "{ratio}");
     }
 
     #[test]

@@ -1288,6 +1288,77 @@ async fn a_cohort_spread_over_both_aggregators_is_judged_whole_by_the_second_sta
     }
 }
 
+/// Each aggregator learns the peers' ratio from its own partitions' clients; the sustained
+/// detector of each judges against all of them together, as one collector over the fleet would.
+/// Here a0's clients pull at 10:1 and a1's at 1000:1: alone each would judge against its own
+/// (10 or 1000); both judge against the same ratio between, learnt from every client's hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_aggregator_judges_against_the_peers_ratio_of_the_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let ingest = start_ingest(dir.path(), &nats).await;
+    let (a0, a1, watch) = start_two(&nats, |n| aggregator_config(dir.path(), &nats, n)).await;
+    let held = claims(&watch).await;
+    let partitions = Partitions::new(8).unwrap();
+    let pool: Vec<[u8; 4]> = (0..24u8).map(|i| [11 + 7 * i, 3 * i, 7, 1]).collect();
+    let on_a0 = |a: &[u8; 4]| held[&partitions.of_addr(IpAddr::from(*a))] == "a0";
+    let n0 = pool.iter().filter(|a| on_a0(a)).count();
+    assert!(
+        (1..pool.len()).contains(&n0),
+        "clients on both aggregators: {n0} of {} on a0",
+        pool.len()
+    );
+
+    // A batch a minute for 70 minutes, each client 500 KB a minute (30 MB an hour, an active
+    // hour): the first hour is learnt at the judgements of the second.
+    let u = url(&ingest);
+    send_a_batch_a_minute(&u, &watch, 70, |_| {
+        pool.iter()
+            .map(|a| {
+                let ratio = if on_a0(a) { 10 } else { 1000 };
+                delta(*a, 500_000, 500_000 / ratio, false)
+            })
+            .collect()
+    })
+    .await;
+
+    let ratio = r#"outflow_collector_detect_peer_ratio{kind="client"}"#;
+    let samples = r#"outflow_collector_detect_peer_samples{kind="client"}"#;
+    let shared = "outflow_collector_cluster_peer_ratios_shared";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (m0, m1) = loop {
+        let (m0, m1) = (metrics(&a0).await, metrics(&a1).await);
+        let same = |name: &str| {
+            let (x, y) = (metric(&m0, name), metric(&m1, name));
+            x > 0.0 && (x - y).abs() <= 1e-9 * x
+        };
+        // Every client's first hour learnt, on both, from both.
+        if same(ratio) && metric(&m0, samples) >= pool.len() as f64 && same(samples) {
+            break (m0, m1);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the aggregators never judged against the same peers' ratio: a0 {} ({} samples), a1 {} ({} samples)",
+            metric(&m0, ratio),
+            metric(&m0, samples),
+            metric(&m1, ratio),
+            metric(&m1, samples)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let r = metric(&m0, ratio);
+    assert!(
+        r > 15.0 && r < 700.0,
+        "between a0's 10:1 and a1's 1000:1, not either: {r}"
+    );
+    for m in [&m0, &m1] {
+        assert_eq!(metric(m, shared), 2.0, "each judges against both");
+    }
+    for s in [a0, a1, ingest] {
+        s.shutdown().await.unwrap();
+    }
+}
+
 /// A client address whose bytes all come under client ids of other partitions (eight accounts
 /// behind one address, each under the per-client limit, the address far over it) is judged on
 /// all of its bytes, as one collector judges it: the ingest node sends each delta to the
