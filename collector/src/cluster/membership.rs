@@ -39,6 +39,19 @@ pub(super) fn err(what: impl Into<String>, e: impl std::fmt::Display) -> Members
 /// requests time out while it creates the buckets' streams).
 const OPEN_TRIES: u32 = 10;
 
+/// An aggregators' bucket `name`: the last value of each key, on disk in `replicas` copies,
+/// expiring `max_age` after it was written (never if zero).
+pub(super) fn bucket_config(name: String, replicas: usize, max_age: Duration) -> kv::Config {
+    kv::Config {
+        bucket: name,
+        history: 1,
+        max_age,
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
 pub(super) async fn open_bucket(
     js: &jetstream::Context,
     config: kv::Config,
@@ -196,16 +209,16 @@ impl Membership {
         lease: Duration,
         me: &str,
     ) -> Result<Membership, MembershipError> {
-        let bucket = |name: String, max_age: Duration| kv::Config {
-            bucket: name,
-            history: 1,
-            max_age,
-            num_replicas: replicas,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        };
-        let nodes = open_bucket(js, bucket(format!("{stream}-aggregators"), lease)).await?;
-        let claims = open_bucket(js, bucket(format!("{stream}-claims"), Duration::ZERO)).await?;
+        let nodes = open_bucket(
+            js,
+            bucket_config(format!("{stream}-aggregators"), replicas, lease),
+        )
+        .await?;
+        let claims = open_bucket(
+            js,
+            bucket_config(format!("{stream}-claims"), replicas, Duration::ZERO),
+        )
+        .await?;
         Ok(Membership {
             nodes,
             claims,

@@ -14,7 +14,7 @@ use std::{collections::BTreeSet, time::Duration};
 use async_nats::jetstream::{self, kv};
 use log::warn;
 
-use super::membership::{MembershipError, err, keys_of, open_bucket};
+use super::membership::{MembershipError, bucket_config, err, keys_of, open_bucket};
 use crate::detect::{Peers, persist};
 
 /// The bucket, as one aggregator sees it.
@@ -45,14 +45,7 @@ impl PeerRatios {
     ) -> Result<PeerRatios, MembershipError> {
         let bucket = open_bucket(
             js,
-            kv::Config {
-                bucket: format!("{stream}-peer-ratios"),
-                history: 1,
-                max_age: lease,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            bucket_config(format!("{stream}-peer-ratios"), replicas, lease),
         )
         .await?;
         Ok(PeerRatios {
