@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::{
     aggregate::State,
     alerts::AlertHub,
-    detect::{Detector, HOUR_MS, PEER_KINDS, Peers, Sighting, Subject},
+    detect::{Detector, HOUR_MS, PEER_KINDS, Peers, Sighting, Subject, combined},
     keys::Prefix,
     metrics::{Metrics, PeerKindLabel},
     store::SharedStore,
@@ -119,7 +119,7 @@ impl PeerExchange {
         let own = self.own();
         let others = self.others();
         for (k, kind) in PEER_KINDS.iter().enumerate() {
-            let p = Peers::combine(std::iter::once(&own[k]).chain(others.iter().map(|o| &o[k])));
+            let p = combined(&own[k], &others, k);
             let label = PeerKindLabel { kind };
             if p.n == 0 {
                 // Nothing learnt: no ratio to show (the detector judges none).

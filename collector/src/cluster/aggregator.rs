@@ -344,7 +344,7 @@ impl Aggregator {
             Err(e) => Err(e),
         };
         match read {
-            Ok(others) => exchange.set_others(others.peers),
+            Ok(others) => exchange.set_others(others),
             Err(e) => warn!(
                 "aggregator {}: {e}; judging against the peers' ratios read before",
                 self.members.me()

@@ -24,15 +24,6 @@ pub struct PeerRatios {
     me: String,
 }
 
-/// What one round read of the other aggregators' ratios.
-#[derive(Debug, Default)]
-pub struct Others {
-    /// The ratios of each other live aggregator that shared some.
-    pub peers: Vec<[Peers; 5]>,
-    /// Entries that are not ratios (another version's, or damaged): left out.
-    pub unreadable: usize,
-}
-
 impl PeerRatios {
     /// Opens (creating if missing) `<stream>-peer-ratios`, with `replicas` copies and entries
     /// expiring after `lease`, as aggregator `me`.
@@ -63,12 +54,16 @@ impl PeerRatios {
         Ok(())
     }
 
-    /// The ratios of the aggregators in `live` other than this one, in the order of their
-    /// names (so that every aggregator combines them alike).
-    pub async fn others(&self, live: &BTreeSet<String>) -> Result<Others, MembershipError> {
+    /// The ratios of the aggregators in `live` other than this one that shared some, in the
+    /// order of their names (so that every aggregator combines them alike). Entries that are
+    /// not ratios (another version's, or damaged) are left out, with a warning.
+    pub async fn others(
+        &self,
+        live: &BTreeSet<String>,
+    ) -> Result<Vec<[Peers; 5]>, MembershipError> {
         let mut names = keys_of(&self.bucket, "the peers' ratios").await?;
         names.sort_unstable();
-        let mut out = Others::default();
+        let mut out = Vec::new();
         for name in names {
             if name == self.me || !live.contains(&name) {
                 continue;
@@ -83,13 +78,12 @@ impl PeerRatios {
             };
             let mut peers = [Peers::default(); 5];
             if persist::peers_of_value(&e.value, &mut peers) {
-                out.peers.push(peers);
+                out.push(peers);
             } else {
                 warn!(
                     "the peers' ratios of aggregator {name}: {} bytes that are not ratios (another version's?): judged without them",
                     e.value.len()
                 );
-                out.unreadable += 1;
             }
         }
         Ok(out)

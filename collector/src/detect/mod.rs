@@ -136,8 +136,9 @@ pub struct Snapshot {
 /// [`Detector::peers`] (client addresses, their prefixes, workloads, client ids).
 pub const PEER_KINDS: [&str; 4] = ["client", "prefix", "workload", "client-id"];
 
-/// `own` peers of kind index `k` together with `others`' (itself when there are none).
-fn combined(own: &Peers, others: &[[Peers; 5]], k: usize) -> Peers {
+/// `own` peers of kind index `k` together with `others`' (itself when there are none): what
+/// the sustained detector judges that kind against.
+pub fn combined(own: &Peers, others: &[[Peers; 5]], k: usize) -> Peers {
     if others.is_empty() {
         return *own;
     }
