@@ -1,12 +1,13 @@
-//! `outflow-sim cluster-demo` (what `cargo xtask cluster-demo` runs): the collector's cluster
+//! `outflow-sim cluster-demo` (and `outflow-cluster-demo` of the test harness, what
+//! `cargo xtask cluster-demo` runs, with a real agent beside the fleet): the collector's cluster
 //! mode on this machine, with a fleet through it and a node of each kind killed on the way.
 //!
 //! Starts a three-node NATS JetStream cluster (`nats-server` of the tools venv), two ingest
 //! nodes and three aggregators (`outflow-collector` processes on loopback), and streams a day
 //! of a simulated fleet (every agent a gRPC stream, spread over both ingest nodes, with attacks
 //! bulk, prefix, rotate6, slowrise, parallel, wide) from the last full hour, most of it ahead
-//! of the clock. A caller may run traffic of its own beside the fleet ([`Beside`]: a test's
-//! real agent), from the step where the fleet's batch time is past the clock. On the way it
+//! of the clock. A caller may run traffic of its own beside the fleet ([`Beside`]: the test
+//! harness's real agent), from the step where the fleet's batch time is past the clock. On the way it
 //! SIGKILLs an aggregator, an ingest node (its agents open their streams again on the other one
 //! and send their unacknowledged batch again) and a NATS node, and brings them back, and cuts
 //! another NATS node off from the network for a while (it runs in a network namespace of its
@@ -102,7 +103,7 @@ impl Fleet {
 const TAIL: Duration = Duration::from_secs(40);
 
 /// Traffic of its own through the same cluster beside the simulated fleet, stamped with the
-/// wall clock: a real agent counting real connections (`tests/tests/cluster_fleet.rs`).
+/// wall clock: a real agent counting real connections (`outflow_tests::cluster_agent`).
 pub trait Beside {
     /// Starts sending to the ingest nodes at `ingest` (the second is killed on the way and
     /// started again on its port). Called once the fleet's batch time is past the clock.
@@ -137,6 +138,53 @@ pub struct DemoConfig {
     pub alert_wait: Duration,
 }
 
+/// The cluster demo's flags (`outflow-sim cluster-demo`, `outflow-cluster-demo`).
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The `outflow-collector` binary (default: the one beside this program).
+    #[arg(long)]
+    pub collector_bin: Option<PathBuf>,
+    /// Where the nodes keep their data and logs (emptied first).
+    #[arg(long, default_value = "/tmp/outflow-cluster-demo")]
+    pub dir: PathBuf,
+    /// Synthetic agents (default: 200; with --week, 20).
+    #[arg(long)]
+    pub hosts: Option<usize>,
+    /// Benign client addresses.
+    #[arg(long, default_value_t = 500)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Kill no node on the way, cut none off.
+    #[arg(long)]
+    pub no_faults: bool,
+    /// Send a week of 5-minute batches with the attacks that need them (a proxy pool, judged
+    /// by the cluster's second stage, and a low-and-slow pull), instead of a day of 10-minute
+    /// batches with the others (totals are compared over the last day: Query's longest window
+    /// is 24 h).
+    #[arg(long)]
+    pub week: bool,
+}
+
+impl DemoArgs {
+    /// What to run, printing progress.
+    pub fn config(self) -> DemoConfig {
+        DemoConfig {
+            collector_bin: self.collector_bin.unwrap_or_else(default_collector_bin),
+            dir: self.dir,
+            fleet: if self.week { Fleet::Week } else { Fleet::Day },
+            hosts: self.hosts.unwrap_or(if self.week { 20 } else { 200 }),
+            clients: self.clients,
+            seed: self.seed,
+            verbose: true,
+            faults: !self.no_faults,
+            // The listing ends as soon as every attack shows; a detection thread still judging
+            // a long replay gets up to a minute, as in the tests.
+            alert_wait: Duration::from_secs(60),
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug)]
 pub struct Outcome {
@@ -166,6 +214,15 @@ impl Outcome {
             && self.not_posted.is_empty()
             && self.report.alerts_error.is_none()
             && self.report.attacks.iter().all(|a| a.detected)
+    }
+
+    /// The demo's exit status: 0 if it [`passed`](Self::passed), 2 if not.
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        if self.passed() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::from(2)
+        }
     }
 
     /// The closing line.

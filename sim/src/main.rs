@@ -1,5 +1,5 @@
 //! `outflow-sim`: drive a collector with a simulated fleet and score its alerts.
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -25,34 +25,7 @@ enum Command {
     /// it runs in a network namespace of its own), then check every host's and client's
     /// totals against what was sent and score the alerts (what `cargo xtask cluster-demo`
     /// runs). Needs `cargo xtask setup`'s nats-server.
-    ClusterDemo(ClusterDemoArgs),
-}
-
-#[derive(clap::Args)]
-struct ClusterDemoArgs {
-    /// The `outflow-collector` binary (default: the one beside this program).
-    #[arg(long)]
-    collector_bin: Option<PathBuf>,
-    /// Where the nodes keep their data and logs (emptied first).
-    #[arg(long, default_value = "/tmp/outflow-cluster-demo")]
-    dir: PathBuf,
-    /// Synthetic agents (default: 200; with --week, 20).
-    #[arg(long)]
-    hosts: Option<usize>,
-    /// Benign client addresses.
-    #[arg(long, default_value_t = 500)]
-    clients: usize,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Kill no node on the way, cut none off.
-    #[arg(long)]
-    no_faults: bool,
-    /// Send a week of 5-minute batches with the attacks that need them (a proxy pool, judged
-    /// by the cluster's second stage, and a low-and-slow pull), instead of a day of 10-minute
-    /// batches with the others (totals are compared over the last day: Query's longest window
-    /// is 24 h).
-    #[arg(long)]
-    week: bool,
+    ClusterDemo(outflow_sim::cluster_demo::DemoArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,35 +89,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn cluster_demo(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
-    let outcome = outflow_sim::cluster_demo::run(
-        &outflow_sim::cluster_demo::DemoConfig {
-            collector_bin: args
-                .collector_bin
-                .unwrap_or_else(outflow_sim::cluster_demo::default_collector_bin),
-            dir: args.dir,
-            fleet: if args.week {
-                outflow_sim::cluster_demo::Fleet::Week
-            } else {
-                outflow_sim::cluster_demo::Fleet::Day
-            },
-            hosts: args.hosts.unwrap_or(if args.week { 20 } else { 200 }),
-            clients: args.clients,
-            seed: args.seed,
-            verbose: true,
-            faults: !args.no_faults,
-            // The listing ends as soon as every attack shows; a detection thread still judging
-            // a long replay gets up to a minute, as in the tests.
-            alert_wait: Duration::from_secs(60),
-        },
-        None,
-    )?;
+fn cluster_demo(args: outflow_sim::cluster_demo::DemoArgs) -> anyhow::Result<ExitCode> {
+    let outcome = outflow_sim::cluster_demo::run(&args.config(), None)?;
     println!("{}", outcome.line());
-    Ok(if outcome.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    Ok(outcome.exit_code())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

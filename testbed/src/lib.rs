@@ -47,6 +47,17 @@ pub fn sanitize_tag(tag: &str, max: usize) -> String {
         .collect()
 }
 
+/// Whether this process runs as root (its effective uid, from `/proc/self/status`).
+pub fn is_root() -> std::io::Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .ok_or_else(|| std::io::Error::other("no effective uid in /proc/self/status"))?;
+    Ok(euid == "0")
+}
+
 /// Whether a process with this pid exists, for sweeping objects left by killed runs.
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()

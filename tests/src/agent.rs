@@ -24,30 +24,30 @@ const BPFFS: &str = "/sys/fs/bpf";
 const PIN_PREFIX: &str = "outflow-test-";
 
 /// Path of the agent binary: `$OUTFLOW_AGENT_BIN` if set, else `outflow-agent` in the cargo
-/// target profile directory of the running test (`current_exe()/../../outflow-agent`).
+/// target profile directory of the running test or binary of this package.
 /// Panics if it does not exist.
 pub fn agent_bin() -> PathBuf {
     find_bin("outflow-agent", AGENT_BIN_ENV, "outflow-agent").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Path of a workspace binary `file`: `$env` if set, else `file` in the cargo target profile
-/// directory of the running test (`current_exe()/../../<file>`, as assert_cmd does).
+/// directory of the running executable: beside it (a binary of this package,
+/// `target/<profile>/<bin>`) or one directory up (a test, `target/<profile>/deps/<test>`, as
+/// assert_cmd does).
 pub(crate) fn find_bin(file: &str, env: &str, package: &str) -> Result<PathBuf, String> {
     let path = match std::env::var_os(env) {
         Some(path) => PathBuf::from(path),
         None => {
             let exe = std::env::current_exe()
-                .map_err(|e| format!("locating the test executable: {e}"))?;
-            // target/<profile>/deps/<test> -> target/<profile>/<file>
-            exe.parent()
-                .and_then(Path::parent)
-                .ok_or_else(|| {
-                    format!(
-                        "test executable {} has no grandparent directory",
-                        exe.display()
-                    )
-                })?
-                .join(file)
+                .map_err(|e| format!("locating the running executable: {e}"))?;
+            let dir = exe
+                .parent()
+                .ok_or_else(|| format!("executable {} has no parent directory", exe.display()))?;
+            let beside = dir.join(file);
+            match dir.parent() {
+                Some(up) if !beside.is_file() => up.join(file),
+                _ => beside,
+            }
         }
     };
     if path.is_file() {

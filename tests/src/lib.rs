@@ -9,6 +9,8 @@
 //! - [`peer::Server`]: the `outflow-testpeer` binary serving inside the server namespace and
 //!   the test cgroup; [`peer::Client`] makes requests from inside the client namespace.
 //! - [`agent::Agent`]: the `outflow-agent` binary under test, its JSON records collected.
+//! - [`cluster_agent::RealAgent`]: a real agent and its traffic beside the cluster demo's
+//!   simulated fleet.
 //! - [`collector::Collector`]: the `outflow-collector` binary under test, and its queries.
 //! - [`records`]: sums of the agent's per-connection deltas.
 //! - [`http`]: an HTTP/1.1 streaming server and a load of many clients with ids
@@ -21,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cluster_agent;
 pub mod collector;
 pub mod faults;
 pub mod gateway;
@@ -33,7 +36,7 @@ pub mod records;
 
 // The namespace and cgroup guards are a crate of their own, outside the agent's eBPF build,
 // for users that must build before the eBPF toolchain is installed (xtask).
-pub use outflow_testbed::{cgroup, netns, tools, wait};
+pub use outflow_testbed::{cgroup, is_root, netns, tools, wait};
 
 pub(crate) use outflow_testbed::{next_serial, process_exists, sanitize_tag};
 

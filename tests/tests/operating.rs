@@ -1,7 +1,8 @@
 //! What an operator sees: bad input gives one line and a non-zero exit, never a panic; the
 //! effective configuration can be printed; `check` says whether the kernel and the process
 //! have what the agent needs, and the agent refuses in one line when they do not; `detach`
-//! removes everything the agent pinned.
+//! removes everything the agent pinned. The cluster demo's binary explains what it lacks the
+//! same way.
 //!
 //! Needs root (CI runs it as root).
 
@@ -10,6 +11,7 @@ use std::{fs, path::Path, process::ExitStatus, time::Duration};
 use outflow_tests::{
     agent::{Agent, PinDir, agent_bin, run_to_completion},
     cgroup::TestCgroup,
+    collector::TempDir,
 };
 
 /// Asserts a failed run that explains itself in one line, on stderr, mentioning `needle`.
@@ -219,4 +221,39 @@ fn attached_programs(cgroup: &Path) -> [usize; 3] {
             .unwrap_or_else(|e| panic!("{e}"))
             .len()
     })
+}
+
+/// `outflow-cluster-demo` (what `cargo xtask cluster-demo` runs) explains what it lacks in one
+/// line: root, then the binaries it runs, which it looks for beside itself.
+#[test]
+fn the_cluster_demo_names_what_it_lacks() {
+    let demo = Path::new(env!("CARGO_BIN_EXE_outflow-cluster-demo"));
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(demo)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run setpriv (util-linux; cargo xtask setup installs it)");
+    assert_one_line_error(
+        out.status,
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+        "run it as root",
+    );
+
+    // Alone in a directory: no agent beside it.
+    let dir = TempDir::new("cluster-demo-alone");
+    let alone = dir.path().join("outflow-cluster-demo");
+    fs::copy(demo, &alone).expect("copy the demo");
+    let out = std::process::Command::new(&alone)
+        .args(["--dir", dir.as_arg()])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run the demo");
+    assert_one_line_error(
+        out.status,
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+        "no outflow-agent beside this program",
+    );
 }

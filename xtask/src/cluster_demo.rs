@@ -1,27 +1,38 @@
-//! `cargo xtask cluster-demo`: the collector's cluster mode on this machine, with a fleet
-//! through it and a node of each kind killed on the way (`outflow-sim cluster-demo`, see
-//! `sim/src/cluster_demo.rs`).
+//! `cargo xtask cluster-demo`: the collector's cluster mode on this machine, with a simulated
+//! fleet and a real agent through it, and a node of each kind killed on the way
+//! (`outflow-cluster-demo`, see `tests/src/bin/outflow-cluster-demo.rs`: the simulator's
+//! cluster demo, `sim/src/cluster_demo.rs`, with the test harness's real agent beside it).
 //!
-//! Runs `setup` (the tools venv's nats-server among the rest), builds the collector and the
-//! simulator, and runs the simulator's cluster demo with this build's collector; its exit
-//! status is ours. `--week` is passed on (a week's fleet, see `Fleet::Week`).
+//! Runs `setup` (the tools venv's nats-server and the eBPF toolchain among the rest), builds
+//! the agent, the collector and the demo, and runs the demo with this build's binaries; its
+//! exit status is ours. `--week` is passed on (a week's fleet, see `Fleet::Week`).
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{cmd, setup, test::cargo_command};
 
 pub fn run(week: bool) -> Result<ExitCode> {
+    if !cmd::is_root()? {
+        bail!(
+            "the cluster demo attaches the agent's BPF programs and creates network namespaces: \
+             run as root"
+        );
+    }
     let report = setup::run()?;
     let mut build = cargo_command(&report, "build");
-    build.args(["--bins", "-p", "outflow-collector", "-p", "outflow-sim"]);
+    build.args([
+        "--bins",
+        "-p",
+        "outflow-agent",
+        "-p",
+        "outflow-collector",
+        "-p",
+        "outflow-tests",
+    ]);
     println!("cluster-demo: {}", cmd::display(&build));
-    cmd::run(&mut build).context("building the collector and the simulator")?;
-    let bins = cmd::target_dir().join("debug");
-    let mut demo = Command::new(bins.join("outflow-sim"));
-    demo.arg("cluster-demo")
-        .arg("--collector-bin")
-        .arg(bins.join("outflow-collector"));
+    cmd::run(&mut build).context("building the agent, the collector and the demo")?;
+    let mut demo = Command::new(cmd::target_dir().join("debug/outflow-cluster-demo"));
     if week {
         demo.arg("--week");
     }

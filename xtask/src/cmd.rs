@@ -97,11 +97,5 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// Whether this process runs with effective uid 0, read from `/proc/self/status`.
 pub fn is_root() -> Result<bool> {
-    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .context("no effective uid in /proc/self/status")?;
-    Ok(euid == "0")
+    outflow_testbed::is_root().context("reading /proc/self/status")
 }

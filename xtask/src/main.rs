@@ -59,18 +59,20 @@ enum Command {
     /// namespaces; one client starts extracting in bulk. Prints the collector's top talkers
     /// (and alerts) as it goes, then cleans up.
     Demo,
-    /// The collector's cluster mode, live on this machine (about a minute).
+    /// The collector's cluster mode, live on this machine (about two minutes; needs root).
     ///
     /// Starts a three-node NATS JetStream cluster, two ingest nodes and three aggregators,
-    /// streams a day of 200 simulated agents through them while an aggregator, an ingest node
-    /// and a NATS node are SIGKILLed and brought back and another NATS node is cut off from the
-    /// network for ten seconds, then compares every host's and every
-    /// client's totals (read through an ingest node) with what was sent and lists the alerts.
+    /// streams a day of 200 simulated agents through them, and beside them a real agent counting
+    /// real connections between network namespaces, while an aggregator, an ingest node (the
+    /// real agent's: it spools meanwhile) and a NATS node are SIGKILLed and brought back and
+    /// another NATS node is cut off from the network for ten seconds; then compares every
+    /// host's and every client's totals (read through an ingest node) with what was sent (the
+    /// real agent's: what its clients received and sent), to the byte, and lists the alerts.
     /// Ends with `cluster: <N> deltas, totals exact, <K> alerts`, or what differs.
     ///
     /// With --week: a week of 5-minute batches with the two attacks that need them (a proxy
-    /// pool, judged by the cluster's second stage, and a low-and-slow pull), totals not
-    /// compared (a few minutes).
+    /// pool, judged by the cluster's second stage, and a low-and-slow pull); totals compared
+    /// over the last day (a few minutes).
     ClusterDemo {
         /// A week of 5-minute batches with the pool and low-and-slow attacks.
         #[arg(long)]
