@@ -153,6 +153,7 @@ pub struct DemoArgs {
     /// Benign client addresses.
     #[arg(long, default_value_t = 500)]
     pub clients: usize,
+    /// The simulation's random seed (the same seed, the same fleet).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Kill no node on the way, cut none off.
@@ -585,8 +586,10 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         .context("the fleet")?;
     // What the nodes' 24 h window holds: the fleet's last day.
     let mut truth = sent.last_day();
+    let mut beside_clients = Vec::new();
     if let Some(b) = beside.as_deref_mut() {
         let more = b.finish().context("the traffic beside the fleet")?;
+        beside_clients.extend(more.clients.keys().copied());
         say(&format!(
             "the traffic beside the fleet stopped: {} host(s), {} client(s)",
             more.hosts.len(),
@@ -602,7 +605,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     ));
 
     // Compared through an ingest node (it asks every aggregator).
-    let differences = compare_settled(&rt, &ingest[0].url(), &truth, &say)?;
+    let differences = compare_settled(&rt, &ingest[0].url(), &truth, &beside_clients, &say)?;
     let sum = |name: &str| -> f64 {
         aggregators
             .iter()
@@ -765,15 +768,16 @@ fn compare_settled(
     rt: &tokio::runtime::Runtime,
     url: &str,
     truth: &Truth,
+    beside: &[IpAddr],
     say: &dyn Fn(&str),
 ) -> Result<Differences> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let (mut passes, mut replaying) = (0, 0);
-    let (differences, host_diffs, client_diffs) = loop {
+    let (differences, host_diffs, client_diffs, clients) = loop {
         passes += 1;
         let compared = rt.block_on(compare(url, truth));
         match compared {
-            Ok((d, h, c)) if d.is_empty() || Instant::now() > deadline => break (d, h, c),
+            Ok((d, h, c, t)) if d.is_empty() || Instant::now() > deadline => break (d, h, c, t),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(e) if format!("{e:#}").contains("being replayed") => replaying += 1,
             _ => {}
@@ -795,14 +799,48 @@ fn compare_settled(
             format!("{client_diffs} differ")
         }
     ));
+    // The clients that sent the most, and those of the traffic beside the fleet: the cluster's
+    // totals against what was sent.
+    let mut shown: Vec<IpAddr> = truth.clients.keys().copied().collect();
+    shown.sort_by_key(|c| std::cmp::Reverse(truth.clients[c].0));
+    shown.truncate(SHOWN_CLIENTS);
+    for c in beside {
+        if !shown.contains(c) {
+            shown.push(*c);
+        }
+    }
+    for c in shown {
+        let want = truth.clients.get(&c).copied().unwrap_or_default();
+        let got = clients.get(&c).copied().unwrap_or_default();
+        say(&format!(
+            "  client {c:<22} response bytes {:>15} (sent {:>15}), request bytes {:>13} (sent {:>13}){}{}",
+            got.0,
+            want.0,
+            got.1,
+            want.1,
+            if got == want { ": exact" } else { ": DIFFERS" },
+            if beside.contains(&c) {
+                " (traffic beside the fleet)"
+            } else {
+                ""
+            }
+        ));
+    }
     Ok(differences)
 }
 
+/// How many of the clients that sent the most [`compare_settled`] shows.
+const SHOWN_CLIENTS: usize = 5;
+
 /// Every host's and client's totals through the node at `url` against `truth`: the
-/// differences (key, sent, the cluster's), and how many of hosts and of clients.
+/// differences (key, sent, the cluster's), how many of hosts and of clients, and the cluster's
+/// totals of every client of `truth`.
 type Differences = Vec<(String, (u64, u64), (u64, u64))>;
 
-async fn compare(url: &str, truth: &Truth) -> Result<(Differences, usize, usize)> {
+async fn compare(
+    url: &str,
+    truth: &Truth,
+) -> Result<(Differences, usize, usize, BTreeMap<IpAddr, (u64, u64)>)> {
     let mut hosts = top_hosts(url).await?;
     let mut differences = Vec::new();
     for (host, want) in &truth.hosts {
@@ -823,7 +861,7 @@ async fn compare(url: &str, truth: &Truth) -> Result<(Differences, usize, usize)
         }
     }
     let client_diffs = differences.len() - host_diffs;
-    Ok((differences, host_diffs, client_diffs))
+    Ok((differences, host_diffs, client_diffs, clients))
 }
 
 /// Waits until the aggregators hold every partition between them.
