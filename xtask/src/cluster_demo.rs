@@ -8,9 +8,9 @@
 //! exit status is ours. `--week` is passed on (a week's fleet, see `Fleet::Week`).
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::{cmd, setup, test::cargo_command};
+use crate::{cmd, demo};
 
 pub fn run(week: bool) -> Result<ExitCode> {
     if !cmd::is_root()? {
@@ -19,20 +19,8 @@ pub fn run(week: bool) -> Result<ExitCode> {
              run as root"
         );
     }
-    let report = setup::run()?;
-    let mut build = cargo_command(&report, "build");
-    build.args([
-        "--bins",
-        "-p",
-        "outflow-agent",
-        "-p",
-        "outflow-collector",
-        "-p",
-        "outflow-tests",
-    ]);
-    println!("cluster-demo: {}", cmd::display(&build));
-    cmd::run(&mut build).context("building the agent, the collector and the demo")?;
-    let mut demo = Command::new(cmd::target_dir().join("debug/outflow-cluster-demo"));
+    let bins = demo::setup_and_build("cluster-demo")?;
+    let mut demo = Command::new(bins.join("outflow-cluster-demo"));
     if week {
         demo.arg("--week");
     }

@@ -65,6 +65,18 @@ pub fn run() -> Result<ExitCode> {
     if !cmd::is_root()? {
         bail!("the demo attaches BPF programs and creates network namespaces: run as root");
     }
+    let bins = setup_and_build("demo")?;
+
+    let mut demo = Demo::new(&bins, false)?;
+    demo.start(DURATION)?;
+    demo.watch()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `setup`, then builds (debug) the binaries of the agent, the collector and the test
+/// harness (the demos' inference server and `outflow-cluster-demo`), saying so as `tag`;
+/// returns their directory.
+pub fn setup_and_build(tag: &str) -> Result<PathBuf> {
     let report = setup::run()?;
     let mut build = cargo_command(&report, "build");
     build.args([
@@ -76,14 +88,9 @@ pub fn run() -> Result<ExitCode> {
         "-p",
         "outflow-tests",
     ]);
-    println!("demo: {}", cmd::display(&build));
-    cmd::run(&mut build).context("building the agent, the collector and the demo server")?;
-    let bins = cmd::target_dir().join("debug");
-
-    let mut demo = Demo::new(&bins, false)?;
-    demo.start(DURATION)?;
-    demo.watch()?;
-    Ok(ExitCode::SUCCESS)
+    println!("{tag}: {}", cmd::display(&build));
+    cmd::run(&mut build).context("building the agent, the collector and the test harness")?;
+    Ok(cmd::target_dir().join("debug"))
 }
 
 /// The time from the start of the demo's bulk extraction to its alert.
