@@ -3,8 +3,9 @@
 //!
 //! The PROXY, HTTP head and forwarding-header parsers and the per-turn resolver read bytes that
 //! anyone who can connect to an inference host chooses (targets in `attribution/fuzz/`); the
-//! collector decodes, validates, folds and stores what any agent sends, reads its config
-//! file and replays its store's journal (targets in `collector/fuzz/`); the agent reads its
+//! collector decodes, validates, folds and stores what any agent sends, reads what other
+//! cluster nodes put in JetStream and its key-value buckets, reads its config file and replays
+//! its store's journal (targets in `collector/fuzz/`); the agent reads its
 //! own config file (target in `agent-config/fuzz/`). Each is a cargo-fuzz project outside the
 //! workspace
 //! (nightly and sanitizers). This installs cargo-fuzz if missing and runs each target for a
@@ -20,7 +21,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Every fuzz target, with the cargo-fuzz project it is in.
-const PROJECTS: [(&str, &str); 10] = [
+const PROJECTS: [(&str, &str); 11] = [
     ("proxy", "attribution/fuzz"),
     ("http", "attribution/fuzz"),
     ("forwarded", "attribution/fuzz"),
@@ -28,12 +29,13 @@ const PROJECTS: [(&str, &str); 10] = [
     ("ingest", "collector/fuzz"),
     ("part", "collector/fuzz"),
     ("summary", "collector/fuzz"),
+    ("kv", "collector/fuzz"),
     ("config", "collector/fuzz"),
     ("journal", "collector/fuzz"),
     ("agent-config", "agent-config/fuzz"),
 ];
 /// Every fuzz target.
-pub const TARGETS: [&str; 10] = [
+pub const TARGETS: [&str; 11] = [
     "proxy",
     "http",
     "forwarded",
@@ -41,6 +43,7 @@ pub const TARGETS: [&str; 10] = [
     "ingest",
     "part",
     "summary",
+    "kv",
     "config",
     "journal",
     "agent-config",
@@ -53,7 +56,7 @@ pub struct Args {
     /// How long each target runs
     #[arg(long, default_value_t = 60)]
     seconds: u32,
-    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, part, summary, config, journal, agent-config]
+    /// Targets to run [default: all: proxy, http, forwarded, turn, ingest, part, summary, kv, config, journal, agent-config]
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
 }

@@ -34,15 +34,21 @@ pub struct Peers {
 /// Weight of one active hour in the peers' ratio.
 const PEER_ALPHA: f64 = 0.01;
 
+/// The largest log2 ratio of two byte counts (a `u64` over at least 1): a peers' mean beyond it
+/// was not learnt from bytes.
+pub const MAX_LOG2_RATIO: f64 = 64.0;
+
 impl Peers {
     /// The ratio of several learners' peers together (a cluster's aggregators, each learning
     /// from its own partitions' subjects): their means weighted by how many recent hours each
     /// stands for (its hours, at most the EWMA's span, 1 / its weight), the hours summed. A
-    /// learner with no hours, or a mean that is not a number, counts for nothing.
+    /// learner with no hours, or a mean that is not a number or beyond [`MAX_LOG2_RATIO`]
+    /// either way (another aggregator's entry is bytes anyone who may write to the bucket
+    /// chooses), counts for nothing.
     pub fn combine<'a>(all: impl IntoIterator<Item = &'a Peers>) -> Peers {
         let (mut sum, mut weights, mut n) = (0.0, 0.0, 0u32);
         for p in all {
-            if p.n == 0 || !p.mean.is_finite() {
+            if p.n == 0 || !p.mean.is_finite() || p.mean.abs() > MAX_LOG2_RATIO {
                 continue;
             }
             let w = f64::from(p.n).min(1.0 / PEER_ALPHA);
@@ -148,6 +154,15 @@ mod tests {
         assert_eq!((c.mean, c.n), (4.0, 5));
         let c = Peers::combine(&[p(f64::INFINITY, 3)]);
         assert_eq!((c.mean, c.n), (0.0, 0));
+        // Beyond any ratio of two byte counts (a finite mean that would make the weighted sum
+        // infinite): counts for nothing; the bounds themselves count.
+        let c = Peers::combine(&[p(1e308, 100), p(2.0, 100)]);
+        assert_eq!((c.mean, c.n), (2.0, 100));
+        let c = Peers::combine(&[p(-MAX_LOG2_RATIO, 100), p(MAX_LOG2_RATIO, 100)]);
+        assert_eq!((c.mean, c.n), (0.0, 200));
+        // Hours beyond what a u32 holds saturate.
+        let c = Peers::combine(&[p(1.0, u32::MAX), p(1.0, u32::MAX)]);
+        assert_eq!((c.mean, c.n), (1.0, u32::MAX));
         // One learner alone is itself.
         let c = Peers::combine(&[p(3.5, 61)]);
         assert_eq!((c.mean, c.n), (3.5, 61));
