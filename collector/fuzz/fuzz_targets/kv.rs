@@ -23,10 +23,16 @@ fuzz_target!(|data: &[u8]| {
         for other in &others {
             let c = Peers::combine([&own, other]);
             assert!(c.n >= own.n, "{c:?}");
-            assert!(c.mean.is_finite() && c.mean.abs() <= MAX_LOG2_RATIO + 1e-9, "{c:?}");
+            assert!(
+                c.mean.is_finite() && c.mean.abs() <= MAX_LOG2_RATIO + 1e-9,
+                "{c:?}"
+            );
         }
         let c = Peers::combine(&others);
-        assert!(c.mean.is_finite() && c.mean.abs() <= MAX_LOG2_RATIO + 1e-9, "{c:?}");
+        assert!(
+            c.mean.is_finite() && c.mean.abs() <= MAX_LOG2_RATIO + 1e-9,
+            "{c:?}"
+        );
     }
     let entry = Entry::parse(data);
     assert_eq!(Entry::parse(entry.to_string().as_bytes()), entry);
