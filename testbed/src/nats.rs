@@ -79,16 +79,22 @@ impl NatsCluster {
     /// Starts `n` nodes with their stores under `dir` and waits until every one is healthy
     /// with JetStream (a meta leader elected); panics saying which node is not.
     pub fn start(n: usize, dir: &Path) -> NatsCluster {
-        Self::start_on(n, dir, None)
+        Self::start_on(n, dir, None, "")
+    }
+
+    /// Like [`NatsCluster::start`], with `extra` added to every node's configuration (e.g. a
+    /// `tls { ... }` and an `authorization { ... }` block for its clients).
+    pub fn start_with(n: usize, dir: &Path, extra: &str) -> NatsCluster {
+        Self::start_on(n, dir, None, extra)
     }
 
     /// Like [`NatsCluster::start`], with the last node in a network namespace of its own, that
     /// [`NatsCluster::cut`] cuts off and [`NatsCluster::mend`] joins again.
     pub fn start_with_island(n: usize, dir: &Path) -> NatsCluster {
-        Self::start_on(n, dir, Some(NetnsIsland::new("nats")))
+        Self::start_on(n, dir, Some(NetnsIsland::new("nats")), "")
     }
 
-    fn start_on(n: usize, dir: &Path, island: Option<NetnsIsland>) -> NatsCluster {
+    fn start_on(n: usize, dir: &Path, island: Option<NetnsIsland>, extra: &str) -> NatsCluster {
         let server = nats_server();
         let host = |i: usize| match &island {
             Some(island) if i + 1 == n => island.inner(),
@@ -117,7 +123,7 @@ impl NatsCluster {
                 let text = format!(
                     "server_name: {name}\nlisten: {h}:{client}\nhttp: {h}:{monitor}\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 4GB }}\n\
-                     cluster {{ name: outflow-test, listen: {h}:{cluster}, routes: [{}] }}\n",
+                     cluster {{ name: outflow-test, listen: {h}:{cluster}, routes: [{}] }}\n{extra}",
                     store.display(),
                     routes.join(", ")
                 );

@@ -142,7 +142,7 @@ pub async fn start(
         "aggregator {me}: {} partitions of the stream {} at {}; the store holds {held:?}",
         cfg.partitions,
         p.stream,
-        p.urls.join(",")
+        p.nats.urls.join(",")
     );
     shared.set_held(held.clone());
     if let Some(rx) = collector.take_sightings() {

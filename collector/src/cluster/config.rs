@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{partition::MAX_PARTITIONS, publish::PublishConfig};
+use super::{nats::NatsConnect, partition::MAX_PARTITIONS, publish::PublishConfig};
 use crate::config_error::{ConfigError, invalid};
 
 /// What this collector process does.
@@ -76,6 +76,20 @@ pub struct ClusterConfig {
     /// from the network is left within about three intervals.
     #[serde(with = "humantime_serde")]
     pub nats_ping_interval: Duration,
+    /// The NATS user this node authenticates as (with `nats_password_file`). Empty: none.
+    pub nats_user: String,
+    /// A file whose first line is `nats_user`'s password.
+    pub nats_password_file: Option<std::path::PathBuf>,
+    /// A file whose first line is the token this node authenticates with (instead of a user).
+    pub nats_token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates that sign the NATS servers' certificates. Set: TLS is required.
+    /// Unset: TLS only with `tls://` URLs (or servers that require it), against the system's
+    /// roots.
+    pub nats_ca: Option<std::path::PathBuf>,
+    /// This node's certificate chain and key (PEM), for NATS servers that verify their
+    /// clients (`tls { verify: true }`). Set: TLS is required.
+    pub nats_cert: Option<std::path::PathBuf>,
+    pub nats_key: Option<std::path::PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -97,6 +111,12 @@ impl Default for ClusterConfig {
             peer_ca: None,
             query_timeout: Duration::from_secs(10),
             nats_ping_interval: Duration::from_secs(10),
+            nats_user: String::new(),
+            nats_password_file: None,
+            nats_token_file: None,
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
         }
     }
 }
@@ -182,6 +202,24 @@ impl ClusterConfig {
                 ),
             ));
         }
+        if self.nats_user.is_empty() != self.nats_password_file.is_none() {
+            return Err(invalid(
+                "cluster.nats_password_file",
+                "set it with cluster.nats_user, or neither",
+            ));
+        }
+        if self.nats_password_file.is_some() && self.nats_token_file.is_some() {
+            return Err(invalid(
+                "cluster.nats_token_file",
+                "a node authenticates with a user and password or with a token: set one",
+            ));
+        }
+        if self.nats_cert.is_some() != self.nats_key.is_some() {
+            return Err(invalid(
+                "cluster.nats_key",
+                "set it with cluster.nats_cert (this node's certificate and its key), or neither",
+            ));
+        }
         if self.max_age < self.duplicate_window {
             return Err(invalid(
                 "cluster.max_age",
@@ -231,13 +269,26 @@ impl ClusterConfig {
     /// The publisher's settings.
     pub fn publish(&self) -> PublishConfig {
         PublishConfig {
-            urls: self.nats_urls.clone(),
+            nats: self.nats(),
             stream: self.stream.clone(),
             subject_prefix: self.subject_prefix.clone(),
             replicas: self.replicas,
             duplicate_window: self.duplicate_window,
             max_age: self.max_age,
+        }
+    }
+
+    /// How this node connects to NATS.
+    pub fn nats(&self) -> NatsConnect {
+        NatsConnect {
+            urls: self.nats_urls.clone(),
             ping_interval: self.nats_ping_interval,
+            user: self.nats_user.clone(),
+            password_file: self.nats_password_file.clone(),
+            token_file: self.nats_token_file.clone(),
+            ca: self.nats_ca.clone(),
+            cert: self.nats_cert.clone(),
+            key: self.nats_key.clone(),
         }
     }
 }

@@ -22,7 +22,6 @@ use outflow_proto::v1;
 use super::{
     config::ClusterConfig,
     membership::{MembershipError, err, open_bucket},
-    publish,
 };
 use crate::sinks::webhook::Delivered;
 
@@ -58,7 +57,9 @@ fn decode(v: &[u8]) -> Option<(u64, bool)> {
 impl DeliveryLog {
     /// Connects to `cfg`'s NATS servers and opens the bucket (creating it if missing).
     pub async fn open(cfg: &ClusterConfig) -> Result<DeliveryLog, MembershipError> {
-        let client = publish::connect(&cfg.nats_urls, cfg.nats_ping_interval)
+        let client = cfg
+            .nats()
+            .connect()
             .await
             .map_err(|e| err("connecting to NATS", e))?;
         let js = jetstream::new(client);

@@ -60,11 +60,8 @@ const WATCH_REFRESH: Duration = Duration::from_secs(2);
 /// Fan-out could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("cannot connect to NATS at {urls}: {source}")]
-    Connect {
-        urls: String,
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] super::nats::NatsConnectError),
     #[error("cannot read {path}: {error}")]
     Read {
         path: std::path::PathBuf,
@@ -120,12 +117,7 @@ impl Fleet {
             }
             _ => None,
         };
-        let client = super::publish::connect(&cfg.nats_urls, cfg.nats_ping_interval)
-            .await
-            .map_err(|source| FleetError::Connect {
-                urls: cfg.nats_urls.join(","),
-                source,
-            })?;
+        let client = cfg.nats().connect().await?;
         Ok(Fleet {
             js: jetstream::new(client),
             stream: cfg.stream.clone(),

@@ -35,6 +35,7 @@ pub mod fleet_query;
 pub mod holdings;
 pub mod ingest;
 pub mod membership;
+pub mod nats;
 pub mod partition;
 pub mod peer_ratios;
 pub mod publish;

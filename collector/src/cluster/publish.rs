@@ -12,13 +12,16 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use outflow_proto::v1;
 use prost::Message as _;
 
-use super::partition::message_id;
+use super::{
+    nats::{NatsConnect, NatsConnectError},
+    partition::message_id,
+};
 
 /// Where and how the parts are published.
 #[derive(Debug, Clone)]
 pub struct PublishConfig {
-    /// NATS servers (`nats://host:port`), any of the cluster's.
-    pub urls: Vec<String>,
+    /// The NATS servers, and how this node connects to them.
+    pub nats: NatsConnect,
     /// The stream's name.
     pub stream: String,
     /// Subjects are `<subject_prefix>.<partition>`.
@@ -30,18 +33,13 @@ pub struct PublishConfig {
     pub duplicate_window: Duration,
     /// Messages older than this are dropped from the stream.
     pub max_age: Duration,
-    /// How often the NATS server is pinged (see [`connect`]).
-    pub ping_interval: Duration,
 }
 
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("connecting to NATS at {urls}: {source}")]
-    Connect {
-        urls: String,
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] NatsConnectError),
     #[error("creating the JetStream stream {stream}: {message}")]
     Stream { stream: String, message: String },
     #[error(transparent)]
@@ -70,12 +68,7 @@ pub struct Published {
 pub async fn open_stream(
     cfg: &PublishConfig,
 ) -> Result<(jetstream::Context, stream::Stream), PublishError> {
-    let client = connect(&cfg.urls, cfg.ping_interval)
-        .await
-        .map_err(|source| PublishError::Connect {
-            urls: cfg.urls.join(","),
-            source,
-        })?;
+    let client = cfg.nats.connect().await?;
     let js = jetstream::new(client);
     let config = stream_config(cfg, cfg.stream.clone(), format!("{}.*", cfg.subject_prefix));
     let st = get_or_create_stream(&js, config).await?;
@@ -119,21 +112,6 @@ pub(super) fn stream_config(cfg: &PublishConfig, name: String, subjects: String)
         storage: stream::StorageType::File,
         ..Default::default()
     }
-}
-
-/// Connects to one of the NATS servers `urls` (tried again until one answers), pinging it every
-/// `ping_interval`: with two pings unanswered the client connects to another server, so a node
-/// whose server is cut off from the network (no reset, no close: its packets dropped) moves on
-/// instead of waiting on it for minutes (the client's default interval is a minute).
-pub async fn connect(
-    urls: &[String],
-    ping_interval: Duration,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .ping_interval(ping_interval)
-        .connect(urls.to_vec())
-        .await
 }
 
 /// How many times opening the stream is tried.

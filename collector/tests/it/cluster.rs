@@ -10,6 +10,7 @@ use outflow_collector::{
     Server,
     cluster::{
         config::NodeRole,
+        nats::NatsConnect,
         partition::{Partitions, Placement, message_id},
         publish::{PublishConfig, Publisher},
     },
@@ -50,13 +51,16 @@ async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish()
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(3, dir.path());
     let cfg = PublishConfig {
-        urls: nats.urls(),
+        nats: NatsConnect {
+            urls: nats.urls(),
+            ping_interval: Duration::from_secs(10),
+            ..NatsConnect::default()
+        },
         stream: STREAM.into(),
         subject_prefix: "outflow.parts".into(),
         replicas: 3,
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::from_secs(3600),
-        ping_interval: Duration::from_secs(10),
     };
     let publisher = Publisher::connect(&cfg)
         .await
@@ -1566,4 +1570,102 @@ async fn an_ingest_node_publishes_nothing_of_a_stream_after_a_batch_it_could_not
         s.handle(batch_msg(wire_batch(0, seq))).await.unwrap();
     }
     ingest.shutdown().await.unwrap();
+}
+
+/// NATS servers that want TLS, verify their clients' certificates and want a user's password:
+/// an ingest node and an aggregator given the CA, their certificate and the password (in files
+/// only their owner may read) carry an agent's batches to exact totals as they do without. A
+/// node with a wrong password, or without the CA that signed the servers' certificates, fails
+/// at start with an error that names the settings to check, instead of waiting on NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_over_tls_with_a_password_and_name_what_is_refused() {
+    use crate::auth::{ca, leaf, write};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    let authority = ca("nats-ca");
+    let (server_cert, server_key) = leaf(&authority, "localhost", true);
+    let (node_cert, node_key) = leaf(&authority, "outflow-node", false);
+    let ca_file = write(pki, "ca.pem", &authority.cert_pem);
+    let server_cert = write(pki, "nats.pem", &server_cert);
+    let server_key = write(pki, "nats.key", &server_key);
+    let node_cert = write(pki, "node.pem", &node_cert);
+    let node_key = write(pki, "node.key", &node_key);
+    let password = write(pki, "password", "s3cret-pass\n");
+    let wrong = write(pki, "wrong-password", "not-it\n");
+    let nats = NatsCluster::start_with(
+        3,
+        &dir.path().join("nats"),
+        &format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\n\
+             authorization {{ users = [ {{ user: outflow, password: \"s3cret-pass\" }} ] }}\n",
+            server_cert.display(),
+            server_key.display(),
+            ca_file.display()
+        ),
+    );
+    let secure = |mut cfg: outflow_collector::Config| {
+        cfg.cluster.nats_user = "outflow".into();
+        cfg.cluster.nats_password_file = Some(password.clone());
+        cfg.cluster.nats_ca = Some(ca_file.clone());
+        cfg.cluster.nats_cert = Some(node_cert.clone());
+        cfg.cluster.nats_key = Some(node_key.clone());
+        cfg
+    };
+    let refused = |cfg: outflow_collector::Config| async move {
+        match tokio::time::timeout(Duration::from_secs(60), Server::start(cfg)).await {
+            Ok(Ok(_)) => panic!("started"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => panic!("still waiting on NATS after 60 s instead of refusing"),
+        }
+    };
+
+    let mut cfg = secure(node_config(&dir.path().join("w"), &nats, NodeRole::Ingest));
+    cfg.cluster.nats_password_file = Some(wrong);
+    let e = refused(cfg).await;
+    assert!(
+        e.contains("refused this node's credentials") && e.contains("cluster.nats_password_file"),
+        "{e}"
+    );
+    let mut cfg = secure(node_config(&dir.path().join("c"), &nats, NodeRole::Ingest));
+    cfg.cluster.nats_ca = None;
+    let e = refused(cfg).await;
+    assert!(
+        e.contains("TLS with NATS") && e.contains("cluster.nats_ca"),
+        "{e}"
+    );
+
+    let ingest = start(secure(node_config(
+        &dir.path().join("ingest"),
+        &nats,
+        NodeRole::Ingest,
+    )))
+    .await;
+    let a0 = start(secure(aggregator_config(dir.path(), &nats, "a0"))).await;
+    let u = url(&ingest);
+    let mut agent = agent_stream(&u).await;
+    welcome_seq(&mut agent, "agent-0", 1, "gpu-0").await;
+    let mut by_addr = BTreeMap::new();
+    for seq in 1..=10u64 {
+        let b = wire_batch(0, seq);
+        for d in &Batch::try_from(b.clone()).unwrap().deltas {
+            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+        }
+        assert_eq!(agent.batch(b).await.unwrap(), seq);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
+        if top.as_ref().ok() == Some(&by_addr) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{top:?}\nwant {by_addr:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(agent);
+    for s in [ingest, a0] {
+        s.shutdown().await.unwrap();
+    }
 }
