@@ -380,6 +380,21 @@ mod tests {
             ),
             (|c| c.advertise = "agg-1".into(), "cluster.advertise"),
             (|c| c.advertise = "agg-1:http".into(), "cluster.advertise"),
+            (|c| c.nats_user = "u".into(), "cluster.nats_password_file"),
+            (
+                |c| c.nats_password_file = Some("p".into()),
+                "cluster.nats_password_file",
+            ),
+            (
+                |c| {
+                    c.nats_user = "u".into();
+                    c.nats_password_file = Some("p".into());
+                    c.nats_token_file = Some("t".into());
+                },
+                "cluster.nats_token_file",
+            ),
+            (|c| c.nats_cert = Some("c".into()), "cluster.nats_key"),
+            (|c| c.nats_key = Some("k".into()), "cluster.nats_key"),
         ] {
             let mut c = ingest.clone();
             f(&mut c);
