@@ -259,9 +259,10 @@ impl Agent {
     pub fn stop(&self) -> ExitStatus {
         self.process.signal(Signal::SIGTERM);
         let Some(status) = self.process.wait_timeout(STOP_TIMEOUT) else {
+            let threads = self.process.threads();
             self.process.kill();
             panic!(
-                "the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; stderr:\n{}",
+                "the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; its threads:\n{threads}stderr:\n{}",
                 self.stderr.tail(50)
             );
         };

@@ -102,6 +102,44 @@ impl ChildProcess {
         }
     }
 
+    /// Where each of its threads is, as the kernel sees it (`/proc/PID/task/*`: name, state,
+    /// wait channel and kernel stack): for the message of a test that found it stuck.
+    pub fn threads(&self) -> String {
+        let task_dir = format!("/proc/{}/task", self.pid);
+        let Ok(tasks) = std::fs::read_dir(&task_dir) else {
+            return format!("(cannot read {task_dir})");
+        };
+        let mut out = String::new();
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let state = read("status")
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .map(|l| l.trim_start_matches("State:").trim().to_owned())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "thread {} {:?}: {state}, waiting in {}\n{}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            ));
+        }
+        // Where they are in the program too, when gdb is installed (a diagnosis, not a need).
+        let gdb = Command::new("timeout")
+            .args(["20", "gdb", "-batch", "-nx", "-p", &self.pid.to_string()])
+            .args(["-ex", "thread apply all bt 30"])
+            .stdin(std::process::Stdio::null())
+            .output();
+        if let Ok(o) = gdb
+            && o.status.success()
+        {
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        out
+    }
+
     /// Kills the process (SIGKILL) if it is running and returns its exit status.
     pub fn kill(&self) -> ExitStatus {
         self.signal(Signal::SIGKILL);
