@@ -60,6 +60,9 @@ const VIRTME_NG_VERSION: &str = "1.42";
 /// A VM that runs longer than this is stopped and its kernel fails.
 const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
+/// Lines of the VM's output shown when it stopped before the guest ran the script.
+const CONSOLE_TAIL_LINES: usize = 30;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Kernel series to boot (`5.10`, `6.1`, `6.12`); repeat for several. Default: all.
@@ -365,7 +368,22 @@ pub fn matrix(report: &setup::Report, series: &[String]) -> Result<bool> {
                 dir.display()
             )
         })?;
-        let result = boot(&kernel, &binaries)?;
+        let mut result = boot(&kernel, &binaries)?;
+        // A VM that stopped before the guest ran a line of the script gave no verdict on the
+        // kernel (QEMU or virtme-ng failed to start it): it is booted once more, and what it
+        // printed is shown, so that a second such failure says why.
+        if result.never_ran {
+            println!(
+                "vm-test: linux {} stopped before the guest ran the script ({}); its last output:\n{}\nvm-test: booting it once more",
+                kernel.release,
+                result.failure.as_deref().unwrap_or("no exit status"),
+                result.console_tail(CONSOLE_TAIL_LINES),
+            );
+            result = boot(&kernel, &binaries)?;
+            if result.never_ran {
+                println!("{}", result.console_tail(CONSOLE_TAIL_LINES));
+            }
+        }
         println!("{}", result.line());
         all_ok &= result.ok();
     }
@@ -423,6 +441,8 @@ struct VmResult {
     suites: Vec<SuiteResult>,
     /// Why the VM did not give results, if it did not.
     failure: Option<String>,
+    /// The VM stopped before the guest's script wrote its first file.
+    never_ran: bool,
     seconds: f64,
     out_dir: PathBuf,
 }
@@ -495,6 +515,13 @@ struct SuiteResult {
 }
 
 impl VmResult {
+    /// The last `n` lines of what the VM printed (QEMU, virtme-ng and the guest's console).
+    fn console_tail(&self, n: usize) -> String {
+        let console = fs::read_to_string(self.out_dir.join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     fn ok(&self) -> bool {
         self.failure.is_none()
             && self.check.ok()
@@ -633,7 +660,8 @@ fn boot(kernel: &Kernel, binaries: &[(&'static str, PathBuf)]) -> Result<VmResul
 
     let read = |name: &str| fs::read_to_string(out.join(name)).ok();
     let release = read("uname").map_or_else(|| kernel.release.clone(), |s| s.trim().to_owned());
-    if failure.is_some() && read("uname").is_none() {
+    let never_ran = failure.is_some() && read("uname").is_none();
+    if never_ran {
         failure = Some(format!(
             "{}; the guest never ran the script (see console.log)",
             failure.unwrap_or_default()
@@ -660,6 +688,7 @@ fn boot(kernel: &Kernel, binaries: &[(&'static str, PathBuf)]) -> Result<VmResul
         check: Check::read(&out),
         suites,
         failure,
+        never_ran,
         seconds,
         out_dir: out,
     })
