@@ -82,6 +82,10 @@ pub struct ClusterConfig {
     pub nats_password_file: Option<std::path::PathBuf>,
     /// A file whose first line is the token this node authenticates with (instead of a user).
     pub nats_token_file: Option<std::path::PathBuf>,
+    /// A file holding this node's NKey user seed (`SU...`, as `nk -gen user` writes it), for
+    /// servers that list the user's public key (`authorization { users = [ { nkey: U... } ] }`)
+    /// instead of a user and password or a token.
+    pub nats_nkey_file: Option<std::path::PathBuf>,
     /// PEM CA certificates that sign the NATS servers' certificates. Set: TLS is required.
     /// Unset: TLS only with `tls://` URLs (or servers that require it), against the system's
     /// roots.
@@ -114,6 +118,7 @@ impl Default for ClusterConfig {
             nats_user: String::new(),
             nats_password_file: None,
             nats_token_file: None,
+            nats_nkey_file: None,
             nats_ca: None,
             nats_cert: None,
             nats_key: None,
@@ -208,10 +213,24 @@ impl ClusterConfig {
                 "set it with cluster.nats_user, or neither",
             ));
         }
-        if self.nats_password_file.is_some() && self.nats_token_file.is_some() {
+        let ways: Vec<&str> = [
+            (
+                "cluster.nats_password_file",
+                self.nats_password_file.is_some(),
+            ),
+            ("cluster.nats_token_file", self.nats_token_file.is_some()),
+            ("cluster.nats_nkey_file", self.nats_nkey_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect();
+        if let [first, second, ..] = ways[..] {
             return Err(invalid(
-                "cluster.nats_token_file",
-                "a node authenticates with a user and password or with a token: set one",
+                second,
+                format!(
+                    "a node authenticates to NATS one way (a user and password, a token or an \
+                     NKey), and {first} is set too: keep one"
+                ),
             ));
         }
         if self.nats_cert.is_some() != self.nats_key.is_some() {
@@ -286,6 +305,7 @@ impl ClusterConfig {
             user: self.nats_user.clone(),
             password_file: self.nats_password_file.clone(),
             token_file: self.nats_token_file.clone(),
+            nkey_file: self.nats_nkey_file.clone(),
             ca: self.nats_ca.clone(),
             cert: self.nats_cert.clone(),
             key: self.nats_key.clone(),
@@ -392,6 +412,13 @@ mod tests {
                     c.nats_token_file = Some("t".into());
                 },
                 "cluster.nats_token_file",
+            ),
+            (
+                |c| {
+                    c.nats_token_file = Some("t".into());
+                    c.nats_nkey_file = Some("n".into());
+                },
+                "cluster.nats_nkey_file",
             ),
             (|c| c.nats_cert = Some("c".into()), "cluster.nats_key"),
             (|c| c.nats_key = Some("k".into()), "cluster.nats_key"),

@@ -1,7 +1,8 @@
 //! How a node connects to the NATS servers: their addresses, its credentials and TLS.
 //!
 //! Every connection of a node (the parts' stream, the buckets, the fan-out's directory) is made
-//! here, from `[cluster]`: a user and password or a token, read from files at start (never in
+//! here, from `[cluster]`: a user and password, a token or an NKey seed, read from files at
+//! start (never in
 //! the config file or a log), and TLS with the servers verified against `nats_ca` (else the
 //! system's roots, for `tls://` URLs) and this node's certificate presented to servers that
 //! verify clients. A node whose credentials or TLS the servers refuse fails at start with a
@@ -29,6 +30,8 @@ pub struct NatsConnect {
     pub password_file: Option<PathBuf>,
     /// A file holding the token this node authenticates with.
     pub token_file: Option<PathBuf>,
+    /// A file holding the NKey user seed this node signs the servers' challenge with.
+    pub nkey_file: Option<PathBuf>,
     /// PEM CA certificates the servers' certificates are verified against; set, TLS is
     /// required.
     pub ca: Option<PathBuf>,
@@ -45,7 +48,8 @@ pub enum NatsConnectError {
     Secret(#[from] AuthError),
     #[error(
         "NATS at {urls} refused this node's credentials ({source}): check cluster.nats_user and \
-         cluster.nats_password_file, or cluster.nats_token_file, against the servers' authorization"
+         cluster.nats_password_file, cluster.nats_token_file or cluster.nats_nkey_file against \
+         the servers' authorization"
     )]
     Refused {
         urls: String,
@@ -76,7 +80,10 @@ impl NatsConnect {
             o = o.user_and_password(self.user.clone(), password);
         }
         if let Some(path) = &self.token_file {
-            o = o.token(secret("cluster.nats_token_file", path)?);
+            o = o.token(auth::load_token("cluster.nats_token_file", path)?);
+        }
+        if let Some(path) = &self.nkey_file {
+            o = o.nkey(user_seed(path)?);
         }
         if let Some(ca) = &self.ca {
             o = o.add_root_certificates(ca.clone()).require_tls(true);
@@ -143,4 +150,26 @@ fn secret(field: &'static str, path: &Path) -> Result<String, NatsConnectError> 
         return Err(invalid("empty".into()).into());
     }
     Ok(secret.to_owned())
+}
+
+/// The NKey user seed in the file at `path` (surrounding whitespace ignored), which only its owner
+/// may read; checked here so that a wrong file is named at start, not taken for a refusal.
+fn user_seed(path: &Path) -> Result<String, NatsConnectError> {
+    let (text, invalid) = auth::read_secret_text("cluster.nats_nkey_file", path)?;
+    let seed = text.trim();
+    match nkeys::KeyPair::from_seed(seed) {
+        Ok(pair) if pair.key_pair_type() == nkeys::KeyPairType::User => Ok(seed.to_owned()),
+        Ok(pair) => Err(invalid(format!(
+            "the seed of an NKey of type {:?}, not of a user (SU...): give the seed of the user \
+             whose public key (U...) the servers list",
+            pair.key_pair_type()
+        ))
+        .into()),
+        Err(_) => Err(invalid(
+            "not an NKey seed: want the one line SU... that `nk -gen user` writes (the public key \
+             U... goes in the servers' authorization)"
+                .into(),
+        )
+        .into()),
+    }
 }

@@ -1611,13 +1611,6 @@ async fn nodes_reach_nats_over_tls_with_a_password_and_name_what_is_refused() {
         cfg.cluster.nats_key = Some(node_key.clone());
         cfg
     };
-    let refused = |cfg: outflow_collector::Config| async move {
-        match tokio::time::timeout(Duration::from_secs(60), Server::start(cfg)).await {
-            Ok(Ok(_)) => panic!("started"),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => panic!("still waiting on NATS after 60 s instead of refusing"),
-        }
-    };
 
     let mut cfg = secure(node_config(&dir.path().join("w"), &nats, NodeRole::Ingest));
     cfg.cluster.nats_password_file = Some(wrong);
@@ -1634,13 +1627,121 @@ async fn nodes_reach_nats_over_tls_with_a_password_and_name_what_is_refused() {
         "{e}"
     );
 
-    let ingest = start(secure(node_config(
-        &dir.path().join("ingest"),
-        &nats,
-        NodeRole::Ingest,
-    )))
+    carry_batches_to_exact_totals(
+        secure(node_config(
+            &dir.path().join("ingest"),
+            &nats,
+            NodeRole::Ingest,
+        )),
+        secure(aggregator_config(dir.path(), &nats, "a0")),
+    )
     .await;
-    let a0 = start(secure(aggregator_config(dir.path(), &nats, "a0"))).await;
+}
+
+/// NATS servers that want a token, then servers that list an NKey user's public key: nodes
+/// given the token's file, or the user's seed's, carry an agent's batches to exact totals as
+/// they do without. A wrong token or another user's seed fails at start naming the setting to
+/// check; a file holding the seed of a key that is not a user's is named before NATS is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_with_a_token_or_an_nkey_and_name_what_is_refused() {
+    use crate::auth::write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    let token = write(d, "token", "t0ken-for-outflow\n");
+    let wrong = write(d, "wrong-token", "not-it\n");
+    let nats = NatsCluster::start_with(
+        3,
+        &d.join("nats-token"),
+        "authorization { token: \"t0ken-for-outflow\" }\n",
+    );
+    let with_token = |mut cfg: outflow_collector::Config, file: &std::path::Path| {
+        cfg.cluster.nats_token_file = Some(file.to_owned());
+        cfg
+    };
+    let e = refused(with_token(
+        node_config(&d.join("token-w"), &nats, NodeRole::Ingest),
+        &wrong,
+    ))
+    .await;
+    assert!(
+        e.contains("refused this node's credentials") && e.contains("cluster.nats_token_file"),
+        "{e}"
+    );
+    carry_batches_to_exact_totals(
+        with_token(
+            node_config(&d.join("token-ingest"), &nats, NodeRole::Ingest),
+            &token,
+        ),
+        with_token(aggregator_config(&d.join("token-agg"), &nats, "a0"), &token),
+    )
+    .await;
+    drop(nats);
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = write(d, "seed", &format!("{}\n", user.seed().unwrap()));
+    let other = write(d, "other-seed", &nkeys::KeyPair::new_user().seed().unwrap());
+    let account_seed = nkeys::KeyPair::new_account().seed().unwrap();
+    let account = write(d, "account-seed", &account_seed);
+    let nats = NatsCluster::start_with(
+        3,
+        &d.join("nats-nkey"),
+        &format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    );
+    let with_seed = |mut cfg: outflow_collector::Config, file: &std::path::Path| {
+        cfg.cluster.nats_nkey_file = Some(file.to_owned());
+        cfg
+    };
+    let e = refused(with_seed(
+        node_config(&d.join("nkey-w"), &nats, NodeRole::Ingest),
+        &other,
+    ))
+    .await;
+    assert!(
+        e.contains("refused this node's credentials") && e.contains("cluster.nats_nkey_file"),
+        "{e}"
+    );
+    let e = refused(with_seed(
+        node_config(&d.join("nkey-a"), &nats, NodeRole::Ingest),
+        &account,
+    ))
+    .await;
+    assert!(
+        e.contains("cluster.nats_nkey_file") && e.contains("not of a user"),
+        "{e}"
+    );
+    assert!(!e.contains(&account_seed), "the error shows the seed: {e}");
+    carry_batches_to_exact_totals(
+        with_seed(
+            node_config(&d.join("nkey-ingest"), &nats, NodeRole::Ingest),
+            &seed,
+        ),
+        with_seed(aggregator_config(&d.join("nkey-agg"), &nats, "a0"), &seed),
+    )
+    .await;
+}
+
+/// The error of a node that must not start with `cfg` (within 60 s, not waiting on NATS).
+async fn refused(cfg: outflow_collector::Config) -> String {
+    match tokio::time::timeout(Duration::from_secs(60), Server::start(cfg)).await {
+        Ok(Ok(_)) => panic!("started"),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => panic!("still waiting on NATS after 60 s instead of refusing"),
+    }
+}
+
+/// Starts an ingest node and an aggregator with these configs, sends an agent's 10 batches
+/// through the ingest node, and waits until the fleet's totals per client address are the
+/// batches' to the byte; then stops both.
+async fn carry_batches_to_exact_totals(
+    ingest: outflow_collector::Config,
+    aggregator: outflow_collector::Config,
+) {
+    let ingest = start(ingest).await;
+    let a0 = start(aggregator).await;
     let u = url(&ingest);
     let mut agent = agent_stream(&u).await;
     welcome_seq(&mut agent, "agent-0", 1, "gpu-0").await;
