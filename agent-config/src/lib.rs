@@ -3,6 +3,9 @@
 //! The agent re-exports this crate as `outflow_agent::config`. It is a crate of its own, without
 //! the agent's eBPF build and gRPC stack, so that its fuzz target (`agent-config/fuzz/`) builds
 //! in seconds: [`Config::parse`] and [`Config::validate`] read text the operator writes.
+// The fuzz targets run without AddressSanitizer (xtask/src/fuzz.rs): that holds while this
+// crate has no unsafe code.
+#![forbid(unsafe_code)]
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},

@@ -52,6 +52,9 @@
 //! # Modules
 //! [`config`] the settings, [`proxy`] PROXY headers, [`http`] request heads, [`forwarded`] hop
 //! lists, [`trust`] trusted peers and the walk, [`hash`] ids, [`resolve`] the rules above.
+// The fuzz targets run without AddressSanitizer (xtask/src/fuzz.rs): that holds while this
+// crate has no unsafe code.
+#![forbid(unsafe_code)]
 pub mod config;
 pub mod forwarded;
 pub mod hash;

@@ -27,6 +27,9 @@
 //!
 //! Start one in-process with [`server::Server::start`]; drive the protocol without a network
 //! with [`collector::Collector::session`].
+// The fuzz targets run without AddressSanitizer (xtask/src/fuzz.rs): that holds while this
+// crate has no unsafe code.
+#![forbid(unsafe_code)]
 pub mod aggregate;
 pub mod alerts;
 pub mod alerts_service;

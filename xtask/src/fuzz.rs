@@ -7,12 +7,20 @@
 //! cluster nodes put in JetStream and its key-value buckets, reads its config file and replays
 //! its store's journal (targets in `collector/fuzz/`); the agent reads its
 //! own config file (target in `agent-config/fuzz/`). Each is a cargo-fuzz project outside the
-//! workspace
-//! (nightly and sanitizers). This installs cargo-fuzz if missing and runs each target for a
-//! bounded time with a fixed seed, from the checked-in seeds in `<project>/seeds/<target>/`
-//! if there are any; `cargo xtask test` runs it too, briefly. A crash fails the command and
-//! leaves the input in `<project>/artifacts/<target>/`; a crash found becomes a regression
-//! test beside the code it broke.
+//! workspace (nightly, libFuzzer's coverage instrumentation). This installs cargo-fuzz if
+//! missing and runs each target for a bounded time with a fixed seed, from the checked-in seeds
+//! in `<project>/seeds/<target>/` if there are any; `cargo xtask test` runs it too, briefly. A
+//! crash (a panic, an overflow, a failed assertion) fails the command and leaves the input in
+//! `<project>/artifacts/<target>/`; a crash found becomes a regression test beside the code it
+//! broke.
+//!
+//! The targets are built without a sanitizer (`--sanitizer none`, where cargo-fuzz's default is
+//! AddressSanitizer): the three crates they reach forbid `unsafe` code (`#![forbid(unsafe_code)]`
+//! in each), so ASan has nothing of ours to check, and without it the collector's project builds
+//! in 396 s instead of 564 s here and its ingest target runs 4.4 times as many inputs a second
+//! (104,601 against 24,014). The three projects share one target directory
+//! (`target/fuzz/` of the workspace), so libFuzzer and the dependencies they have in common are
+//! built once.
 
 use std::process::Command;
 
@@ -79,7 +87,10 @@ pub fn run_targets(targets: &[&str], seconds: u32) -> Result<()> {
         };
         let dir = cmd::workspace_root().join(project);
         let mut c = nightly_cargo();
-        c.current_dir(&dir).args(["fuzz", "run", t]);
+        c.current_dir(&dir)
+            .args(["fuzz", "run", "--sanitizer", "none", "--target-dir"])
+            .arg(cmd::workspace_root().join("target").join("fuzz"))
+            .arg(t);
         let seeds = dir.join("seeds").join(t);
         if seeds.is_dir() {
             // New inputs go to the first directory (not checked in); the seeds are read only.
