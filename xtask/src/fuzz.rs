@@ -18,8 +18,8 @@
 //! AddressSanitizer): the three crates they reach forbid `unsafe` code (`#![forbid(unsafe_code)]`
 //! in each), so ASan has nothing of ours to check, and without it the collector's project builds
 //! in 396 s instead of 564 s here and its ingest target runs 4.4 times as many inputs a second
-//! (104,601 against 24,014). The three projects share one target directory
-//! (`target/fuzz/` of the workspace), so libFuzzer and the dependencies they have in common are
+//! (104,601 against 24,014). The three projects share one target directory (`fuzz/` in the
+//! workspace's target directory), so libFuzzer and the dependencies they have in common are
 //! built once.
 
 use std::process::Command;
@@ -89,7 +89,7 @@ pub fn run_targets(targets: &[&str], seconds: u32) -> Result<()> {
         let mut c = nightly_cargo();
         c.current_dir(&dir)
             .args(["fuzz", "run", "--sanitizer", "none", "--target-dir"])
-            .arg(cmd::workspace_root().join("target").join("fuzz"))
+            .arg(cmd::target_dir().join("fuzz"))
             .arg(t);
         let seeds = dir.join("seeds").join(t);
         if seeds.is_dir() {
