@@ -4,8 +4,9 @@
 //! here, from `[cluster]`: a user and password, a token or an NKey seed, read from files at
 //! start (never in the config file or a log), and TLS with the servers verified against
 //! `nats_ca` (else the system's roots, for `tls://` URLs) and this node's certificate presented
-//! to servers that verify clients. A node whose credentials or TLS the servers refuse fails at start with a
-//! line that says which setting to check; a server that does not answer yet is waited for.
+//! to servers that verify clients. A node whose credentials or TLS the servers refuse fails at
+//! start with a line that says which setting to check; a server that does not answer yet is
+//! waited for.
 use std::{
     path::{Path, PathBuf},
     time::Duration,
