@@ -86,6 +86,10 @@ pub struct ClusterConfig {
     /// servers that list the user's public key (`authorization { users = [ { nkey: U... } ] }`)
     /// instead of a user and password or a token.
     pub nats_nkey_file: Option<std::path::PathBuf>,
+    /// A NATS credentials file (`.creds`: a user's JWT and its NKey seed, as `nsc generate
+    /// creds` writes it), for servers in operator mode (decentralized JWT authentication),
+    /// where the user, its account and its permissions are JWTs signed by the operator.
+    pub nats_creds_file: Option<std::path::PathBuf>,
     /// PEM CA certificates that sign the NATS servers' certificates. Set: TLS is required.
     /// Unset: TLS only with `tls://` URLs (or servers that require it), against the system's
     /// roots.
@@ -119,6 +123,7 @@ impl Default for ClusterConfig {
             nats_password_file: None,
             nats_token_file: None,
             nats_nkey_file: None,
+            nats_creds_file: None,
             nats_ca: None,
             nats_cert: None,
             nats_key: None,
@@ -220,6 +225,7 @@ impl ClusterConfig {
             ),
             ("cluster.nats_token_file", self.nats_token_file.is_some()),
             ("cluster.nats_nkey_file", self.nats_nkey_file.is_some()),
+            ("cluster.nats_creds_file", self.nats_creds_file.is_some()),
         ]
         .into_iter()
         .filter_map(|(field, set)| set.then_some(field))
@@ -228,8 +234,8 @@ impl ClusterConfig {
             return Err(invalid(
                 second,
                 format!(
-                    "a node authenticates to NATS one way (a user and password, a token or an \
-                     NKey), and {first} is set too: keep one"
+                    "a node authenticates to NATS one way (a user and password, a token, an \
+                     NKey or a credentials file), and {first} is set too: keep one"
                 ),
             ));
         }
@@ -306,6 +312,7 @@ impl ClusterConfig {
             password_file: self.nats_password_file.clone(),
             token_file: self.nats_token_file.clone(),
             nkey_file: self.nats_nkey_file.clone(),
+            creds_file: self.nats_creds_file.clone(),
             ca: self.nats_ca.clone(),
             cert: self.nats_cert.clone(),
             key: self.nats_key.clone(),
@@ -419,6 +426,13 @@ mod tests {
                     c.nats_nkey_file = Some("n".into());
                 },
                 "cluster.nats_nkey_file",
+            ),
+            (
+                |c| {
+                    c.nats_nkey_file = Some("n".into());
+                    c.nats_creds_file = Some("c".into());
+                },
+                "cluster.nats_creds_file",
             ),
             (|c| c.nats_cert = Some("c".into()), "cluster.nats_key"),
             (|c| c.nats_key = Some("k".into()), "cluster.nats_key"),

@@ -1,8 +1,9 @@
 //! How a node connects to the NATS servers: their addresses, its credentials and TLS.
 //!
 //! Every connection of a node (the parts' stream, the buckets, the fan-out's directory) is made
-//! here, from `[cluster]`: a user and password, a token or an NKey seed, read from files at
-//! start (never in the config file or a log), and TLS with the servers verified against
+//! here, from `[cluster]`: a user and password, a token, an NKey seed or a credentials file (a
+//! user's JWT and seed, for servers in operator mode), read from files at start (never in the
+//! config file or a log), and TLS with the servers verified against
 //! `nats_ca` (else the system's roots, for `tls://` URLs) and this node's certificate presented
 //! to servers that verify clients. A node whose credentials or TLS the servers refuse fails at
 //! start with a line that says which setting to check; a server that does not answer yet is
@@ -32,6 +33,8 @@ pub struct NatsConnect {
     pub token_file: Option<PathBuf>,
     /// A file holding the NKey user seed this node signs the servers' challenge with.
     pub nkey_file: Option<PathBuf>,
+    /// A credentials file (a user's JWT and its NKey seed) for servers in operator mode.
+    pub creds_file: Option<PathBuf>,
     /// PEM CA certificates the servers' certificates are verified against; set, TLS is
     /// required.
     pub ca: Option<PathBuf>,
@@ -48,8 +51,9 @@ pub enum NatsConnectError {
     Secret(#[from] AuthError),
     #[error(
         "NATS at {urls} refused this node's credentials ({source}): check cluster.nats_user and \
-         cluster.nats_password_file, cluster.nats_token_file or cluster.nats_nkey_file against \
-         the servers' authorization"
+         cluster.nats_password_file, cluster.nats_token_file, cluster.nats_nkey_file or \
+         cluster.nats_creds_file against the servers' authorization (in operator mode: that the \
+         user's account is one the servers' resolver knows, and that neither JWT has expired)"
     )]
     Refused {
         urls: String,
@@ -84,6 +88,16 @@ impl NatsConnect {
         }
         if let Some(path) = &self.nkey_file {
             o = o.nkey(user_seed(path)?);
+        }
+        if let Some(path) = &self.creds_file {
+            let (text, invalid) = auth::read_secret_text("cluster.nats_creds_file", path)?;
+            o = o.credentials(&text).map_err(|e| {
+                invalid(format!(
+                    "not a NATS credentials file ({e}): want the file `nsc generate creds` \
+                     writes, a user's JWT (-----BEGIN NATS USER JWT-----) and its seed \
+                     (-----BEGIN USER NKEY SEED-----)"
+                ))
+            })?;
         }
         if let Some(ca) = &self.ca {
             o = o.add_root_certificates(ca.clone()).require_tls(true);

@@ -1770,3 +1770,66 @@ async fn carry_batches_to_exact_totals(
         s.shutdown().await.unwrap();
     }
 }
+
+/// NATS servers in operator mode (decentralized JWT authentication: they trust an operator and
+/// know its accounts; a user is a JWT its account signed): nodes given a `.creds` file carry an
+/// agent's batches to exact totals as they do with a password. A user of an account the
+/// servers do not know fails at start naming the setting to check; a file that is not a
+/// credentials file is named before NATS is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
+    use crate::auth::write;
+    use crate::nats_operator::Operator;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut operator = Operator::new();
+    let creds = write(
+        d,
+        "node.creds",
+        &operator.account("outflow").user_creds("node", None),
+    );
+    let stranger = write(
+        d,
+        "stranger.creds",
+        &Operator::new()
+            .account("other")
+            .user_creds("stranger", None),
+    );
+    let garbled = write(
+        d,
+        "garbled.creds",
+        "-----BEGIN NATS USER JWT-----\nnot-a-jwt\n",
+    );
+    let nats = NatsCluster::start_with(3, &d.join("nats"), &operator.server_config());
+    let with_creds = |mut cfg: outflow_collector::Config, file: &std::path::Path| {
+        cfg.cluster.nats_creds_file = Some(file.to_owned());
+        cfg
+    };
+
+    let e = refused(with_creds(
+        node_config(&d.join("stranger"), &nats, NodeRole::Ingest),
+        &stranger,
+    ))
+    .await;
+    assert!(
+        e.contains("refused this node's credentials") && e.contains("cluster.nats_creds_file"),
+        "{e}"
+    );
+    let e = refused(with_creds(
+        node_config(&d.join("garbled"), &nats, NodeRole::Ingest),
+        &garbled,
+    ))
+    .await;
+    assert!(
+        e.contains("cluster.nats_creds_file") && e.contains("not a NATS credentials file"),
+        "{e}"
+    );
+    carry_batches_to_exact_totals(
+        with_creds(
+            node_config(&d.join("ingest"), &nats, NodeRole::Ingest),
+            &creds,
+        ),
+        with_creds(aggregator_config(&d.join("agg"), &nats, "a0"), &creds),
+    )
+    .await;
+}

@@ -13,6 +13,7 @@ mod feed;
 mod fleet;
 mod gateway;
 mod hostile;
+mod nats_operator;
 mod ops;
 mod otlp;
 mod props;
