@@ -3,11 +3,11 @@
 //! collector.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outflow_collector::{
     client::{self, ClientOptions},
-    cluster::config::NodeRole,
+    cluster::{config::NodeRole, permissions},
     config::{Config, DEFAULT_CONFIG_PATH},
     server::Server,
     systemd,
@@ -50,6 +50,10 @@ enum Command {
     Run(ServeArgs),
     /// Print the effective configuration as TOML and exit
     PrintConfig(ServeArgs),
+    /// Print the NATS permissions a cluster node of this role needs (for its `[cluster]`
+    /// stream and subject prefix): a `permissions { ... }` block for its user in the servers'
+    /// authorization, and the `nsc edit user` flags for operator mode; then exit
+    NatsPermissions(ServeArgs),
     /// Show the keys with the most response bytes in a window
     Top(TopArgs),
     /// Show one client address, prefix or client id in every window
@@ -304,10 +308,38 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", a.config()?.to_toml());
             Ok(())
         }
+        Some(Command::NatsPermissions(a)) => nats_permissions(&a),
         Some(Command::Top(a)) => runtime()?.block_on(top(a)),
         Some(Command::Client(a)) => runtime()?.block_on(client(a)),
         Some(Command::Alerts(a)) => runtime()?.block_on(alerts(a)),
     }
+}
+
+fn nats_permissions(args: &ServeArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let role = cfg.cluster.role;
+    let Some(p) = permissions::for_role(&cfg.cluster, role) else {
+        bail!(
+            "a standalone collector does not use NATS: give the node's role (--role ingest or \
+             --role aggregator, or cluster.role in the config file)"
+        );
+    };
+    let role = if role == NodeRole::Ingest {
+        "ingest"
+    } else {
+        "aggregator"
+    };
+    println!(
+        "# The NATS permissions of an outflow-collector {role} node (stream {}, subjects {}.*).\n\
+         # In the servers' authorization: this block in the node's user.",
+        cfg.cluster.stream, cfg.cluster.subject_prefix
+    );
+    print!("{}", p.server_config());
+    println!(
+        "# In operator mode: nsc edit user --name <the node's user> {}",
+        p.nsc_flags()
+    );
+    Ok(())
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {

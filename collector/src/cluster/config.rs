@@ -305,7 +305,14 @@ impl ClusterConfig {
 
     /// How this node connects to NATS.
     pub fn nats(&self) -> NatsConnect {
+        let role = match self.role {
+            NodeRole::Standalone => "standalone",
+            NodeRole::Ingest => "ingest",
+            NodeRole::Aggregator => "aggregator",
+        };
         NatsConnect {
+            role,
+            node: self.node(),
             urls: self.nats_urls.clone(),
             ping_interval: self.nats_ping_interval,
             user: self.nats_user.clone(),

@@ -24,6 +24,8 @@
 //!   cluster;
 //! - [`fleet_query`]: Query and Alerts for the whole cluster, on any node: fanned out to the
 //!   live aggregators and merged exactly;
+//! - [`nats`]: how a node connects to NATS (credentials, TLS);
+//! - [`permissions`]: the NATS subjects a node of each role needs, for its user's permissions;
 //! - [`config`]: `[cluster]`, the node's role.
 pub mod aggregator;
 pub mod aggregator_query;
@@ -38,5 +40,6 @@ pub mod membership;
 pub mod nats;
 pub mod partition;
 pub mod peer_ratios;
+pub mod permissions;
 pub mod publish;
 pub mod second_stage;

@@ -20,6 +20,11 @@ use crate::auth::{self, AuthError};
 /// What a node connects to NATS with (from `[cluster]`, see [`super::config::ClusterConfig`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatsConnect {
+    /// This node's role (`ingest`, `aggregator`) and name: the connection is named
+    /// `outflow-collector <role> <node>` in the servers' monitoring and logs, so that an
+    /// operator tells the nodes' connections apart.
+    pub role: &'static str,
+    pub node: String,
     /// NATS servers (`nats://host:port`, `tls://host:port`), any of the cluster's.
     pub urls: Vec<String>,
     /// How often the server is pinged: with two pings unanswered the client connects to
@@ -79,6 +84,14 @@ impl NatsConnect {
     /// The client's options: credentials read from their files now.
     fn options(&self) -> Result<ConnectOptions, NatsConnectError> {
         let mut o = ConnectOptions::new().ping_interval(self.ping_interval);
+        let role = self.role;
+        o = o
+            .name(format!("outflow-collector {role} {}", self.node))
+            .event_callback(move |event| async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    server_error(role, &e);
+                }
+            });
         if let Some(path) = &self.password_file {
             let password = secret("cluster.nats_password_file", path)?;
             o = o.user_and_password(self.user.clone(), password);
@@ -136,6 +149,25 @@ impl NatsConnect {
                 .await
                 .map_err(|source| NatsConnectError::Other { urls, source }),
         }
+    }
+}
+
+/// Logs an error the server sent a node of `role`: a subject its user may not use is named
+/// with what to give it (the server drops the message or the subscription, and the request it
+/// was part of waits until it times out).
+fn server_error(role: &str, e: &async_nats::ServerError) {
+    match e {
+        async_nats::ServerError::Other(message)
+            if message
+                .to_ascii_lowercase()
+                .contains("permissions violation") =>
+        {
+            log::error!(
+                "NATS refused this node a subject ({message}): give the node's user the \
+                 permissions `outflow-collector nats-permissions --role {role}` prints"
+            );
+        }
+        e => log::warn!("NATS server error: {e}"),
     }
 }
 

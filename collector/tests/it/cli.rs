@@ -83,6 +83,44 @@ fn print_config_shows_defaults_and_flags() {
     assert!(out.contains("max_message_bytes = 16777216"), "{out}");
 }
 
+/// `nats-permissions` prints a role's subjects for the config's stream and prefix, as a
+/// block for the servers' authorization and as `nsc` flags; a standalone collector has none.
+#[test]
+fn nats_permissions_follow_the_role_and_the_stream() {
+    let (ok, out, err) = run(&["nats-permissions", "--role", "ingest"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("permissions {") && out.contains("\"outflow.parts.*\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("nsc edit user") && !out.contains("CONSUMER"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("collector.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nrole = \"aggregator\"\nstream = \"FLEET\"\nsubject_prefix = \"fleet.parts\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run(&["nats-permissions", "--config", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for s in [
+        "\"$KV.FLEET-claims.>\"",
+        "\"fleet.parts.cohorts.*\"",
+        "\"$JS.ACK.FLEET.>\"",
+    ] {
+        assert!(out.contains(s), "{s}: {out}");
+    }
+    assert!(!out.contains("OUTFLOW_PARTS"), "{out}");
+
+    let (ok, _, err) = run(&["nats-permissions"]);
+    assert!(!ok);
+    one_error_line(&err, "standalone collector does not use NATS");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_answers_the_cli_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

@@ -1772,22 +1772,28 @@ async fn carry_batches_to_exact_totals(
 }
 
 /// NATS servers in operator mode (decentralized JWT authentication: they trust an operator and
-/// know its accounts; a user is a JWT its account signed): nodes given a `.creds` file carry an
-/// agent's batches to exact totals as they do with a password. A user of an account the
-/// servers do not know fails at start naming the setting to check; a file that is not a
-/// credentials file is named before NATS is asked.
+/// know its accounts; a user is a JWT its account signed): an ingest node and an aggregator,
+/// each given the `.creds` file of a user of its own that may use only the subjects
+/// `nats-permissions` prints for its role, carry an agent's batches to exact totals (and
+/// answer Query) as they do with a password. A user of an account the servers do not know
+/// fails at start naming the setting to check; a file that is not a credentials file is named
+/// before NATS is asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
     use crate::auth::write;
     use crate::nats_operator::Operator;
+    use outflow_collector::cluster::{config::ClusterConfig, permissions};
+    let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut operator = Operator::new();
-    let creds = write(
-        d,
-        "node.creds",
-        &operator.account("outflow").user_creds("node", None),
-    );
+    let account = operator.account("outflow");
+    let user = |role: NodeRole| {
+        let p = permissions::for_role(&ClusterConfig::default(), role).unwrap();
+        account.user_creds(&format!("{role:?}"), Some(&p))
+    };
+    let ingest_creds = write(d, "ingest.creds", &user(NodeRole::Ingest));
+    let aggregator_creds = write(d, "aggregator.creds", &user(NodeRole::Aggregator));
     let stranger = write(
         d,
         "stranger.creds",
@@ -1827,9 +1833,12 @@ async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
     carry_batches_to_exact_totals(
         with_creds(
             node_config(&d.join("ingest"), &nats, NodeRole::Ingest),
-            &creds,
+            &ingest_creds,
         ),
-        with_creds(aggregator_config(&d.join("agg"), &nats, "a0"), &creds),
+        with_creds(
+            aggregator_config(&d.join("agg"), &nats, "a0"),
+            &aggregator_creds,
+        ),
     )
     .await;
 }

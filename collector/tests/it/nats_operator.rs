@@ -9,6 +9,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use nkeys::KeyPair;
+use outflow_collector::cluster::permissions::Permissions;
 use serde_json::{Value, json};
 
 /// A JWT of `kind`'s claims `nats` about `subject`, signed by `issuer`.
@@ -28,13 +29,6 @@ fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
         .sign(signed.as_bytes())
         .expect("an NKey with its seed signs");
     format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
-}
-
-/// Who may publish and subscribe to what: NATS subjects, with `*` and `>` wildcards.
-#[derive(Debug, Clone, Default)]
-pub struct Permissions {
-    pub publish: Vec<String>,
-    pub subscribe: Vec<String>,
 }
 
 /// An operator with a system account: the trust the servers are configured with.
