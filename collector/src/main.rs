@@ -324,11 +324,7 @@ fn nats_permissions(args: &ServeArgs) -> Result<()> {
              --role aggregator, or cluster.role in the config file)"
         );
     };
-    let role = if role == NodeRole::Ingest {
-        "ingest"
-    } else {
-        "aggregator"
-    };
+    let role = role.as_str();
     println!(
         "# The NATS permissions of an outflow-collector {role} node (stream {}, subjects {}.*).\n\
          # In the servers' authorization: this block in the node's user.",

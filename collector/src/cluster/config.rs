@@ -23,6 +23,17 @@ pub enum NodeRole {
     Aggregator,
 }
 
+impl NodeRole {
+    /// The role's name, as in the config file and `--role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Standalone => "standalone",
+            NodeRole::Ingest => "ingest",
+            NodeRole::Aggregator => "aggregator",
+        }
+    }
+}
+
 /// `[cluster]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -305,13 +316,8 @@ impl ClusterConfig {
 
     /// How this node connects to NATS.
     pub fn nats(&self) -> NatsConnect {
-        let role = match self.role {
-            NodeRole::Standalone => "standalone",
-            NodeRole::Ingest => "ingest",
-            NodeRole::Aggregator => "aggregator",
-        };
         NatsConnect {
-            role,
+            role: self.role.as_str(),
             node: self.node(),
             urls: self.nats_urls.clone(),
             ping_interval: self.nats_ping_interval,

@@ -3,11 +3,12 @@
 //! Every connection of a node (the parts' stream, the buckets, the fan-out's directory) is made
 //! here, from `[cluster]`: a user and password, a token, an NKey seed or a credentials file (a
 //! user's JWT and seed, for servers in operator mode), read from files at start (never in the
-//! config file or a log), and TLS with the servers verified against
-//! `nats_ca` (else the system's roots, for `tls://` URLs) and this node's certificate presented
-//! to servers that verify clients. A node whose credentials or TLS the servers refuse fails at
-//! start with a line that says which setting to check; a server that does not answer yet is
-//! waited for.
+//! config file or a log), and TLS with the servers verified against `nats_ca` (else the
+//! system's roots, for `tls://` URLs) and this node's certificate presented to servers that
+//! verify clients. A node whose credentials or TLS the servers refuse fails at start with a
+//! line that says which setting to check; a server that does not answer yet is waited for. A
+//! subject the servers refuse the node's user later is logged with the command that prints
+//! what the user needs (`super::permissions`).
 use std::{
     path::{Path, PathBuf},
     time::Duration,
