@@ -395,12 +395,74 @@ impl Drop for Node {
 /// An aggregator's store commits durably (the default): it acknowledges a part to JetStream
 /// once it is committed, so an aggregator killed with commits not on disk would lose parts
 /// JetStream will not send again.
-fn node_config(nats: &NatsCluster, role: &str, name: &str) -> String {
+/// Each node connects as its role's NATS user ([`NatsUsers`]).
+fn node_config(nats: &NatsCluster, users: &NatsUsers, role: &str, name: &str) -> String {
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     format!(
-        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\nmax_clock_skew = \"0s\"\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\nnats_ping_interval = \"1s\"\n",
-        urls.join(", ")
+        "[limits]\nbatches_per_second = 0.0\ndeltas_per_second = 0.0\nmax_clock_skew = \"0s\"\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {PARTITIONS}\nlease = \"4s\"\nnode_name = \"{name}\"\nnats_ping_interval = \"1s\"\nnats_user = \"{role}\"\nnats_password_file = {:?}\n",
+        urls.join(", "),
+        users.password_file.display().to_string()
     )
+}
+
+/// The NATS users the nodes connect as, as the runbook has an operator set them up: one per
+/// role, allowed only the subjects `outflow-collector nats-permissions --role <role>` prints,
+/// so that every step of the demo (kills, the cut-off server, moves, the second stage, the
+/// webhook's delivery records) runs with the least the nodes need. The demo's own clients
+/// connect without credentials, as `admin` (`no_auth_user`).
+struct NatsUsers {
+    /// The servers' `authorization` (and `no_auth_user`).
+    server_config: String,
+    /// The roles' password (mode 600, as the collector wants its secret files).
+    password_file: PathBuf,
+}
+
+impl NatsUsers {
+    fn new(bin: &Path, dir: &Path) -> Result<NatsUsers> {
+        // Unguessable enough for servers on loopback that live as long as the demo.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let password = format!("demo-{nanos:x}-{:x}", std::process::id());
+        let password_file = dir.join("nats-password");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&password_file)
+                .with_context(|| format!("creating {}", password_file.display()))?;
+            writeln!(f, "{password}")?;
+        }
+        let mut users = String::new();
+        for role in ["ingest", "aggregator"] {
+            let out = Command::new(bin)
+                .args(["nats-permissions", "--role", role])
+                .env_remove("OUTFLOW_COLLECTOR_CONFIG")
+                .output()
+                .with_context(|| format!("running {} nats-permissions", bin.display()))?;
+            ensure!(
+                out.status.success(),
+                "{} nats-permissions --role {role}: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            let block: String = String::from_utf8(out.stdout)?
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| format!("      {l}\n"))
+                .collect();
+            users.push_str(&format!(
+                "    {{\n      user: {role}\n      password: \"{password}\"\n{block}    }}\n"
+            ));
+        }
+        let admin = format!("{password}-admin");
+        Ok(NatsUsers {
+            server_config: format!(
+                "authorization {{\n  users = [\n{users}    {{ user: admin, password: \"{admin}\" }}\n  ]\n}}\nno_auth_user: admin\n"
+            ),
+            password_file,
+        })
+    }
 }
 
 /// Runs the demo (see the module's documentation).
@@ -418,11 +480,12 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     );
     let _ = std::fs::remove_dir_all(&cfg.dir);
     std::fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
+    let users = NatsUsers::new(&cfg.collector_bin, &cfg.dir)?;
     // The last NATS node in a network namespace of its own, to be cut off.
     let mut nats = if cfg.faults {
-        NatsCluster::start_with_island(3, &cfg.dir.join("nats"))
+        NatsCluster::start_with_island(3, &cfg.dir.join("nats"), &users.server_config)
     } else {
-        NatsCluster::start(3, &cfg.dir.join("nats"))
+        NatsCluster::start_with(3, &cfg.dir.join("nats"), &users.server_config)
     };
     let bin = &cfg.collector_bin;
     // The aggregators' webhook receiver (every alert, service ones too, as List has them).
@@ -435,7 +498,12 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
     let mut ingest = Vec::new();
     for i in 0..2 {
         let name = format!("i{i}");
-        let mut n = Node::new(bin, &cfg.dir, &name, &node_config(&nats, "ingest", &name))?;
+        let mut n = Node::new(
+            bin,
+            &cfg.dir,
+            &name,
+            &node_config(&nats, &users, "ingest", &name),
+        )?;
         n.start()?;
         ingest.push(n);
     }
@@ -446,7 +514,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
             bin,
             &cfg.dir,
             &name,
-            &(node_config(&nats, "aggregator", &name) + &hook_section),
+            &(node_config(&nats, &users, "aggregator", &name) + &hook_section),
         )?;
         n.start()?;
         aggregators.push(n);

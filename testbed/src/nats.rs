@@ -88,10 +88,10 @@ impl NatsCluster {
         Self::start_on(n, dir, None, extra)
     }
 
-    /// Like [`NatsCluster::start`], with the last node in a network namespace of its own, that
-    /// [`NatsCluster::cut`] cuts off and [`NatsCluster::mend`] joins again.
-    pub fn start_with_island(n: usize, dir: &Path) -> NatsCluster {
-        Self::start_on(n, dir, Some(NetnsIsland::new("nats")), "")
+    /// Like [`NatsCluster::start_with`], with the last node in a network namespace of its own,
+    /// that [`NatsCluster::cut`] cuts off and [`NatsCluster::mend`] joins again.
+    pub fn start_with_island(n: usize, dir: &Path, extra: &str) -> NatsCluster {
+        Self::start_on(n, dir, Some(NetnsIsland::new("nats")), extra)
     }
 
     fn start_on(n: usize, dir: &Path, island: Option<NetnsIsland>, extra: &str) -> NatsCluster {

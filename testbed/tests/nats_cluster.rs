@@ -156,7 +156,7 @@ async fn a_three_node_jetstream_cluster_dedups_and_survives_a_killed_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_by_its_namespace_misses_messages_and_catches_up_when_joined() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start_with_island(3, dir.path());
+    let cluster = NatsCluster::start_with_island(3, dir.path(), "");
     let js = jetstream::new(
         async_nats::connect(cluster.node_url(0))
             .await
