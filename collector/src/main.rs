@@ -317,14 +317,13 @@ fn run(cli: Cli) -> Result<()> {
 
 fn nats_permissions(args: &ServeArgs) -> Result<()> {
     let cfg = args.config()?;
-    let role = cfg.cluster.role;
-    let Some(p) = permissions::for_role(&cfg.cluster, role) else {
+    let Some(p) = permissions::for_node(&cfg.cluster) else {
         bail!(
             "a standalone collector does not use NATS: give the node's role (--role ingest or \
              --role aggregator, or cluster.role in the config file)"
         );
     };
-    let role = role.as_str();
+    let role = cfg.cluster.role.as_str();
     println!(
         "# The NATS permissions of an outflow-collector {role} node (stream {}, subjects {}.*).\n\
          # In the servers' authorization: this block in the node's user.",

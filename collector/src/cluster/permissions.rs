@@ -19,9 +19,9 @@ pub struct Permissions {
     pub subscribe: Vec<String>,
 }
 
-/// The permissions a node of `role` needs with the settings of `cfg` (its stream and subject
-/// prefix); `None` for a standalone collector, which does not use NATS.
-pub fn for_role(cfg: &ClusterConfig, role: NodeRole) -> Option<Permissions> {
+/// The permissions a node with the settings `cfg` needs (for its role, its stream and its
+/// subject prefix); `None` for a standalone collector, which does not use NATS.
+pub fn for_node(cfg: &ClusterConfig) -> Option<Permissions> {
     let stream = &cfg.stream;
     let prefix = &cfg.subject_prefix;
     let api = "$JS.API";
@@ -39,7 +39,7 @@ pub fn for_role(cfg: &ClusterConfig, role: NodeRole) -> Option<Permissions> {
         }
         publish.push(format!("$JS.ACK.{stream}.>"));
     };
-    match role {
+    match cfg.role {
         NodeRole::Standalone => return None,
         NodeRole::Ingest => {
             // The batches' parts, into the stream it creates if missing.
@@ -107,14 +107,15 @@ mod tests {
 
     #[test]
     fn every_subject_is_of_the_configured_stream_or_prefix() {
-        let cfg = ClusterConfig {
+        let cfg = |role| ClusterConfig {
+            role,
             stream: "S1".into(),
             subject_prefix: "p.q".into(),
             ..ClusterConfig::default()
         };
-        assert_eq!(for_role(&cfg, NodeRole::Standalone), None);
+        assert_eq!(for_node(&cfg(NodeRole::Standalone)), None);
         for role in [NodeRole::Ingest, NodeRole::Aggregator] {
-            let p = for_role(&cfg, role).unwrap();
+            let p = for_node(&cfg(role)).unwrap();
             for s in &p.publish {
                 assert!(
                     s == "$JS.API.INFO" || s.contains("S1") || s.starts_with("p.q."),
@@ -124,7 +125,7 @@ mod tests {
             }
             assert_eq!(p.subscribe, ["_INBOX.>"]);
         }
-        let ingest = for_role(&cfg, NodeRole::Ingest).unwrap();
+        let ingest = for_node(&cfg(NodeRole::Ingest)).unwrap();
         assert!(ingest.publish.contains(&"p.q.*".to_string()));
         assert!(
             !ingest

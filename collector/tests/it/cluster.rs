@@ -1782,22 +1782,16 @@ async fn carry_batches_to_exact_totals(
 async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
     use crate::auth::write;
     use crate::nats_operator::Operator;
-    use outflow_collector::cluster::{config::ClusterConfig, permissions};
+    use outflow_collector::cluster::permissions;
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut operator = Operator::new();
+    let operator = Operator::new(&["outflow"]);
     let account = operator.account("outflow");
-    let user = |role: NodeRole| {
-        let p = permissions::for_role(&ClusterConfig::default(), role).unwrap();
-        account.user_creds(&format!("{role:?}"), Some(&p))
-    };
-    let ingest_creds = write(d, "ingest.creds", &user(NodeRole::Ingest));
-    let aggregator_creds = write(d, "aggregator.creds", &user(NodeRole::Aggregator));
     let stranger = write(
         d,
         "stranger.creds",
-        &Operator::new()
+        &Operator::new(&["other"])
             .account("other")
             .user_creds("stranger", None),
     );
@@ -1810,6 +1804,12 @@ async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
     let with_creds = |mut cfg: outflow_collector::Config, file: &std::path::Path| {
         cfg.cluster.nats_creds_file = Some(file.to_owned());
         cfg
+    };
+    // A user of its own for a node with `cfg`, allowed only what its settings need.
+    let as_its_user = |cfg: outflow_collector::Config, name: &str| {
+        let p = permissions::for_node(&cfg.cluster).unwrap();
+        let creds = write(d, name, &account.user_creds(name, Some(&p)));
+        with_creds(cfg, &creds)
     };
 
     let e = refused(with_creds(
@@ -1831,13 +1831,13 @@ async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
         "{e}"
     );
     carry_batches_to_exact_totals(
-        with_creds(
+        as_its_user(
             node_config(&d.join("ingest"), &nats, NodeRole::Ingest),
-            &ingest_creds,
+            "ingest.creds",
         ),
-        with_creds(
+        as_its_user(
             aggregator_config(&d.join("agg"), &nats, "a0"),
-            &aggregator_creds,
+            "aggregator.creds",
         ),
     )
     .await;

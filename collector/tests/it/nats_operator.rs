@@ -12,7 +12,8 @@ use nkeys::KeyPair;
 use outflow_collector::cluster::permissions::Permissions;
 use serde_json::{Value, json};
 
-/// A JWT of `kind`'s claims `nats` about `subject`, signed by `issuer`.
+/// A JWT with the NATS claims `nats` (an operator's, an account's or a user's) about
+/// `subject`, named `name`, signed by `issuer`.
 fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
     let claims = json!({
@@ -31,7 +32,8 @@ fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
     format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
-/// An operator with a system account: the trust the servers are configured with.
+/// An operator with a system account and its accounts: the trust the servers are configured
+/// with.
 pub struct Operator {
     key: KeyPair,
     system: Account,
@@ -40,26 +42,33 @@ pub struct Operator {
 
 /// An account with JetStream (no limits); its users are JWTs it signs.
 pub struct Account {
+    name: String,
     key: KeyPair,
     jwt: String,
 }
 
 impl Operator {
-    pub fn new() -> Operator {
+    /// An operator with an account with JetStream of each of `accounts`' names.
+    pub fn new(accounts: &[&str]) -> Operator {
         let key = KeyPair::new_operator();
         let system = Account::issued_by(&key, "SYS", false);
+        let accounts = accounts
+            .iter()
+            .map(|name| Account::issued_by(&key, name, true))
+            .collect();
         Operator {
             key,
             system,
-            accounts: Vec::new(),
+            accounts,
         }
     }
 
-    /// A new account with JetStream, known to the servers.
-    pub fn account(&mut self, name: &str) -> &Account {
-        let account = Account::issued_by(&self.key, name, true);
-        self.accounts.push(account);
-        self.accounts.last().unwrap()
+    /// The account named `name`.
+    pub fn account(&self, name: &str) -> &Account {
+        self.accounts
+            .iter()
+            .find(|a| a.name == name)
+            .expect("an account the operator was made with")
     }
 
     /// The servers' configuration: trust this operator, know its accounts.
@@ -108,7 +117,11 @@ impl Account {
                 "version": 2,
             }),
         );
-        Account { key, jwt }
+        Account {
+            name: name.to_owned(),
+            key,
+            jwt,
+        }
     }
 
     /// The `.creds` file of a new user of this account with `permissions` (none: it may
