@@ -160,6 +160,10 @@ impl<'a> Fold<'a> {
 /// aggregated.
 pub fn aggregate(batch: &Batch, host: HostId) -> BatchAggregate {
     let mut fold = Fold::default();
+    // Most deltas of a batch are of distinct clients (and prefixes): sized once, not rehashed
+    // as they grow.
+    fold.direct.reserve(batch.deltas.len());
+    fold.prefixes.reserve(batch.deltas.len());
     for d in batch.deltas.iter().filter(|d| d.role == Role::Server) {
         fold.add(d);
     }

@@ -15,6 +15,12 @@ use outflow_collector::{
 use outflow_proto::v1;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// mimalloc, not glibc's malloc: the ingest path allocates and frees per delta (prost's decode,
+/// the folded batch), and glibc's arenas cost about a tenth of the workers' CPU there (BENCHMARKS.md,
+/// "Collector ingest").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The outflow collector: agents stream per-connection byte counts to it over gRPC; it
 /// aggregates response and request bytes per client address, client prefix, host, workload,
 /// client id and TCP peer in rolling 1m/10m/1h/24h windows of batch time, and answers queries.
