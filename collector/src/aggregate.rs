@@ -160,8 +160,8 @@ impl<'a> Fold<'a> {
 /// aggregated.
 pub fn aggregate(batch: &Batch, host: HostId) -> BatchAggregate {
     let mut fold = Fold::default();
-    // Most deltas of a batch are of distinct clients (and prefixes): sized once, not rehashed
-    // as they grow.
+    // At most an address and a prefix per delta: sized once for the batch, not rehashed as
+    // they grow (the maps live only while the batch is folded).
     fold.direct.reserve(batch.deltas.len());
     fold.prefixes.reserve(batch.deltas.len());
     for d in batch.deltas.iter().filter(|d| d.role == Role::Server) {

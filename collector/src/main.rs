@@ -15,9 +15,9 @@ use outflow_collector::{
 use outflow_proto::v1;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// mimalloc, not glibc's malloc: the ingest path allocates and frees per delta (prost's decode,
-/// the folded batch), and glibc's arenas cost about a tenth of the workers' CPU there (BENCHMARKS.md,
-/// "Collector ingest").
+/// mimalloc, not glibc's malloc: the ingest path allocates per delta on the gRPC workers
+/// (prost's decode, the folded batch) and frees on the store writer's thread, and glibc's malloc
+/// and free took a third of the workers' CPU there (BENCHMARKS.md, "mimalloc measured again").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
