@@ -208,6 +208,25 @@ fn who(d: &outflow_collector::model::Delta) -> Vec<String> {
     keys
 }
 
+/// Waits until the parts' stream has a leader again, after NATS nodes were restarted: until
+/// then a publish is answered "no stream found for given subject". Panics after `within`.
+async fn wait_stream_leader(js: &jetstream::Context, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(mut st) = js.get_stream(STREAM).await
+            && let Ok(info) = st.info().await
+            && info.cluster.as_ref().is_some_and(|c| c.leader.is_some())
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream {STREAM} has no leader {within:?} after its NATS nodes came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Kills the node leading the stream; returns its index.
 async fn kill_leader(nats: &mut NatsCluster, js: &jetstream::Context) -> usize {
     let mut st = js.get_stream(STREAM).await.unwrap();
@@ -1563,7 +1582,10 @@ async fn an_ingest_node_publishes_nothing_of_a_stream_after_a_batch_it_could_not
         .expect_err("a batch after the refused one was published before it");
     assert!(e.to_string().contains("not acknowledged"), "{e}");
 
-    // The agent's next stream sends 2 and 3 again: both published.
+    // The agent's next stream sends 2 and 3 again, once the stream has a leader again (the
+    // restarted nodes may take longer than the publish timeout to elect one): both published.
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_stream_leader(&watch, Duration::from_secs(60)).await;
     let mut s = c.session();
     s.handle(hello_msg("agent-0", 1, "gpu-0")).await.unwrap();
     for seq in [2, 3] {
