@@ -208,17 +208,18 @@ fn who(d: &outflow_collector::model::Delta) -> Vec<String> {
     keys
 }
 
+/// The node leading the parts' stream (`n0`, `n1`, ...), if it has a leader that answers.
+async fn stream_leader(js: &jetstream::Context) -> Option<String> {
+    let mut st = js.get_stream(STREAM).await.ok()?;
+    let info = st.info().await.ok()?;
+    info.cluster.as_ref()?.leader.clone()
+}
+
 /// Waits until the parts' stream has a leader again, after NATS nodes were restarted: until
 /// then a publish is answered "no stream found for given subject". Panics after `within`.
 async fn wait_stream_leader(js: &jetstream::Context, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Ok(mut st) = js.get_stream(STREAM).await
-            && let Ok(info) = st.info().await
-            && info.cluster.as_ref().is_some_and(|c| c.leader.is_some())
-        {
-            return;
-        }
+    while stream_leader(js).await.is_none() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the stream {STREAM} has no leader {within:?} after its NATS nodes came back"
@@ -229,13 +230,7 @@ async fn wait_stream_leader(js: &jetstream::Context, within: Duration) {
 
 /// Kills the node leading the stream; returns its index.
 async fn kill_leader(nats: &mut NatsCluster, js: &jetstream::Context) -> usize {
-    let mut st = js.get_stream(STREAM).await.unwrap();
-    let info = st.info().await.unwrap();
-    let leader = info
-        .cluster
-        .as_ref()
-        .and_then(|c| c.leader.clone())
-        .expect("a stream leader");
+    let leader = stream_leader(js).await.expect("a stream leader");
     let i: usize = leader.trim_start_matches('n').parse().unwrap();
     nats.kill(i);
     i
