@@ -440,9 +440,10 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Stops every consumer task (each finishes the parts it fetched) and the second stage;
-    /// none waits to start.
+    /// Stops every consumer task (each finishes the parts it fetched, up to the latest period
+    /// granted: see [`Aligner::stop`]) and the second stage; none waits to start.
     async fn stop_all(&mut self) {
+        self.aligner.stop();
         if let Some((task, stop)) = self.stage.take() {
             stop.cancel();
             let _ = task.await;
@@ -454,6 +455,7 @@ impl Aggregator {
         for (_, (task, _)) in std::mem::take(&mut self.running) {
             let _ = task.await;
         }
+        self.aligner.resume();
     }
 }
 

@@ -20,6 +20,13 @@
 //! holds them back from its first fetch until it has caught up: let them run ahead, and its
 //! parts would be judged late, as the live stream never was (an alert resolved for a lack of
 //! bytes that were only late, and raised again).
+//!
+//! When the aggregator stops its consumers (to rebuild, or because it could not renew its
+//! membership), they stop one by one, each after the parts it fetched; a consumer that left
+//! must not let the others run on past it. So from [`Aligner::stop`] until
+//! [`Aligner::resume`] no consumer goes beyond the latest period granted: one with a part of a
+//! later period stops there and leaves it unacknowledged (it comes again, in order, when its
+//! consumer starts again from its first part not acknowledged).
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
@@ -45,6 +52,19 @@ struct Inner {
     heads: BTreeMap<u32, u64>,
     /// The latest period any consumer was let into.
     granted: u64,
+    /// The consumers are being stopped: none goes beyond `granted`.
+    stopping: bool,
+}
+
+/// Whether a part may be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Now.
+    Now,
+    /// Once the consumers with parts of earlier periods have queued them.
+    Wait,
+    /// Not before the consumers start again: they are being stopped.
+    Stopped,
 }
 
 impl Aligner {
@@ -61,6 +81,20 @@ impl Aligner {
     /// boundary `b` with `time_ms <= b` (see `DetectConfig::next_judgement`).
     fn period(&self, time_ms: u64) -> u64 {
         time_ms.div_ceil(self.every_ms)
+    }
+
+    /// The consumers are about to be stopped: from now on none goes beyond the latest period
+    /// granted, and one waiting to is told to stop ([`Member::enter`] returns false), so that
+    /// the ones still finishing their fetches do not run on past those that stopped first.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.bump();
+    }
+
+    /// Every consumer stopped: the next ones go on as before (joined, they hold each other
+    /// until each has fetched).
+    pub fn resume(&self) {
+        self.lock().stopping = false;
     }
 
     /// Starts over from the first period (the store was emptied: its writer judges from the
@@ -89,25 +123,31 @@ impl Aligner {
     }
 
     /// Sets `partition`'s head to `period` and says whether it may queue a part of it now.
-    fn try_enter(&self, partition: u32, period: u64) -> bool {
-        let (allowed, moved_on) = {
+    fn try_enter(&self, partition: u32, period: u64) -> Entry {
+        let (entry, moved_on) = {
             let mut inner = self.lock();
             let before = inner.heads.insert(partition, period);
             let granted = inner.granted;
-            let allowed = period <= granted
-                || inner
-                    .heads
-                    .iter()
-                    .all(|(p, h)| *p == partition || *h >= period);
-            if allowed {
-                inner.granted = inner.granted.max(period);
-            }
-            (allowed, before.is_none_or(|b| b < period))
+            let entry = if period <= granted {
+                Entry::Now
+            } else if inner.stopping {
+                Entry::Stopped
+            } else if inner
+                .heads
+                .iter()
+                .all(|(p, h)| *p == partition || *h >= period)
+            {
+                inner.granted = period;
+                Entry::Now
+            } else {
+                Entry::Wait
+            };
+            (entry, before.is_none_or(|b| b < period))
         };
         if moved_on {
             self.bump();
         }
-        allowed
+        entry
     }
 
     /// `partition` has parts waiting that it could not fetch (of a period not known): a
@@ -133,14 +173,26 @@ pub struct Member {
 }
 
 impl Member {
-    /// Waits until a part ending at `time_ms` may be queued: returns once no other consumer
-    /// has parts of an earlier period still to queue.
-    pub async fn enter(&self, time_ms: u64) {
+    /// Waits until a part ending at `time_ms` may be queued: returns true once no other
+    /// consumer has parts of an earlier period still to queue; false if the consumers are
+    /// being stopped first ([`Aligner::stop`]): the part is not to be queued.
+    pub async fn enter(&self, time_ms: u64) -> bool {
         let period = self.aligner.period(time_ms);
         let mut moved = self.aligner.moved.subscribe();
         // Subscribed before each check: a move after it wakes the wait below.
         let mut waited = false;
-        while !self.aligner.try_enter(self.partition, period) {
+        loop {
+            match self.aligner.try_enter(self.partition, period) {
+                Entry::Now => break,
+                Entry::Stopped => {
+                    debug!(
+                        "partition {}: a part of period {period} left for the next start (the consumers are stopping)",
+                        self.partition
+                    );
+                    return false;
+                }
+                Entry::Wait => {}
+            }
             if !waited {
                 waited = true;
                 debug!(
@@ -150,18 +202,21 @@ impl Member {
                 );
             }
             if moved.changed().await.is_err() {
-                return;
+                return true;
             }
         }
         if waited {
             debug!("partition {}: period {period} entered", self.partition);
         }
+        true
     }
 
-    /// Whether a part ending at `time_ms` may be queued now (if not, [`Self::enter`] waits).
+    /// Whether a part ending at `time_ms` may be queued now (if not, [`Self::enter`] says
+    /// whether it may be later).
     pub fn try_enter(&self, time_ms: u64) -> bool {
         self.aligner
             .try_enter(self.partition, self.aligner.period(time_ms))
+            == Entry::Now
     }
 
     /// This consumer has parts waiting and could not fetch them (its fetch failed or came
@@ -192,12 +247,47 @@ mod tests {
 
     const MIN: u64 = 60_000;
 
-    /// Whether `enter` returns within a short while (it either returns at once or waits on
-    /// another member).
+    /// Whether `enter` lets the part in within a short while (it either returns at once or
+    /// waits on another member).
     async fn enters(m: &Member, time_ms: u64) -> bool {
         tokio::time::timeout(Duration::from_millis(50), m.enter(time_ms))
             .await
-            .is_ok()
+            .unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn consumers_being_stopped_go_no_further_than_the_period_granted() {
+        let a = Aligner::new(MIN);
+        let (p0, p1, p2) = (a.join(0), a.join(1), a.join(2));
+        assert!(!enters(&p0, 10 * MIN).await, "p1 and p2 have not fetched");
+        assert!(!enters(&p1, 10 * MIN).await, "p2 has not fetched");
+        assert!(enters(&p2, 10 * MIN).await, "all are at minute 10");
+        assert!(enters(&p1, 10 * MIN).await);
+        assert!(enters(&p0, 10 * MIN).await);
+        // p2 waits for p0 and p1 to reach minute 12.
+        let waiting = tokio::spawn(async move { (p2.enter(12 * MIN).await, p2) });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // The aggregator stops its consumers: the waiting one is told to stop, ...
+        a.stop();
+        let (entered, p2) = waiting.await.unwrap();
+        assert!(
+            !entered,
+            "a part beyond minute 10 is left for the next start"
+        );
+        // ... the ones that stop first let nobody past them, ...
+        drop(p0);
+        assert!(!enters(&p1, 11 * MIN).await, "p0 left while stopping");
+        // ... and what was granted may still be queued.
+        assert!(enters(&p1, 10 * MIN).await);
+        drop((p1, p2));
+        // Started again: joined, they hold each other until each has fetched, as at the start.
+        a.resume();
+        let (q0, q1) = (a.join(0), a.join(1));
+        assert!(!enters(&q0, 11 * MIN).await, "q1 has not fetched");
+        assert!(enters(&q1, 9 * MIN).await, "behind: it never waits");
+        assert!(enters(&q1, 11 * MIN).await);
+        assert!(enters(&q0, 11 * MIN).await);
     }
 
     #[tokio::test]

@@ -262,8 +262,9 @@ impl Partition {
             // later judgement period waits until the other consumers have queued theirs of the
             // earlier ones. Before it waits, the parts begun are finished and acknowledged:
             // a begun part holds room in the writer's queue, which the consumer it waits for
-            // may need to go on. (Consumers finish their fetches even when stopped, and the
-            // one furthest behind never waits, so none waits for ever.) And before it waits,
+            // may need to go on. (Consumers finish their fetches even when stopped, up to the
+            // latest period granted, and the one furthest behind never waits, so none waits
+            // for ever.) And before it waits,
             // the rest of the fetch is read: the client ends a fetch 5 s after it expires and
             // drops what it delivered and nobody read, which would then come again only after
             // ack_wait, behind later parts of the same agents (duplicates below the
@@ -275,6 +276,11 @@ impl Partition {
             let mut gap = None;
             // A part came back Later: none after it is begun.
             let mut later = false;
+            // The aggregator is stopping its consumers, and a part is beyond the period they
+            // may go to (see `align`): neither it nor any after it is begun or acknowledged;
+            // they come again when the consumer starts again from its first part not
+            // acknowledged.
+            let mut left = false;
             loop {
                 let next = match rest.as_mut() {
                     Some(rest) => rest.pop_front(),
@@ -299,7 +305,7 @@ impl Partition {
                 }
                 self.next = self.next.max(seq + 1);
                 fetched = true;
-                let decoded = if later {
+                let decoded = if later || left {
                     Err(Done::Skipped)
                 } else {
                     self.decode(m.payload.clone())
@@ -311,12 +317,12 @@ impl Partition {
                         rest = Some((&mut messages).collect().await);
                     }
                     later |= self.finish(std::mem::take(&mut begun)).await;
-                    if !later {
-                        self.member.enter(part.time_ms()).await;
+                    if !later && !self.member.enter(part.time_ms()).await {
+                        left = true;
                     }
                 }
                 let pending = match decoded {
-                    Ok(_) if later => Err(Done::Skipped),
+                    Ok(_) if later || left => Err(Done::Skipped),
                     Ok(part) => self.begin(part).await,
                     Err(d) => Err(d),
                 };
@@ -338,6 +344,10 @@ impl Partition {
                 }
             }
             later |= self.finish(begun).await;
+            if left {
+                // Not fetched from again: what it would deliver next is after the parts left.
+                break;
+            }
             if let Some((want, got)) = gap {
                 self.collector.metrics().cluster_delivery_gaps.inc();
                 warn!(
