@@ -84,8 +84,9 @@ impl Aligner {
     }
 
     /// The consumers are about to be stopped: from now on none goes beyond the latest period
-    /// granted, and one waiting to is told to stop ([`Member::enter`] returns false), so that
-    /// the ones still finishing their fetches do not run on past those that stopped first.
+    /// granted, and one waiting to go beyond it is told to stop ([`Member::enter`] returns
+    /// false), so that the ones still finishing their fetches do not run on past those that
+    /// stopped first.
     pub fn stop(&self) {
         self.lock().stopping = true;
         self.bump();

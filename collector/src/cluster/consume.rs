@@ -264,11 +264,10 @@ impl Partition {
             // a begun part holds room in the writer's queue, which the consumer it waits for
             // may need to go on. (Consumers finish their fetches even when stopped, up to the
             // latest period granted, and the one furthest behind never waits, so none waits
-            // for ever.) And before it waits,
-            // the rest of the fetch is read: the client ends a fetch 5 s after it expires and
-            // drops what it delivered and nobody read, which would then come again only after
-            // ack_wait, behind later parts of the same agents (duplicates below the
-            // watermark by then: lost).
+            // for ever.) And before it waits, the rest of the fetch is read: the client ends a
+            // fetch 5 s after it expires and drops what it delivered and nobody read, which
+            // would then come again only after ack_wait, behind later parts of the same agents
+            // (duplicates below the watermark by then: lost).
             let mut begun = Vec::new();
             let mut fetched = false;
             let mut failed = false;
