@@ -770,16 +770,17 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    let posted = loop {
-        let got = changes(&hook.bodies());
+    let (posted, records) = loop {
+        let records = posted_alerts(&hook.bodies());
+        let got = changes(&records);
         if missing(&got).is_empty() || Instant::now() > deadline {
-            break got;
+            break (got, records);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let not_posted = missing(&posted);
     let resolved_on_the_way = match cfg.fleet {
-        Fleet::Day => resolved_changes(&hook.bodies()),
+        Fleet::Day => resolved_changes(&records),
         // Not held to it: its attacks run to the end too, but its week of benign look-alikes
         // was not measured for alerts that resolve, as the day's was (no resolution in 8 runs
         // beside two busy loops).
@@ -834,9 +835,18 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
 /// An alert change as the webhook carries it: (id, state, `last_seen_ms`).
 type Change = (String, String, u64);
 
-/// The alert changes in webhook `bodies`, and how many times each came.
-fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
-    let mut out = BTreeMap::new();
+/// One webhook body: its change, and what says whose alert it is.
+struct Posted {
+    change: Change,
+    key: String,
+    detector: String,
+    /// A service's alert (a workload's own volume changed).
+    service: bool,
+}
+
+/// The alerts in webhook `bodies`, in the order they came (a body that is not one is left out).
+fn posted_alerts(bodies: &[String]) -> Vec<Posted> {
+    let mut out = Vec::new();
     for body in bodies {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
             continue;
@@ -848,31 +858,40 @@ fn changes(bodies: &[String]) -> BTreeMap<Change, u32> {
         ) else {
             continue;
         };
-        *out.entry((id.to_owned(), state.to_owned(), at))
-            .or_insert(0) += 1;
+        out.push(Posted {
+            change: (id.to_owned(), state.to_owned(), at),
+            key: v["key"].as_str().unwrap_or("?").to_owned(),
+            detector: v["detector"].as_str().unwrap_or("?").to_owned(),
+            service: v["scope"].as_str() == Some(v1::Scope::Service.as_str_name()),
+        });
     }
     out
 }
 
-/// The alerts (not a service's) in webhook `bodies` that came as resolved: key, detector and
-/// when, each once.
-fn resolved_changes(bodies: &[String]) -> Vec<String> {
-    let mut out = BTreeSet::new();
-    for body in bodies {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
-            continue;
-        };
-        if v["state"].as_str() == Some(v1::AlertState::Resolved.as_str_name())
-            && v["scope"].as_str() != Some(v1::Scope::Service.as_str_name())
-        {
-            out.insert(format!(
-                "{} ({}, last seen at {} s)",
-                v["key"].as_str().unwrap_or("?"),
-                v["detector"].as_str().unwrap_or("?"),
-                v["last_seen_ms"].as_u64().unwrap_or(0) / 1000
-            ));
-        }
+/// The alert changes POSTed, and how many times each came.
+fn changes(posted: &[Posted]) -> BTreeMap<Change, u32> {
+    let mut out = BTreeMap::new();
+    for p in posted {
+        *out.entry(p.change.clone()).or_insert(0) += 1;
     }
+    out
+}
+
+/// The alerts (not a service's) POSTed as resolved: key, detector and when, each once.
+fn resolved_changes(posted: &[Posted]) -> Vec<String> {
+    let resolved = v1::AlertState::Resolved.as_str_name();
+    let out: BTreeSet<String> = posted
+        .iter()
+        .filter(|p| p.change.1 == resolved && !p.service)
+        .map(|p| {
+            format!(
+                "{} ({}, last seen at {} s)",
+                p.key,
+                p.detector,
+                p.change.2 / 1000
+            )
+        })
+        .collect();
     out.into_iter().collect()
 }
 
