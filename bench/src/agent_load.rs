@@ -159,7 +159,7 @@ fn deltas_applied(metrics: SocketAddr) -> Result<f64> {
 }
 
 /// Starts the agent and waits for its "attached" log line.
-fn start_agent(args: &[&str]) -> Result<ChildProcess> {
+pub(crate) fn start_agent(args: &[&str]) -> Result<ChildProcess> {
     let mut cmd = Command::new(agent_bin());
     cmd.arg("run")
         .args(args)

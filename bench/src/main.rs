@@ -15,6 +15,7 @@ mod object;
 mod packet;
 mod report;
 mod requests;
+mod start;
 mod sys;
 mod testbed;
 mod throughput;
@@ -56,6 +57,9 @@ enum Command {
     Throughput(throughput::ThroughputArgs),
     /// The agent's CPU and memory with many live connections.
     Agent(agent_load::Args),
+    /// The agent's start: time to attached, and the instructions the verifier walks per
+    /// program.
+    Start(start::Args),
     /// Collector ingest: connection deltas applied per second over gRPC, with detection on
     /// and off.
     Ingest(ingest::Args),
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Traffic(a) => traffic::run_cost(a),
         Command::Throughput(a) => throughput::run_throughput(a),
         Command::Agent(a) => agent_load::run(a),
+        Command::Start(a) => start::run(a),
         Command::Ingest(a) => ingest::run(a),
         Command::Detect(a) => detect::run(a),
         Command::Cluster(a) => cluster::run(a),

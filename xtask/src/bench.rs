@@ -21,7 +21,7 @@ use crate::{cmd, demo, setup, test::cargo_command};
 #[derive(clap::Args)]
 pub struct Args {
     /// Run only these (comma-separated): packet, capture, traffic, requests, throughput,
-    /// agent, ingest, detect, cluster, alert.
+    /// agent, start, ingest, detect, cluster, alert.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Fewer and shorter runs (minutes less), to check the benchmarks themselves; writes
@@ -35,7 +35,7 @@ pub struct Args {
 
 /// The benchmarks, in the order they run: `outflow-bench` subcommands with their arguments
 /// (full, quick), then the demo's time to alert.
-const BENCHES: [(&str, &[&str], &[&str]); 9] = [
+const BENCHES: [(&str, &[&str], &[&str]); 10] = [
     (
         "packet",
         &[],
@@ -57,6 +57,7 @@ const BENCHES: [(&str, &[&str], &[&str]); 9] = [
         &[],
         &["--conns", "10000", "--windows", "1", "--window-secs", "3"],
     ),
+    ("start", &[], &["--runs", "3"]),
     (
         "ingest",
         &["--max-keys", "1000000"],
@@ -124,6 +125,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "requests",
         "throughput",
         "agent",
+        "start",
         "ingest",
         "detect",
         "cluster",
