@@ -74,7 +74,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // The whole suite: then the kernel suites again, on each kernel of the VM matrix (after the
     // host's tests, never beside them: both are timing-bound and the machine has 2 cores).
     if args.cargo_test_args.is_empty() {
-        let vms_ok = vm::matrix(&report, &[])?;
+        let vms_ok = vm::matrix(&report, &[], None)?;
         if status.success() && !vms_ok {
             return Ok(ExitCode::FAILURE);
         }
