@@ -101,6 +101,15 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The smallest and the largest of `values` ((inf, -inf) when empty).
+pub fn range(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 /// `1234567.8` as `1,234,568`.
 pub fn thousands(x: f64) -> String {
     let s = format!("{:.0}", x.abs());

@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use crate::{
     capture::http_request,
-    report::{Section, median, thousands},
+    report::{Section, median, range, thousands},
     testbed::{
         BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, DIRECTIONS, RunningAgent, attached_named,
         attached_prog_ids, harness, in_netns, prog_stats, runs_range, seconds_range, wait_detached,
@@ -331,9 +331,7 @@ fn section(args: &Args, runs: &[Vec<Run>; 3]) -> Section {
         let v = &runs[mode as usize];
         let r = rates(v);
         let rate = median(&r);
-        let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
-            (lo.min(x), hi.max(x))
-        });
+        let (lo, hi) = range(&r);
         let prog = |i: usize| {
             let ns = median(
                 &v.iter()

@@ -1,7 +1,7 @@
 //! The agent's start: the time from starting the release `outflow-agent` to its programs being
 //! attached, and how much of its programs the kernel's verifier walks to load them (the
-//! verifier is most of the start, and under emulation, as in the kernel matrix's VMs, most of
-//! a kernel test).
+//! verifier's time grows with that count, and was most of the start while it walked the slot
+//! search once per caller's state).
 use std::{
     collections::{BTreeMap, HashSet},
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use outflow_tests::{agent::PinDir, cgroup::TestCgroup};
 
 use crate::{
     agent_load::start_agent,
-    report::{Section, median, thousands},
+    report::{Section, median, range, thousands},
 };
 
 #[derive(clap::Args)]
@@ -130,9 +130,7 @@ fn section(args: &Args, times: &[f64], programs: &BTreeMap<&'static str, Loaded>
         args.runs
     )];
     s.header = ["what", "figure"].map(String::from).to_vec();
-    let (lo, hi) = times.iter().fold((f64::INFINITY, 0f64), |(lo, hi), t| {
-        (lo.min(*t), hi.max(*t))
-    });
+    let (lo, hi) = range(times);
     s.row([
         "start, spawn to attached".to_string(),
         format!("{:.3} s ({lo:.3} to {hi:.3})", median(times)),

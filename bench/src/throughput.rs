@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::report::{Section, median, thousands};
+use crate::report::{Section, median, range, thousands};
 
 use crate::testbed::{Bed, DEFAULT_SECONDS, command_line, runs_range, seconds_range};
 
@@ -130,11 +130,6 @@ pub fn run_throughput(args: &ThroughputArgs) -> Result<Section> {
         }
         let (d, a) = (median(&detached), median(&attached));
         let loss = (d - a) / d * 100.0;
-        let range = |v: &[f64]| {
-            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            (min, max)
-        };
         let spread = |v: &[f64]| {
             let (min, max) = range(v);
             format!("{min:.2}–{max:.2}")
