@@ -204,9 +204,9 @@ pub struct Outcome {
     pub posted_twice: Vec<String>,
     /// Listed alerts whose latest change it never got.
     pub not_posted: Vec<String>,
-    /// With a day's fleet, alerts (not a service's) it got as resolved: the day's attacks run
-    /// to its end, so an alert of theirs resolved on the way was judged on parts it had not
-    /// applied yet (raised again afterwards, or not).
+    /// Alerts (not a service's) it got as resolved: every attack runs to the fleet's end, so
+    /// an alert of theirs resolved on the way was judged on parts it had not applied yet
+    /// (raised again afterwards, or not).
     pub resolved_on_the_way: Vec<String>,
 }
 
@@ -779,13 +779,7 @@ pub fn run(cfg: &DemoConfig, mut beside: Option<&mut dyn Beside>) -> Result<Outc
         std::thread::sleep(Duration::from_millis(100));
     };
     let not_posted = missing(&posted);
-    let resolved_on_the_way = match cfg.fleet {
-        Fleet::Day => resolved_changes(&records),
-        // Not held to it: its attacks run to the end too, but its week of benign look-alikes
-        // was not measured for alerts that resolve, as the day's was (no resolution in 8 runs
-        // beside two busy loops).
-        Fleet::Week => Vec::new(),
-    };
+    let resolved_on_the_way = resolved_changes(&records);
     let posted_twice: Vec<String> = posted
         .iter()
         .filter(|(_, n)| **n > 1)

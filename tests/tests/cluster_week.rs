@@ -10,7 +10,8 @@
 //! and another NATS node cut off from the network for ten seconds. Once every part is applied,
 //! every host's and every client's 24 h totals (the week's last day) equal what was sent, to
 //! the byte, and each attack raised its alert once, every alert change POSTed to the webhook
-//! once.
+//! once, and no alert (not a workload's own) came as resolved: both attacks run to the week's
+//! end.
 use std::time::Duration;
 
 use outflow_sim::cluster_demo::{DemoConfig, Fleet, default_collector_bin, run};
@@ -38,6 +39,11 @@ fn a_week_through_the_cluster_catches_the_pool_and_the_low_and_slow_pull_once() 
     assert_eq!(out.hosts, 20);
     let attacks: Vec<_> = out.report.attacks.iter().map(|a| a.scenario).collect();
     assert_eq!(attacks, Fleet::Week.attacks());
+    assert!(
+        out.resolved_on_the_way.is_empty(),
+        "{:?}",
+        out.resolved_on_the_way
+    );
     // Every total exact, every attack alerted once, every alert change POSTed once: the line
     // says what differs.
     assert!(out.passed(), "{}", out.line());
