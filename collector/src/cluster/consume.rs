@@ -247,7 +247,7 @@ impl Partition {
                 () = stop.cancelled() => break,
                 b = consumer.fetch().max_messages(FETCH).expires(FETCH_WAIT).messages() => b,
             };
-            let mut messages = match batch {
+            let messages = match batch {
                 Ok(m) => m,
                 Err(e) => {
                     // Whether parts wait is not known: it holds the others (see below).
@@ -264,14 +264,21 @@ impl Partition {
             // a begun part holds room in the writer's queue, which the consumer it waits for
             // may need to go on. (Consumers finish their fetches even when stopped, up to the
             // latest period granted, and the one furthest behind never waits, so none waits
-            // for ever.) And before it waits, the rest of the fetch is read: the client ends a
-            // fetch 5 s after it expires and drops what it delivered and nobody read, which
-            // would then come again only after ack_wait, behind later parts of the same agents
-            // (duplicates below the watermark by then: lost).
+            // for ever.)
+            //
+            // The whole fetch is read before any part is begun: the client ends a fetch 5 s
+            // after it expires and drops what the server delivered and nobody read. Those
+            // parts come again only after ack_wait (a minute), unless a later delivery shows
+            // the gap first (see `next`). Beginning the parts of a fetch can take that long:
+            // each waits for room in the writer's queue, which every consumer fills while the
+            // writer commits (measured: one aggregator replaying 12 partitions of 720 parts
+            // each stalled a minute on such gaps, 70 s instead of 10 s), or for the other
+            // consumers at a period's end. Parts read hold no more memory than unread ones:
+            // the server has sent them to this client either way.
+            let mut fetch: VecDeque<_> = messages.collect().await;
             let mut begun = Vec::new();
             let mut fetched = false;
             let mut failed = false;
-            let mut rest: Option<VecDeque<_>> = None;
             let mut gap = None;
             // A part came back Later: none after it is begun.
             let mut later = false;
@@ -281,11 +288,7 @@ impl Partition {
             // acknowledged.
             let mut left = false;
             loop {
-                let next = match rest.as_mut() {
-                    Some(rest) => rest.pop_front(),
-                    None => messages.next().await,
-                };
-                let Some(m) = next else { break };
+                let Some(m) = fetch.pop_front() else { break };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -312,9 +315,6 @@ impl Partition {
                 if let Ok(part) = &decoded
                     && !self.member.try_enter(part.time_ms())
                 {
-                    if rest.is_none() {
-                        rest = Some((&mut messages).collect().await);
-                    }
                     later |= self.finish(std::mem::take(&mut begun)).await;
                     if !later && !self.member.enter(part.time_ms()).await {
                         left = true;
