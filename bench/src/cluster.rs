@@ -29,7 +29,7 @@ use outflow_testbed::nats::NatsCluster;
 use outflow_tests::collector::{Metrics, TempDir, free_port};
 
 use crate::{
-    ingest::{self, COLLECTOR_CONFIG, CollectorProcess, Load},
+    ingest::{self, COLLECTOR_CONFIG, CollectorProcess, CpuPerDelta, Load, thread_cpu},
     report::{Section, median, thousands},
     sys,
 };
@@ -57,8 +57,9 @@ pub struct Args {
     /// Deltas per batch.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     deltas: u32,
-    /// Runs per aggregator count; the figures are their median.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Runs per aggregator count; the figures are their median (runs of one count vary by a
+    /// fifth here: the aggregators share two cores with three NATS servers).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
     /// Extractions timed from the send of their batch to their alert through an ingest node,
     /// with the most aggregators of `--aggregators` (0: none).
@@ -106,8 +107,17 @@ struct RunResult {
     acked_seconds: f64,
     /// Send to Ack, ms: median and 99th percentile.
     ack_ms: (f64, f64),
+    /// From the aggregators' start until they had applied a first delta (claiming the
+    /// partitions and opening their consumers).
+    start_seconds: f64,
     /// The aggregators' CPU time, in % of one core, summed.
     aggregator_cpu: f64,
+    /// The NATS servers' CPU time over the same time, in % of one core, summed.
+    nats_cpu: f64,
+    /// The aggregators' CPU time per delta applied, by thread, summed.
+    cpu_per_delta: CpuPerDelta,
+    /// Parts applied per group commit, over all the aggregators.
+    parts_per_commit: f64,
 }
 
 pub fn run(args: &Args) -> Result<Section> {
@@ -168,10 +178,14 @@ pub fn run(args: &Args) -> Result<Section> {
 }
 
 /// The configuration of a cluster node: rate limits off, the cluster's settings, `role`'s.
+/// The top-clients metric is off: [`wait_for`] reads the aggregators' /metrics every 50 ms,
+/// and that metric is a pass over every client held at each read (measured: about 250 ns of
+/// the aggregators' workers' CPU per delta at 100,000 clients), which a Prometheus scrape
+/// every 15 s or more does not cost.
 fn node_config(nats: &NatsCluster, partitions: u32, role: &str) -> String {
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     format!(
-        "{COLLECTOR_CONFIG}max_keys = 1000000\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {partitions}\nlease = \"3s\"\n",
+        "{COLLECTOR_CONFIG}max_keys = 1000000\n[metrics]\ntop_clients = 0\n[cluster]\nrole = \"{role}\"\nnats_urls = [{}]\npartitions = {partitions}\nlease = \"3s\"\n",
         urls.join(", ")
     )
 }
@@ -269,20 +283,43 @@ fn one_run(
         .iter()
         .map(|a| sys::cpu_time(a.0.pid()))
         .collect::<Result<_>>()?;
+    let nats_cpu = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| sys::cpu_time(*p).map(|c| c.as_secs_f64()))
+            .sum::<Result<f64>>()
+    };
+    let nats0 = nats_cpu(&nats.pids())?;
+    let threads0: Vec<_> = aggregators
+        .iter()
+        .map(|a| thread_cpu(a.0.pid()))
+        .collect::<Result<_>>()?;
     let agg_metrics: Vec<SocketAddr> = aggregators.iter().map(|a| a.2).collect();
     let total = args.load().total_deltas() as f64;
+    let applied = |m: &[Metrics]| {
+        m.iter()
+            .map(|m| m.value("outflow_collector_deltas_total"))
+            .sum::<f64>()
+    };
+    wait_for(
+        &agg_metrics,
+        DRAIN_TIMEOUT,
+        "the aggregators applying a first delta",
+        |m| applied(m) > 0.0,
+    )?;
+    let start_seconds = t1.elapsed().as_secs_f64();
     wait_for(
         &agg_metrics,
         DRAIN_TIMEOUT,
         "the aggregators applying every delta",
-        |m| {
-            m.iter()
-                .map(|m| m.value("outflow_collector_deltas_total"))
-                .sum::<f64>()
-                >= total
-        },
+        |m| applied(m) >= total,
     )?;
     let seconds = t1.elapsed().as_secs_f64();
+    let nats_seconds = nats_cpu(&nats.pids())? - nats0;
+    let mut cpu_per_delta = CpuPerDelta::default();
+    for (a, before) in aggregators.iter().zip(&threads0) {
+        let after = thread_cpu(a.0.pid())?;
+        cpu_per_delta = cpu_per_delta.plus(CpuPerDelta::of(before, &after, total));
+    }
     let held: f64 = agg_metrics
         .iter()
         .map(|a| Metrics::fetch(*a).map(|m| m.value("outflow_collector_cluster_partitions_held")))
@@ -297,20 +334,28 @@ fn one_run(
         .zip(&cpu0)
         .map(|(a, c0)| sys::cpu_time(a.0.pid()).map(|c| (c - *c0).as_secs_f64()))
         .sum::<Result<f64>>()?;
-    let applied: f64 = agg_metrics
+    let end: Vec<Metrics> = agg_metrics
         .iter()
-        .map(|a| Metrics::fetch(*a).map(|m| m.value("outflow_collector_deltas_total")))
-        .sum::<std::io::Result<f64>>()?;
+        .map(|a| Metrics::fetch(*a))
+        .collect::<std::io::Result<_>>()?;
+    let applied = applied(&end);
     ensure!(
         applied == total,
         "the aggregators applied {applied} deltas, {total} were sent"
     );
+    let sum = |name: &str| end.iter().map(|m| m.value(name)).sum::<f64>();
+    let parts_per_commit = sum("outflow_collector_cluster_applied_parts_total")
+        / sum("outflow_collector_store_commit_seconds_count").max(1.0);
     Ok(RunResult {
         aggregators: n,
         seconds,
         acked_seconds,
         ack_ms,
+        start_seconds,
         aggregator_cpu: 100.0 * cpu / seconds.max(1e-9),
+        nats_cpu: 100.0 * nats_seconds / seconds.max(1e-9),
+        cpu_per_delta,
+        parts_per_commit,
     })
 }
 
@@ -332,8 +377,13 @@ fn section(
          ingest figures run from the first batch sent to the last Ack. Then the aggregators \
          start on the full stream: their clock runs from their start (claiming the partitions \
          included) until their `deltas_total` add up to every delta sent (checked to the \
-         delta). The aggregators and NATS share the machine's two cores: read the ratio per \
-         added aggregator, not the absolute rate.",
+         delta). *Start to first applied*: until their first delta applied (claiming the \
+         partitions, opening the consumers); *deltas/s from first applied* leaves it out. \
+         *CPU per delta*: the aggregators' threads' CPU time over the run per delta applied, \
+         summed over the aggregators, by thread as in the ingest section (the workers decode \
+         and fold the parts, consume and acknowledge them). *Parts per group commit*: parts \
+         applied per write transaction of the store. The aggregators and NATS share the \
+         machine's two cores: read the ratio per added aggregator, not the absolute rate.",
         args.partitions, shape.agents, shape.batches, shape.deltas, shape.clients
     );
     s.commands = vec![args.command()];
@@ -341,7 +391,12 @@ fn section(
         "aggregators",
         "deltas/s applied",
         "ratio to 1",
+        "start to first applied (s)",
+        "deltas/s from first applied",
         "aggregators' CPU (% of a core)",
+        "NATS servers' CPU (% of a core)",
+        "CPU per delta: writer / workers / detection / other (ns)",
+        "parts per group commit",
         "ingest: deltas/s acknowledged",
         "ingest: send to Ack p50 / p99 (ms)",
     ]
@@ -366,7 +421,18 @@ fn section(
             n.to_string(),
             thousands(rate),
             base.map_or("-".into(), |b| format!("{:.2}", rate / b.max(1e-9))),
+            format!("{:.2}", med(&|r| r.start_seconds)),
+            thousands(med(&|r| total / (r.seconds - r.start_seconds).max(1e-9))),
             format!("{:.0}", med(&|r| r.aggregator_cpu)),
+            format!("{:.0}", med(&|r| r.nats_cpu)),
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                med(&|r| r.cpu_per_delta.writer),
+                med(&|r| r.cpu_per_delta.workers),
+                med(&|r| r.cpu_per_delta.detection),
+                med(&|r| r.cpu_per_delta.other)
+            ),
+            format!("{:.0}", med(&|r| r.parts_per_commit)),
             thousands(total / med(&|r| r.acked_seconds).max(1e-9)),
             format!("{:.0} / {:.0}", med(&|r| r.ack_ms.0), med(&|r| r.ack_ms.1)),
         ]);

@@ -480,7 +480,7 @@ fn one_run(
 }
 
 /// Each thread of process `pid`: its id, name and CPU time (user + system) so far.
-fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
+pub(crate) fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let dir = format!("/proc/{pid}/task");
@@ -516,16 +516,20 @@ fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
 /// and the rest. Unlike deltas/s, which the load generator's share of the machine moves from run
 /// to run, these measure what a change to one of them costs or saves.
 #[derive(Debug, Clone, Copy, Default)]
-struct CpuPerDelta {
-    writer: f64,
-    workers: f64,
-    detection: f64,
-    other: f64,
+pub(crate) struct CpuPerDelta {
+    pub(crate) writer: f64,
+    pub(crate) workers: f64,
+    pub(crate) detection: f64,
+    pub(crate) other: f64,
 }
 
 impl CpuPerDelta {
     /// From two [`thread_cpu`] samples, `deltas` applied between them.
-    fn of(before: &[(u32, String, f64)], after: &[(u32, String, f64)], deltas: f64) -> Self {
+    pub(crate) fn of(
+        before: &[(u32, String, f64)],
+        after: &[(u32, String, f64)],
+        deltas: f64,
+    ) -> Self {
         let mut c = Self::default();
         for (name, cpu) in thread_use(before, after) {
             let ns = 1e9 * cpu / deltas.max(1.0);
@@ -541,6 +545,16 @@ impl CpuPerDelta {
 
     fn total(&self) -> f64 {
         self.writer + self.workers + self.detection + self.other
+    }
+
+    /// `self` and `other` together (the CPU of two processes per delta of both).
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            writer: self.writer + other.writer,
+            workers: self.workers + other.workers,
+            detection: self.detection + other.detection,
+            other: self.other + other.other,
+        }
     }
 }
 

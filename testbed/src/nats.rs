@@ -247,6 +247,14 @@ impl NatsCluster {
             .mend();
     }
 
+    /// The process ids of the nodes running (e.g. to read their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.process.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Whether node `i`'s process runs.
     pub fn is_running(&mut self, i: usize) -> bool {
         self.nodes[i]

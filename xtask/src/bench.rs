@@ -89,6 +89,8 @@ const BENCHES: [(&str, &[&str], &[&str]); 10] = [
             "10",
             "--deltas",
             "5000",
+            "--runs",
+            "1",
         ],
     ),
 ];
