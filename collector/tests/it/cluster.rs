@@ -1859,3 +1859,197 @@ async fn nodes_reach_nats_in_operator_mode_with_a_creds_file() {
     )
     .await;
 }
+
+/// Aggregator config `cfg` run as an `outflow-collector` process of its own, with the crash
+/// points `failpoints` armed (`OUTFLOW_FAILPOINTS`): one armed in this process would hold
+/// every collector the suite runs beside it.
+struct AggregatorProcess {
+    child: std::process::Child,
+    metrics: std::net::SocketAddr,
+}
+
+impl AggregatorProcess {
+    /// Starts it and waits until it serves its metrics (30 s at most); its log goes to
+    /// `<data_dir>.log`.
+    async fn start(mut cfg: outflow_collector::Config, failpoints: &str) -> Self {
+        cfg.listen = ([127, 0, 0, 1], free_port()).into();
+        cfg.metrics_listen = ([127, 0, 0, 1], free_port()).into();
+        let file = cfg.data_dir.with_extension("toml");
+        std::fs::write(&file, cfg.to_toml()).unwrap();
+        let log = std::fs::File::create(cfg.data_dir.with_extension("log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_outflow-collector"))
+            .arg("--config")
+            .arg(&file)
+            .env(outflow_collector::crash::ENV, failpoints)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let p = AggregatorProcess {
+            child,
+            metrics: cfg.metrics_listen,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(p.metrics).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the aggregator process never served its metrics: see {}",
+                cfg.data_dir.with_extension("log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.metrics, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Stops it as a service manager would (SIGTERM) and waits for it to end.
+    fn stop(mut self) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: signals the child this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the aggregator ended with {status}");
+    }
+}
+
+impl Drop for AggregatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An aggregator whose writer is held (its first commit slowed by 12 s, as a slow disk
+/// would) while its consumers' first fetches hold twice the parts its writer's queue takes
+/// (8 partitions of 256 parts, a queue of 1,024): the consumers that wait for room in the
+/// queue wait longer than the client keeps a fetch (expires + 5 s). They read their whole
+/// fetch before they begin its parts, so none of it is dropped unread to come again after
+/// ack_wait: no delivery gap, every part applied once, the totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_waiting_on_a_held_writer_longer_than_a_fetch_lives_lose_none_of_it() {
+    const BATCHES: u64 = 300;
+    const HELD_MS: u64 = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let ingest = start_ingest(dir.path(), &nats).await;
+    let config = || aggregator_config(dir.path(), &nats, "a0");
+    // a0 makes its consumers, and stops cleanly (it goes on from them when it starts again).
+    let a0 = start(config()).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 holds every partition", |c| c.len() == 8).await;
+    wait_drained(&watch, 8, Duration::from_secs(30), "no consumers made").await;
+    a0.shutdown().await.unwrap();
+
+    // One client in each of the 8 partitions: every batch has a part for each.
+    let partitions = Partitions::new(8).unwrap();
+    let mut clients = BTreeMap::new();
+    for b in 0..=255u8 {
+        let addr = [203, b, 7, 9];
+        clients
+            .entry(partitions.of_addr(IpAddr::from(addr)))
+            .or_insert(addr);
+    }
+    assert_eq!(clients.len(), 8, "no client for some partition");
+    let u = url(&ingest);
+    let mut by_addr = BTreeMap::new();
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    for seq in 1..=BATCHES {
+        let deltas = clients
+            .values()
+            .map(|&addr| {
+                let mut d = delta(addr, 1000 + seq, 10, false);
+                d.conn_id = seq << 8 | u64::from(addr[1]);
+                *by_addr.entry(IpAddr::from(addr).to_string()).or_insert(0) += 1000 + seq;
+                d
+            })
+            .collect();
+        let b = batch(seq, 1_750_000_000_000 + seq * 1000, deltas);
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    }
+    let stream = watch.get_stream(STREAM).await.unwrap();
+    for p in 0..8 {
+        let mut c = stream
+            .get_consumer::<pull::Config>(&format!("a0-p{p}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.info().await.unwrap().num_pending,
+            BATCHES,
+            "partition {p}"
+        );
+    }
+
+    let held = tokio::time::Instant::now();
+    let a0 = AggregatorProcess::start(
+        config(),
+        &format!("writer::after_commit=1*sleep({HELD_MS})"),
+    )
+    .await;
+    // Held: every consumer's first fetch delivered, none acknowledged (2,048 parts begun or
+    // waiting for room among 1,024).
+    let deadline = held + Duration::from_millis(HELD_MS / 2);
+    loop {
+        let mut pending = 0;
+        for p in 0..8 {
+            let mut c = stream
+                .get_consumer::<pull::Config>(&format!("a0-p{p}"))
+                .await
+                .unwrap();
+            pending += c.info().await.unwrap().num_ack_pending;
+        }
+        if pending == 8 * 256 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumers' first fetches are not all held: {pending} parts delivered and not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(
+            &a0.metrics().await,
+            "outflow_collector_cluster_applied_parts_total"
+        ),
+        0.0,
+        "a part applied while the writer is held"
+    );
+
+    let deadline = held + Duration::from_millis(HELD_MS) + Duration::from_secs(60);
+    loop {
+        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
+        if drained(&watch, 8).await && top.as_ref().ok() == Some(&by_addr) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never drained to the truth: {top:?}\nwant {by_addr:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        held.elapsed() >= Duration::from_millis(HELD_MS),
+        "the writer was not held"
+    );
+    let m = a0.metrics().await;
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_delivery_gaps_total"),
+        0.0,
+        "parts of a fetch dropped unread\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_applied_parts_total"),
+        (8 * BATCHES) as f64,
+        "each part applied once\n{m}"
+    );
+    drop(s);
+    a0.stop();
+    ingest.shutdown().await.unwrap();
+}
