@@ -37,8 +37,24 @@ use crate::{
     model::MAX_AGENT_ID_CHARS,
 };
 
-/// Parts taken from a consumer at once (applied in one go, so they can share group commits).
+/// Parts taken from a consumer at once, at most (applied in one go, so they can share group
+/// commits).
 const FETCH: usize = 256;
+/// Bytes of parts an aggregator's consumers ask for together, about: each fetch asks for its
+/// consumer's share (this over the partitions held), in parts of the size its last fetch's
+/// had. The client drops what a fetch has not delivered 5 s after it expires (see
+/// `Partition::run`), and every consumer of an aggregator fetches over one connection, on the
+/// same threads that decode the parts. Measured while one aggregator replayed 12 partitions,
+/// fetching 256 parts of 80 KB each (250 MB together): 4 to 7 fetches a run cut short; with
+/// the consumers opened together, every partition's, from 21 parts on, and a partition whose
+/// last fetch was cut (no later delivery shows the gap) waited for ack_wait: 62 s instead of
+/// 5. (NATS's own `max_bytes` ends a fetch with a status when the next part does not fit;
+/// measured worse: see BENCHMARKS.md.)
+const FETCH_BYTES: usize = 64 << 20;
+/// The size of a part a consumer assumes before its first fetch when the stream cannot say
+/// (empty, or not answering): NATS's default `max_payload`, the largest a part can be unless
+/// the servers allow more.
+const FIRST_PART_BYTES: usize = 1 << 20;
 /// How long a fetch waits for parts when there are none.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
 /// A consumer nobody has fetched from for this long is removed by the server (the ones of an
@@ -173,6 +189,7 @@ pub fn spawn(
             next: 0,
             holdings,
             replay: Some((Instant::now(), 0)),
+            part_bytes: 0,
         }
         .run(consumer, stop)
         .await;
@@ -188,6 +205,17 @@ fn partition_agent(agent_id: &str, partition: u32) -> String {
         id
     } else {
         format!("h{:016x}#{partition}", fnv1a(agent_id.as_bytes()))
+    }
+}
+
+/// The mean size of the stream's parts (all partitions'), or [`FIRST_PART_BYTES`] when it
+/// holds none or does not answer.
+async fn mean_part_bytes(mut stream: Stream) -> usize {
+    match stream.info().await {
+        Ok(i) if i.state.messages > 0 => {
+            usize::try_from(i.state.bytes / i.state.messages).map_or(FIRST_PART_BYTES, |b| b.max(1))
+        }
+        _ => FIRST_PART_BYTES,
     }
 }
 
@@ -211,6 +239,9 @@ struct Partition {
     holdings: Holdings,
     /// Until it has caught up: when it started and how many parts it has applied since.
     replay: Option<(Instant, u64)>,
+    /// The mean size of the parts of its last fetch that had some (before the first: the
+    /// stream's, see [`mean_part_bytes`]).
+    part_bytes: usize,
 }
 
 /// What became of one part.
@@ -237,6 +268,7 @@ impl Partition {
         stop: CancellationToken,
     ) {
         self.holdings.behind(self.partition);
+        self.part_bytes = mean_part_bytes(self.source.stream.clone()).await;
         let info = consumer.cached_info();
         self.next = info.delivered.consumer_sequence + 1;
         if drained(info) {
@@ -245,7 +277,7 @@ impl Partition {
         while !stop.is_cancelled() {
             let batch = tokio::select! {
                 () = stop.cancelled() => break,
-                b = consumer.fetch().max_messages(FETCH).expires(FETCH_WAIT).messages() => b,
+                b = consumer.fetch().max_messages(self.fetch_size()).expires(FETCH_WAIT).messages() => b,
             };
             let messages = match batch {
                 Ok(m) => m,
@@ -276,6 +308,7 @@ impl Partition {
             // consumers at a period's end. Parts read hold no more memory than unread ones:
             // the server has sent them to this client either way.
             let mut fetch: VecDeque<_> = messages.collect().await;
+            self.measure(&fetch);
             let mut begun = Vec::new();
             let mut fetched = false;
             let mut failed = false;
@@ -386,6 +419,24 @@ impl Partition {
         debug!("partition {}: stopped", self.partition);
     }
 
+    /// Parts to ask the next fetch for: about this consumer's share of [`FETCH_BYTES`], 1 to
+    /// [`FETCH`].
+    fn fetch_size(&self) -> usize {
+        let share = FETCH_BYTES / self.holdings.count().max(1);
+        (share / self.part_bytes.max(1)).clamp(1, FETCH)
+    }
+
+    /// Keeps the mean size of the parts of `fetch`, if it has any.
+    fn measure<E>(&mut self, fetch: &VecDeque<Result<jetstream::Message, E>>) {
+        let (parts, bytes) = fetch
+            .iter()
+            .filter_map(|m| m.as_ref().ok())
+            .fold((0, 0), |(n, b), m| (n + 1, b + m.payload.len()));
+        if let Some(mean) = bytes.checked_div(parts) {
+            self.part_bytes = mean.max(1);
+        }
+    }
+
     /// Every part the stream had for the partition is applied: marked caught up (once).
     fn caught_up(&mut self) {
         let Some((since, parts)) = self.replay.take() else {
@@ -393,9 +444,10 @@ impl Partition {
         };
         self.holdings.caught_up(self.partition);
         let msg = format!(
-            "partition {}: caught up with the stream ({parts} parts applied in {:.1} s)",
+            "partition {}: caught up with the stream ({parts} parts applied in {:.1} s; {} bytes a part in the last fetch)",
             self.partition,
-            since.elapsed().as_secs_f64()
+            since.elapsed().as_secs_f64(),
+            self.part_bytes
         );
         if parts > 0 {
             info!("{msg}")

@@ -56,6 +56,11 @@ impl Holdings {
         self.read(|s| s.held.clone())
     }
 
+    /// How many partitions are held.
+    pub fn count(&self) -> usize {
+        self.read(|s| s.held.len())
+    }
+
     /// The partitions held that are not caught up.
     pub fn replaying(&self) -> BTreeSet<u32> {
         self.read(|s| s.replaying().collect())
