@@ -345,8 +345,12 @@ impl Aggregator {
                 .entry(*p)
                 .or_insert_with(|| self.aligner.join(*p));
         }
-        for p in starting {
-            self.apply(p).await?;
+        if !starting.is_empty() {
+            // Read once for every consumer the round starts: each sizes its first fetch by it.
+            let part_bytes = consume::mean_part_bytes(self.stream.clone()).await;
+            for p in starting {
+                self.apply(p, part_bytes).await?;
+            }
         }
         Ok(())
     }
@@ -381,8 +385,9 @@ impl Aggregator {
 
     /// Makes sure `partition` is being applied: a partition new to the store is listed first
     /// and applied from the stream's first part (any consumer left from before is deleted).
-    /// Its consumer takes its place among the others from `joined`.
-    async fn apply(&mut self, partition: u32) -> Result<(), RoundError> {
+    /// Its consumer takes its place among the others from `joined`, and sizes its first fetch
+    /// by `part_bytes` ([`consume::mean_part_bytes`]).
+    async fn apply(&mut self, partition: u32, part_bytes: usize) -> Result<(), RoundError> {
         let fresh = !self.held.contains(&partition);
         let source = consume::Source {
             stream: self.stream.clone(),
@@ -411,6 +416,7 @@ impl Aggregator {
             partition,
             member,
             self.shared.clone(),
+            part_bytes,
             stop.clone(),
         );
         self.running.insert(partition, (task, stop));

@@ -170,6 +170,11 @@ pub async fn delete(stream: &Stream, name: &str) -> Result<(), String> {
 /// Starts applying `partition` to `collector` from `consumer` ([`open`]), in step with the
 /// aggregator's other consumers through `member`, until `stop`; marks it caught up in
 /// `holdings` once it has applied every part the stream had for it, and behind when it stops.
+/// Its first fetch takes parts of `part_bytes` ([`mean_part_bytes`]).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the consumer task's collaborators and its first fetch's size, each once"
+)]
 pub fn spawn(
     collector: Arc<Collector>,
     source: Source,
@@ -177,6 +182,7 @@ pub fn spawn(
     partition: u32,
     member: Member,
     holdings: Holdings,
+    part_bytes: usize,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -189,7 +195,7 @@ pub fn spawn(
             next: 0,
             holdings,
             replay: Some((Instant::now(), 0)),
-            part_bytes: 0,
+            part_bytes,
         }
         .run(consumer, stop)
         .await;
@@ -209,8 +215,8 @@ fn partition_agent(agent_id: &str, partition: u32) -> String {
 }
 
 /// The mean size of the stream's parts (all partitions'), or [`FIRST_PART_BYTES`] when it
-/// holds none or does not answer.
-async fn mean_part_bytes(mut stream: Stream) -> usize {
+/// holds none or does not answer: what a consumer sizes its first fetch by.
+pub async fn mean_part_bytes(mut stream: Stream) -> usize {
     match stream.info().await {
         Ok(i) if i.state.messages > 0 => {
             usize::try_from(i.state.bytes / i.state.messages).map_or(FIRST_PART_BYTES, |b| b.max(1))
@@ -240,7 +246,7 @@ struct Partition {
     /// Until it has caught up: when it started and how many parts it has applied since.
     replay: Option<(Instant, u64)>,
     /// The mean size of the parts of its last fetch that had some (before the first: the
-    /// stream's, see [`mean_part_bytes`]).
+    /// stream's, [`mean_part_bytes`], as its aggregator read it).
     part_bytes: usize,
 }
 
@@ -268,7 +274,6 @@ impl Partition {
         stop: CancellationToken,
     ) {
         self.holdings.behind(self.partition);
-        self.part_bytes = mean_part_bytes(self.source.stream.clone()).await;
         let info = consumer.cached_info();
         self.next = info.delivered.consumer_sequence + 1;
         if drained(info) {
