@@ -1104,23 +1104,24 @@ async fn settled(
     }
 }
 
-/// Waits until both partitions' consumers are drained and the cluster's bytes per client
-/// address, asked of the node at `u`, are `by_addr`; panics at `deadline`.
+/// Waits until the consumers of all `partitions` are drained and the cluster's bytes per
+/// client address, asked of the node at `u`, are `by_addr`; panics at `deadline`.
 async fn drained_to(
     u: &str,
     watch: &jetstream::Context,
+    partitions: u32,
     by_addr: &BTreeMap<String, u64>,
     deadline: tokio::time::Instant,
 ) {
     loop {
         let top = fleet_top(u, v1::GroupBy::ClientAddress, None).await;
-        if drained(watch, 2).await && top.as_ref().ok() == Some(by_addr) {
+        if drained(watch, partitions).await && top.as_ref().ok() == Some(by_addr) {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "never drained to the truth (drained: {}): {top:?}\nwant {by_addr:?}",
-            drained(watch, 2).await
+            drained(watch, partitions).await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1196,7 +1197,14 @@ async fn a_consumer_held_back_longer_than_a_fetch_lives_loses_none_of_it() {
         "partition 0 is held back with its first fetch"
     );
 
-    drained_to(&u, &watch, &by_addr, held + HELD + Duration::from_secs(30)).await;
+    drained_to(
+        &u,
+        &watch,
+        2,
+        &by_addr,
+        held + HELD + Duration::from_secs(30),
+    )
+    .await;
     assert!(held.elapsed() >= HELD, "held back for less than {HELD:?}");
     let m = metrics(&a0).await;
     assert_eq!(
@@ -1534,7 +1542,7 @@ async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
         send(seq).await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    drained_to(&u, &watch, &by_addr, deadline).await;
+    drained_to(&u, &watch, 2, &by_addr, deadline).await;
     drop(s);
     for n in [ingest, a0] {
         n.shutdown().await.unwrap();
@@ -2023,17 +2031,7 @@ async fn consumers_waiting_on_a_held_writer_longer_than_a_fetch_lives_lose_none_
     );
 
     let deadline = held + Duration::from_millis(HELD_MS) + Duration::from_secs(60);
-    loop {
-        let top = fleet_top(&u, v1::GroupBy::ClientAddress, None).await;
-        if drained(&watch, 8).await && top.as_ref().ok() == Some(&by_addr) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never drained to the truth: {top:?}\nwant {by_addr:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    drained_to(&u, &watch, 8, &by_addr, deadline).await;
     assert!(
         held.elapsed() >= Duration::from_millis(HELD_MS),
         "the writer was not held"
