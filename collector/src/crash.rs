@@ -16,6 +16,9 @@
 //! - `store::append_fails` (an error point, not a crash): the group commit's transaction
 //!   fails as a failing disk would make it, and is not committed; `return(TEXT)` fails only
 //!   a store whose path contains `TEXT`;
+//! - `aggregator::before_consumers` (a delay point: `return(MILLISECONDS)`): a cluster
+//!   aggregator's round has made its claims and waits before it starts their consumers, as a
+//!   round slowed by a loaded JetStream would;
 //! - `detection::after_reading`: a judgement has read memory and made its alert changes, not
 //!   yet stored or published (tests hold the detection thread here with `pause`).
 

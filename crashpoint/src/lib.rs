@@ -1,9 +1,11 @@
 //! Crash points: named places on a commit path where the fault suite kills the process
-//! (SIGKILL, as the OOM killer or a power cut would), and error points, where it makes an
-//! operation fail as a failing disk would ([`error_point!`]); armed by the environment variable
-//! [`ENV`] in the `fail` crate's syntax: `NAME=ACTIONS[;NAME=ACTIONS...]`, where a point whose
-//! action is `return` kills the process: `writer::after_commit=2*off->return` kills it the
-//! third time it passes there. Unset (as in production), a point costs a map lookup.
+//! (SIGKILL, as the OOM killer or a power cut would), error points, where it makes an
+//! operation fail as a failing disk would ([`error_point!`]), and delay points, where async
+//! code waits as it would on a slow network ([`delay_point!`]); armed by the environment
+//! variable [`ENV`] in the `fail` crate's syntax: `NAME=ACTIONS[;NAME=ACTIONS...]`, where a
+//! point whose action is `return` kills the process: `writer::after_commit=2*off->return`
+//! kills it the third time it passes there. Unset (as in production), a point costs a map
+//! lookup.
 //!
 //! The agent and the collector each list their points in their own `crash` module.
 
@@ -64,6 +66,22 @@ macro_rules! error_point {
     };
 }
 
+/// A delay point named `$name`: how long async code should wait here (and so stall, as a
+/// slow network or disk would stall it), when [`ENV`] (or a test, through [`fail::cfg`]) arms
+/// it with `return(MILLISECONDS)`; `None` otherwise. Unlike the `fail` crate's `sleep`, which
+/// blocks the thread, the caller awaits the delay, so the other tasks of its runtime go on.
+/// Unset, it costs a map lookup.
+#[macro_export]
+macro_rules! delay_point {
+    ($name:literal) => {
+        $crate::fail::eval($name, |arg: Option<String>| {
+            ::std::time::Duration::from_millis(
+                arg.and_then(|a| a.trim().parse::<u64>().ok()).unwrap_or(0),
+            )
+        })
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +111,15 @@ mod tests {
         assert!(here("/data/b/store.redb"));
         fail::remove("c::d");
         assert!(!here("/data/a"));
+    }
+
+    #[test]
+    fn a_delay_point_gives_its_milliseconds_when_armed() {
+        let here = || delay_point!("e::f");
+        assert_eq!(here(), None);
+        arm("e::f=1*return(1500)").unwrap();
+        assert_eq!(here(), Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(here(), None, "armed for once");
+        fail::remove("e::f");
     }
 }

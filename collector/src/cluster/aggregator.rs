@@ -346,6 +346,11 @@ impl Aggregator {
                 .or_insert_with(|| self.aligner.join(*p));
         }
         if !starting.is_empty() {
+            if let Some(d) = outflow_crashpoint::delay_point!("aggregator::before_consumers") {
+                // A round held here stands for one slowed by a loaded JetStream (each consumer
+                // opened is a few API calls) or a long rebuild.
+                tokio::time::sleep(d).await;
+            }
             // Read once for every consumer the round starts: each sizes its first fetch by it.
             let part_bytes = consume::mean_part_bytes(self.stream.clone()).await;
             for p in starting {
