@@ -49,7 +49,7 @@
 //! | `outflow_collector_cluster_partitions_replaying` | gauge | aggregator: partitions it holds whose consumer has not yet applied every part the stream had for them (a rebuild, a partition taken over, a restart): the cluster's Query refuses with UNAVAILABLE until none is |
 //! | `outflow_collector_cluster_delivery_gaps_total` | counter | aggregator: times a consumer found deliveries of its partition that never arrived (a fetch's reply lost): it read again from its first part not acknowledged, so none was taken for a duplicate |
 //! | `outflow_collector_cluster_rebuilds_total` | counter | aggregator: times it emptied its store and applied its partitions again from the stream's start (it gave partitions away, or found its claims taken while it was gone) |
-//! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: rounds in which renewing its membership or reading the claims failed |
+//! | `outflow_collector_cluster_membership_failures_total` | counter | aggregator: renewals of its membership that failed (each quarter of a lease), and rounds in which reading or changing the claims failed |
 //! | `outflow_collector_cluster_cohort_summaries_total` | counter | aggregator: cohort summaries (a partition's clients at one judgement) JetStream acknowledged, for the second stage |
 //! | `outflow_collector_cluster_cohort_summaries_retried_total` | counter | aggregator: cohort summaries published again after a failed or unanswered publish (its judgements wait meanwhile) |
 //! | `outflow_collector_cluster_invalid_summaries_total` | counter | aggregator holding the second stage: cohort summaries that break the protocol, dropped (logged) |
@@ -380,7 +380,7 @@ impl Metrics {
         );
         registry.register(
             "cluster_membership_failures",
-            "Aggregator: rounds in which renewing its membership or reading the claims failed",
+            "Aggregator: renewals of its membership that failed, and rounds in which reading or changing the claims failed",
             m.cluster_membership_failures.clone(),
         );
         registry.register(

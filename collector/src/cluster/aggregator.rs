@@ -1,9 +1,10 @@
 //! An aggregator's share of the partitions, kept in step with the other aggregators.
 //!
-//! Every quarter of the lease the aggregator renews its membership, reads the claims and
-//! follows [`membership::plan`]: claims free partitions up to its fair share, gives up what is
-//! beyond it. Its store holds exactly the partitions it holds, and the data directory lists
-//! them (`partitions-held`), so that the sum of the aggregators' answers is the fleet's:
+//! A task of its own renews the aggregator's membership ([`super::renewal`]). Every quarter
+//! of the lease a round reads the claims and follows [`membership::plan`]: claims free
+//! partitions up to its fair share, gives up what is beyond it. Its store holds exactly the
+//! partitions it holds, and the data directory lists them (`partitions-held`), so that the
+//! sum of the aggregators' answers is the fleet's:
 //!
 //! - A partition it gives up is taken out by a rebuild: every consumer stops and is deleted,
 //!   the store is emptied ([`Collector::reset`]), the claims given up are dropped, and the
@@ -28,14 +29,14 @@
 //! consumer of a new partition starts, and the consumers are deleted before the store is
 //! emptied), and any part applied twice is a duplicate below its watermark.
 //!
-//! An aggregator that cannot renew its membership for half a lease stops applying (its claims
-//! may be taken a lease after its last renewal); it goes on once it renews again, rebuilding
-//! first if a claim of its was taken.
+//! An aggregator whose membership was not renewed for half a lease claims nothing and stops
+//! applying (its claims may be taken a lease after its last renewal); it goes on once it is
+//! renewed again, rebuilding first if a claim of its was taken.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_nats::jetstream::stream::Stream;
@@ -52,6 +53,7 @@ use super::{
     partition::Partitions,
     peer_ratios::PeerRatios,
     publish::{PublishError, open_stream},
+    renewal::Renewal,
     second_stage,
 };
 use crate::{collector::Collector, detect::DetectConfig};
@@ -159,6 +161,14 @@ pub async fn start(
             stop.clone(),
         );
     }
+    let (renewal, renewing) = Renewal::spawn(
+        members.clone(),
+        instance,
+        advertise,
+        cfg.lease,
+        collector.metrics().clone(),
+        stop.clone(),
+    );
     let a = Aggregator {
         collector,
         stream,
@@ -169,14 +179,14 @@ pub async fn start(
         lease: cfg.lease,
         held_path,
         held,
-        instance,
-        advertise,
+        renewal,
+        renewing,
         shared,
         aligner: Aligner::new(judge_every_ms),
         crashed,
         running: BTreeMap::new(),
         joined: BTreeMap::new(),
-        renewed: None,
+        claiming: false,
         cohorts,
         detect,
         stage: None,
@@ -196,10 +206,9 @@ struct Aggregator {
     held_path: PathBuf,
     /// The partitions the store holds (as listed in `held_path`).
     held: BTreeSet<u32>,
-    /// This aggregator's instance (its data directory's).
-    instance: String,
-    /// Where the other nodes reach it.
-    advertise: String,
+    /// When its membership was last renewed, and the task renewing it.
+    renewal: Renewal,
+    renewing: JoinHandle<()>,
     /// `held`, and which of it is replayed, for the queries and the consumers.
     shared: Holdings,
     /// Keeps the consumers in step by batch time (judgement periods).
@@ -211,8 +220,8 @@ struct Aggregator {
     /// The places among the consumers of partitions held whose consumer has not started
     /// (its creation failed: NATS unavailable): the running ones wait for them.
     joined: BTreeMap<u32, Member>,
-    /// The last renewal of the membership.
-    renewed: Option<Instant>,
+    /// A round has seen this aggregator a member (the rounds from the next one on claim).
+    claiming: bool,
     /// The cohort summaries' stream, and how the second stage judges.
     cohorts: Stream,
     detect: DetectConfig,
@@ -227,15 +236,13 @@ impl Aggregator {
             if let Err(e) = self.round().await {
                 self.collector.metrics().cluster_membership_failures.inc();
                 warn!("aggregator {}: {e}", self.members.me());
-                if self.renewed.is_none_or(|t| t.elapsed() > self.lease / 2)
-                    && !self.running.is_empty()
-                {
-                    warn!(
-                        "aggregator {}: membership not renewed for half a lease: applying stops until it is",
-                        self.members.me()
-                    );
-                    self.stop_all().await;
-                }
+            }
+            if !self.renewal.current() && !self.running.is_empty() {
+                warn!(
+                    "aggregator {}: membership not renewed for half a lease: applying stops until it is",
+                    self.members.me()
+                );
+                self.stop_all().await;
             }
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -244,18 +251,21 @@ impl Aggregator {
         }
         // Claims stay: restarted within the lease, this aggregator goes on with them.
         self.stop_all().await;
+        let _ = (&mut self.renewing).await;
         debug!("aggregator {}: stopped", self.members.me());
     }
 
-    /// One round: renew, read the claims, take out what is no longer ours, give up and claim
-    /// toward the fair share, apply every partition held.
+    /// One round, while the membership is renewed: read the claims, take out what is no
+    /// longer ours, give up and claim toward the fair share, apply every partition held.
     async fn round(&mut self) -> Result<(), RoundError> {
-        self.members.renew(&self.instance, &self.advertise).await?;
-        let first = self.renewed.is_none();
-        self.renewed = Some(Instant::now());
-        if first {
+        if !self.renewal.current() {
+            // Not renewed yet, or not lately (the renewing task says why).
+            return Ok(());
+        }
+        if !self.claiming {
             // Aggregators started together see each other before anyone claims: fewer
             // partitions claimed only to be given up at once.
+            self.claiming = true;
             return Ok(());
         }
         let live = self.members.live().await?;

@@ -8,6 +8,8 @@
 //! - [`ingest`]: an ingest node's agent streams, each publishing its batches in order;
 //! - [`membership`]: the live aggregators and their claims on the partitions (JetStream
 //!   key-value buckets), and the plan that shares the partitions out fairly;
+//! - [`renewal`]: an aggregator's membership, renewed on a task of its own whatever its
+//!   rounds are doing;
 //! - [`peer_ratios`]: the sustained detector's peers' ratios, shared among the aggregators so
 //!   that each judges against the whole fleet's;
 //! - [`aggregator`]: an aggregator's round: claims, gives up, rebuilds its store, and runs a
@@ -42,4 +44,5 @@ pub mod partition;
 pub mod peer_ratios;
 pub mod permissions;
 pub mod publish;
+pub mod renewal;
 pub mod second_stage;

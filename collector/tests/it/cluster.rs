@@ -2051,3 +2051,93 @@ async fn consumers_waiting_on_a_held_writer_longer_than_a_fetch_lives_lose_none_
     a0.stop();
     ingest.shutdown().await.unwrap();
 }
+
+/// An aggregator whose round is slow (held 3 leases after it claimed its share and before it
+/// starts their consumers, as a loaded JetStream slows a round's API calls) still renews its
+/// membership meanwhile: the other does not see it gone, claims none of its partitions and
+/// rebuilds only the once it gave them up; the totals are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_in_a_slow_round_stays_a_member_and_keeps_its_partitions() {
+    const HELD_MS: u64 = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, &dir.path().join("nats"));
+    let ingest = start_ingest(dir.path(), &nats).await;
+    let a0 = start(aggregator_config(dir.path(), &nats, "a0")).await;
+    let watch = jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    wait_claims(&watch, "a0 holds every partition", |c| c.len() == 8).await;
+
+    let u = url(&ingest);
+    let mut by_addr = BTreeMap::new();
+    let mut s = agent_stream(&u).await;
+    welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
+    let mut send = async |seq: u64| {
+        let b = wire_batch(0, seq);
+        for d in &Batch::try_from(b.clone()).unwrap().deltas {
+            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+        }
+        assert_eq!(s.batch(b).await.unwrap(), seq);
+    };
+    for seq in 1..=10 {
+        send(seq).await;
+    }
+
+    let a1 = AggregatorProcess::start(
+        aggregator_config(dir.path(), &nats, "a1"),
+        &format!("aggregator::before_consumers=1*return({HELD_MS})"),
+    )
+    .await;
+    let even = BTreeMap::from([("a0".into(), 4), ("a1".into(), 4)]);
+    wait_claims(&watch, "a1 claims its share", |c| counts(c) == even).await;
+    let held = tokio::time::Instant::now();
+    // Until a1's consumers start, past the hold, the claims stay as they are.
+    let deadline = held + Duration::from_millis(HELD_MS) + Duration::from_secs(30);
+    loop {
+        let c = claims(&watch).await;
+        assert_eq!(
+            counts(&c),
+            even,
+            "a1's partitions taken while its round was slow"
+        );
+        let m = a1.metrics().await;
+        if metric(&m, "outflow_collector_cluster_partitions_held") == 4.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a1 never started its consumers\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        held.elapsed() >= Duration::from_millis(HELD_MS) - Duration::from_millis(500),
+        "a1's round was not held"
+    );
+    for seq in 11..=20 {
+        send(seq).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    drained_to(&u, &watch, 8, &by_addr, deadline).await;
+    assert_eq!(counts(&claims(&watch).await), even);
+    let m = metrics(&a0).await;
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_rebuilds_total"),
+        1.0,
+        "a0 rebuilt once, giving a1 its share\n{m}"
+    );
+    let m = a1.metrics().await;
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_rebuilds_total"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "outflow_collector_cluster_membership_failures_total"),
+        0.0,
+        "{m}"
+    );
+    drop(s);
+    a1.stop();
+    for n in [ingest, a0] {
+        n.shutdown().await.unwrap();
+    }
+}
