@@ -232,7 +232,13 @@ struct Aggregator {
 impl Aggregator {
     async fn run(mut self, stop: CancellationToken) {
         let every = (self.lease / 4).max(Duration::from_millis(100));
-        loop {
+        // The first round as soon as the membership is first renewed (a round before it would
+        // do nothing, and put the first claims off by a round).
+        let joined = tokio::select! {
+            () = stop.cancelled() => false,
+            () = self.renewal.renewed_once() => true,
+        };
+        while joined {
             if let Err(e) = self.round().await {
                 self.collector.metrics().cluster_membership_failures.inc();
                 warn!("aggregator {}: {e}", self.members.me());

@@ -69,6 +69,12 @@ impl Renewal {
         (Renewal { last, lease }, task)
     }
 
+    /// Returns once the membership was renewed at least once.
+    pub async fn renewed_once(&mut self) {
+        // An error only if the renewing task ended (stopped): nothing to wait for then.
+        let _ = self.last.wait_for(Option::is_some).await;
+    }
+
     /// True if the membership was renewed within half a lease: this aggregator may claim and
     /// apply (its claims cannot be taken before a lease after its last renewal).
     pub fn current(&self) -> bool {
