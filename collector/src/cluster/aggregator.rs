@@ -231,14 +231,22 @@ struct Aggregator {
 
 impl Aggregator {
     async fn run(mut self, stop: CancellationToken) {
-        let every = (self.lease / 4).max(Duration::from_millis(100));
         // The first round as soon as the membership is first renewed (a round before it would
         // do nothing, and put the first claims off by a round).
-        let joined = tokio::select! {
-            () = stop.cancelled() => false,
-            () = self.renewal.renewed_once() => true,
-        };
-        while joined {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = self.renewal.renewed_once() => self.rounds(&stop).await,
+        }
+        // Claims stay: restarted within the lease, this aggregator goes on with them.
+        self.stop_all().await;
+        let _ = (&mut self.renewing).await;
+        debug!("aggregator {}: stopped", self.members.me());
+    }
+
+    /// A round every quarter of the lease until `stop`.
+    async fn rounds(&mut self, stop: &CancellationToken) {
+        let every = (self.lease / 4).max(Duration::from_millis(100));
+        loop {
             if let Err(e) = self.round().await {
                 self.collector.metrics().cluster_membership_failures.inc();
                 warn!("aggregator {}: {e}", self.members.me());
@@ -255,10 +263,6 @@ impl Aggregator {
                 () = tokio::time::sleep(every) => {}
             }
         }
-        // Claims stay: restarted within the lease, this aggregator goes on with them.
-        self.stop_all().await;
-        let _ = (&mut self.renewing).await;
-        debug!("aggregator {}: stopped", self.members.me());
     }
 
     /// One round, while the membership is renewed: read the claims, take out what is no
