@@ -248,7 +248,7 @@ impl Aggregator {
 
     /// A round every quarter of the lease until `stop`.
     async fn rounds(&mut self, stop: &CancellationToken) {
-        let every = (self.lease / 4).max(Duration::from_millis(100));
+        let every = membership::quarter_lease(self.lease);
         loop {
             if let Err(e) = self.round().await {
                 self.collector.metrics().cluster_membership_failures.inc();

@@ -86,6 +86,12 @@ pub(super) async fn open_bucket(
     }
 }
 
+/// How often an aggregator renews its membership, and how often it runs a round: a quarter of
+/// the lease (100 ms at least).
+pub fn quarter_lease(lease: Duration) -> Duration {
+    (lease / 4).max(Duration::from_millis(100))
+}
+
 /// An aggregator's membership entry: `<instance> <host:port>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

@@ -18,7 +18,7 @@ use log::warn;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::membership::Membership;
+use super::membership::{self, Membership};
 use crate::metrics::Metrics;
 
 /// What the renewing task last managed, as the rounds read it.
@@ -42,7 +42,7 @@ impl Renewal {
         stop: CancellationToken,
     ) -> (Renewal, JoinHandle<()>) {
         let (tx, last) = watch::channel(None);
-        let every = (lease / 4).max(Duration::from_millis(100));
+        let every = membership::quarter_lease(lease);
         let task = tokio::spawn(async move {
             loop {
                 // Counted from when it is sent: the entry's lease runs from a moment between

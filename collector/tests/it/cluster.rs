@@ -46,6 +46,15 @@ fn wire_batch(a: u8, seq: u64) -> v1::Batch {
     batch(seq, 1_750_000_000_000 + seq * 1000, deltas)
 }
 
+/// Sends agent 0's batch `seq` ([`wire_batch`]) on `s`, its bytes added per client address to
+/// `by_addr`, and checks that it is acknowledged.
+async fn send_counted(s: &mut IngestStream, by_addr: &mut BTreeMap<String, u64>, seq: u64) {
+    let b = wire_batch(0, seq);
+    for d in &Batch::try_from(b.clone()).unwrap().deltas {
+        *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
+    }
+    assert_eq!(s.batch(b).await.unwrap(), seq);
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_are_stored_once_each_through_a_killed_nats_node_and_a_republish() {
     let dir = tempfile::tempdir().unwrap();
@@ -1524,13 +1533,7 @@ async fn a_part_whose_commit_failed_is_applied_before_the_parts_after_it() {
     let mut by_addr = BTreeMap::new();
     let mut s = agent_stream(&u).await;
     welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
-    let mut send = async |seq: u64| {
-        let b = wire_batch(0, seq);
-        for d in &Batch::try_from(b.clone()).unwrap().deltas {
-            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
-        }
-        assert_eq!(s.batch(b).await.unwrap(), seq);
-    };
+    let mut send = async |seq: u64| send_counted(&mut s, &mut by_addr, seq).await;
     // a0's commits fail while the first batch's parts come.
     let armed = Armed::new("store::append_fails", &dir.path().join("a0")).await;
     send(1).await;
@@ -2070,13 +2073,7 @@ async fn an_aggregator_in_a_slow_round_stays_a_member_and_keeps_its_partitions()
     let mut by_addr = BTreeMap::new();
     let mut s = agent_stream(&u).await;
     welcome_seq(&mut s, "agent-0", 1, "gpu-0").await;
-    let mut send = async |seq: u64| {
-        let b = wire_batch(0, seq);
-        for d in &Batch::try_from(b.clone()).unwrap().deltas {
-            *by_addr.entry(d.client.to_string()).or_insert(0u64) += d.counters.bytes_out;
-        }
-        assert_eq!(s.batch(b).await.unwrap(), seq);
-    };
+    let mut send = async |seq: u64| send_counted(&mut s, &mut by_addr, seq).await;
     for seq in 1..=10 {
         send(seq).await;
     }
